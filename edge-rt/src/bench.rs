@@ -1,0 +1,293 @@
+//! `edge-rt bench`: measurements behind the README's figures.
+//!
+//! `bench start` runs, interleaved on the same busybox bundle, edge-rt's
+//! in-process create/start (libcontainer in this process) and `runc run`
+//! (and `crun run` where it works), and prints median and p95 of
+//! create-to-running and create-to-exit. `bench rss` starts `edge-rt run`
+//! with 20 containers and reports its resident memory.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Container;
+
+use crate::config::Config;
+use crate::image::rootfs::{self, RootfsMode};
+use crate::image::ImageStore;
+use crate::runtime::spec::{self, SharedNamespaces, SpecInput};
+use crate::runtime::{init, spawn};
+
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// Container start latency: in-process libcontainer vs runc (and crun).
+    Start {
+        /// Image with /bin/true and /bin/sleep (busybox).
+        #[arg(long, default_value = "busybox:latest")]
+        image: String,
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Scratch directory for bundles and state.
+        #[arg(long, default_value = "/tmp/edge-rt-bench")]
+        dir: PathBuf,
+    },
+    /// edge-rt's resident memory idle and with N running containers.
+    Rss {
+        #[arg(long, default_value = "busybox:latest")]
+        image: String,
+        #[arg(long, default_value_t = 20)]
+        containers: usize,
+        #[arg(long, default_value = "/tmp/edge-rt-bench-rss")]
+        dir: PathBuf,
+    },
+}
+
+pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Start { image, runs, dir } => start(cfg, &image, runs, &dir),
+        BenchCmd::Rss { image, containers, dir } => rss(cfg, &image, containers, &dir).await,
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[idx]
+}
+
+/// Write a bundle whose config runs `args` on the shared root filesystem.
+fn bundle(dir: &Path, rootfs: &Path, image: &oci_spec::image::ImageConfiguration, args: &[&str], cgroup: &str) -> Result<PathBuf> {
+    let c = Container {
+        name: "bench".into(),
+        command: Some(args.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
+    };
+    let g = spec::generate(&SpecInput {
+        container: &c,
+        pod_security: None,
+        image,
+        rootfs,
+        extra_env: &[],
+        mounts: &[],
+        namespaces: &SharedNamespaces::default(),
+        host_network: false,
+        hostname: "bench",
+        cgroups_path: cgroup,
+        pids_limit: None,
+        annotations: Default::default(),
+    })?;
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&g.spec)?)?;
+    Ok(dir.to_path_buf())
+}
+
+fn devnull() -> Result<OwnedFd> {
+    Ok(OwnedFd::from(fs::OpenOptions::new().read(true).write(true).open("/dev/null")?))
+}
+
+/// In-process: create + start through libcontainer; returns (to running, to exit).
+fn edge_once(id: &str, state: &Path, bundle: &Path, wait_exit: bool) -> Result<(f64, Option<f64>)> {
+    let exit = fs::OpenOptions::new().create(true).truncate(true).write(true).open(state.join(format!("{id}.exit")))?;
+    let t0 = Instant::now();
+    let mut c = spawn(
+        id,
+        state,
+        bundle,
+        init::PodInit {
+            exit_fd: std::os::fd::AsRawFd::as_raw_fd(&exit),
+            seccomp: None,
+            drop_sys_admin: false,
+        },
+        devnull()?,
+        devnull()?,
+        devnull()?,
+    )?;
+    c.start().map_err(|e| anyhow::anyhow!("start: {e}"))?;
+    let running = t0.elapsed().as_secs_f64() * 1e3;
+    let pid = c.pid().context("no pid")?;
+    if !wait_exit {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = nix::sys::wait::waitpid(pid, None);
+    let exited = t0.elapsed().as_secs_f64() * 1e3;
+    let _ = c.delete(true);
+    let _ = fs::remove_file(state.join(format!("{id}.exit")));
+    Ok((running, wait_exit.then_some(exited)))
+}
+
+/// An OCI CLI runtime (runc, crun): `run -d` for running, `run` for exit.
+fn cli_once(bin: &str, id: &str, root: &Path, bundle: &Path, wait_exit: bool) -> Result<f64> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--root").arg(root).arg("run");
+    if !wait_exit {
+        cmd.arg("-d");
+    }
+    cmd.arg("--bundle").arg(bundle).arg(id).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {bin}"))?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if !wait_exit {
+        let _ = Command::new(bin).arg("--root").arg(root).args(["kill", id, "KILL"]).output();
+        for _ in 0..50 {
+            let o = Command::new(bin).arg("--root").arg(root).args(["delete", "-f", id]).stderr(Stdio::null()).output();
+            if o.map(|o| o.status.success()).unwrap_or(false) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    } else {
+        let _ = Command::new(bin).arg("--root").arg(root).args(["delete", "-f", id]).stderr(Stdio::null()).output();
+    }
+    if !out.status.success() && (!wait_exit || out.status.code() != Some(0)) {
+        bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(ms)
+}
+
+fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
+    let store = ImageStore::open(cfg.image_dir())?;
+    let rec = store
+        .resolve(image)?
+        .with_context(|| format!("image {image} is not in the store: import or pull it first"))?;
+    let image_cfg = store.config(&rec)?;
+    let _ = fs::remove_dir_all(dir);
+    let rootfs = dir.join("rootfs");
+    rootfs::prepare(RootfsMode::Copy, &store.layer_dirs(&rec)?, &dir.join("scratch"), &rootfs)?;
+    let true_b = bundle(&dir.join("true"), &rootfs, &image_cfg, &["/bin/true"], "/edge-rt-bench/true")?;
+    let sleep_b = bundle(&dir.join("sleep"), &rootfs, &image_cfg, &["/bin/sleep", "60"], "/edge-rt-bench/sleep")?;
+    let state = dir.join("state");
+    fs::create_dir_all(&state)?;
+
+    let mut baselines: Vec<&str> = Vec::new();
+    for bin in ["runc", "crun"] {
+        match cli_once(bin, "probe", &dir.join(bin), &true_b, true) {
+            Ok(_) => baselines.push(bin),
+            Err(e) => eprintln!("{bin}: not measured ({e})"),
+        }
+    }
+    let mut edge_run = Vec::new();
+    let mut edge_exit = Vec::new();
+    let mut base: Vec<(Vec<f64>, Vec<f64>)> = baselines.iter().map(|_| (vec![], vec![])).collect();
+    for i in 0..runs {
+        let (r, _) = edge_once(&format!("bench-r{i}"), &state, &sleep_b, false)?;
+        edge_run.push(r);
+        let (_, e) = edge_once(&format!("bench-e{i}"), &state, &true_b, true)?;
+        edge_exit.push(e.unwrap_or(f64::NAN));
+        for (j, bin) in baselines.iter().enumerate() {
+            base[j].0.push(cli_once(bin, &format!("bench-r{i}"), &dir.join(bin), &sleep_b, false)?);
+            base[j].1.push(cli_once(bin, &format!("bench-e{i}"), &dir.join(bin), &true_b, true)?);
+        }
+    }
+    println!("container start latency, busybox bundle, {runs} runs each, interleaved (ms)");
+    println!("{:<22} {:>12} {:>12} {:>12} {:>12}", "runtime", "run p50", "run p95", "exit p50", "exit p95");
+    let row = |name: &str, r: &mut Vec<f64>, e: &mut Vec<f64>| {
+        println!(
+            "{:<22} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            name,
+            percentile(r, 0.5),
+            percentile(r, 0.95),
+            percentile(e, 0.5),
+            percentile(e, 0.95)
+        );
+        percentile(e, 0.5)
+    };
+    let edge_p50 = row("edge-rt (in-process)", &mut edge_run, &mut edge_exit);
+    for (j, bin) in baselines.iter().enumerate() {
+        let (r, e) = &mut base[j];
+        let p50 = row(&format!("{bin} run"), r, e);
+        println!("{:<22} create-to-exit median is {:.2}x {bin}'s", "", edge_p50 / p50);
+    }
+    let _ = rootfs::release(&dir.join("scratch"), &rootfs);
+    Ok(())
+}
+
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    let manifests = dir.join("pods");
+    fs::create_dir_all(&manifests)?;
+    let state = dir.join("run");
+    let config = dir.join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/edge-rt-bench-rss\"\n",
+            cfg.node.data_dir,
+            manifests,
+            dir.join("none"),
+            state,
+            dir.join("logs")
+        ),
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(&exe)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = vm_rss_kib(child.id()).unwrap_or(0);
+    let mut yaml = String::new();
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: rss-{i}\nspec:\n  containers:\n  - name: c\n    image: {image}\n    imagePullPolicy: Never\n    command: [\"/bin/sleep\", \"3600\"]\n"
+        ));
+    }
+    fs::write(manifests.join("pods.yaml"), yaml)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut running = 0;
+    while Instant::now() < deadline {
+        running = crate::runtime::load_records(&state).iter().filter(|r| r.exit.is_none() && r.pid.is_some()).count();
+        if running >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let busy = vm_rss_kib(child.id()).unwrap_or(0);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    // Clean up the containers the daemon left running (as a service should).
+    for r in crate::runtime::load_records(&state) {
+        if let Some(pid) = r.pid {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store = std::sync::Arc::new(ImageStore::open(cfg.image_dir())?);
+    let rcfg = crate::runtime::RuntimeConfig {
+        state_dir: state.clone(),
+        log_dir: dir.join("logs"),
+        cgroup_parent: "/edge-rt-bench-rss".into(),
+        ..Default::default()
+    };
+    let rt = crate::runtime::Runtime::open(rcfg, store)?;
+    for r in rt.list() {
+        let _ = rt.wait(&r.id).await;
+        let _ = rt.remove(&r.id);
+        let _ = rt.remove_sandbox(&r.pod.uid);
+    }
+    println!("edge-rt resident memory (VmRSS)");
+    println!("{:<28} {:>10}", "state", "RSS");
+    println!("{:<28} {:>7.1} MB", "idle", idle as f64 / 1024.0);
+    println!("{:<28} {:>7.1} MB", format!("{running} running containers"), busy as f64 / 1024.0);
+    if running < n {
+        bail!("only {running} of {n} containers started");
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The node configuration: one TOML file, every key optional.
+//!
+//! ```toml
+//! [node]
+//! data_dir = "/var/lib/edge-rt"        # image store and node state
+//! manifests_dir = "/etc/edge-rt/pods"  # static pod manifests
+//! preload_dir = "/usr/share/edge-rt/images"  # image archives imported at start
+//!
+//! [images]
+//! budget_bytes = 4294967296            # image store disk budget (4 GiB)
+//! gc_interval_secs = 300
+//!
+//! [registry]
+//! insecure = []                        # registries reached over plain HTTP
+//! ca_bundle = "/etc/edge-rt/registry-ca.pem"
+//!
+//! [runtime]
+//! state_dir = "/run/edge-rt"
+//! log_dir = "/var/log/pods"
+//! cgroup_parent = "/edge-rt"
+//! rootfs = "auto"                      # auto | overlay | copy
+//! log_max_bytes = 10485760
+//! log_max_files = 3
+//! pids_limit = 4096
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::registry::RegistryConfig;
+use crate::runtime::RuntimeConfig;
+
+pub const DEFAULT_PATH: &str = "/etc/edge-rt/config.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    pub data_dir: PathBuf,
+    pub manifests_dir: PathBuf,
+    pub preload_dir: PathBuf,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            data_dir: "/var/lib/edge-rt".into(),
+            manifests_dir: "/etc/edge-rt/pods".into(),
+            preload_dir: "/usr/share/edge-rt/images".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesSection {
+    pub budget_bytes: u64,
+    pub gc_interval_secs: u64,
+}
+
+impl Default for ImagesSection {
+    fn default() -> Self {
+        ImagesSection {
+            budget_bytes: 4 << 30,
+            gc_interval_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub images: ImagesSection,
+    pub registry: RegistryConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    /// Load `path`; a missing file at the default path means all defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(s) => toml::from_str(&s).map_err(|source| ConfigError::Parse {
+                path: path.into(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.into(),
+                source,
+            }),
+        }
+    }
+
+    pub fn image_dir(&self) -> PathBuf {
+        self.node.data_dir.join("images")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults_and_typos_are_refused() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.runtime.state_dir, PathBuf::from("/run/edge-rt"));
+        let e = toml::from_str::<Config>("[runtime]\nstate_dri = \"/x\"\n").unwrap_err();
+        assert!(e.to_string().contains("state_dri"));
+    }
+}

@@ -1,0 +1,136 @@
+//! `edge-rt run`: the node agent's main loop.
+//!
+//! Order at start: PID 1 duties (if we are init), subreaper, signals, image
+//! store and preloaded images, runtime (re-adopting what a previous edge-rt
+//! left running), then static pods. Then it waits on signals, rescans the
+//! manifest directory and keeps the image store under its budget.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::image::registry::Puller;
+use crate::image::{archive, ImageStore};
+use crate::runtime::Runtime;
+use crate::static_pods;
+use crate::supervisor::{self, Event};
+
+/// Import every archive or layout in `dir` not imported before (by name,
+/// size and modification time), so a gateway image's base images are there
+/// with no registry.
+pub fn preload(store: &ImageStore, dir: &Path, state: &Path) -> Result<usize> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut seen: BTreeMap<String, String> = std::fs::read(state)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut n = 0;
+    let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let Ok(m) = std::fs::metadata(&p) else { continue };
+        let stamp = format!("{}:{:?}", m.len(), m.modified().ok());
+        let key = p.display().to_string();
+        if seen.get(&key) == Some(&stamp) {
+            continue;
+        }
+        match archive::import(store, &p, None) {
+            Ok(images) => {
+                for i in images {
+                    tracing::info!(image = ?i.names, digest = %i.digest, from = %p.display(), "preloaded");
+                }
+                seen.insert(key, stamp);
+                n += 1;
+            }
+            Err(e) => tracing::error!(path = %p.display(), error = %e, "preload failed"),
+        }
+    }
+    std::fs::write(state, serde_json::to_vec_pretty(&seen)?).with_context(|| format!("writing {}", state.display()))?;
+    Ok(n)
+}
+
+pub async fn run(config_path: PathBuf) -> Result<()> {
+    let pid1 = supervisor::is_pid1();
+    if pid1 {
+        supervisor::pid1_mounts();
+    }
+    let mut cfg = Config::load(&config_path)?;
+    if let Err(e) = supervisor::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper");
+    }
+    let mut signals = supervisor::install_signals().context("installing signal handlers")?;
+
+    std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+    let store = Arc::new(ImageStore::open(cfg.image_dir())?);
+    let n = preload(&store, &cfg.node.preload_dir, &cfg.node.data_dir.join("preloaded.json"))?;
+    if n > 0 {
+        tracing::info!(count = n, "imported preloaded images");
+    }
+    let rt = Runtime::open(cfg.runtime.clone(), store.clone())?;
+    let mut puller = Puller::new(&cfg.registry)?;
+    tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
+
+    let mut reported: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut rescan = tokio::time::interval(Duration::from_secs(2));
+    let mut gc = tokio::time::interval(Duration::from_secs(cfg.images.gc_interval_secs.max(10)));
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {
+                for m in static_pods::load_dir(&cfg.node.manifests_dir) {
+                    match &m.pod {
+                        Ok(pod) => {
+                            for (c, e) in static_pods::start_pod(&rt, &store, &puller, pod).await {
+                                tracing::error!(file = %m.file.display(), container = %c, error = %e, "cannot start container");
+                            }
+                        }
+                        Err(e) => {
+                            if reported.get(&m.file) != Some(e) {
+                                tracing::error!(file = %m.file.display(), error = %e, "invalid pod manifest");
+                                reported.insert(m.file.clone(), e.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            _ = gc.tick() => {
+                match store.gc(cfg.images.budget_bytes, &rt.in_use()) {
+                    Ok(r) if !r.images_removed.is_empty() => tracing::info!(removed = ?r.images_removed, bytes = r.bytes_after, "image gc"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "image gc failed"),
+                }
+            }
+            ev = signals.recv() => match ev {
+                Some(Event::Reload) => match Config::load(&config_path) {
+                    Ok(new) => {
+                        puller = Puller::new(&new.registry)?;
+                        cfg.images = new.images;
+                        cfg.node.manifests_dir = new.node.manifests_dir;
+                        cfg.registry = new.registry;
+                        tracing::info!("configuration reloaded (runtime and data paths apply at the next start)");
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+                },
+                Some(e @ (Event::Terminate | Event::Interrupt)) => {
+                    if pid1 {
+                        tracing::info!("shutting down: stopping containers");
+                        for c in rt.list().into_iter().filter(|c| c.exit.is_none()) {
+                            let _ = rt.stop(&c.id, Duration::from_secs(10)).await;
+                        }
+                        supervisor::pid1_halt(e == Event::Interrupt);
+                    }
+                    // As a service, containers keep running: the next edge-rt
+                    // re-adopts them (restarts and upgrades do not kill pods).
+                    tracing::info!("exiting; containers keep running");
+                    return Ok(());
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+}

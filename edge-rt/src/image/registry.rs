@@ -1,0 +1,470 @@
+//! Pulling images from OCI distribution registries.
+//!
+//! `oci-client` speaks the protocol (auth challenges, bearer tokens, ranges);
+//! this module decides what to fetch, streams every blob to a file with
+//! resume, checks digest and size before anything uses it, and hands the
+//! result to the store to unpack. Manifests are fetched raw and parsed here so
+//! that multi-arch indexes resolve with variants (arm/v7) and digests are
+//! checked on the exact bytes.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Reference;
+use oci_spec::image::{ImageIndex, ImageManifest};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use super::{normalize, ImageError, ImageRecord, ImageStore, Result};
+
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// When to contact the registry, as in a Kubernetes container spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// Kubernetes' default: Always for `:latest` or no tag, IfNotPresent otherwise.
+    pub fn from_k8s(policy: Option<&str>, image: &str) -> PullPolicy {
+        match policy {
+            Some("Always") => PullPolicy::Always,
+            Some("Never") => PullPolicy::Never,
+            Some("IfNotPresent") => PullPolicy::IfNotPresent,
+            _ => {
+                let last = image.rsplit('/').next().unwrap_or(image);
+                if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
+                    PullPolicy::IfNotPresent
+                } else {
+                    PullPolicy::Always
+                }
+            }
+        }
+    }
+}
+
+/// Registry settings from the node configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Registries (`host[:port]`) reached over plain HTTP. Nothing else is.
+    pub insecure: Vec<String>,
+    /// Extra CA certificates (PEM) trusted besides the system's roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// Seconds to wait for a TCP connection.
+    pub connect_timeout_secs: Option<u64>,
+}
+
+/// Username and password for one registry.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+/// Bytes done and total of a pull, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+    }
+}
+
+pub struct Puller {
+    client: oci_client::Client,
+}
+
+impl Puller {
+    pub fn new(cfg: &RegistryConfig) -> Result<Self> {
+        let mut extra = Vec::new();
+        if let Some(p) = &cfg.ca_bundle {
+            let pem = std::fs::read(p).map_err(|e| ImageError::io(p, e))?;
+            extra.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data: pem,
+            });
+        }
+        let client = oci_client::Client::new(ClientConfig {
+            protocol: if cfg.insecure.is_empty() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::HttpsExcept(cfg.insecure.clone())
+            },
+            extra_root_certificates: extra,
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(cfg.connect_timeout_secs.unwrap_or(10))),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("outrigger-edge-rt/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        });
+        Ok(Puller { client })
+    }
+
+    /// Pull `reference` into `store`, returning the complete image.
+    pub async fn pull(
+        &self,
+        store: &ImageStore,
+        reference: &str,
+        creds: Option<&Credentials>,
+        progress: &Progress,
+    ) -> Result<ImageRecord> {
+        let name = normalize(reference)?;
+        let r: Reference = name.parse().map_err(|e: oci_client::ParseError| ImageError::BadReference {
+            reference: reference.into(),
+            reason: e.to_string(),
+        })?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let map = |e| match (map_error(e, &r), r.digest()) {
+            (ImageError::NotFound { reference, registry }, Some(d)) => ImageError::DigestNotFound {
+                reference,
+                registry,
+                digest: d.to_string(),
+            },
+            (e, _) => e,
+        };
+        let (mut bytes, _) = self
+            .client
+            .pull_manifest_raw(&r, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(map)?;
+        let mut digest = format!("sha256:{}", super::sha256_hex(&bytes));
+        if let Some(want) = r.digest() {
+            if want != digest {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("manifest of {reference}"),
+                    expected: want.into(),
+                    actual: digest,
+                });
+            }
+        }
+        if is_index(&bytes) {
+            let index: ImageIndex = serde_json::from_slice(&bytes)
+                .map_err(|e| ImageError::BadMetadata(format!("image index of {reference}: {e}")))?;
+            let chosen = select_platform(&index)?;
+            let by_digest = r.clone_with_digest(chosen.clone());
+            let (b, _) = self
+                .client
+                .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
+                .await
+                .map_err(map)?;
+            let actual = format!("sha256:{}", super::sha256_hex(&b));
+            if actual != chosen {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("platform manifest of {reference}"),
+                    expected: chosen,
+                    actual,
+                });
+            }
+            bytes = b;
+            digest = actual;
+        }
+        let manifest: ImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::BadMetadata(format!("manifest of {reference}: {e}")))?;
+
+        let total: u64 = manifest.layers().iter().map(|l| l.size()).sum::<u64>() + manifest.config().size();
+        progress.total.store(total, Ordering::Relaxed);
+        progress.done.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+
+        // Config (small) then layers, each streamed to tmp/ and verified.
+        let cfg = manifest.config();
+        self.fetch_blob(store, &r, cfg.digest().as_ref(), cfg.size(), progress, reference).await?;
+        let config: oci_spec::image::ImageConfiguration = serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?)
+            .map_err(|e| ImageError::BadMetadata(format!("image config of {reference}: {e}")))?;
+        let diff_ids = config.rootfs().diff_ids();
+        for (i, l) in manifest.layers().iter().enumerate() {
+            // A layer already unpacked for another image is not fetched again.
+            if diff_ids.get(i).is_some_and(|d| store.has_layer(d)) {
+                progress.done.fetch_add(l.size(), Ordering::Relaxed);
+                continue;
+            }
+            self.fetch_blob(store, &r, l.digest().as_ref(), l.size(), progress, reference)
+                .await?;
+        }
+        store.put_blob(&digest, &bytes)?;
+        let names = vec![name];
+        let record = finish_blocking(store, digest, manifest, names).await?;
+        tracing::info!(
+            image = reference,
+            digest = %record.digest,
+            bytes = total,
+            secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "pulled"
+        );
+        Ok(record)
+    }
+
+    /// Download one blob unless the store has it (or, for layers, its unpacked
+    /// form: then nothing is fetched). Resumes a partial download with a
+    /// range request; restarts if the registry ignores the range.
+    async fn fetch_blob(
+        &self,
+        store: &ImageStore,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        progress: &Progress,
+        reference: &str,
+    ) -> Result<()> {
+        if store.has_blob(digest) {
+            progress.done.fetch_add(size, Ordering::Relaxed);
+            return Ok(());
+        }
+        let hex = digest.trim_start_matches("sha256:");
+        let part = store.tmp_dir().join(format!("{hex}.partial"));
+        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+        let have = if have > size { 0 } else { have };
+        let desc = oci_client::manifest::OciDescriptor {
+            digest: digest.to_string(),
+            size: size as i64,
+            ..Default::default()
+        };
+        let (stream, append) = if have > 0 && have < size {
+            match self
+                .client
+                .pull_blob_stream_partial(r, &desc, have, None)
+                .await
+                .map_err(|e| map_error(e, r))?
+            {
+                BlobResponse::Partial(s) => (s, true),
+                BlobResponse::Full(s) => (s, false),
+            }
+        } else if have == size && size > 0 {
+            return store.commit_blob_file(&part, digest, Some(size));
+        } else {
+            match self
+                .client
+                .pull_blob_stream_partial(r, &desc, 0, None)
+                .await
+                .map_err(|e| map_error(e, r))?
+            {
+                BlobResponse::Partial(s) | BlobResponse::Full(s) => (s, false),
+            }
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&part)
+            .await
+            .map_err(|e| ImageError::io(&part, e))?;
+        if append {
+            tracing::info!(blob = digest, offset = have, "resuming download");
+            progress.done.fetch_add(have, Ordering::Relaxed);
+        }
+        let mut written = if append { have } else { 0 };
+        let mut last_log = Instant::now();
+        let mut stream = stream.stream;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ImageError::Unreachable {
+                registry: r.resolve_registry().to_string(),
+                detail: format!("while downloading {digest}: {e}"),
+            })?;
+            written += chunk.len() as u64;
+            if written > size {
+                drop(file);
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(ImageError::SizeMismatch {
+                    what: digest.into(),
+                    expected: size,
+                    actual: written,
+                });
+            }
+            file.write_all(&chunk).await.map_err(|e| ImageError::io(&part, e))?;
+            progress.done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if last_log.elapsed() > Duration::from_secs(2) {
+                let (d, t) = progress.snapshot();
+                tracing::info!(image = reference, done = d, total = t, "pulling");
+                last_log = Instant::now();
+            }
+        }
+        file.flush().await.map_err(|e| ImageError::io(&part, e))?;
+        drop(file);
+        match store.commit_blob_file(&part, digest, Some(size)) {
+            // A resumed download that does not verify (the partial file was
+            // bad): the file is gone now; start over once from byte zero.
+            Err(ImageError::DigestMismatch { .. }) if append => {
+                tracing::warn!(blob = digest, "resumed download did not verify; restarting it");
+                progress.done.fetch_sub(written.min(progress.done.load(Ordering::Relaxed)), Ordering::Relaxed);
+                Box::pin(self.fetch_blob(store, r, digest, size, progress, reference)).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// Unpacking is CPU and disk work: keep it off the async threads.
+async fn finish_blocking(
+    store: &ImageStore,
+    digest: String,
+    manifest: ImageManifest,
+    names: Vec<String>,
+) -> Result<ImageRecord> {
+    let root = store.root().to_path_buf();
+    tokio::task::spawn_blocking(move || ImageStore::open(root)?.finish_image(&digest, &manifest, &names))
+        .await
+        .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
+}
+
+fn is_index(bytes: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Probe>(bytes) {
+        Ok(p) => {
+            p.manifests.is_some()
+                || p.media_type.as_deref().is_some_and(|m| m.contains("index") || m.contains("list"))
+        }
+        Err(_) => false,
+    }
+}
+
+/// The platform this binary runs on, in OCI terms.
+pub fn current_platform() -> (&'static str, &'static str, Option<&'static str>) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "x86" => "386",
+        "riscv64" => "riscv64",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        other => other,
+    };
+    let variant = match std::env::consts::ARCH {
+        "arm" => Some("v7"),
+        "aarch64" => Some("v8"),
+        _ => None,
+    };
+    ("linux", arch, variant)
+}
+
+/// Choose the manifest for the running platform from an index.
+pub fn select_platform(index: &ImageIndex) -> Result<String> {
+    let (os, arch, variant) = current_platform();
+    let mut fallback = None;
+    for m in index.manifests() {
+        let Some(p) = m.platform() else { continue };
+        if p.os().to_string() != os || p.architecture().to_string() != arch {
+            continue;
+        }
+        match (p.variant().as_deref(), variant) {
+            (Some(v), Some(want)) if v == want => return Ok(m.digest().to_string()),
+            (None, _) | (Some(_), None) => {
+                fallback.get_or_insert_with(|| m.digest().to_string());
+            }
+            _ => {}
+        }
+    }
+    fallback.ok_or_else(|| ImageError::NoPlatform(format!("{os}/{arch}{}", variant.map(|v| format!("/{v}")).unwrap_or_default())))
+}
+
+fn map_error(e: OciDistributionError, r: &Reference) -> ImageError {
+    let registry = r.resolve_registry().to_string();
+    let reference = r.whole();
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound { reference, registry },
+        OciDistributionError::AuthenticationFailure(detail) => ImageError::Unauthorized {
+            reference,
+            registry,
+            detail,
+        },
+        OciDistributionError::UnauthorizedError { url } => ImageError::Unauthorized {
+            reference,
+            registry,
+            detail: format!("401 from {url}"),
+        },
+        OciDistributionError::RegistryError { envelope, url } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            if codes.iter().any(|c| {
+                matches!(c, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound | OciErrorCode::BlobUnknown)
+            }) {
+                ImageError::NotFound { reference, registry }
+            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                ImageError::Unauthorized {
+                    reference,
+                    registry,
+                    detail: format!("{envelope} ({url})"),
+                }
+            } else {
+                ImageError::Registry {
+                    reference,
+                    registry,
+                    detail: format!("{envelope} ({url})"),
+                }
+            }
+        }
+        OciDistributionError::RequestError(re) if re.is_connect() || re.is_timeout() => {
+            let mut detail = re.to_string();
+            let mut src = std::error::Error::source(&re);
+            while let Some(s) = src {
+                detail = format!("{detail}: {s}");
+                src = s.source();
+            }
+            ImageError::Unreachable { registry, detail }
+        }
+        OciDistributionError::DigestError(d) => ImageError::DigestMismatch {
+            what: reference,
+            expected: String::new(),
+            actual: d.to_string(),
+        },
+        other => ImageError::Registry {
+            reference,
+            registry,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Make sure `reference` is in the store according to `policy`, pulling it
+/// if needed.
+pub async fn ensure(
+    store: &ImageStore,
+    puller: &Puller,
+    reference: &str,
+    policy: PullPolicy,
+    creds: Option<&Credentials>,
+    progress: &Progress,
+) -> Result<ImageRecord> {
+    let present = store.resolve(reference)?;
+    match (policy, present) {
+        (PullPolicy::Never, Some(r)) | (PullPolicy::IfNotPresent, Some(r)) => Ok(r),
+        (PullPolicy::Never, None) => Err(ImageError::NeverPull(reference.into())),
+        _ => puller.pull(store, reference, creds, progress).await,
+    }
+}
+
+pub type SharedProgress = Arc<Progress>;

@@ -1,0 +1,14 @@
+//! edge-rt: Outrigger's node agent for embedded Linux gateways.
+//!
+//! - [`image`]: pull, import, store and garbage-collect OCI images.
+//! - [`runtime`]: run containers in-process through libcontainer.
+//! - [`supervisor`]: signals, reaping, PID 1 duties.
+//! - [`config`]: the node configuration file.
+
+pub mod config;
+pub mod image;
+pub mod runtime;
+pub mod bench;
+pub mod daemon;
+pub mod static_pods;
+pub mod supervisor;

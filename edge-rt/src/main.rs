@@ -1,0 +1,245 @@
+//! The `edge-rt` command line.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use edge_rt::config::{Config, DEFAULT_PATH};
+use edge_rt::image::registry::{Credentials, Progress, Puller};
+use edge_rt::image::{archive, auth, ImageStore};
+use edge_rt::runtime;
+
+#[derive(Parser)]
+#[command(name = "edge-rt", version, about = "Outrigger's edge runtime: Kubernetes pods on embedded Linux gateways")]
+struct Cli {
+    /// Node configuration file (TOML; every key optional).
+    #[arg(long, short, global = true, env = "EDGE_RT_CONFIG", default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent (as a service, or as PID 1 of a gateway image).
+    Run,
+    /// List, pull, import, remove and collect images.
+    #[command(subcommand)]
+    Images(ImagesCmd),
+    /// Containers this node runs or ran (read from the state directory).
+    Ps {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Benchmarks (see the README).
+    #[command(subcommand)]
+    Bench(edge_rt::bench::BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// List images in the store.
+    #[command(alias = "ls")]
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Pull an image from a registry.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        username: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// A docker config JSON (the `.dockerconfigjson` of a pull secret).
+        #[arg(long, conflicts_with = "username")]
+        docker_config: Option<PathBuf>,
+    },
+    /// Import an OCI layout directory, or an OCI or docker archive tarball.
+    Import {
+        path: PathBuf,
+        /// Name for the image (when the source holds one).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove images.
+    #[command(alias = "rm")]
+    Remove { references: Vec<String> },
+    /// Collect garbage down to the budget.
+    Gc {
+        /// Budget in bytes (default: the configured one).
+        #[arg(long)]
+        budget: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn human(n: u64) -> String {
+    const U: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libcgroups=error,libcontainer=error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    // One thread: libcontainer clones the process to create containers, and a
+    // single-threaded runtime means no other thread of ours is mid-allocation
+    // when it does (see runtime::fork_guard).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let cfg = Config::load(&cli.config)?;
+    match cli.cmd {
+        Cmd::Run => edge_rt::daemon::run(cli.config).await,
+        Cmd::Images(c) => images(&cfg, c).await,
+        Cmd::Ps { output } => {
+            let records = runtime::load_records(&cfg.runtime.state_dir);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
+                Output::Table => {
+                    println!("{:<32} {:<20} {:<16} {:<8} {:<24}", "ID", "POD", "CONTAINER", "PID", "STATUS");
+                    for r in records {
+                        let status = match &r.exit {
+                            Some(e) => format!("Exited ({}) {}", e.exit_code, e.reason),
+                            None => "Running".into(),
+                        };
+                        println!(
+                            "{:<32} {:<20} {:<16} {:<8} {:<24}",
+                            r.id,
+                            r.pod.name,
+                            r.name,
+                            r.pid.map(|p| p.to_string()).unwrap_or_default(),
+                            status
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Bench(b) => edge_rt::bench::run(&cfg, b).await,
+    }
+}
+
+async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
+    let store = ImageStore::open(cfg.image_dir())?;
+    let in_use = || {
+        let mut u = edge_rt::image::InUse::default();
+        for r in runtime::load_records(&cfg.runtime.state_dir) {
+            u.images.insert(r.image_digest);
+            u.layers.extend(r.layers);
+        }
+        u
+    };
+    match cmd {
+        ImagesCmd::List { output } => {
+            let list = store.list()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Table => {
+                    println!("{:<56} {:<19} {:>10}", "IMAGE", "DIGEST", "SIZE");
+                    for i in list {
+                        let names = if i.names.is_empty() { vec!["<none>".to_string()] } else { i.names.clone() };
+                        for n in names {
+                            println!("{:<56} {:<19} {:>10}", n, &i.digest[..19.min(i.digest.len())], human(i.size()));
+                        }
+                    }
+                }
+            }
+        }
+        ImagesCmd::Pull {
+            reference,
+            username,
+            password_stdin,
+            docker_config,
+        } => {
+            let creds = match (username, docker_config) {
+                (Some(u), _) => {
+                    let mut p = String::new();
+                    if password_stdin {
+                        std::io::stdin().read_to_string(&mut p)?;
+                    }
+                    Some(Credentials {
+                        username: u,
+                        password: p.trim_end_matches('\n').to_string(),
+                    })
+                }
+                (None, Some(f)) => {
+                    let json = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                    let r: oci_client::Reference = edge_rt::image::normalize(&reference)?.parse()?;
+                    auth::credentials_for(&json, r.resolve_registry())?
+                }
+                _ => None,
+            };
+            let puller = Puller::new(&cfg.registry)?;
+            let progress = Arc::new(Progress::default());
+            let p2 = progress.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let (d, t) = p2.snapshot();
+                    if t > 0 {
+                        eprint!("\r{} / {}   ", human(d), human(t));
+                    }
+                }
+            });
+            let r = puller.pull(&store, &reference, creds.as_ref(), &progress).await;
+            ticker.abort();
+            eprintln!();
+            let r = r?;
+            println!("{} {}", r.names.join(","), r.digest);
+        }
+        ImagesCmd::Import { path, name } => {
+            for r in archive::import(&store, &path, name.as_deref())? {
+                println!("{} {}", r.names.join(","), r.digest);
+            }
+        }
+        ImagesCmd::Remove { references } => {
+            if references.is_empty() {
+                bail!("name at least one image");
+            }
+            let u = in_use();
+            for r in references {
+                let rec = store.remove(&r, &u)?;
+                println!("removed {} {}", rec.names.join(","), rec.digest);
+            }
+        }
+        ImagesCmd::Gc { budget } => {
+            let r = store.gc(budget.unwrap_or(cfg.images.budget_bytes), &in_use())?;
+            println!(
+                "removed {} image(s), {} layer(s); {} -> {}",
+                r.images_removed.len(),
+                r.layers_removed,
+                human(r.bytes_before),
+                human(r.bytes_after)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! The little edge-rt reads from cgroups itself (libcontainer writes the
+//! limits): OOM kill counters and cleanup of the per-pod parents that
+//! libcontainer leaves behind. Works on v1, v2 and hybrid hierarchies.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// A unified (v2-only) hierarchy is mounted at the root.
+pub fn is_unified() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+fn memory_dir(cgroup: &str) -> PathBuf {
+    let rel = cgroup.trim_start_matches('/');
+    if is_unified() {
+        Path::new(ROOT).join(rel)
+    } else {
+        Path::new(ROOT).join("memory").join(rel)
+    }
+}
+
+/// How many times the kernel's OOM killer struck in this cgroup.
+pub fn oom_kills(cgroup: &str) -> u64 {
+    let dir = memory_dir(cgroup);
+    let (file, key) = if is_unified() {
+        ("memory.events", "oom_kill")
+    } else {
+        ("memory.oom_control", "oom_kill")
+    };
+    fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Remove a pod's (now empty) cgroup directories in every hierarchy.
+pub fn remove_pod(parent: &str, pod: &str) {
+    let rel = Path::new(parent.trim_start_matches('/')).join(pod);
+    let mut dirs = vec![Path::new(ROOT).join(&rel)];
+    if let Ok(rd) = fs::read_dir(ROOT) {
+        for e in rd.flatten() {
+            dirs.push(e.path().join(&rel));
+        }
+    }
+    for d in dirs {
+        if d.is_dir() {
+            // Children first; rmdir only succeeds on empty cgroups, as it should.
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        let _ = fs::remove_dir(e.path());
+                    }
+                }
+            }
+            let _ = fs::remove_dir(&d);
+        }
+    }
+}

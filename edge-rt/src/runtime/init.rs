@@ -1,0 +1,136 @@
+//! The container's PID 1: a fork of edge-rt's own init code that never execs.
+//!
+//! libcontainer hands control to an [`Executor`] once the container is set
+//! up. Ours forks: the child installs the seccomp profile and execs the
+//! workload; the parent stays on as the container's init. It forwards
+//! signals to the workload, reaps orphans, and when the workload ends writes
+//! its exit status to a file in edge-rt's state directory (through a file
+//! descriptor opened before the container was created, so no path inside the
+//! container is needed) and exits with the same status.
+//!
+//! That file is how a restarted edge-rt, which is no longer the container's
+//! parent and so cannot wait for it, still learns the exit code. Because the
+//! init is our code already in memory, no binary has to exist inside the
+//! image.
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use super::seccomp::{self, Profile};
+
+#[derive(Clone)]
+pub struct PodInit {
+    /// Where the exit status is written (inherited across the clone).
+    pub exit_fd: RawFd,
+    pub seccomp: Option<Arc<Profile>>,
+    /// CAP_SYS_ADMIN was kept in the permitted set only to install seccomp
+    /// for a container allowed to escalate; drop it after.
+    pub drop_sys_admin: bool,
+}
+
+/// Status line format: `exited CODE` or `signaled SIGNO`, then the time in
+/// nanoseconds since the epoch.
+pub fn format_status(status: &WaitStatus) -> Option<String> {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    match status {
+        WaitStatus::Exited(_, code) => Some(format!("exited {code} {t}\n")),
+        WaitStatus::Signaled(_, sig, _) => Some(format!("signaled {} {t}\n", *sig as i32)),
+        _ => None,
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    let _ = nix::unistd::write(std::io::stderr(), msg.as_bytes());
+    // SAFETY: _exit is async-signal-safe and ends this forked process at once.
+    unsafe { libc::_exit(127) }
+}
+
+impl Executor for PodInit {
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        let args: Vec<CString> = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().as_ref())
+            .ok_or(ExecutorError::InvalidArg)?
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).map_err(|_| ExecutorError::InvalidArg))
+            .collect::<Result<_, _>>()?;
+        if args.is_empty() {
+            return Err(ExecutorError::InvalidArg);
+        }
+        let all = SigSet::all();
+        all.thread_block().map_err(|e| ExecutorError::Other(e.to_string()))?;
+        // SAFETY: this process is single-threaded (libcontainer's init).
+        match unsafe { fork() }.map_err(|e| ExecutorError::Other(e.to_string()))? {
+            ForkResult::Child => {
+                let _ = SigSet::empty().thread_set_mask();
+                if let Some(p) = &self.seccomp {
+                    if self.drop_sys_admin {
+                        let _ = caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN);
+                    }
+                    if let Err(e) = seccomp::install(p) {
+                        fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
+                    }
+                    if self.drop_sys_admin {
+                        let _ = caps::drop(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN);
+                        let _ = caps::drop(None, caps::CapSet::Permitted, caps::Capability::CAP_SYS_ADMIN);
+                    }
+                }
+                // SAFETY: closing our status fd in the workload only.
+                unsafe { libc::close(self.exit_fd) };
+                let err = nix::unistd::execvp(&args[0], &args).err();
+                fail(&format!("edge-rt init: exec {:?}: {:?}\n", args[0], err));
+            }
+            ForkResult::Parent { child } => supervise(child, self.exit_fd, &all),
+        }
+    }
+}
+
+/// PID 1's loop: forward signals, reap, and report the workload's end.
+fn supervise(child: Pid, exit_fd: RawFd, set: &SigSet) -> ! {
+    loop {
+        let sig = match set.wait() {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        if sig != Signal::SIGCHLD {
+            let _ = kill(child, sig);
+            continue;
+        }
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) if status.pid() == Some(child) => {
+                    if let Some(line) = format_status(&status) {
+                        // SAFETY: exit_fd is our own open descriptor; the buffer is live.
+                        unsafe { libc::pwrite(exit_fd, line.as_ptr().cast(), line.len(), 0) };
+                        unsafe { libc::fsync(exit_fd) };
+                    }
+                    let code = match status {
+                        WaitStatus::Exited(_, c) => c,
+                        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+                        _ => 255,
+                    };
+                    // SAFETY: ending PID 1 of the container; the kernel kills the rest.
+                    unsafe { libc::_exit(code) }
+                }
+                Ok(_) => {} // an orphan reaped
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Small helpers shared by the suites.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use edge_rt::image::ImageStore;
+use edge_rt::runtime::{Runtime, RuntimeConfig};
+
+/// Poll `f` until it returns Some, or fail after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Tests here run real containers and need root. Outside CI a non-root run
+/// skips them loudly; in CI (CI=true) not being root is a failure.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok() {
+        panic!("these tests must run as root in CI");
+    }
+    eprintln!("SKIPPED: needs root");
+    false
+}
+
+/// The edge-rt binary next to the test executable (or $EDGE_RT_BIN).
+pub fn edge_rt_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGE_RT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("edge-rt")
+}
+
+/// An image store and runtime in a temporary directory, with a unique
+/// cgroup parent so tests do not meet.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: Arc<ImageStore>,
+    pub cfg: RuntimeConfig,
+}
+
+impl Env {
+    pub fn new() -> Result<Env> {
+        let dir = tempfile::Builder::new().prefix("outrigger-").tempdir()?;
+        let store = Arc::new(ImageStore::open(dir.path().join("images"))?);
+        let name = dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let cfg = RuntimeConfig {
+            state_dir: dir.path().join("run"),
+            log_dir: dir.path().join("logs"),
+            cgroup_parent: format!("/outrigger-test/{name}"),
+            ..Default::default()
+        };
+        Ok(Env { dir, store, cfg })
+    }
+
+    pub fn runtime(&self) -> Result<Arc<Runtime>> {
+        Ok(Runtime::open(self.cfg.clone(), self.store.clone())?)
+    }
+}
+
+use edge_rt::image::ImageRecord;
+use edge_rt::runtime::{ContainerRecord, ContainerRequest, ExitInfo, PodRef};
+use k8s_openapi::api::core::v1::Container;
+
+/// Import the busybox fixture image into a store; returns its record.
+pub fn busybox_image(store: &ImageStore) -> Result<ImageRecord> {
+    let tmp = tempfile::tempdir()?;
+    crate::fixtures::add_to_layout(tmp.path(), "latest", &crate::fixtures::ImageSpec::busybox()?)?;
+    let mut v = edge_rt::image::archive::import(store, tmp.path(), Some("busybox:latest"))?;
+    v.pop().ok_or_else(|| anyhow::anyhow!("nothing imported"))
+}
+
+/// A container running `sh -c SCRIPT`.
+pub fn sh(name: &str, script: &str) -> Container {
+    Container {
+        name: name.into(),
+        image: Some("busybox:latest".into()),
+        command: Some(vec!["sh".into(), "-c".into(), script.into()]),
+        ..Default::default()
+    }
+}
+
+pub fn pod(name: &str) -> PodRef {
+    PodRef {
+        uid: format!("{name}-{}", std::process::id()),
+        name: name.into(),
+        namespace: "default".into(),
+        host_network: false,
+    }
+}
+
+pub fn request(pod: &PodRef, image: &ImageRecord, c: Container) -> ContainerRequest {
+    ContainerRequest {
+        pod: pod.clone(),
+        container: c,
+        pod_security: None,
+        image: image.clone(),
+        extra_env: vec![],
+        mounts: vec![],
+        attempt: 0,
+    }
+}
+
+/// The content of a CRI log file's records, one per line (checked to be
+/// well-formed along the way).
+pub fn log_lines(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let r = edge_rt::runtime::logs::parse_line(line).ok_or_else(|| anyhow::anyhow!("not a CRI log line: {line:?}"))?;
+        out.push((r.stream, r.content));
+    }
+    Ok(out)
+}
+
+/// Run a container to its end; returns its exit and its log.
+pub async fn run_to_exit(rt: &Arc<Runtime>, req: ContainerRequest) -> Result<(ContainerRecord, ExitInfo, Vec<(String, String)>)> {
+    let rec = rt.run(req)?;
+    let exit = tokio::time::timeout(Duration::from_secs(60), rt.wait(&rec.id)).await??;
+    // The log pumps finish once the FIFOs close; give them a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let lines = log_lines(&rec.log_path)?;
+    Ok((rec, exit, lines))
+}
+
+/// Remove every container and sandbox of a runtime (end of a test).
+pub async fn teardown(rt: &Arc<Runtime>) {
+    for r in rt.list() {
+        if r.exit.is_none() {
+            let _ = rt.stop(&r.id, Duration::from_secs(1)).await;
+        }
+        let _ = rt.remove(&r.id);
+        let _ = rt.remove_sandbox(&r.pod.uid);
+    }
+}
