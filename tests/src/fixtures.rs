@@ -275,6 +275,39 @@ pub fn add_to_layout(dir: &Path, tag: &str, spec: &ImageSpec) -> Result<String> 
     Ok(md)
 }
 
+/// Write a multi-platform image: one manifest per spec (its architecture
+/// goes in the index), under one index tagged `tag`. Returns the index digest.
+pub fn add_index_to_layout(dir: &Path, tag: &str, specs: &[ImageSpec]) -> Result<String> {
+    let mut manifests = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let d = add_to_layout(dir, &format!("{tag}-platform-{i}"), spec)?;
+        let size = fs::metadata(dir.join("blobs/sha256").join(d.trim_start_matches("sha256:")))?.len();
+        manifests.push(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": d, "size": size,
+            "platform": {"architecture": spec.architecture, "os": "linux"},
+        }));
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))?;
+    let d = put_blob(dir, &index)?;
+    let index_path = dir.join("index.json");
+    let mut top: serde_json::Value = serde_json::from_slice(&fs::read(&index_path)?)?;
+    if let Some(list) = top["manifests"].as_array_mut() {
+        list.retain(|m| !m["annotations"]["org.opencontainers.image.ref.name"].as_str().is_some_and(|t| t.starts_with(tag)));
+        list.push(json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": d, "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }));
+    }
+    fs::write(index_path, serde_json::to_vec_pretty(&top)?)?;
+    Ok(d)
+}
+
 /// Tar up a layout directory as an OCI archive.
 pub fn archive(layout: &Path, out: &Path) -> Result<()> {
     let f = fs::File::create(out)?;
@@ -287,7 +320,7 @@ pub fn archive(layout: &Path, out: &Path) -> Result<()> {
 /// Push tag `tag` of a layout to `dest` (`host:port/repo:tag`) with skopeo.
 pub fn push(layout: &Path, tag: &str, dest: &str, creds: Option<(&str, &str)>, ca_dir: Option<&Path>) -> Result<()> {
     let mut cmd = Command::new("skopeo");
-    cmd.args(["copy", "--quiet"]);
+    cmd.args(["copy", "--quiet", "--all", "--preserve-digests"]);
     match ca_dir {
         Some(d) => {
             cmd.arg("--dest-cert-dir").arg(d);

@@ -102,6 +102,11 @@ impl Registry {
         })
     }
 
+    /// The registry's storage directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// Push tag `tag` of `layout` as `repo:tag`.
     pub fn push(&self, layout: &Path, tag: &str, repo: &str) -> Result<String> {
         let dest = format!("{}/{repo}:{tag}", self.addr);

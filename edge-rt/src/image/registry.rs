@@ -97,33 +97,45 @@ impl Progress {
 }
 
 pub struct Puller {
-    client: oci_client::Client,
+    cfg: RegistryConfig,
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl Puller {
     pub fn new(cfg: &RegistryConfig) -> Result<Self> {
-        let mut extra = Vec::new();
-        if let Some(p) = &cfg.ca_bundle {
-            let pem = std::fs::read(p).map_err(|e| ImageError::io(p, e))?;
-            extra.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data: pem,
-            });
-        }
-        let client = oci_client::Client::new(ClientConfig {
-            protocol: if cfg.insecure.is_empty() {
+        let ca_pem = match &cfg.ca_bundle {
+            Some(p) => Some(std::fs::read(p).map_err(|e| ImageError::io(p, e))?),
+            None => None,
+        };
+        Ok(Puller {
+            cfg: cfg.clone(),
+            ca_pem,
+        })
+    }
+
+    /// A client per pull: oci-client keeps the first credentials it sees for
+    /// a registry, and each pod may bring its own pull secret.
+    fn client(&self) -> oci_client::Client {
+        oci_client::Client::new(ClientConfig {
+            protocol: if self.cfg.insecure.is_empty() {
                 ClientProtocol::Https
             } else {
-                ClientProtocol::HttpsExcept(cfg.insecure.clone())
+                ClientProtocol::HttpsExcept(self.cfg.insecure.clone())
             },
-            extra_root_certificates: extra,
+            extra_root_certificates: self
+                .ca_pem
+                .iter()
+                .map(|pem| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
             platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(cfg.connect_timeout_secs.unwrap_or(10))),
+            connect_timeout: Some(Duration::from_secs(self.cfg.connect_timeout_secs.unwrap_or(10))),
             read_timeout: Some(Duration::from_secs(60)),
             user_agent: concat!("outrigger-edge-rt/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
-        });
-        Ok(Puller { client })
+        })
     }
 
     /// Pull `reference` into `store`, returning the complete image.
@@ -151,8 +163,8 @@ impl Puller {
             },
             (e, _) => e,
         };
-        let (mut bytes, _) = self
-            .client
+        let client = self.client();
+        let (mut bytes, _) = client
             .pull_manifest_raw(&r, &auth, MANIFEST_TYPES)
             .await
             .map_err(map)?;
@@ -171,8 +183,7 @@ impl Puller {
                 .map_err(|e| ImageError::BadMetadata(format!("image index of {reference}: {e}")))?;
             let chosen = select_platform(&index)?;
             let by_digest = r.clone_with_digest(chosen.clone());
-            let (b, _) = self
-                .client
+            let (b, _) = client
                 .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
                 .await
                 .map_err(map)?;
@@ -197,7 +208,7 @@ impl Puller {
 
         // Config (small) then layers, each streamed to tmp/ and verified.
         let cfg = manifest.config();
-        self.fetch_blob(store, &r, cfg.digest().as_ref(), cfg.size(), progress, reference).await?;
+        self.fetch_blob(&client, store, &r, cfg.digest().as_ref(), cfg.size(), progress, reference).await?;
         let config: oci_spec::image::ImageConfiguration = serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?)
             .map_err(|e| ImageError::BadMetadata(format!("image config of {reference}: {e}")))?;
         let diff_ids = config.rootfs().diff_ids();
@@ -207,7 +218,7 @@ impl Puller {
                 progress.done.fetch_add(l.size(), Ordering::Relaxed);
                 continue;
             }
-            self.fetch_blob(store, &r, l.digest().as_ref(), l.size(), progress, reference)
+            self.fetch_blob(&client, store, &r, l.digest().as_ref(), l.size(), progress, reference)
                 .await?;
         }
         store.put_blob(&digest, &bytes)?;
@@ -226,8 +237,10 @@ impl Puller {
     /// Download one blob unless the store has it (or, for layers, its unpacked
     /// form: then nothing is fetched). Resumes a partial download with a
     /// range request; restarts if the registry ignores the range.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_blob(
         &self,
+        client: &oci_client::Client,
         store: &ImageStore,
         r: &Reference,
         digest: &str,
@@ -249,8 +262,7 @@ impl Puller {
             ..Default::default()
         };
         let (stream, append) = if have > 0 && have < size {
-            match self
-                .client
+            match client
                 .pull_blob_stream_partial(r, &desc, have, None)
                 .await
                 .map_err(|e| map_error(e, r))?
@@ -261,8 +273,7 @@ impl Puller {
         } else if have == size && size > 0 {
             return store.commit_blob_file(&part, digest, Some(size));
         } else {
-            match self
-                .client
+            match client
                 .pull_blob_stream_partial(r, &desc, 0, None)
                 .await
                 .map_err(|e| map_error(e, r))?
@@ -316,7 +327,7 @@ impl Puller {
             Err(ImageError::DigestMismatch { .. }) if append => {
                 tracing::warn!(blob = digest, "resumed download did not verify; restarting it");
                 progress.done.fetch_sub(written.min(progress.done.load(Ordering::Relaxed)), Ordering::Relaxed);
-                Box::pin(self.fetch_blob(store, r, digest, size, progress, reference)).await
+                Box::pin(self.fetch_blob(client, store, r, digest, size, progress, reference)).await
             }
             other => other,
         }
