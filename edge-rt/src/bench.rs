@@ -48,7 +48,11 @@ pub enum BenchCmd {
 pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Start { image, runs, dir } => start(cfg, &image, runs, &dir),
-        BenchCmd::Rss { image, containers, dir } => rss(cfg, &image, containers, &dir).await,
+        BenchCmd::Rss {
+            image,
+            containers,
+            dir,
+        } => rss(cfg, &image, containers, &dir).await,
     }
 }
 
@@ -62,7 +66,13 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Write a bundle whose config runs `args` on the shared root filesystem.
-fn bundle(dir: &Path, rootfs: &Path, image: &oci_spec::image::ImageConfiguration, args: &[&str], cgroup: &str) -> Result<PathBuf> {
+fn bundle(
+    dir: &Path,
+    rootfs: &Path,
+    image: &oci_spec::image::ImageConfiguration,
+    args: &[&str],
+    cgroup: &str,
+) -> Result<PathBuf> {
     let c = Container {
         name: "bench".into(),
         command: Some(args.iter().map(|s| s.to_string()).collect()),
@@ -88,12 +98,21 @@ fn bundle(dir: &Path, rootfs: &Path, image: &oci_spec::image::ImageConfiguration
 }
 
 fn devnull() -> Result<OwnedFd> {
-    Ok(OwnedFd::from(fs::OpenOptions::new().read(true).write(true).open("/dev/null")?))
+    Ok(OwnedFd::from(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?,
+    ))
 }
 
 /// In-process: create + start through libcontainer; returns (to running, to exit).
 fn edge_once(id: &str, state: &Path, bundle: &Path, wait_exit: bool) -> Result<(f64, Option<f64>)> {
-    let exit = fs::OpenOptions::new().create(true).truncate(true).write(true).open(state.join(format!("{id}.exit")))?;
+    let exit = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(state.join(format!("{id}.exit")))?;
     let t0 = Instant::now();
     let mut c = spawn(
         id,
@@ -128,21 +147,40 @@ fn cli_once(bin: &str, id: &str, root: &Path, bundle: &Path, wait_exit: bool) ->
     if !wait_exit {
         cmd.arg("-d");
     }
-    cmd.arg("--bundle").arg(bundle).arg(id).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("--bundle")
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let t0 = Instant::now();
     let out = cmd.output().with_context(|| format!("running {bin}"))?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if !wait_exit {
-        let _ = Command::new(bin).arg("--root").arg(root).args(["kill", id, "KILL"]).output();
+        let _ = Command::new(bin)
+            .arg("--root")
+            .arg(root)
+            .args(["kill", id, "KILL"])
+            .output();
         for _ in 0..50 {
-            let o = Command::new(bin).arg("--root").arg(root).args(["delete", "-f", id]).stderr(Stdio::null()).output();
+            let o = Command::new(bin)
+                .arg("--root")
+                .arg(root)
+                .args(["delete", "-f", id])
+                .stderr(Stdio::null())
+                .output();
             if o.map(|o| o.status.success()).unwrap_or(false) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     } else {
-        let _ = Command::new(bin).arg("--root").arg(root).args(["delete", "-f", id]).stderr(Stdio::null()).output();
+        let _ = Command::new(bin)
+            .arg("--root")
+            .arg(root)
+            .args(["delete", "-f", id])
+            .stderr(Stdio::null())
+            .output();
     }
     if !out.status.success() && (!wait_exit || out.status.code() != Some(0)) {
         bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -158,9 +196,26 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
     let image_cfg = store.config(&rec)?;
     let _ = fs::remove_dir_all(dir);
     let rootfs = dir.join("rootfs");
-    rootfs::prepare(RootfsMode::Copy, &store.layer_dirs(&rec)?, &dir.join("scratch"), &rootfs)?;
-    let true_b = bundle(&dir.join("true"), &rootfs, &image_cfg, &["/bin/true"], "/edge-rt-bench/true")?;
-    let sleep_b = bundle(&dir.join("sleep"), &rootfs, &image_cfg, &["/bin/sleep", "60"], "/edge-rt-bench/sleep")?;
+    rootfs::prepare(
+        RootfsMode::Copy,
+        &store.layer_dirs(&rec)?,
+        &dir.join("scratch"),
+        &rootfs,
+    )?;
+    let true_b = bundle(
+        &dir.join("true"),
+        &rootfs,
+        &image_cfg,
+        &["/bin/true"],
+        "/edge-rt-bench/true",
+    )?;
+    let sleep_b = bundle(
+        &dir.join("sleep"),
+        &rootfs,
+        &image_cfg,
+        &["/bin/sleep", "60"],
+        "/edge-rt-bench/sleep",
+    )?;
     let state = dir.join("state");
     fs::create_dir_all(&state)?;
 
@@ -180,12 +235,27 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
         let (_, e) = edge_once(&format!("bench-e{i}"), &state, &true_b, true)?;
         edge_exit.push(e.unwrap_or(f64::NAN));
         for (j, bin) in baselines.iter().enumerate() {
-            base[j].0.push(cli_once(bin, &format!("bench-r{i}"), &dir.join(bin), &sleep_b, false)?);
-            base[j].1.push(cli_once(bin, &format!("bench-e{i}"), &dir.join(bin), &true_b, true)?);
+            base[j].0.push(cli_once(
+                bin,
+                &format!("bench-r{i}"),
+                &dir.join(bin),
+                &sleep_b,
+                false,
+            )?);
+            base[j].1.push(cli_once(
+                bin,
+                &format!("bench-e{i}"),
+                &dir.join(bin),
+                &true_b,
+                true,
+            )?);
         }
     }
     println!("container start latency, busybox bundle, {runs} runs each, interleaved (ms)");
-    println!("{:<22} {:>12} {:>12} {:>12} {:>12}", "runtime", "run p50", "run p95", "exit p50", "exit p95");
+    println!(
+        "{:<22} {:>12} {:>12} {:>12} {:>12}",
+        "runtime", "run p50", "run p95", "exit p50", "exit p95"
+    );
     let row = |name: &str, r: &mut Vec<f64>, e: &mut Vec<f64>| {
         println!(
             "{:<22} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
@@ -201,7 +271,11 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
     for (j, bin) in baselines.iter().enumerate() {
         let (r, e) = &mut base[j];
         let p50 = row(&format!("{bin} run"), r, e);
-        println!("{:<22} create-to-exit median is {:.2}x {bin}'s", "", edge_p50 / p50);
+        println!(
+            "{:<22} create-to-exit median is {:.2}x {bin}'s",
+            "",
+            edge_p50 / p50
+        );
     }
     let _ = rootfs::release(&dir.join("scratch"), &rootfs);
     Ok(())
@@ -252,7 +326,10 @@ async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut running = 0;
     while Instant::now() < deadline {
-        running = crate::runtime::load_records(&state).iter().filter(|r| r.exit.is_none() && r.pid.is_some()).count();
+        running = crate::runtime::load_records(&state)
+            .iter()
+            .filter(|r| r.exit.is_none() && r.pid.is_some())
+            .count();
         if running >= n {
             break;
         }
@@ -260,12 +337,18 @@ async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let busy = vm_rss_kib(child.id()).unwrap_or(0);
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
     // Clean up the containers the daemon left running (as a service should).
     for r in crate::runtime::load_records(&state) {
         if let Some(pid) = r.pid {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -285,7 +368,11 @@ async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
     println!("edge-rt resident memory (VmRSS)");
     println!("{:<28} {:>10}", "state", "RSS");
     println!("{:<28} {:>7.1} MB", "idle", idle as f64 / 1024.0);
-    println!("{:<28} {:>7.1} MB", format!("{running} running containers"), busy as f64 / 1024.0);
+    println!(
+        "{:<28} {:>7.1} MB",
+        format!("{running} running containers"),
+        busy as f64 / 1024.0
+    );
     if running < n {
         bail!("only {running} of {n} containers started");
     }

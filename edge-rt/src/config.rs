@@ -100,7 +100,11 @@ impl Config {
                 path: path.into(),
                 source,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => Ok(Config::default()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) =>
+            {
+                Ok(Config::default())
+            }
             Err(source) => Err(ConfigError::Read {
                 path: path.into(),
                 source,

@@ -34,7 +34,9 @@ pub fn preload(store: &ImageStore, dir: &Path, state: &Path) -> Result<usize> {
     let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
-        let Ok(m) = std::fs::metadata(&p) else { continue };
+        let Ok(m) = std::fs::metadata(&p) else {
+            continue;
+        };
         let stamp = format!("{}:{:?}", m.len(), m.modified().ok());
         let key = p.display().to_string();
         if seen.get(&key) == Some(&stamp) {
@@ -51,7 +53,8 @@ pub fn preload(store: &ImageStore, dir: &Path, state: &Path) -> Result<usize> {
             Err(e) => tracing::error!(path = %p.display(), error = %e, "preload failed"),
         }
     }
-    std::fs::write(state, serde_json::to_vec_pretty(&seen)?).with_context(|| format!("writing {}", state.display()))?;
+    std::fs::write(state, serde_json::to_vec_pretty(&seen)?)
+        .with_context(|| format!("writing {}", state.display()))?;
     Ok(n)
 }
 
@@ -66,9 +69,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     let mut signals = supervisor::install_signals().context("installing signal handlers")?;
 
-    std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.node.data_dir)
+        .with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
     let store = Arc::new(ImageStore::open(cfg.image_dir())?);
-    let n = preload(&store, &cfg.node.preload_dir, &cfg.node.data_dir.join("preloaded.json"))?;
+    let n = preload(
+        &store,
+        &cfg.node.preload_dir,
+        &cfg.node.data_dir.join("preloaded.json"),
+    )?;
     if n > 0 {
         tracing::info!(count = n, "imported preloaded images");
     }

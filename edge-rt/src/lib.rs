@@ -5,10 +5,10 @@
 //! - [`supervisor`]: signals, reaping, PID 1 duties.
 //! - [`config`]: the node configuration file.
 
+pub mod bench;
 pub mod config;
+pub mod daemon;
 pub mod image;
 pub mod runtime;
-pub mod bench;
-pub mod daemon;
 pub mod static_pods;
 pub mod supervisor;

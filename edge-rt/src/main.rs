@@ -14,7 +14,11 @@ use edge_rt::image::{archive, auth, ImageStore};
 use edge_rt::runtime;
 
 #[derive(Parser)]
-#[command(name = "edge-rt", version, about = "Outrigger's edge runtime: Kubernetes pods on embedded Linux gateways")]
+#[command(
+    name = "edge-rt",
+    version,
+    about = "Outrigger's edge runtime: Kubernetes pods on embedded Linux gateways"
+)]
 struct Cli {
     /// Node configuration file (TOML; every key optional).
     #[arg(long, short, global = true, env = "EDGE_RT_CONFIG", default_value = DEFAULT_PATH)]
@@ -100,8 +104,13 @@ fn human(n: u64) -> String {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libcgroups=error,libcontainer=error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,libcgroups=error,libcontainer=error")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> Result<()> {
@@ -110,7 +119,9 @@ fn main() -> Result<()> {
     // One thread: libcontainer clones the process to create containers, and a
     // single-threaded runtime means no other thread of ours is mid-allocation
     // when it does (see runtime::fork_guard).
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(dispatch(cli))
 }
 
@@ -124,7 +135,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
                 Output::Table => {
-                    println!("{:<32} {:<20} {:<16} {:<8} {:<24}", "ID", "POD", "CONTAINER", "PID", "STATUS");
+                    println!(
+                        "{:<32} {:<20} {:<16} {:<8} {:<24}",
+                        "ID", "POD", "CONTAINER", "PID", "STATUS"
+                    );
                     for r in records {
                         let status = match &r.exit {
                             Some(e) => format!("Exited ({}) {}", e.exit_code, e.reason),
@@ -165,9 +179,18 @@ async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
                 Output::Table => {
                     println!("{:<56} {:<19} {:>10}", "IMAGE", "DIGEST", "SIZE");
                     for i in list {
-                        let names = if i.names.is_empty() { vec!["<none>".to_string()] } else { i.names.clone() };
+                        let names = if i.names.is_empty() {
+                            vec!["<none>".to_string()]
+                        } else {
+                            i.names.clone()
+                        };
                         for n in names {
-                            println!("{:<56} {:<19} {:>10}", n, &i.digest[..19.min(i.digest.len())], human(i.size()));
+                            println!(
+                                "{:<56} {:<19} {:>10}",
+                                n,
+                                &i.digest[..19.min(i.digest.len())],
+                                human(i.size())
+                            );
                         }
                     }
                 }
@@ -191,8 +214,10 @@ async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
                     })
                 }
                 (None, Some(f)) => {
-                    let json = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-                    let r: oci_client::Reference = edge_rt::image::normalize(&reference)?.parse()?;
+                    let json =
+                        std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                    let r: oci_client::Reference =
+                        edge_rt::image::normalize(&reference)?.parse()?;
                     auth::credentials_for(&json, r.resolve_registry())?
                 }
                 _ => None,
@@ -209,7 +234,9 @@ async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
                     }
                 }
             });
-            let r = puller.pull(&store, &reference, creds.as_ref(), &progress).await;
+            let r = puller
+                .pull(&store, &reference, creds.as_ref(), &progress)
+                .await;
             ticker.abort();
             eprintln!();
             let r = r?;

@@ -58,8 +58,13 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
                     break;
                 }
             };
-            let pod = serde_yaml_ng::from_value::<Pod>(value).map_err(|e| e.to_string()).and_then(validate);
-            out.push(Manifest { file: file.clone(), pod });
+            let pod = serde_yaml_ng::from_value::<Pod>(value)
+                .map_err(|e| e.to_string())
+                .and_then(validate);
+            out.push(Manifest {
+                file: file.clone(),
+                pod,
+            });
         }
     }
     out
@@ -93,12 +98,24 @@ pub fn pod_uid(pod: &Pod) -> String {
         pod.metadata.name.as_deref().unwrap_or("")
     );
     let h = crate::image::sha256_hex(key.as_bytes());
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Start every container of `pod` that has never run. Errors are per
 /// container and returned, so one bad pod does not stop the others.
-pub async fn start_pod(rt: &Arc<Runtime>, store: &ImageStore, puller: &Puller, pod: &Pod) -> Vec<(String, String)> {
+pub async fn start_pod(
+    rt: &Arc<Runtime>,
+    store: &ImageStore,
+    puller: &Puller,
+    pod: &Pod,
+) -> Vec<(String, String)> {
     let mut errors = Vec::new();
     let Some(spec) = pod.spec.as_ref() else {
         return errors;
@@ -106,7 +123,11 @@ pub async fn start_pod(rt: &Arc<Runtime>, store: &ImageStore, puller: &Puller, p
     let pref = PodRef {
         uid: pod_uid(pod),
         name: pod.metadata.name.clone().unwrap_or_default(),
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         host_network: spec.host_network.unwrap_or(false),
     };
     let existing: BTreeMap<String, ()> = rt
@@ -122,7 +143,8 @@ pub async fn start_pod(rt: &Arc<Runtime>, store: &ImageStore, puller: &Puller, p
         let image_ref = c.image.clone().unwrap_or_default();
         let policy = PullPolicy::from_k8s(c.image_pull_policy.as_deref(), &image_ref);
         let progress = Progress::default();
-        let image = match registry::ensure(store, puller, &image_ref, policy, None, &progress).await {
+        let image = match registry::ensure(store, puller, &image_ref, policy, None, &progress).await
+        {
             Ok(i) => i,
             Err(e) => {
                 errors.push((c.name.clone(), e.to_string()));

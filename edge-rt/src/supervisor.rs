@@ -74,38 +74,111 @@ pub fn install_signals() -> io::Result<mpsc::UnboundedReceiver<Event>> {
     Ok(rx)
 }
 
-fn mount_if_missing(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+/// Mount points already present (from /proc/self/mountinfo).
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn mount_if_missing(
+    present: &[String],
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) {
+    if present.iter().any(|p| p == target) {
+        return;
+    }
     let _ = std::fs::create_dir_all(target);
     match mount(Some(src), target, Some(fstype), flags, data) {
         Ok(()) => tracing::info!(target, fstype, "mounted"),
-        Err(nix::errno::Errno::EBUSY) => {}
         Err(e) => tracing::warn!(target, fstype, error = %e, "mount failed"),
     }
 }
 
-/// As PID 1: mount what a system needs before anything else runs.
+/// As PID 1: mount what a system needs before anything else runs. What is
+/// already mounted (by an initramfs, or a container manager) is left alone.
 pub fn pid1_mounts() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_if_missing("proc", "/proc", "proc", nosuid, None);
-    mount_if_missing("sysfs", "/sys", "sysfs", nosuid, None);
-    mount_if_missing("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
-    mount_if_missing("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=0620,ptmxmode=0666"));
-    mount_if_missing("tmpfs", "/dev/shm", "tmpfs", nosuid, Some("mode=1777"));
-    mount_if_missing("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
-    mount_if_missing("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
-    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        mount_if_missing("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None);
-        // Delegate the controllers to children, as systemd would.
+    if !Path::new("/proc/self").exists() {
+        mount_if_missing(&[], "proc", "/proc", "proc", nosuid, None);
+    }
+    let present = mount_points();
+    mount_if_missing(&present, "sysfs", "/sys", "sysfs", nosuid, None);
+    mount_if_missing(
+        &present,
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    let present = mount_points();
+    mount_if_missing(
+        &present,
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=0620,ptmxmode=0666"),
+    );
+    mount_if_missing(
+        &present,
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        nosuid,
+        Some("mode=1777"),
+    );
+    mount_if_missing(
+        &present,
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    mount_if_missing(
+        &present,
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    let present = mount_points();
+    if mount_if_absent_cgroup(&present) {
+        // Delegate every controller to children, as systemd would.
         if let Ok(c) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
             let enable: String = c.split_whitespace().map(|c| format!("+{c} ")).collect();
             let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.trim());
         }
     }
-    let _ = nix::unistd::sethostname(
-        std::fs::read_to_string("/etc/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "edge".into()),
+    if let Ok(name) = std::fs::read_to_string("/etc/hostname") {
+        let _ = nix::unistd::sethostname(name.trim());
+    }
+}
+
+fn mount_if_absent_cgroup(present: &[String]) -> bool {
+    if present.iter().any(|p| p == "/sys/fs/cgroup") {
+        return false;
+    }
+    mount_if_missing(
+        present,
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
     );
+    true
 }
 
 /// As PID 1, after the containers are stopped: flush and power off or reboot.

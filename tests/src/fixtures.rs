@@ -83,7 +83,10 @@ pub fn busybox_layer() -> Result<Layer> {
     if !Path::new(BUSYBOX).exists() {
         bail!("{BUSYBOX} not found: install Debian's busybox-static");
     }
-    let out = Command::new(BUSYBOX).arg("--list-full").output().context("busybox --list-full")?;
+    let out = Command::new(BUSYBOX)
+        .arg("--list-full")
+        .output()
+        .context("busybox --list-full")?;
     let mut entries = vec![
         Entry::Dir("bin".into(), 0o755),
         Entry::Dir("sbin".into(), 0o755),
@@ -152,8 +155,14 @@ pub fn layer_tar(layer: &Layer) -> Result<Vec<u8>> {
             }
             Entry::Whiteout(p) => {
                 let path = Path::new(p);
-                let name = format!(".wh.{}", path.file_name().context("whiteout name")?.to_string_lossy());
-                let full = path.parent().map(|d| d.join(&name)).unwrap_or_else(|| PathBuf::from(&name));
+                let name = format!(
+                    ".wh.{}",
+                    path.file_name().context("whiteout name")?.to_string_lossy()
+                );
+                let full = path
+                    .parent()
+                    .map(|d| d.join(&name))
+                    .unwrap_or_else(|| PathBuf::from(&name));
                 let mut h = header(tar::EntryType::Regular, 0o644, 0);
                 b.append_data(&mut h, full, std::io::empty())?;
             }
@@ -190,7 +199,9 @@ fn sha(data: &[u8]) -> String {
 
 fn put_blob(dir: &Path, data: &[u8]) -> Result<String> {
     let d = sha(data);
-    let p = dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let p = dir
+        .join("blobs/sha256")
+        .join(d.trim_start_matches("sha256:"));
     fs::create_dir_all(p.parent().context("blob dir")?)?;
     fs::write(p, data)?;
     Ok(d)
@@ -281,7 +292,11 @@ pub fn add_index_to_layout(dir: &Path, tag: &str, specs: &[ImageSpec]) -> Result
     let mut manifests = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let d = add_to_layout(dir, &format!("{tag}-platform-{i}"), spec)?;
-        let size = fs::metadata(dir.join("blobs/sha256").join(d.trim_start_matches("sha256:")))?.len();
+        let size = fs::metadata(
+            dir.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )?
+        .len();
         manifests.push(json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": d, "size": size,
@@ -297,7 +312,11 @@ pub fn add_index_to_layout(dir: &Path, tag: &str, specs: &[ImageSpec]) -> Result
     let index_path = dir.join("index.json");
     let mut top: serde_json::Value = serde_json::from_slice(&fs::read(&index_path)?)?;
     if let Some(list) = top["manifests"].as_array_mut() {
-        list.retain(|m| !m["annotations"]["org.opencontainers.image.ref.name"].as_str().is_some_and(|t| t.starts_with(tag)));
+        list.retain(|m| {
+            !m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(tag))
+        });
         list.push(json!({
             "mediaType": "application/vnd.oci.image.index.v1+json",
             "digest": d, "size": index.len(),
@@ -318,7 +337,13 @@ pub fn archive(layout: &Path, out: &Path) -> Result<()> {
 }
 
 /// Push tag `tag` of a layout to `dest` (`host:port/repo:tag`) with skopeo.
-pub fn push(layout: &Path, tag: &str, dest: &str, creds: Option<(&str, &str)>, ca_dir: Option<&Path>) -> Result<()> {
+pub fn push(
+    layout: &Path,
+    tag: &str,
+    dest: &str,
+    creds: Option<(&str, &str)>,
+    ca_dir: Option<&Path>,
+) -> Result<()> {
     let mut cmd = Command::new("skopeo");
     cmd.args(["copy", "--quiet", "--all", "--preserve-digests"]);
     match ca_dir {
@@ -332,10 +357,14 @@ pub fn push(layout: &Path, tag: &str, dest: &str, creds: Option<(&str, &str)>, c
     if let Some((u, p)) = creds {
         cmd.arg("--dest-creds").arg(format!("{u}:{p}"));
     }
-    cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{dest}"));
+    cmd.arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dest}"));
     let out = cmd.output().context("running skopeo")?;
     if !out.status.success() {
-        bail!("skopeo copy to {dest}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "skopeo copy to {dest}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

@@ -22,7 +22,11 @@ pub struct Registry {
 }
 
 fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
-    let out = Command::new("openssl").args(args).current_dir(cwd).output().context("running openssl")?;
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .context("running openssl")?;
     if !out.status.success() {
         bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -31,18 +35,60 @@ fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
 
 /// A CA and a server certificate for 127.0.0.1 and localhost.
 pub fn make_certs(dir: &Path) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut a = vec!["req", "-x509"];
     a.extend(ec);
-    a.extend(["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=outrigger-test-ca", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=outrigger-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
     openssl(&a, dir)?;
     let mut b = vec!["req"];
     b.extend(ec);
-    b.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    b.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
     openssl(&b, dir)?;
     fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")?;
     openssl(
-        &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf"],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
         dir,
     )
 }
@@ -66,7 +112,10 @@ impl Registry {
         if let Some((u, p)) = creds {
             let hash = bcrypt::hash(p, 5)?;
             fs::write(d.join("htpasswd"), format!("{u}:{hash}\n"))?;
-            auth = format!("auth:\n  htpasswd:\n    realm: outrigger-test\n    path: {}\n", d.join("htpasswd").display());
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: outrigger-test\n    path: {}\n",
+                d.join("htpasswd").display()
+            );
         }
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n{auth}",
@@ -88,7 +137,10 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(&addr).is_err() {
             if Instant::now() > deadline {
-                bail!("docker-registry did not listen on {addr}: {}", fs::read_to_string(d.join("registry.log")).unwrap_or_default());
+                bail!(
+                    "docker-registry did not listen on {addr}: {}",
+                    fs::read_to_string(d.join("registry.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -62,7 +62,11 @@ impl Env {
     pub fn new() -> Result<Env> {
         let dir = tempfile::Builder::new().prefix("outrigger-").tempdir()?;
         let store = Arc::new(ImageStore::open(dir.path().join("images"))?);
-        let name = dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .path()
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let cfg = RuntimeConfig {
             state_dir: dir.path().join("run"),
             log_dir: dir.path().join("logs"),
@@ -84,7 +88,11 @@ use k8s_openapi::api::core::v1::Container;
 /// Import the busybox fixture image into a store; returns its record.
 pub fn busybox_image(store: &ImageStore) -> Result<ImageRecord> {
     let tmp = tempfile::tempdir()?;
-    crate::fixtures::add_to_layout(tmp.path(), "latest", &crate::fixtures::ImageSpec::busybox()?)?;
+    crate::fixtures::add_to_layout(
+        tmp.path(),
+        "latest",
+        &crate::fixtures::ImageSpec::busybox()?,
+    )?;
     let mut v = edge_rt::image::archive::import(store, tmp.path(), Some("busybox:latest"))?;
     v.pop().ok_or_else(|| anyhow::anyhow!("nothing imported"))
 }
@@ -126,14 +134,18 @@ pub fn log_lines(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)?;
     let mut out = Vec::new();
     for line in text.lines() {
-        let r = edge_rt::runtime::logs::parse_line(line).ok_or_else(|| anyhow::anyhow!("not a CRI log line: {line:?}"))?;
+        let r = edge_rt::runtime::logs::parse_line(line)
+            .ok_or_else(|| anyhow::anyhow!("not a CRI log line: {line:?}"))?;
         out.push((r.stream, r.content));
     }
     Ok(out)
 }
 
 /// Run a container to its end; returns its exit and its log.
-pub async fn run_to_exit(rt: &Arc<Runtime>, req: ContainerRequest) -> Result<(ContainerRecord, ExitInfo, Vec<(String, String)>)> {
+pub async fn run_to_exit(
+    rt: &Arc<Runtime>,
+    req: ContainerRequest,
+) -> Result<(ContainerRecord, ExitInfo, Vec<(String, String)>)> {
     let rec = rt.run(req)?;
     let exit = tokio::time::timeout(Duration::from_secs(60), rt.wait(&rec.id)).await??;
     // The log pumps finish once the FIFOs close; give them a moment.
@@ -151,4 +163,108 @@ pub async fn teardown(rt: &Arc<Runtime>) {
         let _ = rt.remove(&r.id);
         let _ = rt.remove_sandbox(&r.pod.uid);
     }
+}
+
+/// A node directory for running the edge-rt binary: config, manifests,
+/// preload directory (with the busybox image archive) and state, outside
+/// /tmp and /run so that edge-rt as PID 1 may mount over those.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub manifests: PathBuf,
+    pub state: PathBuf,
+    pub logs: PathBuf,
+}
+
+impl Node {
+    pub fn new() -> Result<Node> {
+        std::fs::create_dir_all("/var/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("outrigger-node-")
+            .tempdir_in("/var/tmp")?;
+        let d = dir.path();
+        let manifests = d.join("pods");
+        let preload = d.join("preload");
+        std::fs::create_dir_all(&manifests)?;
+        std::fs::create_dir_all(&preload)?;
+        let layout = tempfile::tempdir()?;
+        crate::fixtures::add_to_layout(
+            layout.path(),
+            "latest",
+            &crate::fixtures::ImageSpec::busybox()?,
+        )?;
+        crate::fixtures::archive(layout.path(), &preload.join("busybox.tar"))?;
+        let name = d
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let state = d.join("run");
+        let logs = d.join("logs");
+        let config = d.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/outrigger-test/{name}\"\n",
+                d.join("data"),
+                manifests,
+                preload,
+                state,
+                logs
+            ),
+        )?;
+        Ok(Node {
+            dir,
+            config,
+            manifests,
+            state,
+            logs,
+        })
+    }
+
+    pub fn command(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(edge_rt_bin());
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    pub fn records(&self) -> Vec<ContainerRecord> {
+        edge_rt::runtime::load_records(&self.state)
+    }
+
+    pub fn record(&self, container: &str) -> Option<ContainerRecord> {
+        self.records().into_iter().find(|r| r.name == container)
+    }
+
+    /// Stop whatever a test left running and remove it.
+    pub async fn cleanup(&self) -> Result<()> {
+        for r in self.records() {
+            if r.exit.is_none() {
+                if let Some(pid) = r.pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let store = Arc::new(ImageStore::open(self.dir.path().join("data/images"))?);
+        let cfg: edge_rt::config::Config = toml_from(&self.config)?;
+        let rt = Runtime::open(cfg.runtime, store)?;
+        for r in rt.list() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rt.wait(&r.id)).await;
+        }
+        teardown(&rt).await;
+        Ok(())
+    }
+}
+
+fn toml_from(p: &Path) -> Result<edge_rt::config::Config> {
+    Ok(edge_rt::config::Config::load(p)?)
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }

@@ -17,14 +17,37 @@ async fn exit_code_and_cri_log() -> Result<()> {
     let img = busybox_image(&env.store)?;
     let rt = env.runtime()?;
     let p = pod("exitcode");
-    let (rec, exit, lines) = run_to_exit(&rt, request(&p, &img, sh("main", "echo out-line; echo err-line >&2; printf partial; exit 7"))).await?;
+    let (rec, exit, lines) = run_to_exit(
+        &rt,
+        request(
+            &p,
+            &img,
+            sh(
+                "main",
+                "echo out-line; echo err-line >&2; printf partial; exit 7",
+            ),
+        ),
+    )
+    .await?;
     assert_eq!(exit.exit_code, 7);
     assert_eq!(exit.reason, "Error");
-    assert!(lines.contains(&("stdout".into(), "out-line".into())), "{lines:?}");
-    assert!(lines.contains(&("stderr".into(), "err-line".into())), "{lines:?}");
-    assert!(lines.contains(&("stdout".into(), "partial".into())), "{lines:?}");
+    assert!(
+        lines.contains(&("stdout".into(), "out-line".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("stderr".into(), "err-line".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("stdout".into(), "partial".into())),
+        "{lines:?}"
+    );
     assert!(rec.log_path.starts_with(&env.cfg.log_dir));
-    assert_eq!(rt.get(&rec.id).and_then(|r| r.exit).map(|e| e.exit_code), Some(7));
+    assert_eq!(
+        rt.get(&rec.id).and_then(|r| r.exit).map(|e| e.exit_code),
+        Some(7)
+    );
     let (_, ok, _) = run_to_exit(&rt, request(&p, &img, sh("ok", "true"))).await?;
     assert_eq!((ok.exit_code, ok.reason.as_str()), (0, "Completed"));
     teardown(&rt).await;
@@ -39,7 +62,10 @@ async fn oom_kill_is_reported() -> Result<()> {
     let env = Env::new()?;
     let img = busybox_image(&env.store)?;
     let rt = env.runtime()?;
-    let mut c = sh("hog", "dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived");
+    let mut c = sh(
+        "hog",
+        "dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived",
+    );
     c.resources = Some(ResourceRequirements {
         limits: Some([("memory".to_string(), Quantity("16Mi".into()))].into()),
         ..Default::default()
@@ -87,7 +113,12 @@ async fn sigterm_trap_gets_its_grace_period() -> Result<()> {
     let rt = env.runtime()?;
     let script = "trap 'echo got-term; sleep 1; echo cleaned; exit 42' TERM; echo ready; while true; do sleep 0.1; done";
     let rec = rt.run(request(&pod("term"), &img, sh("trapper", script)))?;
-    wait_for("ready", Duration::from_secs(10), || async { log_lines(&rec.log_path).ok().filter(|l| l.iter().any(|(_, c)| c == "ready")) }).await?;
+    wait_for("ready", Duration::from_secs(10), || async {
+        log_lines(&rec.log_path)
+            .ok()
+            .filter(|l| l.iter().any(|(_, c)| c == "ready"))
+    })
+    .await?;
     let exit = rt.stop(&rec.id, Duration::from_secs(10)).await?;
     assert_eq!(exit.exit_code, 42, "{exit:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -107,24 +138,39 @@ async fn ignoring_sigterm_gets_killed_after_grace() -> Result<()> {
     let rt = env.runtime()?;
     let script = "trap '' TERM; echo ready; while true; do sleep 0.1; done";
     let rec = rt.run(request(&pod("stubborn"), &img, sh("stubborn", script)))?;
-    wait_for("ready", Duration::from_secs(10), || async { log_lines(&rec.log_path).ok().filter(|l| l.iter().any(|(_, c)| c == "ready")) }).await?;
+    wait_for("ready", Duration::from_secs(10), || async {
+        log_lines(&rec.log_path)
+            .ok()
+            .filter(|l| l.iter().any(|(_, c)| c == "ready"))
+    })
+    .await?;
     let t0 = Instant::now();
     let exit = rt.stop(&rec.id, Duration::from_millis(1500)).await?;
     let took = t0.elapsed();
     assert_eq!((exit.exit_code, exit.signal), (137, Some(9)), "{exit:?}");
-    assert!(took >= Duration::from_millis(1500), "killed before the grace period ended: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "killed before the grace period ended: {took:?}"
+    );
     teardown(&rt).await;
     Ok(())
 }
 
 fn ns_of(pid: i32, kind: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).map(|p| p.display().to_string()).unwrap_or_default()
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 /// The pid of the workload (the init's child) of a container.
 fn workload_pid(init: i32) -> i32 {
-    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap_or_default();
-    children.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(init)
+    let children =
+        std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(init)
 }
 
 #[tokio::test]
@@ -144,9 +190,15 @@ async fn pod_containers_share_net_ipc_uts_and_host_network_uses_the_hosts() -> R
         assert_eq!(ns_of(pa, kind), ns_of(pb, kind), "{kind} shared in the pod");
         assert_ne!(ns_of(pa, kind), ns_of(me, kind), "{kind} not the host's");
     }
-    assert_ne!(ns_of(pa, "pid"), ns_of(pb, "pid"), "each container has its own pid namespace");
+    assert_ne!(
+        ns_of(pa, "pid"),
+        ns_of(pb, "pid"),
+        "each container has its own pid namespace"
+    );
     wait_for("hostname in log", Duration::from_secs(5), || async {
-        log_lines(&a.log_path).ok().filter(|l| l.iter().any(|(_, c)| c == "shared"))
+        log_lines(&a.log_path)
+            .ok()
+            .filter(|l| l.iter().any(|(_, c)| c == "shared"))
     })
     .await?;
 
@@ -154,8 +206,16 @@ async fn pod_containers_share_net_ipc_uts_and_host_network_uses_the_hosts() -> R
     hp.host_network = true;
     let h = rt.run(request(&hp, &img, sh("h", "sleep 30")))?;
     let ph = h.pid.unwrap_or(0);
-    assert_eq!(ns_of(ph, "net"), ns_of(me, "net"), "hostNetwork uses the host's network");
-    assert_eq!(ns_of(ph, "uts"), ns_of(me, "uts"), "hostNetwork uses the host's UTS namespace");
+    assert_eq!(
+        ns_of(ph, "net"),
+        ns_of(me, "net"),
+        "hostNetwork uses the host's network"
+    );
+    assert_eq!(
+        ns_of(ph, "uts"),
+        ns_of(me, "uts"),
+        "hostNetwork uses the host's UTS namespace"
+    );
     assert_ne!(ns_of(ph, "ipc"), ns_of(me, "ipc"));
     teardown(&rt).await;
     Ok(())
@@ -175,17 +235,27 @@ async fn security_context_is_enforced() -> Result<()> {
                  unshare -n true 2>/dev/null && echo unshare-ok || echo unshare-denied; \
                  wc -c < /proc/kcore; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && echo procsys-writable || echo procsys-readonly";
     let field = |lines: &[(String, String)], key: &str| -> String {
-        lines.iter().find_map(|(_, l)| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_default()
+        lines
+            .iter()
+            .find_map(|(_, l)| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
     };
     let has = |lines: &[(String, String)], s: &str| lines.iter().any(|(_, l)| l == s);
 
     // Defaults: root, containerd's capabilities, no_new_privs, seccomp filter.
     let (_, _, d) = run_to_exit(&rt, request(&p, &img, sh("default", probe))).await?;
     assert_eq!(d[0].1, "0");
-    assert_eq!(field(&d, "CapEff:"), "00000000a80425fb", "containerd's default set: {d:?}");
+    assert_eq!(
+        field(&d, "CapEff:"),
+        "00000000a80425fb",
+        "containerd's default set: {d:?}"
+    );
     assert_eq!(field(&d, "NoNewPrivs:"), "1");
     assert_eq!(field(&d, "Seccomp:"), "2");
-    assert!(has(&d, "rootfs-writable") && has(&d, "unshare-denied") && has(&d, "procsys-readonly"), "{d:?}");
+    assert!(
+        has(&d, "rootfs-writable") && has(&d, "unshare-denied") && has(&d, "procsys-readonly"),
+        "{d:?}"
+    );
     assert!(has(&d, "0"), "/proc/kcore is masked: {d:?}");
 
     // runAsUser/runAsGroup, read-only root, all capabilities dropped.
@@ -201,9 +271,21 @@ async fn security_context_is_enforced() -> Result<()> {
         ..Default::default()
     });
     let (_, _, l) = run_to_exit(&rt, request(&p, &img, c)).await?;
-    assert_eq!((l[0].1.as_str(), l[1].1.as_str()), ("1000", "3000"), "{l:?}");
-    assert_eq!(field(&l, "CapBnd:"), "0000000000000400", "only NET_BIND_SERVICE: {l:?}");
-    assert_eq!(field(&l, "CapEff:"), "0000000000000000", "non-root has no effective caps");
+    assert_eq!(
+        (l[0].1.as_str(), l[1].1.as_str()),
+        ("1000", "3000"),
+        "{l:?}"
+    );
+    assert_eq!(
+        field(&l, "CapBnd:"),
+        "0000000000000400",
+        "only NET_BIND_SERVICE: {l:?}"
+    );
+    assert_eq!(
+        field(&l, "CapEff:"),
+        "0000000000000000",
+        "non-root has no effective caps"
+    );
     assert!(has(&l, "rootfs-readonly"), "{l:?}");
 
     // allowPrivilegeEscalation: no no_new_privs, still filtered.
@@ -215,7 +297,11 @@ async fn security_context_is_enforced() -> Result<()> {
     let (_, _, l) = run_to_exit(&rt, request(&p, &img, c)).await?;
     assert_eq!(field(&l, "NoNewPrivs:"), "0", "{l:?}");
     assert_eq!(field(&l, "Seccomp:"), "2", "{l:?}");
-    assert_eq!(field(&l, "CapEff:"), "00000000a80425fb", "the seccomp helper capability is gone: {l:?}");
+    assert_eq!(
+        field(&l, "CapEff:"),
+        "00000000a80425fb",
+        "the seccomp helper capability is gone: {l:?}"
+    );
 
     // Privileged: every capability, no seccomp, nothing masked.
     let mut c = sh("privileged", probe);
@@ -228,8 +314,17 @@ async fn security_context_is_enforced() -> Result<()> {
     assert_eq!(field(&l, "NoNewPrivs:"), "0", "{l:?}");
     assert!(has(&l, "unshare-ok"), "{l:?}");
     let own = std::fs::read_to_string("/proc/self/status")?;
-    let own_bnd = own.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap_or_default().trim().to_string();
-    assert_eq!(field(&l, "CapEff:"), own_bnd, "privileged holds everything edge-rt may grant: {l:?}");
+    let own_bnd = own
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert_eq!(
+        field(&l, "CapEff:"),
+        own_bnd,
+        "privileged holds everything edge-rt may grant: {l:?}"
+    );
     teardown(&rt).await;
     Ok(())
 }
@@ -244,7 +339,13 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
     let rt = env.runtime()?;
     let mut c = sh("limited", "sleep 30");
     c.resources = Some(ResourceRequirements {
-        limits: Some([("cpu".to_string(), Quantity("250m".into())), ("memory".to_string(), Quantity("32Mi".into()))].into()),
+        limits: Some(
+            [
+                ("cpu".to_string(), Quantity("250m".into())),
+                ("memory".to_string(), Quantity("32Mi".into())),
+            ]
+            .into(),
+        ),
         ..Default::default()
     });
     let rec = rt.run(request(&pod("limits"), &img, c))?;
@@ -257,7 +358,8 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
     } else {
         let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{rel}/cpu.cfs_quota_us"))?;
         assert_eq!(quota.trim(), "25000");
-        let mem = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes"))?;
+        let mem =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes"))?;
         assert_eq!(mem.trim(), (32u64 << 20).to_string());
     }
     let _ = workload_pid(rec.pid.unwrap_or(0));
@@ -275,7 +377,15 @@ async fn logs_rotate_by_size() -> Result<()> {
     env.cfg.log_max_files = 3;
     let img = busybox_image(&env.store)?;
     let rt = env.runtime()?;
-    let (rec, exit, _) = run_to_exit(&rt, request(&pod("chatty"), &img, sh("chatty", "for i in $(seq 500); do echo line-$i; done"))).await?;
+    let (rec, exit, _) = run_to_exit(
+        &rt,
+        request(
+            &pod("chatty"),
+            &img,
+            sh("chatty", "for i in $(seq 500); do echo line-$i; done"),
+        ),
+    )
+    .await?;
     assert_eq!(exit.exit_code, 0);
     let live = log_lines(&rec.log_path)?;
     assert_eq!(live.last().map(|l| l.1.as_str()), Some("line-500"));

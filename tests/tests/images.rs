@@ -40,19 +40,37 @@ async fn pull_over_tls_by_tag_and_by_digest_then_run() -> Result<()> {
     let progress = Progress::default();
     let rec = p.pull(&env.store, &image, None, &progress).await?;
     let (done, total) = progress.snapshot();
-    assert!(total > 1_000_000 && done == total, "progress {done}/{total}");
+    assert!(
+        total > 1_000_000 && done == total,
+        "progress {done}/{total}"
+    );
     assert_eq!(rec.names, vec![edge_rt::image::normalize(&image)?]);
 
     let by_digest = format!("{}/demo/busybox@{}", reg.addr, rec.digest);
-    let again = p.pull(&env.store, &by_digest, None, &Progress::default()).await?;
+    let again = p
+        .pull(&env.store, &by_digest, None, &Progress::default())
+        .await?;
     assert_eq!(again.digest, rec.digest);
     assert_eq!(env.store.list()?.len(), 1, "one image, two names");
 
     // Without the CA the registry's certificate is not trusted.
     let untrusting = Puller::new(&RegistryConfig::default())?;
-    let err = untrusting.pull(&env.store, &image, None, &Progress::default()).await.unwrap_err();
-    assert!(matches!(err, ImageError::Unreachable { .. } | ImageError::Registry { .. }), "{err}");
-    assert!(format!("{err}").to_lowercase().contains("certificate") || format!("{err}").to_lowercase().contains("issuer"), "{err}");
+    let err = untrusting
+        .pull(&env.store, &image, None, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::Unreachable { .. } | ImageError::Registry { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        format!("{err}").to_lowercase().contains("certificate")
+            || format!("{err}").to_lowercase().contains("issuer"),
+        "{err}"
+    );
 
     let rt = env.runtime()?;
     let mut c = sh("main", "echo pulled-and-ran");
@@ -72,22 +90,41 @@ async fn basic_auth_and_docker_config_secret() -> Result<()> {
     let env = Env::new()?;
     let p = puller(&reg)?;
 
-    let anon = p.pull(&env.store, &image, None, &Progress::default()).await.unwrap_err();
-    assert!(matches!(anon, ImageError::Unauthorized { .. }), "anonymous: {anon}");
+    let anon = p
+        .pull(&env.store, &image, None, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(anon, ImageError::Unauthorized { .. }),
+        "anonymous: {anon}"
+    );
     let wrong = Credentials {
         username: "edge".into(),
         password: "wrong".into(),
     };
-    let err = p.pull(&env.store, &image, Some(&wrong), &Progress::default()).await.unwrap_err();
-    assert!(matches!(err, ImageError::Unauthorized { .. }), "wrong password: {err}");
+    let err = p
+        .pull(&env.store, &image, Some(&wrong), &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ImageError::Unauthorized { .. }),
+        "wrong password: {err}"
+    );
     assert!(env.store.list()?.is_empty());
 
     // A kubernetes.io/dockerconfigjson secret's data, as a pod would reference it.
     let b64 = base64::engine::general_purpose::STANDARD.encode("edge:s3cret");
-    let secret = serde_json::json!({"auths": {(format!("https://{}", reg.addr)): {"auth": b64}}}).to_string();
-    let creds = auth::credentials_for(secret.as_bytes(), &reg.addr)?.expect("credentials for the registry");
-    let rec = p.pull(&env.store, &image, Some(&creds), &Progress::default()).await?;
-    assert_eq!(env.store.resolve(&image)?.map(|r| r.digest), Some(rec.digest));
+    let secret = serde_json::json!({"auths": {(format!("https://{}", reg.addr)): {"auth": b64}}})
+        .to_string();
+    let creds =
+        auth::credentials_for(secret.as_bytes(), &reg.addr)?.expect("credentials for the registry");
+    let rec = p
+        .pull(&env.store, &image, Some(&creds), &Progress::default())
+        .await?;
+    assert_eq!(
+        env.store.resolve(&image)?.map(|r| r.digest),
+        Some(rec.digest)
+    );
     Ok(())
 }
 
@@ -99,29 +136,102 @@ async fn pull_failures_are_distinct_and_clear() -> Result<()> {
     let env = Env::new()?;
     let p = puller(&reg)?;
 
-    let missing = p.pull(&env.store, &format!("{}/demo/nothing:v1", reg.addr), None, &Progress::default()).await.unwrap_err();
+    let missing = p
+        .pull(
+            &env.store,
+            &format!("{}/demo/nothing:v1", reg.addr),
+            None,
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(missing, ImageError::NotFound { .. }), "{missing}");
 
     let zeros = format!("{}/demo/busybox@sha256:{}", reg.addr, "0".repeat(64));
-    let wrong_digest = p.pull(&env.store, &zeros, None, &Progress::default()).await.unwrap_err();
-    assert!(matches!(wrong_digest, ImageError::DigestNotFound { .. }), "{wrong_digest}");
+    let wrong_digest = p
+        .pull(&env.store, &zeros, None, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(wrong_digest, ImageError::DigestNotFound { .. }),
+        "{wrong_digest}"
+    );
 
     let port = outrigger_tests::registry::free_port()?;
-    let down = p.pull(&env.store, &format!("127.0.0.1:{port}/demo/busybox:v1"), None, &Progress::default()).await.unwrap_err();
+    let down = p
+        .pull(
+            &env.store,
+            &format!("127.0.0.1:{port}/demo/busybox:v1"),
+            None,
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(down, ImageError::Unreachable { .. }), "{down}");
 
-    let messages = [missing.to_string(), wrong_digest.to_string(), down.to_string()];
-    assert!(messages[0].contains("not found") && messages[1].contains("digest") && messages[2].contains("unreachable"), "{messages:?}");
+    let messages = [
+        missing.to_string(),
+        wrong_digest.to_string(),
+        down.to_string(),
+    ];
+    assert!(
+        messages[0].contains("not found")
+            && messages[1].contains("digest")
+            && messages[2].contains("unreachable"),
+        "{messages:?}"
+    );
 
     // Pull policies.
-    let never = registry::ensure(&env.store, &p, &image, PullPolicy::Never, None, &Progress::default()).await.unwrap_err();
+    let never = registry::ensure(
+        &env.store,
+        &p,
+        &image,
+        PullPolicy::Never,
+        None,
+        &Progress::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(never, ImageError::NeverPull(_)), "{never}");
-    registry::ensure(&env.store, &p, &image, PullPolicy::IfNotPresent, None, &Progress::default()).await?;
+    registry::ensure(
+        &env.store,
+        &p,
+        &image,
+        PullPolicy::IfNotPresent,
+        None,
+        &Progress::default(),
+    )
+    .await?;
     drop(reg);
     // Present: IfNotPresent and Never need no registry; Always does.
-    registry::ensure(&env.store, &p, &image, PullPolicy::IfNotPresent, None, &Progress::default()).await?;
-    registry::ensure(&env.store, &p, &image, PullPolicy::Never, None, &Progress::default()).await?;
-    let always = registry::ensure(&env.store, &p, &image, PullPolicy::Always, None, &Progress::default()).await.unwrap_err();
+    registry::ensure(
+        &env.store,
+        &p,
+        &image,
+        PullPolicy::IfNotPresent,
+        None,
+        &Progress::default(),
+    )
+    .await?;
+    registry::ensure(
+        &env.store,
+        &p,
+        &image,
+        PullPolicy::Never,
+        None,
+        &Progress::default(),
+    )
+    .await?;
+    let always = registry::ensure(
+        &env.store,
+        &p,
+        &image,
+        PullPolicy::Always,
+        None,
+        &Progress::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(always, ImageError::Unreachable { .. }), "{always}");
     Ok(())
 }
@@ -129,7 +239,10 @@ async fn pull_failures_are_distinct_and_clear() -> Result<()> {
 /// Registry storage of distribution: blobs/sha256/<2>/<hex>/data.
 fn registry_blob(root: &Path, digest: &str) -> std::path::PathBuf {
     let hex = digest.trim_start_matches("sha256:");
-    root.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    root.join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
 }
 
 #[tokio::test]
@@ -138,10 +251,22 @@ async fn tampered_blob_is_refused_and_nothing_half_done_remains() -> Result<()> 
     let layout = busybox_layout()?;
     let image = reg.push(layout.path(), "v1", "demo/busybox")?;
     // Corrupt the layer as the registry stores it (same size, other bytes).
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.path().join("index.json"))?)?;
-    let mdigest = index["manifests"][0]["digest"].as_str().unwrap_or_default().to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(layout.path().join("blobs/sha256").join(mdigest.trim_start_matches("sha256:")))?)?;
-    let layer = manifest["layers"][0]["digest"].as_str().unwrap_or_default().to_string();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.path().join("index.json"))?)?;
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(
+        layout
+            .path()
+            .join("blobs/sha256")
+            .join(mdigest.trim_start_matches("sha256:")),
+    )?)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let path = registry_blob(&reg.data_dir(), &layer);
     let mut bytes = fs::read(&path)?;
     let mid = bytes.len() / 2;
@@ -149,7 +274,10 @@ async fn tampered_blob_is_refused_and_nothing_half_done_remains() -> Result<()> 
     fs::write(&path, &bytes)?;
 
     let env = Env::new()?;
-    let err = puller(&reg)?.pull(&env.store, &image, None, &Progress::default()).await.unwrap_err();
+    let err = puller(&reg)?
+        .pull(&env.store, &image, None, &Progress::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
     assert!(env.store.list()?.is_empty(), "no image may look complete");
     assert!(!env.store.has_blob(&layer));
@@ -161,27 +289,54 @@ async fn interrupted_pull_resumes_or_restarts() -> Result<()> {
     let reg = Registry::start(None)?;
     let layout = busybox_layout()?;
     let image = reg.push(layout.path(), "v1", "demo/busybox")?;
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.path().join("index.json"))?)?;
-    let mdigest = index["manifests"][0]["digest"].as_str().unwrap_or_default().to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(layout.path().join("blobs/sha256").join(mdigest.trim_start_matches("sha256:")))?)?;
-    let layer = manifest["layers"][0]["digest"].as_str().unwrap_or_default().to_string();
-    let blob = fs::read(layout.path().join("blobs/sha256").join(layer.trim_start_matches("sha256:")))?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.path().join("index.json"))?)?;
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(
+        layout
+            .path()
+            .join("blobs/sha256")
+            .join(mdigest.trim_start_matches("sha256:")),
+    )?)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let blob = fs::read(
+        layout
+            .path()
+            .join("blobs/sha256")
+            .join(layer.trim_start_matches("sha256:")),
+    )?;
 
     // What a pull killed half-way leaves: a partial download. It is not an image.
     let env = Env::new()?;
-    let partial = env.store.tmp_dir().join(format!("{}.partial", layer.trim_start_matches("sha256:")));
+    let partial = env
+        .store
+        .tmp_dir()
+        .join(format!("{}.partial", layer.trim_start_matches("sha256:")));
     fs::write(&partial, &blob[..blob.len() / 2])?;
     assert!(env.store.list()?.is_empty());
-    let rec = puller(&reg)?.pull(&env.store, &image, None, &Progress::default()).await?;
+    let rec = puller(&reg)?
+        .pull(&env.store, &image, None, &Progress::default())
+        .await?;
     assert_eq!(rec.layers.len(), 1);
     assert!(!partial.exists());
 
     // A partial file with wrong bytes: the resumed blob fails its digest and
     // the download restarts from zero.
     let env2 = Env::new()?;
-    let partial2 = env2.store.tmp_dir().join(format!("{}.partial", layer.trim_start_matches("sha256:")));
+    let partial2 = env2
+        .store
+        .tmp_dir()
+        .join(format!("{}.partial", layer.trim_start_matches("sha256:")));
     fs::write(&partial2, vec![0u8; blob.len() / 2])?;
-    let rec2 = puller(&reg)?.pull(&env2.store, &image, None, &Progress::default()).await?;
+    let rec2 = puller(&reg)?
+        .pull(&env2.store, &image, None, &Progress::default())
+        .await?;
     assert_eq!(rec2.digest, rec.digest);
     Ok(())
 }
@@ -203,7 +358,9 @@ async fn multi_arch_index_resolves_to_the_running_architecture() -> Result<()> {
     fixtures::add_index_to_layout(d.path(), "multi", &specs)?;
     let image = reg.push(d.path(), "multi", "demo/multi")?;
     let env = Env::new()?;
-    let rec = puller(&reg)?.pull(&env.store, &image, None, &Progress::default()).await?;
+    let rec = puller(&reg)?
+        .pull(&env.store, &image, None, &Progress::default())
+        .await?;
     let cfg = env.store.config(&rec)?;
     assert_eq!(cfg.architecture().to_string(), fixtures::host_arch());
     let top = env.store.layer_dir(&rec.layers[1].diff_id)?;
@@ -252,7 +409,8 @@ async fn whiteouts_and_opaque_directories_with_overlay_and_with_copies() -> Resu
         assert_eq!(img.layers.len(), 3);
         let rt = env.runtime()?;
         let script = "ls /data | tr '\\n' ' '; echo; ls /keep | tr '\\n' ' '; echo; test -e /gone && echo gone-present || echo gone-absent; cat /keep/x-link";
-        let (_, exit, lines) = run_to_exit(&rt, request(&pod("wh"), &img, sh("wh", script))).await?;
+        let (_, exit, lines) =
+            run_to_exit(&rt, request(&pod("wh"), &img, sh("wh", script))).await?;
         assert_eq!(exit.exit_code, 0, "{mode:?} {lines:?}");
         let out: Vec<&str> = lines.iter().map(|(_, l)| l.trim()).collect();
         assert_eq!(out, vec!["c", "x x-link", "gone-absent", "x"], "{mode:?}");
@@ -271,7 +429,10 @@ fn try_import(layers: Vec<Entry>) -> Result<(ImageError, tempfile::TempDir)> {
     fixtures::add_to_layout(d.path(), "evil", &s)?;
     let env = Env::new()?;
     let err = archive::import(&env.store, d.path(), Some("evil:latest")).unwrap_err();
-    assert!(env.store.list()?.is_empty(), "a refused image is not in the store");
+    assert!(
+        env.store.list()?.is_empty(),
+        "a refused image is not in the store"
+    );
     Ok((err, env.dir))
 }
 
@@ -285,10 +446,28 @@ async fn hostile_layers_are_refused_and_nothing_lands_outside() -> Result<()> {
     let o = outside.path().display().to_string();
     let depth = "../".repeat(16);
     let cases: Vec<(&str, Vec<Entry>)> = vec![
-        ("path escape", vec![Entry::RawFile(format!("{depth}{}/pwned", o.trim_start_matches('/')), b"x".to_vec())]),
-        ("write through an absolute symlink", vec![Entry::Symlink("evil".into(), o.clone()), Entry::File("evil/pwned".into(), b"x".to_vec(), 0o644)]),
-        ("relative symlink escape", vec![Entry::Symlink("up".into(), format!("{depth}tmp"))]),
-        ("hard link escape", vec![Entry::Hardlink("h".into(), format!("{depth}etc/passwd"))]),
+        (
+            "path escape",
+            vec![Entry::RawFile(
+                format!("{depth}{}/pwned", o.trim_start_matches('/')),
+                b"x".to_vec(),
+            )],
+        ),
+        (
+            "write through an absolute symlink",
+            vec![
+                Entry::Symlink("evil".into(), o.clone()),
+                Entry::File("evil/pwned".into(), b"x".to_vec(), 0o644),
+            ],
+        ),
+        (
+            "relative symlink escape",
+            vec![Entry::Symlink("up".into(), format!("{depth}tmp"))],
+        ),
+        (
+            "hard link escape",
+            vec![Entry::Hardlink("h".into(), format!("{depth}etc/passwd"))],
+        ),
         ("device node", vec![Entry::CharDevice("dev/mem2".into())]),
     ];
     for (what, entries) in cases {
@@ -313,21 +492,35 @@ async fn imports_oci_archive_layout_and_docker_archive() -> Result<()> {
     let tar = env.dir.path().join("gateway-base.tar");
     fixtures::archive(layout.path(), &tar)?;
     let b = archive::import(&env.store, &tar, None)?;
-    assert!(b[0].names.contains(&"docker.io/library/gateway-base:v1".to_string()), "{:?}", b[0].names);
+    assert!(
+        b[0].names
+            .contains(&"docker.io/library/gateway-base:v1".to_string()),
+        "{:?}",
+        b[0].names
+    );
     assert_eq!(a[0].digest, b[0].digest);
     // docker save format, written by skopeo.
     let docker_tar = env.dir.path().join("docker.tar");
     let out = std::process::Command::new("skopeo")
         .args(["copy", "--quiet"])
         .arg(format!("oci:{}:v1", layout.path().display()))
-        .arg(format!("docker-archive:{}:legacy/app:2", docker_tar.display()))
+        .arg(format!(
+            "docker-archive:{}:legacy/app:2",
+            docker_tar.display()
+        ))
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c = archive::import(&env.store, &docker_tar, None)?;
     assert_eq!(c[0].names, vec!["docker.io/legacy/app:2".to_string()]);
     assert_eq!(c[0].layers, a[0].layers, "same layers, shared in the store");
     // Shared layers are stored once.
-    let layer_dirs = fs::read_dir(env.store.root().join("layers/sha256"))?.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir())).count();
+    let layer_dirs = fs::read_dir(env.store.root().join("layers/sha256"))?
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+        .count();
     assert_eq!(layer_dirs, 1);
     // And it runs.
     let rt = env.runtime()?;
@@ -348,7 +541,9 @@ async fn gc_keeps_the_budget_and_spares_images_in_use() -> Result<()> {
     let mut extra = Vec::new();
     for i in 0..3 {
         let mut s = ImageSpec::busybox()?;
-        let blob: Vec<u8> = (0..3_000_000u32).map(|x| (x.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8).collect();
+        let blob: Vec<u8> = (0..3_000_000u32)
+            .map(|x| (x.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8)
+            .collect();
         s.layers.push(Layer {
             entries: vec![Entry::File(format!("blob{i}"), blob, 0o644)],
             compression: Compression::Gzip,
@@ -369,15 +564,31 @@ async fn gc_keeps_the_budget_and_spares_images_in_use() -> Result<()> {
     let budget = before - 4_000_000;
     let report = env.store.gc(budget, &in_use)?;
     assert!(report.bytes_after <= budget, "{report:?}");
-    let left: Vec<String> = env.store.list()?.iter().flat_map(|r| r.names.clone()).collect();
-    assert!(left.contains(&"docker.io/library/extra0:v1".to_string()), "in use: kept ({left:?})");
+    let left: Vec<String> = env
+        .store
+        .list()?
+        .iter()
+        .flat_map(|r| r.names.clone())
+        .collect();
+    assert!(
+        left.contains(&"docker.io/library/extra0:v1".to_string()),
+        "in use: kept ({left:?})"
+    );
     assert!(!report.images_removed.is_empty());
     // The in-use image cannot be removed by hand either.
-    assert!(matches!(env.store.remove("extra0:v1", &in_use), Err(ImageError::InUse(_))));
+    assert!(matches!(
+        env.store.remove("extra0:v1", &in_use),
+        Err(ImageError::InUse(_))
+    ));
     // A budget of zero removes everything not in use, and the running
     // container's layers stay.
     env.store.gc(0, &rt.in_use())?;
-    let left: Vec<String> = env.store.list()?.iter().flat_map(|r| r.names.clone()).collect();
+    let left: Vec<String> = env
+        .store
+        .list()?
+        .iter()
+        .flat_map(|r| r.names.clone())
+        .collect();
     assert_eq!(left, vec!["docker.io/library/extra0:v1".to_string()]);
     for l in &extra[0].layers {
         assert!(env.store.has_layer(&l.diff_id));

@@ -26,7 +26,9 @@ pub fn import(store: &ImageStore, path: &Path, name: Option<&str>) -> Result<Vec
     }
     // A tarball: unpack it to a scratch directory first (plain tar only: its
     // members are the blobs, compressed or not, and are verified later).
-    let scratch = store.tmp_dir().join(format!("import-{}", std::process::id()));
+    let scratch = store
+        .tmp_dir()
+        .join(format!("import-{}", std::process::id()));
     layer::remove_any(&scratch).map_err(|e| ImageError::io(&scratch, e))?;
     fs::create_dir_all(&scratch).map_err(|e| ImageError::io(&scratch, e))?;
     let result = (|| {
@@ -44,14 +46,19 @@ fn extract_archive(r: impl io::Read, dest: &Path) -> Result<()> {
     let mut a = tar::Archive::new(r);
     for e in a.entries().map_err(|e| ImageError::io(dest, e))? {
         let mut e = e.map_err(|e| ImageError::BadMetadata(format!("archive: {e}")))?;
-        let p = e.path().map_err(|e| ImageError::BadMetadata(format!("archive path: {e}")))?.into_owned();
+        let p = e
+            .path()
+            .map_err(|e| ImageError::BadMetadata(format!("archive path: {e}")))?
+            .into_owned();
         let rel = layer::confined(&p).map_err(|r| ImageError::BadLayer {
             path: p.display().to_string(),
             reason: r,
         })?;
         let target = dest.join(&rel);
         match e.header().entry_type() {
-            tar::EntryType::Directory => fs::create_dir_all(&target).map_err(|e| ImageError::io(&target, e))?,
+            tar::EntryType::Directory => {
+                fs::create_dir_all(&target).map_err(|e| ImageError::io(&target, e))?
+            }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
@@ -61,17 +68,14 @@ fn extract_archive(r: impl io::Read, dest: &Path) -> Result<()> {
             }
             // docker save writes symlinks between layer directories for shared layers.
             tar::EntryType::Symlink => {
-                let link = e
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| ImageError::BadMetadata("archive symlink without target".into()))?;
-                let resolved = layer::confined(&rel.parent().unwrap_or(Path::new("")).join(&link)).map_err(|r| {
-                    ImageError::BadLayer {
+                let link = e.link_name().ok().flatten().ok_or_else(|| {
+                    ImageError::BadMetadata("archive symlink without target".into())
+                })?;
+                let resolved = layer::confined(&rel.parent().unwrap_or(Path::new("")).join(&link))
+                    .map_err(|r| ImageError::BadLayer {
                         path: p.display().to_string(),
                         reason: r,
-                    }
-                })?;
+                    })?;
                 let src = dest.join(resolved);
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
@@ -92,7 +96,12 @@ fn extract_archive(r: impl io::Read, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-fn import_dir(store: &ImageStore, dir: &Path, name: Option<&str>, origin: &Path) -> Result<Vec<ImageRecord>> {
+fn import_dir(
+    store: &ImageStore,
+    dir: &Path,
+    name: Option<&str>,
+    origin: &Path,
+) -> Result<Vec<ImageRecord>> {
     if dir.join("index.json").is_file() && dir.join("oci-layout").is_file() {
         import_oci_layout(store, dir, name, origin)
     } else if dir.join("manifest.json").is_file() {
@@ -107,7 +116,8 @@ fn import_dir(store: &ImageStore, dir: &Path, name: Option<&str>, origin: &Path)
 
 fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
     let bytes = fs::read(p).map_err(|e| ImageError::io(p, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| ImageError::BadMetadata(format!("{}: {e}", p.display())))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ImageError::BadMetadata(format!("{}: {e}", p.display())))
 }
 
 /// Copy a blob from a layout into the store, verifying digest and size.
@@ -146,7 +156,12 @@ fn name_from(origin: &Path, tag: Option<&str>) -> String {
     format!("{stem}:{}", tag.unwrap_or("latest"))
 }
 
-fn import_oci_layout(store: &ImageStore, dir: &Path, name: Option<&str>, origin: &Path) -> Result<Vec<ImageRecord>> {
+fn import_oci_layout(
+    store: &ImageStore,
+    dir: &Path,
+    name: Option<&str>,
+    origin: &Path,
+) -> Result<Vec<ImageRecord>> {
     let index: ImageIndex = read_json(&dir.join("index.json"))?;
     let single = index.manifests().len() == 1;
     let mut out = Vec::new();
@@ -163,8 +178,9 @@ fn import_oci_layout(store: &ImageStore, dir: &Path, name: Option<&str>, origin:
         if is_index_type(desc.media_type()) {
             let p = layout_blob(dir, desc.digest().as_ref())?;
             copy_blob(store, &p, desc.digest().as_ref(), Some(desc.size()))?;
-            let nested: ImageIndex = serde_json::from_slice(&store.read_blob(desc.digest().as_ref())?)
-                .map_err(|e| ImageError::BadMetadata(format!("nested index: {e}")))?;
+            let nested: ImageIndex =
+                serde_json::from_slice(&store.read_blob(desc.digest().as_ref())?)
+                    .map_err(|e| ImageError::BadMetadata(format!("nested index: {e}")))?;
             let chosen = select_platform(&nested)?;
             desc = nested
                 .manifests()
@@ -174,11 +190,21 @@ fn import_oci_layout(store: &ImageStore, dir: &Path, name: Option<&str>, origin:
                 .ok_or_else(|| ImageError::BadMetadata("chosen manifest vanished".into()))?;
         }
         let mdigest = desc.digest().to_string();
-        copy_blob(store, &layout_blob(dir, &mdigest)?, &mdigest, Some(desc.size()))?;
+        copy_blob(
+            store,
+            &layout_blob(dir, &mdigest)?,
+            &mdigest,
+            Some(desc.size()),
+        )?;
         let manifest: ImageManifest = serde_json::from_slice(&store.read_blob(&mdigest)?)
             .map_err(|e| ImageError::BadMetadata(format!("manifest {mdigest}: {e}")))?;
         let cfg = manifest.config();
-        copy_blob(store, &layout_blob(dir, cfg.digest().as_ref())?, cfg.digest().as_ref(), Some(cfg.size()))?;
+        copy_blob(
+            store,
+            &layout_blob(dir, cfg.digest().as_ref())?,
+            cfg.digest().as_ref(),
+            Some(cfg.size()),
+        )?;
         import_layers(store, dir, &manifest, |d| layout_blob(dir, d))?;
         out.push(store.finish_image(&mdigest, &manifest, &[name])?);
     }
@@ -196,10 +222,20 @@ fn import_layers(
         serde_json::from_slice(&store.read_blob(manifest.config().digest().as_ref())?)
             .map_err(|e| ImageError::BadMetadata(format!("image config: {e}")))?;
     for (i, l) in manifest.layers().iter().enumerate() {
-        if config.rootfs().diff_ids().get(i).is_some_and(|d| store.has_layer(d)) {
+        if config
+            .rootfs()
+            .diff_ids()
+            .get(i)
+            .is_some_and(|d| store.has_layer(d))
+        {
             continue;
         }
-        copy_blob(store, &path_of(l.digest().as_ref())?, l.digest().as_ref(), Some(l.size()))?;
+        copy_blob(
+            store,
+            &path_of(l.digest().as_ref())?,
+            l.digest().as_ref(),
+            Some(l.size()),
+        )?;
     }
     Ok(())
 }
@@ -227,7 +263,11 @@ fn file_digest(p: &Path) -> Result<(String, u64)> {
 
 /// `docker save` output: manifest.json lists config and layer files by path.
 /// The image gets an OCI manifest synthesised from them.
-fn import_docker_archive(store: &ImageStore, dir: &Path, name: Option<&str>) -> Result<Vec<ImageRecord>> {
+fn import_docker_archive(
+    store: &ImageStore,
+    dir: &Path,
+    name: Option<&str>,
+) -> Result<Vec<ImageRecord>> {
     let entries: Vec<DockerManifestEntry> = read_json(&dir.join("manifest.json"))?;
     let single = entries.len() == 1;
     let mut out = Vec::new();
@@ -248,8 +288,11 @@ fn import_docker_archive(store: &ImageStore, dir: &Path, name: Option<&str>) -> 
             let p = member(l)?;
             let (d, size) = file_digest(&p)?;
             let mut head = [0u8; 4];
-            let n = io::Read::read(&mut fs::File::open(&p).map_err(|e| ImageError::io(&p, e))?, &mut head)
-                .map_err(|e| ImageError::io(&p, e))?;
+            let n = io::Read::read(
+                &mut fs::File::open(&p).map_err(|e| ImageError::io(&p, e))?,
+                &mut head,
+            )
+            .map_err(|e| ImageError::io(&p, e))?;
             let mt = match layer::Compression::detect("", &head[..n]) {
                 layer::Compression::Gzip => MediaType::ImageLayerGzip,
                 layer::Compression::Zstd => MediaType::ImageLayerZstd,
@@ -258,7 +301,10 @@ fn import_docker_archive(store: &ImageStore, dir: &Path, name: Option<&str>) -> 
             layers.push(
                 DescriptorBuilder::default()
                     .media_type(mt)
-                    .digest(d.parse::<oci_spec::image::Digest>().map_err(|e| ImageError::BadMetadata(e.to_string()))?)
+                    .digest(
+                        d.parse::<oci_spec::image::Digest>()
+                            .map_err(|e| ImageError::BadMetadata(e.to_string()))?,
+                    )
                     .size(size)
                     .build()
                     .map_err(|e| ImageError::BadMetadata(e.to_string()))?,
@@ -271,7 +317,11 @@ fn import_docker_archive(store: &ImageStore, dir: &Path, name: Option<&str>) -> 
             .config(
                 DescriptorBuilder::default()
                     .media_type(MediaType::ImageConfig)
-                    .digest(cfg_digest.parse::<oci_spec::image::Digest>().map_err(|e| ImageError::BadMetadata(e.to_string()))?)
+                    .digest(
+                        cfg_digest
+                            .parse::<oci_spec::image::Digest>()
+                            .map_err(|e| ImageError::BadMetadata(e.to_string()))?,
+                    )
                     .size(cfg_size)
                     .build()
                     .map_err(|e| ImageError::BadMetadata(e.to_string()))?,
@@ -285,7 +335,8 @@ fn import_docker_archive(store: &ImageStore, dir: &Path, name: Option<&str>) -> 
                 .cloned()
                 .ok_or_else(|| ImageError::BadMetadata(format!("layer {d} missing")))
         })?;
-        let bytes = serde_json::to_vec(&manifest).map_err(|e| ImageError::BadMetadata(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec(&manifest).map_err(|e| ImageError::BadMetadata(e.to_string()))?;
         let mdigest = format!("sha256:{}", super::sha256_hex(&bytes));
         store.put_blob(&mdigest, &bytes)?;
         let mut names = Vec::new();

@@ -28,7 +28,9 @@ const DOCKER_HUB: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker
 
 /// The host part of a config key: `https://host:port/v1/` -> `host:port`.
 fn host_of(key: &str) -> &str {
-    let k = key.trim_start_matches("https://").trim_start_matches("http://");
+    let k = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
     k.split('/').next().unwrap_or(k)
 }
 
@@ -63,12 +65,17 @@ pub fn credentials_for(json: &[u8], registry: &str) -> Result<Option<Credentials
         if let Some(a) = e.auth {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(a.trim())
-                .map_err(|e| ImageError::BadMetadata(format!("docker config auth for {key}: {e}")))?;
-            let s = String::from_utf8(raw)
-                .map_err(|_| ImageError::BadMetadata(format!("docker config auth for {key} is not UTF-8")))?;
-            let (u, p) = s
-                .split_once(':')
-                .ok_or_else(|| ImageError::BadMetadata(format!("docker config auth for {key} is not user:password")))?;
+                .map_err(|e| {
+                    ImageError::BadMetadata(format!("docker config auth for {key}: {e}"))
+                })?;
+            let s = String::from_utf8(raw).map_err(|_| {
+                ImageError::BadMetadata(format!("docker config auth for {key} is not UTF-8"))
+            })?;
+            let (u, p) = s.split_once(':').ok_or_else(|| {
+                ImageError::BadMetadata(format!(
+                    "docker config auth for {key} is not user:password"
+                ))
+            })?;
             return Ok(Some(Credentials {
                 username: u.into(),
                 password: p.into(),

@@ -155,7 +155,10 @@ fn check_parents(root: &Path, rel: &Path) -> Result<(), String> {
             cur.push(c);
             match fs::symlink_metadata(&cur) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(format!("path goes through symlink {}", c.as_os_str().to_string_lossy()))
+                    return Err(format!(
+                        "path goes through symlink {}",
+                        c.as_os_str().to_string_lossy()
+                    ))
                 }
                 Ok(m) if !m.is_dir() => {
                     return Err("a parent of the path is not a directory".into());
@@ -183,19 +186,27 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
     for entry in entries {
         let _guard = crate::runtime::fork_guard::read();
         let mut entry = entry.map_err(|e| bad(dest, format!("tar: {e}")))?;
-        let raw_path = entry.path().map_err(|e| bad(dest, format!("tar path: {e}")))?.into_owned();
+        let raw_path = entry
+            .path()
+            .map_err(|e| bad(dest, format!("tar path: {e}")))?
+            .into_owned();
         let rel = confined(&raw_path).map_err(|r| bad(&raw_path, r))?;
         if rel.as_os_str().is_empty() {
             continue; // "./" itself
         }
         check_parents(dest, &rel).map_err(|r| bad(&raw_path, r))?;
-        let name = rel.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+        let name = rel
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default();
         let parent = rel.parent().map(Path::to_path_buf).unwrap_or_default();
-        fs::create_dir_all(dest.join(&parent)).map_err(|e| ImageError::io(dest.join(&parent), e))?;
+        fs::create_dir_all(dest.join(&parent))
+            .map_err(|e| ImageError::io(dest.join(&parent), e))?;
 
         // Whiteouts.
         if name == OPAQUE_MARKER.as_bytes() {
-            set_xattr(&dest.join(&parent), OPAQUE_XATTR, b"y").map_err(|e| ImageError::io(dest.join(&parent), e))?;
+            set_xattr(&dest.join(&parent), OPAQUE_XATTR, b"y")
+                .map_err(|e| ImageError::io(dest.join(&parent), e))?;
             continue;
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
@@ -215,7 +226,10 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
         let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Char | tar::EntryType::Block => {
-                return Err(bad(&raw_path, "device nodes are not allowed in image layers"));
+                return Err(bad(
+                    &raw_path,
+                    "device nodes are not allowed in image layers",
+                ));
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -226,7 +240,12 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
                 // Absolute targets resolve inside the container's root at run time;
                 // relative ones must not climb out of it from where the link sits.
                 if link.is_relative() {
-                    confined(&parent.join(&link)).map_err(|_| bad(&raw_path, format!("symlink target {} escapes the root", link.display())))?;
+                    confined(&parent.join(&link)).map_err(|_| {
+                        bad(
+                            &raw_path,
+                            format!("symlink target {} escapes the root", link.display()),
+                        )
+                    })?;
                 }
                 remove_any(&target).map_err(|e| ImageError::io(&target, e))?;
                 symlink(&link, &target).map_err(|e| ImageError::io(&target, e))?;
@@ -238,7 +257,12 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
                     .map_err(|e| bad(&raw_path, format!("link name: {e}")))?
                     .ok_or_else(|| bad(&raw_path, "hard link without target"))?
                     .into_owned();
-                let link_rel = confined(&link).map_err(|_| bad(&raw_path, format!("hard link target {} escapes the root", link.display())))?;
+                let link_rel = confined(&link).map_err(|_| {
+                    bad(
+                        &raw_path,
+                        format!("hard link target {} escapes the root", link.display()),
+                    )
+                })?;
                 check_parents(dest, &link_rel).map_err(|r| bad(&raw_path, r))?;
                 remove_any(&target).map_err(|e| ImageError::io(&target, e))?;
                 let here = dest.join(&link_rel);
@@ -250,8 +274,17 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
                     let lower = lowers
                         .iter()
                         .map(|l| l.join(&link_rel))
-                        .find(|p| fs::symlink_metadata(p).map(|m| m.is_file()).unwrap_or(false))
-                        .ok_or_else(|| bad(&raw_path, format!("hard link target {} not found", link.display())))?;
+                        .find(|p| {
+                            fs::symlink_metadata(p)
+                                .map(|m| m.is_file())
+                                .unwrap_or(false)
+                        })
+                        .ok_or_else(|| {
+                            bad(
+                                &raw_path,
+                                format!("hard link target {} not found", link.display()),
+                            )
+                        })?;
                     written += fs::copy(&lower, &target).map_err(|e| ImageError::io(&target, e))?;
                 }
             }
@@ -271,7 +304,8 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 remove_any(&target).map_err(|e| ImageError::io(&target, e))?;
                 let mut out = fs::File::create(&target).map_err(|e| ImageError::io(&target, e))?;
-                written += io::copy(&mut entry, &mut out).map_err(|e| ImageError::io(&target, e))?;
+                written +=
+                    io::copy(&mut entry, &mut out).map_err(|e| ImageError::io(&target, e))?;
                 drop(out);
                 apply_meta(&target, entry.header())?;
             }
@@ -284,7 +318,10 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
             // pax and GNU long-name headers are consumed by the tar crate itself.
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
             other => {
-                return Err(bad(&raw_path, format!("unsupported tar entry type {other:?}")));
+                return Err(bad(
+                    &raw_path,
+                    format!("unsupported tar entry type {other:?}"),
+                ));
             }
         }
     }
@@ -297,7 +334,8 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
 fn apply_meta(path: &Path, header: &tar::Header) -> Result<(), ImageError> {
     chown_entry(path, header, false)?;
     let mode = header.mode().map_err(|e| bad(path, format!("mode: {e}")))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| ImageError::io(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(|e| ImageError::io(path, e))?;
     if let Ok(mtime) = header.mtime() {
         let t = filetime_from(mtime);
         let _ = nix::sys::stat::utimensat(
@@ -340,7 +378,15 @@ pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let n = CString::new(name).map_err(io::Error::other)?;
     // SAFETY: both strings are valid NUL-terminated C strings and value is a live slice.
-    let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -376,16 +422,31 @@ mod tests {
 
     #[test]
     fn confined_paths() {
-        assert_eq!(confined(Path::new("./a/b/../c")).unwrap(), PathBuf::from("a/c"));
-        assert_eq!(confined(Path::new("/etc/passwd")).unwrap(), PathBuf::from("etc/passwd"));
+        assert_eq!(
+            confined(Path::new("./a/b/../c")).unwrap(),
+            PathBuf::from("a/c")
+        );
+        assert_eq!(
+            confined(Path::new("/etc/passwd")).unwrap(),
+            PathBuf::from("etc/passwd")
+        );
         assert!(confined(Path::new("../etc/passwd")).is_err());
         assert!(confined(Path::new("a/../../b")).is_err());
     }
 
     #[test]
     fn compression_sniffing_wins_over_media_type() {
-        assert_eq!(Compression::detect("application/vnd.oci.image.layer.v1.tar", &[0x1f, 0x8b]), Compression::Gzip);
-        assert_eq!(Compression::detect("x+gzip", &[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
-        assert_eq!(Compression::detect("application/vnd.oci.image.layer.v1.tar", b"abc"), Compression::None);
+        assert_eq!(
+            Compression::detect("application/vnd.oci.image.layer.v1.tar", &[0x1f, 0x8b]),
+            Compression::Gzip
+        );
+        assert_eq!(
+            Compression::detect("x+gzip", &[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
+        assert_eq!(
+            Compression::detect("application/vnd.oci.image.layer.v1.tar", b"abc"),
+            Compression::None
+        );
     }
 }

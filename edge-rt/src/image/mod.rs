@@ -70,7 +70,11 @@ pub enum ImageError {
         actual: String,
     },
     #[error("size mismatch for {what}: expected {expected} bytes, got {actual}")]
-    SizeMismatch { what: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("refused layer entry {path:?}: {reason}")]
     BadLayer { path: String, reason: String },
     #[error("bad image metadata: {0}")]
@@ -124,12 +128,13 @@ impl ImageRecord {
 /// Normalise a user's image reference the way Docker and Kubernetes do
 /// (`busybox` is `docker.io/library/busybox:latest`).
 pub fn normalize(reference: &str) -> Result<String> {
-    let r: oci_client::Reference = reference.parse().map_err(|e: oci_client::ParseError| {
-        ImageError::BadReference {
-            reference: reference.to_string(),
-            reason: e.to_string(),
-        }
-    })?;
+    let r: oci_client::Reference =
+        reference
+            .parse()
+            .map_err(|e: oci_client::ParseError| ImageError::BadReference {
+                reference: reference.to_string(),
+                reason: e.to_string(),
+            })?;
     Ok(r.whole())
 }
 
@@ -147,7 +152,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 fn hex_of(digest: &str) -> Result<&str> {
     match digest.strip_prefix("sha256:") {
         Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(h),
-        _ => Err(ImageError::BadMetadata(format!("unsupported digest {digest:?} (only sha256)"))),
+        _ => Err(ImageError::BadMetadata(format!(
+            "unsupported digest {digest:?} (only sha256)"
+        ))),
     }
 }
 
@@ -294,13 +301,18 @@ impl ImageStore {
     }
 
     fn layer_meta(&self, diff_id: &str) -> Result<PathBuf> {
-        Ok(self.root.join("layers/sha256").join(format!("{}.json", hex_of(diff_id)?)))
+        Ok(self
+            .root
+            .join("layers/sha256")
+            .join(format!("{}.json", hex_of(diff_id)?)))
     }
 
     /// A layer is present once its metadata file exists: that file is written
     /// after the directory is complete and renamed into place.
     pub fn has_layer(&self, diff_id: &str) -> bool {
-        self.layer_meta(diff_id).map(|p| p.is_file()).unwrap_or(false)
+        self.layer_meta(diff_id)
+            .map(|p| p.is_file())
+            .unwrap_or(false)
     }
 
     fn layer_size(&self, diff_id: &str) -> Result<u64> {
@@ -324,7 +336,11 @@ impl ImageStore {
             return self.layer_size(diff_id);
         }
         let blob = self.blob_path(blob_digest)?;
-        let work = self.tmp_dir().join(format!("unpack-{}-{}", hex_of(diff_id)?, std::process::id()));
+        let work = self.tmp_dir().join(format!(
+            "unpack-{}-{}",
+            hex_of(diff_id)?,
+            std::process::id()
+        ));
         layer::remove_any(&work).map_err(|e| ImageError::io(&work, e))?;
         fs::create_dir_all(&work).map_err(|e| ImageError::io(&work, e))?;
         let lower_dirs: Vec<PathBuf> = lowers
@@ -356,7 +372,9 @@ impl ImageStore {
         sync_dir(dest.parent().unwrap_or(&self.root));
         write_atomic(
             &self.layer_meta(diff_id)?,
-            serde_json::json!({ "size": unpacked.size }).to_string().as_bytes(),
+            serde_json::json!({ "size": unpacked.size })
+                .to_string()
+                .as_bytes(),
         )?;
         Ok(unpacked.size)
     }
@@ -383,7 +401,7 @@ impl ImageStore {
         for (i, (desc, diff_id)) in manifest.layers().iter().zip(diff_ids).enumerate() {
             let size = self.unpack_layer(
                 desc.digest().as_ref(),
-                &desc.media_type().to_string(),
+                desc.media_type().as_ref(),
                 diff_id,
                 &diff_ids[..i],
             )?;
@@ -419,11 +437,15 @@ impl ImageStore {
     }
 
     fn record_path(&self, digest: &str) -> Result<PathBuf> {
-        Ok(self.root.join("images").join(format!("{}.json", hex_of(digest)?)))
+        Ok(self
+            .root
+            .join("images")
+            .join(format!("{}.json", hex_of(digest)?)))
     }
 
     fn save_record(&self, r: &ImageRecord) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(r).map_err(|e| ImageError::BadMetadata(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(r).map_err(|e| ImageError::BadMetadata(e.to_string()))?;
         write_atomic(&self.record_path(&r.digest)?, &bytes)
     }
 
@@ -460,15 +482,21 @@ impl ImageStore {
     /// digest, or by a unique prefix of its digest's hex.
     pub fn resolve(&self, reference: &str) -> Result<Option<ImageRecord>> {
         let images = self.list()?;
-        if let Some(d) = reference.split_once('@').map(|(_, d)| d).or_else(|| {
-            reference.starts_with("sha256:").then_some(reference)
-        }) {
+        if let Some(d) = reference
+            .split_once('@')
+            .map(|(_, d)| d)
+            .or_else(|| reference.starts_with("sha256:").then_some(reference))
+        {
             return Ok(images.into_iter().find(|i| i.digest == d));
         }
         if reference.len() >= 6 && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
             let hits: Vec<_> = images
                 .iter()
-                .filter(|i| i.digest.trim_start_matches("sha256:").starts_with(reference))
+                .filter(|i| {
+                    i.digest
+                        .trim_start_matches("sha256:")
+                        .starts_with(reference)
+                })
                 .collect();
             if hits.len() == 1 {
                 return Ok(Some(hits[0].clone()));
@@ -484,12 +512,18 @@ impl ImageStore {
 
     fn config_by_digest(&self, digest: &str) -> Result<ImageConfiguration> {
         let bytes = self.read_blob(digest)?;
-        serde_json::from_slice(&bytes).map_err(|e| ImageError::BadMetadata(format!("image config {digest}: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::BadMetadata(format!("image config {digest}: {e}")))
     }
 
     /// Layer directories of an image, topmost first (overlay lowerdir order).
     pub fn layer_dirs(&self, record: &ImageRecord) -> Result<Vec<PathBuf>> {
-        record.layers.iter().rev().map(|l| self.layer_dir(&l.diff_id)).collect()
+        record
+            .layers
+            .iter()
+            .rev()
+            .map(|l| self.layer_dir(&l.diff_id))
+            .collect()
     }
 
     pub fn touch(&self, digest: &str) -> Result<()> {
@@ -529,7 +563,9 @@ impl ImageStore {
     /// Bytes the store holds on disk (layers as unpacked, plus blobs and
     /// partial downloads).
     pub fn disk_usage(&self) -> Result<u64> {
-        Ok(dir_size(&self.root.join("layers"))? + dir_size(&self.root.join("blobs"))? + dir_size(&self.tmp_dir())?)
+        Ok(dir_size(&self.root.join("layers"))?
+            + dir_size(&self.root.join("blobs"))?
+            + dir_size(&self.tmp_dir())?)
     }
 
     /// Bring the store under `budget` bytes: remove least recently used images
@@ -555,12 +591,18 @@ impl ImageStore {
             let p = self.record_path(&r.digest)?;
             fs::remove_file(&p).map_err(|e| ImageError::io(&p, e))?;
             report.layers_removed += self.sweep_locked(in_use)?;
-            report.images_removed.push(r.names.first().cloned().unwrap_or(r.digest.clone()));
+            report
+                .images_removed
+                .push(r.names.first().cloned().unwrap_or(r.digest.clone()));
             usage = self.disk_usage()?;
         }
         report.bytes_after = usage;
         if usage > budget {
-            tracing::warn!(usage, budget, "image store is over its budget with only images in use left");
+            tracing::warn!(
+                usage,
+                budget,
+                "image store is over its budget with only images in use left"
+            );
         }
         Ok(report)
     }
@@ -579,7 +621,10 @@ impl ImageStore {
         }
         let mut removed = 0;
         let ldir = self.root.join("layers/sha256");
-        for e in fs::read_dir(&ldir).map_err(|e| ImageError::io(&ldir, e))?.flatten() {
+        for e in fs::read_dir(&ldir)
+            .map_err(|e| ImageError::io(&ldir, e))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             let hex = name.trim_end_matches(".json");
             if !keep_layers.contains(&format!("sha256:{hex}")) {
@@ -593,7 +638,10 @@ impl ImageStore {
         // a blob of an image still being pulled is in tmp/ until committed, and
         // a committed layer blob is younger than a minute while it is unpacked.
         let bdir = self.root.join("blobs/sha256");
-        for e in fs::read_dir(&bdir).map_err(|e| ImageError::io(&bdir, e))?.flatten() {
+        for e in fs::read_dir(&bdir)
+            .map_err(|e| ImageError::io(&bdir, e))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             let fresh = e
                 .metadata()
@@ -609,7 +657,11 @@ impl ImageStore {
 
     /// Names and digests, for listing.
     pub fn summary(&self) -> Result<BTreeMap<String, ImageRecord>> {
-        Ok(self.list()?.into_iter().map(|r| (r.digest.clone(), r)).collect())
+        Ok(self
+            .list()?
+            .into_iter()
+            .map(|r| (r.digest.clone(), r))
+            .collect())
     }
 }
 
@@ -624,7 +676,9 @@ pub fn dir_size(path: &Path) -> Result<u64> {
             Err(e) => return Err(ImageError::io(&p, e)),
         };
         for e in rd.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else { continue };
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
             if m.is_dir() {
                 stack.push(e.path());
             } else {

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
@@ -92,7 +94,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -131,7 +136,9 @@ impl Puller {
                 })
                 .collect(),
             platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(self.cfg.connect_timeout_secs.unwrap_or(10))),
+            connect_timeout: Some(Duration::from_secs(
+                self.cfg.connect_timeout_secs.unwrap_or(10),
+            )),
             read_timeout: Some(Duration::from_secs(60)),
             user_agent: concat!("outrigger-edge-rt/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
@@ -147,16 +154,24 @@ impl Puller {
         progress: &Progress,
     ) -> Result<ImageRecord> {
         let name = normalize(reference)?;
-        let r: Reference = name.parse().map_err(|e: oci_client::ParseError| ImageError::BadReference {
-            reference: reference.into(),
-            reason: e.to_string(),
-        })?;
+        let r: Reference =
+            name.parse()
+                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
+                    reference: reference.into(),
+                    reason: e.to_string(),
+                })?;
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
         };
         let map = |e| match (map_error(e, &r), r.digest()) {
-            (ImageError::NotFound { reference, registry }, Some(d)) => ImageError::DigestNotFound {
+            (
+                ImageError::NotFound {
+                    reference,
+                    registry,
+                },
+                Some(d),
+            ) => ImageError::DigestNotFound {
                 reference,
                 registry,
                 digest: d.to_string(),
@@ -201,16 +216,28 @@ impl Puller {
         let manifest: ImageManifest = serde_json::from_slice(&bytes)
             .map_err(|e| ImageError::BadMetadata(format!("manifest of {reference}: {e}")))?;
 
-        let total: u64 = manifest.layers().iter().map(|l| l.size()).sum::<u64>() + manifest.config().size();
+        let total: u64 =
+            manifest.layers().iter().map(|l| l.size()).sum::<u64>() + manifest.config().size();
         progress.total.store(total, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
         let started = Instant::now();
 
         // Config (small) then layers, each streamed to tmp/ and verified.
         let cfg = manifest.config();
-        self.fetch_blob(&client, store, &r, cfg.digest().as_ref(), cfg.size(), progress, reference).await?;
-        let config: oci_spec::image::ImageConfiguration = serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?)
-            .map_err(|e| ImageError::BadMetadata(format!("image config of {reference}: {e}")))?;
+        self.fetch_blob(
+            &client,
+            store,
+            &r,
+            cfg.digest().as_ref(),
+            cfg.size(),
+            progress,
+            reference,
+        )
+        .await?;
+        let config: oci_spec::image::ImageConfiguration =
+            serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?).map_err(|e| {
+                ImageError::BadMetadata(format!("image config of {reference}: {e}"))
+            })?;
         let diff_ids = config.rootfs().diff_ids();
         for (i, l) in manifest.layers().iter().enumerate() {
             // A layer already unpacked for another image is not fetched again.
@@ -218,8 +245,16 @@ impl Puller {
                 progress.done.fetch_add(l.size(), Ordering::Relaxed);
                 continue;
             }
-            self.fetch_blob(&client, store, &r, l.digest().as_ref(), l.size(), progress, reference)
-                .await?;
+            self.fetch_blob(
+                &client,
+                store,
+                &r,
+                l.digest().as_ref(),
+                l.size(),
+                progress,
+                reference,
+            )
+            .await?;
         }
         store.put_blob(&digest, &bytes)?;
         let names = vec![name];
@@ -254,7 +289,10 @@ impl Puller {
         }
         let hex = digest.trim_start_matches("sha256:");
         let part = store.tmp_dir().join(format!("{hex}.partial"));
-        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+        let have = tokio::fs::metadata(&part)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         let have = if have > size { 0 } else { have };
         let desc = oci_client::manifest::OciDescriptor {
             digest: digest.to_string(),
@@ -311,8 +349,12 @@ impl Puller {
                     actual: written,
                 });
             }
-            file.write_all(&chunk).await.map_err(|e| ImageError::io(&part, e))?;
-            progress.done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| ImageError::io(&part, e))?;
+            progress
+                .done
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if last_log.elapsed() > Duration::from_secs(2) {
                 let (d, t) = progress.snapshot();
                 tracing::info!(image = reference, done = d, total = t, "pulling");
@@ -325,8 +367,14 @@ impl Puller {
             // A resumed download that does not verify (the partial file was
             // bad): the file is gone now; start over once from byte zero.
             Err(ImageError::DigestMismatch { .. }) if append => {
-                tracing::warn!(blob = digest, "resumed download did not verify; restarting it");
-                progress.done.fetch_sub(written.min(progress.done.load(Ordering::Relaxed)), Ordering::Relaxed);
+                tracing::warn!(
+                    blob = digest,
+                    "resumed download did not verify; restarting it"
+                );
+                progress.done.fetch_sub(
+                    written.min(progress.done.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
                 Box::pin(self.fetch_blob(client, store, r, digest, size, progress, reference)).await
             }
             other => other,
@@ -342,9 +390,11 @@ async fn finish_blocking(
     names: Vec<String>,
 ) -> Result<ImageRecord> {
     let root = store.root().to_path_buf();
-    tokio::task::spawn_blocking(move || ImageStore::open(root)?.finish_image(&digest, &manifest, &names))
-        .await
-        .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        ImageStore::open(root)?.finish_image(&digest, &manifest, &names)
+    })
+    .await
+    .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
 }
 
 fn is_index(bytes: &[u8]) -> bool {
@@ -357,7 +407,9 @@ fn is_index(bytes: &[u8]) -> bool {
     match serde_json::from_slice::<Probe>(bytes) {
         Ok(p) => {
             p.manifests.is_some()
-                || p.media_type.as_deref().is_some_and(|m| m.contains("index") || m.contains("list"))
+                || p.media_type
+                    .as_deref()
+                    .is_some_and(|m| m.contains("index") || m.contains("list"))
         }
         Err(_) => false,
     }
@@ -400,14 +452,22 @@ pub fn select_platform(index: &ImageIndex) -> Result<String> {
             _ => {}
         }
     }
-    fallback.ok_or_else(|| ImageError::NoPlatform(format!("{os}/{arch}{}", variant.map(|v| format!("/{v}")).unwrap_or_default())))
+    fallback.ok_or_else(|| {
+        ImageError::NoPlatform(format!(
+            "{os}/{arch}{}",
+            variant.map(|v| format!("/{v}")).unwrap_or_default()
+        ))
+    })
 }
 
 fn map_error(e: OciDistributionError, r: &Reference) -> ImageError {
     let registry = r.resolve_registry().to_string();
     let reference = r.whole();
     match e {
-        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound { reference, registry },
+        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound {
+            reference,
+            registry,
+        },
         OciDistributionError::AuthenticationFailure(detail) => ImageError::Unauthorized {
             reference,
             registry,
@@ -421,10 +481,22 @@ fn map_error(e: OciDistributionError, r: &Reference) -> ImageError {
         OciDistributionError::RegistryError { envelope, url } => {
             let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
             if codes.iter().any(|c| {
-                matches!(c, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound | OciErrorCode::BlobUnknown)
+                matches!(
+                    c,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
+                        | OciErrorCode::BlobUnknown
+                )
             }) {
-                ImageError::NotFound { reference, registry }
-            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                ImageError::NotFound {
+                    reference,
+                    registry,
+                }
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+            {
                 ImageError::Unauthorized {
                     reference,
                     registry,

@@ -29,7 +29,12 @@ pub fn overlay_available() -> bool {
 
 /// Build `target` from `lowers` (topmost first). `scratch` holds the
 /// container's writable layer. Returns whether an overlay was mounted.
-pub fn prepare(mode: RootfsMode, lowers: &[PathBuf], scratch: &Path, target: &Path) -> io::Result<bool> {
+pub fn prepare(
+    mode: RootfsMode,
+    lowers: &[PathBuf],
+    scratch: &Path,
+    target: &Path,
+) -> io::Result<bool> {
     fs::create_dir_all(target)?;
     let use_overlay = match mode {
         RootfsMode::Overlay => true,
@@ -46,15 +51,34 @@ pub fn prepare(mode: RootfsMode, lowers: &[PathBuf], scratch: &Path, target: &Pa
             fs::create_dir_all(&empty)?;
             empty.display().to_string()
         } else {
-            lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
+            lowers
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
         };
-        let data = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
-        match mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
+        let data = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        match mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        ) {
             Ok(()) => return Ok(true),
             Err(e) if mode == RootfsMode::Auto => {
                 tracing::warn!(error = %e, "overlay mount failed; copying the image instead");
             }
-            Err(e) => return Err(io::Error::other(format!("overlay mount on {}: {e}", target.display()))),
+            Err(e) => {
+                return Err(io::Error::other(format!(
+                    "overlay mount on {}: {e}",
+                    target.display()
+                )))
+            }
         }
     }
     for l in lowers.iter().rev() {
@@ -67,7 +91,12 @@ pub fn prepare(mode: RootfsMode, lowers: &[PathBuf], scratch: &Path, target: &Pa
 pub fn release(scratch: &Path, target: &Path) -> io::Result<()> {
     match umount2(target, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-        Err(e) => return Err(io::Error::other(format!("unmount {}: {e}", target.display()))),
+        Err(e) => {
+            return Err(io::Error::other(format!(
+                "unmount {}: {e}",
+                target.display()
+            )))
+        }
     }
     remove_any(target)?;
     remove_any(scratch)
@@ -116,8 +145,11 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
         } else {
             // FIFOs: recreate.
             remove_any(&d)?;
-            nix::unistd::mkfifo(&d, nix::sys::stat::Mode::from_bits_truncate(m.mode() & 0o777))
-                .map_err(io::Error::from)?;
+            nix::unistd::mkfifo(
+                &d,
+                nix::sys::stat::Mode::from_bits_truncate(m.mode() & 0o777),
+            )
+            .map_err(io::Error::from)?;
         }
     }
     Ok(())

@@ -74,21 +74,34 @@ impl Executor for PodInit {
             return Err(ExecutorError::InvalidArg);
         }
         let all = SigSet::all();
-        all.thread_block().map_err(|e| ExecutorError::Other(e.to_string()))?;
+        all.thread_block()
+            .map_err(|e| ExecutorError::Other(e.to_string()))?;
         // SAFETY: this process is single-threaded (libcontainer's init).
         match unsafe { fork() }.map_err(|e| ExecutorError::Other(e.to_string()))? {
             ForkResult::Child => {
                 let _ = SigSet::empty().thread_set_mask();
                 if let Some(p) = &self.seccomp {
                     if self.drop_sys_admin {
-                        let _ = caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN);
+                        let _ = caps::raise(
+                            None,
+                            caps::CapSet::Effective,
+                            caps::Capability::CAP_SYS_ADMIN,
+                        );
                     }
                     if let Err(e) = seccomp::install(p) {
                         fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
                     }
                     if self.drop_sys_admin {
-                        let _ = caps::drop(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN);
-                        let _ = caps::drop(None, caps::CapSet::Permitted, caps::Capability::CAP_SYS_ADMIN);
+                        let _ = caps::drop(
+                            None,
+                            caps::CapSet::Effective,
+                            caps::Capability::CAP_SYS_ADMIN,
+                        );
+                        let _ = caps::drop(
+                            None,
+                            caps::CapSet::Permitted,
+                            caps::Capability::CAP_SYS_ADMIN,
+                        );
                     }
                 }
                 // SAFETY: closing our status fd in the workload only.

@@ -43,7 +43,10 @@ impl LogFile {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let file = fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         let size = file.metadata()?.len();
         Ok(LogFile {
             path: path.to_path_buf(),
@@ -95,7 +98,10 @@ impl LogFile {
         } else {
             fs::remove_file(&self.path)?;
         }
-        self.file = fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -109,13 +115,19 @@ pub struct LineSplitter {
 
 impl Default for LineSplitter {
     fn default() -> Self {
-        LineSplitter { buf: heapless::Vec::new() }
+        LineSplitter {
+            buf: heapless::Vec::new(),
+        }
     }
 }
 
 impl LineSplitter {
     /// Feed bytes; `emit(full, content)` is called for every record.
-    pub fn feed(&mut self, mut data: &[u8], mut emit: impl FnMut(bool, &[u8]) -> io::Result<()>) -> io::Result<()> {
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut emit: impl FnMut(bool, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         while !data.is_empty() {
             if let Some(nl) = data.iter().position(|b| *b == b'\n') {
                 let (line, rest) = data.split_at(nl);
@@ -146,7 +158,10 @@ impl LineSplitter {
     }
 
     /// At end of stream: what is left is a last line without a newline.
-    pub fn finish(&mut self, mut emit: impl FnMut(bool, &[u8]) -> io::Result<()>) -> io::Result<()> {
+    pub fn finish(
+        &mut self,
+        mut emit: impl FnMut(bool, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         if !self.buf.is_empty() {
             emit(true, &self.buf)?;
             self.buf.clear();
@@ -224,13 +239,19 @@ mod tests {
         let p = d.join("c.log");
         let mut l = LogFile::open(&p, 2048, 3).unwrap();
         for i in 0..100 {
-            l.record(Stream::Stdout, true, format!("line {i}").as_bytes()).unwrap();
+            l.record(Stream::Stdout, true, format!("line {i}").as_bytes())
+                .unwrap();
         }
         let text = fs::read_to_string(&p).unwrap();
         let last = text.lines().last().unwrap();
         let r = parse_line(last).unwrap();
-        assert_eq!((r.stream.as_str(), r.full, r.content.as_str()), ("stdout", true, "line 99"));
-        assert!(d.join("c.log.1").exists() && d.join("c.log.2").exists() && !d.join("c.log.3").exists());
+        assert_eq!(
+            (r.stream.as_str(), r.full, r.content.as_str()),
+            ("stdout", true, "line 99")
+        );
+        assert!(
+            d.join("c.log.1").exists() && d.join("c.log.2").exists() && !d.join("c.log.3").exists()
+        );
         assert!(fs::metadata(&p).unwrap().len() <= 2048);
         let _ = fs::remove_dir_all(&d);
     }

@@ -173,7 +173,13 @@ fn now_rfc3339() -> String {
 /// A name safe for ids and paths.
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -196,7 +202,15 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 
 fn pidfd_signal(fd: &OwnedFd, sig: i32) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we hold.
-    let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ESRCH) {
@@ -210,7 +224,12 @@ fn pidfd_signal(fd: &OwnedFd, sig: i32) -> io::Result<()> {
 impl Runtime {
     /// Open the runtime and re-adopt every container a previous edge-rt left.
     pub fn open(cfg: RuntimeConfig, images: Arc<ImageStore>) -> Result<Arc<Runtime>, RuntimeError> {
-        for d in [cfg.state_dir.join("containers"), cfg.state_dir.join("youki"), cfg.state_dir.join("pods"), cfg.log_dir.clone()] {
+        for d in [
+            cfg.state_dir.join("containers"),
+            cfg.state_dir.join("youki"),
+            cfg.state_dir.join("pods"),
+            cfg.log_dir.clone(),
+        ] {
             fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         }
         let rt = Arc::new(Runtime {
@@ -248,7 +267,11 @@ impl Runtime {
             sanitize(&req.container.name),
             req.attempt
         );
-        if self.lock().get(&id).is_some_and(|l| l.record.exit.is_none()) {
+        if self
+            .lock()
+            .get(&id)
+            .is_some_and(|l| l.record.exit.is_none())
+        {
             return Err(RuntimeError::Create {
                 id,
                 detail: "a container with this id is running".into(),
@@ -264,7 +287,12 @@ impl Runtime {
         result
     }
 
-    fn create_in(self: &Arc<Self>, id: &str, dir: &Path, req: ContainerRequest) -> Result<ContainerRecord, RuntimeError> {
+    fn create_in(
+        self: &Arc<Self>,
+        id: &str,
+        dir: &Path,
+        req: ContainerRequest,
+    ) -> Result<ContainerRecord, RuntimeError> {
         let pod = &req.pod;
         let sandbox = Sandbox::ensure(&self.sandbox_dir(&pod.uid), &pod.name, pod.host_network)
             .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
@@ -288,9 +316,15 @@ impl Runtime {
         mounts.extend(req.mounts.iter().cloned());
         let annotations = BTreeMap::from([
             ("io.kubernetes.pod.name".to_string(), pod.name.clone()),
-            ("io.kubernetes.pod.namespace".to_string(), pod.namespace.clone()),
+            (
+                "io.kubernetes.pod.namespace".to_string(),
+                pod.namespace.clone(),
+            ),
             ("io.kubernetes.pod.uid".to_string(), pod.uid.clone()),
-            ("io.kubernetes.container.name".to_string(), req.container.name.clone()),
+            (
+                "io.kubernetes.container.name".to_string(),
+                req.container.name.clone(),
+            ),
         ]);
         let generated = spec::generate(&SpecInput {
             container: &req.container,
@@ -310,23 +344,36 @@ impl Runtime {
             .map_err(|e| RuntimeError::Config(format!("spec: {e}")))?;
         fs::write(bundle.join("config.json"), spec_bytes).map_err(io_err("writing config.json"))?;
         let profile = if generated.seccomp {
-            Some(Arc::new(seccomp::default_profile(&generated.caps).map_err(RuntimeError::Config)?))
+            Some(Arc::new(
+                seccomp::default_profile(&generated.caps).map_err(RuntimeError::Config)?,
+            ))
         } else {
             None
         };
 
         // Log FIFOs: the container holds them read-write, so a write never
         // fails for want of a reader while edge-rt restarts.
-        let log_path = self.cfg.log_dir.join(format!("{}_{}_{}", pod.namespace, pod.name, pod.uid)).join(&req.container.name).join(format!("{}.log", req.attempt));
+        let log_path = self
+            .cfg
+            .log_dir
+            .join(format!("{}_{}_{}", pod.namespace, pod.name, pod.uid))
+            .join(&req.container.name)
+            .join(format!("{}.log", req.attempt));
         let mut fifo_fds = Vec::new();
         for s in ["stdout", "stderr"] {
             let p = dir.join(s);
             let _ = fs::remove_file(&p);
-            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| RuntimeError::Io {
-                what: format!("mkfifo {}", p.display()),
-                source: e.into(),
-            })?;
-            let rw = fs::OpenOptions::new().read(true).write(true).open(&p).map_err(io_err(format!("open {}", p.display())))?;
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
+                |e| RuntimeError::Io {
+                    what: format!("mkfifo {}", p.display()),
+                    source: e.into(),
+                },
+            )?;
+            let rw = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(io_err(format!("open {}", p.display())))?;
             fifo_fds.push(rw);
         }
         let exit_path = dir.join("exit");
@@ -358,7 +405,8 @@ impl Runtime {
         save_record(dir, &record)?;
         // Readers first, so nothing the container writes early is lost.
         let logfile = Arc::new(Mutex::new(
-            LogFile::open(&log_path, self.cfg.log_max_bytes, self.cfg.log_max_files).map_err(io_err(format!("log file {}", log_path.display())))?,
+            LogFile::open(&log_path, self.cfg.log_max_bytes, self.cfg.log_max_files)
+                .map_err(io_err(format!("log file {}", log_path.display())))?,
         ));
         self.pump_logs(dir, &logfile);
 
@@ -463,7 +511,9 @@ impl Runtime {
     fn watch(self: &Arc<Self>, record: ContainerRecord, pidfd: Option<OwnedFd>) {
         let (tx, _) = watch::channel(record.exit.clone());
         // SAFETY: the AsyncFd owns the pidfd; nothing else closes it while registered.
-        let pidfd = pidfd.and_then(|fd| unsafe { AsyncFd::register(fd) }.ok()).map(Arc::new);
+        let pidfd = pidfd
+            .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok())
+            .map(Arc::new);
         let id = record.id.clone();
         let exited = record.exit.is_some();
         self.lock().insert(
@@ -494,13 +544,21 @@ impl Runtime {
         };
         let dir = self.dir(id);
         let pid = record.pid.unwrap_or(0);
-        let from_wait = if reaper::is_registered(pid) { reaper::take(pid) } else { None };
+        let from_wait = if reaper::is_registered(pid) {
+            reaper::take(pid)
+        } else {
+            None
+        };
         reaper::forget(pid);
-        let from_file = fs::read_to_string(dir.join("exit")).ok().and_then(|s| parse_exit(&s));
+        let from_file = fs::read_to_string(dir.join("exit"))
+            .ok()
+            .and_then(|s| parse_exit(&s));
         let (code, signal, finished) = match (from_file, from_wait) {
             (Some(f), _) => f,
             (None, Some(nix::sys::wait::WaitStatus::Exited(_, c))) => (c, None, None),
-            (None, Some(nix::sys::wait::WaitStatus::Signaled(_, s, _))) => (128 + s as i32, Some(s as i32), None),
+            (None, Some(nix::sys::wait::WaitStatus::Signaled(_, s, _))) => {
+                (128 + s as i32, Some(s as i32), None)
+            }
             // Killed with its init before it could report, and not our child.
             (None, _) => (137, Some(9), None),
         };
@@ -541,11 +599,19 @@ impl Runtime {
         let alive = record
             .pid
             .is_some_and(|p| record.pid_start.is_some() && pid_start_time(p) == record.pid_start);
-        let pidfd = if alive { record.pid.and_then(|p| pidfd_open(p).ok()) } else { None };
+        let pidfd = if alive {
+            record.pid.and_then(|p| pidfd_open(p).ok())
+        } else {
+            None
+        };
         if pidfd.is_some() {
             tracing::info!(id = %record.id, pid = record.pid, "re-adopted running container");
             let dir = self.dir(&record.id);
-            match LogFile::open(&record.log_path, self.cfg.log_max_bytes, self.cfg.log_max_files) {
+            match LogFile::open(
+                &record.log_path,
+                self.cfg.log_max_bytes,
+                self.cfg.log_max_files,
+            ) {
                 Ok(lf) => self.pump_logs(&dir, &Arc::new(Mutex::new(lf))),
                 Err(e) => tracing::warn!(id = %record.id, error = %e, "reopening log"),
             }
@@ -595,7 +661,9 @@ impl Runtime {
             .pidfd
             .clone();
         match fd {
-            Some(fd) => pidfd_signal(fd.get_ref(), sig).map_err(io_err(format!("signal {sig} to {id}"))),
+            Some(fd) => {
+                pidfd_signal(fd.get_ref(), sig).map_err(io_err(format!("signal {sig} to {id}")))
+            }
             None => Ok(()),
         }
     }
@@ -629,9 +697,12 @@ impl Runtime {
         }
         let dir = self.dir(id);
         self.delete_libcontainer_state(id);
-        rootfs::release(&dir.join("scratch"), &dir.join("bundle/rootfs")).map_err(io_err(format!("releasing rootfs of {id}")))?;
+        rootfs::release(&dir.join("scratch"), &dir.join("bundle/rootfs"))
+            .map_err(io_err(format!("releasing rootfs of {id}")))?;
         match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(format!("removing {}", dir.display()))(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err(format!("removing {}", dir.display()))(e))
+            }
             _ => {}
         }
         self.lock().remove(id);
@@ -640,15 +711,24 @@ impl Runtime {
 
     /// Tear down a pod's sandbox once none of its containers runs.
     pub fn remove_sandbox(&self, pod_uid: &str) -> Result<(), RuntimeError> {
-        if self.lock().values().any(|l| l.record.pod.uid == pod_uid && l.record.exit.is_none()) {
-            return Err(RuntimeError::Config(format!("pod {pod_uid} still has running containers")));
+        if self
+            .lock()
+            .values()
+            .any(|l| l.record.pod.uid == pod_uid && l.record.exit.is_none())
+        {
+            return Err(RuntimeError::Config(format!(
+                "pod {pod_uid} still has running containers"
+            )));
         }
         let sb = Sandbox {
             dir: self.sandbox_dir(pod_uid),
             host_network: false,
         };
         sb.remove().map_err(io_err("removing sandbox"))?;
-        cgroups::remove_pod(&self.cfg.cgroup_parent, &format!("pod{}", sanitize(pod_uid)));
+        cgroups::remove_pod(
+            &self.cfg.cgroup_parent,
+            &format!("pod{}", sanitize(pod_uid)),
+        );
         Ok(())
     }
 
@@ -710,7 +790,9 @@ pub fn load_records(state_dir: &Path) -> Vec<ContainerRecord> {
         let p = e.path().join("record.json");
         match fs::read(&p).map(|b| serde_json::from_slice::<ContainerRecord>(&b)) {
             Ok(Ok(r)) => out.push(r),
-            Ok(Err(err)) => tracing::warn!(path = %p.display(), error = %err, "unreadable container record"),
+            Ok(Err(err)) => {
+                tracing::warn!(path = %p.display(), error = %err, "unreadable container record")
+            }
             Err(_) => {}
         }
     }
@@ -723,10 +805,10 @@ fn parse_exit(s: &str) -> Option<(i32, Option<i32>, Option<String>)> {
     let mut it = s.split_whitespace();
     let kind = it.next()?;
     let n: i32 = it.next()?.parse().ok()?;
-    let at = it
-        .next()
-        .and_then(|t| t.parse::<i64>().ok())
-        .map(|ns| chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true));
+    let at = it.next().and_then(|t| t.parse::<i64>().ok()).map(|ns| {
+        chrono::DateTime::from_timestamp_nanos(ns)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    });
     match kind {
         "exited" => Some((n, None, at)),
         "signaled" => Some((128 + n, Some(n), at)),

@@ -61,8 +61,14 @@ impl Sandbox {
                 }
                 for (k, _) in &kinds {
                     let src = format!("/proc/thread-self/ns/{k}");
-                    mount(Some(src.as_str()), &nsd.join(k), None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                        .map_err(|e| io::Error::other(format!("bind {src}: {e}")))?;
+                    mount(
+                        Some(src.as_str()),
+                        &nsd.join(k),
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    )
+                    .map_err(|e| io::Error::other(format!("bind {src}: {e}")))?;
                 }
                 Ok(())
             })
@@ -141,6 +147,8 @@ impl Sandbox {
     }
 }
 
+// f_type's width differs between targets (long on 64-bit, int on 32-bit).
+#[allow(clippy::unnecessary_cast)]
 fn is_nsfs(p: &Path) -> bool {
     nix::sys::statfs::statfs(p)
         .map(|s| s.filesystem_type().0 as i64 == 0x6e736673)

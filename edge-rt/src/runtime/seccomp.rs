@@ -91,21 +91,72 @@ fn denied(caps: &[String]) -> Vec<i64> {
         libc::SYS__sysctl,
     ]);
     let allowed_by_cap: Vec<i64> = [
-        ("CAP_SYS_ADMIN", vec![
-            libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_setns,
-            libc::SYS_unshare, libc::SYS_quotactl, libc::SYS_fsopen, libc::SYS_fsconfig,
-            libc::SYS_fsmount, libc::SYS_fspick, libc::SYS_move_mount, libc::SYS_open_tree,
-            libc::SYS_name_to_handle_at, libc::SYS_lookup_dcookie, libc::SYS_perf_event_open,
-            libc::SYS_bpf,
-        ]),
-        ("CAP_SYS_PTRACE", vec![libc::SYS_ptrace, libc::SYS_process_vm_readv, libc::SYS_process_vm_writev, libc::SYS_kcmp]),
-        ("CAP_SYS_MODULE", vec![libc::SYS_init_module, libc::SYS_finit_module, libc::SYS_delete_module]),
-        ("CAP_SYS_TIME", vec![libc::SYS_settimeofday, libc::SYS_clock_settime, libc::SYS_clock_adjtime]),
-        ("CAP_SYS_BOOT", vec![libc::SYS_reboot, libc::SYS_kexec_load, libc::SYS_kexec_file_load]),
+        (
+            "CAP_SYS_ADMIN",
+            vec![
+                libc::SYS_mount,
+                libc::SYS_umount2,
+                libc::SYS_pivot_root,
+                libc::SYS_setns,
+                libc::SYS_unshare,
+                libc::SYS_quotactl,
+                libc::SYS_fsopen,
+                libc::SYS_fsconfig,
+                libc::SYS_fsmount,
+                libc::SYS_fspick,
+                libc::SYS_move_mount,
+                libc::SYS_open_tree,
+                libc::SYS_name_to_handle_at,
+                libc::SYS_lookup_dcookie,
+                libc::SYS_perf_event_open,
+                libc::SYS_bpf,
+            ],
+        ),
+        (
+            "CAP_SYS_PTRACE",
+            vec![
+                libc::SYS_ptrace,
+                libc::SYS_process_vm_readv,
+                libc::SYS_process_vm_writev,
+                libc::SYS_kcmp,
+            ],
+        ),
+        (
+            "CAP_SYS_MODULE",
+            vec![
+                libc::SYS_init_module,
+                libc::SYS_finit_module,
+                libc::SYS_delete_module,
+            ],
+        ),
+        (
+            "CAP_SYS_TIME",
+            vec![
+                libc::SYS_settimeofday,
+                libc::SYS_clock_settime,
+                libc::SYS_clock_adjtime,
+            ],
+        ),
+        (
+            "CAP_SYS_BOOT",
+            vec![
+                libc::SYS_reboot,
+                libc::SYS_kexec_load,
+                libc::SYS_kexec_file_load,
+            ],
+        ),
         ("CAP_SYSLOG", vec![libc::SYS_syslog]),
         ("CAP_SYS_PACCT", vec![libc::SYS_acct]),
         ("CAP_DAC_READ_SEARCH", vec![libc::SYS_open_by_handle_at]),
-        ("CAP_SYS_NICE", vec![libc::SYS_mbind, libc::SYS_set_mempolicy, libc::SYS_get_mempolicy, libc::SYS_move_pages]),
+        (
+            "CAP_SYS_NICE",
+            vec![
+                libc::SYS_mbind,
+                libc::SYS_set_mempolicy,
+                libc::SYS_get_mempolicy,
+                libc::SYS_move_pages,
+            ],
+        ),
         ("CAP_SYS_TTY_CONFIG", vec![libc::SYS_vhangup]),
     ]
     .into_iter()
@@ -120,8 +171,10 @@ fn denied(caps: &[String]) -> Vec<i64> {
 
 /// Compile the default profile for a container holding `caps`.
 pub fn default_profile(caps: &[String]) -> Result<Profile, String> {
-    let arch = arch().ok_or_else(|| format!("no seccomp support for {}", std::env::consts::ARCH))?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied(caps).into_iter().map(|s| (s, vec![])).collect();
+    let arch =
+        arch().ok_or_else(|| format!("no seccomp support for {}", std::env::consts::ARCH))?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied(caps).into_iter().map(|s| (s, vec![])).collect();
     let sys_admin = caps.iter().any(|c| c == "CAP_SYS_ADMIN" || c == "ALL");
     if !sys_admin {
         // clone with any namespace flag: one rule per flag, any of them matches.
@@ -149,8 +202,13 @@ pub fn default_profile(caps: &[String]) -> Result<Profile, String> {
             .collect::<Result<Vec<_>, String>>()?;
         rules.insert(libc::SYS_clone, clone_rules);
     }
-    let deny = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)
-        .map_err(|e| e.to_string())?;
+    let deny = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| e.to_string())?;
     let clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
         SeccompAction::Allow,

@@ -153,7 +153,11 @@ pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
 /// The process arguments by Kubernetes' rules:
 /// command replaces the entrypoint (and drops the image's cmd); args alone
 /// replace the cmd.
-pub fn process_args(c: &Container, image: &ImageConfiguration, env: &BTreeMap<String, String>) -> Result<Vec<String>, RuntimeError> {
+pub fn process_args(
+    c: &Container,
+    image: &ImageConfiguration,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<String>, RuntimeError> {
     let cfg = image.config().as_ref();
     let entrypoint = cfg.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
     let cmd = cfg.and_then(|c| c.cmd().clone()).unwrap_or_default();
@@ -186,14 +190,25 @@ pub fn process_args(c: &Container, image: &ImageConfiguration, env: &BTreeMap<St
 
 /// Environment: image, then the container's (later names win), each value
 /// expanded against what came before it.
-pub fn environment(c: &Container, image: &ImageConfiguration, extra: &[(String, String)], hostname: &str) -> BTreeMap<String, String> {
+pub fn environment(
+    c: &Container,
+    image: &ImageConfiguration,
+    extra: &[(String, String)],
+    hostname: &str,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    for kv in image.config().as_ref().and_then(|c| c.env().clone()).unwrap_or_default() {
+    for kv in image
+        .config()
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default()
+    {
         if let Some((k, v)) = kv.split_once('=') {
             env.insert(k.to_string(), v.to_string());
         }
     }
-    env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
     env.insert("HOSTNAME".into(), hostname.into());
     for (k, v) in extra {
         env.insert(k.clone(), v.clone());
@@ -272,7 +287,9 @@ fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, Option<u32>), Runtime
     let (uid, primary) = if let Ok(n) = u.parse::<u32>() {
         let primary = passwd.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[2] == u).then(|| f[3].parse().ok()).flatten()
+            (f.len() > 3 && f[2] == u)
+                .then(|| f[3].parse().ok())
+                .flatten()
         });
         (n, primary)
     } else {
@@ -294,9 +311,13 @@ fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, Option<u32>), Runtime
                 .lines()
                 .find_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 2 && f[0] == g).then(|| f[2].parse().ok()).flatten()
+                    (f.len() > 2 && f[0] == g)
+                        .then(|| f[2].parse().ok())
+                        .flatten()
                 })
-                .ok_or_else(|| config_err(format!("group {g:?} not found in the image's /etc/group")))?,
+                .ok_or_else(|| {
+                    config_err(format!("group {g:?} not found in the image's /etc/group"))
+                })?,
         }),
     };
     Ok((uid, gid))
@@ -346,50 +367,82 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
         .working_dir
         .clone()
         .filter(|w| !w.is_empty())
-        .or_else(|| i.image.config().as_ref().and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()))
+        .or_else(|| {
+            i.image
+                .config()
+                .as_ref()
+                .and_then(|c| c.working_dir().clone())
+                .filter(|w| !w.is_empty())
+        })
         .unwrap_or_else(|| "/".into());
     if !cwd.starts_with('/') {
         return Err(config_err(format!("workingDir {cwd:?} is not absolute")));
     }
 
     // User: container security context, then pod's, then the image's.
-    let image_user = i.image.config().as_ref().and_then(|c| c.user().clone()).filter(|u| !u.is_empty());
+    let image_user = i
+        .image
+        .config()
+        .as_ref()
+        .and_then(|c| c.user().clone())
+        .filter(|u| !u.is_empty());
     let (mut uid, mut gid) = match image_user {
         Some(u) => resolve_user(&u, i.rootfs)?,
         None => (0, Some(0)),
     };
-    if let Some(u) = sc.and_then(|s| s.run_as_user).or(psc.and_then(|p| p.run_as_user)) {
+    if let Some(u) = sc
+        .and_then(|s| s.run_as_user)
+        .or(psc.and_then(|p| p.run_as_user))
+    {
         uid = u32::try_from(u).map_err(|_| config_err(format!("runAsUser {u} out of range")))?;
         if gid.is_none() || image_user_is_none(i.image) {
             gid = Some(0);
         }
     }
-    if let Some(g) = sc.and_then(|s| s.run_as_group).or(psc.and_then(|p| p.run_as_group)) {
-        gid = Some(u32::try_from(g).map_err(|_| config_err(format!("runAsGroup {g} out of range")))?);
+    if let Some(g) = sc
+        .and_then(|s| s.run_as_group)
+        .or(psc.and_then(|p| p.run_as_group))
+    {
+        gid =
+            Some(u32::try_from(g).map_err(|_| config_err(format!("runAsGroup {g} out of range")))?);
     }
     let gid = gid.unwrap_or(0);
-    if sc.and_then(|s| s.run_as_non_root).or(psc.and_then(|p| p.run_as_non_root)).unwrap_or(false) && uid == 0 {
-        return Err(config_err(format!("container {:?} has runAsNonRoot and would run as root", c.name)));
+    if sc
+        .and_then(|s| s.run_as_non_root)
+        .or(psc.and_then(|p| p.run_as_non_root))
+        .unwrap_or(false)
+        && uid == 0
+    {
+        return Err(config_err(format!(
+            "container {:?} has runAsNonRoot and would run as root",
+            c.name
+        )));
     }
-    let mut groups: Vec<i64> = psc.and_then(|p| p.supplemental_groups.clone()).unwrap_or_default();
+    let mut groups: Vec<i64> = psc
+        .and_then(|p| p.supplemental_groups.clone())
+        .unwrap_or_default();
     if let Some(fs_group) = psc.and_then(|p| p.fs_group) {
         groups.push(fs_group);
     }
 
     let caps = caps_for(sc);
-    let allow_escalation = privileged || sc.and_then(|s| s.allow_privilege_escalation).unwrap_or(false);
-    let seccomp = !privileged
-        && match sc
-            .and_then(|s| s.seccomp_profile.as_ref())
-            .or(psc.and_then(|p| p.seccomp_profile.as_ref()))
-            .map(|p| p.type_.as_str())
-        {
-            None | Some("RuntimeDefault") => true,
-            Some("Unconfined") => false,
-            Some(other) => {
-                return Err(config_err(format!("seccompProfile type {other:?} is not supported (RuntimeDefault or Unconfined)")))
-            }
-        };
+    let allow_escalation = privileged
+        || sc
+            .and_then(|s| s.allow_privilege_escalation)
+            .unwrap_or(false);
+    let seccomp =
+        !privileged
+            && match sc
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .or(psc.and_then(|p| p.seccomp_profile.as_ref()))
+                .map(|p| p.type_.as_str())
+            {
+                None | Some("RuntimeDefault") => true,
+                Some("Unconfined") => false,
+                Some(other) => return Err(config_err(format!(
+                    "seccompProfile type {other:?} is not supported (RuntimeDefault or Unconfined)"
+                ))),
+            };
     let has_admin = caps.iter().any(|c| c == "CAP_SYS_ADMIN");
     let keep_admin = seccomp && allow_escalation && !has_admin;
     let mut permitted = caps.clone();
@@ -400,7 +453,9 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
     // containerd: they come back only through file capabilities or setuid.
     let effective = if uid == 0 { caps.clone() } else { vec![] };
 
-    let read_only_root = sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false);
+    let read_only_root = sc
+        .and_then(|s| s.read_only_root_filesystem)
+        .unwrap_or(false);
 
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
@@ -432,8 +487,16 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
     namespaces.push(ns("ipc", &i.namespaces.ipc));
 
     let mut resources = serde_json::Map::new();
-    let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
-    let requests = c.resources.as_ref().and_then(|r| r.requests.clone()).unwrap_or_default();
+    let limits = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap_or_default();
+    let requests = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.clone())
+        .unwrap_or_default();
     let mut cpu = serde_json::Map::new();
     if let Some(q) = limits.get("cpu") {
         let m = cpu_millis(q)?;
@@ -450,7 +513,10 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
     if let Some(q) = limits.get("memory") {
         let b = bytes(q)?;
         if b < 4 * 1024 * 1024 {
-            return Err(config_err(format!("memory limit {} is below the 4 MiB minimum", q.0)));
+            return Err(config_err(format!(
+                "memory limit {} is below the 4 MiB minimum",
+                q.0
+            )));
         }
         // Swap equal to the limit: no swap on top, so the limit is the limit.
         resources.insert("memory".into(), json!({"limit": b, "swap": b}));
@@ -518,7 +584,12 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
 }
 
 fn image_user_is_none(image: &ImageConfiguration) -> bool {
-    image.config().as_ref().and_then(|c| c.user().clone()).filter(|u| !u.is_empty()).is_none()
+    image
+        .config()
+        .as_ref()
+        .and_then(|c| c.user().clone())
+        .filter(|u| !u.is_empty())
+        .is_none()
 }
 
 #[cfg(test)]
@@ -547,10 +618,22 @@ mod tests {
     fn kubernetes_entrypoint_and_cmd_rules() {
         let img = image(&["/ep"], &["cmd1"]);
         let env = BTreeMap::new();
-        assert_eq!(process_args(&container(None, None), &img, &env).unwrap(), ["/ep", "cmd1"]);
-        assert_eq!(process_args(&container(None, Some(&["x"])), &img, &env).unwrap(), ["/ep", "x"]);
-        assert_eq!(process_args(&container(Some(&["/c"]), None), &img, &env).unwrap(), ["/c"]);
-        assert_eq!(process_args(&container(Some(&["/c"]), Some(&["y"])), &img, &env).unwrap(), ["/c", "y"]);
+        assert_eq!(
+            process_args(&container(None, None), &img, &env).unwrap(),
+            ["/ep", "cmd1"]
+        );
+        assert_eq!(
+            process_args(&container(None, Some(&["x"])), &img, &env).unwrap(),
+            ["/ep", "x"]
+        );
+        assert_eq!(
+            process_args(&container(Some(&["/c"]), None), &img, &env).unwrap(),
+            ["/c"]
+        );
+        assert_eq!(
+            process_args(&container(Some(&["/c"]), Some(&["y"])), &img, &env).unwrap(),
+            ["/c", "y"]
+        );
         assert!(process_args(&container(None, None), &image(&[], &[]), &env).is_err());
     }
 
@@ -589,7 +672,10 @@ mod tests {
         })
         .unwrap();
         let spec: oci_spec::runtime::Spec = serde_json::from_value(g.spec).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), Some(true));
+        assert_eq!(
+            spec.process().as_ref().unwrap().no_new_privileges(),
+            Some(true)
+        );
         assert!(g.seccomp);
     }
 }
