@@ -156,6 +156,8 @@ fn is_nsfs(p: &Path) -> bool {
 }
 
 /// `ip link set lo up` in the calling thread's network namespace.
+// The ioctl request type is c_ulong on glibc and c_int on musl.
+#[allow(clippy::unnecessary_cast)]
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket/ioctl calls on a struct we own.
     unsafe {
@@ -167,13 +169,13 @@ fn loopback_up() -> io::Result<()> {
         for (i, b) in b"lo\0".iter().enumerate() {
             req.ifr_name[i] = *b as libc::c_char;
         }
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) < 0 {
             let e = io::Error::last_os_error();
             libc::close(fd);
             return Err(e);
         }
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req);
         let e = io::Error::last_os_error();
         libc::close(fd);
         if rc < 0 {

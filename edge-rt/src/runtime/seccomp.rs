@@ -17,6 +17,12 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+// Missing from libc's musl tables on some targets; the numbers are the kernel's.
+#[cfg(target_arch = "x86_64")]
+const SYS_KEXEC_FILE_LOAD: i64 = 320;
+#[cfg(not(target_arch = "x86_64"))]
+const SYS_KEXEC_FILE_LOAD: i64 = 294;
+
 /// Two filters, installed in this order: the EPERM denylist and the ENOSYS
 /// one for clone3.
 pub struct Profile {
@@ -48,7 +54,7 @@ fn denied(caps: &[String]) -> Vec<i64> {
         libc::SYS_init_module,
         libc::SYS_finit_module,
         libc::SYS_kexec_load,
-        libc::SYS_kexec_file_load,
+        SYS_KEXEC_FILE_LOAD,
         libc::SYS_get_mempolicy,
         libc::SYS_set_mempolicy,
         libc::SYS_mbind,
@@ -142,7 +148,7 @@ fn denied(caps: &[String]) -> Vec<i64> {
             vec![
                 libc::SYS_reboot,
                 libc::SYS_kexec_load,
-                libc::SYS_kexec_file_load,
+                SYS_KEXEC_FILE_LOAD,
             ],
         ),
         ("CAP_SYSLOG", vec![libc::SYS_syslog]),
