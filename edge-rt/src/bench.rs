@@ -72,6 +72,7 @@ fn bundle(
     image: &oci_spec::image::ImageConfiguration,
     args: &[&str],
     cgroup: &str,
+    namespaces: &SharedNamespaces,
 ) -> Result<PathBuf> {
     let c = Container {
         name: "bench".into(),
@@ -85,7 +86,7 @@ fn bundle(
         rootfs,
         extra_env: &[],
         mounts: &[],
-        namespaces: &SharedNamespaces::default(),
+        namespaces,
         host_network: false,
         hostname: "bench",
         cgroups_path: cgroup,
@@ -147,12 +148,19 @@ fn cli_once(bin: &str, id: &str, root: &Path, bundle: &Path, wait_exit: bool) ->
     if !wait_exit {
         cmd.arg("-d");
     }
+    // A detached container inherits runc's stdio: a pipe here would keep
+    // `output()` waiting for as long as the container lives.
+    let stderr = if wait_exit {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     cmd.arg("--bundle")
         .arg(bundle)
         .arg(id)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(stderr);
     let t0 = Instant::now();
     let out = cmd.output().with_context(|| format!("running {bin}"))?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -189,11 +197,13 @@ fn cli_once(bin: &str, id: &str, root: &Path, bundle: &Path, wait_exit: bool) ->
 }
 
 fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
+    crate::supervisor::become_subreaper()?;
     let store = ImageStore::open(cfg.image_dir())?;
     let rec = store
         .resolve(image)?
         .with_context(|| format!("image {image} is not in the store: import or pull it first"))?;
     let image_cfg = store.config(&rec)?;
+    crate::runtime::unmount_under(dir);
     let _ = fs::remove_dir_all(dir);
     let rootfs = dir.join("rootfs");
     rootfs::prepare(
@@ -202,12 +212,17 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
         &dir.join("scratch"),
         &rootfs,
     )?;
+    // Containers join a pod sandbox's network, IPC and UTS namespaces, as
+    // every container of a pod does (made once, like a CRI sandbox).
+    let sandbox = crate::runtime::sandbox::Sandbox::ensure(&dir.join("sandbox"), "bench", false)?;
+    let ns = sandbox.namespaces();
     let true_b = bundle(
         &dir.join("true"),
         &rootfs,
         &image_cfg,
         &["/bin/true"],
         "/edge-rt-bench/true",
+        &ns,
     )?;
     let sleep_b = bundle(
         &dir.join("sleep"),
@@ -215,6 +230,7 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
         &image_cfg,
         &["/bin/sleep", "60"],
         "/edge-rt-bench/sleep",
+        &ns,
     )?;
     let state = dir.join("state");
     fs::create_dir_all(&state)?;
@@ -278,6 +294,7 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
         );
     }
     let _ = rootfs::release(&dir.join("scratch"), &rootfs);
+    let _ = sandbox.remove();
     Ok(())
 }
 
@@ -290,6 +307,7 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
 }
 
 async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
+    crate::runtime::unmount_under(dir);
     let _ = fs::remove_dir_all(dir);
     let manifests = dir.join("pods");
     fs::create_dir_all(&manifests)?;
@@ -311,7 +329,7 @@ async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
         .arg("--config")
         .arg(&config)
         .arg("run")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,libcgroups=error,libcontainer=error")
         .stdin(Stdio::null())
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(3)).await;

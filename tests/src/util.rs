@@ -268,3 +268,17 @@ fn toml_from(p: &Path) -> Result<edge_rt::config::Config> {
 pub fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
+
+pub use edge_rt::runtime::unmount_under;
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        unmount_under(self.dir.path());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        unmount_under(self.dir.path());
+    }
+}

@@ -419,7 +419,7 @@ async fn whiteouts_and_opaque_directories_with_overlay_and_with_copies() -> Resu
     Ok(())
 }
 
-fn try_import(layers: Vec<Entry>) -> Result<(ImageError, tempfile::TempDir)> {
+fn try_import(layers: Vec<Entry>) -> Result<(ImageError, Env)> {
     let mut s = ImageSpec::busybox()?;
     s.layers.push(Layer {
         entries: layers,
@@ -433,7 +433,7 @@ fn try_import(layers: Vec<Entry>) -> Result<(ImageError, tempfile::TempDir)> {
         env.store.list()?.is_empty(),
         "a refused image is not in the store"
     );
-    Ok((err, env.dir))
+    Ok((err, env))
 }
 
 #[tokio::test]
@@ -471,7 +471,7 @@ async fn hostile_layers_are_refused_and_nothing_lands_outside() -> Result<()> {
         ("device node", vec![Entry::CharDevice("dev/mem2".into())]),
     ];
     for (what, entries) in cases {
-        let (err, _dir) = try_import(entries)?;
+        let (err, _env) = try_import(entries)?;
         assert!(matches!(err, ImageError::BadLayer { .. }), "{what}: {err}");
         assert!(!victim.exists(), "{what}: wrote outside the root");
     }

@@ -131,8 +131,9 @@ fn supervise(child: Pid, exit_fd: RawFd, set: &SigSet) -> ! {
                 Ok(status) if status.pid() == Some(child) => {
                     if let Some(line) = format_status(&status) {
                         // SAFETY: exit_fd is our own open descriptor; the buffer is live.
+                        // No fsync: the state directory is tmpfs and only has to
+                        // outlive edge-rt restarts, not power cuts.
                         unsafe { libc::pwrite(exit_fd, line.as_ptr().cast(), line.len(), 0) };
-                        unsafe { libc::fsync(exit_fd) };
                     }
                     let code = match status {
                         WaitStatus::Exited(_, c) => c,

@@ -815,3 +815,21 @@ fn parse_exit(s: &str) -> Option<(i32, Option<i32>, Option<String>)> {
         _ => None,
     }
 }
+
+/// Lazily unmount everything mounted under `dir`, deepest first (overlays,
+/// namespace files): for tearing down a whole state directory.
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}

@@ -145,11 +145,7 @@ fn denied(caps: &[String]) -> Vec<i64> {
         ),
         (
             "CAP_SYS_BOOT",
-            vec![
-                libc::SYS_reboot,
-                libc::SYS_kexec_load,
-                SYS_KEXEC_FILE_LOAD,
-            ],
+            vec![libc::SYS_reboot, libc::SYS_kexec_load, SYS_KEXEC_FILE_LOAD],
         ),
         ("CAP_SYSLOG", vec![libc::SYS_syslog]),
         ("CAP_SYS_PACCT", vec![libc::SYS_acct]),

@@ -430,19 +430,20 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
         || sc
             .and_then(|s| s.allow_privilege_escalation)
             .unwrap_or(false);
-    let seccomp =
-        !privileged
-            && match sc
-                .and_then(|s| s.seccomp_profile.as_ref())
-                .or(psc.and_then(|p| p.seccomp_profile.as_ref()))
-                .map(|p| p.type_.as_str())
-            {
-                None | Some("RuntimeDefault") => true,
-                Some("Unconfined") => false,
-                Some(other) => return Err(config_err(format!(
+    let seccomp = !privileged
+        && match sc
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .or(psc.and_then(|p| p.seccomp_profile.as_ref()))
+            .map(|p| p.type_.as_str())
+        {
+            None | Some("RuntimeDefault") => true,
+            Some("Unconfined") => false,
+            Some(other) => {
+                return Err(config_err(format!(
                     "seccompProfile type {other:?} is not supported (RuntimeDefault or Unconfined)"
-                ))),
-            };
+                )))
+            }
+        };
     let has_admin = caps.iter().any(|c| c == "CAP_SYS_ADMIN");
     let keep_admin = seccomp && allow_escalation && !has_admin;
     let mut permitted = caps.clone();
