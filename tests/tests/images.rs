@@ -245,28 +245,28 @@ fn registry_blob(root: &Path, digest: &str) -> std::path::PathBuf {
         .join("data")
 }
 
+/// Digest of the first layer of the first image in an OCI layout.
+fn first_layer_digest(layout: &Path) -> Result<String> {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap_or_default();
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(
+        layout
+            .join("blobs/sha256")
+            .join(mdigest.trim_start_matches("sha256:")),
+    )?)?;
+    Ok(manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
 #[tokio::test]
 async fn tampered_blob_is_refused_and_nothing_half_done_remains() -> Result<()> {
     let reg = Registry::start(None)?;
     let layout = busybox_layout()?;
     let image = reg.push(layout.path(), "v1", "demo/busybox")?;
     // Corrupt the layer as the registry stores it (same size, other bytes).
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.path().join("index.json"))?)?;
-    let mdigest = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(
-        layout
-            .path()
-            .join("blobs/sha256")
-            .join(mdigest.trim_start_matches("sha256:")),
-    )?)?;
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let layer = first_layer_digest(layout.path())?;
     let path = registry_blob(&reg.data_dir(), &layer);
     let mut bytes = fs::read(&path)?;
     let mid = bytes.len() / 2;
@@ -289,22 +289,7 @@ async fn interrupted_pull_resumes_or_restarts() -> Result<()> {
     let reg = Registry::start(None)?;
     let layout = busybox_layout()?;
     let image = reg.push(layout.path(), "v1", "demo/busybox")?;
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.path().join("index.json"))?)?;
-    let mdigest = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(
-        layout
-            .path()
-            .join("blobs/sha256")
-            .join(mdigest.trim_start_matches("sha256:")),
-    )?)?;
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let layer = first_layer_digest(layout.path())?;
     let blob = fs::read(
         layout
             .path()
