@@ -50,6 +50,14 @@ async fn exit_code_and_cri_log() -> Result<()> {
     );
     let (_, ok, _) = run_to_exit(&rt, request(&p, &img, sh("ok", "true"))).await?;
     assert_eq!((ok.exit_code, ok.reason.as_str()), (0, "Completed"));
+    // Waiting after the exit, with nobody waiting when it happened.
+    let late = rt.run(request(&p, &img, sh("late", "exit 3")))?;
+    wait_for("exit recorded", Duration::from_secs(10), || async {
+        rt.get(&late.id).and_then(|r| r.exit)
+    })
+    .await?;
+    let exit = tokio::time::timeout(Duration::from_secs(5), rt.wait(&late.id)).await??;
+    assert_eq!(exit.exit_code, 3);
     teardown(&rt).await;
     Ok(())
 }

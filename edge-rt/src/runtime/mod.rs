@@ -586,7 +586,8 @@ impl Runtime {
         if let Some(l) = live.get_mut(id) {
             l.record = record;
             l.pidfd = None;
-            let _ = l.exited.send(Some(info));
+            // send_replace stores the value even when nobody waits yet.
+            l.exited.send_replace(Some(info));
         }
     }
 
