@@ -385,12 +385,17 @@ async fn whiteouts_and_opaque_directories_with_overlay_and_with_copies() -> Resu
     if !require_root() {
         return Ok(());
     }
+    // Built here, pushed with skopeo, pulled by edge-rt.
+    let reg = Registry::start(None)?;
     let d = tempfile::tempdir()?;
     fixtures::add_to_layout(d.path(), "wh", &whiteout_image()?)?;
+    let image = reg.push(d.path(), "wh", "demo/whiteouts")?;
     for mode in [RootfsMode::Overlay, RootfsMode::Copy] {
         let mut env = Env::new()?;
         env.cfg.rootfs = mode;
-        let img = archive::import(&env.store, d.path(), Some("busybox:latest"))?.remove(0);
+        let img = puller(&reg)?
+            .pull(&env.store, &image, None, &Progress::default())
+            .await?;
         assert_eq!(img.layers.len(), 3);
         let rt = env.runtime()?;
         let script = "ls /data | tr '\\n' ' '; echo; ls /keep | tr '\\n' ' '; echo; test -e /gone && echo gone-present || echo gone-absent; cat /keep/x-link";
