@@ -59,6 +59,11 @@ pub fn preload(store: &ImageStore, dir: &Path, state: &Path) -> Result<usize> {
 }
 
 pub async fn run(config_path: PathBuf) -> Result<()> {
+    // A daemon works from "/": its start directory may vanish or be mounted
+    // over (as PID 1 we mount /tmp and /run), and libcontainer changes to
+    // and back from the working directory while creating a container.
+    let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
+    std::env::set_current_dir("/").context("chdir /")?;
     let pid1 = supervisor::is_pid1();
     if pid1 {
         supervisor::pid1_mounts();
