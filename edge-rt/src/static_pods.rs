@@ -5,7 +5,7 @@
 //! re-runs them. Restart policies, init containers, probes and change
 //! tracking belong to the pod reconciler.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -130,14 +130,14 @@ pub async fn start_pod(
             .unwrap_or_else(|| "default".into()),
         host_network: spec.host_network.unwrap_or(false),
     };
-    let existing: BTreeMap<String, ()> = rt
+    let existing: BTreeSet<String> = rt
         .list()
         .into_iter()
         .filter(|r| r.pod.uid == pref.uid)
-        .map(|r| (r.name, ()))
+        .map(|r| r.name)
         .collect();
     for c in &spec.containers {
-        if existing.contains_key(&c.name) {
+        if existing.contains(&c.name) {
             continue;
         }
         let image_ref = c.image.clone().unwrap_or_default();

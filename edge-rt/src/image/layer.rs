@@ -90,7 +90,7 @@ pub fn unpack(
     let mut file = fs::File::open(blob).map_err(|e| ImageError::io(blob, e))?;
     let mut head = [0u8; 4];
     let n = read_up_to(&mut file, &mut head).map_err(|e| ImageError::io(blob, e))?;
-    let file = fs::File::open(blob).map_err(|e| ImageError::io(blob, e))?;
+    io::Seek::rewind(&mut file).map_err(|e| ImageError::io(blob, e))?;
     let raw: Box<dyn Read> = match Compression::detect(media_type, &head[..n]) {
         Compression::None => Box::new(io::BufReader::new(file)),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file))),

@@ -19,7 +19,7 @@ pub mod layer;
 pub mod registry;
 pub mod rootfs;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -653,15 +653,6 @@ impl ImageStore {
             }
         }
         Ok(removed)
-    }
-
-    /// Names and digests, for listing.
-    pub fn summary(&self) -> Result<BTreeMap<String, ImageRecord>> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .map(|r| (r.digest.clone(), r))
-            .collect())
     }
 }
 

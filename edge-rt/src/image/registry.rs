@@ -9,7 +9,6 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -549,5 +548,3 @@ pub async fn ensure(
         _ => puller.pull(store, reference, creds, progress).await,
     }
 }
-
-pub type SharedProgress = Arc<Progress>;
