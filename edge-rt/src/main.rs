@@ -163,14 +163,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
 
 async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
     let store = ImageStore::open(cfg.image_dir())?;
-    let in_use = || {
-        let mut u = edge_rt::image::InUse::default();
-        for r in runtime::load_records(&cfg.runtime.state_dir) {
-            u.images.insert(r.image_digest);
-            u.layers.extend(r.layers);
-        }
-        u
-    };
+    let in_use = || runtime::in_use_by(&runtime::load_records(&cfg.runtime.state_dir));
     match cmd {
         ImagesCmd::List { output } => {
             let list = store.list()?;

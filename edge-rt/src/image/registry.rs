@@ -298,25 +298,25 @@ impl Puller {
             size: size as i64,
             ..Default::default()
         };
-        let (stream, append) = if have > 0 && have < size {
-            match client
-                .pull_blob_stream_partial(r, &desc, have, None)
-                .await
-                .map_err(|e| map_error(e, r))?
-            {
-                BlobResponse::Partial(s) => (s, true),
-                BlobResponse::Full(s) => (s, false),
+        if have == size && size > 0 {
+            // Complete but never committed (a pull cut off just before).
+            match store.commit_blob_file(&part, digest, Some(size)) {
+                Err(ImageError::DigestMismatch { .. }) => {} // removed: start over
+                other => {
+                    progress.done.fetch_add(size, Ordering::Relaxed);
+                    return other;
+                }
             }
-        } else if have == size && size > 0 {
-            return store.commit_blob_file(&part, digest, Some(size));
-        } else {
-            match client
-                .pull_blob_stream_partial(r, &desc, 0, None)
-                .await
-                .map_err(|e| map_error(e, r))?
-            {
-                BlobResponse::Partial(s) | BlobResponse::Full(s) => (s, false),
-            }
+        }
+        let offset = if have < size { have } else { 0 };
+        let (stream, append) = match client
+            .pull_blob_stream_partial(r, &desc, offset, None)
+            .await
+            .map_err(|e| map_error(e, r))?
+        {
+            // A registry that ignores the range sends it all: restart.
+            BlobResponse::Partial(s) if offset > 0 => (s, true),
+            BlobResponse::Partial(s) | BlobResponse::Full(s) => (s, false),
         };
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)

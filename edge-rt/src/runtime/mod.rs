@@ -735,12 +735,7 @@ impl Runtime {
 
     /// Images and layers that containers (running or not yet removed) use.
     pub fn in_use(&self) -> InUse {
-        let mut u = InUse::default();
-        for l in self.lock().values() {
-            u.images.insert(l.record.image_digest.clone());
-            u.layers.extend(l.record.layers.iter().cloned());
-        }
-        u
+        in_use_by(self.lock().values().map(|l| &l.record))
     }
 }
 
@@ -772,6 +767,16 @@ pub fn spawn(
         .with_detach(true)
         .build()
         .map_err(|e| create_err(&e))
+}
+
+/// What the given container records hold: never garbage-collected.
+pub fn in_use_by<'a>(records: impl IntoIterator<Item = &'a ContainerRecord>) -> InUse {
+    let mut u = InUse::default();
+    for r in records {
+        u.images.insert(r.image_digest.clone());
+        u.layers.extend(r.layers.iter().cloned());
+    }
+    u
 }
 
 fn save_record(dir: &Path, r: &ContainerRecord) -> Result<(), RuntimeError> {
