@@ -1,7 +1,9 @@
 //! Test infrastructure for Outrigger's end-to-end suites: fixture images
 //! built from Debian's busybox-static, a real OCI registry (Debian's
-//! `docker-registry`) with TLS and basic auth, and helpers to run edge-rt.
+//! `docker-registry`) with TLS, basic auth or bearer tokens from a token
+//! server, and helpers to run edge-rt.
 
 pub mod fixtures;
 pub mod registry;
+pub mod token_server;
 pub mod util;

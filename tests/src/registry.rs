@@ -1,6 +1,7 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (CNCF
 //! distribution) on 127.0.0.1, with its own config, a test CA and
-//! optionally basic auth (htpasswd, bcrypt).
+//! optionally basic auth (htpasswd, bcrypt) or bearer-token auth (with the
+//! token server of `token_server`).
 
 use std::fs;
 use std::net::TcpStream;
@@ -18,7 +19,18 @@ pub struct Registry {
     /// The CA certificate, PEM.
     pub ca_pem: PathBuf,
     pub creds: Option<(String, String)>,
+    /// The token realm, when the registry uses bearer-token auth.
+    pub token_server: Option<crate::token_server::TokenServer>,
     _dir: tempfile::TempDir,
+}
+
+/// How the registry authenticates clients.
+pub enum Auth<'a> {
+    Anonymous,
+    /// htpasswd basic auth.
+    Basic(&'a str, &'a str),
+    /// Bearer tokens from a token server that checks these credentials.
+    Token(&'a str, &'a str),
 }
 
 fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
@@ -101,6 +113,13 @@ pub fn free_port() -> Result<u16> {
 impl Registry {
     /// Start a TLS registry, with basic auth when `creds` is given.
     pub fn start(creds: Option<(&str, &str)>) -> Result<Registry> {
+        match creds {
+            Some((u, p)) => Self::start_with(Auth::Basic(u, p)),
+            None => Self::start_with(Auth::Anonymous),
+        }
+    }
+
+    pub fn start_with(how: Auth) -> Result<Registry> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         make_certs(d)?;
@@ -109,14 +128,30 @@ impl Registry {
         fs::copy(d.join("ca.crt"), ca_dir.join("ca.crt"))?;
         let port = free_port()?;
         let mut auth = String::new();
-        if let Some((u, p)) = creds {
-            let hash = bcrypt::hash(p, 5)?;
-            fs::write(d.join("htpasswd"), format!("{u}:{hash}\n"))?;
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: outrigger-test\n    path: {}\n",
-                d.join("htpasswd").display()
-            );
-        }
+        let mut token_server = None;
+        let creds = match how {
+            Auth::Anonymous => None,
+            Auth::Basic(u, p) => {
+                let hash = bcrypt::hash(p, 5)?;
+                fs::write(d.join("htpasswd"), format!("{u}:{hash}\n"))?;
+                auth = format!(
+                    "auth:\n  htpasswd:\n    realm: outrigger-test\n    path: {}\n",
+                    d.join("htpasswd").display()
+                );
+                Some((u, p))
+            }
+            Auth::Token(u, p) => {
+                use crate::token_server::{TokenServer, ISSUER, SERVICE};
+                let ts = TokenServer::start(d, u, p)?;
+                auth = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    ts.realm,
+                    d.join("ca.crt").display()
+                );
+                token_server = Some(ts);
+                Some((u, p))
+            }
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n{auth}",
             d.join("data").display(),
@@ -150,6 +185,7 @@ impl Registry {
             ca_pem: ca_dir.join("ca.crt"),
             ca_dir,
             creds: creds.map(|(u, p)| (u.to_string(), p.to_string())),
+            token_server,
             _dir: dir,
         })
     }

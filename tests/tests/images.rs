@@ -1,8 +1,10 @@
 //! Images against a real registry (Debian's docker-registry over TLS with a
-//! test CA, with and without basic auth), and imports of real archives.
+//! test CA; anonymous, basic auth and bearer tokens), and imports of real
+//! archives.
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -11,7 +13,7 @@ use edge_rt::image::registry::{self, Credentials, Progress, PullPolicy, Puller, 
 use edge_rt::image::rootfs::RootfsMode;
 use edge_rt::image::{archive, auth, ImageError, ImageStore, InUse};
 use outrigger_tests::fixtures::{self, Compression, Entry, ImageSpec, Layer};
-use outrigger_tests::registry::Registry;
+use outrigger_tests::registry::{Auth, Registry};
 use outrigger_tests::util::*;
 
 fn puller(reg: &Registry) -> Result<Puller> {
@@ -121,6 +123,58 @@ async fn basic_auth_and_docker_config_secret() -> Result<()> {
     let rec = p
         .pull(&env.store, &image, Some(&creds), &Progress::default())
         .await?;
+    assert_eq!(
+        env.store.resolve(&image)?.map(|r| r.digest),
+        Some(rec.digest)
+    );
+    Ok(())
+}
+
+/// Bearer-token auth, the flow of Docker Hub, GHCR and Harbor: the registry
+/// sends the client to a token realm, which checks its credentials.
+#[tokio::test]
+async fn bearer_token_auth() -> Result<()> {
+    let reg = Registry::start_with(Auth::Token("edge", "t0ken"))?;
+    let layout = busybox_layout()?;
+    let image = reg.push(layout.path(), "v1", "private/busybox")?;
+    let env = Env::new()?;
+    let p = puller(&reg)?;
+    let issued = &reg.token_server.as_ref().expect("token server").issued;
+
+    let anon = p
+        .pull(&env.store, &image, None, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(anon, ImageError::Unauthorized { .. }),
+        "anonymous: {anon}"
+    );
+    let wrong = Credentials {
+        username: "edge".into(),
+        password: "wrong".into(),
+    };
+    let err = p
+        .pull(&env.store, &image, Some(&wrong), &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ImageError::Unauthorized { .. }),
+        "wrong password: {err}"
+    );
+    assert!(env.store.list()?.is_empty());
+
+    let before = issued.load(Ordering::Relaxed);
+    let right = Credentials {
+        username: "edge".into(),
+        password: "t0ken".into(),
+    };
+    let rec = p
+        .pull(&env.store, &image, Some(&right), &Progress::default())
+        .await?;
+    assert!(
+        issued.load(Ordering::Relaxed) > before,
+        "the pull went through the token server"
+    );
     assert_eq!(
         env.store.resolve(&image)?.map(|r| r.digest),
         Some(rec.digest)
