@@ -90,6 +90,7 @@ fn bundle(
         host_network: false,
         hostname: "bench",
         cgroups_path: cgroup,
+        cgroup_v2: crate::runtime::cgroups::is_unified(),
         pids_limit: None,
         annotations: Default::default(),
     })?;

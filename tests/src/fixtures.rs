@@ -57,14 +57,21 @@ pub struct ImageSpec {
 impl ImageSpec {
     /// A one-layer busybox image running `sh`.
     pub fn busybox() -> Result<ImageSpec> {
+        Self::busybox_for(Path::new(BUSYBOX), host_arch())
+    }
+
+    /// The same for another architecture: `binary` is a static busybox
+    /// built for `arch` (an OCI architecture name, e.g. `arm64`), such as
+    /// the one in Debian's `busybox-static:arm64` package.
+    pub fn busybox_for(binary: &Path, arch: &str) -> Result<ImageSpec> {
         Ok(ImageSpec {
-            layers: vec![busybox_layer()?],
+            layers: vec![busybox_layer_from(binary)?],
             entrypoint: vec![],
             cmd: vec!["sh".into()],
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
             user: None,
             working_dir: None,
-            architecture: host_arch().into(),
+            architecture: arch.into(),
         })
     }
 }
@@ -80,9 +87,18 @@ pub fn host_arch() -> &'static str {
 
 /// The busybox root filesystem: the binary, a link per applet, /etc files.
 pub fn busybox_layer() -> Result<Layer> {
+    busybox_layer_from(Path::new(BUSYBOX))
+}
+
+/// A busybox layer around `binary`; the applet list comes from the host's
+/// busybox (the same Debian package for another architecture has the same
+/// applets, and its binary may not run here).
+pub fn busybox_layer_from(binary: &Path) -> Result<Layer> {
     if !Path::new(BUSYBOX).exists() {
         bail!("{BUSYBOX} not found: install Debian's busybox-static");
     }
+    let binary_bytes =
+        fs::read(binary).with_context(|| format!("reading busybox {}", binary.display()))?;
     let out = Command::new(BUSYBOX)
         .arg("--list-full")
         .output()
@@ -100,7 +116,7 @@ pub fn busybox_layer() -> Result<Layer> {
         Entry::Dir("proc".into(), 0o755),
         Entry::Dir("sys".into(), 0o755),
         Entry::Dir("dev".into(), 0o755),
-        Entry::File("bin/busybox".into(), fs::read(BUSYBOX)?, 0o755),
+        Entry::File("bin/busybox".into(), binary_bytes, 0o755),
         Entry::File(
             "etc/passwd".into(),
             b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n".to_vec(),

@@ -7,3 +7,4 @@ pub mod fixtures;
 pub mod registry;
 pub mod token_server;
 pub mod util;
+pub mod vm;

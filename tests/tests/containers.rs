@@ -371,6 +371,23 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
         assert_eq!(mem.trim(), (32u64 << 20).to_string());
     }
     let _ = workload_pid(rec.pid.unwrap_or(0));
+
+    // The container sees its own limit at /sys/fs/cgroup, as programs that
+    // size themselves by it expect (v1 layout here, v2 in the VM suite).
+    let mut reader = sh(
+        "reader",
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max",
+    );
+    reader.resources = Some(ResourceRequirements {
+        limits: Some([("memory".to_string(), Quantity("32Mi".into()))].into()),
+        ..Default::default()
+    });
+    let (_, exit, lines) = run_to_exit(&rt, request(&pod("reader"), &img, reader)).await?;
+    assert_eq!(exit.exit_code, 0, "{lines:?}");
+    assert!(
+        lines.iter().any(|(_, l)| l == &(32u64 << 20).to_string()),
+        "{lines:?}"
+    );
     teardown(&rt).await;
     Ok(())
 }

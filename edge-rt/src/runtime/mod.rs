@@ -337,6 +337,7 @@ impl Runtime {
             host_network: pod.host_network,
             hostname: &pod.name,
             cgroups_path: &cgroup,
+            cgroup_v2: cgroups::is_unified(),
             pids_limit: self.cfg.pids_limit,
             annotations,
         })?;

@@ -98,6 +98,8 @@ pub struct SpecInput<'a> {
     pub host_network: bool,
     pub hostname: &'a str,
     pub cgroups_path: &'a str,
+    /// The host runs a unified (v2-only) cgroup hierarchy.
+    pub cgroup_v2: bool,
     pub pids_limit: Option<i64>,
     pub annotations: BTreeMap<String, String>,
 }
@@ -464,6 +466,9 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", if privileged { "rw" } else { "ro" }]}),
+        // The container's own cgroup, for programs that size themselves by
+        // their limits (JVMs, Go's and .NET's runtimes), as containerd does.
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", if privileged { "rw" } else { "ro" }]}),
     ];
     if i.mounts.iter().all(|m| m.destination != "/dev/shm") {
         mounts.push(json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}));
@@ -486,6 +491,11 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
         namespaces.push(ns("uts", &i.namespaces.uts));
     }
     namespaces.push(ns("ipc", &i.namespaces.ipc));
+    // A private cgroup namespace on v2 (the kubelet's default there), so
+    // /sys/fs/cgroup shows the container's own cgroup as its root.
+    if i.cgroup_v2 {
+        namespaces.push(json!({"type": "cgroup"}));
+    }
 
     let mut resources = serde_json::Map::new();
     let limits = c
@@ -524,6 +534,11 @@ pub fn generate(i: &SpecInput) -> Result<Generated, RuntimeError> {
     }
     if let Some(p) = i.pids_limit {
         resources.insert("pids".into(), json!({"limit": p}));
+    }
+    if i.cgroup_v2 {
+        // An OOM kill takes the whole container, not one process of it, as
+        // the kubelet sets it on v2: a half-killed container is worse.
+        resources.insert("unified".into(), json!({"memory.oom.group": "1"}));
     }
     resources.insert(
         "devices".into(),
@@ -668,6 +683,7 @@ mod tests {
             host_network: false,
             hostname: "p",
             cgroups_path: "/edge-rt/x",
+            cgroup_v2: false,
             pids_limit: Some(10),
             annotations: BTreeMap::new(),
         })

@@ -18,11 +18,21 @@ struct Args {
     /// Write an OCI layout directory instead of an archive.
     #[arg(long)]
     layout: bool,
+    /// A static busybox for another architecture (e.g. from Debian's
+    /// `busybox-static:arm64`), for an image of that architecture.
+    #[arg(long, requires = "arch")]
+    busybox: Option<PathBuf>,
+    /// The OCI architecture of `--busybox` (amd64, arm64, arm).
+    #[arg(long, requires = "busybox")]
+    arch: Option<String>,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let spec = ImageSpec::busybox()?;
+    let spec = match (&a.busybox, &a.arch) {
+        (Some(b), Some(arch)) => ImageSpec::busybox_for(b, arch)?,
+        _ => ImageSpec::busybox()?,
+    };
     if a.layout {
         fixtures::add_to_layout(&a.out, &a.tag, &spec)?;
     } else {

@@ -1,0 +1,137 @@
+//! edge-rt on a real kernel of another architecture: the static aarch64
+//! build boots as init of an emulated arm64 machine (Debian's kernel, pure
+//! cgroup v2 as on Raspberry Pi OS and most current gateway images), mounts
+//! what init must, and runs pods whose limits land in cgroup v2.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use outrigger_tests::fixtures::{self, ImageSpec};
+use outrigger_tests::vm::{Arm64Assets, Initramfs, Vm};
+
+/// Switch to a tmpfs root first: container creation uses pivot_root, which
+/// the kernel refuses on the initramfs itself (a gateway image boots from a
+/// real root filesystem and has no such step).
+const INIT: &str = "#!/bin/busybox sh
+B=/bin/busybox
+$B mkdir -p /newroot
+$B mount -t tmpfs -o mode=0755 root /newroot
+$B cp -a /bin /etc /usr /newroot/
+$B mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/run /newroot/tmp /newroot/var
+exec $B switch_root /newroot /bin/edge-rt run
+";
+
+const CONFIG: &str = "[runtime]\npids_limit = 16\n";
+
+/// Each check exits with its own code, so the exit code says which failed.
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: limits}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: check
+    image: busybox:latest
+    imagePullPolicy: Never
+    command: ["sh", "-c", "cd /sys/fs/cgroup || exit 9; [ -f cgroup.controllers ] || exit 10; [ \"$(cat memory.max)\" = 67108864 ] || exit 11; [ \"$(cat cpu.max)\" = '50000 100000' ] || exit 12; [ \"$(cat pids.max)\" = 16 ] || exit 13"]
+    resources:
+      limits: {memory: 64Mi, cpu: 500m}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: oom}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: hog
+    image: busybox:latest
+    imagePullPolicy: Never
+    command: ["sh", "-c", "dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived"]
+    resources:
+      limits: {memory: 16Mi}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pids}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: forker
+    image: busybox:latest
+    imagePullPolicy: Never
+    command: ["sh", "-c", "sh -c 'i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done' 2>/dev/null; set -- /proc/[0-9]*; [ $# -le 16 ] && [ $# -ge 8 ] || exit 14"]
+"#;
+
+/// The value of `key=` in a tracing log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!(" {key}=");
+    let at = line.find(&pat)? + pat.len();
+    line[at..]
+        .split_whitespace()
+        .next()
+        .map(|v| v.trim_matches('"'))
+}
+
+#[test]
+fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
+    let assets = Arm64Assets::locate()?;
+    let work = tempfile::tempdir()?;
+    let layout = work.path().join("layout");
+    let spec = ImageSpec::busybox_for(&assets.busybox, "arm64")?;
+    fixtures::add_to_layout(&layout, "latest", &spec)?;
+    let archive = work.path().join("busybox.tar");
+    fixtures::archive(&layout, &archive)?;
+
+    let mut initrd = Initramfs::default();
+    initrd
+        .dir("/dev")
+        .char_dev("/dev/console", 5, 1)
+        .dir("/bin")
+        .file("/init", INIT.as_bytes(), 0o755)
+        .file("/bin/busybox", &std::fs::read(&assets.busybox)?, 0o755)
+        .file("/bin/edge-rt", &std::fs::read(&assets.edge_rt)?, 0o755)
+        .dir("/etc/edge-rt/pods")
+        .file("/etc/edge-rt/config.toml", CONFIG.as_bytes(), 0o644)
+        .file("/etc/edge-rt/pods/pods.yaml", PODS.as_bytes(), 0o644)
+        .dir("/usr/share/edge-rt/images")
+        .file(
+            "/usr/share/edge-rt/images/busybox.tar",
+            &std::fs::read(&archive)?,
+            0o644,
+        );
+    let mut vm = Vm::boot_arm64(
+        &assets.kernel,
+        initrd.finish(),
+        "console=ttyAMA0 panic=-1 quiet",
+    )?;
+
+    let t = Duration::from_secs(90);
+    let up = vm.wait_line(t, |l| l.contains("edge-rt running"))?;
+    assert_eq!(field(&up, "pid1"), Some("true"), "{up}");
+
+    for (pod, container, code, reason) in [
+        ("limits", "check", "0", "Completed"),
+        ("oom", "hog", "137", "OOMKilled"),
+        ("pids", "forker", "0", "Completed"),
+    ] {
+        let started = vm.wait_line(t, |l| {
+            l.contains(" started ")
+                && field(l, "pod") == Some(pod)
+                && field(l, "container") == Some(container)
+        })?;
+        let id = field(&started, "id")
+            .context("container id in the started line")?
+            .to_string();
+        let exited = vm.wait_line(t, |l| {
+            l.contains("container exited") && field(l, "id") == Some(id.as_str())
+        })?;
+        assert_eq!(
+            (field(&exited, "code"), field(&exited, "reason")),
+            (Some(code), Some(reason)),
+            "{pod}/{container}: {exited}\nconsole:\n{}",
+            vm.console().join("\n")
+        );
+    }
+    Ok(())
+}
