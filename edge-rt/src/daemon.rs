@@ -2,8 +2,9 @@
 //!
 //! Order at start: PID 1 duties (if we are init), subreaper, signals, image
 //! store and preloaded images, runtime (re-adopting what a previous edge-rt
-//! left running), then static pods. Then it waits on signals, rescans the
-//! manifest directory and keeps the image store under its budget.
+//! left running), then the pods of the manifest directory. Then it waits on
+//! signals, applies manifest changes as they happen and keeps the image
+//! store under its budget.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use anyhow::{Context, Result};
 use crate::config::Config;
 use crate::image::registry::Puller;
 use crate::image::{archive, ImageStore};
+use crate::pods::events::EventRing;
+use crate::pods::{self, PodManager};
 use crate::runtime::Runtime;
 use crate::static_pods;
 use crate::supervisor::{self, Event};
@@ -86,31 +89,21 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         tracing::info!(count = n, "imported preloaded images");
     }
     let rt = Runtime::open(cfg.runtime.clone(), store.clone())?;
-    let mut puller = Puller::new(&cfg.registry)?;
+    let ctx = Arc::new(pods::Context {
+        rt: rt.clone(),
+        images: store.clone(),
+        puller: std::sync::Mutex::new(Arc::new(Puller::new(&cfg.registry)?)),
+        events: Arc::new(EventRing::default()),
+    });
+    let pods = Arc::new(PodManager::new(ctx.clone()));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 
-    let mut reported: BTreeMap<PathBuf, String> = BTreeMap::new();
-    let mut rescan = tokio::time::interval(Duration::from_secs(2));
+    let mut manifests = ManifestWatch::new(&cfg.node.manifests_dir);
+    manifests.apply(&pods);
     let mut gc = tokio::time::interval(Duration::from_secs(cfg.images.gc_interval_secs.max(10)));
     loop {
         tokio::select! {
-            _ = rescan.tick() => {
-                for m in static_pods::load_dir(&cfg.node.manifests_dir) {
-                    match &m.pod {
-                        Ok(pod) => {
-                            for (c, e) in static_pods::start_pod(&rt, &store, &puller, pod).await {
-                                tracing::error!(file = %m.file.display(), container = %c, error = %e, "cannot start container");
-                            }
-                        }
-                        Err(e) => {
-                            if reported.get(&m.file) != Some(e) {
-                                tracing::error!(file = %m.file.display(), error = %e, "invalid pod manifest");
-                                reported.insert(m.file.clone(), e.clone());
-                            }
-                        }
-                    }
-                }
-            }
+            _ = manifests.changed() => manifests.apply(&pods),
             _ = gc.tick() => {
                 match store.gc(cfg.images.budget_bytes, &rt.in_use()) {
                     Ok(r) if !r.images_removed.is_empty() => tracing::info!(removed = ?r.images_removed, bytes = r.bytes_after, "image gc"),
@@ -121,7 +114,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             ev = signals.recv() => match ev {
                 Some(Event::Reload) => match Config::load(&config_path) {
                     Ok(new) => {
-                        puller = Puller::new(&new.registry)?;
+                        match Puller::new(&new.registry) {
+                            Ok(p) => ctx.set_puller(p),
+                            Err(e) => tracing::error!(error = %e, "registry settings not applied"),
+                        }
+                        if new.node.manifests_dir != cfg.node.manifests_dir {
+                            manifests = ManifestWatch::new(&new.node.manifests_dir);
+                            manifests.apply(&pods);
+                        }
                         cfg.images = new.images;
                         cfg.node.manifests_dir = new.node.manifests_dir;
                         cfg.registry = new.registry;
@@ -145,5 +145,96 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 None => return Ok(()),
             }
         }
+    }
+}
+
+/// The static pod directory, watched with inotify (a manifest change is
+/// applied within milliseconds), with a slow full rescan behind it for what
+/// inotify cannot see (a directory created later, a network filesystem).
+struct ManifestWatch {
+    dir: PathBuf,
+    events: Option<inotify::EventStream<Vec<u8>>>,
+    rescan: tokio::time::Interval,
+    /// Errors already reported, so each is logged once.
+    reported: BTreeMap<String, String>,
+}
+
+impl ManifestWatch {
+    fn new(dir: &Path) -> ManifestWatch {
+        let mut rescan = tokio::time::interval(Duration::from_secs(30));
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut w = ManifestWatch {
+            dir: dir.to_path_buf(),
+            events: None,
+            rescan,
+            reported: BTreeMap::new(),
+        };
+        w.watch();
+        w
+    }
+
+    fn watch(&mut self) {
+        use inotify::{Inotify, WatchMask};
+        let r = Inotify::init().and_then(|i| {
+            i.watches().add(
+                &self.dir,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::DELETE
+                    | WatchMask::CREATE
+                    | WatchMask::DELETE_SELF
+                    | WatchMask::MOVE_SELF,
+            )?;
+            i.into_event_stream(vec![0u8; 4096])
+        });
+        match r {
+            Ok(s) => self.events = Some(s),
+            Err(e) => {
+                if self.dir.exists() {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the manifest directory; rescanning every 30 s");
+                }
+                self.events = None;
+            }
+        }
+    }
+
+    /// Resolves when the directory may have changed.
+    async fn changed(&mut self) {
+        use futures_util::StreamExt;
+        match self.events.as_mut() {
+            Some(ev) => tokio::select! {
+                e = ev.next() => match e {
+                    Some(Ok(e)) if e.mask.intersects(inotify::EventMask::DELETE_SELF | inotify::EventMask::MOVE_SELF | inotify::EventMask::IGNORED) => self.events = None,
+                    Some(Ok(_)) => {}
+                    _ => self.events = None,
+                },
+                _ = self.rescan.tick() => {}
+            },
+            None => {
+                self.rescan.tick().await;
+                self.watch();
+            }
+        }
+    }
+
+    /// Read the directory and hand its pods to the manager.
+    fn apply(&mut self, pods: &PodManager) {
+        let mut desired = Vec::new();
+        let mut errors = BTreeMap::new();
+        for m in static_pods::load_dir(&self.dir) {
+            match m.pod {
+                Ok(p) => desired.push(p),
+                Err(ref e) => {
+                    let place = m.place();
+                    if self.reported.get(&place) != Some(e) {
+                        tracing::error!(file = %place, error = %e, "invalid pod manifest; other pods are not affected");
+                    }
+                    errors.insert(place, e.clone());
+                }
+            }
+        }
+        self.reported = errors;
+        pods.apply(desired);
     }
 }

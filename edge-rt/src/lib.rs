@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod pods;
 pub mod runtime;
 pub mod static_pods;
 pub mod supervisor;

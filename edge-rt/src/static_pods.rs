@@ -1,68 +1,102 @@
-//! Static pod manifests: YAML files (several documents each) in a directory.
+//! Static pod manifests: YAML files (several documents each) in a
+//! directory, the source of desired pods in standalone mode.
 //!
-//! This is the first, run-once form of standalone mode: each container of
-//! each pod is started once, and a restarted edge-rt re-adopts rather than
-//! re-runs them. Restart policies, init containers, probes and change
-//! tracking belong to the pod reconciler.
+//! Every document is parsed and validated on its own: a bad one is reported
+//! with its file, document and field, and the others still run. As the
+//! kubelet does for static pods, a pod's uid is a hash of its namespace,
+//! name and content, so an edited manifest is a new pod (the old one stops)
+//! and an unchanged one keeps its uid across edge-rt restarts (its running
+//! containers are re-adopted, not restarted).
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 
-use crate::image::registry::{self, Progress, PullPolicy, Puller};
-use crate::image::ImageStore;
-use crate::runtime::{ContainerRequest, PodRef, Runtime, RuntimeError};
-
 /// One manifest document, parsed or not.
 pub struct Manifest {
     pub file: PathBuf,
+    /// 1-based document number within the file.
+    pub doc: usize,
     pub pod: Result<Pod, String>,
 }
 
-/// Read every `*.yaml` / `*.yml` file of `dir`, in name order.
+impl Manifest {
+    /// `file` or `file (document N)`, for messages.
+    pub fn place(&self) -> String {
+        if self.doc > 1 {
+            format!("{} (document {})", self.file.display(), self.doc)
+        } else {
+            self.file.display().to_string()
+        }
+    }
+}
+
+fn is_manifest(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // Editors' swap and backup files, and hidden files, are not manifests.
+    !name.starts_with('.') && p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+}
+
+/// Read every `*.yaml` / `*.yml` file of `dir`, in name order. A missing
+/// directory is no pods.
 pub fn load_dir(dir: &Path) -> Vec<Manifest> {
     let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
         Ok(rd) => rd
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .filter(|p| is_manifest(p))
             .collect(),
         Err(_) => return vec![],
     };
     files.sort();
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     for file in files {
         let text = match fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
                 out.push(Manifest {
                     file,
+                    doc: 1,
                     pod: Err(e.to_string()),
                 });
                 continue;
             }
         };
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
             let value = match serde_yaml_ng::Value::deserialize(doc) {
                 Ok(serde_yaml_ng::Value::Null) => continue,
                 Ok(v) => v,
                 Err(e) => {
+                    // A YAML syntax error ends the file's stream.
                     out.push(Manifest {
                         file: file.clone(),
+                        doc: i + 1,
                         pod: Err(e.to_string()),
                     });
                     break;
                 }
             };
-            let pod = serde_yaml_ng::from_value::<Pod>(value)
-                .map_err(|e| e.to_string())
-                .and_then(validate);
+            let pod = parse(value).and_then(|p| {
+                let key = (
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name.clone().unwrap_or_default(),
+                );
+                if seen.insert(key) {
+                    Ok(p)
+                } else {
+                    Err(format!(
+                        "metadata.name: pod {} is defined twice",
+                        p.metadata.name.as_deref().unwrap_or("")
+                    ))
+                }
+            });
             out.push(Manifest {
                 file: file.clone(),
+                doc: i + 1,
                 pod,
             });
         }
@@ -70,34 +104,122 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
     out
 }
 
-fn validate(pod: Pod) -> Result<Pod, String> {
-    if pod.metadata.name.as_deref().unwrap_or("").is_empty() {
+/// One document to a validated pod with its static uid.
+fn parse(v: serde_yaml_ng::Value) -> Result<Pod, String> {
+    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    if kind != "Pod" {
+        return Err(format!("kind: {:?} is not supported here (only Pod)", kind));
+    }
+    let content = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
+    let mut pod: Pod = serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.inner())
+    })?;
+    validate(&pod)?;
+    pod.metadata
+        .namespace
+        .get_or_insert_with(|| "default".into());
+    let uid = static_uid(&pod, &content);
+    pod.metadata.uid = Some(uid);
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("kubernetes.io/config.source".into(), "file".into());
+    Ok(pod)
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+/// The checks the API server would make on what edge-rt uses, each naming
+/// its field.
+pub fn validate(pod: &Pod) -> Result<(), String> {
+    let name = pod.metadata.name.as_deref().unwrap_or("");
+    if name.is_empty() {
         return Err("metadata.name: required".into());
+    }
+    if !dns_subdomain(name) {
+        return Err(format!(
+            "metadata.name: {name:?} must be lower-case letters, digits, '-' and '.'"
+        ));
+    }
+    if let Some(ns) = pod.metadata.namespace.as_deref() {
+        if !dns_label(ns) {
+            return Err(format!(
+                "metadata.namespace: {ns:?} is not a valid namespace"
+            ));
+        }
     }
     let spec = pod.spec.as_ref().ok_or("spec: required")?;
     if spec.containers.is_empty() {
         return Err("spec.containers: at least one container is required".into());
     }
-    for (i, c) in spec.containers.iter().enumerate() {
-        if c.image.as_deref().unwrap_or("").is_empty() {
-            return Err(format!("spec.containers[{i}].image: required"));
+    if let Some(p) = spec.restart_policy.as_deref() {
+        if !["Always", "OnFailure", "Never"].contains(&p) {
+            return Err(format!(
+                "spec.restartPolicy: {p:?} is not one of Always, OnFailure, Never"
+            ));
         }
     }
-    Ok(pod)
+    let mut names = BTreeSet::new();
+    let all = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| ("initContainers", c))
+        .enumerate()
+        .chain(
+            spec.containers
+                .iter()
+                .map(|c| ("containers", c))
+                .enumerate(),
+        );
+    for (i, (list, c)) in all {
+        let at = format!("spec.{list}[{i}]");
+        if !dns_label(&c.name) {
+            return Err(format!(
+                "{at}.name: {:?} is not a valid container name",
+                c.name
+            ));
+        }
+        if !names.insert(c.name.clone()) {
+            return Err(format!("{at}.name: {:?} is used twice", c.name));
+        }
+        if c.image.as_deref().unwrap_or("").is_empty() {
+            return Err(format!("{at}.image: required"));
+        }
+        if let Some(p) = c.image_pull_policy.as_deref() {
+            if !["Always", "IfNotPresent", "Never"].contains(&p) {
+                return Err(format!(
+                    "{at}.imagePullPolicy: {p:?} is not one of Always, IfNotPresent, Never"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
-/// A stable uid for a static pod: its own if given, else derived from its
-/// namespace and name, so a restarted edge-rt finds its containers again.
-pub fn pod_uid(pod: &Pod) -> String {
-    if let Some(uid) = pod.metadata.uid.as_ref().filter(|u| !u.is_empty()) {
-        return uid.clone();
-    }
-    let key = format!(
-        "{}/{}",
+/// A static pod's uid: its namespace and name and a hash of its content,
+/// formatted as a UUID.
+fn static_uid(pod: &Pod, content: &[u8]) -> String {
+    let mut key = format!(
+        "{}/{}\n",
         pod.metadata.namespace.as_deref().unwrap_or("default"),
         pod.metadata.name.as_deref().unwrap_or("")
-    );
-    let h = crate::image::sha256_hex(key.as_bytes());
+    )
+    .into_bytes();
+    key.extend_from_slice(content);
+    let h = crate::image::sha256_hex(&key);
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -108,72 +230,51 @@ pub fn pod_uid(pod: &Pod) -> String {
     )
 }
 
-/// Start every container of `pod` that has never run. Errors are per
-/// container and returned, so one bad pod does not stop the others.
-pub async fn start_pod(
-    rt: &Arc<Runtime>,
-    store: &ImageStore,
-    puller: &Puller,
-    pod: &Pod,
-) -> Vec<(String, String)> {
-    let mut errors = Vec::new();
-    let Some(spec) = pod.spec.as_ref() else {
-        return errors;
-    };
-    let pref = PodRef {
-        uid: pod_uid(pod),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        namespace: pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        host_network: spec.host_network.unwrap_or(false),
-    };
-    let existing: BTreeSet<String> = rt
-        .list()
-        .into_iter()
-        .filter(|r| r.pod.uid == pref.uid)
-        .map(|r| r.name)
-        .collect();
-    for c in &spec.containers {
-        if existing.contains(&c.name) {
-            continue;
-        }
-        let image_ref = c.image.clone().unwrap_or_default();
-        let policy = PullPolicy::from_k8s(c.image_pull_policy.as_deref(), &image_ref);
-        let progress = Progress::default();
-        let image = match registry::ensure(store, puller, &image_ref, policy, None, &progress).await
-        {
-            Ok(i) => i,
-            Err(e) => {
-                errors.push((c.name.clone(), e.to_string()));
-                continue;
-            }
-        };
-        let req = ContainerRequest {
-            pod: pref.clone(),
-            container: c.clone(),
-            pod_security: spec.security_context.clone(),
-            image,
-            extra_env: vec![],
-            mounts: vec![],
-            attempt: 0,
-        };
-        match rt.run(req) {
-            Ok(r) => tracing::info!(pod = %pref.name, container = %c.name, id = %r.id, "started"),
-            Err(e) => errors.push((c.name.clone(), describe(&e))),
-        }
-    }
-    errors
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn describe(e: &RuntimeError) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(x) = src {
-        s.push_str(&format!(": {x}"));
-        src = x.source();
+    fn write(dir: &Path, name: &str, text: &str) {
+        fs::write(dir.join(name), text).unwrap();
     }
-    s
+
+    #[test]
+    fn errors_name_the_file_and_field_and_spare_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "a.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: good}\nspec:\n  containers: [{name: c, image: busybox}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec:\n  containers: [{name: c, image: busybox, ports: [{containerPort: many}]}]\n",
+        );
+        write(d.path(), "b.yml", "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec: {containers: [{name: c, image: x}]}\n");
+        write(d.path(), ".swp.yaml", "garbage: [");
+        write(d.path(), "notes.txt", "not a manifest");
+        let m = load_dir(d.path());
+        assert_eq!(m.len(), 3);
+        assert!(m[0].pod.is_ok());
+        let e = m[1].pod.as_ref().unwrap_err();
+        assert!(
+            e.starts_with("spec.containers[0].ports[0].containerPort"),
+            "{e}"
+        );
+        assert_eq!(
+            m[1].place(),
+            format!("{} (document 2)", d.path().join("a.yaml").display())
+        );
+        let e = m[2].pod.as_ref().unwrap_err();
+        assert!(e.starts_with("metadata.name"), "{e}");
+    }
+
+    #[test]
+    fn uid_is_stable_and_follows_content() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: busybox}]}\n";
+        write(d.path(), "p.yaml", text);
+        let a = load_dir(d.path()).remove(0).pod.unwrap();
+        let b = load_dir(d.path()).remove(0).pod.unwrap();
+        assert_eq!(a.metadata.uid, b.metadata.uid);
+        write(d.path(), "p.yaml", &text.replace("busybox", "busybox:1"));
+        let c = load_dir(d.path()).remove(0).pod.unwrap();
+        assert_ne!(a.metadata.uid, c.metadata.uid);
+    }
 }

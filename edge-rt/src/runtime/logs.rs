@@ -84,11 +84,7 @@ impl LogFile {
 
     /// `log` -> `log.1` -> `log.2` ...; the oldest beyond `max_files` goes.
     fn rotate(&mut self) -> io::Result<()> {
-        let name = |i: u32| -> PathBuf {
-            let mut p = self.path.clone().into_os_string();
-            p.push(format!(".{i}"));
-            p.into()
-        };
+        let name = |i: u32| rotated(&self.path, i);
         if self.max_files > 1 {
             let _ = fs::remove_file(name(self.max_files - 1));
             for i in (1..self.max_files - 1).rev() {
@@ -105,6 +101,26 @@ impl LogFile {
         self.size = 0;
         Ok(())
     }
+}
+
+/// The `i`th rotated copy of a log file (`0.log.1` is the newest).
+pub fn rotated(path: &Path, i: u32) -> PathBuf {
+    let mut p = path.to_path_buf().into_os_string();
+    p.push(format!(".{i}"));
+    p.into()
+}
+
+/// A container's log file and its rotated copies that exist, oldest first.
+pub fn files_of(path: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = (1..64)
+        .map(|i| rotated(path, i))
+        .take_while(|p| p.exists())
+        .collect();
+    v.reverse();
+    if path.exists() {
+        v.push(path.to_path_buf());
+    }
+    v
 }
 
 /// Splits a byte stream into CRI records: complete lines as `F`, and a

@@ -251,6 +251,13 @@ impl Runtime {
         self.cfg.state_dir.join("containers").join(id)
     }
 
+    /// `<log_dir>/<namespace>_<name>_<uid>`, the kubelet's layout.
+    pub fn pod_log_dir(&self, pod: &PodRef) -> PathBuf {
+        self.cfg
+            .log_dir
+            .join(format!("{}_{}_{}", pod.namespace, pod.name, pod.uid))
+    }
+
     pub fn sandbox_dir(&self, pod_uid: &str) -> PathBuf {
         self.cfg.state_dir.join("pods").join(sanitize(pod_uid))
     }
@@ -261,9 +268,11 @@ impl Runtime {
 
     /// Create and start a container. Blocks for the creation (tens of ms).
     pub fn run(self: &Arc<Self>, req: ContainerRequest) -> Result<ContainerRecord, RuntimeError> {
+        // A hash of the pod uid keeps ids short (they end up in socket
+        // paths) and distinct whatever the uids look like.
         let id = format!(
             "{}-{}-{}",
-            sanitize(&req.pod.uid.chars().take(8).collect::<String>()),
+            &crate::image::sha256_hex(req.pod.uid.as_bytes())[..12],
             sanitize(&req.container.name),
             req.attempt
         );
@@ -355,9 +364,7 @@ impl Runtime {
         // Log FIFOs: the container holds them read-write, so a write never
         // fails for want of a reader while edge-rt restarts.
         let log_path = self
-            .cfg
-            .log_dir
-            .join(format!("{}_{}_{}", pod.namespace, pod.name, pod.uid))
+            .pod_log_dir(pod)
             .join(&req.container.name)
             .join(format!("{}.log", req.attempt));
         let mut fifo_fds = Vec::new();

@@ -1,0 +1,132 @@
+//! Kubernetes-style events (Pulling, Pulled, Created, Started, Killing,
+//! BackOff, Unhealthy, FailedMount, ...) kept in a bounded ring: a node that
+//! runs for months never grows it. Repeats of the same event fold into one
+//! with a count, as the API server's event aggregation does.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Events kept in all, across pods.
+pub const DEFAULT_CAPACITY: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodEvent {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod: String,
+    /// `spec.containers{name}` as the kubelet writes fieldPath, if any.
+    pub container: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub reason: String,
+    pub message: String,
+    pub count: u32,
+    /// RFC 3339.
+    pub first_timestamp: String,
+    pub last_timestamp: String,
+}
+
+pub struct EventRing {
+    cap: usize,
+    ring: Mutex<VecDeque<PodEvent>>,
+}
+
+impl Default for EventRing {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
+}
+
+impl EventRing {
+    pub fn new(cap: usize) -> EventRing {
+        EventRing {
+            cap: cap.max(1),
+            ring: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn push(&self, mut ev: PodEvent) {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        ev.first_timestamp = now.clone();
+        ev.last_timestamp = now;
+        ev.count = 1;
+        match ev.kind {
+            EventType::Normal => {
+                tracing::info!(pod = %ev.pod, container = ?ev.container, reason = %ev.reason, "{}", ev.message)
+            }
+            EventType::Warning => {
+                tracing::warn!(pod = %ev.pod, container = ?ev.container, reason = %ev.reason, "{}", ev.message)
+            }
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        // The same event again (the latest of its pod): count it.
+        if let Some(last) = ring.iter_mut().rev().find(|e| e.pod_uid == ev.pod_uid) {
+            if last.reason == ev.reason
+                && last.container == ev.container
+                && last.message == ev.message
+            {
+                last.count += 1;
+                last.last_timestamp = ev.last_timestamp;
+                return;
+            }
+        }
+        if ring.len() >= self.cap {
+            ring.pop_front();
+        }
+        ring.push_back(ev);
+    }
+
+    /// A pod's events, oldest first.
+    pub fn for_pod(&self, uid: &str) -> Vec<PodEvent> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().filter(|e| e.pod_uid == uid).cloned().collect()
+    }
+
+    pub fn all(&self) -> Vec<PodEvent> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(pod: &str, reason: &str) -> PodEvent {
+        PodEvent {
+            pod_uid: pod.into(),
+            namespace: "default".into(),
+            pod: pod.into(),
+            container: None,
+            kind: EventType::Normal,
+            reason: reason.into(),
+            message: format!("{reason} happened"),
+            count: 0,
+            first_timestamp: String::new(),
+            last_timestamp: String::new(),
+        }
+    }
+
+    #[test]
+    fn bounded_and_repeats_fold() {
+        let r = EventRing::new(3);
+        r.push(ev("a", "Pulled"));
+        r.push(ev("a", "BackOff"));
+        r.push(ev("a", "BackOff"));
+        assert_eq!(r.for_pod("a").len(), 2);
+        assert_eq!(r.for_pod("a")[1].count, 2);
+        r.push(ev("b", "Started"));
+        r.push(ev("b", "Killing"));
+        let all = r.all();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].reason, "BackOff");
+    }
+}

@@ -1,0 +1,760 @@
+//! Pods as the kubelet runs them: desired pods in, container actions out,
+//! status and events out.
+//!
+//! [`PodManager::apply`] takes the whole desired set from a source (the
+//! static manifest directory today; the store later). Each pod gets a worker
+//! task that owns everything about it: it re-adopts containers a previous
+//! edge-rt left, runs init containers in order, then the app containers,
+//! restarts them by policy with crash-loop back-off, and publishes a
+//! Kubernetes PodStatus after every step. Workers never touch each other's
+//! containers, so one bad pod cannot disturb another.
+
+pub mod backoff;
+pub mod events;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use tokio::sync::{watch, Notify};
+
+use crate::image::registry::{self, Progress, PullPolicy, Puller};
+use crate::image::ImageStore;
+use crate::runtime::{ContainerRecord, ContainerRequest, PodRef, Runtime, RuntimeError};
+use backoff::Backoff;
+use events::{EventRing, EventType, PodEvent};
+use status::{ContainerView, StatusInput};
+
+/// How long a worker sleeps when nothing is pending (it wakes earlier on
+/// any container exit or spec change).
+const IDLE: Duration = Duration::from_secs(60);
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// What every worker shares.
+pub struct Context {
+    pub rt: Arc<Runtime>,
+    pub images: Arc<ImageStore>,
+    pub puller: Mutex<Arc<Puller>>,
+    pub events: Arc<EventRing>,
+}
+
+impl Context {
+    fn puller(&self) -> Arc<Puller> {
+        self.puller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_puller(&self, p: Puller) {
+        *self.puller.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+    }
+}
+
+struct Entry {
+    desired: watch::Sender<Option<Arc<Pod>>>,
+    view: Arc<Mutex<Pod>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct PodManager {
+    ctx: Arc<Context>,
+    pods: Mutex<HashMap<String, Entry>>,
+}
+
+pub fn uid(pod: &Pod) -> &str {
+    pod.metadata.uid.as_deref().unwrap_or("")
+}
+
+pub fn namespace(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+pub fn name(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or("")
+}
+
+impl PodManager {
+    pub fn new(ctx: Arc<Context>) -> PodManager {
+        PodManager {
+            ctx,
+            pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Make the desired set of pods (each with `metadata.uid` set) the one
+    /// that runs: new pods start, changed ones are updated, missing ones are
+    /// stopped and removed.
+    pub fn apply(&self, desired: Vec<Pod>) {
+        let mut pods = self.lock();
+        pods.retain(|_, e| !e.task.is_finished());
+        let wanted: BTreeMap<String, Pod> = desired
+            .into_iter()
+            .map(|p| (uid(&p).to_string(), p))
+            .collect();
+        for (uid, e) in pods.iter() {
+            if !wanted.contains_key(uid) && e.desired.borrow().is_some() {
+                e.desired.send_replace(None);
+            }
+        }
+        for (uid, pod) in wanted {
+            match pods.get(&uid) {
+                Some(e) => {
+                    let changed = e.desired.borrow().as_ref().is_none_or(|cur| **cur != pod);
+                    if changed {
+                        e.desired.send_replace(Some(Arc::new(pod)));
+                    }
+                }
+                None => {
+                    let (tx, rx) = watch::channel(Some(Arc::new(pod.clone())));
+                    let view = Arc::new(Mutex::new(pod));
+                    let worker = Worker::new(self.ctx.clone(), &uid, view.clone());
+                    let task = tokio::spawn(worker.run(rx));
+                    pods.insert(
+                        uid,
+                        Entry {
+                            desired: tx,
+                            view,
+                            task,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every pod with its current status, by namespace and name.
+    pub fn list(&self) -> Vec<Pod> {
+        let mut v: Vec<Pod> = self
+            .lock()
+            .values()
+            .filter(|e| !e.task.is_finished())
+            .map(|e| e.view.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        v.sort_by(|a, b| (namespace(a), name(a)).cmp(&(namespace(b), name(b))));
+        v
+    }
+
+    pub fn find(&self, namespace_: &str, name_: &str) -> Option<Pod> {
+        self.list()
+            .into_iter()
+            .find(|p| namespace(p) == namespace_ && name(p) == name_)
+    }
+
+    /// Wait until every worker whose pod was removed has finished.
+    pub async fn settle(&self) {
+        loop {
+            let pending = self
+                .lock()
+                .values()
+                .any(|e| e.desired.borrow().is_none() && !e.task.is_finished());
+            if !pending {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One container of the pod as the worker tracks it.
+struct Tracked {
+    view: ContainerView,
+    spec: Container,
+    backoff: Backoff,
+    started: Option<Instant>,
+    /// The exit of `view.current` went into the back-off already.
+    exit_seen: bool,
+    /// The last start failed in the image pull.
+    pull_failed: bool,
+    /// The spec changed: restart whatever the policy says.
+    force_restart: bool,
+}
+
+impl Tracked {
+    fn new(c: &Container) -> Tracked {
+        Tracked {
+            view: ContainerView {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                started: true,
+                ..Default::default()
+            },
+            spec: c.clone(),
+            backoff: Backoff::default(),
+            started: None,
+            exit_seen: false,
+            pull_failed: false,
+            force_restart: false,
+        }
+    }
+
+    fn exit_code(&self) -> Option<i32> {
+        self.view
+            .current
+            .as_ref()
+            .and_then(|r| r.exit.as_ref())
+            .map(|e| e.exit_code)
+    }
+}
+
+/// Wall-clock RFC 3339 time to a monotonic instant (for containers adopted
+/// from a previous edge-rt).
+fn instant_of(rfc3339: Option<&str>) -> Option<Instant> {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339?).ok()?;
+    let ago = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+        .to_std()
+        .unwrap_or_default();
+    Instant::now().checked_sub(ago)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Init,
+    App,
+}
+
+struct Worker {
+    ctx: Arc<Context>,
+    uid: String,
+    init: Vec<Tracked>,
+    app: Vec<Tracked>,
+    notify: Arc<Notify>,
+    start_time: Option<Time>,
+    failed: Option<(String, String)>,
+    view: Arc<Mutex<Pod>>,
+}
+
+impl Worker {
+    fn new(ctx: Arc<Context>, uid: &str, view: Arc<Mutex<Pod>>) -> Worker {
+        Worker {
+            ctx,
+            uid: uid.to_string(),
+            init: vec![],
+            app: vec![],
+            notify: Arc::new(Notify::new()),
+            start_time: Some(Time(chrono::Utc::now())),
+            failed: None,
+            view,
+        }
+    }
+
+    fn pod_ref(&self, pod: &Pod) -> PodRef {
+        PodRef {
+            uid: self.uid.clone(),
+            name: name(pod).to_string(),
+            namespace: namespace(pod).to_string(),
+            host_network: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
+        }
+    }
+
+    fn event(
+        &self,
+        pod: &Pod,
+        container: Option<&str>,
+        kind: EventType,
+        reason: &str,
+        msg: String,
+    ) {
+        self.ctx.events.push(PodEvent {
+            pod_uid: self.uid.clone(),
+            namespace: namespace(pod).to_string(),
+            pod: name(pod).to_string(),
+            container: container.map(str::to_string),
+            kind,
+            reason: reason.to_string(),
+            message: msg,
+            count: 0,
+            first_timestamp: String::new(),
+            last_timestamp: String::new(),
+        });
+    }
+
+    fn tracked(&mut self, kind: Kind, i: usize) -> &mut Tracked {
+        match kind {
+            Kind::Init => &mut self.init[i],
+            Kind::App => &mut self.app[i],
+        }
+    }
+
+    async fn run(mut self, mut desired: watch::Receiver<Option<Arc<Pod>>>) {
+        let mut last: Option<Arc<Pod>> = None;
+        loop {
+            let pod = desired.borrow_and_update().clone();
+            let Some(pod) = pod else {
+                if let Some(p) = last {
+                    self.terminate(&p).await;
+                }
+                return;
+            };
+            if last.is_none() {
+                self.adopt(&pod);
+            } else {
+                self.update_spec(&pod).await;
+            }
+            let wake = self.sync(&pod).await;
+            self.publish(&pod, false);
+            last = Some(pod);
+            tokio::select! {
+                r = desired.changed() => if r.is_err() {
+                    // The manager is gone (edge-rt is exiting): leave the
+                    // containers running for the next edge-rt to adopt.
+                    return;
+                },
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(wake) => {}
+            }
+        }
+    }
+
+    /// Track the pod's containers, re-adopting any a previous edge-rt left.
+    fn adopt(&mut self, pod: &Pod) {
+        let Some(spec) = pod.spec.as_ref() else {
+            return;
+        };
+        let mut mine: Vec<ContainerRecord> = self
+            .ctx
+            .rt
+            .list()
+            .into_iter()
+            .filter(|r| r.pod.uid == self.uid)
+            .collect();
+        mine.sort_by_key(|r| r.attempt);
+        let build = |c: &Container, this: &Self| {
+            let mut t = Tracked::new(c);
+            let attempts: Vec<&ContainerRecord> =
+                mine.iter().filter(|r| r.name == c.name).collect();
+            if let Some(cur) = attempts.last() {
+                t.view.current = Some((*cur).clone());
+                t.view.restart_count = cur.attempt;
+                t.view.previous = attempts.iter().rev().nth(1).map(|r| (*r).clone());
+                t.started = instant_of(cur.started_at.as_deref());
+                t.exit_seen = cur.exit.is_some();
+                if cur.exit.is_none() {
+                    this.watch_exit(&cur.id);
+                }
+            }
+            // Older attempts than the previous one are of no further use.
+            for old in attempts.iter().rev().skip(2) {
+                this.forget(old);
+            }
+            t
+        };
+        self.init = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| build(c, self))
+            .collect();
+        self.app = spec.containers.iter().map(|c| build(c, self)).collect();
+        if !mine.is_empty() {
+            tracing::info!(pod = name(pod), containers = mine.len(), "re-adopted pod");
+        }
+    }
+
+    /// The same pod with a new spec: containers whose spec changed restart.
+    async fn update_spec(&mut self, pod: &Pod) {
+        let Some(spec) = pod.spec.as_ref() else {
+            return;
+        };
+        let grace = grace_period(pod);
+        for c in &spec.containers {
+            let Some(i) = self.app.iter().position(|t| t.spec.name == c.name) else {
+                continue;
+            };
+            if self.app[i].spec == *c {
+                continue;
+            }
+            self.app[i].spec = c.clone();
+            self.app[i].view.image = c.image.clone().unwrap_or_default();
+            self.app[i].force_restart = true;
+            if let Some(id) = self.app[i]
+                .view
+                .current
+                .as_ref()
+                .filter(|r| r.exit.is_none())
+                .map(|r| r.id.clone())
+            {
+                self.event(
+                    pod,
+                    Some(&c.name),
+                    EventType::Normal,
+                    "Killing",
+                    format!("Container {} definition changed, will be restarted", c.name),
+                );
+                let _ = self.ctx.rt.stop(&id, grace).await;
+                self.refresh(Kind::App, i);
+            }
+        }
+    }
+
+    fn watch_exit(&self, id: &str) {
+        let (rt, notify, id) = (self.ctx.rt.clone(), self.notify.clone(), id.to_string());
+        tokio::spawn(async move {
+            let _ = rt.wait(&id).await;
+            notify.notify_one();
+        });
+    }
+
+    /// Remove a container this worker no longer needs, and its logs.
+    fn forget(&self, r: &ContainerRecord) {
+        if let Err(e) = self.ctx.rt.remove(&r.id) {
+            tracing::warn!(id = %r.id, error = %e, "removing container");
+        }
+        for p in crate::runtime::logs::files_of(&r.log_path) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Pick up the runtime's latest record of the container (its exit).
+    fn refresh(&mut self, kind: Kind, i: usize) {
+        let id = self
+            .tracked(kind, i)
+            .view
+            .current
+            .as_ref()
+            .map(|r| r.id.clone());
+        if let Some(r) = id.and_then(|id| self.ctx.rt.get(&id)) {
+            self.tracked(kind, i).view.current = Some(r);
+        }
+    }
+
+    /// One pass: look at every container and do what is due. Returns how
+    /// long until something is due again.
+    async fn sync(&mut self, pod: &Pod) -> Duration {
+        let now = Instant::now();
+        for kind in [Kind::Init, Kind::App] {
+            let n = if kind == Kind::Init {
+                self.init.len()
+            } else {
+                self.app.len()
+            };
+            for i in 0..n {
+                self.refresh(kind, i);
+                let t = self.tracked(kind, i);
+                if t.exit_code().is_some() && !t.exit_seen {
+                    t.exit_seen = true;
+                    t.view.ready = false;
+                    let started = t.started.unwrap_or(now);
+                    t.backoff.record_exit(started, now);
+                }
+            }
+        }
+        if self.failed.is_some() {
+            return IDLE;
+        }
+        let policy = restart_policy(pod);
+
+        for i in 0..self.init.len() {
+            let t = &self.init[i];
+            if t.view.running() {
+                return IDLE;
+            }
+            match t.exit_code() {
+                Some(0) => continue,
+                Some(code) if policy == "Never" => {
+                    let name = t.spec.name.clone();
+                    self.failed = Some((
+                        "InitContainerFailed".into(),
+                        format!("init container {name} exited with {code}"),
+                    ));
+                    return IDLE;
+                }
+                _ => return self.start_or_wait(pod, Kind::Init, i, now).await,
+            }
+        }
+
+        let mut wake = IDLE;
+        for i in 0..self.app.len() {
+            let t = &self.app[i];
+            if t.view.running() {
+                continue;
+            }
+            let due = match t.exit_code() {
+                None => true,
+                Some(code) => {
+                    t.force_restart
+                        || match policy {
+                            "Never" => false,
+                            "OnFailure" => code != 0,
+                            _ => true,
+                        }
+                }
+            };
+            if due {
+                wake = wake.min(self.start_or_wait(pod, Kind::App, i, now).await);
+            }
+        }
+        wake
+    }
+
+    /// Start the container unless it is in back-off; returns when to look again.
+    async fn start_or_wait(&mut self, pod: &Pod, kind: Kind, i: usize, now: Instant) -> Duration {
+        let t = self.tracked(kind, i);
+        if t.force_restart {
+            t.backoff = Backoff::default();
+        }
+        let wait = t.backoff.remaining(now);
+        if !wait.is_zero() {
+            let (name, image) = (t.spec.name.clone(), t.view.image.clone());
+            let (reason, msg) = if t.pull_failed {
+                (
+                    "ImagePullBackOff",
+                    format!("Back-off pulling image \"{image}\""),
+                )
+            } else {
+                (
+                    "CrashLoopBackOff",
+                    format!(
+                        "back-off {}s restarting failed container={name} pod={}",
+                        t.backoff.in_force().as_secs(),
+                        self::name(pod)
+                    ),
+                )
+            };
+            t.view.waiting = Some((reason.into(), msg.clone()));
+            let ev_reason = "BackOff";
+            let ev_msg = if t.pull_failed {
+                msg
+            } else {
+                "Back-off restarting failed container".to_string()
+            };
+            self.event(pod, Some(&name), EventType::Warning, ev_reason, ev_msg);
+            return wait;
+        }
+        self.start(pod, kind, i).await;
+        let t = self.tracked(kind, i);
+        if t.view.waiting.is_some() {
+            // The start failed: try again after the back-off.
+            t.backoff.record_exit(now, Instant::now());
+            return t
+                .backoff
+                .remaining(Instant::now())
+                .max(Duration::from_millis(10));
+        }
+        IDLE
+    }
+
+    async fn start(&mut self, pod: &Pod, kind: Kind, i: usize) {
+        let pref = self.pod_ref(pod);
+        let spec = self.tracked(kind, i).spec.clone();
+        let image_ref = spec.image.clone().unwrap_or_default();
+        let policy = PullPolicy::from_k8s(spec.image_pull_policy.as_deref(), &image_ref);
+        let present = self.ctx.images.resolve(&image_ref).ok().flatten().is_some();
+        let will_pull =
+            matches!(policy, PullPolicy::Always) || (!present && policy != PullPolicy::Never);
+        if will_pull {
+            self.event(
+                pod,
+                Some(&spec.name),
+                EventType::Normal,
+                "Pulling",
+                format!("Pulling image \"{image_ref}\""),
+            );
+        }
+        let started = Instant::now();
+        let puller = self.ctx.puller();
+        let image = match registry::ensure(
+            &self.ctx.images,
+            &puller,
+            &image_ref,
+            policy,
+            None,
+            &Progress::default(),
+        )
+        .await
+        {
+            Ok(img) => {
+                if will_pull {
+                    self.event(
+                        pod,
+                        Some(&spec.name),
+                        EventType::Normal,
+                        "Pulled",
+                        format!(
+                            "Successfully pulled image \"{image_ref}\" in {:.3}s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
+                img
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let reason = if matches!(e, crate::image::ImageError::NeverPull(_)) {
+                    "ErrImageNeverPull"
+                } else {
+                    "ErrImagePull"
+                };
+                self.event(
+                    pod,
+                    Some(&spec.name),
+                    EventType::Warning,
+                    "Failed",
+                    format!("Failed to pull image \"{image_ref}\": {msg}"),
+                );
+                let t = self.tracked(kind, i);
+                t.pull_failed = true;
+                t.view.waiting = Some((reason.into(), msg));
+                return;
+            }
+        };
+        let t = self.tracked(kind, i);
+        t.pull_failed = false;
+        let attempt = match &t.view.current {
+            Some(_) => t.view.restart_count + 1,
+            None => 0,
+        };
+        let req = ContainerRequest {
+            pod: pref,
+            container: spec.clone(),
+            pod_security: pod.spec.as_ref().and_then(|s| s.security_context.clone()),
+            image,
+            extra_env: vec![],
+            mounts: vec![],
+            attempt,
+        };
+        match self.ctx.rt.run(req) {
+            Ok(rec) => {
+                self.event(
+                    pod,
+                    Some(&spec.name),
+                    EventType::Normal,
+                    "Created",
+                    format!("Created container {}", spec.name),
+                );
+                self.event(
+                    pod,
+                    Some(&spec.name),
+                    EventType::Normal,
+                    "Started",
+                    format!("Started container {}", spec.name),
+                );
+                self.watch_exit(&rec.id);
+                let t = self.tracked(kind, i);
+                let older = t.view.previous.take();
+                t.view.previous = t.view.current.take();
+                t.view.current = Some(rec);
+                t.view.restart_count = attempt;
+                t.view.waiting = None;
+                t.view.ready = true;
+                t.started = Some(Instant::now());
+                t.exit_seen = false;
+                t.force_restart = false;
+                if let Some(old) = older {
+                    self.forget(&old);
+                }
+            }
+            Err(e) => {
+                let reason = match e {
+                    RuntimeError::Config(_) => "CreateContainerConfigError",
+                    _ => "CreateContainerError",
+                };
+                let msg = describe(&e);
+                self.event(
+                    pod,
+                    Some(&spec.name),
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {msg}"),
+                );
+                let t = self.tracked(kind, i);
+                t.view.waiting = Some((reason.into(), msg));
+            }
+        }
+    }
+
+    /// The pod was removed: stop its containers (grace period), then remove
+    /// them, their logs and the sandbox.
+    async fn terminate(&mut self, pod: &Pod) {
+        self.publish(pod, true);
+        let grace = grace_period(pod);
+        let running: Vec<(String, String)> = self
+            .init
+            .iter()
+            .chain(self.app.iter())
+            .filter_map(|t| t.view.current.as_ref())
+            .filter(|r| r.exit.is_none())
+            .map(|r| (r.id.clone(), r.name.clone()))
+            .collect();
+        for (_, name) in &running {
+            self.event(
+                pod,
+                Some(name),
+                EventType::Normal,
+                "Killing",
+                format!("Stopping container {name}"),
+            );
+        }
+        let rt = &self.ctx.rt;
+        futures_util::future::join_all(running.iter().map(|(id, _)| rt.stop(id, grace))).await;
+        for r in rt.list().into_iter().filter(|r| r.pod.uid == self.uid) {
+            self.forget(&r);
+        }
+        if let Err(e) = rt.remove_sandbox(&self.uid) {
+            tracing::warn!(pod = name(pod), error = %e, "removing pod sandbox");
+        }
+        let _ = std::fs::remove_dir_all(rt.pod_log_dir(&self.pod_ref(pod)));
+        tracing::info!(pod = name(pod), "pod removed");
+    }
+
+    fn publish(&self, pod: &Pod, terminating: bool) {
+        let initialized = self.init.iter().all(|t| t.exit_code() == Some(0));
+        let init: Vec<ContainerView> = self.init.iter().map(|t| t.view.clone()).collect();
+        let app: Vec<ContainerView> = self.app.iter().map(|t| t.view.clone()).collect();
+        let st = status::pod_status(&StatusInput {
+            pod,
+            init: &init,
+            app: &app,
+            initialized,
+            failed: self.failed.clone(),
+            pod_ips: vec![],
+            host_ip: None,
+            start_time: self.start_time.clone(),
+            terminating,
+        });
+        let mut p = pod.clone();
+        p.status = Some(st);
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = p;
+    }
+}
+
+fn restart_policy(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .unwrap_or("Always")
+}
+
+fn grace_period(pod: &Pod) -> Duration {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .map(|s| Duration::from_secs(s.max(0) as u64))
+        .unwrap_or(DEFAULT_GRACE)
+}
+
+/// An error with its causes, for messages.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
+}

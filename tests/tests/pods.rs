@@ -1,0 +1,403 @@
+//! Pod semantics with real containers: init containers, restart policies,
+//! crash-loop back-off, status and events, removal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use edge_rt::pods::events::EventRing;
+use edge_rt::pods::{self, Context, PodManager};
+use edge_rt::runtime::Runtime;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use outrigger_tests::util::*;
+use serde_json::json;
+
+struct Harness {
+    pods: PodManager,
+    rt: Arc<Runtime>,
+    _env: Env,
+}
+
+impl Harness {
+    fn new() -> Result<Harness> {
+        let env = Env::new()?;
+        busybox_image(&env.store)?;
+        let rt = env.runtime()?;
+        let ctx = Arc::new(Context {
+            rt: rt.clone(),
+            images: env.store.clone(),
+            puller: std::sync::Mutex::new(Arc::new(edge_rt::image::registry::Puller::new(
+                &Default::default(),
+            )?)),
+            events: Arc::new(EventRing::default()),
+        });
+        Ok(Harness {
+            pods: PodManager::new(ctx),
+            rt,
+            _env: env,
+        })
+    }
+
+    async fn wait(&self, name: &str, what: &str, pred: impl Fn(&Pod) -> bool) -> Result<Pod> {
+        let r = wait_for(what, Duration::from_secs(20), || async {
+            self.pods.find("default", name).filter(|p| pred(p))
+        })
+        .await;
+
+        r.with_context(|| {
+            format!(
+                "pod {name}: {}",
+                serde_json::to_string_pretty(
+                    &self.pods.find("default", name).and_then(|p| p.status)
+                )
+                .unwrap_or_default()
+            )
+        })
+    }
+
+    fn events(&self, pod: &Pod) -> Vec<(String, Option<String>)> {
+        self.pods
+            .context()
+            .events
+            .for_pod(pods::uid(pod))
+            .into_iter()
+            .map(|e| (e.reason, e.container))
+            .collect()
+    }
+
+    async fn teardown(self) {
+        self.pods.apply(vec![]);
+        self.pods.settle().await;
+    }
+}
+
+/// A pod from JSON, with a uid as a source would set it.
+fn pod(v: serde_json::Value) -> Pod {
+    let mut p: Pod = serde_json::from_value(v).expect("pod json");
+    let name = p.metadata.name.clone().unwrap_or_default();
+    p.metadata.uid = Some(format!("{name}-{}", std::process::id()));
+    p.metadata.namespace = Some("default".into());
+    p
+}
+
+fn sh(name: &str, script: &str) -> serde_json::Value {
+    json!({"name": name, "image": "busybox:latest", "imagePullPolicy": "Never", "command": ["sh", "-c", script]})
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+fn app(p: &Pod, name: &str) -> Option<ContainerStatus> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == name)
+        .cloned()
+}
+
+fn init(p: &Pod, name: &str) -> Option<ContainerStatus> {
+    p.status
+        .as_ref()?
+        .init_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == name)
+        .cloned()
+}
+
+fn condition(p: &Pod, kind: &str) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+fn exit_code(c: &ContainerStatus) -> Option<i32> {
+    c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
+}
+
+#[tokio::test]
+async fn init_containers_run_in_order_before_the_app() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let p = pod(json!({
+        "metadata": {"name": "ordered"},
+        "spec": {
+            "initContainers": [sh("first", "sleep 0.3"), sh("second", "sleep 0.1")],
+            "containers": [sh("app", "sleep 30")],
+        }
+    }));
+    h.pods.apply(vec![p.clone()]);
+    let ready = h
+        .wait("ordered", "Running and Ready", |p| {
+            phase(p) == "Running" && condition(p, "Ready").as_deref() == Some("True")
+        })
+        .await?;
+    assert_eq!(condition(&ready, "Initialized").as_deref(), Some("True"));
+    let first = init(&ready, "first").context("first")?;
+    let second = init(&ready, "second").context("second")?;
+    let app_ = app(&ready, "app").context("app")?;
+    let t = |c: &ContainerStatus| c.state.clone().and_then(|s| s.terminated).unwrap();
+    assert_eq!(exit_code(&first), Some(0));
+    assert_eq!(t(&first).reason.as_deref(), Some("Completed"));
+    // Each starts only after the one before has finished.
+    assert!(t(&first).finished_at.unwrap().0 <= t(&second).started_at.unwrap().0);
+    let app_started = app_
+        .state
+        .and_then(|s| s.running)
+        .and_then(|r| r.started_at);
+    assert!(t(&second).finished_at.unwrap().0 <= app_started.unwrap().0);
+    let started: Vec<Option<String>> = h
+        .events(&ready)
+        .into_iter()
+        .filter(|(r, _)| r == "Started")
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(
+        started,
+        vec![
+            Some("first".into()),
+            Some("second".into()),
+            Some("app".into())
+        ]
+    );
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_init_container_fails_a_never_pod_and_is_retried_otherwise() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let never = pod(json!({
+        "metadata": {"name": "init-never"},
+        "spec": {
+            "restartPolicy": "Never",
+            "initContainers": [sh("setup", "exit 3")],
+            "containers": [sh("app", "sleep 30")],
+        }
+    }));
+    let retry = pod(json!({
+        "metadata": {"name": "init-retry"},
+        "spec": {
+            "restartPolicy": "OnFailure",
+            "initContainers": [sh("setup", "exit 3")],
+            "containers": [sh("app", "sleep 30")],
+        }
+    }));
+    h.pods.apply(vec![never, retry]);
+    let failed = h
+        .wait("init-never", "Failed", |p| phase(p) == "Failed")
+        .await?;
+    assert_eq!(exit_code(&init(&failed, "setup").unwrap()), Some(3));
+    let app_ = app(&failed, "app").unwrap();
+    assert!(app_.state.unwrap().waiting.is_some(), "the app never ran");
+    assert_eq!(condition(&failed, "Initialized").as_deref(), Some("False"));
+
+    let retried = h
+        .wait("init-retry", "init restarted", |p| {
+            init(p, "setup").is_some_and(|c| c.restart_count >= 1)
+        })
+        .await?;
+    assert_eq!(phase(&retried), "Pending");
+    assert!(app(&retried, "app").unwrap().container_id.is_none());
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_policies() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mk = |name: &str, policy: &str, code: i32| {
+        pod(json!({
+            "metadata": {"name": name},
+            "spec": {"restartPolicy": policy, "containers": [sh("c", &format!("sleep 0.2; exit {code}"))]}
+        }))
+    };
+    h.pods.apply(vec![
+        mk("always-ok", "Always", 0),
+        mk("onfailure-ok", "OnFailure", 0),
+        mk("onfailure-bad", "OnFailure", 3),
+        mk("never-bad", "Never", 3),
+        mk("never-ok", "Never", 0),
+    ]);
+    let restarted = |p: &Pod| app(p, "c").is_some_and(|c| c.restart_count >= 1);
+    let p = h.wait("always-ok", "restarted", restarted).await?;
+    assert_eq!(phase(&p), "Running");
+    let p = h.wait("onfailure-bad", "restarted", restarted).await?;
+    assert_eq!(phase(&p), "Running");
+    let last = app(&p, "c")
+        .unwrap()
+        .last_state
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+
+    let p = h
+        .wait("onfailure-ok", "Succeeded", |p| phase(p) == "Succeeded")
+        .await?;
+    assert_eq!(app(&p, "c").unwrap().restart_count, 0);
+    let p = h
+        .wait("never-bad", "Failed", |p| phase(p) == "Failed")
+        .await?;
+    let c = app(&p, "c").unwrap();
+    assert_eq!((c.restart_count, exit_code(&c)), (0, Some(3)));
+    assert_eq!(condition(&p, "Ready").as_deref(), Some("False"));
+    h.wait("never-ok", "Succeeded", |p| phase(p) == "Succeeded")
+        .await?;
+
+    // Terminal pods stay so: nothing restarts them later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for name in ["onfailure-ok", "never-bad", "never-ok"] {
+        let p = h.pods.find("default", name).unwrap();
+        assert_eq!(app(&p, "c").unwrap().restart_count, 0, "{name}");
+    }
+    h.teardown().await;
+
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crash_loop_backs_off_and_reports_it() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "crasher"},
+        "spec": {"containers": [sh("c", "echo bye; exit 2")]}
+    }))]);
+    // The first restart is immediate; the second waits 10 s.
+    let p = h
+        .wait("crasher", "CrashLoopBackOff", |p| {
+            app(p, "c").is_some_and(|c| {
+                c.state
+                    .as_ref()
+                    .and_then(|s| s.waiting.as_ref())
+                    .and_then(|w| w.reason.as_deref())
+                    == Some("CrashLoopBackOff")
+            })
+        })
+        .await?;
+    let c = app(&p, "c").unwrap();
+    assert_eq!(c.restart_count, 1);
+    assert!(!c.ready);
+    let msg = c
+        .state
+        .unwrap()
+        .waiting
+        .unwrap()
+        .message
+        .unwrap_or_default();
+    assert!(
+        msg.starts_with("back-off 10s restarting failed container=c"),
+        "{msg}"
+    );
+    assert_eq!(
+        c.last_state.unwrap().terminated.unwrap().exit_code,
+        2,
+        "lastState holds the crash"
+    );
+    assert!(h.events(&p).iter().any(|(r, _)| r == "BackOff"));
+    // Still backing off a moment later: no third start yet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let p = h.pods.find("default", "crasher").unwrap();
+    assert_eq!(app(&p, "c").unwrap().restart_count, 1);
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn removing_a_pod_stops_it_with_its_grace_period_and_cleans_up() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let p = pod(json!({
+        "metadata": {"name": "graceful"},
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "containers": [sh("c", "trap 'echo got TERM; sleep 0.5; exit 0' TERM; while true; do sleep 0.1; done")],
+        }
+    }));
+    h.pods.apply(vec![p.clone()]);
+    h.wait("graceful", "running", |p| phase(p) == "Running")
+        .await?;
+    let rec =
+        h.rt.list()
+            .into_iter()
+            .find(|r| r.pod.name == "graceful")
+            .unwrap();
+    let log_dir = rec
+        .log_path
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(log_dir.exists());
+    let t0 = std::time::Instant::now();
+    h.pods.apply(vec![]);
+    h.pods.settle().await;
+    // It used its grace: the trap ran and took its half second.
+    assert!(t0.elapsed() >= Duration::from_millis(400));
+    assert!(h.pods.find("default", "graceful").is_none());
+    assert!(h.rt.list().iter().all(|r| r.pod.name != "graceful"));
+    assert!(!log_dir.exists(), "logs of a removed pod go with it");
+    assert!(h
+        .pods
+        .context()
+        .events
+        .for_pod(pods::uid(&p))
+        .iter()
+        .any(|e| e.reason == "Killing"));
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_changed_container_spec_restarts_that_container() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut p = pod(json!({
+        "metadata": {"name": "changing"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [sh("a", "sleep 30"), sh("b", "sleep 30")]}
+    }));
+    h.pods.apply(vec![p.clone()]);
+    let before = h
+        .wait("changing", "running", |p| phase(p) == "Running")
+        .await?;
+    let id_b = app(&before, "b").unwrap().container_id;
+    p.spec.as_mut().unwrap().containers[0].command =
+        Some(vec!["sh".into(), "-c".into(), "sleep 31".into()]);
+    h.pods.apply(vec![p]);
+    let after = h
+        .wait("changing", "a restarted", |p| {
+            app(p, "a").is_some_and(|c| {
+                c.restart_count == 1 && c.state.as_ref().is_some_and(|s| s.running.is_some())
+            })
+        })
+        .await?;
+    assert_eq!(app(&after, "b").unwrap().container_id, id_b, "b untouched");
+    h.teardown().await;
+    Ok(())
+}
