@@ -22,6 +22,10 @@
 //! log_max_bytes = 10485760
 //! log_max_files = 3
 //! pids_limit = 4096
+//!
+//! [api]
+//! socket = "/run/edge-rt/edge-rt.sock" # default: edge-rt.sock in runtime.state_dir
+//! group = "edge"                       # may also use the CLI (default: root only)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -74,6 +78,17 @@ pub struct Config {
     pub images: ImagesSection,
     pub registry: RegistryConfig,
     pub runtime: RuntimeConfig,
+    pub api: ApiSection,
+}
+
+/// The local API socket the CLI talks to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    /// Default: `edge-rt.sock` in the runtime state directory.
+    pub socket: Option<PathBuf>,
+    /// A group whose members may use the CLI too (socket mode 0660).
+    pub group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -98,6 +98,17 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let pods = Arc::new(PodManager::new(ctx.clone()));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 
+    let socket = crate::api::socket_path(&cfg);
+    let listener = crate::api::bind(&socket, cfg.api.group.as_deref())?;
+    let server = Arc::new(crate::api::Server {
+        pods: pods.clone(),
+        started: std::time::Instant::now(),
+        pid1,
+        image_budget: cfg.images.budget_bytes,
+    });
+    tokio::spawn(server.serve(listener));
+    tracing::info!(socket = %socket.display(), "local API listening");
+
     let mut manifests = ManifestWatch::new(&cfg.node.manifests_dir);
     manifests.apply(&pods);
     let mut gc = tokio::time::interval(Duration::from_secs(cfg.images.gc_interval_secs.max(10)));

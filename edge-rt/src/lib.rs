@@ -3,9 +3,14 @@
 //! - [`image`]: pull, import, store and garbage-collect OCI images.
 //! - [`runtime`]: run containers in-process through libcontainer.
 //! - [`supervisor`]: signals, reaping, PID 1 duties.
+//! - [`pods`]: the pod reconciler, status and events.
+//! - [`static_pods`]: the manifest directory, standalone mode's source.
+//! - [`api`] and [`cli`]: the local socket and the commands that use it.
 //! - [`config`]: the node configuration file.
 
+pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod image;

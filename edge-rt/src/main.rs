@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use edge_rt::api::{self, Request};
+use edge_rt::cli::human;
 use edge_rt::config::{Config, DEFAULT_PATH};
 use edge_rt::image::registry::{Credentials, Progress, Puller};
 use edge_rt::image::{archive, auth, ImageStore};
@@ -21,7 +23,7 @@ use edge_rt::runtime;
 )]
 struct Cli {
     /// Node configuration file (TOML; every key optional).
-    #[arg(long, short, global = true, env = "EDGE_RT_CONFIG", default_value = DEFAULT_PATH)]
+    #[arg(long, global = true, env = "EDGE_RT_CONFIG", default_value = DEFAULT_PATH)]
     config: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,9 +41,66 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Pods of this node, as `kubectl get pods` shows them.
+    #[command(alias = "po")]
+    Pods {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: PodsOutput,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Pods of every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// A pod's status, containers and events: `edge-rt describe pod NAME`.
+    Describe {
+        /// What to describe: pod.
+        #[arg(value_parser = ["pod", "pods", "po"])]
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// A container's log.
+    Logs {
+        pod: String,
+        #[arg(short, long)]
+        container: Option<String>,
+        /// Go on printing as the container writes, until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// The log of the container's previous run.
+        #[arg(short, long)]
+        previous: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// A summary of the node: pods, containers, images, edge-rt itself.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: PodsOutput,
+    },
     /// Benchmarks (see the README).
     #[command(subcommand)]
     Bench(edge_rt::bench::BenchCmd),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PodsOutput {
+    Table,
+    Json,
+    Yaml,
+}
+
+fn print_as<T: serde::Serialize>(v: &T, output: PodsOutput) -> Result<()> {
+    match output {
+        PodsOutput::Yaml => print!("{}", serde_yaml_ng::to_string(v)?),
+        _ => println!("{}", serde_json::to_string_pretty(v)?),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -86,21 +145,6 @@ enum ImagesCmd {
 enum Output {
     Table,
     Json,
-}
-
-fn human(n: u64) -> String {
-    const U: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 fn init_tracing() {
@@ -158,6 +202,73 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(b) => edge_rt::bench::run(&cfg, b).await,
+        Cmd::Pods {
+            output,
+            namespace,
+            all_namespaces,
+        } => {
+            let (v, _) = api::call(&api::socket_path(&cfg), &Request::Pods).await?;
+            let mut pods: Vec<k8s_openapi::api::core::v1::Pod> = serde_json::from_value(v)?;
+            if !all_namespaces {
+                pods.retain(|p| edge_rt::pods::namespace(p) == namespace);
+            }
+            match output {
+                PodsOutput::Table if pods.is_empty() && all_namespaces => {
+                    eprintln!("No resources found")
+                }
+                PodsOutput::Table if pods.is_empty() => {
+                    eprintln!("No resources found in {namespace} namespace.")
+                }
+                PodsOutput::Table => print!("{}", edge_rt::cli::pods_table(&pods, all_namespaces)),
+                // A list as kubectl prints one, so scripts can share jq filters.
+                o => print_as(
+                    &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": pods}),
+                    o,
+                )?,
+            }
+            Ok(())
+        }
+        Cmd::Describe {
+            kind: _,
+            name,
+            namespace,
+        } => {
+            let (v, _) =
+                api::call(&api::socket_path(&cfg), &Request::Pod { namespace, name }).await?;
+            let d: api::PodDetail = serde_json::from_value(v)?;
+            print!("{}", edge_rt::cli::describe(&d));
+            Ok(())
+        }
+        Cmd::Logs {
+            pod,
+            container,
+            follow,
+            previous,
+            tail,
+            namespace,
+        } => {
+            let req = Request::Logs {
+                namespace,
+                name: pod,
+                container,
+                previous,
+                follow,
+                tail,
+            };
+            let (_, mut rest) = api::call(&api::socket_path(&cfg), &req).await?;
+            let mut out = tokio::io::stdout();
+            tokio::io::copy(&mut rest, &mut out).await?;
+            Ok(())
+        }
+        Cmd::Status { output } => {
+            let (v, _) = api::call(&api::socket_path(&cfg), &Request::Status).await?;
+            let s: api::NodeStatus = serde_json::from_value(v)?;
+            match output {
+                PodsOutput::Table => print!("{}", edge_rt::cli::status_text(&s)),
+                o => print_as(&s, o)?,
+            }
+            Ok(())
+        }
     }
 }
 

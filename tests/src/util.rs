@@ -226,8 +226,56 @@ impl Node {
         c.arg("--config")
             .arg(&self.config)
             .arg("run")
-            .env("RUST_LOG", "info");
+            // libcontainer logs from inside the new container land in its
+            // stderr: keep them to errors, as edge-rt does by default.
+            .env("RUST_LOG", "info,libcgroups=error,libcontainer=error");
         c
+    }
+
+    /// Run an `edge-rt` CLI command against this node's daemon.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(edge_rt_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?)
+    }
+
+    /// `edge-rt pods -o json`, parsed.
+    pub fn pods(&self) -> Result<Vec<k8s_openapi::api::core::v1::Pod>> {
+        let out = self.cli(&["pods", "-A", "-o", "json"])?;
+        if !out.status.success() {
+            bail!("edge-rt pods: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(serde_json::from_value(v["items"].clone())?)
+    }
+
+    /// Start `edge-rt run` on this node, its log going to `<dir>/edge-rt.log`,
+    /// and wait until its API answers.
+    pub async fn start(&self) -> Result<Daemon> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("edge-rt.log"))?;
+        let child = self
+            .command()
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let d = Daemon { child };
+        wait_for("the local API", Duration::from_secs(30), || async {
+            self.cli(&["status"]).ok().filter(|o| o.status.success())
+        })
+        .await?;
+        Ok(d)
+    }
+
+    /// What the daemon has logged so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("edge-rt.log")).unwrap_or_default()
     }
 
     pub fn records(&self) -> Vec<ContainerRecord> {
@@ -263,6 +311,19 @@ impl Node {
 
 fn toml_from(p: &Path) -> Result<edge_rt::config::Config> {
     Ok(edge_rt::config::Config::load(p)?)
+}
+
+/// A running `edge-rt run`; killed when dropped (its containers stay, as
+/// they would: call `Node::cleanup`).
+pub struct Daemon {
+    pub child: std::process::Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub fn pid_alive(pid: i32) -> bool {

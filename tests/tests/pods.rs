@@ -334,7 +334,7 @@ async fn removing_a_pod_stops_it_with_its_grace_period_and_cleans_up() -> Result
         "metadata": {"name": "graceful"},
         "spec": {
             "terminationGracePeriodSeconds": 5,
-            "containers": [sh("c", "trap 'echo got TERM; sleep 0.5; exit 0' TERM; while true; do sleep 0.1; done")],
+            "containers": [sh("c", "trap 'echo got TERM; sleep 0.5; exit 0' TERM; echo ready; while true; do sleep 0.1; done")],
         }
     }));
     h.pods.apply(vec![p.clone()]);
@@ -345,6 +345,13 @@ async fn removing_a_pod_stops_it_with_its_grace_period_and_cleans_up() -> Result
             .into_iter()
             .find(|r| r.pod.name == "graceful")
             .unwrap();
+    // The trap is set once it says so.
+    wait_for("ready", Duration::from_secs(10), || async {
+        log_lines(&rec.log_path)
+            .ok()
+            .filter(|l| l.iter().any(|(_, c)| c == "ready"))
+    })
+    .await?;
     let log_dir = rec
         .log_path
         .parent()

@@ -73,6 +73,7 @@ impl Executor for PodInit {
         if args.is_empty() {
             return Err(ExecutorError::InvalidArg);
         }
+        close_inherited_fds(self.exit_fd);
         let all = SigSet::all();
         all.thread_block()
             .map_err(|e| ExecutorError::Other(e.to_string()))?;
@@ -110,6 +111,28 @@ impl Executor for PodInit {
                 fail(&format!("edge-rt init: exec {:?}: {:?}\n", args[0], err));
             }
             ForkResult::Parent { child } => supervise(child, self.exit_fd, &all),
+        }
+    }
+}
+
+/// This process is a clone of edge-rt that never execs, so close-on-exec
+/// does not apply: close every descriptor it inherited (edge-rt's sockets,
+/// its API listener, watches, files) but stdio and the status file. Left
+/// open, a container would hold edge-rt's listening socket after edge-rt
+/// itself is gone.
+fn close_inherited_fds(keep: RawFd) {
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if fd > 2 && fd != keep {
+            // SAFETY: closing descriptors this process inherited and will not
+            // use; the directory handle used above is already closed (EBADF).
+            unsafe { libc::close(fd) };
         }
     }
 }

@@ -1,0 +1,474 @@
+//! The local API: a Unix socket the CLI (`edge-rt pods`, `describe`, `logs`,
+//! `status`) talks to. Only root, or the configured group, can open it: the
+//! socket file's owner and mode are the gate (0600, or 0660 with the group).
+//!
+//! Protocol: the client sends one JSON request line; the server answers
+//! with one JSON line (`{"ok": ...}` or `{"error": "..."}`), and for `logs`
+//! then streams the log's content until it ends (or, following, until the
+//! container exits or the client goes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::pods::events::PodEvent;
+use crate::pods::{self, PodManager};
+use crate::runtime::{logs, ContainerRecord};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Pods,
+    Pod {
+        namespace: String,
+        name: String,
+    },
+    Status,
+    Logs {
+        namespace: String,
+        name: String,
+        container: Option<String>,
+        #[serde(default)]
+        previous: bool,
+        #[serde(default)]
+        follow: bool,
+        tail: Option<usize>,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PodDetail {
+    pub pod: k8s_openapi::api::core::v1::Pod,
+    pub events: Vec<PodEvent>,
+}
+
+/// The node summary of `edge-rt status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub version: String,
+    pub hostname: String,
+    pub arch: String,
+    pub kernel: String,
+    pub cgroup: String,
+    pub pid1: bool,
+    pub uptime_secs: u64,
+    pub pods: usize,
+    pub pods_by_phase: std::collections::BTreeMap<String, usize>,
+    pub containers_running: usize,
+    pub restarts: u64,
+    pub images: usize,
+    pub image_bytes: u64,
+    pub image_budget_bytes: u64,
+    pub rss_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the server needs from the daemon.
+pub struct Server {
+    pub pods: Arc<PodManager>,
+    pub started: Instant,
+    pub pid1: bool,
+    pub image_budget: u64,
+}
+
+/// Bind the socket with the permissions that make it root's (and the
+/// group's, if one is configured).
+pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by an edge-rt that was killed: nobody listens on it.
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let mode = match group {
+        Some(g) => {
+            let grp = nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .with_context(|| format!("api group {g:?} does not exist"))?;
+            nix::unistd::chown(path, None, Some(grp.gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+impl Server {
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.connection(stream).await {
+                            tracing::debug!(error = %e, "api connection");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "api accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(&self, stream: UnixStream) -> std::io::Result<()> {
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        BufReader::new(r.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .await?;
+        let req = match serde_json::from_str::<Request>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                return reply(
+                    &mut w,
+                    Err(ApiError::BadRequest(format!("bad request: {e}"))),
+                )
+                .await
+            }
+        };
+        match req {
+            Request::Pods => reply(&mut w, Ok(serde_json::to_value(self.pods.list())?)).await,
+            Request::Pod { namespace, name } => {
+                let r = self
+                    .detail(&namespace, &name)
+                    .and_then(|d| Ok(serde_json::to_value(d).map_err(std::io::Error::from)?));
+                reply(&mut w, r).await
+            }
+            Request::Status => reply(&mut w, Ok(serde_json::to_value(self.status())?)).await,
+            Request::Logs {
+                namespace,
+                name,
+                container,
+                previous,
+                follow,
+                tail,
+            } => {
+                let rec = match self.log_record(&namespace, &name, container.as_deref(), previous) {
+                    Ok(r) => r,
+                    Err(e) => return reply(&mut w, Err(e)).await,
+                };
+                reply(&mut w, Ok(serde_json::Value::Null)).await?;
+                self.stream_log(&rec, follow, tail, &mut w).await
+            }
+        }
+    }
+
+    fn find(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<k8s_openapi::api::core::v1::Pod, ApiError> {
+        self.pods.find(namespace, name).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "pods \"{name}\" not found in namespace \"{namespace}\""
+            ))
+        })
+    }
+
+    fn detail(&self, namespace: &str, name: &str) -> Result<PodDetail, ApiError> {
+        let pod = self.find(namespace, name)?;
+        let events = self.pods.context().events.for_pod(pods::uid(&pod));
+        Ok(PodDetail { pod, events })
+    }
+
+    /// The record whose log `logs` shows.
+    fn log_record(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: Option<&str>,
+        previous: bool,
+    ) -> Result<ContainerRecord, ApiError> {
+        let pod = self.find(namespace, name)?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let names: Vec<String> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .map(|c| c.name.clone())
+            .collect();
+        let container = match container {
+            Some(c) if names.iter().any(|n| n == c) => c.to_string(),
+            Some(c) => {
+                return Err(ApiError::NotFound(format!(
+                    "container {c} is not valid for pod {name}"
+                )))
+            }
+            None if spec.containers.len() == 1 => spec.containers[0].name.clone(),
+            None => {
+                return Err(ApiError::BadRequest(format!(
+                    "a container name must be specified for pod {name}, choose one of: [{}]",
+                    names.join(" ")
+                )))
+            }
+        };
+        let mut attempts: Vec<ContainerRecord> = self
+            .pods
+            .context()
+            .rt
+            .list()
+            .into_iter()
+            .filter(|r| r.pod.uid == pods::uid(&pod) && r.name == container)
+            .collect();
+        attempts.sort_by_key(|r| r.attempt);
+        let pick = if previous {
+            attempts.iter().rev().nth(1)
+        } else {
+            attempts.last()
+        };
+        pick.cloned().ok_or_else(|| {
+            ApiError::NotFound(if previous {
+                format!("previous terminated container \"{container}\" in pod \"{name}\" not found")
+            } else {
+                format!("container \"{container}\" in pod \"{name}\" has not started yet")
+            })
+        })
+    }
+
+    async fn stream_log(
+        &self,
+        rec: &ContainerRecord,
+        follow: bool,
+        tail: Option<usize>,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+    ) -> std::io::Result<()> {
+        // What is on disk now: rotated copies first.
+        let mut text = String::new();
+        for f in logs::files_of(&rec.log_path) {
+            text.push_str(&tokio::fs::read_to_string(&f).await.unwrap_or_default());
+        }
+        let mut content = decode(&text);
+        if let Some(n) = tail {
+            content = last_lines(&content, n);
+        }
+        w.write_all(content.as_bytes()).await?;
+        if !follow {
+            return w.shutdown().await;
+        }
+        // Then what comes, from where the live file ends now.
+        let mut offset = tokio::fs::metadata(&rec.log_path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut pending = String::new();
+        let rt = self.pods.context().rt.clone();
+        loop {
+            let exited = rt.get(&rec.id).is_none_or(|r| r.exit.is_some());
+            let len = tokio::fs::metadata(&rec.log_path)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            if len < offset {
+                offset = 0; // rotated: the live file starts over
+            }
+            if len > offset {
+                let mut f = tokio::fs::File::open(&rec.log_path).await?;
+                f.seek(std::io::SeekFrom::Start(offset)).await?;
+                let mut buf = Vec::new();
+                f.take(len - offset).read_to_end(&mut buf).await?;
+                offset = len;
+                pending.push_str(&String::from_utf8_lossy(&buf));
+                // Only whole CRI lines; a torn one waits for its end.
+                if let Some(cut) = pending.rfind('\n') {
+                    let whole: String = pending.drain(..=cut).collect();
+                    w.write_all(decode(&whole).as_bytes()).await?;
+                }
+                continue;
+            }
+            if exited {
+                // The log pump may still be draining the FIFO: one last look.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let len = tokio::fs::metadata(&rec.log_path)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                if len == offset {
+                    return w.shutdown().await;
+                }
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let pods = self.pods.list();
+        let mut by_phase = std::collections::BTreeMap::new();
+        let mut restarts = 0u64;
+        for p in &pods {
+            let st = p.status.clone().unwrap_or_default();
+            *by_phase.entry(st.phase.unwrap_or_default()).or_insert(0) += 1;
+            for c in st
+                .container_statuses
+                .iter()
+                .flatten()
+                .chain(st.init_container_statuses.iter().flatten())
+            {
+                restarts += c.restart_count.max(0) as u64;
+            }
+        }
+        let ctx = self.pods.context();
+        let images = ctx.images.list().unwrap_or_default();
+        let uname = nix::sys::utsname::uname().ok();
+        NodeStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            hostname: uname
+                .as_ref()
+                .map(|u| u.nodename().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            arch: std::env::consts::ARCH.into(),
+            kernel: uname
+                .as_ref()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            cgroup: if crate::runtime::cgroups::is_unified() {
+                "v2"
+            } else {
+                "v1 (or hybrid)"
+            }
+            .into(),
+            pid1: self.pid1,
+            uptime_secs: self.started.elapsed().as_secs(),
+            pods: pods.len(),
+            pods_by_phase: by_phase,
+            containers_running: ctx.rt.list().iter().filter(|r| r.exit.is_none()).count(),
+            restarts,
+            images: images.len(),
+            image_bytes: ctx.images.disk_usage().unwrap_or(0),
+            image_budget_bytes: self.image_budget,
+            rss_bytes: rss_bytes(),
+        }
+    }
+}
+
+async fn reply(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    r: Result<serde_json::Value, ApiError>,
+) -> std::io::Result<()> {
+    let v = match r {
+        Ok(v) => serde_json::json!({"ok": v}),
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    };
+    let mut line = serde_json::to_vec(&v)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+/// CRI log lines to what the container wrote: partial records join the
+/// next, full ones end a line.
+pub fn decode(cri: &str) -> String {
+    let mut out = String::with_capacity(cri.len());
+    for line in cri.lines() {
+        if let Some(r) = logs::parse_line(line) {
+            out.push_str(&r.content);
+            if r.full {
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let trimmed = s.strip_suffix('\n').unwrap_or(s);
+    let start = trimmed
+        .rmatch_indices('\n')
+        .nth(n - 1)
+        .map(|(i, _)| i + 1)
+        .unwrap_or(0);
+    s[start..].to_string()
+}
+
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// The socket of a node configuration.
+pub fn socket_path(cfg: &crate::config::Config) -> PathBuf {
+    cfg.api
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.runtime.state_dir.join("edge-rt.sock"))
+}
+
+/// Client side: send a request, read the reply line; the stream is left
+/// positioned at whatever follows (a log).
+pub async fn call(
+    socket: &Path,
+    req: &Request,
+) -> anyhow::Result<(serde_json::Value, BufReader<UnixStream>)> {
+    use anyhow::Context as _;
+    let mut s = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach edge-rt at {} (is `edge-rt run` running, and are you root or in its api group?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line).await?;
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    r.read_line(&mut head).await?;
+    let v: serde_json::Value =
+        serde_json::from_str(&head).context("edge-rt sent a reply that is not JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{e}");
+    }
+    Ok((v.get("ok").cloned().unwrap_or_default(), r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_cri_and_tails() {
+        let cri = "2026-01-01T00:00:00Z stdout P hel\n2026-01-01T00:00:00Z stdout F lo\n2026-01-01T00:00:01Z stderr F two\nnot a record\n2026-01-01T00:00:02Z stdout F three\n";
+        let d = decode(cri);
+        assert_eq!(d, "hello\ntwo\nthree\n");
+        assert_eq!(last_lines(&d, 2), "two\nthree\n");
+        assert_eq!(last_lines(&d, 5), d);
+        assert_eq!(last_lines(&d, 0), "");
+    }
+}

@@ -1,0 +1,384 @@
+//! How the CLI prints what the local API returns: kubectl's layouts, so
+//! that what an operator knows from a cluster reads the same on a gateway.
+
+use std::fmt::Write as _;
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{NodeStatus, PodDetail};
+
+/// "5s", "3m", "2h", "4d", as kubectl shows ages.
+pub fn age(since: Option<&Time>) -> String {
+    let Some(t) = since else {
+        return "<unknown>".into();
+    };
+    let s = (chrono::Utc::now() - t.0).num_seconds().max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// The STATUS column of `kubectl get pods`, worked out as kubectl does.
+pub fn pod_reason(pod: &Pod) -> String {
+    let st = pod.status.clone().unwrap_or_default();
+    let mut reason = st
+        .reason
+        .clone()
+        .or(st.phase.clone())
+        .unwrap_or_else(|| "Unknown".into());
+    let inits = st.init_container_statuses.clone().unwrap_or_default();
+    let mut initializing = false;
+    for (i, c) in inits.iter().enumerate() {
+        let state = c.state.clone().unwrap_or_default();
+        if let Some(t) = &state.terminated {
+            if t.exit_code == 0 {
+                continue;
+            }
+            reason = match &t.reason {
+                Some(r) if !r.is_empty() => format!("Init:{r}"),
+                _ => format!("Init:ExitCode:{}", t.exit_code),
+            };
+        } else if let Some(r) = state
+            .waiting
+            .as_ref()
+            .and_then(|w| w.reason.clone())
+            .filter(|r| !r.is_empty() && r != "PodInitializing")
+        {
+            reason = format!("Init:{r}");
+        } else {
+            reason = format!("Init:{i}/{}", inits.len());
+        }
+        initializing = true;
+        break;
+    }
+    if !initializing {
+        let mut has_running = false;
+        for c in st.container_statuses.iter().flatten().rev() {
+            let state = c.state.clone().unwrap_or_default();
+            if let Some(r) = state
+                .waiting
+                .and_then(|w| w.reason)
+                .filter(|r| !r.is_empty())
+            {
+                reason = r;
+            } else if let Some(t) = state.terminated {
+                reason = t
+                    .reason
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| format!("ExitCode:{}", t.exit_code));
+            } else if state.running.is_some() && c.ready {
+                has_running = true;
+            }
+        }
+        if reason == "Completed" && has_running {
+            reason = "Running".into();
+        }
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        reason = "Terminating".into();
+    }
+    reason
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    let st = pod.status.clone().unwrap_or_default();
+    st.container_statuses
+        .iter()
+        .flatten()
+        .map(|c| c.restart_count)
+        .sum()
+}
+
+/// `kubectl get pods` (with -A, a NAMESPACE column).
+pub fn pods_table(pods: &[Pod], all_namespaces: bool) -> String {
+    let mut rows = vec![];
+    for p in pods {
+        let st = p.status.clone().unwrap_or_default();
+        let cs = st.container_statuses.clone().unwrap_or_default();
+        let ready = cs.iter().filter(|c| c.ready).count();
+        let total = p.spec.as_ref().map(|s| s.containers.len()).unwrap_or(0);
+        let mut row = vec![];
+        if all_namespaces {
+            row.push(crate::pods::namespace(p).to_string());
+        }
+        row.extend([
+            crate::pods::name(p).to_string(),
+            format!("{ready}/{total}"),
+            pod_reason(p),
+            restarts(p).to_string(),
+            age(st.start_time.as_ref()),
+            st.pod_ip.clone().unwrap_or_else(|| "<none>".into()),
+        ]);
+        rows.push(row);
+    }
+    let mut head = vec![];
+    if all_namespaces {
+        head.push("NAMESPACE");
+    }
+    head.extend(["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP"]);
+    columns(&head, &rows)
+}
+
+fn columns(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        for (i, (c, w)) in cells.into_iter().zip(&widths).enumerate() {
+            if i + 1 == n {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<w$}   ");
+            }
+        }
+        out.push('\n');
+    };
+    line(head.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn time(t: &Option<Time>) -> String {
+    t.as_ref()
+        .map(|t| t.0.to_rfc2822())
+        .unwrap_or_else(|| "<unknown>".into())
+}
+
+fn container_block(
+    out: &mut String,
+    c: &ContainerStatus,
+    spec: Option<&k8s_openapi::api::core::v1::Container>,
+) {
+    let _ = writeln!(out, "  {}:", c.name);
+    let _ = writeln!(
+        out,
+        "    Container ID:  {}",
+        c.container_id.clone().unwrap_or_default()
+    );
+    let _ = writeln!(out, "    Image:         {}", c.image);
+    let _ = writeln!(out, "    Image ID:      {}", c.image_id);
+    if let Some(cmd) = spec.and_then(|s| s.command.as_ref()) {
+        let _ = writeln!(out, "    Command:       {}", cmd.join(" "));
+    }
+    let state_lines =
+        |label: &str, s: &Option<k8s_openapi::api::core::v1::ContainerState>, out: &mut String| {
+            let s = s.clone().unwrap_or_default();
+            if let Some(r) = s.running {
+                let _ = writeln!(out, "    {label:<15}Running");
+                let _ = writeln!(out, "      Started:     {}", time(&r.started_at));
+            } else if let Some(t) = s.terminated {
+                let _ = writeln!(out, "    {label:<15}Terminated");
+                let _ = writeln!(out, "      Reason:      {}", t.reason.unwrap_or_default());
+                let _ = writeln!(out, "      Exit Code:   {}", t.exit_code);
+                if let Some(sig) = t.signal {
+                    let _ = writeln!(out, "      Signal:      {sig}");
+                }
+                let _ = writeln!(out, "      Started:     {}", time(&t.started_at));
+                let _ = writeln!(out, "      Finished:    {}", time(&t.finished_at));
+            } else if let Some(w) = s.waiting {
+                let _ = writeln!(out, "    {label:<15}Waiting");
+                let _ = writeln!(out, "      Reason:      {}", w.reason.unwrap_or_default());
+                if let Some(m) = w.message {
+                    let _ = writeln!(out, "      Message:     {m}");
+                }
+            } else {
+                let _ = writeln!(out, "    {label:<15}<none>");
+            }
+        };
+    state_lines("State:", &c.state, out);
+    if c.last_state
+        .as_ref()
+        .is_some_and(|s| s.terminated.is_some())
+    {
+        state_lines("Last State:", &c.last_state, out);
+    }
+    let _ = writeln!(
+        out,
+        "    Ready:         {}",
+        if c.ready { "True" } else { "False" }
+    );
+    let _ = writeln!(out, "    Restart Count: {}", c.restart_count);
+    if let Some(limits) = spec
+        .and_then(|s| s.resources.as_ref())
+        .and_then(|r| r.limits.as_ref())
+    {
+        let _ = writeln!(out, "    Limits:");
+        for (k, v) in limits {
+            let _ = writeln!(out, "      {k}:  {}", v.0);
+        }
+    }
+}
+
+/// `kubectl describe pod`.
+pub fn describe(d: &PodDetail) -> String {
+    let p = &d.pod;
+    let st = p.status.clone().unwrap_or_default();
+    let spec = p.spec.clone().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:         {}", crate::pods::name(p));
+    let _ = writeln!(out, "Namespace:    {}", crate::pods::namespace(p));
+    let _ = writeln!(out, "UID:          {}", crate::pods::uid(p));
+    let _ = writeln!(out, "Start Time:   {}", time(&st.start_time));
+    let labels = p.metadata.labels.clone().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "Labels:       {}",
+        if labels.is_empty() {
+            "<none>".to_string()
+        } else {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "Status:       {}",
+        st.phase.clone().unwrap_or_default()
+    );
+    if let Some(r) = &st.reason {
+        let _ = writeln!(out, "Reason:       {r}");
+    }
+    if let Some(m) = &st.message {
+        let _ = writeln!(out, "Message:      {m}");
+    }
+    let _ = writeln!(
+        out,
+        "IP:           {}",
+        st.pod_ip.clone().unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "QoS Class:    {}",
+        st.qos_class.clone().unwrap_or_default()
+    );
+    for (title, statuses, specs) in [
+        (
+            "Init Containers",
+            st.init_container_statuses.clone().unwrap_or_default(),
+            spec.init_containers.clone().unwrap_or_default(),
+        ),
+        (
+            "Containers",
+            st.container_statuses.clone().unwrap_or_default(),
+            spec.containers.clone(),
+        ),
+    ] {
+        if statuses.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "{title}:");
+        for c in &statuses {
+            container_block(&mut out, c, specs.iter().find(|s| s.name == c.name));
+        }
+    }
+    let _ = writeln!(out, "Conditions:");
+    let _ = writeln!(out, "  Type              Status");
+    for c in st.conditions.iter().flatten() {
+        let _ = writeln!(out, "  {:<17} {}", c.type_, c.status);
+    }
+    let _ = writeln!(out, "Events:");
+    if d.events.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    } else {
+        let rows: Vec<Vec<String>> = d
+            .events
+            .iter()
+            .map(|e| {
+                let last = chrono::DateTime::parse_from_rfc3339(&e.last_timestamp)
+                    .ok()
+                    .map(|t| Time(t.with_timezone(&chrono::Utc)));
+                let age = if e.count > 1 {
+                    format!("{} (x{})", age(last.as_ref()), e.count)
+                } else {
+                    age(last.as_ref())
+                };
+                vec![
+                    format!("{:?}", e.kind),
+                    e.reason.clone(),
+                    age,
+                    "edge-rt".into(),
+                    e.message.clone(),
+                ]
+            })
+            .collect();
+        for l in columns(&["Type", "Reason", "Age", "From", "Message"], &rows).lines() {
+            let _ = writeln!(out, "  {l}");
+        }
+    }
+    out
+}
+
+pub fn human(n: u64) -> String {
+    const U: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// `edge-rt status`.
+pub fn status_text(s: &NodeStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Node:        {} ({}, kernel {}, cgroup {})",
+        s.hostname, s.arch, s.kernel, s.cgroup
+    );
+    let _ = writeln!(
+        out,
+        "edge-rt:     {} up {}s{}, RSS {}",
+        s.version,
+        s.uptime_secs,
+        if s.pid1 { " as PID 1" } else { "" },
+        human(s.rss_bytes)
+    );
+    let phases: Vec<String> = s
+        .pods_by_phase
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "Pods:        {} ({})",
+        s.pods,
+        if phases.is_empty() {
+            "none".into()
+        } else {
+            phases.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "Containers:  {} running, {} restarts in all",
+        s.containers_running, s.restarts
+    );
+    let _ = writeln!(
+        out,
+        "Images:      {} using {} of a {} budget",
+        s.images,
+        human(s.image_bytes),
+        human(s.image_budget_bytes)
+    );
+    out
+}

@@ -1,0 +1,185 @@
+//! Standalone mode end to end: the `edge-rt run` binary with a manifest
+//! directory, observed through the CLI over the local socket.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Pod;
+use outrigger_tests::util::*;
+
+fn manifest(name: &str, script: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra}  containers:\n  - name: main\n    image: busybox:latest\n    imagePullPolicy: Never\n    command: [\"sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+fn find<'a>(pods: &'a [Pod], name: &str) -> Option<&'a Pod> {
+    pods.iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+async fn wait_pod(node: &Node, name: &str, what: &str, pred: impl Fn(&Pod) -> bool) -> Result<Pod> {
+    let r = wait_for(what, Duration::from_secs(30), || async {
+        node.pods()
+            .ok()
+            .and_then(|v| find(&v, name).filter(|p| pred(p)).cloned())
+    })
+    .await;
+    r.with_context(|| format!("{name}; edge-rt log:\n{}", node.daemon_log()))
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_manifest_directory_is_watched_and_a_bad_manifest_spares_the_rest() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let daemon = node.start().await?;
+    std::fs::write(
+        node.manifests.join("good.yaml"),
+        manifest("good", "sleep 300", ""),
+    )?;
+    // One file, two documents: the first valid, the second broken in one field.
+    std::fs::write(
+        node.manifests.join("mixed.yaml"),
+        format!(
+            "{}---\n{}",
+            manifest("also-good", "sleep 300", ""),
+            manifest("broken", "true", "  restartPolicy: Sometimes\n")
+        ),
+    )?;
+    std::fs::write(node.manifests.join("garbage.yaml"), "kind: Pod\nspec: [")?;
+
+    let t0 = Instant::now();
+    let good = wait_pod(&node, "good", "good running", |p| phase(p) == "Running").await?;
+    // inotify, not a rescan: well under the 30 s rescan period.
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    wait_pod(&node, "also-good", "also-good running", |p| {
+        phase(p) == "Running"
+    })
+    .await?;
+    let log = node.daemon_log();
+    assert!(
+        log.contains("mixed.yaml (document 2)") && log.contains("spec.restartPolicy"),
+        "the error names the file, document and field:\n{log}"
+    );
+    assert!(log.contains("garbage.yaml"), "{log}");
+    assert!(find(&node.pods()?, "broken").is_none());
+
+    // The table, as kubectl shows it.
+    let table = text(&node.cli(&["pods"])?);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("good") && l.contains("1/1") && l.contains("Running")),
+        "{table}"
+    );
+
+    // A change is a new pod (the kubelet's static pod rule): the old stops.
+    let old_uid = good.metadata.uid.clone();
+    std::fs::write(
+        node.manifests.join("good.yaml"),
+        manifest("good", "sleep 301", ""),
+    )?;
+    wait_pod(&node, "good", "good replaced", |p| {
+        p.metadata.uid != old_uid && phase(p) == "Running"
+    })
+    .await?;
+    // Removal: the pod and its containers go.
+    std::fs::remove_file(node.manifests.join("mixed.yaml"))?;
+    wait_for("also-good removed", Duration::from_secs(30), || async {
+        node.pods().ok().filter(|v| find(v, "also-good").is_none())
+    })
+    .await?;
+    wait_for("its container removed", Duration::from_secs(30), || async {
+        (!node.records().iter().any(|r| r.pod.name == "also-good")).then_some(())
+    })
+    .await?;
+    let running: Vec<_> = node
+        .records()
+        .into_iter()
+        .filter(|r| r.pod.name == "good" && r.exit.is_none())
+        .collect();
+    assert_eq!(running.len(), 1, "only the new good runs");
+
+    // The socket is root's alone (no api group configured).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.state.join("edge-rt.sock"))?
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // describe and status.
+    let d = text(&node.cli(&["describe", "pod", "good"])?);
+    assert!(
+        d.contains("Name:         good") && d.contains("Started"),
+        "{d}"
+    );
+    let s = text(&node.cli(&["status"])?);
+    assert!(s.contains("Pods:        1 (1 Running)"), "{s}");
+
+    drop(daemon);
+    node.cleanup().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn logs_follow_tail_and_previous() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let daemon = node.start().await?;
+    std::fs::write(
+        node.manifests.join("counter.yaml"),
+        manifest(
+            "counter",
+            "i=0; while [ $i -lt 15 ]; do echo line $i; i=$((i+1)); sleep 0.1; done; exit 1",
+            "",
+        ),
+    )?;
+    wait_pod(&node, "counter", "running", |p| phase(p) == "Running").await?;
+
+    // -f prints lines as they come and ends when the container does.
+    let t0 = Instant::now();
+    let out = node.cli(&["logs", "counter", "-f"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = text(&out).lines().map(str::to_string).collect();
+    let want: Vec<String> = (0..15).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want);
+    assert!(t0.elapsed() >= Duration::from_millis(300), "it followed");
+
+    // Restarted (exit 1 under Always): --previous shows the first run.
+    wait_pod(&node, "counter", "restarted", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| c[0].restart_count >= 1)
+    })
+    .await?;
+    let prev = text(&node.cli(&["logs", "counter", "--previous", "--tail", "2"])?);
+    assert_eq!(prev, "line 13\nline 14\n");
+    let err = node.cli(&["logs", "nosuch"])?;
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("pods \"nosuch\" not found"));
+
+    drop(daemon);
+    node.cleanup().await?;
+    Ok(())
+}
