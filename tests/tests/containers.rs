@@ -424,3 +424,43 @@ async fn logs_rotate_by_size() -> Result<()> {
     teardown(&rt).await;
     Ok(())
 }
+
+#[tokio::test]
+async fn exec_runs_inside_the_container_and_returns_its_exit_code() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let env = Env::new()?;
+    let img = busybox_image(&env.store)?;
+    let rt = env.runtime()?;
+    let mut c = sh("target", "sleep 30");
+    c.security_context = Some(SecurityContext {
+        run_as_user: Some(1000),
+        ..Default::default()
+    });
+    let rec = rt.run(request(&pod("execpod"), &img, c))?;
+    let script = "echo hi; hostname; id -u; ls /proc | grep -c '^[0-9]'; exit 5";
+    let args: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+    let (code, out) = rt
+        .exec_capture(&rec.id, &args, Duration::from_secs(10), 4096)
+        .await?
+        .expect("finished in time");
+    assert_eq!(code, 5, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    // The container's UTS namespace, user, and PID namespace (its init, the
+    // sleeper and this shell: a handful, not the host's hundreds).
+    assert_eq!(&lines[..3], &["hi", "execpod", "1000"], "{out}");
+    let procs: usize = lines[3].parse()?;
+    assert!(procs <= 5, "{out}");
+
+    // A command that does not finish in time is killed.
+    let slow: Vec<String> = ["sleep", "30"].iter().map(|s| s.to_string()).collect();
+    let t0 = std::time::Instant::now();
+    assert!(rt
+        .exec_capture(&rec.id, &slow, Duration::from_millis(300), 4096)
+        .await?
+        .is_none());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    teardown(&rt).await;
+    Ok(())
+}

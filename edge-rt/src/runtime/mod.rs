@@ -9,6 +9,7 @@
 //! writes (see [`init`]).
 
 pub mod cgroups;
+pub mod exec;
 pub mod fork_guard;
 pub mod init;
 pub mod logs;
@@ -152,6 +153,13 @@ pub struct ContainerRecord {
     pub log_path: PathBuf,
     pub cgroup: String,
     pub exit: Option<ExitInfo>,
+    /// The capabilities the seccomp profile was made for (None: unconfined),
+    /// so processes exec'd into the container get the same profile.
+    #[serde(default)]
+    pub seccomp_caps: Option<Vec<String>>,
+    /// CAP_SYS_ADMIN is held only to install seccomp (see `init`).
+    #[serde(default)]
+    pub drop_sys_admin: bool,
 }
 
 struct Live {
@@ -409,6 +417,8 @@ impl Runtime {
             log_path: log_path.clone(),
             cgroup: cgroup.clone(),
             exit: None,
+            seccomp_caps: generated.seccomp.then(|| generated.caps.clone()),
+            drop_sys_admin: generated.keep_sys_admin_for_seccomp,
         };
         save_record(dir, &record)?;
         // Readers first, so nothing the container writes early is lost.
