@@ -78,6 +78,22 @@ enum Cmd {
         #[arg(short, long, default_value = "default")]
         namespace: String,
     },
+    /// Run a command in a container of a pod: `edge-rt exec POD -- CMD ARGS`.
+    Exec {
+        pod: String,
+        #[arg(short, long)]
+        container: Option<String>,
+        /// Pass stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Run it on a terminal (with -i: an interactive shell).
+        #[arg(short, long)]
+        tty: bool,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// A summary of the node: pods, containers, images, edge-rt itself.
     Status {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -259,6 +275,25 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let mut out = tokio::io::stdout();
             tokio::io::copy(&mut rest, &mut out).await?;
             Ok(())
+        }
+        Cmd::Exec {
+            pod,
+            container,
+            stdin,
+            tty,
+            namespace,
+            command,
+        } => {
+            let req = Request::Exec {
+                namespace,
+                name: pod,
+                container,
+                command,
+                stdin,
+                tty,
+            };
+            let code = api::exec::client(&api::socket_path(&cfg), &req, stdin, tty).await?;
+            std::process::exit(code);
         }
         Cmd::Status { output } => {
             let (v, _) = api::call(&api::socket_path(&cfg), &Request::Status).await?;

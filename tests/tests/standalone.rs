@@ -183,3 +183,65 @@ async fn logs_follow_tail_and_previous() -> Result<()> {
     node.cleanup().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn exec_returns_the_exit_code_and_relays_stdin_and_terminals() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let daemon = node.start().await?;
+    std::fs::write(
+        node.manifests.join("box.yaml"),
+        manifest("box", "sleep 300", ""),
+    )?;
+    wait_pod(&node, "box", "running", |p| phase(p) == "Running").await?;
+
+    let out = node.cli(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ])?;
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    // -i: stdin reaches the command, and its end is the command's EOF.
+    let mut child = std::process::Command::new(edge_rt_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .args(["exec", "-i", "box", "--", "sh", "-c", "tr a-z A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(b"hello from stdin\n")?;
+    }
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO FROM STDIN\n");
+
+    // -t: the command runs on a terminal.
+    let out = node.cli(&[
+        "exec",
+        "-t",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo on-a-tty",
+    ])?;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out).contains("on-a-tty"), "{}", text(&out));
+
+    let out = node.cli(&["exec", "box", "-c", "nosuch", "--", "true"])?;
+    assert!(!out.status.success());
+    drop(daemon);
+    node.cleanup().await?;
+    Ok(())
+}

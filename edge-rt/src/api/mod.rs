@@ -7,6 +7,7 @@
 //! then streams the log's content until it ends (or, following, until the
 //! container exits or the client goes).
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+
+pub mod exec;
 
 use crate::pods::events::PodEvent;
 use crate::pods::{self, PodManager};
@@ -40,6 +43,18 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
         tail: Option<usize>,
+    },
+    Exec {
+        namespace: String,
+        name: String,
+        container: Option<String>,
+        command: Vec<String>,
+        /// Relay the client's stdin.
+        #[serde(default)]
+        stdin: bool,
+        /// Run the command on a terminal.
+        #[serde(default)]
+        tty: bool,
     },
 }
 
@@ -140,10 +155,16 @@ impl Server {
 
     async fn connection(&self, stream: UnixStream) -> std::io::Result<()> {
         let (r, mut w) = stream.into_split();
-        let mut line = String::new();
-        BufReader::new(r.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .await?;
+        // One byte at a time up to the newline: whatever follows the request
+        // (exec's stdin frames) must stay in the socket for the relay.
+        let mut line = Vec::new();
+        let mut r = r;
+        let mut byte = [0u8; 1];
+        while line.len() < MAX_REQUEST as usize && r.read(&mut byte).await? == 1 && byte[0] != b'\n'
+        {
+            line.push(byte[0]);
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
         let req = match serde_json::from_str::<Request>(&line) {
             Ok(r) => r,
             Err(e) => {
@@ -178,7 +199,140 @@ impl Server {
                 reply(&mut w, Ok(serde_json::Value::Null)).await?;
                 self.stream_log(&rec, follow, tail, &mut w).await
             }
+            Request::Exec {
+                namespace,
+                name,
+                container,
+                command,
+                stdin,
+                tty,
+            } => {
+                let rec = match self.running_record(&namespace, &name, container.as_deref()) {
+                    Ok(r) => r,
+                    Err(e) => return reply(&mut w, Err(e)).await,
+                };
+                self.exec(&rec, &command, stdin, tty, r, w).await
+            }
         }
+    }
+
+    async fn exec(
+        &self,
+        rec: &ContainerRecord,
+        command: &[String],
+        stdin: bool,
+        tty: bool,
+        r: tokio::net::unix::OwnedReadHalf,
+        mut w: tokio::net::unix::OwnedWriteHalf,
+    ) -> std::io::Result<()> {
+        use crate::runtime::exec::Stdio;
+        use exec::{read_frame, write_frame, Fd};
+        let rt = self.pods.context().rt.clone();
+        let devnull = || std::fs::File::open("/dev/null").map(OwnedFd::from);
+        // The process's ends, and ours: (stdin writer, stdout reader, stderr reader).
+        let (stdio, input, out, err) = if tty {
+            let pty = nix::pty::openpty(None, None)?;
+            let slave = pty.slave;
+            let stdio = Stdio {
+                stdin: slave.try_clone()?,
+                stdout: slave.try_clone()?,
+                stderr: slave,
+                tty: true,
+            };
+            let master = Fd::new(pty.master)?;
+            (stdio, None, master, None)
+        } else {
+            let (in_r, in_w) = if stdin {
+                let (a, b) = nix::unistd::pipe()?;
+                (a, Some(b))
+            } else {
+                (devnull()?, None)
+            };
+            let (out_r, out_w) = nix::unistd::pipe()?;
+            let (err_r, err_w) = nix::unistd::pipe()?;
+            let stdio = Stdio {
+                stdin: in_r,
+                stdout: out_w,
+                stderr: err_w,
+                tty: false,
+            };
+            (
+                stdio,
+                in_w.map(Fd::new).transpose()?,
+                Fd::new(out_r)?,
+                Some(Fd::new(err_r)?),
+            )
+        };
+        let process = match rt.exec(&rec.id, command, stdio) {
+            Ok(p) => p,
+            Err(e) => return reply(&mut w, Err(ApiError::BadRequest(pods::describe(&e)))).await,
+        };
+        reply(&mut w, Ok(serde_json::Value::Null)).await?;
+        let mut input = input;
+        let mut r = r;
+        let (mut out_open, mut err_open, mut client_open) = (true, err.is_some(), true);
+        let mut buf_o = vec![0u8; 16 * 1024];
+        let mut buf_e = vec![0u8; 16 * 1024];
+        while out_open || err_open {
+            tokio::select! {
+                n = out.read(&mut buf_o), if out_open => match n? {
+                    0 => out_open = false,
+                    n => write_frame(&mut w, exec::STDOUT, &buf_o[..n]).await?,
+                },
+                n = async { match &err { Some(e) => e.read(&mut buf_e).await, None => Ok(0) } }, if err_open => match n? {
+                    0 => err_open = false,
+                    n => write_frame(&mut w, exec::STDERR, &buf_e[..n]).await?,
+                },
+                f = read_frame(&mut r), if client_open => match f {
+                    Ok(Some((exec::STDIN, data))) => {
+                        if tty {
+                            out.write_all(&data).await?;
+                        } else if let Some(i) = &input {
+                            // A process that closed its stdin: drop the rest.
+                            if i.write_all(&data).await.is_err() {
+                                input = None;
+                            }
+                        }
+                    }
+                    Ok(Some((exec::STDIN_EOF, _))) => {
+                        if tty {
+                            out.write_all(&[4]).await?; // ^D
+                        }
+                        input = None;
+                    }
+                    Ok(Some((exec::RESIZE, p))) if tty && p.len() == 4 => {
+                        exec::resize(out.raw(), u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]));
+                    }
+                    Ok(Some(_)) => {}
+                    // The client is gone: so is the point of the process.
+                    Ok(None) | Err(_) => {
+                        client_open = false;
+                        process.kill();
+                    }
+                },
+            }
+        }
+        drop(input);
+        let code = process.wait().await;
+        write_frame(&mut w, exec::EXIT, &code.to_be_bytes()).await?;
+        w.shutdown().await
+    }
+
+    /// The running container of a pod that `exec` targets.
+    fn running_record(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: Option<&str>,
+    ) -> Result<ContainerRecord, ApiError> {
+        let rec = self.log_record(namespace, name, container, false)?;
+        if rec.exit.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "cannot exec into container {} of pod {name}: it is not running",
+                rec.name
+            )));
+        }
+        Ok(rec)
     }
 
     fn find(
