@@ -408,3 +408,188 @@ async fn a_changed_container_spec_restarts_that_container() -> Result<()> {
     h.teardown().await;
     Ok(())
 }
+
+fn ready(p: &Pod) -> bool {
+    condition(p, "Ready").as_deref() == Some("True")
+}
+
+fn reasons(h: &Harness, p: &Pod) -> Vec<String> {
+    h.events(p).into_iter().map(|(r, _)| r).collect()
+}
+
+#[tokio::test]
+async fn a_failing_liveness_probe_kills_and_restarts() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut c = sh(
+        "app",
+        "touch /tmp/healthy; sleep 1; rm /tmp/healthy; sleep 600",
+    );
+    c["livenessProbe"] = json!({"exec": {"command": ["cat", "/tmp/healthy"]}, "periodSeconds": 1, "failureThreshold": 2});
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "live"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [c]}
+    }))]);
+    let p = h
+        .wait("live", "restarted by the probe", |p| {
+            app(p, "app").is_some_and(|c| c.restart_count >= 1)
+        })
+        .await?;
+    let ev = h.pods.context().events.for_pod(pods::uid(&p));
+    let unhealthy = ev
+        .iter()
+        .find(|e| e.reason == "Unhealthy")
+        .context("Unhealthy")?;
+    assert!(
+        unhealthy.message.starts_with("Liveness probe failed: "),
+        "{}",
+        unhealthy.message
+    );
+    assert!(ev
+        .iter()
+        .any(|e| e.reason == "Killing" && e.message.contains("failed liveness probe")));
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_flips_ready_and_startup_gates_it() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut c = sh(
+        "app",
+        "sleep 1; touch /tmp/up; sleep 1; touch /tmp/ready; sleep 2; rm /tmp/ready; sleep 600",
+    );
+    c["startupProbe"] = json!({"exec": {"command": ["test", "-f", "/tmp/up"]}, "periodSeconds": 1, "failureThreshold": 30});
+    c["readinessProbe"] =
+        json!({"exec": {"command": ["test", "-f", "/tmp/ready"]}, "periodSeconds": 1});
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "ready"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [c]}
+    }))]);
+    let p = h
+        .wait("ready", "running", |p| phase(p) == "Running")
+        .await?;
+    let c0 = app(&p, "app").unwrap();
+    assert_eq!(
+        (c0.started, c0.ready),
+        (Some(false), false),
+        "not started yet"
+    );
+    let p = h
+        .wait("ready", "started", |p| {
+            app(p, "app").and_then(|c| c.started) == Some(true)
+        })
+        .await?;
+    assert!(!ready(&p));
+    h.wait("ready", "Ready", ready).await?;
+    let p = h.wait("ready", "not Ready again", |p| !ready(p)).await?;
+    assert_eq!(
+        app(&p, "app").unwrap().restart_count,
+        0,
+        "readiness never restarts"
+    );
+    assert!(reasons(&h, &p).contains(&"Unhealthy".to_string()));
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_and_tcp_probes_reach_the_pod_network() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut web = sh(
+        "web",
+        "mkdir -p /www && echo ok > /www/healthz && exec httpd -f -p 8080 -h /www",
+    );
+    web["ports"] = json!([{"name": "http", "containerPort": 8080}]);
+    web["readinessProbe"] =
+        json!({"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1});
+    web["livenessProbe"] = json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1});
+    let mut missing = sh("missing", "sleep 600");
+    missing["readinessProbe"] =
+        json!({"httpGet": {"path": "/nope", "port": 8080}, "periodSeconds": 1});
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "web"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [web, missing]}
+    }))]);
+    // The second container probes the first one's server over the pod's
+    // shared localhost: a 404 keeps it unready.
+    let p = h
+        .wait("web", "web ready", |p| {
+            app(p, "web").is_some_and(|c| c.ready)
+        })
+        .await?;
+    assert!(!app(&p, "missing").unwrap().ready);
+    let p = h
+        .wait("web", "a 404 reported", |p| {
+            h.pods
+                .context()
+                .events
+                .for_pod(pods::uid(p))
+                .iter()
+                .any(|e| e.message.contains("statuscode: 404"))
+        })
+        .await?;
+    assert_eq!(
+        app(&p, "web").unwrap().restart_count,
+        0,
+        "tcp liveness holds"
+    );
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pre_stop_runs_before_sigterm_and_post_start_after_start() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut c = sh(
+        "app",
+        "trap '[ -f /tmp/prestop ] && exit 0 || exit 1' TERM; while true; do sleep 0.1; done",
+    );
+    c["lifecycle"] = json!({
+        "postStart": {"exec": {"command": ["sh", "-c", "echo started > /tmp/poststart"]}},
+        "preStop": {"exec": {"command": ["sh", "-c", "touch /tmp/prestop"]}},
+    });
+    let p = pod(json!({
+        "metadata": {"name": "hooks"},
+        "spec": {"terminationGracePeriodSeconds": 5, "containers": [c]}
+    }));
+    h.pods.apply(vec![p.clone()]);
+    h.wait("hooks", "running", |p| phase(p) == "Running")
+        .await?;
+    let rec =
+        h.rt.list()
+            .into_iter()
+            .find(|r| r.pod.name == "hooks")
+            .unwrap();
+    let args: Vec<String> = ["cat", "/tmp/poststart"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (code, out) =
+        h.rt.exec_capture(&rec.id, &args, Duration::from_secs(5), 100)
+            .await?
+            .context("cat in time")?;
+    assert_eq!((code, out.as_str()), (0, "started\n"));
+    // Removal: preStop, then SIGTERM; the trap's exit code says whether
+    // preStop had run by then.
+    let (rt, id) = (h.rt.clone(), rec.id.clone());
+    let exit = tokio::spawn(async move { rt.wait(&id).await });
+    tokio::task::yield_now().await; // the waiter subscribes before removal
+    h.pods.apply(vec![]);
+    h.pods.settle().await;
+    let exit = exit.await??;
+    assert_eq!(exit.exit_code, 0, "{exit:?}: SIGTERM came before preStop");
+    h.teardown().await;
+    Ok(())
+}

@@ -9,8 +9,10 @@
 //! Kubernetes PodStatus after every step. Workers never touch each other's
 //! containers, so one bad pod cannot disturb another.
 
+pub mod actions;
 pub mod backoff;
 pub mod events;
+pub mod probes;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,13 +21,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::image::registry::{self, Progress, PullPolicy, Puller};
 use crate::image::ImageStore;
 use crate::runtime::{ContainerRecord, ContainerRequest, PodRef, Runtime, RuntimeError};
 use backoff::Backoff;
 use events::{EventRing, EventType, PodEvent};
+use probes::{ProbeTask, Settings, Verdict};
 use status::{ContainerView, StatusInput};
 
 /// How long a worker sleeps when nothing is pending (it wakes earlier on
@@ -179,6 +182,10 @@ struct Tracked {
     pull_failed: bool,
     /// The spec changed: restart whatever the policy says.
     force_restart: bool,
+    /// Probe tasks of the current run.
+    probes: Vec<tokio::task::AbortHandle>,
+    /// Tells liveness and readiness probes the startup probe passed.
+    started_tx: Option<watch::Sender<bool>>,
 }
 
 impl Tracked {
@@ -196,7 +203,16 @@ impl Tracked {
             exit_seen: false,
             pull_failed: false,
             force_restart: false,
+            probes: vec![],
+            started_tx: None,
         }
+    }
+
+    fn stop_probes(&mut self) {
+        for p in self.probes.drain(..) {
+            p.abort();
+        }
+        self.started_tx = None;
     }
 
     fn exit_code(&self) -> Option<i32> {
@@ -233,10 +249,13 @@ struct Worker {
     start_time: Option<Time>,
     failed: Option<(String, String)>,
     view: Arc<Mutex<Pod>>,
+    verdicts: mpsc::UnboundedSender<Verdict>,
+    verdicts_rx: Option<mpsc::UnboundedReceiver<Verdict>>,
 }
 
 impl Worker {
     fn new(ctx: Arc<Context>, uid: &str, view: Arc<Mutex<Pod>>) -> Worker {
+        let (tx, rx) = mpsc::unbounded_channel();
         Worker {
             ctx,
             uid: uid.to_string(),
@@ -246,6 +265,8 @@ impl Worker {
             start_time: Some(Time(chrono::Utc::now())),
             failed: None,
             view,
+            verdicts: tx,
+            verdicts_rx: Some(rx),
         }
     }
 
@@ -293,9 +314,14 @@ impl Worker {
 
     async fn run(mut self, mut desired: watch::Receiver<Option<Arc<Pod>>>) {
         let mut last: Option<Arc<Pod>> = None;
+        let Some(mut verdicts) = self.verdicts_rx.take() else {
+            return;
+        };
+        let notify = self.notify.clone();
         loop {
             let pod = desired.borrow_and_update().clone();
             let Some(pod) = pod else {
+                self.stop_all_probes();
                 if let Some(p) = last {
                     self.terminate(&p).await;
                 }
@@ -306,6 +332,9 @@ impl Worker {
             } else {
                 self.update_spec(&pod).await;
             }
+            while let Ok(v) = verdicts.try_recv() {
+                self.on_verdict(&pod, v).await;
+            }
             let wake = self.sync(&pod).await;
             self.publish(&pod, false);
             last = Some(pod);
@@ -313,9 +342,10 @@ impl Worker {
                 r = desired.changed() => if r.is_err() {
                     // The manager is gone (edge-rt is exiting): leave the
                     // containers running for the next edge-rt to adopt.
+                    self.stop_all_probes();
                     return;
                 },
-                _ = self.notify.notified() => {}
+                _ = notify.notified() => {}
                 _ = tokio::time::sleep(wake) => {}
             }
         }
@@ -402,6 +432,190 @@ impl Worker {
         }
     }
 
+    fn stop_all_probes(&mut self) {
+        for t in self.init.iter_mut().chain(self.app.iter_mut()) {
+            t.stop_probes();
+        }
+    }
+
+    fn netns(&self, pod: &Pod) -> Option<std::path::PathBuf> {
+        let host = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        (!host).then(|| self.ctx.rt.sandbox_dir(&self.uid).join("ns").join("net"))
+    }
+
+    /// Start the probes of a container that just started.
+    fn start_probes(&mut self, pod: &Pod, kind: Kind, i: usize) {
+        let netns = self.netns(pod);
+        let (ctx, notify, verdicts, uid) = (
+            self.ctx.clone(),
+            self.notify.clone(),
+            self.verdicts.clone(),
+            self.uid.clone(),
+        );
+        let t = self.tracked(kind, i);
+        t.stop_probes();
+        let spec = t.spec.clone();
+        let has_startup = kind == Kind::App && spec.startup_probe.is_some();
+        t.view.started = !has_startup;
+        t.view.ready = t.view.started && (kind == Kind::Init || spec.readiness_probe.is_none());
+        if kind != Kind::App {
+            return;
+        }
+        let Some(id) = t.view.current.as_ref().map(|r| r.id.clone()) else {
+            return;
+        };
+        let (started_tx, started_rx) = watch::channel(!has_startup);
+        t.started_tx = Some(started_tx);
+        for (pk, probe) in [
+            (probes::Kind::Startup, &spec.startup_probe),
+            (probes::Kind::Liveness, &spec.liveness_probe),
+            (probes::Kind::Readiness, &spec.readiness_probe),
+        ] {
+            let Some(probe) = probe else { continue };
+            let settings = match Settings::new(probe, &spec, pk) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(pod = name(pod), container = %spec.name, error = %e, "probe not run");
+                    continue;
+                }
+            };
+            let task = ProbeTask {
+                rt: ctx.rt.clone(),
+                container_id: id.clone(),
+                netns: netns.clone(),
+                pod_ip: None,
+                events: ctx.events.clone(),
+                subject: probes::Subject {
+                    pod_uid: uid.clone(),
+                    namespace: namespace(pod).to_string(),
+                    pod: name(pod).to_string(),
+                    container: spec.name.clone(),
+                },
+                verdicts: verdicts.clone(),
+                notify: notify.clone(),
+            };
+            let h = tokio::spawn(task.run(pk, settings, started_rx.clone()));
+            t.probes.push(h.abort_handle());
+        }
+    }
+
+    /// A probe crossed a threshold.
+    async fn on_verdict(&mut self, pod: &Pod, v: Verdict) {
+        let Some(i) = self.app.iter().position(|t| {
+            t.view
+                .current
+                .as_ref()
+                .is_some_and(|r| r.id == v.container_id && r.exit.is_none())
+        }) else {
+            return; // about a run that is over
+        };
+        let grace = grace_period(pod);
+        let t = &mut self.app[i];
+        match (v.kind, v.success) {
+            (probes::Kind::Startup, true) => {
+                t.view.started = true;
+                t.view.ready = t.spec.readiness_probe.is_none();
+                if let Some(tx) = &t.started_tx {
+                    let _ = tx.send(true);
+                }
+            }
+            (probes::Kind::Readiness, ok) => t.view.ready = ok && t.view.started,
+            (k, false) => {
+                let (name, spec) = (t.spec.name.clone(), t.spec.clone());
+                t.view.ready = false;
+                let msg = format!(
+                    "Container {name} failed {} probe, will be restarted",
+                    k.name().to_lowercase()
+                );
+                self.event(pod, Some(&name), EventType::Normal, "Killing", msg);
+                // Liveness kills restart whatever the policy, as the kubelet does.
+                self.app[i].force_restart = pod_restarts(pod);
+                self.stop_container(pod, &spec, &v.container_id, grace)
+                    .await;
+                self.refresh(Kind::App, i);
+            }
+            _ => {}
+        }
+    }
+
+    /// postStart: run after the start; a failure kills the container.
+    async fn post_start(&mut self, pod: &Pod, kind: Kind, i: usize) {
+        let t = self.tracked(kind, i);
+        let (spec, id) = (
+            t.spec.clone(),
+            t.view.current.as_ref().map(|r| r.id.clone()),
+        );
+        let (Some(h), Some(id)) = (
+            spec.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()),
+            id,
+        ) else {
+            return;
+        };
+        let grace = grace_period(pod);
+        let r = match actions::Action::of_hook(h, &spec) {
+            Ok(a) => {
+                let target = actions::Target {
+                    rt: &self.ctx.rt,
+                    container_id: &id,
+                    netns: self.netns(pod),
+                    pod_ip: None,
+                };
+                actions::run(&a, &target, grace.max(Duration::from_secs(2))).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(msg) = r {
+            self.event(
+                pod,
+                Some(&spec.name),
+                EventType::Warning,
+                "FailedPostStartHook",
+                format!("PostStartHook failed: {msg}"),
+            );
+            let _ = self.ctx.rt.stop(&id, grace).await;
+            self.refresh(kind, i);
+        }
+    }
+
+    /// preStop (within the grace period), then SIGTERM with what is left of
+    /// it (at least 2 s, as the kubelet allows), then SIGKILL.
+    async fn stop_container(&self, pod: &Pod, spec: &Container, id: &str, grace: Duration) {
+        let t0 = Instant::now();
+        if let Some(h) = spec.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) {
+            let r = match actions::Action::of_hook(h, spec) {
+                Ok(a) => {
+                    let target = actions::Target {
+                        rt: &self.ctx.rt,
+                        container_id: id,
+                        netns: self.netns(pod),
+                        pod_ip: None,
+                    };
+                    actions::run(&a, &target, grace).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(msg) = r {
+                self.event(
+                    pod,
+                    Some(&spec.name),
+                    EventType::Warning,
+                    "FailedPreStopHook",
+                    format!("PreStopHook failed: {msg}"),
+                );
+            }
+        }
+        let left = grace
+            .saturating_sub(t0.elapsed())
+            .max(Duration::from_secs(2).min(grace));
+        if let Err(e) = self.ctx.rt.stop(id, left).await {
+            tracing::warn!(id, error = %e, "stopping container");
+        }
+    }
+
     fn watch_exit(&self, id: &str) {
         let (rt, notify, id) = (self.ctx.rt.clone(), self.notify.clone(), id.to_string());
         tokio::spawn(async move {
@@ -449,6 +663,7 @@ impl Worker {
                 if t.exit_code().is_some() && !t.exit_seen {
                     t.exit_seen = true;
                     t.view.ready = false;
+                    t.stop_probes();
                     let started = t.started.unwrap_or(now);
                     t.backoff.record_exit(started, now);
                 }
@@ -651,13 +866,14 @@ impl Worker {
                 t.view.current = Some(rec);
                 t.view.restart_count = attempt;
                 t.view.waiting = None;
-                t.view.ready = true;
                 t.started = Some(Instant::now());
                 t.exit_seen = false;
                 t.force_restart = false;
                 if let Some(old) = older {
                     self.forget(&old);
                 }
+                self.start_probes(pod, kind, i);
+                self.post_start(pod, kind, i).await;
             }
             Err(e) => {
                 let reason = match e {
@@ -700,8 +916,23 @@ impl Worker {
                 format!("Stopping container {name}"),
             );
         }
+        let specs: Vec<Container> = self
+            .init
+            .iter()
+            .chain(self.app.iter())
+            .map(|t| t.spec.clone())
+            .collect();
+        let me = &*self;
+        futures_util::future::join_all(running.iter().map(|(id, name)| {
+            let spec = specs
+                .iter()
+                .find(|c| &c.name == name)
+                .cloned()
+                .unwrap_or_default();
+            async move { me.stop_container(pod, &spec, id, grace).await }
+        }))
+        .await;
         let rt = &self.ctx.rt;
-        futures_util::future::join_all(running.iter().map(|(id, _)| rt.stop(id, grace))).await;
         for r in rt.list().into_iter().filter(|r| r.pod.uid == self.uid) {
             self.forget(&r);
         }
@@ -738,6 +969,11 @@ fn restart_policy(pod: &Pod) -> &str {
         .as_ref()
         .and_then(|s| s.restart_policy.as_deref())
         .unwrap_or("Always")
+}
+
+/// Whether the pod's containers restart at all after a kill.
+fn pod_restarts(pod: &Pod) -> bool {
+    restart_policy(pod) != "Never"
 }
 
 fn grace_period(pod: &Pod) -> Duration {

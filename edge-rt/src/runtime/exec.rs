@@ -91,7 +91,8 @@ impl Executor for ExecInit {
 /// A process running inside a container.
 pub struct ExecProcess {
     pid: i32,
-    pidfd: AsyncFd<OwnedFd>,
+    /// None once dropped (see Drop).
+    pidfd: Option<AsyncFd<OwnedFd>>,
 }
 
 impl ExecProcess {
@@ -101,7 +102,9 @@ impl ExecProcess {
 
     /// Wait for the end; the exit code (128 + signal if killed).
     pub async fn wait(&self) -> i32 {
-        let _ = self.pidfd.readable().await;
+        if let Some(fd) = &self.pidfd {
+            let _ = fd.readable().await;
+        }
         // The SIGCHLD reaper may not have run yet: ask until it has.
         for _ in 0..100 {
             if let Some(st) = reaper::take(self.pid) {
@@ -117,13 +120,35 @@ impl ExecProcess {
     }
 
     pub fn kill(&self) {
-        let _ = pidfd_signal(self.pidfd.get_ref(), libc::SIGKILL);
+        if let Some(fd) = &self.pidfd {
+            let _ = pidfd_signal(fd.get_ref(), libc::SIGKILL);
+        }
     }
 }
 
 impl Drop for ExecProcess {
+    /// A process nobody waits for any more (a probe cut short) must still
+    /// be reaped: it lives in the container's PID namespace, and that
+    /// namespace's init cannot finish exiting while it is an unreaped zombie.
     fn drop(&mut self) {
-        reaper::forget(self.pid);
+        let (pid, fd) = (self.pid, self.pidfd.take());
+        let reap = move || {
+            let _ = reaper::take(pid);
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+            reaper::forget(pid);
+        };
+        match (fd, tokio::runtime::Handle::try_current()) {
+            (Some(fd), Ok(h)) => {
+                h.spawn(async move {
+                    let _ = fd.readable().await;
+                    reap();
+                });
+            }
+            _ => reap(),
+        }
     }
 }
 
@@ -203,7 +228,10 @@ impl Runtime {
         // SAFETY: the AsyncFd owns the pidfd; nothing else closes it.
         let pidfd = unsafe { AsyncFd::register(fd) }.map_err(|e| err(&e))?;
         tracing::debug!(id, pid, fd = pidfd.get_ref().as_raw_fd(), "exec started");
-        Ok(ExecProcess { pid, pidfd })
+        Ok(ExecProcess {
+            pid,
+            pidfd: Some(pidfd),
+        })
     }
 
     /// Run `args` in the container to its end, with no stdin, and return its

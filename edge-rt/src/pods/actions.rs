@@ -1,0 +1,259 @@
+//! The actions probes and lifecycle hooks perform: exec in the container,
+//! HTTP GET and TCP connect in the pod's network namespace, sleep. One
+//! implementation serves liveness, readiness and startup probes, postStart
+//! and preStop.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Container, ExecAction, HTTPGetAction, LifecycleHandler, Probe, TCPSocketAction,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::runtime::Runtime;
+
+/// Output kept from an exec action for messages (the kubelet keeps 10 KiB).
+const MAX_OUTPUT: usize = 10 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Exec(Vec<String>),
+    HttpGet {
+        host: Option<String>,
+        port: u16,
+        path: String,
+        https: bool,
+        headers: Vec<(String, String)>,
+    },
+    Tcp {
+        host: Option<String>,
+        port: u16,
+    },
+    Sleep(Duration),
+}
+
+/// A port given by number or by the name of one of the container's ports.
+fn port(p: &IntOrString, c: &Container) -> Result<u16, String> {
+    match p {
+        IntOrString::Int(n) => u16::try_from(*n)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("port {n} is out of range")),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+            .and_then(|cp| u16::try_from(cp.container_port).ok())
+            .ok_or_else(|| format!("container {} has no port named {name}", c.name)),
+    }
+}
+
+fn exec(e: &ExecAction) -> Result<Action, String> {
+    match e.command.as_ref().filter(|c| !c.is_empty()) {
+        Some(c) => Ok(Action::Exec(c.clone())),
+        None => Err("exec: command is empty".into()),
+    }
+}
+
+fn http(h: &HTTPGetAction, c: &Container) -> Result<Action, String> {
+    Ok(Action::HttpGet {
+        host: h.host.clone().filter(|h| !h.is_empty()),
+        port: port(&h.port, c)?,
+        path: h.path.clone().unwrap_or_else(|| "/".into()),
+        https: h.scheme.as_deref() == Some("HTTPS"),
+        headers: h
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect(),
+    })
+}
+
+fn tcp(t: &TCPSocketAction, c: &Container) -> Result<Action, String> {
+    Ok(Action::Tcp {
+        host: t.host.clone().filter(|h| !h.is_empty()),
+        port: port(&t.port, c)?,
+    })
+}
+
+impl Action {
+    pub fn of_probe(p: &Probe, c: &Container) -> Result<Action, String> {
+        if let Some(e) = &p.exec {
+            exec(e)
+        } else if let Some(h) = &p.http_get {
+            http(h, c)
+        } else if let Some(t) = &p.tcp_socket {
+            tcp(t, c)
+        } else if p.grpc.is_some() {
+            Err("grpc probes are not supported by edge-rt".into())
+        } else {
+            Err("the probe has no action".into())
+        }
+    }
+
+    pub fn of_hook(h: &LifecycleHandler, c: &Container) -> Result<Action, String> {
+        if let Some(e) = &h.exec {
+            exec(e)
+        } else if let Some(g) = &h.http_get {
+            http(g, c)
+        } else if let Some(t) = &h.tcp_socket {
+            tcp(t, c)
+        } else if let Some(s) = &h.sleep {
+            Ok(Action::Sleep(Duration::from_secs(s.seconds.max(0) as u64)))
+        } else {
+            Err("the hook has no action".into())
+        }
+    }
+}
+
+/// Where an action runs: the container and its pod's network.
+pub struct Target<'a> {
+    pub rt: &'a Runtime,
+    pub container_id: &'a str,
+    /// The pod's network namespace (None: the host's, for hostNetwork).
+    pub netns: Option<PathBuf>,
+    /// The pod's IP, the default host for HTTP and TCP actions.
+    pub pod_ip: Option<IpAddr>,
+}
+
+/// Connect to `addr` from inside `netns`: a thread enters the namespace
+/// just to create the socket, which stays in that namespace afterwards.
+async fn connect(
+    netns: Option<PathBuf>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let r = (|| -> std::io::Result<std::net::TcpStream> {
+            if let Some(ns) = &netns {
+                let f = std::fs::File::open(ns)?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            }
+            let s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })();
+        let _ = tx.send(r);
+    });
+    let s = rx
+        .await
+        .map_err(|_| "connect thread died".to_string())?
+        .map_err(|e| format!("dial tcp {addr}: {e}"))?;
+    tokio::net::TcpStream::from_std(s).map_err(|e| e.to_string())
+}
+
+fn resolve(host: &Option<String>, target: &Target, port: u16) -> Result<SocketAddr, String> {
+    let ip = match host {
+        Some(h) => h
+            .parse::<IpAddr>()
+            .map_err(|_| format!("host {h:?} is not an IP address (names are not resolved)"))?,
+        None => target.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+async fn http_get(
+    target: &Target<'_>,
+    host: &Option<String>,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    let addr = resolve(host, target, port)?;
+    let stream = connect(target.netns.clone(), addr, timeout).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("Get \"http://{addr}{path}\": {e}"))?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .header("user-agent", "kube-probe/1.32 (edge-rt)")
+        .header("accept", "*/*");
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("Get \"http://{addr}{path}\": {e}"))?;
+    let status = resp.status();
+    // The kubelet counts 2xx and 3xx as success.
+    if status.is_success() || status.is_redirection() {
+        return Ok(());
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&body[..body.len().min(MAX_OUTPUT)]).into_owned();
+    Err(format!(
+        "HTTP probe failed with statuscode: {}{}",
+        status.as_u16(),
+        if body.is_empty() {
+            String::new()
+        } else {
+            format!(": {body}")
+        }
+    ))
+}
+
+/// Perform `action` within `timeout`; Err carries the failure as the
+/// kubelet words it.
+pub async fn run(action: &Action, target: &Target<'_>, timeout: Duration) -> Result<(), String> {
+    let work = async {
+        match action {
+            Action::Exec(cmd) => {
+                match target
+                    .rt
+                    .exec_capture(target.container_id, cmd, timeout, MAX_OUTPUT)
+                    .await
+                    .map_err(|e| crate::pods::describe(&e))?
+                {
+                    Some((0, _)) => Ok(()),
+                    Some((code, out)) => Err(format!(
+                        "command {cmd:?} exited with {code}: {}",
+                        out.trim_end()
+                    )),
+                    None => Err(format!("command {cmd:?} timed out")),
+                }
+            }
+            Action::HttpGet { https: true, .. } => {
+                Err("HTTPS probes and hooks are not supported by edge-rt yet".to_string())
+            }
+            Action::HttpGet {
+                host,
+                port,
+                path,
+                headers,
+                ..
+            } => http_get(target, host, *port, path, headers, timeout).await,
+            Action::Tcp { host, port } => {
+                let addr = resolve(host, target, *port)?;
+                connect(target.netns.clone(), addr, timeout)
+                    .await
+                    .map(|_| ())
+            }
+            Action::Sleep(d) => {
+                tokio::time::sleep(*d).await;
+                Ok(())
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timeout after {}s", timeout.as_secs_f64())),
+    }
+}
