@@ -94,6 +94,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         images: store.clone(),
         puller: std::sync::Mutex::new(Arc::new(Puller::new(&cfg.registry)?)),
         events: Arc::new(EventRing::default()),
+        objects: Arc::new(crate::pods::source::Objects::default()),
+        volumes_root: cfg.node.data_dir.join("pods"),
+        node: crate::pods::env::Placement::of_this_node(),
     });
     let pods = Arc::new(PodManager::new(ctx.clone()));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
@@ -231,11 +234,13 @@ impl ManifestWatch {
 
     /// Read the directory and hand its pods to the manager.
     fn apply(&mut self, pods: &PodManager) {
-        let mut desired = Vec::new();
+        let (mut desired, mut config_maps, mut secrets) = (Vec::new(), Vec::new(), Vec::new());
         let mut errors = BTreeMap::new();
         for m in static_pods::load_dir(&self.dir) {
-            match m.pod {
-                Ok(p) => desired.push(p),
+            match m.object {
+                Ok(static_pods::Object::Pod(p)) => desired.push(*p),
+                Ok(static_pods::Object::ConfigMap(c)) => config_maps.push(c),
+                Ok(static_pods::Object::Secret(s)) => secrets.push(s),
                 Err(ref e) => {
                     let place = m.place();
                     if self.reported.get(&place) != Some(e) {
@@ -246,6 +251,8 @@ impl ManifestWatch {
             }
         }
         self.reported = errors;
+        // Objects first: a new pod finds what it references.
+        pods.context().objects.replace(config_maps, secrets);
         pods.apply(desired);
     }
 }

@@ -12,15 +12,24 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use serde::Deserialize;
+
+/// What a manifest document may hold: pods, and the ConfigMaps and
+/// Secrets they use.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Pod(Box<Pod>),
+    ConfigMap(ConfigMap),
+    Secret(Secret),
+}
 
 /// One manifest document, parsed or not.
 pub struct Manifest {
     pub file: PathBuf,
     /// 1-based document number within the file.
     pub doc: usize,
-    pub pod: Result<Pod, String>,
+    pub object: Result<Object, String>,
 }
 
 impl Manifest {
@@ -61,7 +70,7 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
                 out.push(Manifest {
                     file,
                     doc: 1,
-                    pod: Err(e.to_string()),
+                    object: Err(e.to_string()),
                 });
                 continue;
             }
@@ -75,29 +84,35 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
                     out.push(Manifest {
                         file: file.clone(),
                         doc: i + 1,
-                        pod: Err(e.to_string()),
+                        object: Err(e.to_string()),
                     });
                     break;
                 }
             };
-            let pod = parse(value).and_then(|p| {
+            let object = parse(value).and_then(|o| {
+                let (kind, meta) = match &o {
+                    Object::Pod(p) => ("Pod", &p.metadata),
+                    Object::ConfigMap(c) => ("ConfigMap", &c.metadata),
+                    Object::Secret(s) => ("Secret", &s.metadata),
+                };
                 let key = (
-                    p.metadata.namespace.clone().unwrap_or_default(),
-                    p.metadata.name.clone().unwrap_or_default(),
+                    kind,
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
                 );
                 if seen.insert(key) {
-                    Ok(p)
+                    Ok(o)
                 } else {
                     Err(format!(
-                        "metadata.name: pod {} is defined twice",
-                        p.metadata.name.as_deref().unwrap_or("")
+                        "metadata.name: {kind} {} is defined twice",
+                        meta.name.as_deref().unwrap_or("")
                     ))
                 }
             });
             out.push(Manifest {
                 file: file.clone(),
                 doc: i + 1,
-                pod,
+                object,
             });
         }
     }
@@ -105,16 +120,51 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
 }
 
 /// One document to a validated pod with its static uid.
-fn parse(v: serde_yaml_ng::Value) -> Result<Pod, String> {
-    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-    if kind != "Pod" {
-        return Err(format!("kind: {:?} is not supported here (only Pod)", kind));
-    }
-    let content = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
-    let mut pod: Pod = serde_path_to_error::deserialize(v).map_err(|e| {
+fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml_ng::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         format!("{path}: {}", e.inner())
-    })?;
+    })
+}
+
+fn named(
+    meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(), String> {
+    let name = meta.name.as_deref().unwrap_or("");
+    if !dns_subdomain(name) {
+        return Err(format!("metadata.name: {name:?} is not a valid name"));
+    }
+    meta.namespace.get_or_insert_with(|| "default".into());
+    Ok(())
+}
+
+/// One document to a validated object (a pod with its static uid).
+fn parse(v: serde_yaml_ng::Value) -> Result<Object, String> {
+    let kind = v
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
+    match kind.as_str() {
+        "Pod" => {}
+        "ConfigMap" => {
+            let mut c: ConfigMap = typed(v)?;
+            named(&mut c.metadata)?;
+            return Ok(Object::ConfigMap(c));
+        }
+        "Secret" => {
+            let mut s: Secret = typed(v)?;
+            named(&mut s.metadata)?;
+            return Ok(Object::Secret(s));
+        }
+        other => {
+            return Err(format!(
+                "kind: {other:?} is not supported here (Pod, ConfigMap, Secret)"
+            ))
+        }
+    }
+    let content = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
+    let mut pod: Pod = typed(v)?;
     validate(&pod)?;
     pod.metadata
         .namespace
@@ -125,7 +175,7 @@ fn parse(v: serde_yaml_ng::Value) -> Result<Pod, String> {
         .annotations
         .get_or_insert_with(Default::default)
         .insert("kubernetes.io/config.source".into(), "file".into());
-    Ok(pod)
+    Ok(Object::Pod(Box::new(pod)))
 }
 
 fn dns_label(s: &str) -> bool {
@@ -251,8 +301,8 @@ mod tests {
         write(d.path(), "notes.txt", "not a manifest");
         let m = load_dir(d.path());
         assert_eq!(m.len(), 3);
-        assert!(m[0].pod.is_ok());
-        let e = m[1].pod.as_ref().unwrap_err();
+        assert!(m[0].object.is_ok());
+        let e = m[1].object.as_ref().unwrap_err();
         assert!(
             e.starts_with("spec.containers[0].ports[0].containerPort"),
             "{e}"
@@ -261,7 +311,7 @@ mod tests {
             m[1].place(),
             format!("{} (document 2)", d.path().join("a.yaml").display())
         );
-        let e = m[2].pod.as_ref().unwrap_err();
+        let e = m[2].object.as_ref().unwrap_err();
         assert!(e.starts_with("metadata.name"), "{e}");
     }
 
@@ -270,11 +320,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: busybox}]}\n";
         write(d.path(), "p.yaml", text);
-        let a = load_dir(d.path()).remove(0).pod.unwrap();
-        let b = load_dir(d.path()).remove(0).pod.unwrap();
+        let pod = |m: Manifest| match m.object {
+            Ok(Object::Pod(p)) => p,
+            _ => panic!("not a pod"),
+        };
+        let a = pod(load_dir(d.path()).remove(0));
+        let b = pod(load_dir(d.path()).remove(0));
         assert_eq!(a.metadata.uid, b.metadata.uid);
         write(d.path(), "p.yaml", &text.replace("busybox", "busybox:1"));
-        let c = load_dir(d.path()).remove(0).pod.unwrap();
+        let c = pod(load_dir(d.path()).remove(0));
         assert_ne!(a.metadata.uid, c.metadata.uid);
     }
 }

@@ -30,6 +30,9 @@ impl Harness {
                 &Default::default(),
             )?)),
             events: Arc::new(EventRing::default()),
+            objects: Arc::new(edge_rt::pods::source::Objects::default()),
+            volumes_root: env.dir.path().join("volumes"),
+            node: edge_rt::pods::env::Placement::of_this_node(),
         });
         Ok(Harness {
             pods: PodManager::new(ctx),
@@ -590,6 +593,187 @@ async fn pre_stop_runs_before_sigterm_and_post_start_after_start() -> Result<()>
     h.pods.settle().await;
     let exit = exit.await??;
     assert_eq!(exit.exit_code, 0, "{exit:?}: SIGTERM came before preStop");
+    h.teardown().await;
+    Ok(())
+}
+
+fn objects(h: &Harness, greeting: &str) -> Result<()> {
+    let cm = serde_json::from_value(json!({
+        "metadata": {"name": "settings", "namespace": "default"},
+        "data": {"greeting": greeting, "LEVEL": "debug"}
+    }))?;
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds", "namespace": "default"},
+        "data": {"password": "czNjcjN0"} // "s3cr3t"
+    }))?;
+    h.pods.context().objects.replace(vec![cm], vec![secret]);
+    Ok(())
+}
+
+async fn exec_out(h: &Harness, pod: &str, container: &str, script: &str) -> Result<String> {
+    let rec =
+        h.rt.list()
+            .into_iter()
+            .find(|r| r.pod.name == pod && r.name == container && r.exit.is_none())
+            .context("running container")?;
+    let args: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+    let (_, out) =
+        h.rt.exec_capture(&rec.id, &args, Duration::from_secs(5), 4096)
+            .await?
+            .context("exec in time")?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn config_map_volumes_update_in_place_and_env_comes_from_objects() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    objects(&h, "hello v1")?;
+    let mut c = sh("app", "while true; do sleep 0.2; done");
+    c["env"] = json!([
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+        {"name": "GREETING_AGAIN", "value": "$(POD) says hi"},
+    ]);
+    c["envFrom"] = json!([{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}]);
+    c["resources"] = json!({"limits": {"memory": "64Mi"}});
+    c["volumeMounts"] = json!([
+        {"name": "cfg", "mountPath": "/etc/cfg"},
+        {"name": "info", "mountPath": "/etc/podinfo"},
+        {"name": "scratch", "mountPath": "/scratch"},
+        {"name": "secret", "mountPath": "/etc/secret"},
+    ]);
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "configured", "labels": {"app": "demo"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [c],
+            "volumes": [
+                {"name": "cfg", "configMap": {"name": "settings", "items": [{"key": "greeting", "path": "greeting"}]}},
+                {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+                {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
+                {"name": "secret", "secret": {"secretName": "creds", "defaultMode": 256}},
+            ],
+        }
+    }))]);
+    h.wait("configured", "running", |p| phase(p) == "Running")
+        .await?;
+    let env = exec_out(
+        &h,
+        "configured",
+        "app",
+        "echo $PASSWORD/$POD/$MEM/$CFG_LEVEL/$GREETING_AGAIN",
+    )
+    .await?;
+    assert_eq!(env, "s3cr3t/configured/64/debug/configured says hi\n");
+    let files = exec_out(
+        &h,
+        "configured",
+        "app",
+        "cat /etc/cfg/greeting; echo; cat /etc/podinfo/labels; stat -L -c %a /etc/secret/password; grep ' /scratch ' /proc/mounts | cut -d' ' -f3; touch /etc/cfg/x 2>/dev/null || echo read-only",
+    )
+    .await?;
+    assert_eq!(files, "hello v1\napp=\"demo\"\n400\ntmpfs\nread-only\n");
+
+    // A new version of the ConfigMap reaches the running container, whole.
+    objects(&h, "hello v2")?;
+    wait_for("the new greeting", Duration::from_secs(10), || async {
+        exec_out(&h, "configured", "app", "cat /etc/cfg/greeting")
+            .await
+            .ok()
+            .filter(|o| o == "hello v2")
+    })
+    .await?;
+    let p = h.pods.find("default", "configured").unwrap();
+    assert_eq!(app(&p, "app").unwrap().restart_count, 0, "updated in place");
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_objects_and_bad_host_paths_are_reported() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut env_c = sh("app", "sleep 600");
+    env_c["env"] =
+        json!([{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "k"}}}]);
+    let mut vol_c = sh("app", "sleep 600");
+    vol_c["volumeMounts"] = json!([{"name": "host", "mountPath": "/host"}]);
+    h.pods.apply(vec![
+        pod(json!({"metadata": {"name": "no-cm"}, "spec": {"containers": [env_c]}})),
+        pod(json!({"metadata": {"name": "no-dir"}, "spec": {
+            "containers": [vol_c],
+            "volumes": [{"name": "host", "hostPath": {"path": "/nonexistent/outrigger", "type": "Directory"}}],
+        }})),
+    ]);
+    let waiting = |p: &Pod| {
+        app(p, "app")
+            .and_then(|c| c.state)
+            .and_then(|s| s.waiting)
+            .map(|w| (w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+    };
+    let p = h
+        .wait("no-cm", "CreateContainerConfigError", |p| {
+            waiting(p).is_some_and(|(r, _)| r == "CreateContainerConfigError")
+        })
+        .await?;
+    assert!(waiting(&p)
+        .unwrap()
+        .1
+        .contains("configmap \"absent\" not found"));
+    let p = h
+        .wait("no-dir", "FailedMount", |p| {
+            h.pods
+                .context()
+                .events
+                .for_pod(pods::uid(p))
+                .iter()
+                .any(|e| e.reason == "FailedMount")
+        })
+        .await?;
+    assert_eq!(waiting(&p).unwrap().0, "ContainerCreating");
+    h.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn containers_of_a_pod_share_localhost_and_empty_dirs() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut server = sh("server", "echo hello > /shared/msg; mkdir -p /www && echo pong > /www/ping && exec httpd -f -p 8080 -h /www");
+    server["volumeMounts"] = json!([{"name": "shared", "mountPath": "/shared"}]);
+    let mut client = sh("client", "while true; do sleep 0.2; done");
+    client["volumeMounts"] = json!([{"name": "shared", "mountPath": "/data", "readOnly": true}]);
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "duo"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [server, client],
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+        }
+    }))]);
+    h.wait("duo", "both running", |p| phase(p) == "Running")
+        .await?;
+    let out = wait_for("the server answers", Duration::from_secs(10), || async {
+        exec_out(
+            &h,
+            "duo",
+            "client",
+            "wget -qO- http://127.0.0.1:8080/ping; cat /data/msg",
+        )
+        .await
+        .ok()
+        .filter(|o| o.contains("pong"))
+    })
+    .await?;
+    assert_eq!(out, "pong\nhello\n");
     h.teardown().await;
     Ok(())
 }

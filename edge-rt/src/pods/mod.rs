@@ -11,9 +11,12 @@
 
 pub mod actions;
 pub mod backoff;
+pub mod env;
 pub mod events;
 pub mod probes;
+pub mod source;
 pub mod status;
+pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,12 @@ pub struct Context {
     pub images: Arc<ImageStore>,
     pub puller: Mutex<Arc<Puller>>,
     pub events: Arc<EventRing>,
+    /// ConfigMaps and Secrets the pods reference.
+    pub objects: Arc<source::Objects>,
+    /// Where pods' volumes live, a directory per pod uid.
+    pub volumes_root: std::path::PathBuf,
+    /// This node, for the downward API.
+    pub node: env::Placement,
 }
 
 impl Context {
@@ -251,13 +260,15 @@ struct Worker {
     view: Arc<Mutex<Pod>>,
     verdicts: mpsc::UnboundedSender<Verdict>,
     verdicts_rx: Option<mpsc::UnboundedReceiver<Verdict>>,
+    volumes: volumes::PodVolumes,
+    /// Set once the volumes were made, so object changes refresh them.
+    volumes_ready: bool,
 }
 
 impl Worker {
     fn new(ctx: Arc<Context>, uid: &str, view: Arc<Mutex<Pod>>) -> Worker {
         let (tx, rx) = mpsc::unbounded_channel();
         Worker {
-            ctx,
             uid: uid.to_string(),
             init: vec![],
             app: vec![],
@@ -267,6 +278,9 @@ impl Worker {
             view,
             verdicts: tx,
             verdicts_rx: Some(rx),
+            volumes: volumes::PodVolumes::new(ctx.volumes_root.join(uid)),
+            volumes_ready: false,
+            ctx,
         }
     }
 
@@ -318,6 +332,8 @@ impl Worker {
             return;
         };
         let notify = self.notify.clone();
+        let mut objects = self.ctx.objects.subscribe();
+        objects.mark_unchanged();
         loop {
             let pod = desired.borrow_and_update().clone();
             let Some(pod) = pod else {
@@ -346,6 +362,11 @@ impl Worker {
                     return;
                 },
                 _ = notify.notified() => {}
+                _ = objects.changed() => {
+                    if let Some(p) = &last {
+                        self.refresh_volumes(p);
+                    }
+                }
                 _ = tokio::time::sleep(wake) => {}
             }
         }
@@ -429,6 +450,23 @@ impl Worker {
                 let _ = self.ctx.rt.stop(&id, grace).await;
                 self.refresh(Kind::App, i);
             }
+        }
+    }
+
+    /// ConfigMaps or Secrets changed: rewrite the pod's object volumes
+    /// (each swap is atomic; unchanged ones are left alone).
+    fn refresh_volumes(&mut self, pod: &Pod) {
+        if !self.volumes_ready {
+            return;
+        }
+        if let Err(msg) = self.volumes.sync(pod, &self.ctx.objects, &self.ctx.node) {
+            self.event(
+                pod,
+                None,
+                EventType::Warning,
+                "FailedMount",
+                format!("MountVolume.SetUp failed: {msg}"),
+            );
         }
     }
 
@@ -828,8 +866,37 @@ impl Worker {
                 return;
             }
         };
+        self.tracked(kind, i).pull_failed = false;
+        if let Err(msg) = self.volumes.sync(pod, &self.ctx.objects, &self.ctx.node) {
+            self.event(
+                pod,
+                Some(&spec.name),
+                EventType::Warning,
+                "FailedMount",
+                format!("MountVolume.SetUp failed: {msg}"),
+            );
+            self.tracked(kind, i).view.waiting = Some(("ContainerCreating".into(), msg));
+            return;
+        }
+        self.volumes_ready = true;
+        let prepared = env::resolve(pod, &spec, &self.ctx.objects, &self.ctx.node)
+            .and_then(|e| self.volumes.mounts(pod, &spec).map(|m| (e, m)));
+        let (extra_env, mounts) = match prepared {
+            Ok(x) => x,
+            Err(msg) => {
+                self.event(
+                    pod,
+                    Some(&spec.name),
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {msg}"),
+                );
+                self.tracked(kind, i).view.waiting =
+                    Some(("CreateContainerConfigError".into(), msg));
+                return;
+            }
+        };
         let t = self.tracked(kind, i);
-        t.pull_failed = false;
         let attempt = match &t.view.current {
             Some(_) => t.view.restart_count + 1,
             None => 0,
@@ -839,8 +906,8 @@ impl Worker {
             container: spec.clone(),
             pod_security: pod.spec.as_ref().and_then(|s| s.security_context.clone()),
             image,
-            extra_env: vec![],
-            mounts: vec![],
+            extra_env,
+            mounts,
             attempt,
         };
         match self.ctx.rt.run(req) {
@@ -940,6 +1007,7 @@ impl Worker {
             tracing::warn!(pod = name(pod), error = %e, "removing pod sandbox");
         }
         let _ = std::fs::remove_dir_all(rt.pod_log_dir(&self.pod_ref(pod)));
+        self.volumes.remove();
         tracing::info!(pod = name(pod), "pod removed");
     }
 
