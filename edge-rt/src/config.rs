@@ -23,6 +23,12 @@
 //! log_max_files = 3
 //! pids_limit = 4096
 //!
+//! [network]
+//! enabled = true                       # false: pods get loopback only
+//! bridge = "outrigger0"
+//! pod_cidr = "10.88.0.0/16"            # the bridge takes the first address
+//! masquerade = true                    # NAT pod traffic leaving the node
+//!
 //! [api]
 //! socket = "/run/edge-rt/edge-rt.sock" # default: edge-rt.sock in runtime.state_dir
 //! group = "edge"                       # may also use the CLI (default: root only)
@@ -79,6 +85,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub runtime: RuntimeConfig,
     pub api: ApiSection,
+    pub network: crate::network::NetworkConfig,
 }
 
 /// The local API socket the CLI talks to.

@@ -97,6 +97,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         objects: Arc::new(crate::pods::source::Objects::default()),
         volumes_root: cfg.node.data_dir.join("pods"),
         node: crate::pods::env::Placement::of_this_node(),
+        network: if cfg.network.enabled {
+            Some(Arc::new(crate::network::Network::new(
+                cfg.network.clone(),
+                &cfg.runtime.state_dir,
+            )?))
+        } else {
+            None
+        },
     });
     let pods = Arc::new(PodManager::new(ctx.clone()));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod network;
 pub mod pods;
 pub mod runtime;
 pub mod static_pods;

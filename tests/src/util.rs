@@ -204,7 +204,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/outrigger-test/{name}\"\n",
+                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/outrigger-test/{name}\"\n\n# Suites that need pod networking set up a bridge of their own.\n[network]\nenabled = false\n",
                 d.join("data"),
                 manifests,
                 preload,

@@ -1,132 +1,14 @@
 //! Pod semantics with real containers: init containers, restart policies,
 //! crash-loop back-off, status and events, removal.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use edge_rt::pods::events::EventRing;
-use edge_rt::pods::{self, Context, PodManager};
-use edge_rt::runtime::Runtime;
+use edge_rt::pods;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use outrigger_tests::util::*;
+use outrigger_tests::podkit::*;
+use outrigger_tests::util::{log_lines, require_root, wait_for};
 use serde_json::json;
-
-struct Harness {
-    pods: PodManager,
-    rt: Arc<Runtime>,
-    _env: Env,
-}
-
-impl Harness {
-    fn new() -> Result<Harness> {
-        let env = Env::new()?;
-        busybox_image(&env.store)?;
-        let rt = env.runtime()?;
-        let ctx = Arc::new(Context {
-            rt: rt.clone(),
-            images: env.store.clone(),
-            puller: std::sync::Mutex::new(Arc::new(edge_rt::image::registry::Puller::new(
-                &Default::default(),
-            )?)),
-            events: Arc::new(EventRing::default()),
-            objects: Arc::new(edge_rt::pods::source::Objects::default()),
-            volumes_root: env.dir.path().join("volumes"),
-            node: edge_rt::pods::env::Placement::of_this_node(),
-        });
-        Ok(Harness {
-            pods: PodManager::new(ctx),
-            rt,
-            _env: env,
-        })
-    }
-
-    async fn wait(&self, name: &str, what: &str, pred: impl Fn(&Pod) -> bool) -> Result<Pod> {
-        let r = wait_for(what, Duration::from_secs(20), || async {
-            self.pods.find("default", name).filter(|p| pred(p))
-        })
-        .await;
-
-        r.with_context(|| {
-            format!(
-                "pod {name}: {}",
-                serde_json::to_string_pretty(
-                    &self.pods.find("default", name).and_then(|p| p.status)
-                )
-                .unwrap_or_default()
-            )
-        })
-    }
-
-    fn events(&self, pod: &Pod) -> Vec<(String, Option<String>)> {
-        self.pods
-            .context()
-            .events
-            .for_pod(pods::uid(pod))
-            .into_iter()
-            .map(|e| (e.reason, e.container))
-            .collect()
-    }
-
-    async fn teardown(self) {
-        self.pods.apply(vec![]);
-        self.pods.settle().await;
-    }
-}
-
-/// A pod from JSON, with a uid as a source would set it.
-fn pod(v: serde_json::Value) -> Pod {
-    let mut p: Pod = serde_json::from_value(v).expect("pod json");
-    let name = p.metadata.name.clone().unwrap_or_default();
-    p.metadata.uid = Some(format!("{name}-{}", std::process::id()));
-    p.metadata.namespace = Some("default".into());
-    p
-}
-
-fn sh(name: &str, script: &str) -> serde_json::Value {
-    json!({"name": name, "image": "busybox:latest", "imagePullPolicy": "Never", "command": ["sh", "-c", script]})
-}
-
-fn phase(p: &Pod) -> &str {
-    p.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("")
-}
-
-fn app(p: &Pod, name: &str) -> Option<ContainerStatus> {
-    p.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == name)
-        .cloned()
-}
-
-fn init(p: &Pod, name: &str) -> Option<ContainerStatus> {
-    p.status
-        .as_ref()?
-        .init_container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == name)
-        .cloned()
-}
-
-fn condition(p: &Pod, kind: &str) -> Option<String> {
-    p.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == kind)
-        .map(|c| c.status.clone())
-}
-
-fn exit_code(c: &ContainerStatus) -> Option<i32> {
-    c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
-}
 
 #[tokio::test]
 async fn init_containers_run_in_order_before_the_app() -> Result<()> {

@@ -75,6 +75,8 @@ async fn sigkilled_edge_rt_readopts_its_containers_and_learns_their_exit() -> Re
         more.join("late.yaml"),
         pod("late", "late", "echo late; sleep 60"),
     )?;
+    // The keeper moves along (same manifest, same pod: it is not restarted).
+    std::fs::copy(node.manifests.join("keeper.yaml"), more.join("keeper.yaml"))?;
     let cfg = std::fs::read_to_string(&node.config)?.replace(
         &format!("manifests_dir = {:?}", node.manifests),
         &format!("manifests_dir = {more:?}"),
@@ -101,6 +103,11 @@ async fn sigkilled_edge_rt_readopts_its_containers_and_learns_their_exit() -> Re
     assert!(
         keeper.pid.is_some_and(pid_alive),
         "containers keep running when the service stops"
+    );
+    assert_eq!(
+        node.record("keeper").and_then(|r| r.pid),
+        keeper.pid,
+        "the same keeper container throughout"
     );
     node.cleanup().await?;
     Ok(())

@@ -51,6 +51,8 @@ pub struct Context {
     pub volumes_root: std::path::PathBuf,
     /// This node, for the downward API.
     pub node: env::Placement,
+    /// Pod networking (None: pods get loopback only).
+    pub network: Option<Arc<crate::network::Network>>,
 }
 
 impl Context {
@@ -263,6 +265,7 @@ struct Worker {
     volumes: volumes::PodVolumes,
     /// Set once the volumes were made, so object changes refresh them.
     volumes_ready: bool,
+    pod_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl Worker {
@@ -280,6 +283,7 @@ impl Worker {
             verdicts_rx: Some(rx),
             volumes: volumes::PodVolumes::new(ctx.volumes_root.join(uid)),
             volumes_ready: false,
+            pod_ip: None,
             ctx,
         }
     }
@@ -415,6 +419,11 @@ impl Worker {
         if !mine.is_empty() {
             tracing::info!(pod = name(pod), containers = mine.len(), "re-adopted pod");
         }
+        self.pod_ip = self
+            .ctx
+            .network
+            .as_ref()
+            .and_then(|n| n.lease_of(&self.uid));
     }
 
     /// The same pod with a new spec: containers whose spec changed restart.
@@ -451,6 +460,42 @@ impl Worker {
                 self.refresh(Kind::App, i);
             }
         }
+    }
+
+    /// The pod's sandbox, address and hostPorts, once, before its first
+    /// container starts.
+    fn ensure_network(&mut self, pod: &Pod) -> Result<(), String> {
+        let Some(net) = self.ctx.network.clone() else {
+            return Ok(());
+        };
+        let pref = self.pod_ref(pod);
+        if pref.host_network || self.pod_ip.is_some() {
+            return Ok(());
+        }
+        let netns = self
+            .ctx
+            .rt
+            .ensure_sandbox(&pref)
+            .map_err(|e| describe(&e))?
+            .ok_or("the pod has no network namespace")?;
+        let a = net.attach(&self.uid, &netns).map_err(|e| e.to_string())?;
+        let ports: Vec<crate::network::PortMap> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                Some(crate::network::PortMap {
+                    host_port: u16::try_from(p.host_port?).ok()?,
+                    container_port: u16::try_from(p.container_port).ok()?,
+                    protocol: p.protocol.as_deref().unwrap_or("TCP").to_lowercase(),
+                })
+            })
+            .collect();
+        net.map_ports(&self.uid, a.ip, &ports)
+            .map_err(|e| e.to_string())?;
+        self.pod_ip = Some(a.ip);
+        Ok(())
     }
 
     /// ConfigMaps or Secrets changed: rewrite the pod's object volumes
@@ -494,6 +539,7 @@ impl Worker {
             self.verdicts.clone(),
             self.uid.clone(),
         );
+        let pod_ip = self.pod_ip.map(std::net::IpAddr::V4);
         let t = self.tracked(kind, i);
         t.stop_probes();
         let spec = t.spec.clone();
@@ -525,7 +571,7 @@ impl Worker {
                 rt: ctx.rt.clone(),
                 container_id: id.clone(),
                 netns: netns.clone(),
-                pod_ip: None,
+                pod_ip,
                 events: ctx.events.clone(),
                 subject: probes::Subject {
                     pod_uid: uid.clone(),
@@ -867,6 +913,17 @@ impl Worker {
             }
         };
         self.tracked(kind, i).pull_failed = false;
+        if let Err(msg) = self.ensure_network(pod) {
+            self.event(
+                pod,
+                None,
+                EventType::Warning,
+                "FailedCreatePodSandBox",
+                format!("Failed to create pod sandbox: {msg}"),
+            );
+            self.tracked(kind, i).view.waiting = Some(("ContainerCreating".into(), msg));
+            return;
+        }
         if let Err(msg) = self.volumes.sync(pod, &self.ctx.objects, &self.ctx.node) {
             self.event(
                 pod,
@@ -879,7 +936,9 @@ impl Worker {
             return;
         }
         self.volumes_ready = true;
-        let prepared = env::resolve(pod, &spec, &self.ctx.objects, &self.ctx.node)
+        let mut at = self.ctx.node.clone();
+        at.pod_ip = self.pod_ip.map(|ip| ip.to_string());
+        let prepared = env::resolve(pod, &spec, &self.ctx.objects, &at)
             .and_then(|e| self.volumes.mounts(pod, &spec).map(|m| (e, m)));
         let (extra_env, mounts) = match prepared {
             Ok(x) => x,
@@ -1003,6 +1062,9 @@ impl Worker {
         for r in rt.list().into_iter().filter(|r| r.pod.uid == self.uid) {
             self.forget(&r);
         }
+        if let Some(n) = &self.ctx.network {
+            n.detach(&self.uid);
+        }
         if let Err(e) = rt.remove_sandbox(&self.uid) {
             tracing::warn!(pod = name(pod), error = %e, "removing pod sandbox");
         }
@@ -1021,8 +1083,8 @@ impl Worker {
             app: &app,
             initialized,
             failed: self.failed.clone(),
-            pod_ips: vec![],
-            host_ip: None,
+            pod_ips: self.pod_ip.iter().map(|ip| ip.to_string()).collect(),
+            host_ip: self.ctx.node.host_ip.clone(),
             start_time: self.start_time.clone(),
             terminating,
         });

@@ -728,6 +728,15 @@ impl Runtime {
         Ok(())
     }
 
+    /// Create the pod's sandbox now (containers would on their first start)
+    /// and return its network namespace, so the network can be set up
+    /// before any container runs.
+    pub fn ensure_sandbox(&self, pod: &PodRef) -> Result<Option<PathBuf>, RuntimeError> {
+        let sb = Sandbox::ensure(&self.sandbox_dir(&pod.uid), &pod.name, pod.host_network)
+            .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
+        Ok(sb.namespaces().network)
+    }
+
     /// Tear down a pod's sandbox once none of its containers runs.
     pub fn remove_sandbox(&self, pod_uid: &str) -> Result<(), RuntimeError> {
         if self

@@ -1,0 +1,550 @@
+//! Pod networking without CNI: each pod's network namespace gets a veth
+//! into a bridge on the host, an address from the pod CIDR, a default route
+//! through the bridge, and masquerading out; hostPorts are DNAT rules. The
+//! same layout the CNI `bridge` + `host-local` + `portmap` plugins make.
+//!
+//! The work is done by iproute2's `ip` and `iptables` (both on every gateway
+//! image that routes), run from a thread that entered the pod's namespace
+//! where the command must act inside it. Addresses are leased in files
+//! under the state directory (tmpfs, like the namespaces they belong to),
+//! so a restarted edge-rt keeps every pod's address.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[network]` table of the node configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Off: pods get only loopback (hostNetwork pods are unaffected).
+    pub enabled: bool,
+    pub bridge: String,
+    /// IPv4 CIDR; the bridge takes the first address.
+    pub pod_cidr: String,
+    /// Masquerade pod traffic leaving through other interfaces.
+    pub masquerade: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            enabled: true,
+            bridge: "outrigger0".into(),
+            pod_cidr: "10.88.0.0/16".into(),
+            masquerade: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("pod_cidr {0:?} is not an IPv4 CIDR like 10.88.0.0/16")]
+    Cidr(String),
+    #[error("no free address left in {0}")]
+    Exhausted(String),
+    #[error("{cmd}: {detail}")]
+    Command { cmd: String, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A pod's address and how to reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+}
+
+/// A hostPort mapping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortMap {
+    pub host_port: u16,
+    pub container_port: u16,
+    /// "tcp" or "udp".
+    pub protocol: String,
+}
+
+pub struct Network {
+    cfg: NetworkConfig,
+    net: Ipv4Addr,
+    prefix: u8,
+    leases: PathBuf,
+}
+
+const HOSTPORT_CHAIN: &str = "OUTRIGGER-HOSTPORTS";
+
+fn run(args: &[&str]) -> Result<String, NetworkError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| NetworkError::Command {
+            cmd: args.join(" "),
+            detail: format!("{e} (is {} installed?)", args[0]),
+        })?;
+    if !out.status.success() {
+        return Err(NetworkError::Command {
+            cmd: args.join(" "),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Run commands inside a network namespace: a thread enters it, and the
+/// processes it starts are born there.
+fn run_in(netns: &Path, cmds: &[Vec<String>]) -> Result<(), NetworkError> {
+    let netns = netns.to_path_buf();
+    let cmds = cmds.to_vec();
+    std::thread::spawn(move || -> Result<(), NetworkError> {
+        let f = std::fs::File::open(&netns)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        for c in &cmds {
+            let args: Vec<&str> = c.iter().map(String::as_str).collect();
+            run(&args)?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| NetworkError::Command {
+        cmd: "netns thread".into(),
+        detail: "panicked".into(),
+    })?
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), NetworkError> {
+    let (ip, len) = s
+        .split_once('/')
+        .ok_or_else(|| NetworkError::Cidr(s.into()))?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| NetworkError::Cidr(s.into()))?;
+    let len: u8 = len.parse().map_err(|_| NetworkError::Cidr(s.into()))?;
+    if !(8..=30).contains(&len) {
+        return Err(NetworkError::Cidr(s.into()));
+    }
+    let mask = u32::MAX << (32 - len);
+    Ok((Ipv4Addr::from(u32::from(ip) & mask), len))
+}
+
+impl Network {
+    pub fn new(cfg: NetworkConfig, state_dir: &Path) -> Result<Network, NetworkError> {
+        let (net, prefix) = parse_cidr(&cfg.pod_cidr)?;
+        let leases = state_dir.join("network").join(&cfg.bridge);
+        std::fs::create_dir_all(&leases)?;
+        Ok(Network {
+            cfg,
+            net,
+            prefix,
+            leases,
+        })
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.net) + 1)
+    }
+
+    /// The bridge with the gateway address, forwarding, masquerading and
+    /// the hostPort chain. Idempotent.
+    pub fn ensure_bridge(&self) -> Result<(), NetworkError> {
+        let br = self.cfg.bridge.as_str();
+        if run(&["ip", "link", "show", br]).is_err() {
+            run(&["ip", "link", "add", br, "type", "bridge"])?;
+        }
+        let gw = format!("{}/{}", self.gateway(), self.prefix);
+        if !run(&["ip", "-4", "addr", "show", "dev", br])?.contains(&format!("inet {gw}")) {
+            run(&["ip", "addr", "add", &gw, "dev", br])?;
+        }
+        run(&["ip", "link", "set", br, "up"])?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        let cidr = format!("{}/{}", self.net, self.prefix);
+        if self.cfg.masquerade {
+            ensure_rule(
+                "nat",
+                "POSTROUTING",
+                &[
+                    "-s",
+                    &cidr,
+                    "!",
+                    "-o",
+                    br,
+                    "-j",
+                    "MASQUERADE",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "outrigger pods out",
+                ],
+            )?;
+        }
+        // Forwarding may be closed by policy (Docker does that): open it
+        // for the pods' bridge.
+        ensure_rule(
+            "filter",
+            "FORWARD",
+            &[
+                "-i",
+                br,
+                "-j",
+                "ACCEPT",
+                "-m",
+                "comment",
+                "--comment",
+                "outrigger pods",
+            ],
+        )?;
+        ensure_rule(
+            "filter",
+            "FORWARD",
+            &[
+                "-o",
+                br,
+                "-j",
+                "ACCEPT",
+                "-m",
+                "comment",
+                "--comment",
+                "outrigger pods",
+            ],
+        )?;
+        if run(&["iptables", "-t", "nat", "-S", HOSTPORT_CHAIN]).is_err() {
+            run(&["iptables", "-t", "nat", "-N", HOSTPORT_CHAIN])?;
+        }
+        for chain in ["PREROUTING", "OUTPUT"] {
+            ensure_rule(
+                "nat",
+                chain,
+                &[
+                    "-m",
+                    "addrtype",
+                    "--dst-type",
+                    "LOCAL",
+                    "-j",
+                    HOSTPORT_CHAIN,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Remove the bridge and the rules `ensure_bridge` added (for tests and
+    /// for uninstalling; pods must be gone first).
+    pub fn remove_bridge(&self) {
+        let br = self.cfg.bridge.as_str();
+        let cidr = format!("{}/{}", self.net, self.prefix);
+        let rules: [(&str, &str, Vec<&str>); 4] = [
+            (
+                "nat",
+                "POSTROUTING",
+                vec![
+                    "-s",
+                    &cidr,
+                    "!",
+                    "-o",
+                    br,
+                    "-j",
+                    "MASQUERADE",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "outrigger pods out",
+                ],
+            ),
+            (
+                "nat",
+                "POSTROUTING",
+                vec![
+                    "-o",
+                    br,
+                    "-m",
+                    "addrtype",
+                    "--src-type",
+                    "LOCAL",
+                    "-j",
+                    "MASQUERADE",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "outrigger hostports",
+                ],
+            ),
+            (
+                "filter",
+                "FORWARD",
+                vec![
+                    "-i",
+                    br,
+                    "-j",
+                    "ACCEPT",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "outrigger pods",
+                ],
+            ),
+            (
+                "filter",
+                "FORWARD",
+                vec![
+                    "-o",
+                    br,
+                    "-j",
+                    "ACCEPT",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "outrigger pods",
+                ],
+            ),
+        ];
+        for (table, chain, rule) in rules {
+            let mut del = vec!["iptables", "-t", table, "-D", chain];
+            del.extend(rule);
+            while run(&del).is_ok() {}
+        }
+        let _ = run(&["ip", "link", "del", br]);
+        let _ = std::fs::remove_dir_all(&self.leases);
+    }
+
+    /// The address leased to a pod, if any.
+    pub fn lease_of(&self, pod_uid: &str) -> Option<Ipv4Addr> {
+        std::fs::read_dir(&self.leases)
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let owner = std::fs::read_to_string(e.path()).ok()?;
+                (owner == pod_uid)
+                    .then(|| e.file_name().to_str()?.parse().ok())
+                    .flatten()
+            })
+    }
+
+    fn lease(&self, pod_uid: &str) -> Result<Ipv4Addr, NetworkError> {
+        if let Some(ip) = self.lease_of(pod_uid) {
+            return Ok(ip);
+        }
+        let size = 1u32 << (32 - self.prefix);
+        let base = u32::from(self.net);
+        for i in 2..size - 1 {
+            let ip = Ipv4Addr::from(base + i);
+            let path = self.leases.join(ip.to_string());
+            // create_new: two pods never take the same address.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(pod_uid.as_bytes())?;
+                    return Ok(ip);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(NetworkError::Exhausted(self.cfg.pod_cidr.clone()))
+    }
+
+    fn veth_name(pod_uid: &str) -> String {
+        format!(
+            "veth{}",
+            &crate::image::sha256_hex(pod_uid.as_bytes())[..10]
+        )
+    }
+
+    /// Give the pod's namespace its address, route and veth into the bridge.
+    pub fn attach(&self, pod_uid: &str, netns: &Path) -> Result<Attachment, NetworkError> {
+        self.ensure_bridge()?;
+        let ip = self.lease(pod_uid)?;
+        let host = Self::veth_name(pod_uid);
+        if run(&["ip", "link", "show", &host]).is_err() {
+            // Made inside the namespace, then one end moved out to the host:
+            // no name in the host's namespace can clash with a pod's eth0.
+            let tid = std::process::id().to_string();
+            let peer = format!("{host}p");
+            run_in(
+                netns,
+                &[vec![
+                    "ip".into(),
+                    "link".into(),
+                    "add".into(),
+                    "eth0".into(),
+                    "type".into(),
+                    "veth".into(),
+                    "peer".into(),
+                    "name".into(),
+                    peer.clone(),
+                    "netns".into(),
+                    tid,
+                ]],
+            )?;
+            run(&["ip", "link", "set", &peer, "name", &host])?;
+            run(&["ip", "link", "set", &host, "master", &self.cfg.bridge, "up"])?;
+            let addr = format!("{ip}/{}", self.prefix);
+            let gw = self.gateway().to_string();
+            let c = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+            run_in(
+                netns,
+                &[
+                    c(&["ip", "addr", "add", &addr, "dev", "eth0"]),
+                    c(&["ip", "link", "set", "eth0", "up"]),
+                    c(&["ip", "link", "set", "lo", "up"]),
+                    c(&["ip", "route", "add", "default", "via", &gw]),
+                ],
+            )?;
+        }
+        Ok(Attachment {
+            ip,
+            host_veth: host,
+        })
+    }
+
+    /// Map hostPorts to the pod's address.
+    pub fn map_ports(
+        &self,
+        pod_uid: &str,
+        ip: Ipv4Addr,
+        ports: &[PortMap],
+    ) -> Result<(), NetworkError> {
+        self.unmap_ports(pod_uid)?;
+        for p in ports {
+            let dest = format!("{ip}:{}", p.container_port);
+            let hp = p.host_port.to_string();
+            run(&[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                HOSTPORT_CHAIN,
+                "-p",
+                &p.protocol,
+                "--dport",
+                &hp,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &dest,
+                "-m",
+                "comment",
+                "--comment",
+                &format!("pod {pod_uid}"),
+            ])?;
+        }
+        if !ports.is_empty() {
+            // Connections from the host itself to a hostPort come back from
+            // the pod through the bridge: masquerade them so replies return.
+            ensure_rule(
+                "nat",
+                "POSTROUTING",
+                &[
+                    "-o",
+                    &self.cfg.bridge,
+                    "-m",
+                    "addrtype",
+                    "--src-type",
+                    "LOCAL",
+                    "-j",
+                    "MASQUERADE",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "outrigger hostports",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn unmap_ports(&self, pod_uid: &str) -> Result<(), NetworkError> {
+        let Ok(rules) = run(&["iptables", "-t", "nat", "-S", HOSTPORT_CHAIN]) else {
+            return Ok(());
+        };
+        let tag = format!("\"pod {pod_uid}\"");
+        for line in rules.lines().filter(|l| l.contains(&tag)) {
+            let spec: Vec<String> = shell_words(
+                line.trim_start_matches("-A ")
+                    .trim_start_matches(HOSTPORT_CHAIN),
+            );
+            let mut args: Vec<&str> = vec!["iptables", "-t", "nat", "-D", HOSTPORT_CHAIN];
+            args.extend(spec.iter().map(String::as_str));
+            run(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Undo `attach` and `map_ports`; the namespace itself goes with the sandbox.
+    pub fn detach(&self, pod_uid: &str) {
+        let _ = self.unmap_ports(pod_uid);
+        let _ = run(&["ip", "link", "del", &Self::veth_name(pod_uid)]);
+        if let Some(ip) = self.lease_of(pod_uid) {
+            let _ = std::fs::remove_file(self.leases.join(ip.to_string()));
+        }
+    }
+}
+
+fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<(), NetworkError> {
+    let mut check = vec!["iptables", "-t", table, "-C", chain];
+    check.extend(rule);
+    if run(&check).is_ok() {
+        return Ok(());
+    }
+    let mut add = vec!["iptables", "-t", table, "-A", chain];
+    add.extend(rule);
+    run(&add).map(|_| ())
+}
+
+/// Split an `iptables -S` line, honouring double quotes.
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in s.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_rule_words() {
+        assert_eq!(
+            parse_cidr("10.88.1.7/16").unwrap(),
+            (Ipv4Addr::new(10, 88, 0, 0), 16)
+        );
+        assert!(
+            parse_cidr("10.88.0.0").is_err()
+                && parse_cidr("x/16").is_err()
+                && parse_cidr("10.0.0.0/31").is_err()
+        );
+        assert_eq!(
+            shell_words(" -p tcp --dport 80 -m comment --comment \"pod a-b\" -j DNAT"),
+            vec![
+                "-p",
+                "tcp",
+                "--dport",
+                "80",
+                "-m",
+                "comment",
+                "--comment",
+                "pod a-b",
+                "-j",
+                "DNAT"
+            ]
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Pod networking with real namespaces: veth into a bridge, addresses from
+//! the pod CIDR, masquerading out to a network the host routes to (another
+//! namespace with no route back to pods), pod-to-pod traffic and hostPorts.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use edge_rt::network::{Network, NetworkConfig};
+use k8s_openapi::api::core::v1::Pod;
+use outrigger_tests::podkit::*;
+use outrigger_tests::util::{require_root, wait_for};
+use serde_json::json;
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A network outside the node: a namespace behind a veth with a web
+/// server, and no route back to the pod CIDR (replies only come back if
+/// the node masquerades).
+struct Outside {
+    ns: String,
+    host_if: String,
+    server: std::process::Child,
+    pub addr: String,
+    _www: tempfile::TempDir,
+}
+
+impl Outside {
+    fn new(n: u32) -> Result<Outside> {
+        let ns = format!("ort-out-{n}");
+        let host_if = format!("ortout{n}");
+        let _ = ip(&["netns", "del", &ns]);
+        let _ = ip(&["link", "del", &host_if]);
+        ip(&["netns", "add", &ns])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["addr", "add", &format!("192.168.{n}.1/24"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("192.168.{n}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        let www = tempfile::tempdir()?;
+        std::fs::write(www.path().join("hello"), "from outside\n")?;
+        let server = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "busybox", "httpd", "-f", "-p", "8000", "-h",
+            ])
+            .arg(www.path())
+            .spawn()?;
+        Ok(Outside {
+            ns,
+            host_if,
+            server,
+            addr: format!("192.168.{n}.2"),
+            _www: www,
+        })
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+/// Removes the test's bridge and its rules however the test ends.
+struct BridgeGuard(Network);
+
+impl Drop for BridgeGuard {
+    fn drop(&mut self) {
+        self.0.remove_bridge();
+    }
+}
+
+fn pod_ip(p: &Pod) -> Option<String> {
+    p.status.as_ref()?.pod_ip.clone()
+}
+
+async fn exec(h: &Harness, pod: &str, script: &str) -> Result<(i32, String)> {
+    let rec =
+        h.rt.list()
+            .into_iter()
+            .find(|r| r.pod.name == pod && r.exit.is_none())
+            .context("running container")?;
+    let args: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+    h.rt.exec_capture(&rec.id, &args, Duration::from_secs(10), 4096)
+        .await?
+        .context("exec in time")
+}
+
+#[tokio::test]
+async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    // Names and addresses of this test's own, so parallel suites never meet.
+    let n = 100 + std::process::id() % 100;
+    let cfg = NetworkConfig {
+        enabled: true,
+        bridge: format!("ortbr{n}"),
+        pod_cidr: format!("10.{n}.0.0/24"),
+        masquerade: true,
+    };
+    let outside = Outside::new(n)?;
+    let h = Harness::with_network(Some(cfg.clone()))?;
+    let _bridge = BridgeGuard(Network::new(cfg.clone(), &h.env.cfg.state_dir)?);
+
+    let mut web = sh(
+        "web",
+        "mkdir -p /www && echo pod-web > /www/index.html && exec httpd -f -p 8080 -h /www",
+    );
+    web["ports"] = json!([{"containerPort": 8080, "hostPort": 18000 + n}]);
+    let mut client = sh("client", "while true; do sleep 0.2; done");
+    client["env"] =
+        json!([{"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]);
+    h.pods.apply(vec![
+        pod(json!({"metadata": {"name": "web"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [web]}})),
+        pod(json!({"metadata": {"name": "client"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [client]}})),
+    ]);
+    let web_pod = h
+        .wait("web", "web running with an IP", |p| {
+            phase(p) == "Running" && pod_ip(p).is_some()
+        })
+        .await?;
+    let client_pod = h
+        .wait("client", "client running", |p| phase(p) == "Running")
+        .await?;
+    let (web_ip, client_ip) = (
+        pod_ip(&web_pod).unwrap(),
+        pod_ip(&client_pod).context("client IP")?,
+    );
+    assert!(
+        web_ip.starts_with(&format!("10.{n}.0.")) && web_ip != client_ip,
+        "{web_ip} {client_ip}"
+    );
+    assert_eq!(exec(&h, "client", "echo $MY_IP").await?.1.trim(), client_ip);
+
+    // Out through the bridge and the host, masqueraded.
+    let (code, out) = exec(
+        &h,
+        "client",
+        &format!("wget -qO- http://{}:8000/hello", outside.addr),
+    )
+    .await?;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "from outside\n"),
+        "masquerade out"
+    );
+    // Pod to pod.
+    let out = wait_for("web answers", Duration::from_secs(10), || async {
+        exec(&h, "client", &format!("wget -qO- http://{web_ip}:8080/"))
+            .await
+            .ok()
+            .filter(|(c, _)| *c == 0)
+    })
+    .await?;
+    assert_eq!(out.1, "pod-web\n");
+    // hostPort: from the outside network to the node's address there...
+    let hp = 18000 + n;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &outside.ns, "busybox", "wget", "-qO-"])
+        .arg(format!("http://192.168.{n}.1:{hp}/"))
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pod-web\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...and from the node itself.
+    let out = Command::new("busybox")
+        .args(["wget", "-qO-"])
+        .arg(format!("http://192.168.{n}.1:{hp}/"))
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pod-web\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Removal takes the veths, addresses and hostPort rules.
+    h.pods.apply(vec![]);
+    h.pods.settle().await;
+    let rules = Command::new("iptables")
+        .args(["-t", "nat", "-S", "OUTRIGGER-HOSTPORTS"])
+        .output()?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains(&format!("--dport {hp}")), "{rules}");
+    let links = Command::new("ip")
+        .args(["link", "show", "master", &cfg.bridge])
+        .output()?;
+    assert!(String::from_utf8_lossy(&links.stdout).trim().is_empty());
+
+    h.teardown().await;
+    drop(outside);
+    Ok(())
+}
