@@ -34,12 +34,16 @@ pub enum BenchCmd {
         #[arg(long, default_value = "/tmp/edge-rt-bench")]
         dir: PathBuf,
     },
-    /// edge-rt's resident memory idle and with N running containers.
+    /// edge-rt's resident memory idle and with N running pods, and its CPU
+    /// while they idle.
     Rss {
         #[arg(long, default_value = "busybox:latest")]
         image: String,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, alias = "pods")]
         containers: usize,
+        /// How long to measure CPU use while the pods idle.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
         #[arg(long, default_value = "/tmp/edge-rt-bench-rss")]
         dir: PathBuf,
     },
@@ -47,12 +51,33 @@ pub enum BenchCmd {
 
 pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Start { image, runs, dir } => start(cfg, &image, runs, &dir),
+        BenchCmd::Start { image, runs, dir } => {
+            let run_p50 = start(cfg, &image, runs, &dir)?;
+            // The whole path: a manifest appears, the daemon runs its pod.
+            for (network, label) in [
+                (true, "manifest to running, pod network"),
+                (false, "manifest to running, loopback"),
+            ] {
+                let mut v =
+                    manifest_latency(cfg, &image, runs, &dir.with_extension("node"), network)
+                        .await?;
+                let p50 = percentile(&mut v, 0.5);
+                println!(
+                    "{:<22} {:>12.1} {:>12.1}   ({label}: median {:+.1} ms over the bare start)",
+                    "edge-rt run + manifest",
+                    p50,
+                    percentile(&mut v, 0.95),
+                    p50 - run_p50
+                );
+            }
+            Ok(())
+        }
         BenchCmd::Rss {
             image,
             containers,
+            idle_secs,
             dir,
-        } => rss(cfg, &image, containers, &dir).await,
+        } => rss(cfg, &image, containers, idle_secs, &dir).await,
     }
 }
 
@@ -197,7 +222,8 @@ fn cli_once(bin: &str, id: &str, root: &Path, bundle: &Path, wait_exit: bool) ->
     Ok(ms)
 }
 
-fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
+/// Returns edge-rt's create-to-running median (ms).
+fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
     crate::supervisor::become_subreaper()?;
     let store = ImageStore::open(cfg.image_dir())?;
     let rec = store
@@ -284,6 +310,7 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
         );
         percentile(e, 0.5)
     };
+    let run_p50 = percentile(&mut edge_run, 0.5);
     let edge_p50 = row("edge-rt (in-process)", &mut edge_run, &mut edge_exit);
     for (j, bin) in baselines.iter().enumerate() {
         let (r, e) = &mut base[j];
@@ -296,7 +323,7 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<()> {
     }
     let _ = rootfs::release(&dir.join("scratch"), &rootfs);
     let _ = sandbox.remove();
-    Ok(())
+    Ok(run_p50)
 }
 
 fn vm_rss_kib(pid: u32) -> Option<u64> {
@@ -307,93 +334,234 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-async fn rss(cfg: &Config, image: &str, n: usize, dir: &Path) -> Result<()> {
-    crate::runtime::unmount_under(dir);
-    let _ = fs::remove_dir_all(dir);
-    let manifests = dir.join("pods");
-    fs::create_dir_all(&manifests)?;
-    let state = dir.join("run");
-    let config = dir.join("config.toml");
-    fs::write(
-        &config,
-        format!(
-            "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/edge-rt-bench-rss\"\n",
-            cfg.node.data_dir,
+/// An `edge-rt run` child on a scratch node directory.
+struct BenchNode {
+    child: std::process::Child,
+    dir: PathBuf,
+    manifests: PathBuf,
+    state: PathBuf,
+    cgroup: String,
+    network: Option<crate::network::NetworkConfig>,
+}
+
+impl BenchNode {
+    async fn start(cfg: &Config, dir: &Path, network: bool) -> Result<BenchNode> {
+        crate::runtime::unmount_under(dir);
+        let _ = fs::remove_dir_all(dir);
+        let manifests = dir.join("pods");
+        fs::create_dir_all(&manifests)?;
+        let state = dir.join("run");
+        let config = dir.join("config.toml");
+        let cgroup = format!(
+            "/edge-rt-bench-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("node")
+        );
+        // The pod network of a default node, on a bridge of the bench's own.
+        let net = crate::network::NetworkConfig {
+            enabled: network,
+            bridge: "ortbench0".into(),
+            pod_cidr: "10.89.0.0/16".into(),
+            masquerade: true,
+        };
+        fs::write(
+            &config,
+            format!(
+                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = {cgroup:?}\n[network]\nenabled = {network}\nbridge = {:?}\npod_cidr = {:?}\n",
+                cfg.node.data_dir,
+                manifests,
+                dir.join("none"),
+                state,
+                dir.join("logs"),
+                net.bridge,
+                net.pod_cidr,
+            ),
+        )?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("RUST_LOG", "warn,libcgroups=error,libcontainer=error")
+            .stdin(Stdio::null())
+            .spawn()?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok(BenchNode {
+            child,
+            dir: dir.to_path_buf(),
             manifests,
-            dir.join("none"),
             state,
-            dir.join("logs")
-        ),
-    )?;
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(&exe)
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .env("RUST_LOG", "warn,libcgroups=error,libcontainer=error")
-        .stdin(Stdio::null())
-        .spawn()?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = vm_rss_kib(child.id()).unwrap_or(0);
+            cgroup,
+            network: network.then_some(net),
+        })
+    }
+
+    fn running(&self) -> Vec<crate::runtime::ContainerRecord> {
+        crate::runtime::load_records(&self.state)
+            .into_iter()
+            .filter(|r| r.exit.is_none() && r.pid.is_some() && r.started_at.is_some())
+            .collect()
+    }
+
+    /// CPU time (user + system) of the daemon, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                let rest = s[s.rfind(')')? + 2..].to_string();
+                let f: Vec<&str> = rest.split(' ').collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Stop the daemon and everything it ran.
+    async fn finish(mut self, cfg: &Config) -> Result<()> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        for r in crate::runtime::load_records(&self.state) {
+            if let Some(pid) = r.pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let store = std::sync::Arc::new(ImageStore::open(cfg.image_dir())?);
+        let rcfg = crate::runtime::RuntimeConfig {
+            state_dir: self.state.clone(),
+            log_dir: self.dir.join("logs"),
+            cgroup_parent: self.cgroup.clone(),
+            ..Default::default()
+        };
+        let rt = crate::runtime::Runtime::open(rcfg, store)?;
+        let net = match &self.network {
+            Some(n) => Some(crate::network::Network::new(n.clone(), &self.state)?),
+            None => None,
+        };
+        for r in rt.list() {
+            let _ = rt.wait(&r.id).await;
+            let _ = rt.remove(&r.id);
+            if let Some(n) = &net {
+                n.detach(&r.pod.uid);
+            }
+            let _ = rt.remove_sandbox(&r.pod.uid);
+        }
+        if let Some(n) = net {
+            n.remove_bridge();
+        }
+        crate::runtime::unmount_under(&self.dir);
+        Ok(())
+    }
+}
+
+fn pod_yaml(name: &str, image: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {image}\n    imagePullPolicy: Never\n    command: [\"/bin/sleep\", \"3600\"]\n"
+    )
+}
+
+/// From a manifest written into the directory to its container started
+/// (the record's start time against the write), `runs` times.
+async fn manifest_latency(
+    cfg: &Config,
+    image: &str,
+    runs: usize,
+    dir: &Path,
+    network: bool,
+) -> Result<Vec<f64>> {
+    let node = BenchNode::start(cfg, dir, network).await?;
+    let mut out = Vec::new();
+    for i in 0..runs {
+        let name = format!("lat-{i}");
+        let path = node.manifests.join(format!("{name}.yaml"));
+        // Written aside and renamed in: the watcher sees a whole file.
+        let tmp = node.dir.join(format!("{name}.tmp"));
+        fs::write(&tmp, pod_yaml(&name, image))?;
+        let t0 = chrono::Utc::now();
+        fs::rename(&tmp, &path)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let started = loop {
+            if let Some(s) = node
+                .running()
+                .into_iter()
+                .find(|r| r.pod.name == name)
+                .and_then(|r| r.started_at)
+            {
+                break s;
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not start within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let started = chrono::DateTime::parse_from_rfc3339(&started)?;
+        out.push(
+            (started.with_timezone(&chrono::Utc) - t0)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1000.0,
+        );
+        fs::remove_file(&path)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while node.running().iter().any(|r| r.pod.name == name) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    node.finish(cfg).await?;
+    Ok(out)
+}
+
+async fn rss(cfg: &Config, image: &str, n: usize, idle_secs: u64, dir: &Path) -> Result<()> {
+    let node = BenchNode::start(cfg, dir, true).await?;
+    let idle = vm_rss_kib(node.child.id()).unwrap_or(0);
     let mut yaml = String::new();
     for i in 0..n {
-        yaml.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: rss-{i}\nspec:\n  containers:\n  - name: c\n    image: {image}\n    imagePullPolicy: Never\n    command: [\"/bin/sleep\", \"3600\"]\n"
-        ));
+        yaml.push_str("---\n");
+        yaml.push_str(&pod_yaml(&format!("rss-{i}"), image));
     }
-    fs::write(manifests.join("pods.yaml"), yaml)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    fs::write(node.manifests.join("pods.yaml"), yaml)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut running = 0;
     while Instant::now() < deadline {
-        running = crate::runtime::load_records(&state)
-            .iter()
-            .filter(|r| r.exit.is_none() && r.pid.is_some())
-            .count();
+        running = node.running().len();
         if running >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let busy = vm_rss_kib(child.id()).unwrap_or(0);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-    // Clean up the containers the daemon left running (as a service should).
-    for r in crate::runtime::load_records(&state) {
-        if let Some(pid) = r.pid {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let store = std::sync::Arc::new(ImageStore::open(cfg.image_dir())?);
-    let rcfg = crate::runtime::RuntimeConfig {
-        state_dir: state.clone(),
-        log_dir: dir.join("logs"),
-        cgroup_parent: "/edge-rt-bench-rss".into(),
-        ..Default::default()
-    };
-    let rt = crate::runtime::Runtime::open(rcfg, store)?;
-    for r in rt.list() {
-        let _ = rt.wait(&r.id).await;
-        let _ = rt.remove(&r.id);
-        let _ = rt.remove_sandbox(&r.pod.uid);
-    }
-    println!("edge-rt resident memory (VmRSS)");
-    println!("{:<28} {:>10}", "state", "RSS");
-    println!("{:<28} {:>7.1} MB", "idle", idle as f64 / 1024.0);
+    // Settle, then measure memory and the CPU the daemon uses while its
+    // pods idle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let busy = vm_rss_kib(node.child.id()).unwrap_or(0);
+    let ticks0 = node.cpu_ticks();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let ticks = node.cpu_ticks().saturating_sub(ticks0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu = ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+    let busy_end = vm_rss_kib(node.child.id()).unwrap_or(0);
+    node.finish(cfg).await?;
+    println!("edge-rt resident memory (VmRSS) and CPU, pods on the pod network");
+    println!("{:<32} {:>10}", "state", "value");
+    println!("{:<32} {:>7.1} MB", "idle, no pods", idle as f64 / 1024.0);
     println!(
-        "{:<28} {:>7.1} MB",
-        format!("{running} running containers"),
-        busy as f64 / 1024.0
+        "{:<32} {:>7.1} MB",
+        format!("{running} running pods"),
+        busy.max(busy_end) as f64 / 1024.0
+    );
+    println!(
+        "{:<32} {:>8.2} % of one core",
+        format!("CPU over {idle_secs} s of idle pods"),
+        cpu
     );
     if running < n {
-        bail!("only {running} of {n} containers started");
+        bail!("only {running} of {n} pods started");
     }
     Ok(())
 }
