@@ -72,6 +72,9 @@ pub struct Network {
     net: Ipv4Addr,
     prefix: u8,
     leases: PathBuf,
+    /// The bridge and rules were checked (once per edge-rt; reset on a
+    /// failure so the next pod checks again).
+    bridge_ready: std::sync::atomic::AtomicBool,
 }
 
 const HOSTPORT_CHAIN: &str = "OUTRIGGER-HOSTPORTS";
@@ -93,17 +96,42 @@ fn run(args: &[&str]) -> Result<String, NetworkError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Run commands inside a network namespace: a thread enters it, and the
-/// processes it starts are born there.
-fn run_in(netns: &Path, cmds: &[Vec<String>]) -> Result<(), NetworkError> {
+/// Several `ip` commands in one process (`ip -batch`), one per line.
+fn ip_batch(lines: &[String]) -> Result<(), NetworkError> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| NetworkError::Command {
+            cmd: "ip -batch".into(),
+            detail: format!("{e} (is iproute2 installed?)"),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(lines.join("\n").as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(NetworkError::Command {
+            cmd: format!("ip -batch: {}", lines.join("; ")),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Run `ip` batches inside a network namespace: a thread enters it, and
+/// the processes it starts are born there.
+fn run_in(netns: &Path, batches: &[Vec<String>]) -> Result<(), NetworkError> {
     let netns = netns.to_path_buf();
-    let cmds = cmds.to_vec();
+    let batches = batches.to_vec();
     std::thread::spawn(move || -> Result<(), NetworkError> {
         let f = std::fs::File::open(&netns)?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        for c in &cmds {
-            let args: Vec<&str> = c.iter().map(String::as_str).collect();
-            run(&args)?;
+        for b in &batches {
+            ip_batch(b)?;
         }
         Ok(())
     })
@@ -137,6 +165,7 @@ impl Network {
             net,
             prefix,
             leases,
+            bridge_ready: Default::default(),
         })
     }
 
@@ -355,44 +384,41 @@ impl Network {
 
     /// Give the pod's namespace its address, route and veth into the bridge.
     pub fn attach(&self, pod_uid: &str, netns: &Path) -> Result<Attachment, NetworkError> {
-        self.ensure_bridge()?;
+        use std::sync::atomic::Ordering;
+        if !self.bridge_ready.load(Ordering::Relaxed) {
+            self.ensure_bridge()?;
+            self.bridge_ready.store(true, Ordering::Relaxed);
+        }
+        let r = self.attach_veth(pod_uid, netns);
+        if r.is_err() {
+            self.bridge_ready.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn attach_veth(&self, pod_uid: &str, netns: &Path) -> Result<Attachment, NetworkError> {
         let ip = self.lease(pod_uid)?;
         let host = Self::veth_name(pod_uid);
         if run(&["ip", "link", "show", &host]).is_err() {
-            // Made inside the namespace, then one end moved out to the host:
-            // no name in the host's namespace can clash with a pod's eth0.
-            let tid = std::process::id().to_string();
+            // The host end is made in the pod's namespace and sent to ours
+            // (our pid names our namespace), so its name cannot clash there.
+            let pid = std::process::id();
             let peer = format!("{host}p");
+            let gw = self.gateway();
             run_in(
                 netns,
                 &[vec![
-                    "ip".into(),
-                    "link".into(),
-                    "add".into(),
-                    "eth0".into(),
-                    "type".into(),
-                    "veth".into(),
-                    "peer".into(),
-                    "name".into(),
-                    peer.clone(),
-                    "netns".into(),
-                    tid,
+                    format!("link add eth0 type veth peer name {peer} netns {pid}"),
+                    format!("addr add {ip}/{} dev eth0", self.prefix),
+                    "link set eth0 up".into(),
+                    "link set lo up".into(),
+                    format!("route add default via {gw}"),
                 ]],
             )?;
-            run(&["ip", "link", "set", &peer, "name", &host])?;
-            run(&["ip", "link", "set", &host, "master", &self.cfg.bridge, "up"])?;
-            let addr = format!("{ip}/{}", self.prefix);
-            let gw = self.gateway().to_string();
-            let c = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
-            run_in(
-                netns,
-                &[
-                    c(&["ip", "addr", "add", &addr, "dev", "eth0"]),
-                    c(&["ip", "link", "set", "eth0", "up"]),
-                    c(&["ip", "link", "set", "lo", "up"]),
-                    c(&["ip", "route", "add", "default", "via", &gw]),
-                ],
-            )?;
+            ip_batch(&[
+                format!("link set {peer} name {host}"),
+                format!("link set {host} master {} up", self.cfg.bridge),
+            ])?;
         }
         Ok(Attachment {
             ip,
@@ -407,6 +433,9 @@ impl Network {
         ip: Ipv4Addr,
         ports: &[PortMap],
     ) -> Result<(), NetworkError> {
+        if ports.is_empty() {
+            return Ok(());
+        }
         self.unmap_ports(pod_uid)?;
         for p in ports {
             let dest = format!("{ip}:{}", p.container_port);

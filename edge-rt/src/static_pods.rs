@@ -248,6 +248,28 @@ pub fn validate(pod: &Pod) -> Result<(), String> {
         if c.image.as_deref().unwrap_or("").is_empty() {
             return Err(format!("{at}.image: required"));
         }
+        for (field, kind, probe) in [
+            (
+                "livenessProbe",
+                crate::pods::probes::Kind::Liveness,
+                &c.liveness_probe,
+            ),
+            (
+                "readinessProbe",
+                crate::pods::probes::Kind::Readiness,
+                &c.readiness_probe,
+            ),
+            (
+                "startupProbe",
+                crate::pods::probes::Kind::Startup,
+                &c.startup_probe,
+            ),
+        ] {
+            if let Some(p) = probe {
+                crate::pods::probes::Settings::new(p, c, kind)
+                    .map_err(|e| format!("{at}.{field}: {e}"))?;
+            }
+        }
         if let Some(p) = c.image_pull_policy.as_deref() {
             if !["Always", "IfNotPresent", "Never"].contains(&p) {
                 return Err(format!(
