@@ -343,19 +343,21 @@ impl Worker {
             let Some(pod) = pod else {
                 self.stop_all_probes();
                 if let Some(p) = last {
-                    self.terminate(&p).await;
+                    Box::pin(self.terminate(&p)).await;
                 }
                 return;
             };
             if last.is_none() {
                 self.adopt(&pod);
             } else {
-                self.update_spec(&pod).await;
+                Box::pin(self.update_spec(&pod)).await;
             }
             while let Ok(v) = verdicts.try_recv() {
-                self.on_verdict(&pod, v).await;
+                Box::pin(self.on_verdict(&pod, v)).await;
             }
-            let wake = self.sync(&pod).await;
+            // Boxed: the (large) state of a pass exists only while it runs,
+            // so an idle pod's task stays small.
+            let wake = Box::pin(self.sync(&pod)).await;
             self.publish(&pod, false);
             last = Some(pod);
             tokio::select! {
@@ -867,14 +869,14 @@ impl Worker {
         }
         let started = Instant::now();
         let puller = self.ctx.puller();
-        let image = match registry::ensure(
+        let image = match Box::pin(registry::ensure(
             &self.ctx.images,
             &puller,
             &image_ref,
             policy,
             None,
             &Progress::default(),
-        )
+        ))
         .await
         {
             Ok(img) => {
