@@ -58,12 +58,13 @@ impl EventRing {
         ev.first_timestamp = now.clone();
         ev.last_timestamp = now;
         ev.count = 1;
+        let container = ev.container.as_deref().unwrap_or("");
         match ev.kind {
             EventType::Normal => {
-                tracing::info!(pod = %ev.pod, container = ?ev.container, reason = %ev.reason, "{}", ev.message)
+                tracing::info!(pod = %ev.pod, container, reason = %ev.reason, "{}", ev.message)
             }
             EventType::Warning => {
-                tracing::warn!(pod = %ev.pod, container = ?ev.container, reason = %ev.reason, "{}", ev.message)
+                tracing::warn!(pod = %ev.pod, container, reason = %ev.reason, "{}", ev.message)
             }
         }
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
