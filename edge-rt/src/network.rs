@@ -173,6 +173,43 @@ impl Network {
         Ipv4Addr::from(u32::from(self.net) + 1)
     }
 
+    /// The rules the bridge needs: masquerading out (when configured) and
+    /// forwarding, which a policy may close (Docker does).
+    fn bridge_rules(&self) -> Vec<(&'static str, &'static str, Vec<String>)> {
+        let br = &self.cfg.bridge;
+        let words = |s: &str| shell_words(s);
+        let mut v = Vec::new();
+        if self.cfg.masquerade {
+            let cidr = format!("{}/{}", self.net, self.prefix);
+            v.push((
+                "nat",
+                "POSTROUTING",
+                words(&format!(
+                    "-s {cidr} ! -o {br} -j MASQUERADE -m comment --comment \"outrigger pods out\""
+                )),
+            ));
+        }
+        for dir in ["-i", "-o"] {
+            v.push((
+                "filter",
+                "FORWARD",
+                words(&format!(
+                    "{dir} {br} -j ACCEPT -m comment --comment \"outrigger pods\""
+                )),
+            ));
+        }
+        v
+    }
+
+    /// Connections from the node itself to a hostPort come back from the
+    /// pod through the bridge: masquerade them so replies return.
+    fn hostport_masquerade(&self) -> Vec<String> {
+        shell_words(&format!(
+            "-o {} -m addrtype --src-type LOCAL -j MASQUERADE -m comment --comment \"outrigger hostports\"",
+            self.cfg.bridge
+        ))
+    }
+
     /// The bridge with the gateway address, forwarding, masquerading and
     /// the hostPort chain. Idempotent.
     pub fn ensure_bridge(&self) -> Result<(), NetworkError> {
@@ -186,56 +223,10 @@ impl Network {
         }
         run(&["ip", "link", "set", br, "up"])?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-        let cidr = format!("{}/{}", self.net, self.prefix);
-        if self.cfg.masquerade {
-            ensure_rule(
-                "nat",
-                "POSTROUTING",
-                &[
-                    "-s",
-                    &cidr,
-                    "!",
-                    "-o",
-                    br,
-                    "-j",
-                    "MASQUERADE",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "outrigger pods out",
-                ],
-            )?;
+        for (table, chain, rule) in self.bridge_rules() {
+            let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+            ensure_rule(table, chain, &rule)?;
         }
-        // Forwarding may be closed by policy (Docker does that): open it
-        // for the pods' bridge.
-        ensure_rule(
-            "filter",
-            "FORWARD",
-            &[
-                "-i",
-                br,
-                "-j",
-                "ACCEPT",
-                "-m",
-                "comment",
-                "--comment",
-                "outrigger pods",
-            ],
-        )?;
-        ensure_rule(
-            "filter",
-            "FORWARD",
-            &[
-                "-o",
-                br,
-                "-j",
-                "ACCEPT",
-                "-m",
-                "comment",
-                "--comment",
-                "outrigger pods",
-            ],
-        )?;
         if run(&["iptables", "-t", "nat", "-S", HOSTPORT_CHAIN]).is_err() {
             run(&["iptables", "-t", "nat", "-N", HOSTPORT_CHAIN])?;
         }
@@ -260,75 +251,11 @@ impl Network {
     /// for uninstalling; pods must be gone first).
     pub fn remove_bridge(&self) {
         let br = self.cfg.bridge.as_str();
-        let cidr = format!("{}/{}", self.net, self.prefix);
-        let rules: [(&str, &str, Vec<&str>); 4] = [
-            (
-                "nat",
-                "POSTROUTING",
-                vec![
-                    "-s",
-                    &cidr,
-                    "!",
-                    "-o",
-                    br,
-                    "-j",
-                    "MASQUERADE",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "outrigger pods out",
-                ],
-            ),
-            (
-                "nat",
-                "POSTROUTING",
-                vec![
-                    "-o",
-                    br,
-                    "-m",
-                    "addrtype",
-                    "--src-type",
-                    "LOCAL",
-                    "-j",
-                    "MASQUERADE",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "outrigger hostports",
-                ],
-            ),
-            (
-                "filter",
-                "FORWARD",
-                vec![
-                    "-i",
-                    br,
-                    "-j",
-                    "ACCEPT",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "outrigger pods",
-                ],
-            ),
-            (
-                "filter",
-                "FORWARD",
-                vec![
-                    "-o",
-                    br,
-                    "-j",
-                    "ACCEPT",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "outrigger pods",
-                ],
-            ),
-        ];
+        let mut rules = self.bridge_rules();
+        rules.push(("nat", "POSTROUTING", self.hostport_masquerade()));
         for (table, chain, rule) in rules {
             let mut del = vec!["iptables", "-t", table, "-D", chain];
-            del.extend(rule);
+            del.extend(rule.iter().map(String::as_str));
             while run(&del).is_ok() {}
         }
         let _ = run(&["ip", "link", "del", br]);
@@ -460,29 +387,9 @@ impl Network {
                 &format!("pod {pod_uid}"),
             ])?;
         }
-        if !ports.is_empty() {
-            // Connections from the host itself to a hostPort come back from
-            // the pod through the bridge: masquerade them so replies return.
-            ensure_rule(
-                "nat",
-                "POSTROUTING",
-                &[
-                    "-o",
-                    &self.cfg.bridge,
-                    "-m",
-                    "addrtype",
-                    "--src-type",
-                    "LOCAL",
-                    "-j",
-                    "MASQUERADE",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "outrigger hostports",
-                ],
-            )?;
-        }
-        Ok(())
+        let rule = self.hostport_masquerade();
+        let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+        ensure_rule("nat", "POSTROUTING", &rule)
     }
 
     fn unmap_ports(&self, pod_uid: &str) -> Result<(), NetworkError> {

@@ -33,7 +33,8 @@ pub enum Auth<'a> {
     Token(&'a str, &'a str),
 }
 
-fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
+/// Run openssl in `cwd`; its standard output.
+pub fn openssl(args: &[&str], cwd: &Path) -> Result<Vec<u8>> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(cwd)
@@ -42,7 +43,7 @@ fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
     if !out.status.success() {
         bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost.
@@ -103,6 +104,7 @@ pub fn make_certs(dir: &Path) -> Result<()> {
         ],
         dir,
     )
+    .map(|_| ())
 }
 
 pub fn free_port() -> Result<u16> {

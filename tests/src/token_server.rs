@@ -15,12 +15,13 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+
+use crate::registry::openssl;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use rustls::pki_types::pem::PemObject;
@@ -44,18 +45,6 @@ struct Signer {
     x5c: String,
     user: String,
     password: String,
-}
-
-fn openssl(args: &[&str], cwd: &Path) -> Result<Vec<u8>> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .context("running openssl")?;
-    if !out.status.success() {
-        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out.stdout)
 }
 
 impl TokenServer {

@@ -23,6 +23,33 @@ fn puller(reg: &Registry) -> Result<Puller> {
     })?)
 }
 
+/// Anonymous and wrong-password pulls are refused as Unauthorized and leave
+/// nothing in the store.
+async fn refuses_anonymous_and_wrong_password(p: &Puller, env: &Env, image: &str) -> Result<()> {
+    let anon = p
+        .pull(&env.store, image, None, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(anon, ImageError::Unauthorized { .. }),
+        "anonymous: {anon}"
+    );
+    let wrong = Credentials {
+        username: "edge".into(),
+        password: "wrong".into(),
+    };
+    let err = p
+        .pull(&env.store, image, Some(&wrong), &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ImageError::Unauthorized { .. }),
+        "wrong password: {err}"
+    );
+    assert!(env.store.list()?.is_empty());
+    Ok(())
+}
+
 fn busybox_layout() -> Result<tempfile::TempDir> {
     let d = tempfile::tempdir()?;
     fixtures::add_to_layout(d.path(), "v1", &ImageSpec::busybox()?)?;
@@ -92,27 +119,7 @@ async fn basic_auth_and_docker_config_secret() -> Result<()> {
     let env = Env::new()?;
     let p = puller(&reg)?;
 
-    let anon = p
-        .pull(&env.store, &image, None, &Progress::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(anon, ImageError::Unauthorized { .. }),
-        "anonymous: {anon}"
-    );
-    let wrong = Credentials {
-        username: "edge".into(),
-        password: "wrong".into(),
-    };
-    let err = p
-        .pull(&env.store, &image, Some(&wrong), &Progress::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, ImageError::Unauthorized { .. }),
-        "wrong password: {err}"
-    );
-    assert!(env.store.list()?.is_empty());
+    refuses_anonymous_and_wrong_password(&p, &env, &image).await?;
 
     // A kubernetes.io/dockerconfigjson secret's data, as a pod would reference it.
     let b64 = base64::engine::general_purpose::STANDARD.encode("edge:s3cret");
@@ -141,27 +148,7 @@ async fn bearer_token_auth() -> Result<()> {
     let p = puller(&reg)?;
     let issued = &reg.token_server.as_ref().expect("token server").issued;
 
-    let anon = p
-        .pull(&env.store, &image, None, &Progress::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(anon, ImageError::Unauthorized { .. }),
-        "anonymous: {anon}"
-    );
-    let wrong = Credentials {
-        username: "edge".into(),
-        password: "wrong".into(),
-    };
-    let err = p
-        .pull(&env.store, &image, Some(&wrong), &Progress::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, ImageError::Unauthorized { .. }),
-        "wrong password: {err}"
-    );
-    assert!(env.store.list()?.is_empty());
+    refuses_anonymous_and_wrong_password(&p, &env, &image).await?;
 
     let before = issued.load(Ordering::Relaxed);
     let right = Credentials {

@@ -121,6 +121,28 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
     };
     let outside = Outside::new(n)?;
     let h = Harness::with_network(Some(cfg.clone()))?;
+    // A plain server and a TLS server on the host itself (all addresses).
+    let host_port = 19000 + n as u16;
+    let host_server = std::net::TcpListener::bind(("0.0.0.0", host_port))?;
+    std::thread::spawn(move || {
+        for mut c in host_server.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nhost-pong\n");
+        }
+    });
+    let certs = tempfile::tempdir()?;
+    outrigger_tests::registry::make_certs(certs.path())?;
+    let tls_port = 19100 + n as u16;
+    let mut tls_server = Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(tls_port.to_string())
+        .args(["-cert", "server.crt", "-key", "server.key"])
+        .current_dir(certs.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
     let _bridge = BridgeGuard(Network::new(cfg.clone(), &h.env.cfg.state_dir)?);
 
     let mut web = sh(
@@ -152,6 +174,25 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
         "{web_ip} {client_ip}"
     );
     assert_eq!(exec(&h, "client", "echo $MY_IP").await?.1.trim(), client_ip);
+
+    // The host, through the veth and the bridge.
+    let (code, out) = exec(
+        &h,
+        "client",
+        &format!("wget -qO- http://10.{n}.0.1:{host_port}/"),
+    )
+    .await?;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "host-pong\n"),
+        "a server on the host"
+    );
+    h.wait("client", "ready by its HTTPS probe", |p| {
+        app(p, "client").is_some_and(|c| c.ready)
+    })
+    .await?;
+    let _ = tls_server.kill();
+    let _ = tls_server.wait();
 
     // Out through the bridge and the host, masqueraded.
     let (code, out) = exec(

@@ -659,3 +659,41 @@ async fn containers_of_a_pod_share_localhost_and_empty_dirs() -> Result<()> {
     h.teardown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_empty_dir_over_its_size_limit_evicts_the_pod() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut c = sh(
+        "filler",
+        "dd if=/dev/zero of=/data/blob bs=1M count=2 2>/dev/null; sleep 600",
+    );
+    c["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
+    h.pods.apply(vec![pod(json!({
+        "metadata": {"name": "greedy"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [c],
+            "volumes": [{"name": "data", "emptyDir": {"sizeLimit": "1Mi"}}],
+        }
+    }))]);
+    let p = h
+        .wait("greedy", "Evicted", |p| phase(p) == "Failed")
+        .await?;
+    let st = p.status.clone().unwrap();
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    assert!(st
+        .message
+        .unwrap_or_default()
+        .contains("EmptyDir volume \"data\""));
+    assert!(app(&p, "filler")
+        .unwrap()
+        .state
+        .unwrap()
+        .terminated
+        .is_some());
+    h.teardown().await;
+    Ok(())
+}

@@ -642,18 +642,9 @@ impl Worker {
             return;
         };
         let grace = grace_period(pod);
-        let r = match actions::Action::of_hook(h, &spec) {
-            Ok(a) => {
-                let target = actions::Target {
-                    rt: &self.ctx.rt,
-                    container_id: &id,
-                    netns: self.netns(pod),
-                    pod_ip: None,
-                };
-                actions::run(&a, &target, grace.max(Duration::from_secs(2))).await
-            }
-            Err(e) => Err(e),
-        };
+        let r = self
+            .run_hook(pod, &spec, &id, h, grace.max(Duration::from_secs(2)))
+            .await;
         if let Err(msg) = r {
             self.event(
                 pod,
@@ -667,24 +658,75 @@ impl Worker {
         }
     }
 
+    /// Stop every container for good: the pod is Failed with reason Evicted.
+    async fn evict(&mut self, pod: &Pod, msg: String) {
+        self.event(pod, None, EventType::Warning, "Evicted", msg.clone());
+        self.failed = Some(("Evicted".into(), msg));
+        self.stop_all_probes();
+        let grace = grace_period(pod);
+        let running: Vec<(Container, String)> = self
+            .init
+            .iter()
+            .chain(self.app.iter())
+            .filter_map(|t| {
+                Some((
+                    t.spec.clone(),
+                    t.view
+                        .current
+                        .as_ref()
+                        .filter(|r| r.exit.is_none())?
+                        .id
+                        .clone(),
+                ))
+            })
+            .collect();
+        for (spec, id) in running {
+            self.event(
+                pod,
+                Some(&spec.name),
+                EventType::Normal,
+                "Killing",
+                format!("Stopping container {}", spec.name),
+            );
+            self.stop_container(pod, &spec, &id, grace).await;
+        }
+        for kind in [Kind::Init, Kind::App] {
+            let n = if kind == Kind::Init {
+                self.init.len()
+            } else {
+                self.app.len()
+            };
+            for i in 0..n {
+                self.refresh(kind, i);
+            }
+        }
+    }
+
+    /// Run a lifecycle hook against container `id` within `timeout`.
+    async fn run_hook(
+        &self,
+        pod: &Pod,
+        spec: &Container,
+        id: &str,
+        h: &k8s_openapi::api::core::v1::LifecycleHandler,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let action = actions::Action::of_hook(h, spec)?;
+        let target = actions::Target {
+            rt: &self.ctx.rt,
+            container_id: id,
+            netns: self.netns(pod),
+            pod_ip: self.pod_ip.map(std::net::IpAddr::V4),
+        };
+        actions::run(&action, &target, timeout).await
+    }
+
     /// preStop (within the grace period), then SIGTERM with what is left of
     /// it (at least 2 s, as the kubelet allows), then SIGKILL.
     async fn stop_container(&self, pod: &Pod, spec: &Container, id: &str, grace: Duration) {
         let t0 = Instant::now();
         if let Some(h) = spec.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) {
-            let r = match actions::Action::of_hook(h, spec) {
-                Ok(a) => {
-                    let target = actions::Target {
-                        rt: &self.ctx.rt,
-                        container_id: id,
-                        netns: self.netns(pod),
-                        pod_ip: None,
-                    };
-                    actions::run(&a, &target, grace).await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(msg) = r {
+            if let Err(msg) = self.run_hook(pod, spec, id, h, grace).await {
                 self.event(
                     pod,
                     Some(&spec.name),
@@ -758,6 +800,17 @@ impl Worker {
         if self.failed.is_some() {
             return IDLE;
         }
+        if let Some(msg) = self.volumes.over_limit(pod) {
+            self.evict(pod, msg).await;
+            return IDLE;
+        }
+        // Disk emptyDirs with a limit are measured as the kubelet does, every
+        // 10 s.
+        let housekeeping = if volumes::PodVolumes::limited(pod).is_empty() {
+            IDLE
+        } else {
+            Duration::from_secs(10)
+        };
         let policy = restart_policy(pod);
 
         for i in 0..self.init.len() {
@@ -779,7 +832,7 @@ impl Worker {
             }
         }
 
-        let mut wake = IDLE;
+        let mut wake = housekeeping;
         for i in 0..self.app.len() {
             let t = &self.app[i];
             if t.view.running() {

@@ -440,6 +440,35 @@ impl PodVolumes {
         Ok(out)
     }
 
+    /// Disk emptyDirs with a sizeLimit, if the pod has any: they must be
+    /// watched (the kubelet evicts a pod whose emptyDir outgrows its limit;
+    /// tmpfs ones are held to it by the kernel).
+    pub fn limited(pod: &Pod) -> Vec<(String, i64)> {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                let e = v.empty_dir.as_ref()?;
+                if e.medium.as_deref() == Some("Memory") {
+                    return None;
+                }
+                Some((v.name.clone(), bytes(e.size_limit.as_ref()?).ok()?))
+            })
+            .collect()
+    }
+
+    /// The first disk emptyDir over its sizeLimit, as an eviction message.
+    pub fn over_limit(&self, pod: &Pod) -> Option<String> {
+        Self::limited(pod).into_iter().find_map(|(name, limit)| {
+            let used = crate::image::dir_size(self.paths.get(&name)?).ok()?;
+            (used as i64 > limit).then(|| {
+                format!("Usage of EmptyDir volume \"{name}\" exceeds the limit of {limit} bytes ({used} used).")
+            })
+        })
+    }
+
     /// Remove every volume of the pod (not hostPaths: they are the host's).
     pub fn remove(&self) {
         crate::runtime::unmount_under(&self.root);

@@ -62,26 +62,8 @@ impl Executor for ExecInit {
             unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
         }
         if let Some(p) = &self.seccomp {
-            if self.drop_sys_admin {
-                let _ = caps::raise(
-                    None,
-                    caps::CapSet::Effective,
-                    caps::Capability::CAP_SYS_ADMIN,
-                );
-            }
-            seccomp::install(p).map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
-            if self.drop_sys_admin {
-                let _ = caps::drop(
-                    None,
-                    caps::CapSet::Effective,
-                    caps::Capability::CAP_SYS_ADMIN,
-                );
-                let _ = caps::drop(
-                    None,
-                    caps::CapSet::Permitted,
-                    caps::Capability::CAP_SYS_ADMIN,
-                );
-            }
+            seccomp::install_dropping_sys_admin(p, self.drop_sys_admin)
+                .map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
         }
         let err = nix::unistd::execvp(&args[0], &args).err();
         Err(ExecutorError::Other(format!("exec {:?}: {err:?}", args[0])))

@@ -82,27 +82,8 @@ impl Executor for PodInit {
             ForkResult::Child => {
                 let _ = SigSet::empty().thread_set_mask();
                 if let Some(p) = &self.seccomp {
-                    if self.drop_sys_admin {
-                        let _ = caps::raise(
-                            None,
-                            caps::CapSet::Effective,
-                            caps::Capability::CAP_SYS_ADMIN,
-                        );
-                    }
-                    if let Err(e) = seccomp::install(p) {
+                    if let Err(e) = seccomp::install_dropping_sys_admin(p, self.drop_sys_admin) {
                         fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
-                    }
-                    if self.drop_sys_admin {
-                        let _ = caps::drop(
-                            None,
-                            caps::CapSet::Effective,
-                            caps::Capability::CAP_SYS_ADMIN,
-                        );
-                        let _ = caps::drop(
-                            None,
-                            caps::CapSet::Permitted,
-                            caps::Capability::CAP_SYS_ADMIN,
-                        );
                     }
                 }
                 // SAFETY: closing our status fd in the workload only.

@@ -249,6 +249,22 @@ pub fn install(profile: &Profile) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Install `profile` in this process, right before exec. A container
+/// allowed to escalate holds CAP_SYS_ADMIN in its permitted set only for
+/// this (see `init`): raised to install, then dropped for good.
+pub fn install_dropping_sys_admin(profile: &Profile, drop_sys_admin: bool) -> std::io::Result<()> {
+    use caps::{CapSet, Capability};
+    if drop_sys_admin {
+        let _ = caps::raise(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
+    }
+    install(profile)?;
+    if drop_sys_admin {
+        let _ = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
+        let _ = caps::drop(None, CapSet::Permitted, Capability::CAP_SYS_ADMIN);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
