@@ -697,3 +697,47 @@ async fn an_empty_dir_over_its_size_limit_evicts_the_pod() -> Result<()> {
     h.teardown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_image_that_cannot_be_pulled_backs_off() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let h = Harness::new()?;
+    let mut c = sh("app", "true");
+    // Nothing listens on port 1: the pull fails at once.
+    c["image"] = json!("127.0.0.1:1/nowhere/app:v1");
+    c["imagePullPolicy"] = json!("IfNotPresent");
+    let mut never = sh("app", "true");
+    never["image"] = json!("not-here:v1");
+    h.pods.apply(vec![
+        pod(json!({"metadata": {"name": "unpullable"}, "spec": {"containers": [c]}})),
+        pod(json!({"metadata": {"name": "never"}, "spec": {"containers": [never]}})),
+    ]);
+    let reason = |p: &Pod| {
+        app(p, "app")
+            .and_then(|c| c.state)
+            .and_then(|s| s.waiting)
+            .and_then(|w| w.reason)
+    };
+    // ErrImagePull on a failure (briefly: a second try follows at once),
+    // then ImagePullBackOff while the back-off runs.
+    let p = h
+        .wait("unpullable", "ImagePullBackOff", |p| {
+            reason(p).as_deref() == Some("ImagePullBackOff")
+        })
+        .await?;
+    assert_eq!(phase(&p), "Pending");
+    let reasons: Vec<String> = h.events(&p).into_iter().map(|(r, _)| r).collect();
+    for r in ["Pulling", "Failed", "BackOff"] {
+        assert!(reasons.iter().any(|x| x == r), "{r} in {reasons:?}");
+    }
+    let p = h
+        .wait("never", "ErrImageNeverPull", |p| {
+            reason(p).as_deref() == Some("ErrImageNeverPull")
+        })
+        .await?;
+    assert_eq!(phase(&p), "Pending");
+    h.teardown().await;
+    Ok(())
+}

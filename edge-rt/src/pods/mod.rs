@@ -865,39 +865,45 @@ impl Worker {
         let wait = t.backoff.remaining(now);
         if !wait.is_zero() {
             let (name, image) = (t.spec.name.clone(), t.view.image.clone());
-            let (reason, msg) = if t.pull_failed {
-                (
-                    "ImagePullBackOff",
-                    format!("Back-off pulling image \"{image}\""),
-                )
-            } else {
-                (
-                    "CrashLoopBackOff",
-                    format!(
-                        "back-off {}s restarting failed container={name} pod={}",
-                        t.backoff.in_force().as_secs(),
-                        self::name(pod)
-                    ),
-                )
-            };
-            t.view.waiting = Some((reason.into(), msg.clone()));
-            let ev_reason = "BackOff";
-            let ev_msg = if t.pull_failed {
-                msg
-            } else {
-                "Back-off restarting failed container".to_string()
-            };
-            self.event(pod, Some(&name), EventType::Warning, ev_reason, ev_msg);
+            let create_failed = t.view.waiting.as_ref().is_some_and(|(r, _)| {
+                r.starts_with("CreateContainer")
+                    || r == "ContainerCreating"
+                    || r == "ErrImageNeverPull"
+            });
+            if t.pull_failed {
+                let msg = format!("Back-off pulling image \"{image}\"");
+                t.view.waiting = Some(("ImagePullBackOff".into(), msg.clone()));
+                self.event(pod, Some(&name), EventType::Warning, "BackOff", msg);
+            } else if !create_failed {
+                // A start that failed keeps its reason while it waits; a
+                // container that ran and ended is in a crash loop.
+                let msg = format!(
+                    "back-off {}s restarting failed container={name} pod={}",
+                    t.backoff.in_force().as_secs(),
+                    self::name(pod)
+                );
+                t.view.waiting = Some(("CrashLoopBackOff".into(), msg));
+                self.event(
+                    pod,
+                    Some(&name),
+                    EventType::Warning,
+                    "BackOff",
+                    "Back-off restarting failed container".into(),
+                );
+            }
             return wait;
         }
         self.start(pod, kind, i).await;
         let t = self.tracked(kind, i);
         if t.view.waiting.is_some() {
-            // The start failed: try again after the back-off.
+            // The start failed: try again after the back-off, and look again
+            // within a second so the status shows the back-off (ErrImagePull
+            // becomes ImagePullBackOff, as the kubelet reports it).
             t.backoff.record_exit(now, Instant::now());
             return t
                 .backoff
                 .remaining(Instant::now())
+                .min(Duration::from_secs(1))
                 .max(Duration::from_millis(10));
         }
         IDLE
@@ -962,7 +968,8 @@ impl Worker {
                     format!("Failed to pull image \"{image_ref}\": {msg}"),
                 );
                 let t = self.tracked(kind, i);
-                t.pull_failed = true;
+                // Never is not a pull that may work later: its reason stays.
+                t.pull_failed = reason == "ErrImagePull";
                 t.view.waiting = Some((reason.into(), msg));
                 return;
             }
