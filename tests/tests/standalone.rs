@@ -239,6 +239,29 @@ async fn exec_returns_the_exit_code_and_relays_stdin_and_terminals() -> Result<(
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out).contains("on-a-tty"), "{}", text(&out));
 
+    // -it from a real terminal (util-linux `script` gives the client one):
+    // an interactive shell, raw mode, and its exit code.
+    let cmd = format!(
+        "{} --config {} exec -it box -- sh",
+        edge_rt_bin().display(),
+        node.config.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        std::thread::sleep(Duration::from_millis(500));
+        stdin.write_all(b"echo answer=$((6*7)); exit 4\n")?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("answer=42"), "{}", text(&out));
+
     let out = node.cli(&["exec", "box", "-c", "nosuch", "--", "true"])?;
     assert!(!out.status.success());
     drop(daemon);
