@@ -323,6 +323,14 @@ impl Worker {
         });
     }
 
+    /// Every tracked container, init ones first.
+    fn indices(&self) -> Vec<(Kind, usize)> {
+        (0..self.init.len())
+            .map(|i| (Kind::Init, i))
+            .chain((0..self.app.len()).map(|i| (Kind::App, i)))
+            .collect()
+    }
+
     fn tracked(&mut self, kind: Kind, i: usize) -> &mut Tracked {
         match kind {
             Kind::Init => &mut self.init[i],
@@ -690,15 +698,8 @@ impl Worker {
             );
             self.stop_container(pod, &spec, &id, grace).await;
         }
-        for kind in [Kind::Init, Kind::App] {
-            let n = if kind == Kind::Init {
-                self.init.len()
-            } else {
-                self.app.len()
-            };
-            for i in 0..n {
-                self.refresh(kind, i);
-            }
+        for (kind, i) in self.indices() {
+            self.refresh(kind, i);
         }
     }
 
@@ -779,22 +780,15 @@ impl Worker {
     /// long until something is due again.
     async fn sync(&mut self, pod: &Pod) -> Duration {
         let now = Instant::now();
-        for kind in [Kind::Init, Kind::App] {
-            let n = if kind == Kind::Init {
-                self.init.len()
-            } else {
-                self.app.len()
-            };
-            for i in 0..n {
-                self.refresh(kind, i);
-                let t = self.tracked(kind, i);
-                if t.exit_code().is_some() && !t.exit_seen {
-                    t.exit_seen = true;
-                    t.view.ready = false;
-                    t.stop_probes();
-                    let started = t.started.unwrap_or(now);
-                    t.backoff.record_exit(started, now);
-                }
+        for (kind, i) in self.indices() {
+            self.refresh(kind, i);
+            let t = self.tracked(kind, i);
+            if t.exit_code().is_some() && !t.exit_seen {
+                t.exit_seen = true;
+                t.view.ready = false;
+                t.stop_probes();
+                let started = t.started.unwrap_or(now);
+                t.backoff.record_exit(started, now);
             }
         }
         if self.failed.is_some() {
