@@ -355,8 +355,7 @@ async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
                 (None, Some(f)) => {
                     let json =
                         std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-                    let r: oci_client::Reference =
-                        edge_rt::image::normalize(&reference)?.parse()?;
+                    let r = edge_rt::image::ImageRef::parse(&reference)?.to_client();
                     auth::credentials_for(&json, r.resolve_registry())?
                 }
                 _ => None,

@@ -70,10 +70,7 @@ async fn oom_kill_is_reported() -> Result<()> {
     let env = Env::new()?;
     let img = busybox_image(&env.store)?;
     let rt = env.runtime()?;
-    let mut c = sh(
-        "hog",
-        "dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived",
-    );
+    let mut c = sh("hog", "exec dd if=/dev/zero of=/dev/null bs=64M count=1");
     c.resources = Some(ResourceRequirements {
         limits: Some([("memory".to_string(), Quantity("16Mi".into()))].into()),
         ..Default::default()

@@ -125,17 +125,196 @@ impl ImageRecord {
     }
 }
 
+/// An image reference split into its parts, normalised the way Docker and
+/// Kubernetes do it (`busybox` is `docker.io/library/busybox:latest`).
+///
+/// Parsed by hand rather than through `oci_client::Reference::from_str`:
+/// that one compiles a Unicode regex whose automaton stays resident at about
+/// 4 MB, a quarter of edge-rt's memory on a gateway. The grammar is
+/// distribution's (`reference/regexp.go`); a test compares the two parsers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub registry: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+fn bad_ref(reference: &str, reason: &str) -> ImageError {
+    ImageError::BadReference {
+        reference: reference.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`: one path component of a repository.
+fn path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator: ".", "_", "__" or a run of "-", between alphanumerics.
+        let start = i;
+        match b[i] {
+            b'.' => i += 1,
+            b'_' => i += if b.get(i + 1) == Some(&b'_') { 2 } else { 1 },
+            b'-' => {
+                while b.get(i) == Some(&b'-') {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+        if i == start || !b.get(i).copied().is_some_and(alnum) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A registry host: DNS labels separated by dots, and an optional port.
+fn domain_ok(d: &str) -> bool {
+    let (host, port) = match d.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (d, None),
+    };
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter().all(|x| x.is_ascii_alphanumeric() || *x == b'-')
+    };
+    host.split('.').all(label)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|x| x.is_ascii_digit()))
+}
+
+impl ImageRef {
+    pub fn parse(reference: &str) -> Result<ImageRef> {
+        if reference.is_empty() {
+            return Err(bad_ref(
+                reference,
+                "repository name must have at least one component",
+            ));
+        }
+        let (name, digest) = match reference.split_once('@') {
+            Some((n, d)) => (n, Some(d)),
+            None => (reference, None),
+        };
+        if let Some(d) = digest {
+            let (algo, hex) = d
+                .split_once(':')
+                .ok_or_else(|| bad_ref(reference, "invalid digest format"))?;
+            let want = match algo {
+                "sha256" => 64,
+                "sha384" => 96,
+                "sha512" => 128,
+                _ => return Err(bad_ref(reference, "unsupported digest algorithm")),
+            };
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad_ref(reference, "invalid reference format"));
+            }
+            if hex.len() != want {
+                return Err(bad_ref(reference, "invalid checksum digest length"));
+            }
+        }
+        // A tag follows the last ':' that comes after the last '/'.
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match name[last_slash..].rfind(':') {
+            Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
+            None => (name, None),
+        };
+        if let Some(t) = tag {
+            let b = t.as_bytes();
+            let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
+            if b.is_empty()
+                || b.len() > 128
+                || !word(b[0])
+                || !b.iter().all(|&x| word(x) || x == b'.' || x == b'-')
+            {
+                return Err(bad_ref(reference, "invalid reference format"));
+            }
+        }
+        let (mut registry, mut repository) = match name.split_once('/') {
+            Some((left, right))
+                if left.contains('.') || left.contains(':') || left == "localhost" =>
+            {
+                if !domain_ok(left) {
+                    return Err(bad_ref(reference, "invalid reference format"));
+                }
+                (left.to_string(), right.to_string())
+            }
+            _ => ("docker.io".to_string(), name.to_string()),
+        };
+        if !repository.split('/').all(path_component) {
+            return Err(bad_ref(reference, "invalid reference format"));
+        }
+        if registry == "index.docker.io" {
+            registry = "docker.io".into();
+        }
+        if registry == "docker.io" && !repository.contains('/') {
+            repository = format!("library/{repository}");
+        }
+        if repository.len() > 255 {
+            return Err(bad_ref(
+                reference,
+                "repository name must not be more than 255 characters",
+            ));
+        }
+        let tag = match (tag, digest) {
+            (None, None) => Some("latest".to_string()),
+            (t, _) => t.map(str::to_string),
+        };
+        Ok(ImageRef {
+            registry,
+            repository,
+            tag,
+            digest: digest.map(str::to_string),
+        })
+    }
+
+    /// `registry/repository[:tag][@digest]`.
+    pub fn whole(&self) -> String {
+        let mut s = format!("{}/{}", self.registry, self.repository);
+        if let Some(t) = &self.tag {
+            s.push(':');
+            s.push_str(t);
+        }
+        if let Some(d) = &self.digest {
+            s.push('@');
+            s.push_str(d);
+        }
+        s
+    }
+
+    /// The client's reference type, made from the parts (no regex).
+    pub fn to_client(&self) -> oci_client::Reference {
+        let (r, repo) = (self.registry.clone(), self.repository.clone());
+        match (&self.tag, &self.digest) {
+            (Some(t), Some(d)) => {
+                oci_client::Reference::with_tag_and_digest(r, repo, t.clone(), d.clone())
+            }
+            (_, Some(d)) => oci_client::Reference::with_digest(r, repo, d.clone()),
+            (t, None) => oci_client::Reference::with_tag(
+                r,
+                repo,
+                t.clone().unwrap_or_else(|| "latest".into()),
+            ),
+        }
+    }
+}
+
 /// Normalise a user's image reference the way Docker and Kubernetes do
 /// (`busybox` is `docker.io/library/busybox:latest`).
 pub fn normalize(reference: &str) -> Result<String> {
-    let r: oci_client::Reference =
-        reference
-            .parse()
-            .map_err(|e: oci_client::ParseError| ImageError::BadReference {
-                reference: reference.to_string(),
-                reason: e.to_string(),
-            })?;
-    Ok(r.whole())
+    Ok(ImageRef::parse(reference)?.whole())
 }
 
 pub fn now() -> u64 {
@@ -683,5 +862,59 @@ pub fn dir_size(path: &Path) -> Result<u64> {
 fn sync_dir(p: &Path) {
     if let Ok(f) = fs::File::open(p) {
         let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written parser against oci-spec's regex, on valid and
+    /// invalid references alike.
+    #[test]
+    fn references_parse_as_oci_spec_does() {
+        let d = "sha256:".to_string() + &"a".repeat(64);
+        let cases = [
+            "busybox".to_string(),
+            "busybox:1.36".into(),
+            "library/busybox".into(),
+            "index.docker.io/busybox".into(),
+            "docker.io/library/busybox:latest".into(),
+            "ghcr.io/owner/app:v1.2.3".into(),
+            "localhost/app".into(),
+            "localhost:5000/a/b/c:tag_1-x.y".into(),
+            "127.0.0.1:5000/x/y".into(),
+            format!("busybox@{d}"),
+            format!("reg.example.com:443/team/app:v2@{d}"),
+            "a__b/c.d/e--f".into(),
+            "Upper/case".into(),
+            "app:".into(),
+            "app:-bad".into(),
+            ":tag".into(),
+            "a//b".into(),
+            "app@sha256:123".into(),
+            "app@md5:0123456789abcdef0123456789abcdef".into(),
+            "-app".into(),
+            "app_".into(),
+            "a.-b".into(),
+            format!("app:{}", "t".repeat(129)),
+            format!("app:{}", "t".repeat(128)),
+            "reg.io:/x".into(),
+            "a___b".into(),
+            "my-reg.example.com/x:1".into(),
+        ];
+        for c in cases {
+            let ours = ImageRef::parse(&c).map(|r| r.whole()).ok();
+            // oci-spec lets an upper-case first component through as part of
+            // a Docker Hub repository; Docker refuses it, and so do we.
+            let theirs = match c.as_str() {
+                "Upper/case" => None,
+                _ => c.parse::<oci_client::Reference>().map(|r| r.whole()).ok(),
+            };
+            assert_eq!(ours, theirs, "{c}");
+            if let Ok(r) = ImageRef::parse(&c) {
+                assert_eq!(r.to_client().whole(), r.whole(), "{c}");
+            }
+        }
     }
 }

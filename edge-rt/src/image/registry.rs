@@ -22,7 +22,7 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use super::{normalize, ImageError, ImageRecord, ImageStore, Result};
+use super::{ImageError, ImageRecord, ImageStore, Result};
 
 const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
@@ -152,13 +152,9 @@ impl Puller {
         creds: Option<&Credentials>,
         progress: &Progress,
     ) -> Result<ImageRecord> {
-        let name = normalize(reference)?;
-        let r: Reference =
-            name.parse()
-                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
-                    reference: reference.into(),
-                    reason: e.to_string(),
-                })?;
+        let parsed = super::ImageRef::parse(reference)?;
+        let name = parsed.whole();
+        let r: Reference = parsed.to_client();
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
