@@ -217,27 +217,27 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
     assert_eq!(out.1, "pod-web\n");
     // hostPort: from the outside network to the node's address there...
     let hp = 18000 + n;
-    let out = Command::new("ip")
-        .args(["netns", "exec", &outside.ns, "busybox", "wget", "-qO-"])
-        .arg(format!("http://192.168.{n}.1:{hp}/"))
-        .output()?;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "pod-web\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let url = format!("http://192.168.{n}.1:{hp}/");
+    let outside_wget = [
+        "ip",
+        "netns",
+        "exec",
+        &outside.ns,
+        "busybox",
+        "wget",
+        "-qO-",
+    ];
     // ...and from the node itself.
-    let out = Command::new("busybox")
-        .args(["wget", "-qO-"])
-        .arg(format!("http://192.168.{n}.1:{hp}/"))
-        .output()?;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "pod-web\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let node_wget = ["busybox", "wget", "-qO-"];
+    for argv in [&outside_wget[..], &node_wget[..]] {
+        let out = Command::new(argv[0]).args(&argv[1..]).arg(&url).output()?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "pod-web\n",
+            "{argv:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // Removal takes the veths, addresses and hostPort rules.
     h.pods.apply(vec![]);

@@ -903,6 +903,21 @@ impl Worker {
         IDLE
     }
 
+    /// A start that did not get as far as a running container: a Warning
+    /// event, and the reason the container waits with.
+    fn start_failed(
+        &mut self,
+        pod: &Pod,
+        kind: Kind,
+        i: usize,
+        container: Option<&str>,
+        (event_reason, event_msg): (&str, String),
+        (waiting, msg): (&str, String),
+    ) {
+        self.event(pod, container, EventType::Warning, event_reason, event_msg);
+        self.tracked(kind, i).view.waiting = Some((waiting.into(), msg));
+    }
+
     async fn start(&mut self, pod: &Pod, kind: Kind, i: usize) {
         let pref = self.pod_ref(pod);
         let spec = self.tracked(kind, i).spec.clone();
@@ -954,41 +969,43 @@ impl Worker {
                 } else {
                     "ErrImagePull"
                 };
-                self.event(
+                let ev = format!("Failed to pull image \"{image_ref}\": {msg}");
+                self.start_failed(
                     pod,
+                    kind,
+                    i,
                     Some(&spec.name),
-                    EventType::Warning,
-                    "Failed",
-                    format!("Failed to pull image \"{image_ref}\": {msg}"),
+                    ("Failed", ev),
+                    (reason, msg),
                 );
-                let t = self.tracked(kind, i);
                 // Never is not a pull that may work later: its reason stays.
-                t.pull_failed = reason == "ErrImagePull";
-                t.view.waiting = Some((reason.into(), msg));
+                self.tracked(kind, i).pull_failed = reason == "ErrImagePull";
                 return;
             }
         };
         self.tracked(kind, i).pull_failed = false;
         if let Err(msg) = self.ensure_network(pod) {
-            self.event(
+            let ev = format!("Failed to create pod sandbox: {msg}");
+            self.start_failed(
                 pod,
+                kind,
+                i,
                 None,
-                EventType::Warning,
-                "FailedCreatePodSandBox",
-                format!("Failed to create pod sandbox: {msg}"),
+                ("FailedCreatePodSandBox", ev),
+                ("ContainerCreating", msg),
             );
-            self.tracked(kind, i).view.waiting = Some(("ContainerCreating".into(), msg));
             return;
         }
         if let Err(msg) = self.volumes.sync(pod, &self.ctx.objects, &self.ctx.node) {
-            self.event(
+            let ev = format!("MountVolume.SetUp failed: {msg}");
+            self.start_failed(
                 pod,
+                kind,
+                i,
                 Some(&spec.name),
-                EventType::Warning,
-                "FailedMount",
-                format!("MountVolume.SetUp failed: {msg}"),
+                ("FailedMount", ev),
+                ("ContainerCreating", msg),
             );
-            self.tracked(kind, i).view.waiting = Some(("ContainerCreating".into(), msg));
             return;
         }
         self.volumes_ready = true;
@@ -999,15 +1016,15 @@ impl Worker {
         let (extra_env, mounts) = match prepared {
             Ok(x) => x,
             Err(msg) => {
-                self.event(
+                let ev = format!("Error: {msg}");
+                self.start_failed(
                     pod,
+                    kind,
+                    i,
                     Some(&spec.name),
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: {msg}"),
+                    ("Failed", ev),
+                    ("CreateContainerConfigError", msg),
                 );
-                self.tracked(kind, i).view.waiting =
-                    Some(("CreateContainerConfigError".into(), msg));
                 return;
             }
         };
@@ -1063,15 +1080,15 @@ impl Worker {
                     _ => "CreateContainerError",
                 };
                 let msg = describe(&e);
-                self.event(
+                let ev = format!("Error: {msg}");
+                self.start_failed(
                     pod,
+                    kind,
+                    i,
                     Some(&spec.name),
-                    EventType::Warning,
-                    "Failed",
-                    format!("Error: {msg}"),
+                    ("Failed", ev),
+                    (reason, msg),
                 );
-                let t = self.tracked(kind, i);
-                t.view.waiting = Some((reason.into(), msg));
             }
         }
     }
