@@ -380,5 +380,115 @@ pub fn status_text(s: &NodeStatus) -> String {
         human(s.image_bytes),
         human(s.image_budget_bytes)
     );
+    for c in &s.conditions {
+        let since = c
+            .last_transition_time
+            .as_ref()
+            .map(|t| {
+                format!(
+                    " since {}",
+                    t.0.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "Condition:   {}={} {}{}",
+            c.type_,
+            c.status,
+            c.reason.as_deref().unwrap_or(""),
+            since
+        );
+    }
+    match &s.store {
+        Some(Ok(st)) => {
+            let objects: u64 = st.objects.values().sum();
+            let _ = writeln!(
+                out,
+                "Store:       {} objects, outbox {} status + {} events{}",
+                objects,
+                st.outbox_status,
+                st.outbox_events,
+                st.oldest_unsent_ms
+                    .map(|m| format!(", oldest unsent {}", ms_ago(m)))
+                    .unwrap_or_default()
+            );
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "Store:       UNAVAILABLE: {e}");
+        }
+        None => {}
+    }
+    out
+}
+
+/// Secret values replaced by their length: `store dump` output can go into
+/// a bug report.
+pub fn redact_secret(body: &mut serde_json::Value) {
+    for field in ["data", "stringData"] {
+        if let Some(m) = body[field].as_object_mut() {
+            for v in m.values_mut() {
+                let n = v.as_str().map(str::len).unwrap_or(0);
+                *v = format!("<redacted, {n} characters>").into();
+            }
+        }
+    }
+}
+
+fn ms_ago(ms: i64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    format!(
+        "{} ({} ago)",
+        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        age(Some(&Time(t)))
+    )
+}
+
+pub fn store_stats_text(s: &crate::store::Stats) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Store:       {} (schema {}), {} + {} WAL, {} free pages",
+        s.path.display(),
+        s.schema_version,
+        human(s.file_bytes),
+        human(s.wal_bytes),
+        s.free_pages
+    );
+    let _ = writeln!(out, "Objects:");
+    if s.objects.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for (k, n) in &s.objects {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>6}  {:>10}  cursor {}",
+            k,
+            n,
+            human(s.object_bytes.get(k).copied().unwrap_or(0)),
+            s.cursors.get(k).map(String::as_str).unwrap_or("-")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Outbox:      {} status, {} events, {} ({} events dropped while over the bound)",
+        s.outbox_status,
+        s.outbox_events,
+        human(s.outbox_bytes),
+        s.events_dropped
+    );
+    let _ = writeln!(
+        out,
+        "Oldest unsent: {}",
+        s.oldest_unsent_ms.map(ms_ago).unwrap_or_else(|| "-".into())
+    );
+    let link = if s.link.connected {
+        format!("connected since {}", ms_ago(s.link.since_ms))
+    } else if s.link.ever_connected {
+        format!("disconnected since {}", ms_ago(s.link.since_ms))
+    } else {
+        "never connected".into()
+    };
+    let _ = writeln!(out, "Cloud link:  {link}");
     out
 }

@@ -29,6 +29,12 @@
 //! pod_cidr = "10.88.0.0/16"            # the bridge takes the first address
 //! masquerade = true                    # NAT pod traffic leaving the node
 //!
+//! [store]
+//! path = "/var/lib/edge-rt/store.db"   # default: store.db in node.data_dir
+//! key_file = "/var/lib/edge-rt/store.key"  # seals Secrets at rest; created if missing
+//! min_free_bytes = 4194304             # below this, new objects are refused
+//! events_max = 5000                    # unsent events kept (a ring)
+//!
 //! [api]
 //! socket = "/run/edge-rt/edge-rt.sock" # default: edge-rt.sock in runtime.state_dir
 //! group = "edge"                       # may also use the CLI (default: root only)
@@ -86,6 +92,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub api: ApiSection,
     pub network: crate::network::NetworkConfig,
+    pub store: crate::store::StoreConfig,
 }
 
 /// The local API socket the CLI talks to.

@@ -1,10 +1,12 @@
 //! `edge-rt run`: the node agent's main loop.
 //!
 //! Order at start: PID 1 duties (if we are init), subreaper, signals, image
-//! store and preloaded images, runtime (re-adopting what a previous edge-rt
-//! left running), then the pods of the manifest directory. Then it waits on
-//! signals, applies manifest changes as they happen and keeps the image
-//! store under its budget.
+//! store and preloaded images, the node store, runtime (re-adopting what a
+//! previous edge-rt left running), then every pod the node should run: those
+//! of the manifest directory and those in the store, with no connection to
+//! anything. Then it waits on signals, applies manifest and store changes as
+//! they happen, reports status to the outbox and keeps the image store under
+//! its budget.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+
 use crate::config::Config;
 use crate::image::registry::Puller;
 use crate::image::{archive, ImageStore};
@@ -20,6 +24,7 @@ use crate::pods::events::EventRing;
 use crate::pods::{self, PodManager};
 use crate::runtime::Runtime;
 use crate::static_pods;
+use crate::store::{self, Kind, Store};
 use crate::supervisor::{self, Event};
 
 /// Import every archive or layout in `dir` not imported before (by name,
@@ -88,6 +93,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     if n > 0 {
         tracing::info!(count = n, "imported preloaded images");
     }
+    let node_store = open_store(&cfg);
     let rt = Runtime::open(cfg.runtime.clone(), store.clone())?;
     let ctx = Arc::new(pods::Context {
         rt: rt.clone(),
@@ -109,6 +115,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let pods = Arc::new(PodManager::new(ctx.clone()));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 
+    // Everything the node should run, from what it has: no connection.
+    let mut manifests = ManifestWatch::new(&cfg.node.manifests_dir);
+    let mut from_files = manifests.read();
+    reconcile(&pods, &from_files, node_store.as_deref());
+
     let socket = crate::api::socket_path(&cfg);
     let listener = crate::api::bind(&socket, cfg.api.group.as_deref())?;
     let server = Arc::new(crate::api::Server {
@@ -116,16 +127,33 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         started: std::time::Instant::now(),
         pid1,
         image_budget: cfg.images.budget_bytes,
+        store: node_store.clone(),
     });
     tokio::spawn(server.serve(listener));
     tracing::info!(socket = %socket.display(), "local API listening");
 
-    let mut manifests = ManifestWatch::new(&cfg.node.manifests_dir);
-    manifests.apply(&pods);
+    let mut store_changed = match &node_store {
+        Some(s) => s.subscribe(),
+        None => tokio::sync::watch::channel(0).1,
+    };
+    let mut reporter = node_store
+        .clone()
+        .map(|s| crate::reporter::Reporter::new(s, pods.clone()));
+    let mut report_tick = tokio::time::interval(Duration::from_secs(1));
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gc = tokio::time::interval(Duration::from_secs(cfg.images.gc_interval_secs.max(10)));
     loop {
         tokio::select! {
-            _ = manifests.changed() => manifests.apply(&pods),
+            _ = manifests.changed() => {
+                from_files = manifests.read();
+                reconcile(&pods, &from_files, node_store.as_deref());
+            }
+            Ok(()) = store_changed.changed() => reconcile(&pods, &from_files, node_store.as_deref()),
+            _ = report_tick.tick(), if reporter.is_some() => {
+                if let Some(r) = reporter.as_mut() {
+                    let _ = r.flush(store::now_ms());
+                }
+            }
             _ = gc.tick() => {
                 match store.gc(cfg.images.budget_bytes, &rt.in_use()) {
                     Ok(r) if !r.images_removed.is_empty() => tracing::info!(removed = ?r.images_removed, bytes = r.bytes_after, "image gc"),
@@ -142,7 +170,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         }
                         if new.node.manifests_dir != cfg.node.manifests_dir {
                             manifests = ManifestWatch::new(&new.node.manifests_dir);
-                            manifests.apply(&pods);
+                            from_files = manifests.read();
+                            reconcile(&pods, &from_files, node_store.as_deref());
                         }
                         cfg.images = new.images;
                         cfg.node.manifests_dir = new.node.manifests_dir;
@@ -161,6 +190,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     }
                     // As a service, containers keep running: the next edge-rt
                     // re-adopts them (restarts and upgrades do not kill pods).
+                    if let Some(r) = reporter.as_mut() {
+                        let _ = r.flush(store::now_ms());
+                    }
                     tracing::info!("exiting; containers keep running");
                     return Ok(());
                 }
@@ -240,8 +272,8 @@ impl ManifestWatch {
         }
     }
 
-    /// Read the directory and hand its pods to the manager.
-    fn apply(&mut self, pods: &PodManager) {
+    /// Read the directory's pods, ConfigMaps and Secrets.
+    fn read(&mut self) -> Objects {
         let (mut desired, mut config_maps, mut secrets) = (Vec::new(), Vec::new(), Vec::new());
         let mut errors = BTreeMap::new();
         for m in static_pods::load_dir(&self.dir) {
@@ -259,8 +291,117 @@ impl ManifestWatch {
             }
         }
         self.reported = errors;
-        // Objects first: a new pod finds what it references.
-        pods.context().objects.replace(config_maps, secrets);
-        pods.apply(desired);
+        Objects {
+            pods: desired,
+            config_maps,
+            secrets,
+        }
     }
+}
+
+/// Pods and the objects they use, from one source.
+#[derive(Default, Clone)]
+struct Objects {
+    pods: Vec<Pod>,
+    config_maps: Vec<ConfigMap>,
+    secrets: Vec<Secret>,
+}
+
+/// Open the node store. A store that cannot be opened (its key unreadable,
+/// a schema from a newer edge-rt) leaves the node running its static pods,
+/// with the reason logged and shown by `edge-rt status`; a corrupt one is
+/// moved aside inside `Store::open`.
+fn open_store(cfg: &Config) -> Option<Arc<Store>> {
+    match Store::open(&cfg.store, &cfg.node.data_dir) {
+        Ok(s) => {
+            if let Err(e) = s.set_link(false, store::now_ms()) {
+                tracing::warn!(error = %e, "recording the link state");
+            }
+            Some(Arc::new(s))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "THE NODE STORE CANNOT BE OPENED: running static pods only");
+            None
+        }
+    }
+}
+
+/// The store's pods, ConfigMaps and Secrets, typed. An object that does not
+/// parse is logged and skipped; the rest run.
+fn from_store(s: &Store) -> Objects {
+    fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
+        let objects = match s.objects(kind) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(kind = kind.as_str(), error = %e, "reading the store");
+                return vec![];
+            }
+        };
+        objects
+            .into_iter()
+            .filter_map(|o| {
+                let mut body = o.body;
+                // The row's identity is the truth (a body may lack it).
+                body["metadata"]["uid"] = o.uid.clone().into();
+                body["metadata"]["namespace"] = o.namespace.clone().into();
+                match serde_json::from_value::<T>(body) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+    Objects {
+        pods: load(s, Kind::Pod),
+        config_maps: load(s, Kind::ConfigMap),
+        secrets: load(s, Kind::Secret),
+    }
+}
+
+/// Hand the union of the manifest directory and the store to the pod
+/// manager. A stored pod with the namespace and name of a static pod is
+/// left out (the file on the node wins), as is a stored ConfigMap or Secret
+/// a manifest also defines.
+fn reconcile(pods: &PodManager, files: &Objects, store: Option<&Store>) {
+    let mut all = files.clone();
+    if let Some(s) = store {
+        let stored = from_store(s);
+        fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+            (
+                m.namespace.clone().unwrap_or_else(|| "default".into()),
+                m.name.clone().unwrap_or_default(),
+            )
+        }
+        let taken: std::collections::BTreeSet<_> =
+            files.pods.iter().map(|p| key(&p.metadata)).collect();
+        for p in stored.pods {
+            if taken.contains(&key(&p.metadata)) {
+                tracing::warn!(pod = ?key(&p.metadata), "a static pod of this name exists; the stored one is not run");
+            } else {
+                all.pods.push(p);
+            }
+        }
+        let cms: std::collections::BTreeSet<_> =
+            files.config_maps.iter().map(|c| key(&c.metadata)).collect();
+        all.config_maps.extend(
+            stored
+                .config_maps
+                .into_iter()
+                .filter(|c| !cms.contains(&key(&c.metadata))),
+        );
+        let secrets: std::collections::BTreeSet<_> =
+            files.secrets.iter().map(|c| key(&c.metadata)).collect();
+        all.secrets.extend(
+            stored
+                .secrets
+                .into_iter()
+                .filter(|c| !secrets.contains(&key(&c.metadata))),
+        );
+    }
+    // Objects first: a new pod finds what it references.
+    pods.context().objects.replace(all.config_maps, all.secrets);
+    pods.apply(all.pods);
 }

@@ -6,6 +6,8 @@
 //! - [`pods`]: the pod reconciler, status and events.
 //! - [`static_pods`]: the manifest directory, standalone mode's source.
 //! - [`api`] and [`cli`]: the local socket and the commands that use it.
+//! - [`store`]: the SQLite store (objects, cursors, outbox) and [`reporter`],
+//!   which puts pod status and events in its outbox.
 //! - [`config`]: the node configuration file.
 
 pub mod api;
@@ -16,6 +18,8 @@ pub mod daemon;
 pub mod image;
 pub mod network;
 pub mod pods;
+pub mod reporter;
 pub mod runtime;
 pub mod static_pods;
+pub mod store;
 pub mod supervisor;

@@ -99,9 +99,54 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: PodsOutput,
     },
+    /// Commit Pods, ConfigMaps and Secrets to this node's store, as the
+    /// node's own objects: they run offline and survive reboots.
+    Apply {
+        /// A YAML or JSON file (several documents allowed); - for stdin.
+        #[arg(short, long)]
+        filename: PathBuf,
+    },
+    /// Remove an object `edge-rt apply` stored: `edge-rt delete pod NAME`.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Inspect the node store (reads the database; no daemon needed).
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Benchmarks (see the README).
     #[command(subcommand)]
     Bench(edge_rt::bench::BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Counts, sizes, sync cursors, outbox depth and the oldest unsent report.
+    Stats {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: PodsOutput,
+    },
+    /// Every stored object of a kind (pods, configmaps, secrets) or the
+    /// outbox. Secret values are redacted unless --show-secrets.
+    Dump {
+        kind: String,
+        #[arg(short, long, value_enum, default_value = "yaml")]
+        output: PodsOutput,
+        #[arg(long)]
+        show_secrets: bool,
+    },
+    /// An endless write load on a store (for the crash test): prints each
+    /// commit after it returns. Never point it at a node's real store.
+    #[command(hide = true)]
+    Churn {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Stop after this many rounds (default: run until killed).
+        #[arg(long)]
+        rounds: Option<u64>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -218,6 +263,45 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(b) => edge_rt::bench::run(&cfg, b).await,
+        Cmd::Apply { filename } => {
+            let text = if filename.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t)?;
+                t
+            } else {
+                std::fs::read_to_string(&filename)
+                    .with_context(|| format!("reading {}", filename.display()))?
+            };
+            let mut objects = Vec::new();
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                use serde::Deserialize;
+                let v = serde_json::Value::deserialize(doc)
+                    .with_context(|| format!("{}", filename.display()))?;
+                if !v.is_null() {
+                    objects.push(v);
+                }
+            }
+            let (v, _) = api::call(&api::socket_path(&cfg), &Request::Apply { objects }).await?;
+            for line in v.as_array().into_iter().flatten() {
+                println!("{}", line.as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Cmd::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
+            let req = Request::Delete {
+                kind,
+                namespace,
+                name,
+            };
+            let (v, _) = api::call(&api::socket_path(&cfg), &req).await?;
+            println!("{}", v.as_str().unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Store(c) => store_cmd(&cfg, c),
         Cmd::Pods {
             output,
             namespace,
@@ -305,6 +389,59 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn store_cmd(cfg: &Config, cmd: StoreCmd) -> Result<()> {
+    use edge_rt::store::{Kind, Store};
+    let path = cfg.store.db_path(&cfg.node.data_dir);
+    let key = cfg.store.key_path(&cfg.node.data_dir);
+    match cmd {
+        StoreCmd::Stats { output } => {
+            let s = Store::open_read_only(&path, None)?.stats()?;
+            match output {
+                PodsOutput::Table => print!("{}", edge_rt::cli::store_stats_text(&s)),
+                o => print_as(&s, o)?,
+            }
+        }
+        StoreCmd::Dump {
+            kind,
+            output,
+            show_secrets,
+        } => {
+            // Without the key (not root), Secrets show as sealed.
+            let key = edge_rt::store::crypt::Key::load(&key)
+                .is_ok()
+                .then_some(key.as_path());
+            let store = Store::open_read_only(&path, key)?;
+            let items: Vec<serde_json::Value> = if kind == "outbox" {
+                store
+                    .pending(0, usize::MAX >> 1)?
+                    .into_iter()
+                    .map(|r| serde_json::to_value(r).unwrap_or_default())
+                    .collect()
+            } else {
+                let kind: Kind = kind.parse()?;
+                store
+                    .objects(kind)?
+                    .into_iter()
+                    .map(|mut o| {
+                        if kind == Kind::Secret && !show_secrets {
+                            edge_rt::cli::redact_secret(&mut o.body);
+                        }
+                        serde_json::to_value(o).unwrap_or_default()
+                    })
+                    .collect()
+            };
+            print_as(&items, output)?;
+        }
+        StoreCmd::Churn { seed, rounds } => {
+            let store = Store::open(&cfg.store, &cfg.node.data_dir)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            edge_rt::store::churn::run(&store, seed, rounds, &mut out)?;
+        }
+    }
+    Ok(())
 }
 
 async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {

@@ -139,7 +139,7 @@ fn named(
 }
 
 /// One document to a validated object (a pod with its static uid).
-fn parse(v: serde_yaml_ng::Value) -> Result<Object, String> {
+pub fn parse(v: serde_yaml_ng::Value) -> Result<Object, String> {
     let kind = v
         .get("kind")
         .and_then(|k| k.as_str())

@@ -22,8 +22,8 @@ use crate::pods::events::PodEvent;
 use crate::pods::{self, PodManager};
 use crate::runtime::{logs, ContainerRecord};
 
-/// Longest request line accepted.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest request line accepted (an apply of a few large objects).
+const MAX_REQUEST: u64 = 4 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -56,6 +56,17 @@ pub enum Request {
         #[serde(default)]
         tty: bool,
     },
+    /// Commit objects (Pod, ConfigMap, Secret) to the node store as this
+    /// node's own: `edge-rt apply -f`.
+    Apply {
+        objects: Vec<serde_json::Value>,
+    },
+    /// Remove an object `edge-rt apply` put in the store.
+    Delete {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +93,11 @@ pub struct NodeStatus {
     pub image_bytes: u64,
     pub image_budget_bytes: u64,
     pub rss_bytes: u64,
+    #[serde(default)]
+    pub conditions: Vec<k8s_openapi::api::core::v1::NodeCondition>,
+    /// The store's counts, or why there is no store.
+    #[serde(default)]
+    pub store: Option<Result<crate::store::Stats, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +106,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -100,6 +118,7 @@ pub struct Server {
     pub started: Instant,
     pub pid1: bool,
     pub image_budget: u64,
+    pub store: Option<Arc<crate::store::Store>>,
 }
 
 /// Bind the socket with the permissions that make it root's (and the
@@ -213,7 +232,105 @@ impl Server {
                 };
                 self.exec(&rec, &command, stdin, tty, r, w).await
             }
+            Request::Apply { objects } => {
+                let r = self.apply(objects);
+                reply(&mut w, r).await
+            }
+            Request::Delete {
+                kind,
+                namespace,
+                name,
+            } => {
+                let r = self.delete(&kind, &namespace, &name);
+                reply(&mut w, r).await
+            }
         }
+    }
+
+    fn node_store(&self) -> Result<&crate::store::Store, ApiError> {
+        self.store.as_deref().ok_or_else(|| {
+            ApiError::BadRequest("this node has no store (see the daemon's log)".into())
+        })
+    }
+
+    /// Validate every object first (all or nothing), then commit them in
+    /// one transaction. An object keeps its uid across applies, as in
+    /// Kubernetes; objects the cloud sent are the cloud's to change.
+    fn apply(&self, docs: Vec<serde_json::Value>) -> Result<serde_json::Value, ApiError> {
+        use crate::store::{Change, Kind, Object, Source};
+        let store = self.node_store()?;
+        let mut changes = Vec::new();
+        let mut done = Vec::new();
+        for (i, doc) in docs.into_iter().enumerate() {
+            let bad = |m: String| ApiError::BadRequest(format!("object {}: {m}", i + 1));
+            let yaml = serde_yaml_ng::to_value(&doc).map_err(|e| bad(e.to_string()))?;
+            let typed = crate::static_pods::parse(yaml).map_err(bad)?;
+            let (kind, mut body) = match typed {
+                crate::static_pods::Object::Pod(p) => (Kind::Pod, serde_json::to_value(*p)),
+                crate::static_pods::Object::ConfigMap(c) => {
+                    (Kind::ConfigMap, serde_json::to_value(c))
+                }
+                crate::static_pods::Object::Secret(s) => (Kind::Secret, serde_json::to_value(s)),
+            };
+            let body_ref = body.as_mut().map_err(|e| bad(e.to_string()))?;
+            let meta = &mut body_ref["metadata"];
+            if let Some(a) = meta["annotations"].as_object_mut() {
+                a.remove("kubernetes.io/config.source");
+            }
+            let ns = meta["namespace"].as_str().unwrap_or("default").to_string();
+            let name = meta["name"].as_str().unwrap_or("").to_string();
+            let existing = store.find(kind, &ns, &name)?;
+            let (uid, rv, verb) = match &existing {
+                Some(o) if o.source == Source::Cloud => {
+                    return Err(bad(format!(
+                        "{} {ns}/{name} came from the cloud: change it there",
+                        kind.as_str()
+                    )))
+                }
+                Some(o) => (
+                    o.uid.clone(),
+                    o.resource_version.parse::<u64>().unwrap_or(0) + 1,
+                    "configured",
+                ),
+                None => (crate::store::new_uid(), 1, "created"),
+            };
+            meta["uid"] = uid.into();
+            meta["resourceVersion"] = rv.to_string().into();
+            let body = body.map_err(|e| bad(e.to_string()))?;
+            let unchanged = existing.as_ref().is_some_and(|o| {
+                let mut old = o.body.clone();
+                old["metadata"]["resourceVersion"] = body["metadata"]["resourceVersion"].clone();
+                old == body
+            });
+            if unchanged {
+                done.push(format!("{}/{name} unchanged", kind.as_str().to_lowercase()));
+                continue;
+            }
+            changes.push(Change::Put(Object::from_body(kind, Source::Local, body)?));
+            done.push(format!("{}/{name} {verb}", kind.as_str().to_lowercase()));
+        }
+        store.apply(&changes, &[])?;
+        Ok(serde_json::to_value(done).unwrap_or_default())
+    }
+
+    fn delete(&self, kind: &str, ns: &str, name: &str) -> Result<serde_json::Value, ApiError> {
+        use crate::store::{Change, Kind, Source};
+        let store = self.node_store()?;
+        let kind: Kind = kind.parse()?;
+        let Some(o) = store.find(kind, ns, name)? else {
+            return Err(ApiError::NotFound(format!(
+                "{} {ns}/{name} is not in the store",
+                kind.as_str()
+            )));
+        };
+        if o.source == Source::Cloud {
+            return Err(ApiError::BadRequest(format!(
+                "{} {ns}/{name} came from the cloud: delete it there",
+                kind.as_str()
+            )));
+        }
+        store.apply(&[Change::Delete { kind, uid: o.uid }], &[])?;
+        Ok(format!("{}/{name} deleted", kind.as_str().to_lowercase()).into())
     }
 
     async fn exec(
@@ -520,6 +637,16 @@ impl Server {
             image_bytes: ctx.images.disk_usage().unwrap_or(0),
             image_budget_bytes: self.image_budget,
             rss_bytes: rss_bytes(),
+            conditions: self
+                .store
+                .as_ref()
+                .and_then(|s| s.link().ok())
+                .map(|l| crate::reporter::node_conditions(&l))
+                .unwrap_or_default(),
+            store: Some(match &self.store {
+                Some(s) => s.stats().map_err(|e| e.to_string()),
+                None => Err("no store: it could not be opened (see the daemon's log)".into()),
+            }),
         }
     }
 }

@@ -32,11 +32,18 @@ pub struct PodEvent {
     /// RFC 3339.
     pub first_timestamp: String,
     pub last_timestamp: String,
+    /// Stays the same when repeats fold into this event.
+    #[serde(default)]
+    pub id: u64,
+    /// Grows with every push or fold, across the ring: what the reporter
+    /// has seen.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 pub struct EventRing {
     cap: usize,
-    ring: Mutex<VecDeque<PodEvent>>,
+    ring: Mutex<(VecDeque<PodEvent>, u64)>,
 }
 
 impl Default for EventRing {
@@ -49,7 +56,7 @@ impl EventRing {
     pub fn new(cap: usize) -> EventRing {
         EventRing {
             cap: cap.max(1),
-            ring: Mutex::new(VecDeque::new()),
+            ring: Mutex::new((VecDeque::new(), 0)),
         }
     }
 
@@ -67,7 +74,9 @@ impl EventRing {
                 tracing::warn!(pod = %ev.pod, container, reason = %ev.reason, "{}", ev.message)
             }
         }
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let (ring, seq) = &mut *guard;
+        *seq += 1;
         // The same event again (the latest of its pod): count it.
         if let Some(last) = ring.iter_mut().rev().find(|e| e.pod_uid == ev.pod_uid) {
             if last.reason == ev.reason
@@ -76,24 +85,39 @@ impl EventRing {
             {
                 last.count += 1;
                 last.last_timestamp = ev.last_timestamp;
+                last.seq = *seq;
                 return;
             }
         }
         if ring.len() >= self.cap {
             ring.pop_front();
         }
+        ev.id = *seq;
+        ev.seq = *seq;
         ring.push_back(ev);
+    }
+
+    /// Events pushed or folded into after `seq`, oldest first.
+    pub fn since(&self, seq: u64) -> Vec<PodEvent> {
+        let guard = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<PodEvent> = guard.0.iter().filter(|e| e.seq > seq).cloned().collect();
+        v.sort_by_key(|e| e.seq);
+        v
     }
 
     /// A pod's events, oldest first.
     pub fn for_pod(&self, uid: &str) -> Vec<PodEvent> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.iter().filter(|e| e.pod_uid == uid).cloned().collect()
+        ring.0
+            .iter()
+            .filter(|e| e.pod_uid == uid)
+            .cloned()
+            .collect()
     }
 
     pub fn all(&self) -> Vec<PodEvent> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.iter().cloned().collect()
+        ring.0.iter().cloned().collect()
     }
 }
 
@@ -113,6 +137,8 @@ mod tests {
             count: 0,
             first_timestamp: String::new(),
             last_timestamp: String::new(),
+            id: 0,
+            seq: 0,
         }
     }
 
@@ -129,5 +155,8 @@ mod tests {
         let all = r.all();
         assert_eq!(all.len(), 3);
         assert_eq!(all[0].reason, "BackOff");
+        // The fold moved BackOff past Pulled; b's two are newer still.
+        let since: Vec<String> = r.since(2).into_iter().map(|e| e.reason).collect();
+        assert_eq!(since, ["BackOff", "Started", "Killing"]);
     }
 }

@@ -320,6 +320,8 @@ impl Worker {
             count: 0,
             first_timestamp: String::new(),
             last_timestamp: String::new(),
+            id: 0,
+            seq: 0,
         });
     }
 

@@ -146,6 +146,8 @@ impl ProbeTask {
                         count: 0,
                         first_timestamp: String::new(),
                         last_timestamp: String::new(),
+                        id: 0,
+                        seq: 0,
                     });
                     if bad >= s.failure_threshold && reported != Some(false) {
                         reported = Some(false);
