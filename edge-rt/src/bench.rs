@@ -4,7 +4,10 @@
 //! in-process create/start (libcontainer in this process) and `runc run`
 //! (and `crun run` where it works), and prints median and p95 of
 //! create-to-running and create-to-exit. `bench rss` starts `edge-rt run`
-//! with 20 containers and reports its resident memory.
+//! with 20 containers and reports its resident memory. `bench store`
+//! measures durable object updates per second, batched against one
+//! transaction per update; `bench reboot` cuts power (as far as a process
+//! can) under a node with N stored pods and times its way back.
 
 use std::fs;
 use std::os::fd::OwnedFd;
@@ -47,6 +50,30 @@ pub enum BenchCmd {
         #[arg(long, default_value = "/tmp/edge-rt-bench-rss")]
         dir: PathBuf,
     },
+    /// Durable object updates per second (synchronous=FULL): batched
+    /// transactions against one transaction per update.
+    Store {
+        #[arg(long, default_value_t = 20000)]
+        updates: usize,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Where the scratch store goes: put it on the device under test.
+        #[arg(long, default_value = "/var/tmp/edge-rt-bench-store")]
+        dir: PathBuf,
+    },
+    /// Reboot with no cloud: N pods in the store, a power cut (edge-rt and
+    /// every container killed, state and mounts gone), then edge-rt start
+    /// to all N running; the same N pods as static manifests alongside.
+    Reboot {
+        #[arg(long, default_value = "busybox:latest")]
+        image: String,
+        #[arg(long, default_value_t = 20)]
+        pods: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "/var/tmp/edge-rt-bench-reboot")]
+        dir: PathBuf,
+    },
 }
 
 pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
@@ -78,7 +105,129 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
             idle_secs,
             dir,
         } => rss(cfg, &image, containers, idle_secs, &dir).await,
+        BenchCmd::Store {
+            updates,
+            batch,
+            dir,
+        } => store_writes(updates, batch, &dir),
+        BenchCmd::Reboot {
+            image,
+            pods,
+            runs,
+            dir,
+        } => reboot(cfg, &image, pods, runs, &dir).await,
     }
+}
+
+/// Object updates committed per second, `batch` per transaction and one
+/// per transaction, on a scratch store in `dir`.
+fn store_writes(updates: usize, batch: usize, dir: &Path) -> Result<()> {
+    use crate::store::{churn, Change, Store, StoreConfig};
+    let run = |per_tx: usize, n: usize| -> Result<f64> {
+        let _ = fs::remove_dir_all(dir);
+        let store = Store::open(&StoreConfig::default(), dir)?;
+        let t0 = Instant::now();
+        let mut rv = 1u64;
+        while (rv as usize) <= n {
+            let changes: Vec<Change> = (0..per_tx)
+                .map(|k| {
+                    let i = (rv + k as u64) % churn::POOL;
+                    Change::Put(churn::object(i, rv + k as u64, 800))
+                })
+                .collect();
+            store.apply(&changes, &[])?;
+            rv += per_tx as u64;
+        }
+        Ok((rv - 1) as f64 / t0.elapsed().as_secs_f64())
+    };
+    let batched = run(batch.max(1), updates)?;
+    // One fsync per update: fewer updates, or it takes minutes.
+    let single = run(1, (updates / 20).max(100))?;
+    let _ = fs::remove_dir_all(dir);
+    println!("durable object updates (~1 KB objects, a third of them sealed Secrets; WAL, synchronous=FULL) in {}", dir.display());
+    println!(
+        "{:<40} {:>12} {:>14}",
+        "writer", "updates/s", "us per update"
+    );
+    for (label, rate) in [
+        (format!("batched, {batch} per transaction"), batched),
+        ("baseline: one transaction per update".to_string(), single),
+    ] {
+        println!("{label:<40} {rate:>12.0} {:>14.1}", 1e6 / rate);
+    }
+    Ok(())
+}
+
+/// From spawn to all N pods' containers started (the last start time).
+async fn time_to_running(
+    node: &BenchNode,
+    n: usize,
+    t0: chrono::DateTime<chrono::Utc>,
+) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = node.running();
+        if running.len() >= n {
+            let last = running
+                .iter()
+                .filter_map(|r| r.started_at.as_deref())
+                .filter_map(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .max()
+                .context("no start times")?;
+            return Ok((last.with_timezone(&chrono::Utc) - t0)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1e6);
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {n} pods running after 120 s", running.len());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn reboot(cfg: &Config, image: &str, n: usize, runs: usize, dir: &Path) -> Result<()> {
+    let yaml: String = (0..n)
+        .map(|i| format!("---\n{}", pod_yaml(&format!("boot-{i}"), image)))
+        .collect();
+    let mut rows = Vec::new();
+    for from_store in [true, false] {
+        let mut node = BenchNode::start(cfg, dir, true).await?;
+        if from_store {
+            let objects: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+                .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
+                .collect::<Result<_>>()?;
+            crate::api::call(&node.socket(), &crate::api::Request::Apply { objects }).await?;
+        } else {
+            fs::write(node.manifests.join("pods.yaml"), &yaml)?;
+        }
+        time_to_running(&node, n, chrono::Utc::now()).await?;
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            node.power_cut().await;
+            let t0 = chrono::Utc::now();
+            node.spawn()?;
+            times.push(time_to_running(&node, n, t0).await?);
+        }
+        node.finish(cfg).await?;
+        rows.push((from_store, times));
+    }
+    println!("reboot with no cloud: edge-rt start to all {n} pods running (pod network; images present), {runs} power cuts");
+    println!("{:<40} {:>10} {:>10}", "pods from", "median s", "max s");
+    for (from_store, mut t) in rows {
+        let label = if from_store {
+            "the node store (edge-rt apply)"
+        } else {
+            "baseline: static manifests"
+        };
+        let max = t.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{label:<40} {:>10.2} {:>10.2}",
+            percentile(&mut t, 0.5),
+            max
+        );
+    }
+    Ok(())
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -337,6 +486,7 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
 /// An `edge-rt run` child on a scratch node directory.
 struct BenchNode {
     child: std::process::Child,
+    config: PathBuf,
     dir: PathBuf,
     manifests: PathBuf,
     state: PathBuf,
@@ -366,7 +516,7 @@ impl BenchNode {
         fs::write(
             &config,
             format!(
-                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = {cgroup:?}\n[network]\nenabled = {network}\nbridge = {:?}\npod_cidr = {:?}\n",
+                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = {cgroup:?}\n[network]\nenabled = {network}\nbridge = {:?}\npod_cidr = {:?}\n[store]\npath = {:?}\nkey_file = {:?}\n",
                 cfg.node.data_dir,
                 manifests,
                 dir.join("none"),
@@ -374,24 +524,63 @@ impl BenchNode {
                 dir.join("logs"),
                 net.bridge,
                 net.pod_cidr,
+                dir.join("store.db"),
+                dir.join("store.key"),
             ),
         )?;
-        let child = Command::new(std::env::current_exe()?)
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("RUST_LOG", "warn,libcgroups=error,libcontainer=error")
-            .stdin(Stdio::null())
-            .spawn()?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        Ok(BenchNode {
-            child,
+        let mut node = BenchNode {
+            child: Command::new("true").spawn()?,
+            config,
             dir: dir.to_path_buf(),
             manifests,
             state,
             cgroup,
             network: network.then_some(net),
-        })
+        };
+        let _ = node.child.wait();
+        node.spawn()?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok(node)
+    }
+
+    /// Start `edge-rt run` on this node (again).
+    fn spawn(&mut self) -> Result<()> {
+        self.child = Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "warn,libcgroups=error,libcontainer=error")
+            .stdin(Stdio::null())
+            .spawn()?;
+        Ok(())
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state.join("edge-rt.sock")
+    }
+
+    /// What a power cut leaves: edge-rt and every container killed at
+    /// once, the tmpfs state directory and every mount gone, no bridge.
+    async fn power_cut(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for r in crate::runtime::load_records(&self.state) {
+            if let Some(pid) = r.pid.filter(|_| r.exit.is_none()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        crate::runtime::unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.state);
+        if let Some(n) = &self.network {
+            if let Ok(net) = crate::network::Network::new(n.clone(), &self.state) {
+                net.remove_bridge();
+            }
+            let _ = fs::remove_dir_all(&self.state);
+        }
     }
 
     fn running(&self) -> Vec<crate::runtime::ContainerRecord> {

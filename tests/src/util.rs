@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use edge_rt::image::ImageStore;
 use edge_rt::runtime::{Runtime, RuntimeConfig};
+use k8s_openapi::api::core::v1::Pod;
 
 /// Poll `f` until it returns Some, or fail after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
@@ -342,4 +343,44 @@ impl Drop for Node {
     fn drop(&mut self) {
         unmount_under(self.dir.path());
     }
+}
+
+/// A one-container busybox pod manifest.
+pub fn manifest(name: &str, script: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra}  containers:\n  - name: main\n    image: busybox:latest\n    imagePullPolicy: Never\n    command: [\"sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+pub fn find<'a>(pods: &'a [Pod], name: &str) -> Option<&'a Pod> {
+    pods.iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+}
+
+pub fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+/// Wait (30 s) until the node's pod `name` satisfies `pred`.
+pub async fn wait_pod(
+    node: &Node,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Pod) -> bool,
+) -> Result<Pod> {
+    let r = wait_for(what, Duration::from_secs(30), || async {
+        node.pods()
+            .ok()
+            .and_then(|v| find(&v, name).filter(|p| pred(p)).cloned())
+    })
+    .await;
+    r.with_context(|| format!("{name}; edge-rt log:\n{}", node.daemon_log()))
+}
+
+/// A command's stdout as text.
+pub fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -4,40 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Pod;
 use outrigger_tests::util::*;
-
-fn manifest(name: &str, script: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra}  containers:\n  - name: main\n    image: busybox:latest\n    imagePullPolicy: Never\n    command: [\"sh\", \"-c\", {script:?}]\n"
-    )
-}
-
-fn find<'a>(pods: &'a [Pod], name: &str) -> Option<&'a Pod> {
-    pods.iter()
-        .find(|p| p.metadata.name.as_deref() == Some(name))
-}
-
-fn phase(p: &Pod) -> &str {
-    p.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("")
-}
-
-async fn wait_pod(node: &Node, name: &str, what: &str, pred: impl Fn(&Pod) -> bool) -> Result<Pod> {
-    let r = wait_for(what, Duration::from_secs(30), || async {
-        node.pods()
-            .ok()
-            .and_then(|v| find(&v, name).filter(|p| pred(p)).cloned())
-    })
-    .await;
-    r.with_context(|| format!("{name}; edge-rt log:\n{}", node.daemon_log()))
-}
-
-fn text(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[tokio::test]
 async fn the_manifest_directory_is_watched_and_a_bad_manifest_spares_the_rest() -> Result<()> {

@@ -939,7 +939,7 @@ impl Worker {
         }
         let started = Instant::now();
         let puller = self.ctx.puller();
-        let image = match Box::pin(registry::ensure(
+        let pulled = Box::pin(registry::ensure(
             &self.ctx.images,
             &puller,
             &image_ref,
@@ -947,10 +947,34 @@ impl Worker {
             None,
             &Progress::default(),
         ))
-        .await
-        {
+        .await;
+        // Offline, Always would keep a node from running what it already
+        // has (a `:latest` image after a reboot with no network). A registry
+        // that cannot be reached (not one that refuses) falls back to the
+        // image on the node, with a Warning saying so.
+        let mut from_cache = false;
+        let pulled = match pulled {
+            Err(crate::image::ImageError::Unreachable { registry, detail }) if present => {
+                match self.ctx.images.resolve(&image_ref).ok().flatten() {
+                    Some(img) => {
+                        self.event(
+                            pod,
+                            Some(&spec.name),
+                            EventType::Warning,
+                            "RegistryUnreachable",
+                            format!("registry {registry} unreachable ({detail}); running the copy of \"{image_ref}\" already on the node"),
+                        );
+                        from_cache = true;
+                        Ok(img)
+                    }
+                    None => Err(crate::image::ImageError::Unreachable { registry, detail }),
+                }
+            }
+            r => r,
+        };
+        let image = match pulled {
             Ok(img) => {
-                if will_pull {
+                if will_pull && !from_cache {
                     self.event(
                         pod,
                         Some(&spec.name),

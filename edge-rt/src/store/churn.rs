@@ -8,7 +8,8 @@
 //! put KIND UID RV     the object is stored at RV (or a later version)
 //! del KIND UID RV     the object is gone (or back at a later version)
 //! out SEQ CLASS KEY   the row is in the outbox (unless acked or replaced)
-//! ack SEQ             the row is gone
+//! ack? SEQ CLASS KEY  about to be acked: gone or not, both are right
+//! ack SEQ CLASS KEY   the row is gone
 //! ```
 
 use std::io::Write;
@@ -158,13 +159,19 @@ pub fn run(
 
         // The cloud acks some of what is pending.
         let pending = store.pending(0, 200)?;
-        let acked: Vec<i64> = pending
+        let acked: Vec<&super::OutboxRow> = pending.iter().filter(|_| rng.below(2) == 0).collect();
+        let intent: String = acked
             .iter()
-            .filter(|_| rng.below(2) == 0)
-            .map(|r| r.seq)
+            .map(|r| format!("ack? {} {} {}\n", r.seq, r.class.as_str(), r.key))
             .collect();
-        store.ack(&acked)?;
-        let lines: String = acked.iter().map(|s| format!("ack {s}\n")).collect();
+        out.write_all(intent.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(io)?;
+        store.ack(&acked.iter().map(|r| r.seq).collect::<Vec<_>>())?;
+        let lines: String = acked
+            .iter()
+            .map(|r| format!("ack {} {} {}\n", r.seq, r.class.as_str(), r.key))
+            .collect();
         out.write_all(lines.as_bytes()).map_err(io)?;
         out.flush().map_err(io)?;
     }

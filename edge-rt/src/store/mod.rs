@@ -235,7 +235,7 @@ pub enum Class {
 }
 
 impl Class {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Class::Status => "status",
             Class::Event => "event",
