@@ -361,45 +361,42 @@ fn from_store(s: &Store) -> Objects {
     }
 }
 
+type ObjectMeta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The stored objects whose namespace and name no manifest uses (the file
+/// on the node wins; the other is logged and left out).
+fn not_in_files<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(files: &[T], stored: Vec<T>) -> Vec<T> {
+    fn key(m: &ObjectMeta) -> (String, String) {
+        (
+            m.namespace.clone().unwrap_or_else(|| "default".into()),
+            m.name.clone().unwrap_or_default(),
+        )
+    }
+    let taken: std::collections::BTreeSet<_> = files.iter().map(|o| key(o.metadata())).collect();
+    stored
+        .into_iter()
+        .filter(|o| {
+            let k = key(o.metadata());
+            let free = !taken.contains(&k);
+            if !free {
+                tracing::warn!(kind = T::KIND, object = ?k, "a manifest defines this name too; the stored one is left out");
+            }
+            free
+        })
+        .collect()
+}
+
 /// Hand the union of the manifest directory and the store to the pod
-/// manager. A stored pod with the namespace and name of a static pod is
-/// left out (the file on the node wins), as is a stored ConfigMap or Secret
-/// a manifest also defines.
+/// manager.
 fn reconcile(pods: &PodManager, files: &Objects, store: Option<&Store>) {
     let mut all = files.clone();
     if let Some(s) = store {
         let stored = from_store(s);
-        fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-            (
-                m.namespace.clone().unwrap_or_else(|| "default".into()),
-                m.name.clone().unwrap_or_default(),
-            )
-        }
-        let taken: std::collections::BTreeSet<_> =
-            files.pods.iter().map(|p| key(&p.metadata)).collect();
-        for p in stored.pods {
-            if taken.contains(&key(&p.metadata)) {
-                tracing::warn!(pod = ?key(&p.metadata), "a static pod of this name exists; the stored one is not run");
-            } else {
-                all.pods.push(p);
-            }
-        }
-        let cms: std::collections::BTreeSet<_> =
-            files.config_maps.iter().map(|c| key(&c.metadata)).collect();
-        all.config_maps.extend(
-            stored
-                .config_maps
-                .into_iter()
-                .filter(|c| !cms.contains(&key(&c.metadata))),
-        );
-        let secrets: std::collections::BTreeSet<_> =
-            files.secrets.iter().map(|c| key(&c.metadata)).collect();
-        all.secrets.extend(
-            stored
-                .secrets
-                .into_iter()
-                .filter(|c| !secrets.contains(&key(&c.metadata))),
-        );
+        all.pods.extend(not_in_files(&files.pods, stored.pods));
+        all.config_maps
+            .extend(not_in_files(&files.config_maps, stored.config_maps));
+        all.secrets
+            .extend(not_in_files(&files.secrets, stored.secrets));
     }
     // Objects first: a new pod finds what it references.
     pods.context().objects.replace(all.config_maps, all.secrets);
