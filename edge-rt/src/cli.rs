@@ -426,7 +426,7 @@ pub fn status_text(s: &NodeStatus) -> String {
 /// a bug report.
 pub fn redact_secret(body: &mut serde_json::Value) {
     for field in ["data", "stringData"] {
-        if let Some(m) = body[field].as_object_mut() {
+        if let Some(m) = body.get_mut(field).and_then(|v| v.as_object_mut()) {
             for v in m.values_mut() {
                 let n = v.as_str().map(str::len).unwrap_or(0);
                 *v = format!("<redacted, {n} characters>").into();
