@@ -1,26 +1,127 @@
-//! cloud-gw: makes each edge node an ordinary Kubernetes Node and serves
-//! edge nodes over mutual-TLS WebSockets.
-//!
-//! This is the skeleton the workspace builds today: the link (join, mTLS,
-//! delta sync) and the Kubernetes bridge come with their own issues.
+//! The `cloud-gw` command line.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use cloud_gw::keeper::DirKeeper;
+use cloud_gw::pki::Pki;
+use cloud_gw::tokens::Tokens;
 
 #[derive(Parser)]
 #[command(
     name = "cloud-gw",
     version,
-    about = "Outrigger's cloud gateway (skeleton: the edge link and Kubernetes bridge are not built yet)"
+    about = "Outrigger's cloud gateway: serves edge nodes over mutual-TLS WebSockets"
 )]
-struct Cli {}
+struct Cli {
+    /// Where the CA, the serving certificate and the tokens are kept.
+    #[arg(
+        long,
+        global = true,
+        env = "CLOUD_GW_DIR",
+        default_value = "/var/lib/cloud-gw"
+    )]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the link CA and the serving certificate.
+    Init {
+        /// A DNS name or IP address edges reach cloud-gw by (repeat).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Replace an existing CA (every node must join again).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a new join token (it pins the CA).
+    Create {
+        /// How long it may be used, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 30m, 24h, 7d"))?;
+    let secs = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n * secs))
+}
+
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let _cli = Cli::parse();
-    tracing::warn!(
-        "cloud-gw has no functions yet: the edge link and the Kubernetes bridge are being built"
-    );
+    let cli = Cli::parse();
+    let keeper = DirKeeper::new(&cli.dir);
+    match cli.cmd {
+        Cmd::Init { sans, force } => {
+            let pki = Pki::init(&keeper, &sans, force)?;
+            println!("CA and serving certificate in {}", cli.dir.display());
+            println!("CA pin: {}", pki.ca_pin()?);
+        }
+        Cmd::Token(TokenCmd::Create { ttl }) => {
+            let pki = Pki::load(&keeper)?;
+            let t = Tokens::new(&keeper).create(ttl, &pki.ca_pin()?)?;
+            println!("{t}");
+        }
+        Cmd::Token(TokenCmd::List) => {
+            println!("{:<8} {:<25} {:<8}", "ID", "EXPIRES", "STATE");
+            let now = cloud_gw::tokens::now();
+            for t in Tokens::new(&keeper).list()? {
+                let state = if t.revoked {
+                    "revoked"
+                } else if t.expires <= now {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                let exp = time::OffsetDateTime::from_unix_timestamp(t.expires)
+                    .ok()
+                    .and_then(|d| {
+                        d.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                println!("{:<8} {:<25} {:<8}", t.id, exp, state);
+            }
+        }
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            Tokens::new(&keeper)
+                .revoke(&id)
+                .with_context(|| format!("revoking {id}"))?;
+            println!("token {id} revoked");
+        }
+    }
     Ok(())
 }

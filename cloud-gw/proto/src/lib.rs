@@ -13,6 +13,7 @@
 
 pub mod frame;
 pub mod message;
+pub mod token;
 
 use serde::{Deserialize, Serialize};
 

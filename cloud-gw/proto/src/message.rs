@@ -28,6 +28,16 @@ pub enum Control {
     Refused {
         reason: String,
     },
+    /// A new node asks to join (on the join endpoint, after Hello): the
+    /// token's id and secret, the name it wants, and a CSR for its key.
+    Join {
+        token_id: String,
+        token_secret: String,
+        node: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        csr_pem: String,
+    },
     /// The edge asks for a new certificate for the key in this CSR.
     RenewCertificate {
         csr_pem: String,
