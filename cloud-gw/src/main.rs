@@ -43,6 +43,17 @@ enum Cmd {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Serve edge nodes: /join and /link over TLS.
+    Serve {
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: std::net::SocketAddr,
+        /// Heartbeat period; a link silent for two is dropped.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        heartbeat: Duration,
+        /// Lifetime of node certificates.
+        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        node_cert_validity: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,6 +86,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -84,6 +102,27 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let keeper = DirKeeper::new(&cli.dir);
+    if let Cmd::Serve {
+        listen,
+        heartbeat,
+        node_cert_validity,
+    } = cli.cmd
+    {
+        let cfg = cloud_gw::server::ServeConfig {
+            heartbeat,
+            node_cert_validity,
+        };
+        let gw = std::sync::Arc::new(cloud_gw::server::Gateway::new(
+            std::sync::Arc::new(keeper),
+            cfg,
+        )?);
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        tracing::info!(%listen, "serving edge nodes");
+        gw.serve(listener).await;
+        return Ok(());
+    }
     match cli.cmd {
         Cmd::Init { sans, force } => {
             let pki = Pki::init(&keeper, &sans, force)?;
@@ -116,6 +155,7 @@ fn main() -> Result<()> {
                 println!("{:<8} {:<25} {:<8}", t.id, exp, state);
             }
         }
+        Cmd::Serve { .. } => {}
         Cmd::Token(TokenCmd::Revoke { id }) => {
             Tokens::new(&keeper)
                 .revoke(&id)

@@ -132,6 +132,20 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     tokio::spawn(server.serve(listener));
     tracing::info!(socket = %socket.display(), "local API listening");
 
+    // The cloud link, if this node joined one.
+    match crate::link::LinkConfig::load(&cfg.node.data_dir) {
+        Ok(Some(link)) => {
+            tokio::spawn(crate::link::client::run(
+                cfg.node.data_dir.clone(),
+                link,
+                node_store.clone(),
+            ));
+        }
+        Ok(None) => tracing::info!("not joined to a cloud: standalone"),
+        Err(e) => {
+            tracing::error!(error = %e, "the link settings cannot be read; running standalone")
+        }
+    }
     let mut store_changed = match &node_store {
         Some(s) => s.subscribe(),
         None => tokio::sync::watch::channel(0).1,

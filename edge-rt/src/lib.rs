@@ -8,6 +8,7 @@
 //! - [`api`] and [`cli`]: the local socket and the commands that use it.
 //! - [`store`]: the SQLite store (objects, cursors, outbox) and [`reporter`],
 //!   which puts pod status and events in its outbox.
+//! - [`link`]: joining a cloud and the mutual-TLS link to cloud-gw.
 //! - [`config`]: the node configuration file.
 
 pub mod api;
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod link;
 pub mod network;
 pub mod pods;
 pub mod reporter;

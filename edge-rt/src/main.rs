@@ -113,6 +113,22 @@ enum Cmd {
         #[arg(short, long, default_value = "default")]
         namespace: String,
     },
+    /// Join a cloud: trust cloud-gw by the token's CA pin, get a node
+    /// certificate, write the link settings (`<data_dir>/link/`).
+    Join {
+        /// cloud-gw's address: wss://HOST:PORT
+        #[arg(long)]
+        server: String,
+        /// From `cloud-gw token create`.
+        #[arg(long, env = "EDGE_RT_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Default: this machine's hostname.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Labels for the node: k=v,k2=v2
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+    },
     /// Inspect the node store (reads the database; no daemon needed).
     #[command(subcommand)]
     Store(StoreCmd),
@@ -302,6 +318,33 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Store(c) => store_cmd(&cfg, c),
+        Cmd::Join {
+            server,
+            token,
+            node_name,
+            labels,
+        } => {
+            let token = outrigger_proto::token::JoinToken::parse(&token)?;
+            let node = match node_name {
+                Some(n) => n,
+                None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
+            };
+            let mut map = std::collections::BTreeMap::new();
+            for l in labels.iter().filter(|l| !l.is_empty()) {
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("label {l:?}: expected key=value"))?;
+                map.insert(k.to_string(), v.to_string());
+            }
+            let cfg = edge_rt::link::join::join(&cfg.node.data_dir, &server, &token, &node, map)
+                .await
+                .context("join failed")?;
+            println!(
+                "node {} joined {}; restart edge-rt (or start it) to connect",
+                cfg.node, cfg.server
+            );
+            Ok(())
+        }
         Cmd::Pods {
             output,
             namespace,

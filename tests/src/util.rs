@@ -41,14 +41,24 @@ pub fn require_root() -> bool {
     false
 }
 
-/// The edge-rt binary next to the test executable (or $EDGE_RT_BIN).
-pub fn edge_rt_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("EDGE_RT_BIN") {
-        return p.into();
-    }
+/// A workspace binary next to the test executable's directory.
+fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    dir.join("edge-rt")
+    dir.join(name)
+}
+
+/// The edge-rt binary next to the test executable (or $EDGE_RT_BIN).
+pub fn edge_rt_bin() -> PathBuf {
+    match std::env::var("EDGE_RT_BIN") {
+        Ok(p) => p.into(),
+        Err(_) => workspace_bin("edge-rt"),
+    }
+}
+
+/// The cloud-gw binary (built by `cargo nextest run --workspace`).
+pub fn cloud_gw_bin() -> PathBuf {
+    workspace_bin("cloud-gw")
 }
 
 /// An image store and runtime in a temporary directory, with a unique

@@ -14,6 +14,7 @@
 pub mod frame;
 pub mod message;
 pub mod token;
+pub mod ws;
 
 use serde::{Deserialize, Serialize};
 

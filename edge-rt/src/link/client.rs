@@ -1,0 +1,207 @@
+//! The link the daemon keeps up: connect with the node certificate, hello,
+//! heartbeats both ways, reconnect with jittered exponential back-off, the
+//! link state in the store (the node's CloudConnected condition), and
+//! certificate rotation before expiry over the authenticated link.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outrigger_proto::message::{Control, Message};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::join::{connect, hello, key_and_csr};
+use super::tls::link_config;
+use super::{dir, write_file, LinkConfig, LinkError};
+use crate::store::{self, Store};
+
+/// A link up this long counts as healthy: the back-off starts over.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// Exponential back-off with full jitter between half and all of the
+/// current step, so a fleet that lost the cloud at once does not return
+/// at once.
+pub struct Backoff {
+    step: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            step: min,
+            min,
+            max,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.step = self.min;
+    }
+
+    /// The next delay, in [step/2, step]; the step doubles up to the cap.
+    pub fn next_delay(&mut self, random: u64) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step.as_millis() as u64 / 2;
+        Duration::from_millis(half + random % (half + 1))
+    }
+}
+
+fn random() -> u64 {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// The PEM files of the node's identity.
+struct Identity {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// The node's key and certificate, finishing a rotation a crash cut short
+/// (the new key is renamed in before the new certificate).
+fn identity(d: &Path) -> Result<Identity, LinkError> {
+    let (crt, crt_new, key_new) = (
+        d.join("node.crt"),
+        d.join("node.crt.new"),
+        d.join("node.key.new"),
+    );
+    if crt_new.exists() && !key_new.exists() {
+        std::fs::rename(&crt_new, &crt).map_err(|source| LinkError::Io {
+            path: crt.clone(),
+            source,
+        })?;
+    }
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|source| LinkError::Io { path: p, source });
+    Ok(Identity {
+        ca: read(d.join("ca.crt"))?,
+        cert: read(d.join("node.crt"))?,
+        key: read(d.join("node.key"))?,
+    })
+}
+
+/// (not before, not after) of a PEM certificate, Unix seconds.
+fn validity(cert_pem: &[u8]) -> Option<(i64, i64)> {
+    let der = CertificateDer::from_pem_slice(cert_pem).ok()?;
+    let (_, c) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some((
+        c.validity().not_before.timestamp(),
+        c.validity().not_after.timestamp(),
+    ))
+}
+
+/// Whether a certificate is in the last third of its life at `now`.
+pub fn due_for_renewal(cert_pem: &[u8], now: i64) -> bool {
+    match validity(cert_pem) {
+        Some((from, to)) => now >= to - (to - from) / 3,
+        None => true,
+    }
+}
+
+/// Keep the link up for as long as the daemon runs.
+pub async fn run(data_dir: PathBuf, cfg: LinkConfig, store: Option<Arc<Store>>) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let t0 = Instant::now();
+        let r = session(&data_dir, &cfg, store.as_deref()).await;
+        if let Some(s) = &store {
+            if let Err(e) = s.set_link(false, store::now_ms()) {
+                tracing::warn!(error = %e, "recording the link state");
+            }
+        }
+        if t0.elapsed() >= STABLE {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(random());
+        match r {
+            Ok(()) => tracing::info!(retry_in = ?delay, "link to cloud-gw closed"),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "link to cloud-gw down"),
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    data_dir: &Path,
+    cfg: &LinkConfig,
+    store: Option<&Store>,
+) -> Result<(), LinkError> {
+    let d = dir(data_dir);
+    let id = identity(&d)?;
+    let mut link = connect(
+        &cfg.server,
+        "/link",
+        link_config(&id.ca, &id.cert, &id.key)?,
+    )
+    .await?;
+    let heartbeat = Duration::from_secs(u64::from(hello(&mut link, &cfg.node).await?.max(1)));
+    if let Some(s) = store {
+        if let Err(e) = s.set_link(true, store::now_ms()) {
+            tracing::warn!(error = %e, "recording the link state");
+        }
+    }
+    tracing::info!(server = %cfg.server, node = %cfg.node, ?heartbeat, "connected to cloud-gw");
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.tick().await;
+    // The key of a renewal on its way.
+    let mut pending_key: Option<String> = None;
+    loop {
+        tokio::select! {
+            m = link.recv() => match m? {
+                Message::Control(Control::Certificate { cert_pem }) => {
+                    let Some(key_pem) = pending_key.take() else { continue };
+                    write_file(&d.join("node.key.new"), key_pem.as_bytes(), true)?;
+                    write_file(&d.join("node.crt.new"), cert_pem.as_bytes(), false)?;
+                    let mv = |a: &str, b: &str| std::fs::rename(d.join(a), d.join(b)).map_err(|source| LinkError::Io { path: d.join(b), source });
+                    mv("node.key.new", "node.key")?;
+                    mv("node.crt.new", "node.crt")?;
+                    tracing::info!(node = %cfg.node, "node certificate renewed");
+                }
+                Message::Control(Control::Refused { reason }) => return Err(LinkError::Refused(reason)),
+                _ => {}
+            },
+            _ = tick.tick() => {
+                if link.idle() > heartbeat * 2 {
+                    return Err(LinkError::Unexpected(format!("cloud-gw silent for {:?}", heartbeat * 2)));
+                }
+                link.ping().await?;
+                let cert = std::fs::read(d.join("node.crt")).unwrap_or_default();
+                if pending_key.is_none() && due_for_renewal(&cert, store::now_ms() / 1000) {
+                    let (key_pem, csr_pem) = key_and_csr(&cfg.node)?;
+                    link.send(&Message::Control(Control::RenewCertificate { csr_pem })).await?;
+                    pending_key = Some(key_pem);
+                    tracing::info!(node = %cfg.node, "asked for a new node certificate");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let d: Vec<u64> = (0..6)
+            .map(|_| b.next_delay(u64::MAX).as_millis() as u64)
+            .collect();
+        // The upper end of each step's range (random = max)...
+        assert!(
+            d.iter()
+                .zip([1000, 2000, 4000, 8000, 8000, 8000])
+                .all(|(x, s)| *x <= s && *x >= s / 2),
+            "{d:?}"
+        );
+        b.reset();
+        let low = b.next_delay(0);
+        assert_eq!(low, Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,281 @@
+//! The cloud link's trust: joining with a token that pins the CA, mutual
+//! TLS afterwards, and every way in that must be refused, with the reason
+//! clear on the edge and logged on cloud-gw.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use outrigger_tests::util::*;
+
+/// A `cloud-gw serve` on 127.0.0.1 with its own CA.
+struct Cloud {
+    dir: tempfile::TempDir,
+    child: Child,
+    server: String,
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Cloud {
+    fn cmd(dir: &std::path::Path, args: &[&str]) -> Result<Output> {
+        let o = Command::new(cloud_gw_bin())
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
+            .output()
+            .context("running cloud-gw (build it: cargo nextest run --workspace)")?;
+        ensure!(
+            o.status.success(),
+            "cloud-gw {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(o)
+    }
+
+    async fn start() -> Result<Cloud> {
+        let dir = tempfile::tempdir()?;
+        Cloud::cmd(dir.path(), &["init", "--san", "127.0.0.1"])?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = std::fs::File::create(dir.path().join("cloud-gw.log"))?;
+        let child = Command::new(cloud_gw_bin())
+            .arg("--dir")
+            .arg(dir.path())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--heartbeat",
+                "2s",
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let server = format!("wss://127.0.0.1:{port}");
+        wait_for("cloud-gw to listen", Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .await?;
+        Ok(Cloud { dir, child, server })
+    }
+
+    fn token(&self, ttl: &str) -> Result<String> {
+        let o = Cloud::cmd(self.dir.path(), &["token", "create", "--ttl", ttl])?;
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cloud-gw.log")).unwrap_or_default()
+    }
+
+    async fn logged(&self, what: &str) -> Result<()> {
+        wait_for(what, Duration::from_secs(10), || async {
+            self.log().contains(what).then_some(())
+        })
+        .await
+        .with_context(|| format!("cloud-gw log:\n{}", self.log()))
+    }
+}
+
+fn join(node: &Node, server: &str, token: &str, name: &str) -> Result<Output> {
+    Ok(Command::new(edge_rt_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .args([
+            "join",
+            "--server",
+            server,
+            "--token",
+            token,
+            "--node-name",
+            name,
+        ])
+        .output()?)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn link_dir(node: &Node) -> PathBuf {
+    node.dir.path().join("data/link")
+}
+
+async fn cloud_connected(node: &Node) -> Result<()> {
+    wait_for("CloudConnected=True", Duration::from_secs(15), || async {
+        let o = node.cli(&["status", "-o", "json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "CloudConnected" && c["status"] == "True")
+            .then_some(())
+    })
+    .await
+    .with_context(|| node.daemon_log())
+}
+
+#[tokio::test]
+async fn a_node_joins_with_a_token_then_links_over_mutual_tls() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let cloud = Cloud::start().await?;
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-1")?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    cloud.logged("node joined").await?;
+    let key = std::fs::metadata(link_dir(&node).join("node.key"))?;
+    ensure!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o077 == 0,
+        "node.key is readable by others"
+    );
+    let daemon = node.start().await?;
+    cloud_connected(&node).await?;
+    cloud.logged("node connected").await?;
+    ensure!(cloud.log().contains("\"gw-1\""), "{}", cloud.log());
+    drop(daemon);
+    node.cleanup().await
+}
+
+#[tokio::test]
+async fn bad_tokens_a_wrong_pin_and_clients_without_a_node_certificate_are_refused() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let node = Node::new()?;
+    let good = cloud.token("10m")?;
+    let parsed = outrigger_proto::token::JoinToken::parse(&good)?;
+
+    // A wrong secret: the edge is told the token is invalid, not why.
+    let mut wrong = parsed.clone();
+    wrong.secret = "0000000000000000".into();
+    let o = join(&node, &cloud.server, &wrong.to_string(), "gw-x")?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("invalid join token"),
+        "{}",
+        stderr(&o)
+    );
+    cloud.logged("invalid join token").await?;
+
+    // Expired.
+    let short = cloud.token("1s")?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let o = join(&node, &cloud.server, &short, "gw-x")?;
+    ensure!(stderr(&o).contains("expired"), "{}", stderr(&o));
+    cloud.logged("expired").await?;
+
+    // Revoked.
+    let t = cloud.token("10m")?;
+    let id = outrigger_proto::token::JoinToken::parse(&t)?.id;
+    Cloud::cmd(cloud.dir.path(), &["token", "revoke", &id])?;
+    let o = join(&node, &cloud.server, &t, "gw-x")?;
+    ensure!(stderr(&o).contains("revoked"), "{}", stderr(&o));
+    cloud.logged("was revoked").await?;
+
+    // A token for another CA: the edge does not even finish TLS.
+    let mut other = parsed.clone();
+    other.ca_pin = "0".repeat(64);
+    let o = join(&node, &cloud.server, &other.to_string(), "gw-x")?;
+    ensure!(
+        stderr(&o).contains("does not match the token's pin"),
+        "{}",
+        stderr(&o)
+    );
+    cloud.logged("TLS handshake failed").await?;
+    ensure!(
+        !link_dir(&node).join("node.crt").exists(),
+        "a refused join left a certificate"
+    );
+
+    // Plain TCP.
+    {
+        use std::io::{Read, Write};
+        let addr = cloud.server.trim_start_matches("wss://").to_string();
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.write_all(b"GET /link HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        ensure!(
+            !String::from_utf8_lossy(&buf).contains("101"),
+            "plain TCP got an upgrade"
+        );
+    }
+    let before = cloud.log().matches("TLS handshake failed").count();
+    ensure!(
+        before >= 2,
+        "the plain TCP client was not logged:\n{}",
+        cloud.log()
+    );
+
+    // TLS without a client certificate, on the link endpoint.
+    let pinned = std::sync::Arc::new(edge_rt::link::tls::PinnedCa::new(&parsed.ca_pin));
+    let r = edge_rt::link::join::connect(
+        &cloud.server,
+        "/link",
+        edge_rt::link::tls::join_config(pinned.clone())?,
+    )
+    .await;
+    let e = r
+        .err()
+        .context("a client without a certificate got a link")?
+        .to_string();
+    ensure!(e.contains("a node certificate is required"), "{e}");
+    cloud.logged("refused at the WebSocket upgrade").await?;
+
+    // An incompatible protocol version is refused with both versions named.
+    let mut link = edge_rt::link::join::connect(
+        &cloud.server,
+        "/join",
+        edge_rt::link::tls::join_config(pinned)?,
+    )
+    .await?;
+    use outrigger_proto::message::{Control, Message};
+    link.send(&Message::Control(Control::Hello {
+        version: outrigger_proto::Version { major: 9, minor: 0 },
+        node: "gw-x".into(),
+    }))
+    .await?;
+    match link.recv().await? {
+        Message::Control(Control::Refused { reason }) => {
+            ensure!(reason.contains("9.0") && reason.contains("1.0"), "{reason}")
+        }
+        m => anyhow::bail!("expected a refusal, got {m:?}"),
+    }
+    cloud.logged("incompatible link protocol").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_certificate_of_another_node_is_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let cloud = Cloud::start().await?;
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-a")?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    // The same key and certificate, but the node claims to be gw-b.
+    let cfg = link_dir(&node).join("link.toml");
+    let text = std::fs::read_to_string(&cfg)?.replace("\"gw-a\"", "\"gw-b\"");
+    std::fs::write(&cfg, text)?;
+    let daemon = node.start().await?;
+    cloud
+        .logged("this certificate is node \\\"gw-a\\\"'s, not \\\"gw-b\\\"'s")
+        .await?;
+    wait_for(
+        "the edge to log the refusal",
+        Duration::from_secs(10),
+        || async { node.daemon_log().contains("cloud-gw refused").then_some(()) },
+    )
+    .await?;
+    drop(daemon);
+    node.cleanup().await
+}
