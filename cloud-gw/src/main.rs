@@ -53,6 +53,10 @@ enum Cmd {
         /// Lifetime of node certificates.
         #[arg(long, default_value = "90d", value_parser = parse_duration)]
         node_cert_validity: Duration,
+        /// Objects to serve: a directory per node name of YAML manifests
+        /// (Pods, ConfigMaps, Secrets); status lands in `.status/<node>/`.
+        #[arg(long, default_value = "/var/lib/cloud-gw/objects")]
+        objects: PathBuf,
     },
 }
 
@@ -99,6 +103,8 @@ async fn run() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let keeper = DirKeeper::new(&cli.dir);
@@ -106,11 +112,14 @@ async fn run() -> Result<()> {
         listen,
         heartbeat,
         node_cert_validity,
+        objects,
     } = cli.cmd
     {
         let cfg = cloud_gw::server::ServeConfig {
             heartbeat,
             node_cert_validity,
+            objects,
+            rescan: Duration::from_secs(1),
         };
         let gw = std::sync::Arc::new(cloud_gw::server::Gateway::new(
             std::sync::Arc::new(keeper),

@@ -38,6 +38,10 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// Lifetime of node certificates (they rotate at two thirds of it).
     pub node_cert_validity: Duration,
+    /// Objects per node (a directory per node name).
+    pub objects: std::path::PathBuf,
+    /// How often the objects are looked at again for changes.
+    pub rescan: Duration,
 }
 
 impl Default for ServeConfig {
@@ -45,12 +49,15 @@ impl Default for ServeConfig {
         ServeConfig {
             heartbeat: Duration::from_secs(30),
             node_cert_validity: Duration::from_secs(90 * 86400),
+            objects: "/var/lib/cloud-gw/objects".into(),
+            rescan: Duration::from_secs(1),
         }
     }
 }
 
 pub struct Gateway {
     keeper: Arc<dyn Keeper>,
+    source: crate::source::DirSource,
     pki: Pki,
     cfg: ServeConfig,
     tls: tokio_rustls::TlsAcceptor,
@@ -112,6 +119,7 @@ impl Gateway {
             .map_err(|e| ServeError::Tls(e.to_string()))?;
         Ok(Gateway {
             keeper,
+            source: crate::source::DirSource::new(&cfg.objects),
             pki,
             cfg,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -294,8 +302,17 @@ impl Gateway {
         let silence = self.cfg.heartbeat * 2;
         let mut tick = tokio::time::interval(self.cfg.heartbeat);
         tick.tick().await;
+        let mut rescan = tokio::time::interval(self.cfg.rescan);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sync = crate::sync::Session::new(&node, &self.source);
         loop {
+            while let Some(m) = sync.next_message() {
+                if link.send(&m).await.is_err() {
+                    return;
+                }
+            }
             tokio::select! {
+                _ = rescan.tick() => sync.refresh(),
                 m = link.recv() => match m {
                     Ok(Message::Control(Control::RenewCertificate { csr_pem })) => {
                         match self.pki.issue_node(&node, &csr_pem, self.cfg.node_cert_validity) {
@@ -308,7 +325,13 @@ impl Gateway {
                             Err(e) => tracing::warn!(node, error = %e, "renewal refused"),
                         }
                     }
-                    Ok(_) => {}
+                    Ok(m) => {
+                        if let Some(answer) = sync.handle(m) {
+                            if link.send(&answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                     Err(LinkError::Closed(r)) => {
                         tracing::info!(node, reason = r.unwrap_or_default(), "node disconnected");
                         return;

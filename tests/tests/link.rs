@@ -56,6 +56,8 @@ impl Cloud {
                 "--heartbeat",
                 "2s",
             ])
+            .arg("--objects")
+            .arg(dir.path().join("objects"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
@@ -275,6 +277,148 @@ async fn a_certificate_of_another_node_is_refused() -> Result<()> {
         Duration::from_secs(10),
         || async { node.daemon_log().contains("cloud-gw refused").then_some(()) },
     )
+    .await?;
+    drop(daemon);
+    node.cleanup().await
+}
+
+fn objects_dir(cloud: &Cloud, node: &str) -> PathBuf {
+    cloud.dir.path().join("objects").join(node)
+}
+
+const APP: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: first}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app}
+spec:
+  containers:
+  - name: main
+    image: busybox:latest
+    imagePullPolicy: IfNotPresent
+    command: [sleep, '3600']
+    volumeMounts: [{name: s, mountPath: /etc/settings}]
+  volumes: [{name: s, configMap: {name: settings}}]
+";
+
+fn second_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - {{name: main, image: busybox:latest, imagePullPolicy: IfNotPresent, command: [sleep, '3600']}}\n"
+    )
+}
+
+fn status_files(cloud: &Cloud, node: &str) -> Vec<String> {
+    std::fs::read_dir(cloud.dir.path().join("objects/.status").join(node))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn objects_sync_down_status_comes_up_and_a_reconnect_sends_only_the_difference() -> Result<()>
+{
+    if !require_root() {
+        return Ok(());
+    }
+    let cloud = Cloud::start().await?;
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-s")?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    std::fs::create_dir_all(objects_dir(&cloud, "gw-s"))?;
+    std::fs::write(objects_dir(&cloud, "gw-s").join("app.yaml"), APP)?;
+    // Another node's objects never reach this one.
+    std::fs::create_dir_all(objects_dir(&cloud, "gw-other"))?;
+    std::fs::write(
+        objects_dir(&cloud, "gw-other").join("x.yaml"),
+        second_pod("not-mine"),
+    )?;
+
+    let daemon = node.start().await?;
+    let p = wait_pod(&node, "app", "the synced pod running", |p| {
+        phase(p) == "Running"
+    })
+    .await?;
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let read = |n: &'static str| {
+        let node = &node;
+        async move {
+            let o = node
+                .cli(&["exec", n, "--", "cat", "/etc/settings/mode"])
+                .ok()?;
+            Some(text(&o).trim().to_string())
+        }
+    };
+    ensure!(read("app").await.as_deref() == Some("first"));
+    // Its status reaches the cloud, and the outbox empties behind it.
+    wait_for(
+        "the pod's status at the cloud",
+        Duration::from_secs(15),
+        || async {
+            status_files(&cloud, "gw-s")
+                .iter()
+                .any(|s| s.contains(&uid) && s.contains("Running"))
+                .then_some(())
+        },
+    )
+    .await?;
+    ensure!(!node
+        .pods()?
+        .iter()
+        .any(|p| p.metadata.name.as_deref() == Some("not-mine")));
+
+    // A change on the cloud side reaches the running pod's volume.
+    std::fs::write(
+        objects_dir(&cloud, "gw-s").join("app.yaml"),
+        APP.replace("mode: first", "mode: second"),
+    )?;
+    wait_for(
+        "the changed ConfigMap in the pod",
+        Duration::from_secs(30),
+        || async { (read("app").await.as_deref() == Some("second")).then_some(()) },
+    )
+    .await?;
+
+    // Offline: the edge stops; the cloud adds a pod. Back: one change.
+    drop(daemon);
+    std::fs::write(
+        objects_dir(&cloud, "gw-s").join("b.yaml"),
+        second_pod("app-b"),
+    )?;
+    let daemon = node.start().await?;
+    wait_pod(&node, "app-b", "the pod added while offline", |p| {
+        phase(p) == "Running"
+    })
+    .await?;
+    cloud.logged("objects=2 changes=1").await?;
+
+    // A deletion: the pod stops, and the cloud hears it is gone.
+    std::fs::remove_file(objects_dir(&cloud, "gw-s").join("b.yaml"))?;
+    wait_for("app-b gone", Duration::from_secs(30), || async {
+        let pods = node.pods().ok()?;
+        (!pods
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some("app-b")))
+        .then_some(())
+    })
+    .await?;
+    wait_for("the deletion reported", Duration::from_secs(15), || async {
+        status_files(&cloud, "gw-s")
+            .iter()
+            .any(|s| s.contains("\"deleted\":true"))
+            .then_some(())
+    })
+    .await?;
+    wait_for("an empty outbox", Duration::from_secs(15), || async {
+        let o = node.cli(&["store", "stats", "-o", "json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["outbox_status"] == 0 && v["outbox_events"] == 0).then_some(())
+    })
     .await?;
     drop(daemon);
     node.cleanup().await

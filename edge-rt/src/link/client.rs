@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrigger_proto::message::{Control, Message};
+use outrigger_proto::message::{Control, Message, Row, Status, Sync};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use super::join::{connect, hello, key_and_csr};
 use super::tls::link_config;
 use super::{dir, write_file, LinkConfig, LinkError};
-use crate::store::{self, Store};
+use crate::store::{self, Kind, Store};
 
 /// A link up this long counts as healthy: the back-off starts over.
 const STABLE: Duration = Duration::from_secs(60);
@@ -104,6 +104,115 @@ pub fn due_for_renewal(cert_pem: &[u8], now: i64) -> bool {
     }
 }
 
+/// How often the outbox is looked at for rows to send.
+const OUTBOX_PERIOD: Duration = Duration::from_millis(250);
+/// Rows per message, and rows sent ahead of their acks.
+const ROWS: usize = 200;
+const ROWS_IN_FLIGHT: usize = 1000;
+
+/// What the node has from the cloud, per kind: uid -> resourceVersion.
+fn inventory(s: &Store) -> Result<Message, LinkError> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for k in Kind::ALL {
+        let inv = s
+            .inventory(k)
+            .map_err(|e| LinkError::Unexpected(e.to_string()))?;
+        kinds.insert(k.as_str().to_string(), inv);
+    }
+    Ok(Message::Sync(Sync::Inventory { kinds }))
+}
+
+/// Commit a batch from the cloud. An object that does not parse is logged
+/// and left out (it would come back the same every time); a store that
+/// refuses (disk full) ends the link, and the batch comes again later.
+fn commit(
+    s: &Store,
+    changes: Vec<outrigger_proto::message::Change>,
+    cursors: std::collections::BTreeMap<String, String>,
+) -> Result<(), LinkError> {
+    use outrigger_proto::message::Change as Wire;
+    let mut out = Vec::with_capacity(changes.len());
+    for c in changes {
+        match c {
+            Wire::Put {
+                kind,
+                uid,
+                resource_version,
+                body,
+            } => {
+                let parsed = kind.parse::<Kind>().and_then(|k| {
+                    let v: serde_json::Value = serde_json::from_slice(&body)
+                        .map_err(|e| store::StoreError::Invalid(e.to_string()))?;
+                    store::Object::from_body(k, store::Source::Cloud, v)
+                });
+                match parsed {
+                    Ok(mut o) => {
+                        o.uid = uid;
+                        o.resource_version = resource_version;
+                        out.push(store::Change::Put(o));
+                    }
+                    Err(e) => {
+                        tracing::error!(kind, uid, error = %e, "object from the cloud refused")
+                    }
+                }
+            }
+            Wire::Delete { kind, uid } => match kind.parse::<Kind>() {
+                Ok(kind) => out.push(store::Change::Delete { kind, uid }),
+                Err(e) => tracing::error!(uid, error = %e, "delete from the cloud refused"),
+            },
+        }
+    }
+    let cursors: Vec<(Kind, String)> = cursors
+        .into_iter()
+        .filter_map(|(k, v)| k.parse::<Kind>().ok().map(|k| (k, v)))
+        .collect();
+    s.apply(&out, &cursors)
+        .map_err(|e| LinkError::Unexpected(format!("store: {e}")))
+}
+
+/// The outbox going up: rows after the last sent, a window of unacked.
+#[derive(Default)]
+struct Upstream {
+    last_sent: i64,
+    in_flight: usize,
+}
+
+impl Upstream {
+    fn next(&mut self, s: &Store) -> Option<Message> {
+        if self.in_flight >= ROWS_IN_FLIGHT {
+            return None;
+        }
+        let rows = match s.pending(self.last_sent, ROWS) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox");
+                return None;
+            }
+        };
+        let last = rows.last()?.seq;
+        self.last_sent = last;
+        self.in_flight += rows.len();
+        Some(Message::Status(Status::Rows {
+            rows: rows
+                .into_iter()
+                .map(|r| Row {
+                    seq: r.seq,
+                    class: r.class.as_str().to_string(),
+                    key: r.key,
+                    body: serde_json::to_vec(&r.body).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    fn acked(&mut self, s: &Store, seqs: &[i64]) -> Result<(), LinkError> {
+        self.in_flight = self.in_flight.saturating_sub(seqs.len());
+        s.ack(seqs)
+            .map(|_| ())
+            .map_err(|e| LinkError::Unexpected(format!("store: {e}")))
+    }
+}
+
 /// Keep the link up for as long as the daemon runs.
 pub async fn run(data_dir: PathBuf, cfg: LinkConfig, store: Option<Arc<Store>>) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -147,13 +256,35 @@ async fn session(
         }
     }
     tracing::info!(server = %cfg.server, node = %cfg.node, ?heartbeat, "connected to cloud-gw");
+    if let Some(s) = store {
+        link.send(&inventory(s)?).await?;
+    }
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
+    let mut outbox = tokio::time::interval(OUTBOX_PERIOD);
+    outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut up = Upstream::default();
     // The key of a renewal on its way.
     let mut pending_key: Option<String> = None;
     loop {
         tokio::select! {
+            _ = outbox.tick(), if store.is_some() => {
+                if let Some(m) = store.and_then(|s| up.next(s)) {
+                    link.send(&m).await?;
+                }
+            }
             m = link.recv() => match m? {
+                Message::Sync(Sync::Changes { batch, changes, cursors }) => {
+                    let Some(s) = store else { continue };
+                    // Committed before acked: an unacked batch comes again.
+                    commit(s, changes, cursors)?;
+                    link.send(&Message::Sync(Sync::Ack { batch })).await?;
+                }
+                Message::Status(Status::Ack { seqs }) => {
+                    if let Some(s) = store {
+                        up.acked(s, &seqs)?;
+                    }
+                }
                 Message::Control(Control::Certificate { cert_pem }) => {
                     let Some(key_pem) = pending_key.take() else { continue };
                     write_file(&d.join("node.key.new"), key_pem.as_bytes(), true)?;

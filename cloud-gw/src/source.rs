@@ -1,0 +1,164 @@
+//! Where a node's objects come from until the Kubernetes bridge exists: a
+//! directory per node name of YAML manifests (Pods, ConfigMaps, Secrets),
+//! and where its status goes: `.status/<node>/` in the same tree.
+//!
+//! Objects get what the API server would give them: a uid (the manifest's,
+//! or one derived from node, kind, namespace and name, so it is stable
+//! across cloud-gw restarts and replicas) and a resourceVersion (a hash of
+//! the content: it changes exactly when the object does). Pods are bound
+//! to their node (`spec.nodeName`). Nothing here is per-connection state.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// kind -> uid -> (resourceVersion, body as JSON bytes).
+pub type NodeObjects = BTreeMap<String, BTreeMap<String, (String, Vec<u8>)>>;
+
+pub const KINDS: [&str; 3] = ["Pod", "ConfigMap", "Secret"];
+
+pub struct DirSource {
+    root: PathBuf,
+}
+
+fn uuid_of(bytes: &[u8]) -> String {
+    let h = hex::encode(&Sha256::digest(bytes)[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl DirSource {
+    pub fn new(root: &Path) -> DirSource {
+        DirSource { root: root.into() }
+    }
+
+    /// Every object for `node`. A document that does not parse is logged
+    /// and left out; the others are served.
+    pub fn objects(&self, node: &str) -> NodeObjects {
+        let mut out: NodeObjects = KINDS
+            .iter()
+            .map(|k| (k.to_string(), BTreeMap::new()))
+            .collect();
+        let dir = self.root.join(node);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return out;
+        };
+        let mut files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let Ok(text) = std::fs::read_to_string(&f) else {
+                continue;
+            };
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let mut v = match serde_json::Value::deserialize(doc) {
+                    Ok(serde_json::Value::Null) => continue,
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(file = %f.display(), error = %e, "manifest skipped");
+                        break;
+                    }
+                };
+                let kind = v["kind"].as_str().unwrap_or("").to_string();
+                let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+                if !KINDS.contains(&kind.as_str()) || name.is_empty() {
+                    tracing::warn!(file = %f.display(), kind, name, "not a named Pod, ConfigMap or Secret; skipped");
+                    continue;
+                }
+                if v["metadata"]["namespace"].as_str().is_none() {
+                    v["metadata"]["namespace"] = "default".into();
+                }
+                let ns = v["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string();
+                if kind == "Pod" {
+                    v["spec"]["nodeName"] = node.into();
+                }
+                if let Some(m) = v["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                let uid = match v["metadata"]["uid"].as_str() {
+                    Some(u) => u.to_string(),
+                    None => uuid_of(format!("{node}/{kind}/{ns}/{name}").as_bytes()),
+                };
+                v["metadata"]["uid"] = uid.clone().into();
+                let content = serde_json::to_vec(&v).unwrap_or_default();
+                let rv = hex::encode(&Sha256::digest(&content)[..8]);
+                v["metadata"]["resourceVersion"] = rv.clone().into();
+                let body = serde_json::to_vec(&v).unwrap_or_default();
+                if let Some(k) = out.get_mut(&kind) {
+                    k.insert(uid, (rv, body));
+                }
+            }
+        }
+        out
+    }
+
+    /// Record a status row the node reported (the stand-in for the API
+    /// server's status subresource): `.status/<node>/<key>.json`.
+    pub fn put_status(&self, node: &str, key: &str, body: &[u8]) -> std::io::Result<()> {
+        let dir = self.root.join(".status").join(node);
+        std::fs::create_dir_all(&dir)?;
+        let file: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(tmp, dir.join(format!("{file}.json")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_stable_and_versions_follow_content() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("gw-1")).unwrap();
+        let f = d.path().join("gw-1/app.yaml");
+        std::fs::write(&f, "kind: ConfigMap\nmetadata: {name: c}\ndata: {a: '1'}\n---\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n---\nkind: Deployment\nmetadata: {name: d}\n").unwrap();
+        let s = DirSource::new(d.path());
+        let a = s.objects("gw-1");
+        assert_eq!(a["ConfigMap"].len(), 1);
+        assert_eq!(a["Pod"].len(), 1);
+        let (uid, (rv, body)) = a["Pod"].iter().next().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["spec"]["nodeName"], "gw-1");
+        assert_eq!(v["metadata"]["uid"], uid.as_str());
+        assert_eq!(s.objects("gw-1"), a);
+        assert!(s.objects("gw-2")["Pod"].is_empty());
+        std::fs::write(&f, "kind: ConfigMap\nmetadata: {name: c}\ndata: {a: '2'}\n---\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n").unwrap();
+        let b = s.objects("gw-1");
+        assert_eq!(b["Pod"][uid].0, *rv);
+        assert_ne!(b["ConfigMap"], a["ConfigMap"]);
+        assert_eq!(
+            b["ConfigMap"].keys().collect::<Vec<_>>(),
+            a["ConfigMap"].keys().collect::<Vec<_>>()
+        );
+    }
+}

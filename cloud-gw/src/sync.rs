@@ -1,0 +1,147 @@
+//! One node's sync, for as long as its link is up: the node's inventory
+//! in, only the difference out, then live changes; pipelined batches with
+//! a window of unacked ones; status rows in, acked once recorded.
+//!
+//! The only state is this connection's view of what the node has (its
+//! inventory plus what was sent since), rebuilt from the next inventory
+//! after any reconnect: any cloud-gw replica can serve any node.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use outrigger_proto::message::{Change, Message, Status, Sync};
+
+use crate::source::{DirSource, KINDS};
+
+/// Changes per batch, and batches sent ahead of their acks.
+pub const BATCH: usize = 100;
+pub const WINDOW: usize = 8;
+
+pub struct Session<'a> {
+    node: String,
+    source: &'a DirSource,
+    /// kind -> uid -> resourceVersion the node has, or will have once the
+    /// batches in flight commit. None until its inventory arrives.
+    edge: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    queue: VecDeque<Change>,
+    in_flight: VecDeque<u64>,
+    next_batch: u64,
+    /// Counters for the log and the benchmark.
+    pub sent_changes: u64,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(node: &str, source: &'a DirSource) -> Session<'a> {
+        Session {
+            node: node.to_string(),
+            source,
+            edge: None,
+            queue: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            next_batch: 1,
+            sent_changes: 0,
+        }
+    }
+
+    /// Queue what the node lacks: puts (ConfigMaps and Secrets before the
+    /// Pods that use them), then deletes (Pods first).
+    pub fn refresh(&mut self) {
+        let Some(edge) = self.edge.as_mut() else {
+            return;
+        };
+        let desired = self.source.objects(&self.node);
+        for kind in ["ConfigMap", "Secret", "Pod"] {
+            let have = edge.entry(kind.to_string()).or_default();
+            for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
+                if have.get(uid) != Some(rv) {
+                    self.queue.push_back(Change::Put {
+                        kind: kind.to_string(),
+                        uid: uid.clone(),
+                        resource_version: rv.clone(),
+                        body: body.clone(),
+                    });
+                    have.insert(uid.clone(), rv.clone());
+                }
+            }
+        }
+        for kind in ["Pod", "ConfigMap", "Secret"] {
+            let have = edge.entry(kind.to_string()).or_default();
+            let gone: Vec<String> = have
+                .keys()
+                .filter(|u| !desired.get(kind).is_some_and(|d| d.contains_key(*u)))
+                .cloned()
+                .collect();
+            for uid in gone {
+                have.remove(&uid);
+                self.queue.push_back(Change::Delete {
+                    kind: kind.to_string(),
+                    uid,
+                });
+            }
+        }
+    }
+
+    /// The next batch to send, if the window allows one.
+    pub fn next_message(&mut self) -> Option<Message> {
+        if self.queue.is_empty() || self.in_flight.len() >= WINDOW {
+            return None;
+        }
+        let n = self.queue.len().min(BATCH);
+        let changes: Vec<Change> = self.queue.drain(..n).collect();
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.in_flight.push_back(batch);
+        self.sent_changes += changes.len() as u64;
+        Some(Message::Sync(Sync::Changes {
+            batch,
+            changes,
+            cursors: BTreeMap::new(),
+        }))
+    }
+
+    /// Handle a message from the node; returns the answer to send, if any.
+    pub fn handle(&mut self, m: Message) -> Option<Message> {
+        match m {
+            Message::Sync(Sync::Inventory { kinds }) => {
+                let objects: usize = kinds.values().map(|k| k.len()).sum();
+                let mut edge = kinds;
+                for k in KINDS {
+                    edge.entry(k.to_string()).or_default();
+                }
+                self.edge = Some(edge);
+                // Whatever was in flight on an older view is superseded.
+                self.queue.clear();
+                self.in_flight.clear();
+                self.refresh();
+                tracing::info!(node = %self.node, objects, changes = self.queue.len(), "inventory received; sending the difference");
+                None
+            }
+            Message::Sync(Sync::Ack { batch }) => {
+                self.in_flight.retain(|b| *b != batch);
+                None
+            }
+            Message::Status(Status::Rows { rows }) => {
+                let mut seqs = Vec::with_capacity(rows.len());
+                for r in rows {
+                    // The node's certificate picks the directory: a node
+                    // can only ever write its own status.
+                    match self.source.put_status(&self.node, &r.key, &r.body) {
+                        Ok(()) => seqs.push(r.seq),
+                        Err(e) => {
+                            tracing::warn!(node = %self.node, key = r.key, error = %e, "status not recorded; the node keeps it");
+                        }
+                    }
+                }
+                Some(Message::Status(Status::Ack { seqs }))
+            }
+            other => {
+                tracing::debug!(node = %self.node, message = ?other, "ignored");
+                None
+            }
+        }
+    }
+
+    /// Nothing queued and nothing unacked.
+    pub fn idle(&self) -> bool {
+        self.queue.is_empty() && self.in_flight.is_empty()
+    }
+}
