@@ -40,30 +40,40 @@ impl Cloud {
     }
 
     async fn start() -> Result<Cloud> {
+        Cloud::start_in(None, "127.0.0.1").await
+    }
+
+    /// cloud-gw listening on `addr`, inside network namespace `netns`.
+    async fn start_in(netns: Option<&str>, addr: &str) -> Result<Cloud> {
         let dir = tempfile::tempdir()?;
-        Cloud::cmd(dir.path(), &["init", "--san", "127.0.0.1"])?;
+        Cloud::cmd(dir.path(), &["init", "--san", addr])?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let log = std::fs::File::create(dir.path().join("cloud-gw.log"))?;
-        let child = Command::new(cloud_gw_bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(cloud_gw_bin());
+                c
+            }
+            None => Command::new(cloud_gw_bin()),
+        };
+        let child = cmd
             .arg("--dir")
             .arg(dir.path())
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--heartbeat",
-                "2s",
-            ])
-            .arg("--objects")
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("{addr}:{port}"))
+            .args(["--heartbeat", "2s", "--objects"])
             .arg(dir.path().join("objects"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let server = format!("wss://127.0.0.1:{port}");
+        let server = format!("wss://{addr}:{port}");
+        let ip: std::net::IpAddr = addr.parse()?;
         wait_for("cloud-gw to listen", Duration::from_secs(10), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            std::net::TcpStream::connect((ip, port)).ok()
         })
         .await?;
         Ok(Cloud { dir, child, server })
@@ -420,6 +430,213 @@ async fn objects_sync_down_status_comes_up_and_a_reconnect_sends_only_the_differ
         (v["outbox_status"] == 0 && v["outbox_events"] == 0).then_some(())
     })
     .await?;
+    drop(daemon);
+    node.cleanup().await
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let o = Command::new("ip").args(args).output()?;
+    ensure!(o.status.success(), "ip {args:?}: {}", stderr(&o));
+    Ok(())
+}
+
+/// cloud-gw's own network namespace, joined to ours by a veth pair; a cut
+/// drops every packet (TCP hangs, as on a dead cellular link; no resets).
+struct CutNet {
+    ns: String,
+    host_if: String,
+    cloud_addr: String,
+}
+
+impl CutNet {
+    fn new(n: u8) -> Result<CutNet> {
+        let ns = format!("ort-cloud-{n}");
+        let host_if = format!("ortcl{n}");
+        let _ = ip(&["netns", "del", &ns]);
+        let _ = ip(&["link", "del", &host_if]);
+        ip(&["netns", "add", &ns])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["addr", "add", &format!("10.231.{n}.1/30"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        let inside = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", &ns, "ip"];
+            a.extend_from_slice(args);
+            ip(&a)
+        };
+        inside(&["addr", "add", &format!("10.231.{n}.2/30"), "dev", "eth0"])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        Ok(CutNet {
+            cloud_addr: format!("10.231.{n}.2"),
+            ns,
+            host_if,
+        })
+    }
+
+    fn iptables(&self, op: &str) -> Result<()> {
+        for chain in ["INPUT", "OUTPUT"] {
+            let o = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.ns, "iptables", op, chain, "-j", "DROP",
+                ])
+                .output()?;
+            ensure!(o.status.success(), "iptables {op} {chain}: {}", stderr(&o));
+        }
+        Ok(())
+    }
+
+    fn cut(&self) -> Result<()> {
+        self.iptables("-I")
+    }
+
+    fn restore(&self) -> Result<()> {
+        self.iptables("-D")
+    }
+}
+
+impl Drop for CutNet {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.ns]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+fn restarts(node: &Node, pod: &str) -> Result<i32> {
+    Ok(node
+        .pods()?
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(pod))
+        .and_then(|p| {
+            p.status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .first()
+                .map(|c| c.restart_count)
+        })
+        .unwrap_or(-1))
+}
+
+/// A 30 s cut that hangs TCP, while the cloud adds, changes and deletes
+/// objects and a pod on the node crash-loops: afterwards both sides agree,
+/// with nothing lost and nothing applied twice.
+#[tokio::test]
+async fn after_a_30s_cut_both_sides_converge() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = CutNet::new(7)?;
+    let cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr).await?;
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-cut")?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let dir = objects_dir(&cloud, "gw-cut");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("app.yaml"), APP)?;
+    std::fs::write(dir.join("b.yaml"), second_pod("app-b"))?;
+    std::fs::write(
+        dir.join("flaky.yaml"),
+        manifest("flaky", "sleep 1; exit 1", ""),
+    )?;
+    let daemon = node.start().await?;
+    for p in ["app", "app-b"] {
+        wait_pod(&node, p, "running before the cut", |p| {
+            phase(p) == "Running"
+        })
+        .await?;
+    }
+    let app_uid = node
+        .pods()?
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("app"))
+        .and_then(|p| p.metadata.uid.clone())
+        .unwrap_or_default();
+
+    net.cut()?;
+    let t0 = std::time::Instant::now();
+    // Both sides notice within two heartbeats (2 s each).
+    wait_for(
+        "the edge to drop the link",
+        Duration::from_secs(15),
+        || async {
+            node.daemon_log()
+                .contains("link to cloud-gw down")
+                .then_some(())
+        },
+    )
+    .await?;
+    cloud.logged("silent for two heartbeats").await?;
+    std::fs::write(
+        dir.join("app.yaml"),
+        APP.replace("mode: first", "mode: second"),
+    )?;
+    std::fs::remove_file(dir.join("b.yaml"))?;
+    std::fs::write(dir.join("c.yaml"), second_pod("app-c"))?;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(t0.elapsed())).await;
+    let restarts_in_cut = restarts(&node, "flaky")?;
+    net.restore()?;
+
+    wait_pod(&node, "app-c", "the pod added during the cut", |p| {
+        phase(p) == "Running"
+    })
+    .await?;
+    wait_for(
+        "app-b, deleted during the cut, gone",
+        Duration::from_secs(60),
+        || async {
+            let pods = node.pods().ok()?;
+            (!pods
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some("app-b")))
+            .then_some(())
+        },
+    )
+    .await?;
+    wait_for(
+        "the ConfigMap changed during the cut",
+        Duration::from_secs(60),
+        || async {
+            let o = node
+                .cli(&["exec", "app", "--", "cat", "/etc/settings/mode"])
+                .ok()?;
+            (text(&o).trim() == "second").then_some(())
+        },
+    )
+    .await?;
+    // The cut's status churn reached the cloud: flaky's restart count, at
+    // least the one it had when the link came back.
+    wait_for(
+        "the cut's status at the cloud",
+        Duration::from_secs(30),
+        || async {
+            status_files(&cloud, "gw-cut")
+                .iter()
+                .any(|s| {
+                    let v: serde_json::Value = serde_json::from_str(s).unwrap_or_default();
+                    v["name"] == "flaky"
+                        && v["status"]["containerStatuses"][0]["restartCount"]
+                            .as_i64()
+                            .unwrap_or(-1)
+                            >= i64::from(restarts_in_cut)
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    // Nothing applied twice: the pod that did not change was not touched.
+    let app = node
+        .pods()?
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("app"))
+        .context("app")?;
+    ensure!(
+        app.metadata.uid.as_deref() == Some(app_uid.as_str()),
+        "app was replaced"
+    );
+    ensure!(restarts(&node, "app")? == 0, "app restarted");
+    ensure!(restarts(&node, "app-c")? == 0, "app-c started twice");
     drop(daemon);
     node.cleanup().await
 }
