@@ -56,8 +56,10 @@ fn text(keeper: &dyn Keeper, name: &'static str) -> Result<Option<String>, PkiEr
 
 fn validity(params: &mut CertificateParams, for_: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // A little in the past: clocks on gateways drift.
-    params.not_before = now - time::Duration::minutes(5);
+    // A little in the past, as clocks on gateways drift: five minutes, or
+    // a tenth of a short lifetime (renewal is due at two thirds of it).
+    let back = (for_.as_secs() / 10).min(300) as i64;
+    params.not_before = now - time::Duration::seconds(back);
     params.not_after = now + time::Duration::seconds(for_.as_secs() as i64);
 }
 

@@ -9,11 +9,14 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use outrigger_tests::util::*;
 
-/// A `cloud-gw serve` on 127.0.0.1 with its own CA.
+/// A `cloud-gw serve` with its own CA, on 127.0.0.1 or in a namespace.
 struct Cloud {
     dir: tempfile::TempDir,
     child: Child,
     server: String,
+    netns: Option<String>,
+    addr: std::net::SocketAddr,
+    node_cert_validity: String,
 }
 
 impl Drop for Cloud {
@@ -40,18 +43,37 @@ impl Cloud {
     }
 
     async fn start() -> Result<Cloud> {
-        Cloud::start_in(None, "127.0.0.1").await
+        Cloud::start_in(None, "127.0.0.1", "90d").await
     }
 
     /// cloud-gw listening on `addr`, inside network namespace `netns`.
-    async fn start_in(netns: Option<&str>, addr: &str) -> Result<Cloud> {
+    async fn start_in(netns: Option<&str>, addr: &str, node_cert_validity: &str) -> Result<Cloud> {
         let dir = tempfile::tempdir()?;
         Cloud::cmd(dir.path(), &["init", "--san", addr])?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let log = std::fs::File::create(dir.path().join("cloud-gw.log"))?;
-        let mut cmd = match netns {
+        let ip: std::net::IpAddr = addr.parse()?;
+        let mut c = Cloud {
+            dir,
+            child: Command::new("true").spawn()?,
+            server: format!("wss://{addr}:{port}"),
+            netns: netns.map(str::to_string),
+            addr: std::net::SocketAddr::new(ip, port),
+            node_cert_validity: node_cert_validity.to_string(),
+        };
+        let _ = c.child.wait();
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// Start (or start again) the server, appending to its log.
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("cloud-gw.log"))?;
+        let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(cloud_gw_bin());
@@ -59,24 +81,35 @@ impl Cloud {
             }
             None => Command::new(cloud_gw_bin()),
         };
-        let child = cmd
+        self.child = cmd
             .arg("--dir")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .arg("serve")
             .arg("--listen")
-            .arg(format!("{addr}:{port}"))
-            .args(["--heartbeat", "2s", "--objects"])
-            .arg(dir.path().join("objects"))
+            .arg(self.addr.to_string())
+            .args([
+                "--heartbeat",
+                "2s",
+                "--node-cert-validity",
+                &self.node_cert_validity,
+                "--objects",
+            ])
+            .arg(self.dir.path().join("objects"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let server = format!("wss://{addr}:{port}");
-        let ip: std::net::IpAddr = addr.parse()?;
+        let addr = self.addr;
         wait_for("cloud-gw to listen", Duration::from_secs(10), || async {
-            std::net::TcpStream::connect((ip, port)).ok()
+            std::net::TcpStream::connect(addr).ok()
         })
         .await?;
-        Ok(Cloud { dir, child, server })
+        Ok(())
+    }
+
+    async fn restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.spawn().await
     }
 
     fn token(&self, ttl: &str) -> Result<String> {
@@ -528,7 +561,7 @@ async fn after_a_30s_cut_both_sides_converge() -> Result<()> {
         return Ok(());
     }
     let net = CutNet::new(7)?;
-    let cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr).await?;
+    let cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr, "90d").await?;
     let node = Node::new()?;
     let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-cut")?;
     ensure!(o.status.success(), "join: {}", stderr(&o));
@@ -637,6 +670,146 @@ async fn after_a_30s_cut_both_sides_converge() -> Result<()> {
     );
     ensure!(restarts(&node, "app")? == 0, "app restarted");
     ensure!(restarts(&node, "app-c")? == 0, "app-c started twice");
+    drop(daemon);
+    node.cleanup().await
+}
+
+/// 100 quick flaps, changes in the middle of them, then a cloud-gw restart
+/// while the node is connected: the node ends up with exactly what the
+/// cloud has, and the pod nothing changed for is never restarted.
+#[tokio::test]
+async fn a_hundred_flaps_and_a_cloud_gw_restart() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = CutNet::new(8)?;
+    let mut cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr, "90d").await?;
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-flap")?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let dir = objects_dir(&cloud, "gw-flap");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("app.yaml"), APP)?;
+    let daemon = node.start().await?;
+    wait_pod(&node, "app", "running", |p| phase(p) == "Running").await?;
+
+    for i in 0..100 {
+        net.cut()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        net.restore()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if i == 50 {
+            std::fs::write(
+                dir.join("app.yaml"),
+                APP.replace("mode: first", "mode: second"),
+            )?;
+            std::fs::write(dir.join("c.yaml"), second_pod("app-c"))?;
+        }
+    }
+    let converge = Duration::from_secs(90);
+    wait_for("the pod added during the flaps", converge, || async {
+        let pods = node.pods().ok()?;
+        pods.iter()
+            .any(|p| p.metadata.name.as_deref() == Some("app-c") && phase(p) == "Running")
+            .then_some(())
+    })
+    .await
+    .with_context(|| node.daemon_log())?;
+    wait_for(
+        "the ConfigMap changed during the flaps",
+        converge,
+        || async {
+            let o = node
+                .cli(&["exec", "app", "--", "cat", "/etc/settings/mode"])
+                .ok()?;
+            (text(&o).trim() == "second").then_some(())
+        },
+    )
+    .await?;
+
+    // cloud-gw restarts under a connected node; a pod added meanwhile arrives.
+    let connected = cloud.log().matches("node connected").count();
+    let _ = cloud.child.kill();
+    let _ = cloud.child.wait();
+    std::fs::write(dir.join("d.yaml"), second_pod("app-d"))?;
+    cloud.restart().await?;
+    wait_for("the node back after the restart", converge, || async {
+        (cloud.log().matches("node connected").count() > connected).then_some(())
+    })
+    .await?;
+    wait_pod(
+        &node,
+        "app-d",
+        "the pod added while cloud-gw was down",
+        |p| phase(p) == "Running",
+    )
+    .await?;
+    ensure!(restarts(&node, "app")? == 0, "app restarted");
+    ensure!(restarts(&node, "app-c")? == 0, "app-c started twice");
+    drop(daemon);
+    node.cleanup().await
+}
+
+/// Node certificates of 45 s: the renewal falls due during a cut, happens
+/// over the link once it is back, and after the old certificate expired
+/// the node still connects, with the new one.
+#[tokio::test]
+async fn a_certificate_rotates_across_a_cut() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = CutNet::new(9)?;
+    let cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr, "45s").await?;
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-rot")?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let t0 = std::time::Instant::now();
+    let first = std::fs::read(link_dir(&node).join("node.crt"))?;
+    let daemon = node.start().await?;
+    cloud_connected(&node).await?;
+
+    // Cut from 20 s to 33 s: renewal falls due at about 30 s.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(t0.elapsed())).await;
+    net.cut()?;
+    tokio::time::sleep(Duration::from_secs(33).saturating_sub(t0.elapsed())).await;
+    ensure!(
+        std::fs::read(link_dir(&node).join("node.crt"))? == first,
+        "renewed before it was due"
+    );
+    net.restore()?;
+    wait_for(
+        "the renewal over the restored link",
+        Duration::from_secs(30),
+        || async {
+            node.daemon_log()
+                .contains("node certificate renewed")
+                .then_some(())
+        },
+    )
+    .await?;
+    ensure!(std::fs::read(link_dir(&node).join("node.crt"))? != first);
+    cloud.logged("node certificate renewed").await?;
+
+    // Past the first certificate's end, a new connection uses the new one.
+    tokio::time::sleep(Duration::from_secs(47).saturating_sub(t0.elapsed())).await;
+    let connected = cloud.log().matches("node connected").count();
+    net.cut()?;
+    wait_for(
+        "the edge to drop the link",
+        Duration::from_secs(15),
+        || async {
+            (node.daemon_log().matches("link to cloud-gw down").count() >= 2).then_some(())
+        },
+    )
+    .await?;
+    net.restore()?;
+    wait_for(
+        "a connection with the new certificate",
+        Duration::from_secs(60),
+        || async { (cloud.log().matches("node connected").count() > connected).then_some(()) },
+    )
+    .await
+    .with_context(|| cloud.log())?;
     drop(daemon);
     node.cleanup().await
 }
