@@ -119,7 +119,8 @@ async fn run() -> Result<()> {
             heartbeat,
             node_cert_validity,
             objects,
-            rescan: Duration::from_secs(1),
+            // inotify brings changes at once; this catches what it misses.
+            rescan: Duration::from_secs(30),
         };
         let gw = std::sync::Arc::new(cloud_gw::server::Gateway::new(
             std::sync::Arc::new(keeper),

@@ -50,14 +50,14 @@ impl Default for ServeConfig {
             heartbeat: Duration::from_secs(30),
             node_cert_validity: Duration::from_secs(90 * 86400),
             objects: "/var/lib/cloud-gw/objects".into(),
-            rescan: Duration::from_secs(1),
+            rescan: Duration::from_secs(30),
         }
     }
 }
 
 pub struct Gateway {
     keeper: Arc<dyn Keeper>,
-    source: crate::source::DirSource,
+    source: Arc<crate::source::DirSource>,
     pki: Pki,
     cfg: ServeConfig,
     tls: tokio_rustls::TlsAcceptor,
@@ -119,7 +119,7 @@ impl Gateway {
             .map_err(|e| ServeError::Tls(e.to_string()))?;
         Ok(Gateway {
             keeper,
-            source: crate::source::DirSource::new(&cfg.objects),
+            source: Arc::new(crate::source::DirSource::new(&cfg.objects)),
             pki,
             cfg,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -127,6 +127,7 @@ impl Gateway {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        tokio::spawn(self.source.clone().watch());
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
@@ -305,6 +306,7 @@ impl Gateway {
         let mut rescan = tokio::time::interval(self.cfg.rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sync = crate::sync::Session::new(&node, &self.source);
+        let mut pushed = self.source.subscribe(&node);
         loop {
             while let Some(m) = sync.next_message() {
                 if link.send(&m).await.is_err() {
@@ -313,6 +315,7 @@ impl Gateway {
             }
             tokio::select! {
                 _ = rescan.tick() => sync.refresh(),
+                Ok(()) = pushed.changed() => sync.refresh(),
                 m = link.recv() => match m {
                     Ok(Message::Control(Control::RenewCertificate { csr_pem })) => {
                         match self.pki.issue_node(&node, &csr_pem, self.cfg.node_cert_validity) {

@@ -21,6 +21,8 @@ pub const KINDS: [&str; 3] = ["Pod", "ConfigMap", "Secret"];
 
 pub struct DirSource {
     root: PathBuf,
+    /// Per node, bumped when its directory changes (inotify).
+    nodes: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
 }
 
 fn uuid_of(bytes: &[u8]) -> String {
@@ -37,7 +39,88 @@ fn uuid_of(bytes: &[u8]) -> String {
 
 impl DirSource {
     pub fn new(root: &Path) -> DirSource {
-        DirSource { root: root.into() }
+        DirSource {
+            root: root.into(),
+            nodes: Default::default(),
+        }
+    }
+
+    fn sender(&self, node: &str) -> tokio::sync::watch::Sender<u64> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(node.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .clone()
+    }
+
+    /// Changes whenever `node`'s directory may have changed.
+    pub fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.sender(node).subscribe()
+    }
+
+    fn changed(&self, node: &str) {
+        self.sender(node).send_modify(|g| *g += 1);
+    }
+
+    /// Watch the tree with inotify: the root for node directories coming
+    /// and going, each node directory for its files. A push reaches the
+    /// node's session in milliseconds, and only that session wakes.
+    pub async fn watch(self: std::sync::Arc<Self>) {
+        use futures_util::StreamExt;
+        use inotify::{Inotify, WatchMask};
+        let mask = WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE
+            | WatchMask::CREATE;
+        let _ = std::fs::create_dir_all(&self.root);
+        let ino = match Inotify::init() {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "no inotify: changes are picked up by the periodic rescan only");
+                return;
+            }
+        };
+        let mut watches = ino.watches();
+        let mut by_wd = std::collections::HashMap::new();
+        let root_wd = match watches.add(&self.root, mask) {
+            Ok(wd) => wd,
+            Err(e) => {
+                tracing::warn!(root = %self.root.display(), error = %e, "cannot watch the objects directory");
+                return;
+            }
+        };
+        let add = |name: &str,
+                   by_wd: &mut std::collections::HashMap<inotify::WatchDescriptor, String>,
+                   watches: &mut inotify::Watches| {
+            if let Ok(wd) = watches.add(self.root.join(name), mask) {
+                by_wd.insert(wd, name.to_string());
+            }
+        };
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.path().is_dir() {
+                add(&e.file_name().to_string_lossy(), &mut by_wd, &mut watches);
+            }
+        }
+        let Ok(mut events) = ino.into_event_stream(vec![0u8; 16384]) else {
+            return;
+        };
+        while let Some(Ok(ev)) = events.next().await {
+            if ev.wd == root_wd {
+                if let Some(name) = ev.name.as_ref().map(|n| n.to_string_lossy().into_owned()) {
+                    if self.root.join(&name).is_dir() {
+                        add(&name, &mut by_wd, &mut watches);
+                    }
+                    self.changed(&name);
+                }
+            } else if let Some(node) = by_wd.get(&ev.wd) {
+                self.changed(node);
+            }
+        }
     }
 
     /// Every object for `node`. A document that does not parse is logged

@@ -24,6 +24,8 @@ pub struct Reporter {
     node_name: String,
     /// Key -> hash of the body last committed.
     sent: HashMap<String, u64>,
+    /// Pods removed and not yet reported gone (kept until a flush commits).
+    removed: Vec<String>,
     event_seq: u64,
     failing: bool,
 }
@@ -80,13 +82,15 @@ impl Reporter {
             pods,
             node_name,
             sent: HashMap::new(),
+            removed: Vec::new(),
             event_seq: 0,
             failing: false,
         }
     }
 
     /// What changed since the last successful flush.
-    fn collect(&self) -> (Vec<Report>, u64) {
+    fn collect(&mut self) -> (Vec<Report>, u64) {
+        self.removed.extend(self.pods.take_removed());
         let mut out = Vec::new();
         let mut live = BTreeMap::new();
         for p in self.pods.list() {
@@ -101,17 +105,19 @@ impl Reporter {
                 });
             }
         }
-        // Pods that are gone: the cloud completes their deletion.
-        for key in self.sent.keys().filter(|k| k.starts_with("pod/")) {
-            if !live.contains_key(key) {
+        // Pods that are gone, even ones that came and went between two
+        // flushes: the cloud completes their deletion.
+        let mut gone: std::collections::BTreeSet<String> =
+            self.removed.iter().map(|u| format!("pod/{u}")).collect();
+        gone.extend(self.sent.keys().filter(|k| k.starts_with("pod/")).cloned());
+        for key in gone {
+            if !live.contains_key(&key) {
                 let body = json!({"uid": &key[4..], "deleted": true});
-                if self.sent.get(key) != Some(&digest(&body)) {
-                    out.push(Report {
-                        class: Class::Status,
-                        key: key.clone(),
-                        body,
-                    });
-                }
+                out.push(Report {
+                    class: Class::Status,
+                    key,
+                    body,
+                });
             }
         }
         if let Ok(link) = self.store.link() {
@@ -159,6 +165,7 @@ impl Reporter {
                     }
                 }
                 self.event_seq = seq;
+                self.removed.clear();
                 Ok(reports.len())
             }
             Err(e) => {

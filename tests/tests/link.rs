@@ -456,7 +456,14 @@ async fn objects_sync_down_status_comes_up_and_a_reconnect_sends_only_the_differ
             .any(|s| s.contains("\"deleted\":true"))
             .then_some(())
     })
-    .await?;
+    .await
+    .with_context(|| {
+        format!(
+            "edge-rt log:\n{}\ncloud-gw log:\n{}",
+            node.daemon_log(),
+            cloud.log()
+        )
+    })?;
     wait_for("an empty outbox", Duration::from_secs(15), || async {
         let o = node.cli(&["store", "stats", "-o", "json"]).ok()?;
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;

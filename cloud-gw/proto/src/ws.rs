@@ -22,9 +22,13 @@ pub enum LinkError {
     Text,
 }
 
-/// The WebSocket limits that go with [`MAX_PAYLOAD`].
+/// The WebSocket limits that go with [`MAX_PAYLOAD`], and small buffers
+/// (tungstenite's default is 128 KiB each way per connection; cloud-gw
+/// holds thousands of mostly idle links).
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
         .max_message_size(Some(MAX_PAYLOAD + 2))
         .max_frame_size(Some(MAX_PAYLOAD + 2))
 }

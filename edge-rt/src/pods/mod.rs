@@ -77,6 +77,9 @@ struct Entry {
 pub struct PodManager {
     ctx: Arc<Context>,
     pods: Mutex<HashMap<String, Entry>>,
+    /// Uids of pods whose workers finished (stopped and cleaned up), until
+    /// [`PodManager::take_removed`] collects them.
+    removed: Mutex<Vec<String>>,
 }
 
 pub fn uid(pod: &Pod) -> &str {
@@ -96,6 +99,7 @@ impl PodManager {
         PodManager {
             ctx,
             pods: Mutex::new(HashMap::new()),
+            removed: Mutex::new(Vec::new()),
         }
     }
 
@@ -112,7 +116,7 @@ impl PodManager {
     /// stopped and removed.
     pub fn apply(&self, desired: Vec<Pod>) {
         let mut pods = self.lock();
-        pods.retain(|_, e| !e.task.is_finished());
+        self.prune(&mut pods);
         let wanted: BTreeMap<String, Pod> = desired
             .into_iter()
             .map(|p| (uid(&p).to_string(), p))
@@ -146,6 +150,31 @@ impl PodManager {
                 }
             }
         }
+    }
+
+    /// Drop the entries of finished workers, remembering their uids.
+    fn prune(&self, pods: &mut HashMap<String, Entry>) {
+        let done: Vec<String> = pods
+            .iter()
+            .filter(|(_, e)| e.task.is_finished())
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in &done {
+            pods.remove(u);
+        }
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(done);
+    }
+
+    /// Pods removed since the last call (however briefly they ran): what
+    /// the reporter tells the cloud is gone.
+    pub fn take_removed(&self) -> Vec<String> {
+        let mut pods = self.lock();
+        self.prune(&mut pods);
+        drop(pods);
+        std::mem::take(&mut *self.removed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Every pod with its current status, by namespace and name.
