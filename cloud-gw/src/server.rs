@@ -113,10 +113,15 @@ impl Gateway {
         let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes())
             .map_err(|e| ServeError::Tls(format!("server key: {e}")))?;
         // The CA goes in the chain: a joining node finds it there by its pin.
-        let tls = rustls::ServerConfig::builder()
+        let mut tls = rustls::ServerConfig::builder()
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![cert, ca], key)
             .map_err(|e| ServeError::Tls(e.to_string()))?;
+        // Reconnects resume their TLS session: no certificates on the wire
+        // again. One small ticket per handshake; sessions cached here
+        // (about 1 KB each) for as many nodes as one process serves.
+        tls.session_storage = rustls::server::ServerSessionMemoryCache::new(65536);
+        tls.send_tls13_tickets = 1;
         Ok(Gateway {
             keeper,
             source: Arc::new(crate::source::DirSource::new(&cfg.objects)),
@@ -344,12 +349,12 @@ impl Gateway {
                         return;
                     }
                 },
+                // The node pings every heartbeat and we answer: one ping
+                // and one pong a period keeps idle links at a few dozen
+                // bytes a minute each way, and both sides see silence.
                 _ = tick.tick() => {
                     if link.idle() > silence {
                         tracing::warn!(node, secs = silence.as_secs(), "node silent for two heartbeats; dropping the link");
-                        return;
-                    }
-                    if link.ping().await.is_err() {
                         return;
                     }
                 }

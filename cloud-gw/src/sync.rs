@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use outrigger_proto::inventory;
 use outrigger_proto::message::{Change, Message, Status, Sync};
 
 use crate::source::{DirSource, KINDS};
@@ -23,6 +24,9 @@ pub struct Session<'a> {
     /// batches in flight commit. None until its inventory arrives.
     edge: Option<BTreeMap<String, BTreeMap<String, String>>>,
     queue: VecDeque<Change>,
+    /// Buckets asked for (after a digest) and not answered yet: until
+    /// then the view is incomplete and nothing is sent.
+    query: Option<BTreeMap<String, Vec<u8>>>,
     in_flight: VecDeque<u64>,
     next_batch: u64,
     /// Counters for the log and the benchmark.
@@ -36,6 +40,7 @@ impl<'a> Session<'a> {
             source,
             edge: None,
             queue: VecDeque::new(),
+            query: None,
             in_flight: VecDeque::new(),
             next_batch: 1,
             sent_changes: 0,
@@ -45,6 +50,9 @@ impl<'a> Session<'a> {
     /// Queue what the node lacks: puts (ConfigMaps and Secrets before the
     /// Pods that use them), then deletes (Pods first).
     pub fn refresh(&mut self) {
+        if self.query.is_some() {
+            return;
+        }
         let Some(edge) = self.edge.as_mut() else {
             return;
         };
@@ -98,21 +106,83 @@ impl<'a> Session<'a> {
         }))
     }
 
+    /// A fresh view, diffed and queued; logged.
+    fn start_over(&mut self, edge: BTreeMap<String, BTreeMap<String, String>>) {
+        let objects: usize = edge.values().map(|k| k.len()).sum();
+        self.edge = Some(edge);
+        // Whatever was in flight on an older view is superseded.
+        self.queue.clear();
+        self.in_flight.clear();
+        self.refresh();
+        tracing::info!(node = %self.node, objects, changes = self.queue.len(), "inventory received; sending the difference");
+    }
+
     /// Handle a message from the node; returns the answer to send, if any.
     pub fn handle(&mut self, m: Message) -> Option<Message> {
         match m {
+            // The usual reconnect: digests first; a bucket that matches is
+            // what we would send, so only differing buckets are asked for.
+            Message::Sync(Sync::Digest { kinds }) => {
+                let desired = self.source.objects(&self.node);
+                let mut edge = BTreeMap::new();
+                let mut query = BTreeMap::new();
+                for k in KINDS {
+                    let want: BTreeMap<String, String> = desired
+                        .get(k)
+                        .into_iter()
+                        .flatten()
+                        .map(|(u, (rv, _))| (u.clone(), rv.clone()))
+                        .collect();
+                    let theirs = kinds.get(k).map(|b| b.as_ref()).unwrap_or(&[][..]);
+                    let diff = inventory::differing(&inventory::digests(&want), theirs);
+                    let view = want
+                        .into_iter()
+                        .filter(|(u, _)| !diff.contains(&(inventory::bucket(u) as u8)))
+                        .collect();
+                    edge.insert(k.to_string(), view);
+                    if !diff.is_empty() {
+                        query.insert(k.to_string(), diff);
+                    }
+                }
+                if query.is_empty() {
+                    self.query = None;
+                    self.start_over(edge);
+                    return None;
+                }
+                self.edge = Some(edge);
+                self.queue.clear();
+                self.in_flight.clear();
+                let ask = query
+                    .iter()
+                    .map(|(k, b)| (k.clone(), serde_bytes::ByteBuf::from(b.clone())))
+                    .collect();
+                self.query = Some(query);
+                Some(Message::Sync(Sync::Query { kinds: ask }))
+            }
+            // The answer to a query: the entries of the buckets asked for.
+            Message::Sync(Sync::Inventory { kinds }) if self.query.is_some() => {
+                let query = self.query.take().unwrap_or_default();
+                let mut edge = self.edge.take().unwrap_or_default();
+                for (k, inv) in kinds {
+                    let Some(buckets) = query.get(&k) else {
+                        continue;
+                    };
+                    let view = edge.entry(k).or_default();
+                    for (u, rv) in inv {
+                        if buckets.contains(&(inventory::bucket(&u) as u8)) {
+                            view.insert(u, rv);
+                        }
+                    }
+                }
+                self.start_over(edge);
+                None
+            }
             Message::Sync(Sync::Inventory { kinds }) => {
-                let objects: usize = kinds.values().map(|k| k.len()).sum();
                 let mut edge = kinds;
                 for k in KINDS {
                     edge.entry(k.to_string()).or_default();
                 }
-                self.edge = Some(edge);
-                // Whatever was in flight on an older view is superseded.
-                self.queue.clear();
-                self.in_flight.clear();
-                self.refresh();
-                tracing::info!(node = %self.node, objects, changes = self.queue.len(), "inventory received; sending the difference");
+                self.start_over(edge);
                 None
             }
             Message::Sync(Sync::Ack { batch }) => {

@@ -86,7 +86,7 @@ pub fn encode(channel: Channel, payload: &[u8], max: usize) -> Result<Vec<u8>, F
     let mut out = Vec::with_capacity(2 + payload.len());
     out.push(channel.to_u8());
     if payload.len() > COMPRESS_ABOVE {
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         let deflated = z
             .write_all(payload)
             .and_then(|_| z.finish())

@@ -12,6 +12,7 @@
 //! other pair is refused with both versions named.
 
 pub mod frame;
+pub mod inventory;
 pub mod message;
 pub mod token;
 pub mod ws;

@@ -69,9 +69,22 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Sync {
-    /// What the edge has, per kind: uid -> resourceVersion.
+    /// What the edge has, per kind: uid -> resourceVersion (packed on the
+    /// wire, see [`crate::inventory`]).
     Inventory {
+        #[serde(with = "crate::inventory::packed")]
         kinds: BTreeMap<String, BTreeMap<String, String>>,
+    },
+    /// What the edge has, summarised: per kind, the digests of
+    /// [`crate::inventory::digests`]. The cloud asks for the entries of the
+    /// buckets that differ from what it would send.
+    Digest {
+        kinds: BTreeMap<String, serde_bytes::ByteBuf>,
+    },
+    /// The buckets (per kind) whose entries the cloud needs; the edge
+    /// answers with an `Inventory` of just those.
+    Query {
+        kinds: BTreeMap<String, serde_bytes::ByteBuf>,
     },
     /// A batch of changes; the edge acks `batch` once it committed them.
     Changes {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outrigger_proto::inventory;
 use outrigger_proto::message::{Control, Message, Row, Status, Sync};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -110,16 +111,34 @@ const OUTBOX_PERIOD: Duration = Duration::from_millis(250);
 const ROWS: usize = 200;
 const ROWS_IN_FLIGHT: usize = 1000;
 
-/// What the node has from the cloud, per kind: uid -> resourceVersion.
-fn inventory(s: &Store) -> Result<Message, LinkError> {
+/// What the node has from the cloud, per kind: uid -> resourceVersion,
+/// only for uids in `buckets` (all when None).
+fn inventory(
+    s: &Store,
+    buckets: Option<&std::collections::BTreeMap<String, serde_bytes::ByteBuf>>,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>, LinkError>
+{
     let mut kinds = std::collections::BTreeMap::new();
     for k in Kind::ALL {
-        let inv = s
+        let mut inv = s
             .inventory(k)
             .map_err(|e| LinkError::Unexpected(e.to_string()))?;
+        if let Some(q) = buckets {
+            let wanted = q.get(k.as_str()).map(|b| b.to_vec()).unwrap_or_default();
+            inv.retain(|uid, _| wanted.contains(&(inventory::bucket(uid) as u8)));
+        }
         kinds.insert(k.as_str().to_string(), inv);
     }
-    Ok(Message::Sync(Sync::Inventory { kinds }))
+    Ok(kinds)
+}
+
+/// The inventory's digests: what a reconnect sends first.
+fn digest(s: &Store) -> Result<Message, LinkError> {
+    let kinds = inventory(s, None)?
+        .into_iter()
+        .map(|(k, inv)| (k, serde_bytes::ByteBuf::from(inventory::digests(&inv))))
+        .collect();
+    Ok(Message::Sync(Sync::Digest { kinds }))
 }
 
 /// Commit a batch from the cloud. An object that does not parse is logged
@@ -216,9 +235,12 @@ impl Upstream {
 /// Keep the link up for as long as the daemon runs.
 pub async fn run(data_dir: PathBuf, cfg: LinkConfig, store: Option<Arc<Store>>) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    // Kept across reconnects, so TLS resumes the session (no certificates
+    // on the wire again); rebuilt when the certificate changes.
+    let mut tls: Option<(Vec<u8>, rustls::ClientConfig)> = None;
     loop {
         let t0 = Instant::now();
-        let r = session(&data_dir, &cfg, store.as_deref()).await;
+        let r = session(&data_dir, &cfg, store.as_deref(), &mut tls).await;
         if let Some(s) = &store {
             if let Err(e) = s.set_link(false, store::now_ms()) {
                 tracing::warn!(error = %e, "recording the link state");
@@ -240,15 +262,19 @@ async fn session(
     data_dir: &Path,
     cfg: &LinkConfig,
     store: Option<&Store>,
+    tls: &mut Option<(Vec<u8>, rustls::ClientConfig)>,
 ) -> Result<(), LinkError> {
     let d = dir(data_dir);
     let id = identity(&d)?;
-    let mut link = connect(
-        &cfg.server,
-        "/link",
-        link_config(&id.ca, &id.cert, &id.key)?,
-    )
-    .await?;
+    let config = match tls.as_ref() {
+        Some((cert, c)) if *cert == id.cert => c.clone(),
+        _ => {
+            let c = link_config(&id.ca, &id.cert, &id.key)?;
+            *tls = Some((id.cert.clone(), c.clone()));
+            c
+        }
+    };
+    let mut link = connect(&cfg.server, "/link", config).await?;
     let heartbeat = Duration::from_secs(u64::from(hello(&mut link, &cfg.node).await?.max(1)));
     if let Some(s) = store {
         if let Err(e) = s.set_link(true, store::now_ms()) {
@@ -257,7 +283,7 @@ async fn session(
     }
     tracing::info!(server = %cfg.server, node = %cfg.node, ?heartbeat, "connected to cloud-gw");
     if let Some(s) = store {
-        link.send(&inventory(s)?).await?;
+        link.send(&digest(s)?).await?;
     }
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
@@ -279,6 +305,12 @@ async fn session(
                     // Committed before acked: an unacked batch comes again.
                     commit(s, changes, cursors)?;
                     link.send(&Message::Sync(Sync::Ack { batch })).await?;
+                }
+                Message::Sync(Sync::Query { kinds }) => {
+                    if let Some(s) = store {
+                        let inv = inventory(s, Some(&kinds))?;
+                        link.send(&Message::Sync(Sync::Inventory { kinds: inv })).await?;
+                    }
                 }
                 Message::Status(Status::Ack { seqs }) => {
                     if let Some(s) = store {

@@ -38,7 +38,7 @@ pub async fn connect(
     path: &str,
     tls: rustls::ClientConfig,
 ) -> Result<Link<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, LinkError> {
-    let (host, port, authority) = parse_server(server)?;
+    let (host, port, _) = parse_server(server)?;
     let conn = |e: &dyn std::fmt::Display| LinkError::Connect(server.to_string(), e.to_string());
     let tcp = tokio::time::timeout(
         TIMEOUT,
@@ -48,6 +48,22 @@ pub async fn connect(
     .map_err(|_| conn(&"timed out"))?
     .map_err(|e| conn(&e))?;
     let _ = tcp.set_nodelay(true);
+    connect_over(server, path, tls, tcp).await
+}
+
+/// The TLS and WebSocket steps over a connected stream (the load
+/// generator passes one that counts bytes).
+pub async fn connect_over<S>(
+    server: &str,
+    path: &str,
+    tls: rustls::ClientConfig,
+    tcp: S,
+) -> Result<Link<tokio_rustls::client::TlsStream<S>>, LinkError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (host, _, authority) = parse_server(server)?;
+    let conn = |e: &dyn std::fmt::Display| LinkError::Connect(server.to_string(), e.to_string());
     let name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| LinkError::Url(e.to_string()))?;
     let stream = tokio::time::timeout(

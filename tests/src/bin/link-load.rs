@@ -1,0 +1,532 @@
+//! link-load: simulated edge nodes, many in one process, against a real
+//! cloud-gw (the benchmark behind the README's link figures).
+//!
+//! `scale`: N nodes hold links; cloud-gw's memory per node, idle bytes per
+//! node per minute each way, and the latency of pushed objects.
+//! `delta`: one node with 200 objects: bytes of a full resync against a
+//! reconnect after one object changed, and the time each takes.
+//!
+//! Node certificates are minted straight from cloud-gw's CA directory
+//! (`--dir`), which is also where the objects are written (`objects/`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use cloud_gw::keeper::DirKeeper;
+use cloud_gw::pki::Pki;
+use edge_rt::link::join::{connect_over, hello, key_and_csr};
+use outrigger_proto::message::{Change, Message, Sync};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+#[derive(Parser)]
+struct Args {
+    /// cloud-gw's --dir (CA to mint node certificates; objects/ inside).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Scale {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// cloud-gw's pid, for its memory.
+        #[arg(long)]
+        cloud_pid: u32,
+        #[arg(long, default_value_t = 200)]
+        pushes: usize,
+        #[arg(long, default_value_t = 60)]
+        idle_secs: u64,
+        /// The nodes' ping period (cloud-gw's --heartbeat).
+        #[arg(long, default_value_t = 30)]
+        heartbeat_secs: u64,
+    },
+    Delta {
+        #[arg(long, default_value_t = 200)]
+        objects: usize,
+    },
+}
+
+/// A stream that counts the bytes each way.
+struct Counted<S> {
+    inner: S,
+    rx: Arc<AtomicU64>,
+    tx: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.rx
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.tx.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    rx: Arc<AtomicU64>,
+    tx: Arc<AtomicU64>,
+}
+
+impl Counters {
+    fn total(&self) -> (u64, u64) {
+        (
+            self.rx.load(Ordering::Relaxed),
+            self.tx.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A node's TLS settings with a freshly minted certificate.
+fn identity(pki: &Pki, name: &str) -> Result<rustls::ClientConfig> {
+    let (key, csr) = key_and_csr(name)?;
+    let cert = pki.issue_node(name, &csr, Duration::from_secs(86400))?;
+    Ok(edge_rt::link::tls::link_config(
+        pki.ca_cert_pem.as_bytes(),
+        cert.as_bytes(),
+        key.as_bytes(),
+    )?)
+}
+
+fn kinds(inv: &BTreeMap<String, BTreeMap<String, String>>) -> Message {
+    Message::Sync(Sync::Inventory { kinds: inv.clone() })
+}
+
+/// One simulated node: connect, hello, inventory, then ack every batch
+/// (recording push latencies) and ping every heartbeat, until `stop`.
+async fn run_node(
+    server: String,
+    name: String,
+    tls: rustls::ClientConfig,
+    counters: Arc<Counters>,
+    latencies: Arc<Mutex<Vec<f64>>>,
+    heartbeat: Duration,
+    connected: Arc<AtomicU64>,
+) -> Result<()> {
+    let (host, port, _) = edge_rt::link::parse_server(&server)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let counted = Counted {
+        inner: tcp,
+        rx: counters.rx.clone(),
+        tx: counters.tx.clone(),
+    };
+    let mut link = connect_over(&server, "/link", tls, counted).await?;
+    hello(&mut link, &name).await?;
+    link.send(&kinds(&BTreeMap::new())).await?;
+    connected.fetch_add(1, Ordering::Relaxed);
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            m = link.recv() => {
+                if let Message::Sync(Sync::Changes { batch, changes, .. }) = m? {
+                    let now = now_ns();
+                    for c in changes {
+                        if let Change::Put { body, .. } = c {
+                            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                            if let Some(t) = v["data"]["pushed_at"].as_str().and_then(|s| s.parse::<u128>().ok()) {
+                                latencies.lock().unwrap_or_else(|p| p.into_inner()).push((now.saturating_sub(t)) as f64 / 1e6);
+                            }
+                        }
+                    }
+                    link.send(&Message::Sync(Sync::Ack { batch })).await?;
+                }
+            }
+            _ = tick.tick() => link.ping().await?,
+        }
+    }
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+async fn scale(args: &Args, n: usize, pid: u32, pushes: usize, idle: u64, hb: u64) -> Result<()> {
+    raise_nofile();
+    let pki = Pki::load(&DirKeeper::new(&args.dir))?;
+    let t = Instant::now();
+    let tls: Vec<rustls::ClientConfig> = (0..n)
+        .map(|i| identity(&pki, &format!("sim-{i}")))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "minted {n} node certificates in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let rss0 = rss_kib(pid);
+    let counters = Arc::new(Counters::default());
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let connected = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    for (i, tls) in tls.into_iter().enumerate() {
+        let (c, l, k) = (counters.clone(), latencies.clone(), connected.clone());
+        let server = args.server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_node(
+                server,
+                format!("sim-{i}"),
+                tls,
+                c,
+                l,
+                Duration::from_secs(hb),
+                k,
+            )
+            .await
+            {
+                eprintln!("sim-{i}: {e:#}");
+            }
+        });
+        // Waves, so the accept queue is not flooded.
+        if i % 200 == 199 {
+            while connected.load(Ordering::Relaxed) + 100 < i as u64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    while (connected.load(Ordering::Relaxed) as usize) < n {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "only {} of {n} connected",
+                connected.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connect_secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss1 = rss_kib(pid);
+
+    // Idle: only heartbeats.
+    let (rx0, tx0) = counters.total();
+    tokio::time::sleep(Duration::from_secs(idle)).await;
+    let (rx1, tx1) = counters.total();
+    let per_min = |b: u64| b as f64 / n as f64 / (idle as f64 / 60.0);
+
+    // Pushes to distinct nodes, 20 ms apart.
+    let objects = args.dir.join("objects");
+    for k in 0..pushes {
+        let node = format!("sim-{}", k * n / pushes.max(1));
+        let d = objects.join(&node);
+        std::fs::create_dir_all(&d)?;
+        let tmp = d.join(".push.tmp");
+        std::fs::write(
+            &tmp,
+            format!(
+                "kind: ConfigMap\nmetadata: {{name: push}}\ndata: {{pushed_at: '{}'}}\n",
+                now_ns()
+            ),
+        )?;
+        std::fs::rename(&tmp, d.join("push.yaml"))?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < pushes
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut lat = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    println!("one cloud-gw, {n} simulated edge nodes (heartbeat {hb} s), loopback");
+    println!("{:<44} {:>12}", "measure", "value");
+    println!(
+        "{:<44} {:>10.1} s",
+        "all connected and synced", connect_secs
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "cloud-gw RSS before / after",
+        rss0 as f64 / 1024.0
+    );
+    println!("{:<44} {:>9.1} MB", "", rss1 as f64 / 1024.0);
+    println!(
+        "{:<44} {:>9.1} KB",
+        "memory per node",
+        (rss1.saturating_sub(rss0)) as f64 / n as f64
+    );
+    println!(
+        "{:<44} {:>10.0} B",
+        "idle bytes per node per minute, edge -> cloud",
+        per_min(tx1 - tx0)
+    );
+    println!(
+        "{:<44} {:>10.0} B",
+        "idle bytes per node per minute, cloud -> edge",
+        per_min(rx1 - rx0)
+    );
+    println!(
+        "{:<44} {:>10}",
+        "pushes delivered",
+        format!("{} / {pushes}", lat.len())
+    );
+    println!(
+        "{:<44} {:>9.1} ms",
+        "push latency p50",
+        percentile(&mut lat, 0.5)
+    );
+    println!(
+        "{:<44} {:>9.1} ms",
+        "push latency p99",
+        percentile(&mut lat, 0.99)
+    );
+    Ok(())
+}
+
+/// A realistic pod, as an API server hands one out (no status): its
+/// hashes, uids and digests differ pod to pod, as real ones do, so
+/// compression does not flatter the full resync.
+fn pod(i: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let h = |what: &str| hex::encode(Sha256::digest(format!("{what}-{i}").as_bytes()));
+    let (owner, digest, hash) = (h("owner"), h("image"), h("template"));
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: sensor-reader-{i}
+  namespace: plant-a
+  labels: {{app: sensor-reader, line: "l{line}", tier: edge, pod-template-hash: "{tpl}"}}
+  annotations: {{prometheus.io/scrape: "true", prometheus.io/port: "9102", kubectl.kubernetes.io/restartedAt: "2026-11-20T08:00:00Z"}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: "sensor-reader-{tpl}", uid: "{o1}-{o2}-{o3}-{o4}-{o5}", controller: true, blockOwnerDeletion: true}}]
+spec:
+  nodeSelector: {{node-role.kubernetes.io/edge: ""}}
+  tolerations: [{{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute}}]
+  containers:
+  - name: reader
+    image: registry.example.com/plant/sensor-reader:2.4.{i}@sha256:{digest}
+    args: [--bus, /dev/ttyUSB0, --interval, 5s, --publish, mqtt://localhost:1883/plant-a/line-{line}]
+    env:
+    - {{name: SITE, value: plant-a}}
+    - {{name: NODE_NAME, valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}}}
+    - {{name: TOKEN, valueFrom: {{secretKeyRef: {{name: reader-token, key: token}}}}}}
+    resources: {{requests: {{cpu: 50m, memory: 32Mi}}, limits: {{cpu: 200m, memory: 64Mi}}}}
+    livenessProbe: {{httpGet: {{path: /healthz, port: 9102}}, periodSeconds: 10, failureThreshold: 3}}
+    readinessProbe: {{httpGet: {{path: /ready, port: 9102}}, periodSeconds: 5}}
+    volumeMounts: [{{name: config, mountPath: /etc/reader}}, {{name: data, mountPath: /var/lib/reader}}]
+    securityContext: {{runAsUser: 1000, runAsGroup: 1000, readOnlyRootFilesystem: true, allowPrivilegeEscalation: false}}
+  volumes:
+  - {{name: config, configMap: {{name: reader-config}}}}
+  - {{name: data, emptyDir: {{sizeLimit: 64Mi}}}}
+"#,
+        line = i % 7,
+        tpl = &hash[..10],
+        o1 = &owner[..8],
+        o2 = &owner[8..12],
+        o3 = &owner[12..16],
+        o4 = &owner[16..20],
+        o5 = &owner[20..32],
+    )
+}
+
+/// Connect as `name` with `inventory`, until nothing more comes for 300
+/// ms; returns (bytes, seconds, changes), and updates the inventory.
+async fn session(
+    server: &str,
+    name: &str,
+    tls: rustls::ClientConfig,
+    inventory: &mut BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<(u64, f64, usize)> {
+    let c = Counters::default();
+    let t = Instant::now();
+    let (host, port, _) = edge_rt::link::parse_server(server)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let counted = Counted {
+        inner: tcp,
+        rx: c.rx.clone(),
+        tx: c.tx.clone(),
+    };
+    let mut link = connect_over(server, "/link", tls, counted).await?;
+    hello(&mut link, name).await?;
+    let digests = inventory
+        .iter()
+        .map(|(k, inv)| {
+            (
+                k.clone(),
+                serde_bytes::ByteBuf::from(outrigger_proto::inventory::digests(inv)),
+            )
+        })
+        .collect();
+    link.send(&Message::Sync(Sync::Digest { kinds: digests }))
+        .await?;
+    let mut changes = 0;
+    let mut done = t.elapsed();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), link.recv()).await {
+            Ok(Ok(Message::Sync(Sync::Changes {
+                batch, changes: cs, ..
+            }))) => {
+                for ch in cs {
+                    changes += 1;
+                    match ch {
+                        Change::Put {
+                            kind,
+                            uid,
+                            resource_version,
+                            ..
+                        } => {
+                            inventory
+                                .entry(kind)
+                                .or_default()
+                                .insert(uid, resource_version);
+                        }
+                        Change::Delete { kind, uid } => {
+                            inventory.entry(kind).or_default().remove(&uid);
+                        }
+                    }
+                }
+                link.send(&Message::Sync(Sync::Ack { batch })).await?;
+                done = t.elapsed();
+            }
+            Ok(Ok(Message::Sync(Sync::Query { kinds: q }))) => {
+                let part = inventory
+                    .iter()
+                    .map(|(k, inv)| {
+                        let want = q.get(k).map(|b| b.to_vec()).unwrap_or_default();
+                        let inv = inv
+                            .iter()
+                            .filter(|(u, _)| {
+                                want.contains(&(outrigger_proto::inventory::bucket(u) as u8))
+                            })
+                            .map(|(u, r)| (u.clone(), r.clone()))
+                            .collect();
+                        (k.clone(), inv)
+                    })
+                    .collect();
+                link.send(&Message::Sync(Sync::Inventory { kinds: part }))
+                    .await?;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    link.close("done").await;
+    let (rx, tx) = c.total();
+    Ok((rx + tx, done.as_secs_f64(), changes))
+}
+
+async fn delta(args: &Args, objects: usize) -> Result<()> {
+    let pki = Pki::load(&DirKeeper::new(&args.dir))?;
+    let name = "delta-node";
+    let d = args.dir.join("objects").join(name);
+    std::fs::create_dir_all(&d)?;
+    for i in 0..objects {
+        std::fs::write(d.join(format!("pod-{i}.yaml")), pod(i))?;
+    }
+    let mut inv = BTreeMap::new();
+    // One identity and TLS configuration, as a node keeps across reconnects.
+    let tls = identity(&pki, name)?;
+    let (full, full_t, n_full) = session(&args.server, name, tls.clone(), &mut inv).await?;
+    let changed = d.join("pod-17.yaml");
+    std::fs::write(&changed, pod(17).replace("2.4.17", "2.5.0"))?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (one, one_t, n_one) = session(&args.server, name, tls.clone(), &mut inv).await?;
+    let (none, none_t, n_none) = session(&args.server, name, tls, &mut inv).await?;
+    println!("reconnect after a cut: one node with {objects} pods (~2.3 KB of JSON each), loopback; bytes both ways including TLS and WebSocket handshakes");
+    println!(
+        "{:<40} {:>8} {:>12} {:>10} {:>14}",
+        "session", "changes", "bytes", "of full", "converged in"
+    );
+    for (label, b, t, c) in [
+        ("full resync (empty inventory)", full, full_t, n_full),
+        ("reconnect, 1 object changed", one, one_t, n_one),
+        ("reconnect, nothing changed", none, none_t, n_none),
+    ] {
+        println!(
+            "{label:<40} {c:>8} {b:>12} {:>9.1}% {:>11.0} ms",
+            b as f64 * 100.0 / full as f64,
+            t * 1000.0
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    match &args.cmd {
+        Cmd::Scale {
+            nodes,
+            cloud_pid,
+            pushes,
+            idle_secs,
+            heartbeat_secs,
+        } => {
+            scale(
+                &args,
+                *nodes,
+                *cloud_pid,
+                *pushes,
+                *idle_secs,
+                *heartbeat_secs,
+            )
+            .await
+        }
+        Cmd::Delta { objects } => delta(&args, *objects).await,
+    }
+    .context("link-load")
+}
