@@ -103,6 +103,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         objects: Arc::new(crate::pods::source::Objects::default()),
         volumes_root: cfg.node.data_dir.join("pods"),
         node: crate::pods::env::Placement::of_this_node(),
+        status_generation: Default::default(),
         network: if cfg.network.enabled {
             Some(Arc::new(crate::network::Network::new(
                 cfg.network.clone(),

@@ -28,6 +28,8 @@ pub struct Reporter {
     removed: Vec<String>,
     event_seq: u64,
     failing: bool,
+    /// (status, event, link) generations at the last successful flush.
+    seen: Option<(u64, u64, u64)>,
 }
 
 fn digest(v: &serde_json::Value) -> u64 {
@@ -85,6 +87,7 @@ impl Reporter {
             removed: Vec::new(),
             event_seq: 0,
             failing: false,
+            seen: None,
         }
     }
 
@@ -145,7 +148,21 @@ impl Reporter {
 
     /// Commit what changed to the outbox. Returns how many rows went in.
     pub fn flush(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let ctx = self.pods.context();
+        let generations = (
+            ctx.status_generation
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ctx.events.last_seq(),
+            self.store.link_generation(),
+        );
+        // Nothing moved: no pass over the pods (idle nodes stay at 0 % CPU).
+        if self.seen == Some(generations) && self.pods.removed_pending() == 0 {
+            return Ok(0);
+        }
         let (reports, seq) = self.collect();
+        if reports.is_empty() {
+            self.seen = Some(generations);
+        }
         if reports.is_empty() {
             return Ok(0);
         }
@@ -166,6 +183,7 @@ impl Reporter {
                 }
                 self.event_seq = seq;
                 self.removed.clear();
+                self.seen = Some(generations);
                 Ok(reports.len())
             }
             Err(e) => {

@@ -30,6 +30,7 @@ impl Harness {
         busybox_image(&env.store)?;
         let rt = env.runtime()?;
         let ctx = Arc::new(Context {
+            status_generation: Default::default(),
             rt: rt.clone(),
             images: env.store.clone(),
             puller: std::sync::Mutex::new(Arc::new(edge_rt::image::registry::Puller::new(

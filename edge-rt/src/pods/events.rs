@@ -97,6 +97,11 @@ impl EventRing {
         ring.push_back(ev);
     }
 
+    /// The sequence number of the latest push or fold.
+    pub fn last_seq(&self) -> u64 {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     /// Events pushed or folded into after `seq`, oldest first.
     pub fn since(&self, seq: u64) -> Vec<PodEvent> {
         let guard = self.ring.lock().unwrap_or_else(|p| p.into_inner());

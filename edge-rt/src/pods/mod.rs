@@ -53,6 +53,9 @@ pub struct Context {
     pub node: env::Placement,
     /// Pod networking (None: pods get loopback only).
     pub network: Option<Arc<crate::network::Network>>,
+    /// Bumped whenever a worker publishes a status: the reporter skips
+    /// its pass when nothing moved.
+    pub status_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
@@ -166,6 +169,17 @@ impl PodManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(done);
+    }
+
+    /// How many removed pods wait for [`PodManager::take_removed`], counting
+    /// workers that finished since the last prune.
+    pub fn removed_pending(&self) -> usize {
+        let finished = self
+            .lock()
+            .values()
+            .filter(|e| e.task.is_finished())
+            .count();
+        finished + self.removed.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Pods removed since the last call (however briefly they ran): what
@@ -1219,6 +1233,9 @@ impl Worker {
         let mut p = pod.clone();
         p.status = Some(st);
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        self.ctx
+            .status_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

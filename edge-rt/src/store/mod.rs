@@ -302,6 +302,8 @@ pub struct Store {
     key: Option<crypt::Key>,
     cfg: StoreConfig,
     changed: watch::Sender<u64>,
+    /// Bumped when the link state changes.
+    link_generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -437,6 +439,7 @@ impl Store {
             key: Some(key),
             cfg: cfg.clone(),
             changed: watch::channel(0).0,
+            link_generation: Default::default(),
         })
     }
 
@@ -465,6 +468,7 @@ impl Store {
             key,
             cfg: StoreConfig::default(),
             changed: watch::channel(0).0,
+            link_generation: Default::default(),
         })
     }
 
@@ -781,6 +785,12 @@ impl Store {
         Ok(())
     }
 
+    /// Changes whenever the link state does.
+    pub fn link_generation(&self) -> u64 {
+        self.link_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn link(&self) -> Result<LinkState, StoreError> {
         Ok(self.state("link")?.unwrap_or_default())
     }
@@ -798,6 +808,8 @@ impl Store {
             ever_connected: cur.ever_connected || connected,
         };
         self.set_state("link", &next)?;
+        self.link_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(next)
     }
 
