@@ -47,6 +47,21 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Queue a change, dropping any older one for the same object that is
+    /// still waiting: a node that is slow to ack costs at most one queued
+    /// change per object, however often the objects change.
+    fn enqueue(queue: &mut VecDeque<Change>, c: Change) {
+        fn id(c: &Change) -> (&str, &str) {
+            match c {
+                Change::Put { kind, uid, .. } | Change::Delete { kind, uid } => (kind, uid),
+            }
+        }
+        let key = id(&c);
+        let (k, u) = (key.0.to_string(), key.1.to_string());
+        queue.retain(|q| id(q) != (k.as_str(), u.as_str()));
+        queue.push_back(c);
+    }
+
     /// Queue what the node lacks: puts (ConfigMaps and Secrets before the
     /// Pods that use them), then deletes (Pods first).
     pub fn refresh(&mut self) {
@@ -61,12 +76,15 @@ impl<'a> Session<'a> {
             let have = edge.entry(kind.to_string()).or_default();
             for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
                 if have.get(uid) != Some(rv) {
-                    self.queue.push_back(Change::Put {
-                        kind: kind.to_string(),
-                        uid: uid.clone(),
-                        resource_version: rv.clone(),
-                        body: body.clone(),
-                    });
+                    Self::enqueue(
+                        &mut self.queue,
+                        Change::Put {
+                            kind: kind.to_string(),
+                            uid: uid.clone(),
+                            resource_version: rv.clone(),
+                            body: body.clone(),
+                        },
+                    );
                     have.insert(uid.clone(), rv.clone());
                 }
             }
@@ -80,10 +98,13 @@ impl<'a> Session<'a> {
                 .collect();
             for uid in gone {
                 have.remove(&uid);
-                self.queue.push_back(Change::Delete {
-                    kind: kind.to_string(),
-                    uid,
-                });
+                Self::enqueue(
+                    &mut self.queue,
+                    Change::Delete {
+                        kind: kind.to_string(),
+                        uid,
+                    },
+                );
             }
         }
     }
@@ -213,5 +234,57 @@ impl<'a> Session<'a> {
     /// Nothing queued and nothing unacked.
     pub fn idle(&self) -> bool {
         self.queue.is_empty() && self.in_flight.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cm(i: usize, v: usize) -> String {
+        format!("kind: ConfigMap\nmetadata: {{name: c{i}}}\ndata: {{v: '{v}'}}\n---\n")
+    }
+
+    #[test]
+    fn a_node_that_never_acks_costs_one_queued_change_per_object() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("n")).unwrap();
+        let write = |v: usize| {
+            let text: String = (0..300).map(|i| cm(i, v)).collect();
+            std::fs::write(d.path().join("n/all.yaml"), text).unwrap();
+        };
+        write(0);
+        let src = DirSource::new(d.path());
+        let mut s = Session::new("n", &src);
+        s.handle(Message::Sync(Sync::Inventory {
+            kinds: BTreeMap::new(),
+        }));
+        // The window fills and nothing is acked; every object keeps changing.
+        let mut sent = 0;
+        while s.next_message().is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 3);
+        for v in 1..20 {
+            write(v);
+            s.refresh();
+            while s.next_message().is_some() {
+                sent += 1;
+            }
+            assert!(s.queue.len() <= 300, "queue grew to {}", s.queue.len());
+        }
+        assert!(sent <= WINDOW);
+        // Once acks come, the node gets each object's latest version.
+        s.handle(Message::Sync(Sync::Ack { batch: 1 }));
+        match s.next_message() {
+            Some(Message::Sync(Sync::Changes { changes, .. })) => match &changes[0] {
+                Change::Put { body, .. } => {
+                    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                    assert_eq!(v["data"]["v"], "19");
+                }
+                c => panic!("{c:?}"),
+            },
+            m => panic!("{m:?}"),
+        }
     }
 }
