@@ -26,15 +26,9 @@ pub struct DirSource {
 }
 
 fn uuid_of(bytes: &[u8]) -> String {
-    let h = hex::encode(&Sha256::digest(bytes)[..16]);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&Sha256::digest(bytes)[..16]);
+    outrigger_proto::inventory::uuid_string(&b)
 }
 
 impl DirSource {

@@ -6,7 +6,7 @@
 //! inventory plus what was sent since), rebuilt from the next inventory
 //! after any reconnect: any cloud-gw replica can serve any node.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use outrigger_proto::inventory;
 use outrigger_proto::message::{Change, Message, Status, Sync};
@@ -17,6 +17,13 @@ use crate::source::{DirSource, KINDS};
 pub const BATCH: usize = 100;
 pub const WINDOW: usize = 8;
 
+/// (kind, uid) of a change.
+fn id(c: &Change) -> (String, String) {
+    match c {
+        Change::Put { kind, uid, .. } | Change::Delete { kind, uid } => (kind.clone(), uid.clone()),
+    }
+}
+
 pub struct Session<'a> {
     node: String,
     source: &'a DirSource,
@@ -24,6 +31,8 @@ pub struct Session<'a> {
     /// batches in flight commit. None until its inventory arrives.
     edge: Option<BTreeMap<String, BTreeMap<String, String>>>,
     queue: VecDeque<Change>,
+    /// The objects with a change in `queue`.
+    queued: HashSet<(String, String)>,
     /// Buckets asked for (after a digest) and not answered yet: until
     /// then the view is incomplete and nothing is sent.
     query: Option<BTreeMap<String, Vec<u8>>>,
@@ -40,6 +49,7 @@ impl<'a> Session<'a> {
             source,
             edge: None,
             queue: VecDeque::new(),
+            queued: HashSet::new(),
             query: None,
             in_flight: VecDeque::new(),
             next_batch: 1,
@@ -50,15 +60,12 @@ impl<'a> Session<'a> {
     /// Queue a change, dropping any older one for the same object that is
     /// still waiting: a node that is slow to ack costs at most one queued
     /// change per object, however often the objects change.
-    fn enqueue(queue: &mut VecDeque<Change>, c: Change) {
-        fn id(c: &Change) -> (&str, &str) {
-            match c {
-                Change::Put { kind, uid, .. } | Change::Delete { kind, uid } => (kind, uid),
-            }
-        }
+    fn enqueue(queue: &mut VecDeque<Change>, queued: &mut HashSet<(String, String)>, c: Change) {
         let key = id(&c);
-        let (k, u) = (key.0.to_string(), key.1.to_string());
-        queue.retain(|q| id(q) != (k.as_str(), u.as_str()));
+        // Only a change already waiting costs a pass over the queue.
+        if !queued.insert(key.clone()) {
+            queue.retain(|q| id(q) != key);
+        }
         queue.push_back(c);
     }
 
@@ -78,6 +85,7 @@ impl<'a> Session<'a> {
                 if have.get(uid) != Some(rv) {
                     Self::enqueue(
                         &mut self.queue,
+                        &mut self.queued,
                         Change::Put {
                             kind: kind.to_string(),
                             uid: uid.clone(),
@@ -100,6 +108,7 @@ impl<'a> Session<'a> {
                 have.remove(&uid);
                 Self::enqueue(
                     &mut self.queue,
+                    &mut self.queued,
                     Change::Delete {
                         kind: kind.to_string(),
                         uid,
@@ -116,6 +125,9 @@ impl<'a> Session<'a> {
         }
         let n = self.queue.len().min(BATCH);
         let changes: Vec<Change> = self.queue.drain(..n).collect();
+        for c in &changes {
+            self.queued.remove(&id(c));
+        }
         let batch = self.next_batch;
         self.next_batch += 1;
         self.in_flight.push_back(batch);
@@ -133,6 +145,7 @@ impl<'a> Session<'a> {
         self.edge = Some(edge);
         // Whatever was in flight on an older view is superseded.
         self.queue.clear();
+        self.queued.clear();
         self.in_flight.clear();
         self.refresh();
         tracing::info!(node = %self.node, objects, changes = self.queue.len(), "inventory received; sending the difference");
@@ -172,6 +185,7 @@ impl<'a> Session<'a> {
                 }
                 self.edge = Some(edge);
                 self.queue.clear();
+                self.queued.clear();
                 self.in_flight.clear();
                 let ask = query
                     .iter()

@@ -4,6 +4,7 @@
 //! server, and helpers to run edge-rt.
 
 pub mod fixtures;
+pub mod netns;
 pub mod podkit;
 pub mod registry;
 pub mod token_server;

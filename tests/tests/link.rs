@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use outrigger_tests::netns::VethNs;
 use outrigger_tests::util::*;
 
 /// A `cloud-gw serve` with its own CA, on 127.0.0.1 or in a namespace.
@@ -146,6 +147,14 @@ fn join(node: &Node, server: &str, token: &str, name: &str) -> Result<Output> {
         .output()?)
 }
 
+/// A fresh node joined to `cloud` as `name`.
+fn joined(cloud: &Cloud, name: &str) -> Result<Node> {
+    let node = Node::new()?;
+    let o = join(&node, &cloud.server, &cloud.token("10m")?, name)?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    Ok(node)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -174,9 +183,7 @@ async fn a_node_joins_with_a_token_then_links_over_mutual_tls() -> Result<()> {
         return Ok(());
     }
     let cloud = Cloud::start().await?;
-    let node = Node::new()?;
-    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-1")?;
-    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let node = joined(&cloud, "gw-1")?;
     cloud.logged("node joined").await?;
     let key = std::fs::metadata(link_dir(&node).join("node.key"))?;
     ensure!(
@@ -304,9 +311,7 @@ async fn a_certificate_of_another_node_is_refused() -> Result<()> {
         return Ok(());
     }
     let cloud = Cloud::start().await?;
-    let node = Node::new()?;
-    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-a")?;
-    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let node = joined(&cloud, "gw-a")?;
     // The same key and certificate, but the node claims to be gw-b.
     let cfg = link_dir(&node).join("link.toml");
     let text = std::fs::read_to_string(&cfg)?.replace("\"gw-a\"", "\"gw-b\"");
@@ -370,9 +375,7 @@ async fn objects_sync_down_status_comes_up_and_a_reconnect_sends_only_the_differ
         return Ok(());
     }
     let cloud = Cloud::start().await?;
-    let node = Node::new()?;
-    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-s")?;
-    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let node = joined(&cloud, "gw-s")?;
     std::fs::create_dir_all(objects_dir(&cloud, "gw-s"))?;
     std::fs::write(objects_dir(&cloud, "gw-s").join("app.yaml"), APP)?;
     // Another node's objects never reach this one.
@@ -474,53 +477,33 @@ async fn objects_sync_down_status_comes_up_and_a_reconnect_sends_only_the_differ
     node.cleanup().await
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let o = Command::new("ip").args(args).output()?;
-    ensure!(o.status.success(), "ip {args:?}: {}", stderr(&o));
-    Ok(())
-}
-
 /// cloud-gw's own network namespace, joined to ours by a veth pair; a cut
 /// drops every packet (TCP hangs, as on a dead cellular link; no resets).
 struct CutNet {
-    ns: String,
-    host_if: String,
+    net: VethNs,
     cloud_addr: String,
 }
 
 impl CutNet {
     fn new(n: u8) -> Result<CutNet> {
-        let ns = format!("ort-cloud-{n}");
-        let host_if = format!("ortcl{n}");
-        let _ = ip(&["netns", "del", &ns]);
-        let _ = ip(&["link", "del", &host_if]);
-        ip(&["netns", "add", &ns])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["addr", "add", &format!("10.231.{n}.1/30"), "dev", &host_if])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut a = vec!["netns", "exec", &ns, "ip"];
-            a.extend_from_slice(args);
-            ip(&a)
-        };
-        inside(&["addr", "add", &format!("10.231.{n}.2/30"), "dev", "eth0"])?;
-        inside(&["link", "set", "eth0", "up"])?;
-        inside(&["link", "set", "lo", "up"])?;
+        let net = VethNs::new(
+            &format!("ort-cloud-{n}"),
+            &format!("ortcl{n}"),
+            &format!("10.231.{n}.1/30"),
+            &format!("10.231.{n}.2/30"),
+        )?;
         Ok(CutNet {
+            net,
             cloud_addr: format!("10.231.{n}.2"),
-            ns,
-            host_if,
         })
     }
 
     fn iptables(&self, op: &str) -> Result<()> {
         for chain in ["INPUT", "OUTPUT"] {
-            let o = Command::new("ip")
-                .args([
-                    "netns", "exec", &self.ns, "iptables", op, chain, "-j", "DROP",
-                ])
+            let o = self
+                .net
+                .exec("iptables")
+                .args([op, chain, "-j", "DROP"])
                 .output()?;
             ensure!(o.status.success(), "iptables {op} {chain}: {}", stderr(&o));
         }
@@ -533,13 +516,6 @@ impl CutNet {
 
     fn restore(&self) -> Result<()> {
         self.iptables("-D")
-    }
-}
-
-impl Drop for CutNet {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.ns]);
-        let _ = ip(&["link", "del", &self.host_if]);
     }
 }
 
@@ -568,10 +544,8 @@ async fn after_a_30s_cut_both_sides_converge() -> Result<()> {
         return Ok(());
     }
     let net = CutNet::new(7)?;
-    let cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr, "90d").await?;
-    let node = Node::new()?;
-    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-cut")?;
-    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let cloud = Cloud::start_in(Some(&net.net.ns), &net.cloud_addr, "90d").await?;
+    let node = joined(&cloud, "gw-cut")?;
     let dir = objects_dir(&cloud, "gw-cut");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("app.yaml"), APP)?;
@@ -690,10 +664,8 @@ async fn a_hundred_flaps_and_a_cloud_gw_restart() -> Result<()> {
         return Ok(());
     }
     let net = CutNet::new(8)?;
-    let mut cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr, "90d").await?;
-    let node = Node::new()?;
-    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-flap")?;
-    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let mut cloud = Cloud::start_in(Some(&net.net.ns), &net.cloud_addr, "90d").await?;
+    let node = joined(&cloud, "gw-flap")?;
     let dir = objects_dir(&cloud, "gw-flap");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("app.yaml"), APP)?;
@@ -766,10 +738,8 @@ async fn a_certificate_rotates_across_a_cut() -> Result<()> {
         return Ok(());
     }
     let net = CutNet::new(9)?;
-    let cloud = Cloud::start_in(Some(&net.ns), &net.cloud_addr, "45s").await?;
-    let node = Node::new()?;
-    let o = join(&node, &cloud.server, &cloud.token("10m")?, "gw-rot")?;
-    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let cloud = Cloud::start_in(Some(&net.net.ns), &net.cloud_addr, "45s").await?;
+    let node = joined(&cloud, "gw-rot")?;
     let t0 = std::time::Instant::now();
     let first = std::fs::read(link_dir(&node).join("node.crt"))?;
     let daemon = node.start().await?;

@@ -5,67 +5,43 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use edge_rt::network::{Network, NetworkConfig};
 use k8s_openapi::api::core::v1::Pod;
+use outrigger_tests::netns::VethNs;
 use outrigger_tests::podkit::*;
 use outrigger_tests::util::{require_root, wait_for};
 use serde_json::json;
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output()?;
-    if !out.status.success() {
-        bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 /// A network outside the node: a namespace behind a veth with a web
 /// server, and no route back to the pod CIDR (replies only come back if
 /// the node masquerades).
 struct Outside {
-    ns: String,
-    host_if: String,
+    // Dropped after the server, as fields drop in order.
     server: std::process::Child,
+    net: VethNs,
     pub addr: String,
     _www: tempfile::TempDir,
 }
 
 impl Outside {
     fn new(n: u32) -> Result<Outside> {
-        let ns = format!("ort-out-{n}");
-        let host_if = format!("ortout{n}");
-        let _ = ip(&["netns", "del", &ns]);
-        let _ = ip(&["link", "del", &host_if]);
-        ip(&["netns", "add", &ns])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["addr", "add", &format!("192.168.{n}.1/24"), "dev", &host_if])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
+        let net = VethNs::new(
+            &format!("ort-out-{n}"),
+            &format!("ortout{n}"),
+            &format!("192.168.{n}.1/24"),
             &format!("192.168.{n}.2/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        )?;
         let www = tempfile::tempdir()?;
         std::fs::write(www.path().join("hello"), "from outside\n")?;
-        let server = Command::new("ip")
-            .args([
-                "netns", "exec", &ns, "busybox", "httpd", "-f", "-p", "8000", "-h",
-            ])
+        let server = net
+            .exec("busybox")
+            .args(["httpd", "-f", "-p", "8000", "-h"])
             .arg(www.path())
             .spawn()?;
         Ok(Outside {
-            ns,
-            host_if,
             server,
+            net,
             addr: format!("192.168.{n}.2"),
             _www: www,
         })
@@ -76,8 +52,6 @@ impl Drop for Outside {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.ns]);
     }
 }
 
@@ -222,7 +196,7 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
         "ip",
         "netns",
         "exec",
-        &outside.ns,
+        &outside.net.ns,
         "busybox",
         "wget",
         "-qO-",

@@ -93,15 +93,8 @@ fn get_id(b: &[u8], at: &mut usize) -> Result<String, String> {
             String::from_utf8(take(b, at, n)?.to_vec()).map_err(|e| e.to_string())
         }
         1 => {
-            let h = hex(take(b, at, 16)?);
-            Ok(format!(
-                "{}-{}-{}-{}-{}",
-                &h[..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..]
-            ))
+            let raw: [u8; 16] = take(b, at, 16)?.try_into().map_err(|_| "truncated id")?;
+            Ok(uuid_string(&raw))
         }
         2 => {
             let n = get_varint(b, at)? as usize;
@@ -110,6 +103,19 @@ fn get_id(b: &[u8], at: &mut usize) -> Result<String, String> {
         3 => Ok(get_varint(b, at)?.to_string()),
         t => Err(format!("unknown id tag {t}")),
     }
+}
+
+/// 16 bytes in a UUID's canonical spelling (8-4-4-4-12, lowercase).
+pub fn uuid_string(b: &[u8; 16]) -> String {
+    let h = hex(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 fn hex(b: &[u8]) -> String {

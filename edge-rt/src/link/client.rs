@@ -194,11 +194,18 @@ fn commit(
 struct Upstream {
     last_sent: i64,
     in_flight: usize,
+    /// The outbox generation when the last read found everything sent:
+    /// until it moves there is nothing to read.
+    drained_at: Option<u64>,
 }
 
 impl Upstream {
     fn next(&mut self, s: &Store) -> Option<Message> {
         if self.in_flight >= ROWS_IN_FLIGHT {
+            return None;
+        }
+        let generation = s.outbox_generation();
+        if self.drained_at == Some(generation) {
             return None;
         }
         let rows = match s.pending(self.last_sent, ROWS) {
@@ -208,6 +215,9 @@ impl Upstream {
                 return None;
             }
         };
+        if rows.len() < ROWS {
+            self.drained_at = Some(generation);
+        }
         let last = rows.last()?.seq;
         self.last_sent = last;
         self.in_flight += rows.len();

@@ -151,10 +151,7 @@ pub async fn join(
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .ok_or_else(|| LinkError::Tls("the pinned CA was not seen".into()))?;
-    let ca_pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        base64_lines(ca.as_ref())
-    );
+    let ca_pem = pem::encode(&pem::Pem::new("CERTIFICATE", ca.as_ref().to_vec()));
     let d = dir(data_dir);
     write_file(&d.join("node.key"), key_pem.as_bytes(), true)?;
     write_file(&d.join("node.crt"), cert_pem.as_bytes(), false)?;
@@ -167,14 +164,4 @@ pub async fn join(
     let text = toml::to_string(&cfg).map_err(|e| LinkError::Config(e.to_string()))?;
     write_file(&d.join("link.toml"), text.as_bytes(), false)?;
     Ok(cfg)
-}
-
-fn base64_lines(der: &[u8]) -> String {
-    use base64::Engine;
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    b.as_bytes()
-        .chunks(64)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
 }

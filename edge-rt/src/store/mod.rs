@@ -304,6 +304,8 @@ pub struct Store {
     changed: watch::Sender<u64>,
     /// Bumped when the link state changes.
     link_generation: std::sync::atomic::AtomicU64,
+    /// Bumped when rows go into the outbox.
+    outbox_generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -322,15 +324,7 @@ pub fn new_uid() -> String {
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    outrigger_proto::inventory::uuid_string(&b)
 }
 
 pub fn now_ms() -> i64 {
@@ -440,6 +434,7 @@ impl Store {
             cfg: cfg.clone(),
             changed: watch::channel(0).0,
             link_generation: Default::default(),
+            outbox_generation: Default::default(),
         })
     }
 
@@ -469,6 +464,7 @@ impl Store {
             cfg: StoreConfig::default(),
             changed: watch::channel(0).0,
             link_generation: Default::default(),
+            outbox_generation: Default::default(),
         })
     }
 
@@ -727,6 +723,8 @@ impl Store {
             }
         }
         tx.commit()?;
+        self.outbox_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(seqs)
     }
 
@@ -783,6 +781,12 @@ impl Store {
             params![key, v],
         )?;
         Ok(())
+    }
+
+    /// Changes whenever rows go into the outbox.
+    pub fn outbox_generation(&self) -> u64 {
+        self.outbox_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Changes whenever the link state does.
