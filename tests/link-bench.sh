@@ -9,7 +9,7 @@ nodes=${1:-10000}
 bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d /var/tmp/link-bench.XXXXXX)
 "$bin/cloud-gw" --dir "$dir" init --san 127.0.0.1 >/dev/null
-RUST_LOG=warn "$bin/cloud-gw" --dir "$dir" serve --listen 127.0.0.1:18443 --objects "$dir/objects" 2>"$dir/cloud-gw.log" &
+RUST_LOG=warn "$bin/cloud-gw" --dir "$dir" serve --listen 127.0.0.1:18443 --http-listen off --objects "$dir/objects" 2>"$dir/cloud-gw.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
 sleep 1

@@ -1,6 +1,7 @@
 //! Where cloud-gw keeps its secrets (the CA key, tokens): behind a small
-//! trait, so a Kubernetes Secret can hold them in a cluster (the Kubernetes
-//! bridge) and a directory holds them in tests and on a single host.
+//! trait, so a Kubernetes Secret holds them in a cluster
+//! ([`crate::bridge::secret::SecretKeeper`]) and a directory on a single
+//! host and in the link's tests ([`DirKeeper`]).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -61,5 +62,25 @@ impl Keeper for DirKeeper {
             .map_err(err)?;
         f.write_all(value).and_then(|_| f.sync_all()).map_err(err)?;
         std::fs::rename(&tmp, &p).map_err(err)
+    }
+}
+
+/// Named blobs in memory: a PKI made here is written to its real keeper
+/// in one step (see the Secret keeper's create-once).
+#[derive(Default)]
+pub struct MemKeeper {
+    pub data: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+}
+
+impl Keeper for MemKeeper {
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, KeeperError> {
+        let d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(d.get(name).cloned())
+    }
+
+    fn put(&self, name: &str, value: &[u8]) -> Result<(), KeeperError> {
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        d.insert(name.to_string(), value.to_vec());
+        Ok(())
     }
 }

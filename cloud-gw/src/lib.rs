@@ -1,15 +1,24 @@
 //! cloud-gw: serves edge nodes over mutual-TLS WebSockets (and, with the
 //! Kubernetes bridge, makes each an ordinary Node).
 //!
+//! - [`bridge`]: the Kubernetes side: Nodes, Leases, pods and what they
+//!   use, status and events (a [`source::Source`] over the API server).
+//! - [`http`], [`metrics`]: health, readiness, Prometheus metrics and the
+//!   admission webhook.
+//! - [`manifests`]: what `kubectl apply` needs to run cloud-gw in a cluster.
 //! - [`keeper`]: where secrets live (a directory; a Kubernetes Secret later).
 //! - [`pki`]: the link CA, the serving certificate, node certificates.
 //! - [`tokens`]: join tokens (hashes, expiry, revocation).
 //! - [`server`]: the edge endpoint (`/join`, `/link`).
-//! - [`source`]: objects per node from a directory, status into it (until
-//!   the Kubernetes bridge).
+//! - [`source`]: the trait a link serves from, and its directory
+//!   implementation (objects per node from files, status into them).
 //! - [`sync`]: one node's delta sync over its link.
 
+pub mod bridge;
+pub mod http;
 pub mod keeper;
+pub mod manifests;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod source;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use cloud_gw::keeper::DirKeeper;
+use cloud_gw::bridge::secret::SecretKeeper;
+use cloud_gw::keeper::{DirKeeper, Keeper};
 use cloud_gw::pki::Pki;
 use cloud_gw::tokens::Tokens;
 
@@ -25,6 +26,14 @@ struct Cli {
         default_value = "/var/lib/cloud-gw"
     )]
     dir: PathBuf,
+    /// Keep the CA, serving certificate and tokens in this Kubernetes
+    /// Secret (NAMESPACE/NAME) instead of --dir: what replicas share.
+    #[arg(long, global = true, env = "CLOUD_GW_SECRET")]
+    secret: Option<String>,
+    /// The cluster's kubeconfig, for `run` and --secret (default:
+    /// $KUBECONFIG, ~/.kube/config, or the in-cluster service account).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -43,21 +52,72 @@ enum Cmd {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Serve edge nodes: /join and /link over TLS.
+    /// Print what a cluster needs to run cloud-gw (namespace, RBAC,
+    /// Deployment, Services, webhook), for `kubectl apply -f -`.
+    Manifests {
+        #[arg(long, default_value = "outrigger-system")]
+        namespace: String,
+        #[arg(long, default_value = concat!("ghcr.io/outrigger/cloud-gw:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+        /// A name (DNS or IP) edges reach cloud-gw by (repeat).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Serve edge nodes from the Kubernetes API: each is a Node, its pods
+    /// and what they use go down the link, status and events come back.
+    Run {
+        #[command(flatten)]
+        link: LinkArgs,
+        /// With --secret and no CA in it yet: names (DNS or IP) edges reach
+        /// cloud-gw by, for the serving certificate made then (repeat).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Taint edge nodes node-role.kubernetes.io/edge:NoSchedule.
+        #[arg(long)]
+        edge_taint: bool,
+        /// How often a connected node's Lease is renewed.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        lease_period: Duration,
+        /// Node status is rewritten at least this often while connected.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        status_period: Duration,
+        /// The admission webhook (HTTPS, the serving certificate); "off"
+        /// for none.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        webhook_listen: String,
+        /// The MutatingWebhookConfiguration to write the link CA into at
+        /// start (as caBundle), if it exists.
+        #[arg(long, default_value = cloud_gw::manifests::WEBHOOK_CONFIG)]
+        webhook_config: String,
+    },
+    /// Serve edge nodes from a directory of manifests (no cluster): the
+    /// link on its own, for trials and tests.
     Serve {
-        #[arg(long, default_value = "0.0.0.0:7443")]
-        listen: std::net::SocketAddr,
-        /// Heartbeat period; a link silent for two is dropped.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        heartbeat: Duration,
-        /// Lifetime of node certificates.
-        #[arg(long, default_value = "90d", value_parser = parse_duration)]
-        node_cert_validity: Duration,
+        #[command(flatten)]
+        link: LinkArgs,
         /// Objects to serve: a directory per node name of YAML manifests
         /// (Pods, ConfigMaps, Secrets); status lands in `.status/<node>/`.
         #[arg(long, default_value = "/var/lib/cloud-gw/objects")]
         objects: PathBuf,
     },
+}
+
+/// Where and how edge nodes are served.
+#[derive(clap::Args)]
+struct LinkArgs {
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: std::net::SocketAddr,
+    /// Heartbeat period; a link silent for two is dropped.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// Lifetime of node certificates.
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    node_cert_validity: Duration,
+    /// /healthz, /readyz and /metrics (plain HTTP); "off" for none.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    http_listen: String,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +165,77 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n * secs))
 }
 
+async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using {}", p.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no kubeconfig given and none found (KUBECONFIG, ~/.kube/config, in-cluster)",
+        )?,
+    };
+    tracing::debug!(cluster = %config.cluster_url, "Kubernetes API");
+    kube::Client::try_from(config).context("Kubernetes client")
+}
+
+/// Health for `serve`: always ready, no edge nodes to ask about.
+struct NoCluster;
+
+impl cloud_gw::http::State for NoCluster {
+    fn ready(&self) -> bool {
+        true
+    }
+
+    fn edge_nodes(&self) -> std::collections::HashSet<String> {
+        Default::default()
+    }
+}
+
+async fn listen(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
+    if addr == "off" {
+        return Ok(None);
+    }
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    Ok(Some(l))
+}
+
+async fn serve(
+    keeper: std::sync::Arc<dyn Keeper>,
+    source: std::sync::Arc<dyn cloud_gw::source::Source>,
+    state: std::sync::Arc<dyn cloud_gw::http::State>,
+    link: LinkArgs,
+    webhook: &str,
+) -> Result<()> {
+    let cfg = cloud_gw::server::ServeConfig {
+        heartbeat: link.heartbeat,
+        node_cert_validity: link.node_cert_validity,
+        // Sources push changes at once; this catches what they miss.
+        rescan: Duration::from_secs(30),
+    };
+    let gw = std::sync::Arc::new(cloud_gw::server::Gateway::new(keeper, source, cfg)?);
+    raise_nofile();
+    if let Some(l) = listen(&link.http_listen).await? {
+        tracing::info!(listen = link.http_listen, "health and metrics");
+        tokio::spawn(cloud_gw::http::serve(l, None, state.clone()));
+    }
+    if let Some(l) = listen(webhook).await? {
+        tracing::info!(listen = webhook, "admission webhook");
+        tokio::spawn(cloud_gw::http::serve(l, Some(gw.webhook_tls()?), state));
+    }
+    let listener = tokio::net::TcpListener::bind(link.listen)
+        .await
+        .with_context(|| format!("listening on {}", link.listen))?;
+    tracing::info!(listen = %link.listen, "serving edge nodes");
+    gw.serve(listener).await;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -123,48 +254,104 @@ async fn run() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let keeper = DirKeeper::new(&cli.dir);
-    if let Cmd::Serve {
-        listen,
-        heartbeat,
-        node_cert_validity,
-        objects,
-    } = cli.cmd
-    {
-        let cfg = cloud_gw::server::ServeConfig {
-            heartbeat,
-            node_cert_validity,
-            objects,
-            // inotify brings changes at once; this catches what it misses.
-            rescan: Duration::from_secs(30),
-        };
-        let gw = std::sync::Arc::new(cloud_gw::server::Gateway::new(
-            std::sync::Arc::new(keeper),
-            cfg,
-        )?);
-        raise_nofile();
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listening on {listen}"))?;
-        tracing::info!(%listen, "serving edge nodes");
-        gw.serve(listener).await;
-        return Ok(());
+    let needs_cluster = cli.secret.is_some() || matches!(cli.cmd, Cmd::Run { .. });
+    let client = match needs_cluster {
+        true => Some(client(cli.kubeconfig.as_deref()).await?),
+        false => None,
+    };
+    let (keeper, secret): (std::sync::Arc<dyn Keeper>, _) = match (&cli.secret, &client) {
+        (Some(s), Some(c)) => {
+            let (ns, name) = s.split_once('/').context("--secret is NAMESPACE/NAME")?;
+            let k = std::sync::Arc::new(
+                SecretKeeper::open(c.clone(), ns, name)
+                    .await
+                    .with_context(|| format!("reading secret {s}"))?,
+            );
+            (k.clone(), Some(k))
+        }
+        _ => (std::sync::Arc::new(DirKeeper::new(&cli.dir)), None),
+    };
+    let keeper_name = match &cli.secret {
+        Some(s) => format!("secret {s}"),
+        None => cli.dir.display().to_string(),
+    };
+    match cli.cmd {
+        Cmd::Serve { link, objects } => {
+            let source = std::sync::Arc::new(cloud_gw::source::DirSource::new(&objects));
+            tokio::spawn(source.clone().watch());
+            return serve(keeper, source, std::sync::Arc::new(NoCluster), link, "off").await;
+        }
+        Cmd::Run {
+            link,
+            sans,
+            edge_taint,
+            lease_period,
+            status_period,
+            webhook_listen,
+            webhook_config,
+        } => {
+            let client = client.context("a cluster client")?;
+            if let Some(k) = &secret {
+                // Made once across replicas; then followed for tokens.
+                if !sans.is_empty() || k.get(cloud_gw::pki::CA_CERT)?.is_some() {
+                    k.pki(&sans).await?;
+                }
+                k.follow();
+            }
+            if webhook_listen != "off" {
+                let ca = Pki::load(keeper.as_ref())?.ca_cert_pem;
+                match cloud_gw::manifests::inject_ca_bundle(client.clone(), &webhook_config, &ca)
+                    .await
+                {
+                    Ok(true) => tracing::info!(
+                        webhook_config,
+                        "link CA written into the webhook configuration"
+                    ),
+                    Ok(false) => tracing::info!(
+                        webhook_config,
+                        "no webhook configuration of that name; pods get no autonomy tolerations"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(webhook_config, error = %e, "cannot write the CA into the webhook configuration")
+                    }
+                }
+            }
+            let cluster = client.default_namespace().to_string();
+            let bridge = cloud_gw::bridge::BridgeConfig {
+                edge_taint,
+                lease_period,
+                status_period,
+            };
+            let source = std::sync::Arc::new(cloud_gw::bridge::KubeSource::start(client, bridge));
+            tracing::info!(namespace = cluster, "listing pods, ConfigMaps and Secrets");
+            // Nodes are served only from complete caches: from half of one
+            // a node would be told to delete the pods not listed yet.
+            source.ready().await;
+            return serve(keeper, source.clone(), source, link, &webhook_listen).await;
+        }
+        _ => {}
     }
     match cli.cmd {
         Cmd::Init { sans, force } => {
-            let pki = Pki::init(&keeper, &sans, force)?;
-            println!("CA and serving certificate in {}", cli.dir.display());
+            let pki = match &secret {
+                Some(_) if force => anyhow::bail!(
+                    "--force is not offered with --secret: delete the Secret to start a new CA (every node joins again)"
+                ),
+                Some(k) => k.pki(&sans).await?,
+                None => Pki::init(keeper.as_ref(), &sans, force)?,
+            };
+            println!("CA and serving certificate in {keeper_name}");
             println!("CA pin: {}", pki.ca_pin()?);
         }
         Cmd::Token(TokenCmd::Create { ttl }) => {
-            let pki = Pki::load(&keeper)?;
-            let t = Tokens::new(&keeper).create(ttl, &pki.ca_pin()?)?;
+            let pki = Pki::load(keeper.as_ref())?;
+            let t = Tokens::new(keeper.as_ref()).create(ttl, &pki.ca_pin()?)?;
             println!("{t}");
         }
         Cmd::Token(TokenCmd::List) => {
             println!("{:<8} {:<25} {:<8}", "ID", "EXPIRES", "STATE");
             let now = cloud_gw::tokens::now();
-            for t in Tokens::new(&keeper).list()? {
+            for t in Tokens::new(keeper.as_ref()).list()? {
                 let state = if t.revoked {
                     "revoked"
                 } else if t.expires <= now {
@@ -182,9 +369,23 @@ async fn run() -> Result<()> {
                 println!("{:<8} {:<25} {:<8}", t.id, exp, state);
             }
         }
-        Cmd::Serve { .. } => {}
+        Cmd::Serve { .. } | Cmd::Run { .. } => {}
+        Cmd::Manifests {
+            namespace,
+            image,
+            replicas,
+            sans,
+        } => {
+            let o = cloud_gw::manifests::Options {
+                namespace,
+                image,
+                replicas,
+                sans,
+            };
+            print!("{}", cloud_gw::manifests::yaml(&o)?);
+        }
         Cmd::Token(TokenCmd::Revoke { id }) => {
-            Tokens::new(&keeper)
+            Tokens::new(keeper.as_ref())
                 .revoke(&id)
                 .with_context(|| format!("revoking {id}"))?;
             println!("token {id} revoked");

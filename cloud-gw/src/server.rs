@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outrigger_proto::message::{Control, Message};
+use outrigger_proto::message::{Control, Message, Status};
 use outrigger_proto::ws::{ws_config, Link, LinkError};
 use outrigger_proto::{negotiate, VERSION};
 use rustls::pki_types::pem::PemObject;
@@ -24,8 +24,12 @@ use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::keeper::Keeper;
+use crate::metrics::METRICS;
 use crate::pki::{Pki, NODE_ORG};
+use crate::source::Source;
 use crate::tokens::{self, Tokens};
 
 /// How long a peer may take for the TLS and WebSocket handshakes and its
@@ -38,8 +42,6 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// Lifetime of node certificates (they rotate at two thirds of it).
     pub node_cert_validity: Duration,
-    /// Objects per node (a directory per node name).
-    pub objects: std::path::PathBuf,
     /// How often the objects are looked at again for changes.
     pub rescan: Duration,
 }
@@ -49,7 +51,6 @@ impl Default for ServeConfig {
         ServeConfig {
             heartbeat: Duration::from_secs(30),
             node_cert_validity: Duration::from_secs(90 * 86400),
-            objects: "/var/lib/cloud-gw/objects".into(),
             rescan: Duration::from_secs(30),
         }
     }
@@ -57,7 +58,7 @@ impl Default for ServeConfig {
 
 pub struct Gateway {
     keeper: Arc<dyn Keeper>,
-    source: Arc<crate::source::DirSource>,
+    source: Arc<dyn Source>,
     pki: Pki,
     cfg: ServeConfig,
     tls: tokio_rustls::TlsAcceptor,
@@ -84,6 +85,32 @@ fn node_of(cert: &CertificateDer<'_>) -> Option<String> {
 
 type Ws = Link<TlsStream<TcpStream>>;
 
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+/// Counts a link in the connected-nodes gauge for as long as it lives.
+struct Connected;
+
+impl Connected {
+    fn new() -> Connected {
+        METRICS.connected_nodes.fetch_add(1, Relaxed);
+        Connected
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        METRICS.connected_nodes.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
 async fn refuse(link: &mut Ws, peer: SocketAddr, what: &str, reason: String) {
     tracing::warn!(%peer, what, reason, "refused");
     let _ = link
@@ -95,7 +122,11 @@ async fn refuse(link: &mut Ws, peer: SocketAddr, what: &str, reason: String) {
 }
 
 impl Gateway {
-    pub fn new(keeper: Arc<dyn Keeper>, cfg: ServeConfig) -> Result<Gateway, ServeError> {
+    pub fn new(
+        keeper: Arc<dyn Keeper>,
+        source: Arc<dyn Source>,
+        cfg: ServeConfig,
+    ) -> Result<Gateway, ServeError> {
         let pki = Pki::load(keeper.as_ref())?;
         let ca = pki.ca_der()?;
         let mut roots = rustls::RootCertStore::empty();
@@ -124,15 +155,29 @@ impl Gateway {
         tls.send_tls13_tickets = 1;
         Ok(Gateway {
             keeper,
-            source: Arc::new(crate::source::DirSource::new(&cfg.objects)),
+            source,
             pki,
             cfg,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         })
     }
 
+    /// TLS for the admission webhook: the serving certificate, no client
+    /// certificates (the API server trusts it by the CA in caBundle).
+    pub fn webhook_tls(&self) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+        let cert = CertificateDer::from_pem_slice(self.pki.server_cert_pem.as_bytes())
+            .map_err(|e| ServeError::Tls(format!("server certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.pki.server_key_pem.as_bytes())
+            .map_err(|e| ServeError::Tls(format!("server key: {e}")))?;
+        let mut tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert, self.pki.ca_der()?], key)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    }
+
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        tokio::spawn(self.source.clone().watch());
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
@@ -260,15 +305,15 @@ impl Gateway {
         if self.hello(link, peer).await.is_none() {
             return;
         }
-        let (token_id, token_secret, node, csr_pem) =
+        let (token_id, token_secret, node, labels, csr_pem) =
             match tokio::time::timeout(HANDSHAKE, link.recv()).await {
                 Ok(Ok(Message::Control(Control::Join {
                     token_id,
                     token_secret,
                     node,
+                    labels,
                     csr_pem,
-                    ..
-                }))) => (token_id, token_secret, node, csr_pem),
+                }))) => (token_id, token_secret, node, labels, csr_pem),
                 _ => {
                     refuse(link, peer, "join", "expected a join request".into()).await;
                     return;
@@ -285,6 +330,17 @@ impl Gateway {
             .issue_node(&node, &csr_pem, self.cfg.node_cert_validity)
         {
             Ok(cert_pem) => {
+                // The Node exists before the node's first link.
+                if let Err(e) = self.source.joined(&node, &labels).await {
+                    refuse(
+                        link,
+                        peer,
+                        "join",
+                        format!("registering node {node:?}: {e}"),
+                    )
+                    .await;
+                    return;
+                }
                 tracing::info!(%peer, node, token = token_id, "node joined");
                 let _ = link
                     .send(&Message::Control(Control::Certificate { cert_pem }))
@@ -310,8 +366,12 @@ impl Gateway {
         tick.tick().await;
         let mut rescan = tokio::time::interval(self.cfg.rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sync = crate::sync::Session::new(&node, &self.source);
+        let mut sync = crate::sync::Session::new(&node, self.source.as_ref());
         let mut pushed = self.source.subscribe(&node);
+        // Lease and node status while the link is up; stopped with it, so
+        // the cluster sees the node go unreachable on its own schedule.
+        let _alive = AbortOnDrop(self.source.connected(&node));
+        let _counted = Connected::new();
         loop {
             while let Some(m) = sync.next_message() {
                 if link.send(&m).await.is_err() {
@@ -331,6 +391,12 @@ impl Gateway {
                                 }
                             }
                             Err(e) => tracing::warn!(node, error = %e, "renewal refused"),
+                        }
+                    }
+                    Ok(Message::Status(Status::Rows { rows })) => {
+                        let seqs = self.source.record(&node, rows).await;
+                        if link.send(&Message::Status(Status::Ack { seqs })).await.is_err() {
+                            return;
                         }
                     }
                     Ok(m) => {

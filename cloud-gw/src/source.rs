@@ -1,6 +1,8 @@
-//! Where a node's objects come from until the Kubernetes bridge exists: a
-//! directory per node name of YAML manifests (Pods, ConfigMaps, Secrets),
-//! and where its status goes: `.status/<node>/` in the same tree.
+//! Where a node's objects come from and where its status goes, behind one
+//! trait ([`Source`]) with two implementations: the Kubernetes API
+//! ([`crate::bridge::KubeSource`]), and a directory per node name of YAML
+//! manifests (Pods, ConfigMaps, Secrets) with status into `.status/<node>/`
+//! ([`DirSource`], for running the link on its own and its tests).
 //!
 //! Objects get what the API server would give them: a uid (the manifest's,
 //! or one derived from node, kind, namespace and name, so it is stable
@@ -11,6 +13,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use futures_util::future::BoxFuture;
+use outrigger_proto::message::Row;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -19,13 +23,81 @@ pub type NodeObjects = BTreeMap<String, BTreeMap<String, (String, Vec<u8>)>>;
 
 pub const KINDS: [&str; 3] = ["Pod", "ConfigMap", "Secret"];
 
-pub struct DirSource {
-    root: PathBuf,
-    /// Per node, bumped when its directory changes (inotify).
+/// What a node's link needs from the cloud side. Reads are synchronous
+/// (from caches); writes toward the cluster are async.
+pub trait Source: Send + Sync {
+    /// Every object `node` should have now.
+    fn objects(&self, node: &str) -> NodeObjects;
+    /// Changes whenever `node`'s objects may have changed.
+    fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64>;
+    /// Pods bound to `node` that are being deleted (uids): they are not in
+    /// [`Source::objects`]; the node stops them, then they are finalized.
+    fn terminating(&self, _node: &str) -> Vec<String> {
+        Vec::new()
+    }
+    /// A terminating pod the node does not have (any more): remove it for
+    /// good, as a kubelet does once its containers are gone.
+    fn finalize(&self, _node: &str, _uid: &str) {}
+    /// Record status rows from `node`; returns the sequence numbers the
+    /// node may drop (recorded, or refused for good). Rows that failed for
+    /// a passing reason are left out and come again.
+    fn record<'a>(&'a self, node: &'a str, rows: Vec<Row>) -> BoxFuture<'a, Vec<i64>>;
+    /// A node was admitted with these labels (at join).
+    fn joined<'a>(
+        &'a self,
+        _node: &'a str,
+        _labels: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// `node`'s link is up; the returned task (if any) runs while it stays
+    /// up (a Lease, periodic node status) and is aborted when it drops.
+    fn connected(&self, _node: &str) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+}
+
+/// Per-node change signals: a session subscribes to its node's, a source
+/// bumps only the nodes a change concerns.
+#[derive(Default)]
+pub struct Notifier {
     nodes: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
 }
 
-fn uuid_of(bytes: &[u8]) -> String {
+impl Notifier {
+    fn sender(&self, node: &str) -> tokio::sync::watch::Sender<u64> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(node.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .clone()
+    }
+
+    pub fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.sender(node).subscribe()
+    }
+
+    pub fn changed(&self, node: &str) {
+        self.sender(node).send_modify(|g| *g += 1);
+    }
+
+    /// Every node anyone subscribed to.
+    pub fn all(&self) {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        for s in nodes.values() {
+            s.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+pub struct DirSource {
+    root: PathBuf,
+    /// Per node, bumped when its directory changes (inotify).
+    nodes: Notifier,
+}
+
+/// A uid made from a name: stable across restarts and replicas.
+pub fn uuid_of(bytes: &[u8]) -> String {
     let mut b = [0u8; 16];
     b.copy_from_slice(&Sha256::digest(bytes)[..16]);
     outrigger_proto::inventory::uuid_string(&b)
@@ -39,21 +111,13 @@ impl DirSource {
         }
     }
 
-    fn sender(&self, node: &str) -> tokio::sync::watch::Sender<u64> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        nodes
-            .entry(node.to_string())
-            .or_insert_with(|| tokio::sync::watch::channel(0).0)
-            .clone()
-    }
-
     /// Changes whenever `node`'s directory may have changed.
     pub fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
-        self.sender(node).subscribe()
+        self.nodes.subscribe(node)
     }
 
     fn changed(&self, node: &str) {
-        self.sender(node).send_modify(|g| *g += 1);
+        self.nodes.changed(node)
     }
 
     /// Watch the tree with inotify: the root for node directories coming
@@ -190,7 +254,7 @@ impl DirSource {
 
     /// Record a status row the node reported (the stand-in for the API
     /// server's status subresource): `.status/<node>/<key>.json`.
-    pub fn put_status(&self, node: &str, key: &str, body: &[u8]) -> std::io::Result<()> {
+    fn put_status(&self, node: &str, key: &str, body: &[u8]) -> std::io::Result<()> {
         let dir = self.root.join(".status").join(node);
         std::fs::create_dir_all(&dir)?;
         let file: String = key
@@ -206,6 +270,31 @@ impl DirSource {
         let tmp = dir.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, body)?;
         std::fs::rename(tmp, dir.join(format!("{file}.json")))
+    }
+}
+
+impl Source for DirSource {
+    fn objects(&self, node: &str) -> NodeObjects {
+        DirSource::objects(self, node)
+    }
+
+    fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+        DirSource::subscribe(self, node)
+    }
+
+    fn record<'a>(&'a self, node: &'a str, rows: Vec<Row>) -> BoxFuture<'a, Vec<i64>> {
+        let mut seqs = Vec::with_capacity(rows.len());
+        for r in rows {
+            // The node's certificate picks the directory: a node can only
+            // ever write its own status.
+            match self.put_status(node, &r.key, &r.body) {
+                Ok(()) => seqs.push(r.seq),
+                Err(e) => {
+                    tracing::warn!(node, key = r.key, error = %e, "status not recorded; the node keeps it");
+                }
+            }
+        }
+        Box::pin(async move { seqs })
     }
 }
 

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use outrigger_proto::inventory;
-use outrigger_proto::message::{Change, Message, Status, Sync};
+use outrigger_proto::message::{Change, Message, Sync};
 
-use crate::source::{DirSource, KINDS};
+use crate::metrics::METRICS;
+use crate::source::{Source, KINDS};
 
 /// Changes per batch, and batches sent ahead of their acks.
 pub const BATCH: usize = 100;
@@ -26,7 +27,7 @@ fn id(c: &Change) -> (String, String) {
 
 pub struct Session<'a> {
     node: String,
-    source: &'a DirSource,
+    source: &'a dyn Source,
     /// kind -> uid -> resourceVersion the node has, or will have once the
     /// batches in flight commit. None until its inventory arrives.
     edge: Option<BTreeMap<String, BTreeMap<String, String>>>,
@@ -36,14 +37,18 @@ pub struct Session<'a> {
     /// Buckets asked for (after a digest) and not answered yet: until
     /// then the view is incomplete and nothing is sent.
     query: Option<BTreeMap<String, Vec<u8>>>,
-    in_flight: VecDeque<u64>,
+    /// Batches sent and not acked, with when they went.
+    in_flight: VecDeque<(u64, std::time::Instant)>,
+    /// Terminating pods this session told the node to delete: they are
+    /// finalized when the node reports them gone, not before.
+    stopping: HashSet<String>,
     next_batch: u64,
     /// Counters for the log and the benchmark.
     pub sent_changes: u64,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(node: &str, source: &'a DirSource) -> Session<'a> {
+    pub fn new(node: &str, source: &'a dyn Source) -> Session<'a> {
         Session {
             node: node.to_string(),
             source,
@@ -52,6 +57,7 @@ impl<'a> Session<'a> {
             queued: HashSet::new(),
             query: None,
             in_flight: VecDeque::new(),
+            stopping: HashSet::new(),
             next_batch: 1,
             sent_changes: 0,
         }
@@ -79,6 +85,8 @@ impl<'a> Session<'a> {
             return;
         };
         let desired = self.source.objects(&self.node);
+        let terminating: HashSet<String> =
+            self.source.terminating(&self.node).into_iter().collect();
         for kind in ["ConfigMap", "Secret", "Pod"] {
             let have = edge.entry(kind.to_string()).or_default();
             for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
@@ -106,6 +114,9 @@ impl<'a> Session<'a> {
                 .collect();
             for uid in gone {
                 have.remove(&uid);
+                if kind == "Pod" && terminating.contains(&uid) {
+                    self.stopping.insert(uid.clone());
+                }
                 Self::enqueue(
                     &mut self.queue,
                     &mut self.queued,
@@ -114,6 +125,14 @@ impl<'a> Session<'a> {
                         uid,
                     },
                 );
+            }
+        }
+        // Deleted while the node never had them (or had already stopped
+        // them): nothing to wait for.
+        let pods = edge.entry("Pod".to_string()).or_default();
+        for uid in terminating {
+            if !pods.contains_key(&uid) && !self.stopping.contains(&uid) {
+                self.source.finalize(&self.node, &uid);
             }
         }
     }
@@ -130,8 +149,11 @@ impl<'a> Session<'a> {
         }
         let batch = self.next_batch;
         self.next_batch += 1;
-        self.in_flight.push_back(batch);
+        self.in_flight.push_back((batch, std::time::Instant::now()));
         self.sent_changes += changes.len() as u64;
+        METRICS
+            .changes_pushed
+            .fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Some(Message::Sync(Sync::Changes {
             batch,
             changes,
@@ -221,22 +243,15 @@ impl<'a> Session<'a> {
                 None
             }
             Message::Sync(Sync::Ack { batch }) => {
-                self.in_flight.retain(|b| *b != batch);
-                None
-            }
-            Message::Status(Status::Rows { rows }) => {
-                let mut seqs = Vec::with_capacity(rows.len());
-                for r in rows {
-                    // The node's certificate picks the directory: a node
-                    // can only ever write its own status.
-                    match self.source.put_status(&self.node, &r.key, &r.body) {
-                        Ok(()) => seqs.push(r.seq),
-                        Err(e) => {
-                            tracing::warn!(node = %self.node, key = r.key, error = %e, "status not recorded; the node keeps it");
-                        }
+                if let Some(i) = self.in_flight.iter().position(|(b, _)| *b == batch) {
+                    if let Some((_, sent)) = self.in_flight.remove(i) {
+                        METRICS.push_ack.observe(sent.elapsed());
+                        METRICS
+                            .batches_acked
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                Some(Message::Status(Status::Ack { seqs }))
+                None
             }
             other => {
                 tracing::debug!(node = %self.node, message = ?other, "ignored");
@@ -268,7 +283,7 @@ mod tests {
             std::fs::write(d.path().join("n/all.yaml"), text).unwrap();
         };
         write(0);
-        let src = DirSource::new(d.path());
+        let src = crate::source::DirSource::new(d.path());
         let mut s = Session::new("n", &src);
         s.handle(Message::Sync(Sync::Inventory {
             kinds: BTreeMap::new(),

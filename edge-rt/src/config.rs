@@ -5,6 +5,8 @@
 //! data_dir = "/var/lib/edge-rt"        # image store and node state
 //! manifests_dir = "/etc/edge-rt/pods"  # static pod manifests
 //! preload_dir = "/usr/share/edge-rt/images"  # image archives imported at start
+//! max_pods = 110                       # the node's pod capacity, as reported
+//! extended_resources = {}              # e.g. { "example.com/modbus" = "2" }
 //!
 //! [images]
 //! budget_bytes = 4294967296            # image store disk budget (4 GiB)
@@ -55,6 +57,11 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
     pub manifests_dir: PathBuf,
     pub preload_dir: PathBuf,
+    /// The node's `pods` capacity, reported to the cluster.
+    pub max_pods: u32,
+    /// Extended resources the node offers (e.g. `"example.com/modbus" =
+    /// "2"`), reported as capacity for the scheduler.
+    pub extended_resources: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for NodeSection {
@@ -63,6 +70,8 @@ impl Default for NodeSection {
             data_dir: "/var/lib/edge-rt".into(),
             manifests_dir: "/etc/edge-rt/pods".into(),
             preload_dir: "/usr/share/edge-rt/images".into(),
+            max_pods: 110,
+            extended_resources: Default::default(),
         }
     }
 }

@@ -95,6 +95,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     let node_store = open_store(&cfg);
     let rt = Runtime::open(cfg.runtime.clone(), store.clone())?;
+    // A joined node is the Node it joined as (not its hostname): pods'
+    // spec.nodeName, the downward API and its reports say so.
+    let link = crate::link::LinkConfig::load(&cfg.node.data_dir);
+    let mut placement = crate::pods::env::Placement::of_this_node();
+    if let Ok(Some(l)) = &link {
+        placement.node_name = l.node.clone();
+    }
     let ctx = Arc::new(pods::Context {
         rt: rt.clone(),
         images: store.clone(),
@@ -102,7 +109,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         events: Arc::new(EventRing::default()),
         objects: Arc::new(crate::pods::source::Objects::default()),
         volumes_root: cfg.node.data_dir.join("pods"),
-        node: crate::pods::env::Placement::of_this_node(),
+        node: placement,
         status_generation: Default::default(),
         network: if cfg.network.enabled {
             Some(Arc::new(crate::network::Network::new(
@@ -134,7 +141,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     tracing::info!(socket = %socket.display(), "local API listening");
 
     // The cloud link, if this node joined one.
-    match crate::link::LinkConfig::load(&cfg.node.data_dir) {
+    match link {
         Ok(Some(link)) => {
             tokio::spawn(crate::link::client::run(
                 cfg.node.data_dir.clone(),
@@ -151,9 +158,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         Some(s) => s.subscribe(),
         None => tokio::sync::watch::channel(0).1,
     };
-    let mut reporter = node_store
-        .clone()
-        .map(|s| crate::reporter::Reporter::new(s, pods.clone()));
+    let mut reporter = node_store.clone().map(|s| {
+        let facts = crate::reporter::node_facts(&pods.context().node, &cfg.node);
+        crate::reporter::Reporter::new(s, pods.clone(), facts)
+    });
     let mut report_tick = tokio::time::interval(Duration::from_secs(1));
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gc = tokio::time::interval(Duration::from_secs(cfg.images.gc_interval_secs.max(10)));

@@ -22,6 +22,9 @@ pub struct Reporter {
     store: Arc<Store>,
     pods: Arc<PodManager>,
     node_name: String,
+    /// Capacity, node info and addresses: what a kubelet reports about its
+    /// machine (gathered once; they do not change while edge-rt runs).
+    facts: serde_json::Value,
     /// Key -> hash of the body last committed.
     sent: HashMap<String, u64>,
     /// Pods removed and not yet reported gone (kept until a flush commits).
@@ -77,12 +80,13 @@ pub fn node_conditions(link: &LinkState) -> Vec<NodeCondition> {
 }
 
 impl Reporter {
-    pub fn new(store: Arc<Store>, pods: Arc<PodManager>) -> Reporter {
+    pub fn new(store: Arc<Store>, pods: Arc<PodManager>, facts: serde_json::Value) -> Reporter {
         let node_name = pods.context().node.node_name.clone();
         Reporter {
             store,
             pods,
             node_name,
+            facts,
             sent: HashMap::new(),
             removed: Vec::new(),
             event_seq: 0,
@@ -125,7 +129,9 @@ impl Reporter {
         }
         if let Ok(link) = self.store.link() {
             let key = format!("node/{}", self.node_name);
-            let body = json!({"name": self.node_name, "conditions": node_conditions(&link)});
+            let mut body = self.facts.clone();
+            body["name"] = self.node_name.clone().into();
+            body["conditions"] = serde_json::to_value(node_conditions(&link)).unwrap_or_default();
             if self.sent.get(&key) != Some(&digest(&body)) {
                 out.push(Report {
                     class: Class::Status,
@@ -195,6 +201,81 @@ impl Reporter {
             }
         }
     }
+}
+
+/// What the cluster is told about this machine, as a kubelet would put it
+/// in the Node's status: capacity (allocatable is the same: edge-rt
+/// reserves nothing for itself beyond what it uses), node info, addresses.
+pub fn node_facts(
+    at: &pods::env::Placement,
+    node: &crate::config::NodeSection,
+) -> serde_json::Value {
+    let mut capacity = serde_json::Map::new();
+    capacity.insert(
+        "cpu".into(),
+        (at.node_cpu_millis / 1000).max(1).to_string().into(),
+    );
+    capacity.insert(
+        "memory".into(),
+        format!("{}Ki", at.node_memory_bytes / 1024).into(),
+    );
+    if let Ok(st) = nix::sys::statvfs::statvfs(&node.data_dir) {
+        let bytes = st.blocks() as u64 * st.fragment_size() as u64;
+        capacity.insert(
+            "ephemeral-storage".into(),
+            format!("{}Ki", bytes / 1024).into(),
+        );
+    }
+    capacity.insert("pods".into(), node.max_pods.to_string().into());
+    for (k, v) in &node.extended_resources {
+        capacity.insert(k.clone(), v.clone().into());
+    }
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let os_image = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| "Linux".into());
+    let uname = nix::sys::utsname::uname().ok();
+    let kernel = uname
+        .as_ref()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Kubernetes' names for architectures (GOARCH).
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "riscv64" => "riscv64",
+        other => other,
+    };
+    let mut addresses = vec![json!({"type": "Hostname", "address": at.node_name})];
+    if let Some(ip) = &at.host_ip {
+        addresses.insert(0, json!({"type": "InternalIP", "address": ip}));
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    json!({
+        "capacity": capacity,
+        "allocatable": capacity,
+        "addresses": addresses,
+        "nodeInfo": {
+            "architecture": arch,
+            "operatingSystem": "linux",
+            "osImage": os_image,
+            "kernelVersion": kernel,
+            "machineID": read("/etc/machine-id"),
+            "systemUUID": read("/sys/class/dmi/id/product_uuid"),
+            "bootID": read("/proc/sys/kernel/random/boot_id"),
+            "containerRuntimeVersion": format!("outrigger://{version}"),
+            // The API level the node speaks, then ours (as KubeEdge does).
+            "kubeletVersion": format!("v1.32.0-outrigger-v{version}"),
+            "kubeProxyVersion": "",
+        },
+    })
 }
 
 /// What the cloud needs to write a pod's status back.

@@ -1,8 +1,11 @@
 //! Test infrastructure for Outrigger's end-to-end suites: fixture images
 //! built from Debian's busybox-static, a real OCI registry (Debian's
 //! `docker-registry`) with TLS, basic auth or bearer tokens from a token
-//! server, and helpers to run edge-rt.
+//! server, helpers to run edge-rt, and a Kubernetes API server for tests
+//! (`apiserver`).
 
+pub mod apiserver;
+pub mod cloud;
 pub mod fixtures;
 pub mod netns;
 pub mod podkit;

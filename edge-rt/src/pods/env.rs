@@ -37,9 +37,17 @@ impl Placement {
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             })
             .unwrap_or(0);
+        // The source address of the default route, found without sending
+        // anything: what the node is reached by (None when offline at start).
+        let host_ip = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("192.0.2.1:9").and_then(|_| s.local_addr()))
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+            .map(|ip| ip.to_string());
         Placement {
             node_name,
-            host_ip: None,
+            host_ip,
             pod_ip: None,
             node_cpu_millis: cpus as i64 * 1000,
             node_memory_bytes: mem_kb * 1024,

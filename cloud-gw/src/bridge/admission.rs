@@ -1,0 +1,267 @@
+//! Autonomy, not eviction: a mutating admission webhook that makes pods
+//! bound for edge nodes tolerate `unreachable` and `not-ready` for good.
+//!
+//! Without it, the API server's DefaultTolerationSeconds plugin gives
+//! every pod 300 s of toleration, and five minutes into a cut the node
+//! lifecycle controller evicts the edge's pods and recreates them
+//! elsewhere, though they are still running on the gateway. Tolerations
+//! can only be set when a pod is created, so this must be an admission
+//! webhook (on CREATE), run by the standard admission chain after the
+//! built-in plugins.
+//!
+//! A pod counts as bound for the edge when it selects edge nodes (a
+//! nodeSelector or required node affinity on `node-role.kubernetes.io/edge`),
+//! tolerates the edge taint, or names an edge node in `spec.nodeName`.
+//! The 300 s defaults are replaced by unbounded tolerations; any other
+//! tolerationSeconds was the user's choice and stays. Opting out: the
+//! annotation `outrigger.io/autonomy: "off"` on a pod, or the label
+//! `outrigger.io/autonomy=off` on a namespace (the webhook's
+//! namespaceSelector then skips it; the annotation is also checked here).
+
+use std::collections::HashSet;
+
+use k8s_openapi::api::core::v1::{Pod, Toleration};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::DynamicObject;
+use serde_json::{json, Value};
+
+use super::nodes::EDGE_ROLE;
+
+/// Annotation (pods) and label (namespaces) that opt out with "off".
+pub const AUTONOMY: &str = "outrigger.io/autonomy";
+/// What DefaultTolerationSeconds adds: replaced, not kept.
+const DEFAULT_SECONDS: i64 = 300;
+const KEYS: [&str; 2] = [
+    "node.kubernetes.io/unreachable",
+    "node.kubernetes.io/not-ready",
+];
+
+fn selects_edge(pod: &Pod, edge_nodes: &HashSet<String>) -> bool {
+    let Some(spec) = &pod.spec else {
+        return false;
+    };
+    if spec
+        .node_selector
+        .as_ref()
+        .is_some_and(|s| s.contains_key(EDGE_ROLE))
+    {
+        return true;
+    }
+    if spec
+        .node_name
+        .as_ref()
+        .is_some_and(|n| edge_nodes.contains(n))
+    {
+        return true;
+    }
+    if spec
+        .tolerations
+        .iter()
+        .flatten()
+        .any(|t| t.key.as_deref() == Some(EDGE_ROLE))
+    {
+        return true;
+    }
+    spec.affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .is_some_and(|r| {
+            r.node_selector_terms.iter().any(|t| {
+                t.match_expressions.iter().flatten().any(|e| {
+                    e.key == EDGE_ROLE && e.operator != "DoesNotExist" && e.operator != "NotIn"
+                })
+            })
+        })
+}
+
+/// The pod's tolerations as they should be, if they should change.
+pub fn tolerations_for(pod: &Pod, edge_nodes: &HashSet<String>) -> Option<Vec<Toleration>> {
+    let opted_out = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(AUTONOMY))
+        .is_some_and(|v| v == "off");
+    if opted_out || !selects_edge(pod, edge_nodes) {
+        return None;
+    }
+    let old = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.tolerations.clone())
+        .unwrap_or_default();
+    let is_default = |t: &Toleration| {
+        KEYS.contains(&t.key.as_deref().unwrap_or(""))
+            && t.effect.as_deref() == Some("NoExecute")
+            && t.toleration_seconds == Some(DEFAULT_SECONDS)
+    };
+    let mut new: Vec<Toleration> = old.iter().filter(|t| !is_default(t)).cloned().collect();
+    for key in KEYS {
+        let covered = new.iter().any(|t| {
+            t.key.as_deref() == Some(key) && matches!(t.effect.as_deref(), None | Some("NoExecute"))
+        });
+        if !covered {
+            new.push(Toleration {
+                key: Some(key.to_string()),
+                operator: Some("Exists".into()),
+                effect: Some("NoExecute".into()),
+                toleration_seconds: None,
+                value: None,
+            });
+        }
+    }
+    (new != old).then_some(new)
+}
+
+/// One AdmissionReview in, its answer out. A request that cannot be read
+/// is answered with a refusal saying why.
+pub fn review(body: &[u8], edge_nodes: &HashSet<String>) -> Value {
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json!(
+                AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")).into_review()
+            )
+        }
+    };
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return json!(AdmissionResponse::invalid(e.to_string()).into_review()),
+    };
+    let mut out = json!(AdmissionResponse::from(&req).into_review());
+    let pod: Option<Pod> = req
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .and_then(|v| serde_json::from_value(v).ok());
+    if let Some(t) = pod.as_ref().and_then(|p| tolerations_for(p, edge_nodes)) {
+        let has = pod
+            .as_ref()
+            .and_then(|p| p.spec.as_ref())
+            .is_some_and(|s| s.tolerations.is_some());
+        let op = if has { "replace" } else { "add" };
+        let patch = json!([{"op": op, "path": "/spec/tolerations", "value": t}]);
+        // The wire format is a base64 string ([]byte in Go); kube's
+        // response type would write an array of numbers.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(&patch).unwrap_or_default());
+        out["response"]["patchType"] = "JSONPatch".into();
+        out["response"]["patch"] = b64.into();
+        tracing::debug!(pod = ?req.name, "edge pod: unreachable/not-ready tolerated for good");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(spec: Value, annotations: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": annotations},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn containers() -> Value {
+        json!([{"name": "c", "image": "i"}])
+    }
+
+    #[test]
+    fn edge_pods_get_unbounded_tolerations_and_others_are_left_alone() {
+        let nodes = HashSet::from(["gw-1".to_string()]);
+        // The defaults DefaultTolerationSeconds adds, plus a user's own.
+        let defaults = json!([
+            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            {"key": "dedicated", "operator": "Equal", "value": "x", "effect": "NoSchedule"}
+        ]);
+        let by_selector = pod(
+            json!({"containers": containers(), "nodeSelector": {EDGE_ROLE: ""}, "tolerations": defaults}),
+            json!({}),
+        );
+        let t = tolerations_for(&by_selector, &nodes).expect("changed");
+        assert_eq!(t.len(), 3);
+        assert!(t.iter().all(|t| t.toleration_seconds.is_none()));
+        assert!(t.iter().any(|t| t.key.as_deref() == Some("dedicated")));
+        for k in KEYS {
+            assert!(t.iter().any(|t| t.key.as_deref() == Some(k)));
+        }
+        // Bound by name to an edge node, no tolerations yet (no defaults
+        // plugin in front of us): both are added.
+        let by_name = pod(
+            json!({"containers": containers(), "nodeName": "gw-1"}),
+            json!({}),
+        );
+        assert_eq!(tolerations_for(&by_name, &nodes).unwrap().len(), 2);
+        // A cloud pod, an opted-out pod, and a user's own bound: unchanged.
+        let cloud = pod(
+            json!({"containers": containers(), "nodeName": "worker-3"}),
+            json!({}),
+        );
+        assert!(tolerations_for(&cloud, &nodes).is_none());
+        let out = pod(
+            json!({"containers": containers(), "nodeName": "gw-1"}),
+            json!({AUTONOMY: "off"}),
+        );
+        assert!(tolerations_for(&out, &nodes).is_none());
+        let own = pod(
+            json!({"containers": containers(), "nodeName": "gw-1", "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 3600},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 3600}]}),
+            json!({}),
+        );
+        assert!(tolerations_for(&own, &nodes).is_none());
+        // Required node affinity on the edge role.
+        let affinity = pod(
+            json!({"containers": containers(), "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                {"nodeSelectorTerms": [{"matchExpressions": [{"key": EDGE_ROLE, "operator": "Exists"}]}]}}}}),
+            json!({}),
+        );
+        assert!(tolerations_for(&affinity, &nodes).is_some());
+    }
+
+    #[test]
+    fn a_review_is_answered_with_a_json_patch_and_garbage_with_a_refusal() {
+        let nodes = HashSet::new();
+        let request = json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+                "name": "p", "namespace": "default", "operation": "CREATE",
+                "userInfo": {"username": "admin"},
+                "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                           "spec": {"containers": containers(), "nodeSelector": {EDGE_ROLE: ""}}},
+                "dryRun": false
+            }
+        });
+        let out = review(&serde_json::to_vec(&request).unwrap(), &nodes);
+        let r = &out["response"];
+        assert_eq!(r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert_eq!(r["allowed"], true);
+        assert_eq!(r["patchType"], "JSONPatch");
+        use base64::Engine;
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(r["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: Value = serde_json::from_slice(&patch).unwrap();
+        assert_eq!(patch[0]["op"], "add");
+        assert_eq!(patch[0]["path"], "/spec/tolerations");
+        let bad = review_of(b"{not json");
+        assert_eq!(bad["response"]["allowed"], false);
+    }
+
+    fn review_of(b: &[u8]) -> Value {
+        review(b, &HashSet::new())
+    }
+}

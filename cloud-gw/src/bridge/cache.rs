@@ -1,0 +1,439 @@
+//! What the watches saw, indexed the way the links ask for it: pods by
+//! node, and for every ConfigMap and Secret the nodes whose pods use it.
+//! Pure data: the watch tasks feed it, sessions read it, and each change
+//! says which nodes it concerns so only their sessions wake.
+//!
+//! Bodies are kept as the node gets them: without managedFields, the
+//! last-applied annotation, the resourceVersion and (for pods) the status,
+//! none of which a node acts on. An object's version for the link is a hash
+//! of that body, so a status write-back (which bumps the API server's
+//! resourceVersion) does not send the pod down again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::source::NodeObjects;
+
+/// (namespace, name).
+pub type Key = (String, String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    ConfigMap,
+    Secret,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::ConfigMap => "ConfigMap",
+            Kind::Secret => "Secret",
+        }
+    }
+}
+
+/// An object a pod uses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ref {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Obj {
+    pub uid: String,
+    pub version: String,
+    pub body: Arc<[u8]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodEntry {
+    pub obj: Obj,
+    pub node: String,
+    /// Being deleted (deletionTimestamp set): the node stops it.
+    pub terminating: bool,
+    pub refs: Vec<Ref>,
+}
+
+#[derive(Default)]
+pub struct Cache {
+    pods: HashMap<Key, PodEntry>,
+    pod_keys: HashMap<String, Key>,
+    by_node: HashMap<String, BTreeSet<Key>>,
+    configs: HashMap<(Kind, Key), Obj>,
+    /// What a pod uses -> node -> how many of its pods use it.
+    users: HashMap<Ref, HashMap<String, u32>>,
+}
+
+/// The body a node gets, and its version.
+pub fn strip(mut v: Value, drop_status: bool) -> Obj {
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("managedFields");
+        m.remove("resourceVersion");
+        if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            if a.is_empty() {
+                m.remove("annotations");
+            }
+        }
+    }
+    if drop_status {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("status");
+        }
+    }
+    let uid = v["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let body = serde_json::to_vec(&v).unwrap_or_default();
+    let version = hex::encode(&Sha256::digest(&body)[..8]);
+    Obj {
+        uid,
+        version,
+        body: body.into(),
+    }
+}
+
+/// Every ConfigMap and Secret the pod names: volumes (also projected),
+/// env, envFrom, image pull secrets. Nothing else is sent to its node.
+pub fn refs(namespace: &str, spec: &PodSpec) -> Vec<Ref> {
+    let mut out = BTreeSet::new();
+    let mut add = |kind, name: &str| {
+        if !name.is_empty() {
+            out.insert(Ref {
+                kind,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            });
+        }
+    };
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            add(Kind::ConfigMap, &c.name);
+        }
+        if let Some(s) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+            add(Kind::Secret, s);
+        }
+        for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &p.config_map {
+                add(Kind::ConfigMap, &c.name);
+            }
+            if let Some(s) = &p.secret {
+                add(Kind::Secret, &s.name);
+            }
+        }
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter());
+    for c in containers {
+        for e in c.env.iter().flatten() {
+            if let Some(f) = &e.value_from {
+                if let Some(k) = &f.config_map_key_ref {
+                    add(Kind::ConfigMap, &k.name);
+                }
+                if let Some(k) = &f.secret_key_ref {
+                    add(Kind::Secret, &k.name);
+                }
+            }
+        }
+        for e in c.env_from.iter().flatten() {
+            if let Some(r) = &e.config_map_ref {
+                add(Kind::ConfigMap, &r.name);
+            }
+            if let Some(r) = &e.secret_ref {
+                add(Kind::Secret, &r.name);
+            }
+        }
+    }
+    for s in spec.image_pull_secrets.iter().flatten() {
+        add(Kind::Secret, &s.name);
+    }
+    out.into_iter().collect()
+}
+
+fn key_of(v: &Value) -> Key {
+    (
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string(),
+        v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+impl Cache {
+    fn unindex(&mut self, key: &Key) -> Option<PodEntry> {
+        let old = self.pods.remove(key)?;
+        self.pod_keys.remove(&old.obj.uid);
+        if let Some(set) = self.by_node.get_mut(&old.node) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_node.remove(&old.node);
+            }
+        }
+        for r in &old.refs {
+            if let Some(nodes) = self.users.get_mut(r) {
+                if let Some(n) = nodes.get_mut(&old.node) {
+                    *n -= 1;
+                    if *n == 0 {
+                        nodes.remove(&old.node);
+                    }
+                }
+                if nodes.is_empty() {
+                    self.users.remove(r);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// A pod added or changed; returns the nodes it concerns.
+    pub fn put_pod(&mut self, pod: &Pod) -> Vec<String> {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let Ok(v) = serde_json::to_value(pod) else {
+            return Vec::new();
+        };
+        let key = key_of(&v);
+        let mut nodes = Vec::new();
+        if let Some(old) = self.unindex(&key) {
+            nodes.push(old.node);
+        }
+        if node.is_empty() {
+            return nodes;
+        }
+        let refs = pod
+            .spec
+            .as_ref()
+            .map(|s| refs(&key.0, s))
+            .unwrap_or_default();
+        for r in &refs {
+            *self
+                .users
+                .entry(r.clone())
+                .or_default()
+                .entry(node.clone())
+                .or_default() += 1;
+        }
+        let obj = strip(v, true);
+        self.pod_keys.insert(obj.uid.clone(), key.clone());
+        self.by_node
+            .entry(node.clone())
+            .or_default()
+            .insert(key.clone());
+        self.pods.insert(
+            key,
+            PodEntry {
+                obj,
+                node: node.clone(),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
+                refs,
+            },
+        );
+        if !nodes.contains(&node) {
+            nodes.push(node);
+        }
+        nodes
+    }
+
+    pub fn remove_pod(&mut self, key: &Key) -> Vec<String> {
+        self.unindex(key).map(|p| vec![p.node]).unwrap_or_default()
+    }
+
+    /// The nodes whose pods use this object.
+    fn users_of(&self, kind: Kind, key: &Key) -> Vec<String> {
+        let r = Ref {
+            kind,
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+        };
+        self.users
+            .get(&r)
+            .map(|n| n.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A ConfigMap or Secret added or changed (as JSON).
+    pub fn put_config(&mut self, kind: Kind, v: Value) -> Vec<String> {
+        let key = key_of(&v);
+        let obj = strip(v, false);
+        let same = self
+            .configs
+            .get(&(kind, key.clone()))
+            .is_some_and(|o| o.version == obj.version);
+        self.configs.insert((kind, key.clone()), obj);
+        if same {
+            return Vec::new();
+        }
+        self.users_of(kind, &key)
+    }
+
+    pub fn remove_config(&mut self, kind: Kind, key: &Key) -> Vec<String> {
+        match self.configs.remove(&(kind, key.clone())) {
+            Some(_) => self.users_of(kind, key),
+            None => Vec::new(),
+        }
+    }
+
+    pub fn pod_keys(&self) -> Vec<Key> {
+        self.pods.keys().cloned().collect()
+    }
+
+    pub fn config_keys(&self, kind: Kind) -> Vec<Key> {
+        self.configs
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, key)| key.clone())
+            .collect()
+    }
+
+    pub fn pod_by_uid(&self, uid: &str) -> Option<(&Key, &PodEntry)> {
+        let key = self.pod_keys.get(uid)?;
+        self.pods.get(key).map(|p| (key, p))
+    }
+
+    /// What `node` should have: its pods that are not being deleted, and
+    /// what they use.
+    pub fn objects(&self, node: &str) -> NodeObjects {
+        let mut out: NodeObjects = crate::source::KINDS
+            .iter()
+            .map(|k| (k.to_string(), Default::default()))
+            .collect();
+        for key in self.by_node.get(node).into_iter().flatten() {
+            let Some(p) = self.pods.get(key) else {
+                continue;
+            };
+            if p.terminating {
+                continue;
+            }
+            if let Some(m) = out.get_mut("Pod") {
+                m.insert(
+                    p.obj.uid.clone(),
+                    (p.obj.version.clone(), p.obj.body.to_vec()),
+                );
+            }
+            for r in &p.refs {
+                let Some(o) = self
+                    .configs
+                    .get(&(r.kind, (r.namespace.clone(), r.name.clone())))
+                else {
+                    continue;
+                };
+                if let Some(m) = out.get_mut(r.kind.name()) {
+                    m.insert(o.uid.clone(), (o.version.clone(), o.body.to_vec()));
+                }
+            }
+        }
+        out
+    }
+
+    /// `node`'s pods that are being deleted.
+    pub fn terminating(&self, node: &str) -> Vec<String> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.pods.get(k))
+            .filter(|p| p.terminating)
+            .map(|p| p.obj.uid.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, node: &str, cm: &str, secret: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                         "resourceVersion": "7", "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox",
+                "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": secret, "key": "k"}}}]}],
+                "volumes": [{"name": "v", "configMap": {"name": cm}}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap()
+    }
+
+    fn config(name: &str, data: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+               "resourceVersion": "9"}, "data": {"a": data}})
+    }
+
+    #[test]
+    fn a_node_gets_its_pods_and_only_what_they_use() {
+        let mut c = Cache::default();
+        assert_eq!(c.put_pod(&pod("p1", "n1", "cm1", "s1")), vec!["n1"]);
+        c.put_pod(&pod("p2", "n2", "cm2", "s2"));
+        for (k, n) in [
+            (Kind::ConfigMap, "cm1"),
+            (Kind::ConfigMap, "cm2"),
+            (Kind::Secret, "s1"),
+            (Kind::Secret, "s2"),
+            (Kind::Secret, "other"),
+        ] {
+            c.put_config(k, config(n, "x"));
+        }
+        let o = c.objects("n1");
+        assert_eq!(o["Pod"].keys().collect::<Vec<_>>(), vec!["uid-p1"]);
+        assert_eq!(o["ConfigMap"].keys().collect::<Vec<_>>(), vec!["uid-cm1"]);
+        assert_eq!(o["Secret"].keys().collect::<Vec<_>>(), vec!["uid-s1"]);
+        let body: Value = serde_json::from_slice(&o["Pod"]["uid-p1"].1).unwrap();
+        assert!(body.get("status").is_none());
+        assert!(body["metadata"].get("managedFields").is_none());
+        // A change to s2 wakes n2 only; an unused secret wakes nobody.
+        assert_eq!(c.put_config(Kind::Secret, config("s2", "y")), vec!["n2"]);
+        assert!(c.put_config(Kind::Secret, config("other", "y")).is_empty());
+        // Same content again: nothing to do.
+        assert!(c.put_config(Kind::Secret, config("s2", "y")).is_empty());
+    }
+
+    #[test]
+    fn status_and_resource_version_do_not_change_a_pods_version() {
+        let mut c = Cache::default();
+        let mut p = pod("p1", "n1", "cm1", "s1");
+        c.put_pod(&p);
+        let v1 = c.objects("n1")["Pod"]["uid-p1"].0.clone();
+        p.metadata.resource_version = Some("8".into());
+        p.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        c.put_pod(&p);
+        assert_eq!(c.objects("n1")["Pod"]["uid-p1"].0, v1);
+        p.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+        c.put_pod(&p);
+        assert_ne!(c.objects("n1")["Pod"]["uid-p1"].0, v1);
+    }
+
+    #[test]
+    fn terminating_pods_leave_the_set_and_removal_unindexes() {
+        let mut c = Cache::default();
+        let mut p = pod("p1", "n1", "cm1", "s1");
+        c.put_pod(&p);
+        c.put_config(Kind::ConfigMap, config("cm1", "x"));
+        p.metadata.deletion_timestamp = serde_json::from_value(json!("2026-01-01T00:00:00Z")).ok();
+        c.put_pod(&p);
+        assert!(c.objects("n1")["Pod"].is_empty());
+        assert!(c.objects("n1")["ConfigMap"].is_empty());
+        assert_eq!(c.terminating("n1"), vec!["uid-p1"]);
+        assert_eq!(c.remove_pod(&("default".into(), "p1".into())), vec!["n1"]);
+        assert!(c.terminating("n1").is_empty());
+        assert!(c.put_config(Kind::ConfigMap, config("cm1", "z")).is_empty());
+        assert!(c.pod_by_uid("uid-p1").is_none());
+    }
+}

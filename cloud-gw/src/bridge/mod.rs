@@ -1,0 +1,301 @@
+//! The Kubernetes bridge: what a kubelet does toward the API server, done
+//! by cloud-gw on each edge node's behalf.
+//!
+//! - [`cache`]: one shared watch each on bound pods, ConfigMaps and
+//!   Secrets, indexed per node (a node gets its pods and what they use).
+//! - [`nodes`]: the Node object (created at join, adopted if it exists),
+//!   its status from the edge's report, the Lease while the link is up.
+//! - [`secret`]: cloud-gw's CA and tokens in a Secret, created once.
+//! - [`admission`]: the webhook that keeps edge pods from being evicted.
+//! - [`report`]: pod status through the status subresource, Events, and
+//!   deletion completed once the edge has stopped the pod.
+//!
+//! Nothing here is kept per node beyond the caches every replica rebuilds
+//! from the API server: any replica can serve any node.
+
+pub mod admission;
+pub mod cache;
+pub mod nodes;
+pub mod report;
+pub mod secret;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use outrigger_proto::message::Row;
+
+use crate::source::{NodeObjects, Notifier, Source};
+use cache::{Cache, Key, Kind};
+
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Taint edge nodes `node-role.kubernetes.io/edge:NoSchedule`, so only
+    /// pods that tolerate it land there.
+    pub edge_taint: bool,
+    /// How often a connected node's Lease is renewed (a kubelet: 10 s).
+    pub lease_period: Duration,
+    /// Node status is written on change and at least this often.
+    pub status_period: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            edge_taint: false,
+            lease_period: Duration::from_secs(10),
+            status_period: Duration::from_secs(60),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub client: Client,
+    pub cfg: BridgeConfig,
+    pub cache: Mutex<Cache>,
+    pub notify: Notifier,
+    /// Pods being removed for good right now (uids).
+    pub finalizing: Mutex<HashSet<String>>,
+    /// The last node report per connected node, rewritten every
+    /// `status_period` with a fresh heartbeat.
+    pub reports: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// Nodes labelled as edge nodes (the webhook's question).
+    pub edge_nodes: Mutex<HashSet<String>>,
+    /// Watches that have listed everything once: pods, ConfigMaps, Secrets.
+    ready: tokio::sync::watch::Sender<u8>,
+}
+
+/// Objects from the API server, status into it.
+pub struct KubeSource {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn key_of(m: &kube::api::ObjectMeta) -> Key {
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+impl KubeSource {
+    /// Start the three watches. Serve nodes only after [`KubeSource::ready`]:
+    /// a node served from half a cache would be told to delete pods.
+    pub fn start(client: Client, cfg: BridgeConfig) -> KubeSource {
+        let inner = Arc::new(Inner {
+            client: client.clone(),
+            cfg,
+            cache: Mutex::new(Cache::default()),
+            notify: Notifier::default(),
+            finalizing: Mutex::new(HashSet::new()),
+            reports: Mutex::new(BTreeMap::new()),
+            edge_nodes: Mutex::new(HashSet::new()),
+            ready: tokio::sync::watch::channel(0).0,
+        });
+        // Pods bound to any node: one watch for all edge nodes.
+        let pods = watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields("spec.nodeName!="),
+        );
+        tokio::spawn(follow(inner.clone(), "pods", pods, |c, e| match e {
+            Change::Put(p) => c.put_pod(&p),
+            Change::Gone(k) => c.remove_pod(&k),
+        }));
+        let cms = watcher(Api::<ConfigMap>::all(client.clone()), Default::default());
+        tokio::spawn(follow(inner.clone(), "configmaps", cms, |c, e| {
+            config_change(c, Kind::ConfigMap, e)
+        }));
+        let nodes = watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels(nodes::EDGE_ROLE),
+        );
+        tokio::spawn(follow_nodes(inner.clone(), nodes));
+        let secrets = watcher(Api::<Secret>::all(client), Default::default());
+        tokio::spawn(follow(inner.clone(), "secrets", secrets, |c, e| {
+            config_change(c, Kind::Secret, e)
+        }));
+        KubeSource { inner }
+    }
+
+    /// Resolves once every watch has listed its objects.
+    pub async fn ready(&self) {
+        let mut rx = self.inner.ready.subscribe();
+        let _ = rx.wait_for(|n| *n >= 3).await;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.inner.ready.borrow() >= 3
+    }
+}
+
+fn watcher<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> impl futures_util::Stream<Item = Result<Event<K>, watcher::Error>> + Send
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, cfg).default_backoff()
+}
+
+/// What a watch event means for the cache.
+enum Change<K> {
+    Put(K),
+    Gone(Key),
+}
+
+fn config_change<K: serde::Serialize>(c: &mut Cache, kind: Kind, e: Change<K>) -> Vec<String> {
+    match e {
+        Change::Put(o) => match serde_json::to_value(&o) {
+            Ok(v) => c.put_config(kind, v),
+            Err(_) => Vec::new(),
+        },
+        Change::Gone(k) => c.remove_config(kind, &k),
+    }
+}
+
+/// Feed one watch into the cache. A re-list (after a watch error or a 410)
+/// replaces what it covers: objects not listed again are removed.
+async fn follow<K, S, F>(inner: Arc<Inner>, what: &'static str, stream: S, apply: F)
+where
+    K: kube::Resource + Clone + Send + 'static,
+    S: futures_util::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
+    F: Fn(&mut Cache, Change<K>) -> Vec<String> + Send,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listed: Option<HashSet<Key>> = None;
+    let mut first = true;
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(what, error = %e, "watch failed; retrying with back-off");
+                continue;
+            }
+        };
+        let touched = {
+            let mut c = lock(&inner.cache);
+            match ev {
+                Event::Init => {
+                    listed = Some(HashSet::new());
+                    Vec::new()
+                }
+                Event::InitApply(o) => {
+                    if let Some(l) = listed.as_mut() {
+                        l.insert(key_of(o.meta()));
+                    }
+                    apply(&mut c, Change::Put(o))
+                }
+                Event::InitDone => {
+                    let seen = listed.take().unwrap_or_default();
+                    let stale: Vec<Key> = match what {
+                        "pods" => c.pod_keys(),
+                        "configmaps" => c.config_keys(Kind::ConfigMap),
+                        _ => c.config_keys(Kind::Secret),
+                    };
+                    let mut touched = Vec::new();
+                    for k in stale.into_iter().filter(|k| !seen.contains(k)) {
+                        touched.extend(apply(&mut c, Change::Gone(k)));
+                    }
+                    if first {
+                        first = false;
+                        inner.ready.send_modify(|n| *n += 1);
+                        tracing::info!(what, objects = seen.len(), "watch listed");
+                    }
+                    touched
+                }
+                Event::Apply(o) => apply(&mut c, Change::Put(o)),
+                Event::Delete(o) => apply(&mut c, Change::Gone(key_of(o.meta()))),
+            }
+        };
+        for n in touched {
+            inner.notify.changed(&n);
+        }
+    }
+}
+
+/// Keep the set of edge node names (for the webhook; not needed to serve).
+async fn follow_nodes<S>(inner: Arc<Inner>, stream: S)
+where
+    S: futures_util::Stream<Item = Result<Event<Node>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = HashSet::new();
+    while let Some(ev) = stream.next().await {
+        let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
+        match ev {
+            Ok(Event::Init) => listed.clear(),
+            Ok(Event::InitApply(n)) => {
+                listed.insert(name(&n));
+            }
+            Ok(Event::InitDone) => *lock(&inner.edge_nodes) = std::mem::take(&mut listed),
+            Ok(Event::Apply(n)) => {
+                lock(&inner.edge_nodes).insert(name(&n));
+            }
+            Ok(Event::Delete(n)) => {
+                lock(&inner.edge_nodes).remove(&name(&n));
+            }
+            Err(e) => tracing::warn!(error = %e, "node watch failed; retrying with back-off"),
+        }
+    }
+}
+
+impl crate::http::State for KubeSource {
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn edge_nodes(&self) -> HashSet<String> {
+        lock(&self.inner.edge_nodes).clone()
+    }
+}
+
+impl Source for KubeSource {
+    fn objects(&self, node: &str) -> NodeObjects {
+        lock(&self.inner.cache).objects(node)
+    }
+
+    fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.notify.subscribe(node)
+    }
+
+    fn terminating(&self, node: &str) -> Vec<String> {
+        lock(&self.inner.cache).terminating(node)
+    }
+
+    fn finalize(&self, node: &str, uid: &str) {
+        report::finalize(&self.inner, node, uid);
+    }
+
+    fn record<'a>(&'a self, node: &'a str, rows: Vec<Row>) -> BoxFuture<'a, Vec<i64>> {
+        Box::pin(report::record(&self.inner, node, rows))
+    }
+
+    fn joined<'a>(
+        &'a self,
+        node: &'a str,
+        labels: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            nodes::ensure(&self.inner, node, labels)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn connected(&self, node: &str) -> Option<tokio::task::JoinHandle<()>> {
+        Some(tokio::spawn(nodes::keep_alive(
+            self.inner.clone(),
+            node.to_string(),
+        )))
+    }
+}

@@ -1,0 +1,256 @@
+//! Each edge node as an ordinary Node: created at join (or adopted if one
+//! of that name exists), its status written from what the edge reports,
+//! and while its link is up, the Lease in `kube-node-lease` renewed and
+//! the status rewritten with a fresh heartbeat, as a kubelet does. When the
+//! link drops both stop, and the cluster's node lifecycle controller marks
+//! the node unreachable on its own schedule.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::{json, Value};
+
+use super::{lock, Inner};
+
+/// The label that makes a Node an edge node (and pods select on).
+pub const EDGE_ROLE: &str = "node-role.kubernetes.io/edge";
+const LEASE_NAMESPACE: &str = "kube-node-lease";
+/// A kubelet's: four renewals may be missed before the lease runs out.
+const LEASE_SECONDS: i32 = 40;
+
+/// UTC now as the API server writes Time (seconds) or MicroTime.
+pub fn timestamp(micros: bool) -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let base = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    if micros {
+        format!("{base}.{:06}Z", t.microsecond())
+    } else {
+        format!("{base}Z")
+    }
+}
+
+pub(crate) fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(r) if r.code == code)
+}
+
+fn labels_for(node: &str, user: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (EDGE_ROLE.to_string(), String::new()),
+        ("kubernetes.io/hostname".to_string(), node.to_string()),
+        ("kubernetes.io/os".to_string(), "linux".to_string()),
+    ]);
+    l.extend(user.clone());
+    l
+}
+
+/// Create the Node, or adopt the one of that name (its labels merged with
+/// ours). Safe when replicas race: a create that finds it made adopts.
+pub(crate) async fn ensure(
+    inner: &Inner,
+    node: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), kube::Error> {
+    let api = Api::<Node>::all(inner.client.clone());
+    let labels = labels_for(node, labels);
+    let taints = inner
+        .cfg
+        .edge_taint
+        .then(|| json!([{"key": EDGE_ROLE, "effect": "NoSchedule"}]));
+    if api.get_opt(node).await?.is_none() {
+        let mut body = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": labels},
+            "spec": {},
+        });
+        if let Some(t) = &taints {
+            body["spec"]["taints"] = t.clone();
+        }
+        let n: Node = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
+        match api.create(&PostParams::default(), &n).await {
+            Ok(_) => {
+                tracing::info!(node, "Node created");
+                return Ok(());
+            }
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut patch = json!({"metadata": {"labels": labels}});
+    if let Some(t) = taints {
+        patch["spec"] = json!({"taints": t});
+    }
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    tracing::info!(node, "existing Node adopted");
+    Ok(())
+}
+
+/// Write the Node's status from the edge's report: its conditions (plus the
+/// pressure conditions a kubelet reports), capacity, allocatable, node info
+/// and addresses. Transition times are kept while a condition holds, so
+/// the write is stateless and any replica may do it.
+pub(crate) async fn write_status(
+    inner: &Inner,
+    node: &str,
+    report: &Value,
+) -> Result<(), kube::Error> {
+    let api = Api::<Node>::all(inner.client.clone());
+    let existing = match api.get_opt(node).await? {
+        Some(n) => n,
+        None => {
+            ensure(inner, node, &BTreeMap::new()).await?;
+            api.get(node).await?
+        }
+    };
+    let old: Vec<Value> = existing
+        .status
+        .as_ref()
+        .and_then(|s| serde_json::to_value(&s.conditions).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    let now = timestamp(false);
+    let mut conditions: Vec<Value> = report["conditions"].as_array().cloned().unwrap_or_default();
+    for (t, reason, msg) in [
+        (
+            "MemoryPressure",
+            "EdgeHasSufficientMemory",
+            "edge-rt has sufficient memory available",
+        ),
+        (
+            "DiskPressure",
+            "EdgeHasNoDiskPressure",
+            "edge-rt has no disk pressure",
+        ),
+        (
+            "PIDPressure",
+            "EdgeHasSufficientPID",
+            "edge-rt has sufficient PID available",
+        ),
+    ] {
+        if !conditions.iter().any(|c| c["type"] == t) {
+            conditions
+                .push(json!({"type": t, "status": "False", "reason": reason, "message": msg}));
+        }
+    }
+    for c in conditions.iter_mut() {
+        c["lastHeartbeatTime"] = now.clone().into();
+        let before = old.iter().find(|o| o["type"] == c["type"]);
+        match before {
+            Some(o) if o["status"] == c["status"] && o["lastTransitionTime"].is_string() => {
+                c["lastTransitionTime"] = o["lastTransitionTime"].clone();
+            }
+            _ if c["lastTransitionTime"].is_string() => {}
+            _ => c["lastTransitionTime"] = now.clone().into(),
+        }
+    }
+    let mut status = json!({
+        "conditions": conditions,
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+    });
+    for k in ["capacity", "allocatable", "nodeInfo", "addresses"] {
+        if !report[k].is_null() {
+            status[k] = report[k].clone();
+        }
+    }
+    api.patch_status(
+        node,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": status})),
+    )
+    .await?;
+    // The architecture is known once the edge reports: label it as a
+    // kubelet would, so nodeSelectors on kubernetes.io/arch work.
+    let arch = report["nodeInfo"]["architecture"].as_str().unwrap_or("");
+    let labels = existing.metadata.labels.unwrap_or_default();
+    if !arch.is_empty() && labels.get("kubernetes.io/arch").map(String::as_str) != Some(arch) {
+        let patch = json!({"metadata": {"labels": {"kubernetes.io/arch": arch}}});
+        api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Renew (or create) the node's Lease.
+async fn renew_lease(inner: &Inner, node: &str) -> Result<(), kube::Error> {
+    let api = Api::<Lease>::namespaced(inner.client.clone(), LEASE_NAMESPACE);
+    let now = timestamp(true);
+    match api.get_opt(node).await? {
+        Some(lease) => {
+            let mut v = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
+            v["spec"]["renewTime"] = now.into();
+            v["spec"]["holderIdentity"] = node.into();
+            v["spec"]["leaseDurationSeconds"] = LEASE_SECONDS.into();
+            let l: Lease = serde_json::from_value(v).map_err(kube::Error::SerdeError)?;
+            api.replace(node, &PostParams::default(), &l).await?;
+        }
+        None => {
+            let l: Lease = serde_json::from_value(json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": node, "namespace": LEASE_NAMESPACE},
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECONDS,
+                         "renewTime": now},
+            }))
+            .map_err(kube::Error::SerdeError)?;
+            api.create(&PostParams::default(), &l).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Forgets the node's report when its link task ends (aborted with it).
+struct Forget(Arc<Inner>, String);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        lock(&self.0.reports).remove(&self.1);
+    }
+}
+
+/// While the node's link is up: the Lease every `lease_period`, the status
+/// again every `status_period` (changes are written as they come).
+pub(crate) async fn keep_alive(inner: Arc<Inner>, node: String) {
+    let _forget = Forget(inner.clone(), node.clone());
+    let mut lease = tokio::time::interval(inner.cfg.lease_period);
+    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = tokio::time::interval(inner.cfg.status_period);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    status.tick().await;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = lease.tick() => match renew_lease(&inner, &node).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!(node, "lease renewed again");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(node, error = %e, "lease not renewed");
+                    }
+                    failing = true;
+                }
+            },
+            _ = status.tick() => {
+                let report = lock(&inner.reports).get(&node).cloned();
+                if let Some(r) = report {
+                    if let Err(e) = write_status(&inner, &node, &r).await {
+                        tracing::warn!(node, error = %e, "node status not written");
+                    }
+                }
+            }
+        }
+    }
+}

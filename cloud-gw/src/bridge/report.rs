@@ -1,0 +1,245 @@
+//! What an edge node reports, written to the API server the way a kubelet
+//! writes it: pod status through the status subresource (with the pod's
+//! uid as precondition), Events for what happened to pods, the Node's
+//! status, and deletion completed (grace period 0) once the node has
+//! stopped a pod being deleted.
+//!
+//! A node can only write about itself: a pod row counts only for a pod
+//! bound to that node (by the cache, not by what the row claims), the node
+//! row only for the node its certificate names.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::Api;
+use outrigger_proto::message::Row;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::nodes::{self, is_status};
+use super::{lock, Inner};
+use crate::metrics::METRICS;
+
+/// Rows written at once per node.
+const CONCURRENT_WRITES: usize = 8;
+
+/// What became of one row.
+enum Outcome {
+    /// Written, or refused for good (the row would never succeed): ack.
+    Done,
+    /// A passing failure (API server unreachable, throttled): keep it.
+    Retry,
+}
+
+/// Errors worth retrying: no answer, or an answer that says later.
+fn passing(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(r) => r.code == 429 || r.code >= 500,
+        _ => true,
+    }
+}
+
+fn outcome(what: &str, node: &str, r: Result<(), kube::Error>) -> Outcome {
+    if r.is_err() {
+        METRICS.api_errors.fetch_add(1, Relaxed);
+    }
+    match r {
+        Ok(()) => Outcome::Done,
+        Err(e) if passing(&e) => {
+            tracing::debug!(node, what, error = %e, "not written; the node sends it again");
+            Outcome::Retry
+        }
+        Err(e) => {
+            tracing::warn!(node, what, error = %e, "refused by the API server; dropped");
+            Outcome::Done
+        }
+    }
+}
+
+pub(crate) async fn record(inner: &Arc<Inner>, node: &str, rows: Vec<Row>) -> Vec<i64> {
+    futures_util::stream::iter(rows)
+        .map(|r| async move {
+            let seq = r.seq;
+            let start = std::time::Instant::now();
+            let o = one(inner, node, r).await;
+            METRICS.api_write.observe(start.elapsed());
+            match o {
+                Outcome::Done => {
+                    METRICS.status_rows_recorded.fetch_add(1, Relaxed);
+                    Some(seq)
+                }
+                Outcome::Retry => {
+                    METRICS.status_rows_retried.fetch_add(1, Relaxed);
+                    None
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENT_WRITES)
+        .filter_map(|s| async move { s })
+        .collect()
+        .await
+}
+
+async fn one(inner: &Arc<Inner>, node: &str, row: Row) -> Outcome {
+    let body: Value = match serde_json::from_slice(&row.body) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(node, key = row.key, error = %e, "unreadable row; dropped");
+            return Outcome::Done;
+        }
+    };
+    if row.class == "event" {
+        return outcome("event", node, event(inner, node, &body).await);
+    }
+    if let Some(name) = row.key.strip_prefix("node/") {
+        if name != node {
+            tracing::warn!(
+                node,
+                row = name,
+                "a node reported for another node; dropped"
+            );
+            return Outcome::Done;
+        }
+        lock(&inner.reports).insert(node.to_string(), body.clone());
+        return outcome(
+            "node status",
+            node,
+            nodes::write_status(inner, node, &body).await,
+        );
+    }
+    if let Some(uid) = row.key.strip_prefix("pod/") {
+        return pod(inner, node, uid, &body).await;
+    }
+    tracing::debug!(node, key = row.key, "row of no known kind; dropped");
+    Outcome::Done
+}
+
+/// The (namespace, name) of `uid` if it is a pod bound to `node`, and
+/// whether it is being deleted.
+fn own_pod(inner: &Inner, node: &str, uid: &str) -> Option<(String, String, bool)> {
+    let c = lock(&inner.cache);
+    let (key, p) = c.pod_by_uid(uid)?;
+    (p.node == node).then(|| (key.0.clone(), key.1.clone(), p.terminating))
+}
+
+async fn pod(inner: &Arc<Inner>, node: &str, uid: &str, body: &Value) -> Outcome {
+    // Gone from the cluster, or not this node's: nothing to write.
+    let Some((ns, name, terminating)) = own_pod(inner, node, uid) else {
+        return Outcome::Done;
+    };
+    let api = Api::<Pod>::namespaced(inner.client.clone(), &ns);
+    if body["deleted"] == true {
+        // The node stopped it. If it is being deleted, finish the job;
+        // if not, the node will get it again from its next sync.
+        if !terminating {
+            return Outcome::Done;
+        }
+        return outcome("pod deletion", node, delete_now(&api, &name, uid).await);
+    }
+    // The uid in the patch makes it conditional: a pod recreated under
+    // the same name is not given the old one's status.
+    let patch = json!({"metadata": {"uid": uid}, "status": body["status"]});
+    let r = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ());
+    match r {
+        Err(e) if is_status(&e, 404) => Outcome::Done,
+        r => outcome("pod status", node, r),
+    }
+}
+
+async fn delete_now(api: &Api<Pod>, name: &str, uid: &str) -> Result<(), kube::Error> {
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => {
+            tracing::info!(
+                pod = name,
+                uid,
+                "pod stopped on its node; deletion completed"
+            );
+            Ok(())
+        }
+        // Already gone, or a new pod of that name (uid precondition).
+        Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A terminating pod its node does not have: delete it for good (once at
+/// a time per pod; a failure is retried by the next sync pass).
+pub(crate) fn finalize(inner: &Arc<Inner>, node: &str, uid: &str) {
+    let Some((ns, name, true)) = own_pod(inner, node, uid) else {
+        return;
+    };
+    if !lock(&inner.finalizing).insert(uid.to_string()) {
+        return;
+    }
+    let inner = inner.clone();
+    let uid = uid.to_string();
+    tokio::spawn(async move {
+        let api = Api::<Pod>::namespaced(inner.client.clone(), &ns);
+        if let Err(e) = delete_now(&api, &name, &uid).await {
+            tracing::warn!(pod = name, error = %e, "deletion not completed; retried");
+        }
+        lock(&inner.finalizing).remove(&uid);
+    });
+}
+
+/// An Event for what happened to one of the node's pods. Its name comes
+/// from the event's identity, so a row sent twice (a reconnect before the
+/// ack) updates the same Event instead of making another.
+async fn event(inner: &Arc<Inner>, node: &str, e: &Value) -> Result<(), kube::Error> {
+    let uid = e["pod_uid"].as_str().unwrap_or_default();
+    let Some((ns, pod, _)) = own_pod(inner, node, uid) else {
+        return Ok(());
+    };
+    let identity = format!(
+        "{node}/{uid}/{}/{}/{}",
+        e["id"], e["reason"], e["first_timestamp"]
+    );
+    let name = format!("{pod}.{}", hex::encode(&Sha256::digest(identity)[..8]));
+    let mut involved = json!({"apiVersion": "v1", "kind": "Pod", "name": pod,
+                              "namespace": ns, "uid": uid});
+    if let Some(c) = e["container"].as_str() {
+        involved["fieldPath"] = c.into();
+    }
+    let now = nodes::timestamp(false);
+    let first = e["first_timestamp"].as_str().unwrap_or(&now).to_string();
+    let last = e["last_timestamp"].as_str().unwrap_or(&now).to_string();
+    let ev = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": ns},
+        "involvedObject": involved,
+        "reason": e["reason"], "message": e["message"], "type": e["type"],
+        "count": e["count"].as_u64().unwrap_or(1),
+        "firstTimestamp": first, "lastTimestamp": last,
+        "source": {"component": "edge-rt", "host": node},
+        "reportingComponent": "outrigger.io/edge-rt", "reportingInstance": node,
+    });
+    let api = Api::<Event>::namespaced(inner.client.clone(), &ns);
+    let typed: Event = serde_json::from_value(ev).map_err(kube::Error::SerdeError)?;
+    match api.create(&PostParams::default(), &typed).await {
+        Ok(_) => Ok(()),
+        Err(err) if is_status(&err, 409) => {
+            let patch = json!({"count": typed.count, "lastTimestamp": last,
+                               "message": e["message"]});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        }
+        // The namespace is gone: so is the pod.
+        Err(err) if is_status(&err, 404) => Ok(()),
+        Err(err) => Err(err),
+    }
+}

@@ -1,0 +1,246 @@
+//! `cloud-gw manifests`: everything a cluster needs to run cloud-gw, for
+//! `kubectl apply -f -`: its namespace and service account, RBAC with
+//! least privilege, the Deployment, the Services (the webhook's, and the
+//! edges' way in), and the mutating webhook configuration.
+//!
+//! The webhook's caBundle is left out: the link CA does not exist until
+//! the first replica starts, and cloud-gw writes it into the configuration
+//! itself at start (see [`inject_ca_bundle`]).
+
+use serde_json::{json, Value};
+
+/// The Secret holding the CA and tokens, and the webhook configuration.
+pub const SECRET: &str = "cloud-gw-pki";
+pub const WEBHOOK_CONFIG: &str = "outrigger-cloud-gw";
+const NAME: &str = "cloud-gw";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub namespace: String,
+    pub image: String,
+    pub replicas: u32,
+    /// Names edges reach cloud-gw by (for its serving certificate).
+    pub sans: Vec<String>,
+}
+
+fn labels() -> Value {
+    json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": "outrigger"})
+}
+
+/// The documents, in the order they can be applied.
+pub fn documents(o: &Options) -> Vec<Value> {
+    let ns = o.namespace.as_str();
+    let meta = |name: &str| json!({"name": name, "namespace": ns, "labels": labels()});
+    let webhook_host = format!("{NAME}.{ns}.svc");
+    let mut sans = o.sans.clone();
+    if !sans.contains(&webhook_host) {
+        sans.push(webhook_host);
+    }
+    let mut args = vec![
+        "run".to_string(),
+        format!("--secret={ns}/{SECRET}"),
+        "--listen=0.0.0.0:7443".into(),
+        "--webhook-listen=0.0.0.0:8443".into(),
+        "--http-listen=0.0.0.0:9090".into(),
+        format!("--webhook-config={WEBHOOK_CONFIG}"),
+    ];
+    args.extend(sans.iter().map(|s| format!("--san={s}")));
+    vec![
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": ns, "labels": {"outrigger.io/autonomy": "off"}}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(NAME)}),
+        // Cluster-wide: what a kubelet needs toward the API server for many
+        // nodes (pods bound to edge nodes, what they use, Node objects,
+        // Events), and the one webhook configuration it keeps a CA in.
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "outrigger:cloud-gw", "labels": labels()},
+        "rules": [
+          {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "patch"]},
+          {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+          {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+          {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+          {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "list", "watch"]},
+          {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+          {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+           "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "update"]}
+        ]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "outrigger:cloud-gw", "labels": labels()},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "outrigger:cloud-gw"},
+               "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
+        // Node leases live in one namespace: renewed there only.
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "outrigger:cloud-gw", "namespace": "kube-node-lease", "labels": labels()},
+               "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                          "verbs": ["get", "create", "update"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "outrigger:cloud-gw", "namespace": "kube-node-lease", "labels": labels()},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger:cloud-gw"},
+               "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
+        // Its own Secret: created once, then updated (tokens) by name only.
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": meta("outrigger:cloud-gw-pki"),
+        "rules": [
+          {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+          {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET], "verbs": ["update"]}
+        ]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": meta("outrigger:cloud-gw-pki"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger:cloud-gw-pki"},
+               "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(NAME),
+        "spec": {
+          "replicas": o.replicas,
+          "selector": {"matchLabels": {"app.kubernetes.io/name": NAME}},
+          "template": {
+            "metadata": {"labels": labels()},
+            "spec": {
+              "serviceAccountName": NAME,
+              "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
+              "containers": [{
+                "name": NAME, "image": o.image, "args": args,
+                "ports": [{"name": "edge", "containerPort": 7443}, {"name": "webhook", "containerPort": 8443},
+                          {"name": "metrics", "containerPort": 9090}],
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                    "capabilities": {"drop": ["ALL"]}}
+              }]
+            }
+          }
+        }}),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(NAME),
+               "spec": {"selector": {"app.kubernetes.io/name": NAME},
+                        "ports": [{"name": "webhook", "port": 443, "targetPort": "webhook"},
+                                  {"name": "metrics", "port": 9090, "targetPort": "metrics"}]}}),
+        // The edges' way in: any replica serves any node.
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta("cloud-gw-edge"),
+               "spec": {"type": "LoadBalancer", "selector": {"app.kubernetes.io/name": NAME},
+                        "ports": [{"name": "edge", "port": 7443, "targetPort": "edge"}]}}),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_CONFIG, "labels": labels()},
+        "webhooks": [{
+          "name": "edge-autonomy.outrigger.io",
+          "clientConfig": {"service": {"name": NAME, "namespace": ns, "path": "/mutate-pods", "port": 443}},
+          "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+          "namespaceSelector": {"matchExpressions": [
+            {"key": "outrigger.io/autonomy", "operator": "NotIn", "values": ["off"]}]},
+          // Pod creation must not hang on cloud-gw: without it a pod
+          // is created with the default 300 s tolerations.
+          "failurePolicy": "Ignore",
+          "sideEffects": "None",
+          "admissionReviewVersions": ["v1"],
+          "timeoutSeconds": 5,
+          "reinvocationPolicy": "IfNeeded"
+        }]}),
+    ]
+}
+
+/// The documents as one YAML stream.
+pub fn yaml(o: &Options) -> Result<String, serde_yaml_ng::Error> {
+    let mut out = String::new();
+    for d in documents(o) {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&d)?);
+    }
+    Ok(out)
+}
+
+/// Write the link CA into the webhook configuration (every webhook in it),
+/// so the API server trusts the webhook's serving certificate. Absent
+/// configuration: nothing to do (the webhook is optional).
+pub async fn inject_ca_bundle(
+    client: kube::Client,
+    name: &str,
+    ca_pem: &str,
+) -> Result<bool, kube::Error> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::ByteString;
+    let api = kube::Api::<MutatingWebhookConfiguration>::all(client);
+    for _ in 0..5 {
+        let Some(mut c) = api.get_opt(name).await? else {
+            return Ok(false);
+        };
+        let want = ByteString(ca_pem.as_bytes().to_vec());
+        let hooks = c.webhooks.iter_mut().flatten();
+        let mut changed = false;
+        for h in hooks {
+            if h.client_config.ca_bundle.as_ref() != Some(&want) {
+                h.client_config.ca_bundle = Some(want.clone());
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(true);
+        }
+        match api.replace(name, &Default::default(), &c).await {
+            Ok(_) => return Ok(true),
+            // Another replica wrote it meanwhile: look again.
+            Err(kube::Error::Api(r)) if r.code == 409 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifests_parse_back_and_grant_no_more_than_needed() {
+        let o = Options {
+            namespace: "outrigger-system".into(),
+            image: "cloud-gw:test".into(),
+            replicas: 2,
+            sans: vec!["edge.example.com".into()],
+        };
+        let text = yaml(&o).unwrap();
+        let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        for k in [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Deployment",
+            "Service",
+            "MutatingWebhookConfiguration",
+        ] {
+            assert!(kinds.contains(&k), "{k} missing");
+        }
+        // No wildcards, and no write access to Secrets beyond its own.
+        for d in &docs {
+            for r in d["rules"].as_array().into_iter().flatten() {
+                assert!(!r.to_string().contains('*'), "{r}");
+                let writes = r["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v == "update" || v == "patch");
+                if r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == "secrets")
+                    && writes
+                {
+                    assert_eq!(r["resourceNames"], json!([SECRET]));
+                }
+            }
+        }
+        let args = docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]
+            ["spec"]["containers"][0]["args"]
+            .to_string();
+        assert!(
+            args.contains("--san=cloud-gw.outrigger-system.svc"),
+            "{args}"
+        );
+        assert!(args.contains("--san=edge.example.com"), "{args}");
+    }
+}

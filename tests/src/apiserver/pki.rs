@@ -1,0 +1,186 @@
+//! The test API server's CA, its serving certificate, client certificates
+//! (CN = user, O = groups, as kube-apiserver's x509 authenticator reads
+//! them) and kubeconfig files.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+
+pub struct Ca {
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+fn validity(p: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(365);
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+impl Ca {
+    pub fn new() -> Result<Ca> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "outrigger-test-apiserver-ca");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut p);
+        let cert = p.self_signed(&key)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>> {
+        let key = KeyPair::from_pem(&self.key_pem)?;
+        Ok(Issuer::from_ca_cert_pem(&self.cert_pem, key)?)
+    }
+
+    /// A serving certificate for 127.0.0.1, localhost, the in-cluster
+    /// names, and `extra` addresses.
+    pub fn server_cert(&self, extra: &[IpAddr]) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![
+            "localhost".to_string(),
+            "kubernetes".to_string(),
+            "kubernetes.default".to_string(),
+            "kubernetes.default.svc".to_string(),
+        ])?;
+        p.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        for ip in extra {
+            p.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        p.distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        validity(&mut p);
+        let cert = p.signed_by(&key, &self.issuer()?)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A client certificate: CN = user, one O per group. At most two
+    /// groups: rcgen keeps one value per attribute type, so the second O
+    /// goes in under its OID as a "custom" type.
+    pub fn client_cert(&self, user: &str, groups: &[&str]) -> Result<(String, String)> {
+        if groups.len() > 2 {
+            anyhow::bail!("client certificates carry at most two groups here (use a token)");
+        }
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, user);
+        let o_types = [
+            DnType::OrganizationName,
+            DnType::CustomDnType(vec![2, 5, 4, 10]),
+        ];
+        for (g, ty) in groups.iter().zip(o_types) {
+            p.distinguished_name.push(ty, *g);
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut p);
+        let cert = p.signed_by(&key, &self.issuer()?)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Which user a verified client certificate names (CN, and O as groups).
+pub fn cert_user(der: &[u8]) -> Option<(String, Vec<String>)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(String::from))
+        .collect();
+    Some((user, groups))
+}
+
+pub fn server_tls(ca: &Ca, cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())?)?;
+    // Optional at the TLS layer: bearer tokens need no certificate. One
+    // that another CA signed fails the handshake, as with kube-apiserver.
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()?;
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], key)?;
+    // HTTP/1.1 only: clients (client-go, kube) fall back to it.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// What a kubeconfig's user entry holds.
+pub enum Credential<'a> {
+    Cert { cert_pem: &'a str, key_pem: &'a str },
+    Token(&'a str),
+}
+
+pub fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca_pem: &str,
+    user: &str,
+    cred: Credential<'_>,
+) -> Result<()> {
+    let user_entry = match cred {
+        Credential::Cert { cert_pem, key_pem } => json!({
+            "client-certificate-data": STANDARD.encode(cert_pem),
+            "client-key-data": STANDARD.encode(key_pem),
+        }),
+        Credential::Token(t) => json!({ "token": t }),
+    };
+    let cfg = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "outrigger-test", "cluster": {
+            "server": server,
+            "certificate-authority-data": STANDARD.encode(ca_pem),
+        }}],
+        "users": [{"name": user, "user": user_entry}],
+        "contexts": [{"name": "outrigger-test", "context": {
+            "cluster": "outrigger-test", "user": user, "namespace": "default",
+        }}],
+        "current-context": "outrigger-test",
+        "preferences": {},
+    });
+    let text = serde_yaml_ng::to_string(&cfg)?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
