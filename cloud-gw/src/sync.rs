@@ -253,6 +253,46 @@ impl<'a> Session<'a> {
                 }
                 None
             }
+            Message::Sync(Sync::Get {
+                id,
+                kind,
+                namespace,
+                name,
+            }) => {
+                let desired = self.source.objects(&self.node);
+                let found = desired.get(&kind).and_then(|objects| {
+                    objects.iter().find(|(_, (_, body))| {
+                        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                        v["metadata"]["name"] == name.as_str()
+                            && v["metadata"]["namespace"] == namespace.as_str()
+                    })
+                });
+                let answer = match found {
+                    Some((uid, (rv, body))) => Sync::Got {
+                        id,
+                        object: Some(Change::Put {
+                            kind,
+                            uid: uid.clone(),
+                            resource_version: rv.clone(),
+                            body: body.clone(),
+                        }),
+                        refused: None,
+                    },
+                    None => {
+                        let reason = format!(
+                            "{kind} {namespace}/{name} is not used by any pod on node {}",
+                            self.node
+                        );
+                        tracing::warn!(node = %self.node, reason, "refused");
+                        Sync::Got {
+                            id,
+                            object: None,
+                            refused: Some(reason),
+                        }
+                    }
+                };
+                Some(Message::Sync(answer))
+            }
             other => {
                 tracing::debug!(node = %self.node, message = ?other, "ignored");
                 None
@@ -315,5 +355,78 @@ mod tests {
             },
             m => panic!("{m:?}"),
         }
+    }
+
+    /// A source whose objects the test sets: pods being deleted are only
+    /// finalized once the node no longer has them.
+    #[derive(Default)]
+    struct Fixed {
+        objects: std::sync::Mutex<crate::source::NodeObjects>,
+        terminating: std::sync::Mutex<Vec<String>>,
+        finalized: std::sync::Mutex<Vec<String>>,
+        notify: crate::source::Notifier,
+    }
+
+    impl Source for Fixed {
+        fn objects(&self, _node: &str) -> crate::source::NodeObjects {
+            self.objects.lock().unwrap().clone()
+        }
+        fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+            self.notify.subscribe(node)
+        }
+        fn terminating(&self, _node: &str) -> Vec<String> {
+            self.terminating.lock().unwrap().clone()
+        }
+        fn finalize(&self, _node: &str, uid: &str) {
+            self.finalized.lock().unwrap().push(uid.to_string());
+        }
+        fn record<'a>(
+            &'a self,
+            _node: &'a str,
+            _rows: Vec<outrigger_proto::message::Row>,
+        ) -> futures_util::future::BoxFuture<'a, Vec<i64>> {
+            Box::pin(async { Vec::new() })
+        }
+    }
+
+    #[test]
+    fn a_deleted_pod_is_stopped_first_and_finalized_only_when_the_node_lacks_it() {
+        let src = Fixed::default();
+        let pods = BTreeMap::from([("a".to_string(), ("1".to_string(), b"{}".to_vec()))]);
+        src.objects.lock().unwrap().insert("Pod".into(), pods);
+        let mut s = Session::new("n", &src);
+        // The node has a.
+        let inv = BTreeMap::from([(
+            "Pod".to_string(),
+            BTreeMap::from([("a".to_string(), "1".to_string())]),
+        )]);
+        s.handle(Message::Sync(Sync::Inventory { kinds: inv }));
+        while s.next_message().is_some() {}
+        // a is deleted; b was created and deleted while the node was away.
+        src.objects
+            .lock()
+            .unwrap()
+            .insert("Pod".into(), BTreeMap::new());
+        *src.terminating.lock().unwrap() = vec!["a".into(), "b".into()];
+        s.refresh();
+        // b is finalized at once; a gets a Delete, and waits for the node.
+        assert_eq!(*src.finalized.lock().unwrap(), vec!["b".to_string()]);
+        match s.next_message() {
+            Some(Message::Sync(Sync::Changes { changes, .. })) => {
+                assert_eq!(
+                    changes,
+                    vec![Change::Delete {
+                        kind: "Pod".into(),
+                        uid: "a".into()
+                    }]
+                );
+            }
+            m => panic!("{m:?}"),
+        }
+        s.refresh();
+        assert_eq!(
+            *src.finalized.lock().unwrap(),
+            vec!["b".to_string(), "b".to_string()]
+        );
     }
 }

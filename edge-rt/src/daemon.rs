@@ -66,6 +66,9 @@ pub fn preload(store: &ImageStore, dir: &Path, state: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// The least time between two reporter flushes driven by status changes.
+const REPORT_GAP: Duration = Duration::from_millis(100);
+
 pub async fn run(config_path: PathBuf) -> Result<()> {
     // A daemon works from "/": its start directory may vanish or be mounted
     // over (as PID 1 we mount /tmp and /run), and libcontainer changes to
@@ -111,6 +114,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         volumes_root: cfg.node.data_dir.join("pods"),
         node: placement,
         status_generation: Default::default(),
+        status_changed: Default::default(),
         network: if cfg.network.enabled {
             Some(Arc::new(crate::network::Network::new(
                 cfg.network.clone(),
@@ -165,6 +169,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut report_tick = tokio::time::interval(Duration::from_secs(1));
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gc = tokio::time::interval(Duration::from_secs(cfg.images.gc_interval_secs.max(10)));
+    let mut last_flush = tokio::time::Instant::now();
+    let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = manifests.changed() => {
@@ -172,7 +178,20 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 reconcile(&pods, &from_files, node_store.as_deref());
             }
             Ok(()) = store_changed.changed() => reconcile(&pods, &from_files, node_store.as_deref()),
+            // A status change goes out at once (then at most every
+            // REPORT_GAP, however busy the pods); the tick catches the rest.
+            _ = ctx.status_changed.notified(), if reporter.is_some() && flush_at.is_none() => {
+                flush_at = Some(last_flush + REPORT_GAP);
+            }
+            _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
+                flush_at = None;
+                last_flush = tokio::time::Instant::now();
+                if let Some(r) = reporter.as_mut() {
+                    let _ = r.flush(store::now_ms());
+                }
+            }
             _ = report_tick.tick(), if reporter.is_some() => {
+                last_flush = tokio::time::Instant::now();
                 if let Some(r) = reporter.as_mut() {
                     let _ = r.flush(store::now_ms());
                 }

@@ -220,6 +220,8 @@ pub fn node_facts(
         format!("{}Ki", at.node_memory_bytes / 1024).into(),
     );
     if let Ok(st) = nix::sys::statvfs::statvfs(&node.data_dir) {
+        // u32 on 32-bit targets (armv7 gateways): widen before multiplying.
+        #[allow(clippy::unnecessary_cast)]
         let bytes = st.blocks() as u64 * st.fragment_size() as u64;
         capacity.insert(
             "ephemeral-storage".into(),

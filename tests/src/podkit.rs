@@ -31,6 +31,7 @@ impl Harness {
         let rt = env.runtime()?;
         let ctx = Arc::new(Context {
             status_generation: Default::default(),
+            status_changed: Default::default(),
             rt: rt.clone(),
             images: env.store.clone(),
             puller: std::sync::Mutex::new(Arc::new(edge_rt::image::registry::Puller::new(

@@ -42,9 +42,14 @@ pub fn require_root() -> bool {
 }
 
 /// A workspace binary next to the test executable's directory.
+/// A binary of the workspace, beside the running one: tests run from
+/// `<profile>/deps/`, the tests crate's own binaries from `<profile>/`.
 fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     dir.join(name)
 }
 

@@ -1568,3 +1568,74 @@ async fn mutating_webhook_adds_a_toleration_on_pod_create() -> Result<()> {
     assert_eq!(c.post(PODS, pod("untrusted", json!({}))).await?.0, 500);
     Ok(())
 }
+
+/// The `kube` crate (cloud-gw's client) against the server: typed create,
+/// list, watch with a field selector and bookmarks, status patch, Lease
+/// replace with optimistic concurrency.
+#[tokio::test]
+async fn the_kube_client_lists_watches_and_patches() -> Result<()> {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+
+    let s = TestApiServer::start()?;
+    let kc = kube::config::Kubeconfig::read_from(s.kubeconfig())?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let client = kube::Client::try_from(cfg)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let all: Api<Pod> = Api::all(client.clone());
+
+    let mut p: Pod = serde_json::from_value(pod("k1", json!({})))?;
+    pods.create(&PostParams::default(), &p).await?;
+    let list = all
+        .list(&ListParams::default().fields("spec.nodeName!="))
+        .await?;
+    assert!(list.items.is_empty(), "k1 is not on a node");
+    let rv0 = list.metadata.resource_version.clone().context("list rv")?;
+    let mut w = all
+        .watch(&WatchParams::default().fields("spec.nodeName!="), &rv0)
+        .await?
+        .boxed();
+    p = serde_json::from_value(pod("k2", json!({})))?;
+    p.spec.as_mut().unwrap().node_name = Some("edge-1".into());
+    pods.create(&PostParams::default(), &p).await?;
+    match w.next().await.context("watch ended")?? {
+        WatchEvent::Added(p) => assert_eq!(p.metadata.name.as_deref(), Some("k2")),
+        e => bail!("expected ADDED k2, got {e:?}"),
+    }
+    let st = pods
+        .patch_status(
+            "k2",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"phase": "Running"}})),
+        )
+        .await?;
+    assert_eq!(st.status.and_then(|s| s.phase).as_deref(), Some("Running"));
+    match w.next().await.context("watch ended")?? {
+        WatchEvent::Modified(p) => {
+            assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"))
+        }
+        e => bail!("expected MODIFIED k2, got {e:?}"),
+    }
+
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    let l: Lease = serde_json::from_value(
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "edge-1"}, "spec": {"holderIdentity": "edge-1", "leaseDurationSeconds": 40}}),
+    )?;
+    let mut l = leases.create(&PostParams::default(), &l).await?;
+    l.spec.as_mut().unwrap().lease_duration_seconds = Some(41);
+    let fresh = leases.replace("edge-1", &PostParams::default(), &l).await?;
+    // The same (now stale) copy again: 409.
+    match leases.replace("edge-1", &PostParams::default(), &l).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 409),
+        r => bail!("expected a conflict, got {r:?}"),
+    }
+    assert_eq!(fresh.spec.unwrap().lease_duration_seconds, Some(41));
+    match leases.get("nope").await {
+        Err(kube::Error::Api(e)) => assert_eq!((e.code, e.reason.as_str()), (404, "NotFound")),
+        r => bail!("expected 404, got {r:?}"),
+    }
+    Ok(())
+}

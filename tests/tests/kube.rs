@@ -781,3 +781,85 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
     kc(&cluster, &["delete", "secret", &secret_name])?;
     node.cleanup().await
 }
+
+/// With its own certificate, a node asks by name for a Secret its pods use
+/// (given) and for one that only another node's pod uses (refused, and
+/// logged). The edge link has no way to name anything else.
+#[tokio::test]
+async fn a_node_asking_for_another_nodes_secret_is_refused() -> Result<()> {
+    use outrigger_proto::message::{Message, Sync};
+    let cluster = Cluster::from_env_or_test()?;
+    let cloud = Cloud::start_kube(cluster.kubeconfig()).await?;
+    let name = unique("edge");
+    let node = Node::new()?;
+    let o = join_with(&node, &cloud.server, &cloud.token("10m")?, &name, &[])?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let (mine, theirs) = (unique("mine"), unique("theirs"));
+    for (pod, secret, on) in [
+        (&mine, &mine, name.as_str()),
+        (&theirs, &theirs, "some-other-node"),
+    ] {
+        kubectl_apply(
+            &cluster,
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}}}\nstringData: {{k: v}}\n---\n{}",
+                busybox_pod(pod, on, &format!("  volumes: [{{name: s, secret: {{secretName: {secret}}}}}]\n"))
+            ),
+        )?;
+    }
+    let dir = link_dir(&node);
+    let tls = edge_rt::link::tls::link_config(
+        &std::fs::read(dir.join("ca.crt"))?,
+        &std::fs::read(dir.join("node.crt"))?,
+        &std::fs::read(dir.join("node.key"))?,
+    )?;
+    let mut link = edge_rt::link::join::connect(&cloud.server, "/link", tls).await?;
+    edge_rt::link::join::hello(&mut link, &name).await?;
+    let mut ask = async |id: u64, secret: &str| -> Result<Sync> {
+        link.send(&Message::Sync(Sync::Get {
+            id,
+            kind: "Secret".into(),
+            namespace: "default".into(),
+            name: secret.into(),
+        }))
+        .await?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), link.recv()).await??;
+            if let Message::Sync(got @ Sync::Got { .. }) = m {
+                return Ok(got);
+            }
+        }
+    };
+    // The cache may lag the kubectl apply by a moment.
+    let mut given = None;
+    for _ in 0..50 {
+        if let Sync::Got {
+            object: Some(o), ..
+        } = ask(1, &mine).await?
+        {
+            given = Some(o);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(given.is_some(), "its own secret was not given");
+    match ask(2, &theirs).await? {
+        Sync::Got {
+            id: 2,
+            object: None,
+            refused: Some(r),
+        } => {
+            ensure!(r.contains("not used by any pod on node"), "{r}")
+        }
+        other => anyhow::bail!("another node's secret was answered with {other:?}"),
+    }
+    cloud.logged("not used by any pod on node").await?;
+    for p in [&mine, &theirs] {
+        kc(
+            &cluster,
+            &["delete", "pod", p, "--force", "--grace-period=0"],
+        )?;
+        kc(&cluster, &["delete", "secret", p])?;
+    }
+    Ok(())
+}

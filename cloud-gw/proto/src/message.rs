@@ -97,6 +97,20 @@ pub enum Sync {
     Ack {
         batch: u64,
     },
+    /// The edge asks for one object by name. Only what the node's own pods
+    /// use is ever given; anything else is refused (and logged).
+    Get {
+        id: u64,
+        kind: String,
+        namespace: String,
+        name: String,
+    },
+    /// The answer to `Get` with that `id`: the object as a `Put`, or why not.
+    Got {
+        id: u64,
+        object: Option<Change>,
+        refused: Option<String>,
+    },
 }
 
 /// One outbox row, edge to cloud.

@@ -34,6 +34,10 @@ use outrigger_proto::message::Row;
 use crate::source::{NodeObjects, Notifier, Source};
 use cache::{Cache, Key, Kind};
 
+/// Concurrent writes to the API server (a kubelet has QPS limits for the
+/// same reason: one cloud-gw speaks for thousands of nodes).
+const API_WRITES: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
     /// Taint edge nodes `node-role.kubernetes.io/edge:NoSchedule`, so only
@@ -65,6 +69,9 @@ pub(crate) struct Inner {
     /// The last node report per connected node, rewritten every
     /// `status_period` with a fresh heartbeat.
     pub reports: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// Writes to the API server at once, across all nodes: each needs a
+    /// connection (HTTP/1.1), so this also bounds the client's pool.
+    pub api_slots: tokio::sync::Semaphore,
     /// Nodes labelled as edge nodes (the webhook's question).
     pub edge_nodes: Mutex<HashSet<String>>,
     /// Watches that have listed everything once: pods, ConfigMaps, Secrets.
@@ -99,6 +106,7 @@ impl KubeSource {
             finalizing: Mutex::new(HashSet::new()),
             reports: Mutex::new(BTreeMap::new()),
             edge_nodes: Mutex::new(HashSet::new()),
+            api_slots: tokio::sync::Semaphore::new(API_WRITES),
             ready: tokio::sync::watch::channel(0).0,
         });
         // Pods bound to any node: one watch for all edge nodes.

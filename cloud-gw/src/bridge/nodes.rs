@@ -209,6 +209,13 @@ async fn renew_lease(inner: &Inner, node: &str) -> Result<(), kube::Error> {
     Ok(())
 }
 
+async fn renew_lease_slotted(inner: &Inner, node: &str) -> Result<(), kube::Error> {
+    match inner.api_slots.acquire().await {
+        Ok(_slot) => renew_lease(inner, node).await,
+        Err(_) => Ok(()),
+    }
+}
+
 /// Forgets the node's report when its link task ends (aborted with it).
 struct Forget(Arc<Inner>, String);
 
@@ -230,7 +237,7 @@ pub(crate) async fn keep_alive(inner: Arc<Inner>, node: String) {
     let mut failing = false;
     loop {
         tokio::select! {
-            _ = lease.tick() => match renew_lease(&inner, &node).await {
+            _ = lease.tick() => match renew_lease_slotted(&inner, &node).await {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!(node, "lease renewed again");
@@ -246,6 +253,9 @@ pub(crate) async fn keep_alive(inner: Arc<Inner>, node: String) {
             _ = status.tick() => {
                 let report = lock(&inner.reports).get(&node).cloned();
                 if let Some(r) = report {
+                    let Ok(_slot) = inner.api_slots.acquire().await else {
+                        return;
+                    };
                     if let Err(e) = write_status(&inner, &node, &r).await {
                         tracing::warn!(node, error = %e, "node status not written");
                     }

@@ -63,6 +63,9 @@ pub(crate) async fn record(inner: &Arc<Inner>, node: &str, rows: Vec<Row>) -> Ve
     futures_util::stream::iter(rows)
         .map(|r| async move {
             let seq = r.seq;
+            let Ok(_slot) = inner.api_slots.acquire().await else {
+                return None;
+            };
             let start = std::time::Instant::now();
             let o = one(inner, node, r).await;
             METRICS.api_write.observe(start.elapsed());

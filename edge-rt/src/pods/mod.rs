@@ -56,6 +56,9 @@ pub struct Context {
     /// Bumped whenever a worker publishes a status: the reporter skips
     /// its pass when nothing moved.
     pub status_generation: std::sync::atomic::AtomicU64,
+    /// Woken with every status published, so the reporter can send a
+    /// change at once instead of at its next tick.
+    pub status_changed: tokio::sync::Notify,
 }
 
 impl Context {
@@ -1236,6 +1239,7 @@ impl Worker {
         self.ctx
             .status_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.status_changed.notify_one();
     }
 }
 

@@ -954,6 +954,8 @@ impl Api {
         self.write(def, ns, name, sub, ctx, Write::Put(o)).await
     }
 
+    // The URL's parts, the patch and the request: all needed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn patch(
         &self,
         def: &ResourceDef,

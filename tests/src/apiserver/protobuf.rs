@@ -15,7 +15,6 @@ enum F {
     /// Server-owned (timestamps, selfLink, managedFields): read past.
     Skip,
     Str,
-    Bytes,
     Int,
     Bool,
     Msg(Schema),
@@ -185,9 +184,6 @@ fn message(b: &[u8], schema: Schema) -> Result<Value, String> {
                 if !t.is_empty() {
                     out.insert(name, json!(t));
                 }
-            }
-            (F::Bytes, 2) => {
-                out.insert(name, json!(STANDARD.encode(r.bytes()?)));
             }
             (F::Msg(s), 2) => {
                 out.insert(name, message(r.bytes()?, s)?);

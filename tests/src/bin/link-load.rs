@@ -56,6 +56,18 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         objects: usize,
     },
+    /// cloud-gw `run` against a cluster: N nodes with P pods each (created
+    /// in the cluster here), every pod's status written back.
+    Kube {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10)]
+        pods: usize,
+        #[arg(long)]
+        cloud_pid: u32,
+    },
 }
 
 /// A stream that counts the bytes each way.
@@ -505,6 +517,194 @@ async fn delta(args: &Args, objects: usize) -> Result<()> {
     Ok(())
 }
 
+/// One simulated node against `cloud-gw run`: take its pods, ack them,
+/// report each Running (and the node), then ping until the end.
+async fn run_kube_node(
+    server: String,
+    name: String,
+    tls: rustls::ClientConfig,
+    pods: usize,
+    done: Arc<AtomicU64>,
+    connected: Arc<AtomicU64>,
+) -> Result<()> {
+    use outrigger_proto::message::{Row, Status};
+    let mut link = edge_rt::link::join::connect(&server, "/link", tls).await?;
+    hello(&mut link, &name).await?;
+    link.send(&kinds(&BTreeMap::new())).await?;
+    connected.fetch_add(1, Ordering::Relaxed);
+    let mut got = Vec::new();
+    let mut reported = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            m = link.recv() => match m? {
+                Message::Sync(Sync::Changes { batch, changes, .. }) => {
+                    for c in changes {
+                        if let Change::Put { kind, body, .. } = c {
+                            if kind == "Pod" {
+                                got.push(serde_json::from_slice::<serde_json::Value>(&body)?);
+                            }
+                        }
+                    }
+                    link.send(&Message::Sync(Sync::Ack { batch })).await?;
+                    if got.len() >= pods && !reported {
+                        reported = true;
+                        let now = "2026-11-24T00:00:00Z";
+                        let mut rows: Vec<Row> = got.iter().enumerate().map(|(i, p)| {
+                            let body = serde_json::json!({
+                                "namespace": p["metadata"]["namespace"], "name": p["metadata"]["name"],
+                                "uid": p["metadata"]["uid"],
+                                "status": {"phase": "Running", "startTime": now, "hostIP": "10.0.0.1", "podIP": "10.88.0.2",
+                                    "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                                    "containerStatuses": [{"name": "reader", "ready": true, "restartCount": 0, "image": "busybox",
+                                        "imageID": "", "state": {"running": {"startedAt": now}}}]}});
+                            Row { seq: i as i64 + 1, class: "status".into(),
+                                  key: format!("pod/{}", p["metadata"]["uid"].as_str().unwrap_or_default()),
+                                  body: serde_json::to_vec(&body).unwrap_or_default() }
+                        }).collect();
+                        let node = serde_json::json!({"name": name, "conditions": [
+                            {"type": "Ready", "status": "True", "reason": "EdgeRuntimeReady"}],
+                            "capacity": {"cpu": "4", "memory": "4Gi", "pods": "110"},
+                            "allocatable": {"cpu": "4", "memory": "4Gi", "pods": "110"}});
+                        rows.push(Row { seq: pods as i64 + 1, class: "status".into(), key: format!("node/{name}"),
+                                        body: serde_json::to_vec(&node)? });
+                        link.send(&Message::Status(Status::Rows { rows })).await?;
+                    }
+                }
+                Message::Status(Status::Ack { seqs }) => {
+                    if seqs.len() > pods {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        eprintln!("{name}: only {} of {} rows acked", seqs.len(), pods + 1);
+                    }
+                }
+                _ => {}
+            },
+            _ = tick.tick() => link.ping().await?,
+        }
+    }
+}
+
+async fn kube_scale(
+    args: &Args,
+    kubeconfig: &std::path::Path,
+    n: usize,
+    per_node: usize,
+    pid: u32,
+) -> Result<()> {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+    use kube::api::{ListParams, PostParams};
+    raise_nofile();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+    )?;
+    let t = Instant::now();
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "plant-a"}}))?;
+    let _ = kube::Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await;
+    let cm: ConfigMap = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "reader-config"}, "data": {"a": "1"}}),
+    )?;
+    let _ = kube::Api::<ConfigMap>::namespaced(client.clone(), "plant-a")
+        .create(&PostParams::default(), &cm)
+        .await;
+    let sec: Secret = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "reader-token"}, "stringData": {"token": "t"}}),
+    )?;
+    let _ = kube::Api::<Secret>::namespaced(client.clone(), "plant-a")
+        .create(&PostParams::default(), &sec)
+        .await;
+    let pods_api = kube::Api::<Pod>::namespaced(client.clone(), "plant-a");
+    let created = futures_util::stream::iter(0..n * per_node)
+        .map(|i| {
+            let api = pods_api.clone();
+            async move {
+                let mut v: serde_json::Value = serde_yaml_ng::from_str(&pod(i))?;
+                v["spec"]["nodeName"] = format!("sim-{}", i / per_node).into();
+                let p: Pod = serde_json::from_value(v)?;
+                api.create(&PostParams::default(), &p).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    anyhow::ensure!(created == 0, "{created} pods not created");
+    eprintln!(
+        "created {} pods in {:.1} s",
+        n * per_node,
+        t.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss0 = rss_kib(pid);
+    let pki = Pki::load(&DirKeeper::new(&args.dir))?;
+    let tls: Vec<rustls::ClientConfig> = (0..n)
+        .map(|i| identity(&pki, &format!("sim-{i}")))
+        .collect::<Result<_>>()?;
+    let done = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    for (i, tls) in tls.into_iter().enumerate() {
+        let (d, c, server) = (done.clone(), connected.clone(), args.server.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_kube_node(server, format!("sim-{i}"), tls, per_node, d, c).await {
+                eprintln!("sim-{i}: {e:#}");
+            }
+        });
+        if i % 200 == 199 {
+            while connected.load(Ordering::Relaxed) + 100 < i as u64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    while (done.load(Ordering::Relaxed) as usize) < n {
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!(
+                "only {} of {n} nodes synced and reported",
+                done.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let synced = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss1 = rss_kib(pid);
+    let running = pods_api
+        .list(&ListParams::default().fields("status.phase=Running"))
+        .await?
+        .items
+        .len();
+    println!("one cloud-gw (run) against the API server for tests: {n} simulated edge nodes x {per_node} pods");
+    println!("{:<44} {:>12}", "measure", "value");
+    println!(
+        "{:<44} {:>10.1} s",
+        "all synced, every pod's status written", synced
+    );
+    println!("{:<44} {:>12}", "pods Running in the cluster", running);
+    println!(
+        "{:<44} {:>9.1} MB",
+        "cloud-gw RSS, caches listed, no node",
+        rss0 as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "cloud-gw RSS, all nodes connected",
+        rss1 as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>9.1} KB",
+        "memory per node",
+        rss1.saturating_sub(rss0) as f64 / n as f64
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -527,6 +727,12 @@ async fn main() -> Result<()> {
             .await
         }
         Cmd::Delta { objects } => delta(&args, *objects).await,
+        Cmd::Kube {
+            kubeconfig,
+            nodes,
+            pods,
+            cloud_pid,
+        } => kube_scale(&args, kubeconfig, *nodes, *pods, *cloud_pid).await,
     }
     .context("link-load")
 }
