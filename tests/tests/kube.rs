@@ -540,8 +540,38 @@ spec:
         }
         Ok(names)
     };
+    // On a real cluster its controllers and scheduler do this part.
+    let real = s.cluster.is_real();
+    let rolled_out = || -> Result<Vec<String>> {
+        let o = kubectl(
+            &s.cluster,
+            &[
+                "rollout",
+                "status",
+                &format!("deployment/{d}"),
+                "--timeout=120s",
+            ],
+        )?;
+        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let names = kc(
+            &s.cluster,
+            &[
+                "get",
+                "pods",
+                "-l",
+                &format!("app={d}"),
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ],
+        )?;
+        Ok(names.split_whitespace().map(str::to_string).collect())
+    };
     kubectl_apply(&s.cluster, &deployment("1"))?;
-    let first = make_pods("r1")?;
+    let first = if real {
+        rolled_out()?
+    } else {
+        make_pods("r1")?
+    };
     let o = kubectl(
         &s.cluster,
         &[
@@ -559,10 +589,18 @@ spec:
     }
     // The rollout: new template, new pods, old ones deleted.
     kubectl_apply(&s.cluster, &deployment("2"))?;
-    let second = make_pods("r2")?;
-    for p in &first {
-        kc(&s.cluster, &["delete", "pod", p, "--wait=false"])?;
-    }
+    let second = if real {
+        rolled_out()?
+            .into_iter()
+            .filter(|p| !first.contains(p))
+            .collect()
+    } else {
+        let second = make_pods("r2")?;
+        for p in &first {
+            kc(&s.cluster, &["delete", "pod", p, "--wait=false"])?;
+        }
+        second
+    };
     for p in &second {
         kubectl_ready(&s, p).await?;
         ensure!(exec(&s.node, p, &["sh", "-c", "echo $VERSION"])?.trim() == "2");
@@ -586,7 +624,7 @@ spec:
     .await?;
     kc(&s.cluster, &["delete", "deployment", &d])?;
     for p in &second {
-        kc(&s.cluster, &["delete", "pod", p])?;
+        kc(&s.cluster, &["delete", "pod", p, "--ignore-not-found"])?;
     }
     s.node.cleanup().await
 }
@@ -608,9 +646,8 @@ async fn the_webhook_makes_edge_pods_tolerate_a_lost_node_for_good() -> Result<(
         );
         return s.node.cleanup().await;
     }
-    let ca = std::fs::read_to_string(s.cloud.dir.path().join("ca.crt"))?;
-    use base64::Engine;
-    let bundle = base64::engine::general_purpose::STANDARD.encode(ca);
+    // Registered without a caBundle, as `cloud-gw manifests` prints it:
+    // cloud-gw writes its CA in when it starts.
     kubectl_apply(
         &s.cluster,
         &format!(
@@ -619,7 +656,7 @@ kind: MutatingWebhookConfiguration
 metadata: {{name: outrigger-cloud-gw}}
 webhooks:
 - name: edge-autonomy.outrigger.io
-  clientConfig: {{url: "https://{}/mutate-pods", caBundle: "{bundle}"}}
+  clientConfig: {{url: "https://{}/mutate-pods"}}
   rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
   failurePolicy: Fail
   sideEffects: None
@@ -628,6 +665,24 @@ webhooks:
             s.cloud.webhook
         ),
     )?;
+    let mut s = s;
+    s.cloud.restart().await?;
+    s.cloud
+        .logged("link CA written into the webhook configuration")
+        .await?;
+    let hook = get_json(
+        &s.cluster,
+        &["mutatingwebhookconfiguration", "outrigger-cloud-gw"],
+    )?;
+    use base64::Engine;
+    let bundle = base64::engine::general_purpose::STANDARD.decode(
+        hook["webhooks"][0]["clientConfig"]["caBundle"]
+            .as_str()
+            .unwrap_or_default(),
+    )?;
+    let ca = std::fs::read(s.cloud.dir.path().join("ca.crt"))?;
+    ensure!(bundle == ca, "caBundle is not the link CA");
+    s.ready_node().await?;
     let edge = unique("tol");
     kubectl_apply(&s.cluster, &busybox_pod(&edge, &s.name, ""))?;
     let p = get_json(&s.cluster, &["pod", &edge])?;
