@@ -47,7 +47,7 @@ pub fn documents(o: &Options) -> Vec<Value> {
     args.extend(sans.iter().map(|s| format!("--san={s}")));
     vec![
         json!({"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": ns, "labels": {"outrigger.io/autonomy": "off"}}}),
+               "metadata": {"name": ns, "labels": {"outrigger.io/autonomy": "disabled"}}}),
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(NAME)}),
         // Cluster-wide: what a kubelet needs toward the API server for many
         // nodes (pods bound to edge nodes, what they use, Node objects,
@@ -125,7 +125,7 @@ pub fn documents(o: &Options) -> Vec<Value> {
           "clientConfig": {"service": {"name": NAME, "namespace": ns, "path": "/mutate-pods", "port": 443}},
           "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
           "namespaceSelector": {"matchExpressions": [
-            {"key": "outrigger.io/autonomy", "operator": "NotIn", "values": ["off"]}]},
+            {"key": "outrigger.io/autonomy", "operator": "NotIn", "values": ["disabled"]}]},
           // Pod creation must not hang on cloud-gw: without it a pod
           // is created with the default 300 s tolerations.
           "failurePolicy": "Ignore",

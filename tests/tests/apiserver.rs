@@ -1639,3 +1639,188 @@ async fn the_kube_client_lists_watches_and_patches() -> Result<()> {
     }
     Ok(())
 }
+
+/// `cloud-gw manifests` piped into `kubectl apply -f -`, as an operator
+/// installs it; kubectl's stdout.
+fn apply_cloud_gw_manifests(s: &TestApiServer) -> Result<String> {
+    use std::process::{Command, Stdio};
+    let bin = outrigger_tests::util::cloud_gw_bin();
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it first with `cargo build -p cloud-gw`",
+            bin.display()
+        );
+    }
+    let mut gw = Command::new(&bin)
+        .args(["manifests", "--san", "edge.example.com"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let pipe = gw.stdout.take().context("cloud-gw stdout")?;
+    let apply = s
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(pipe)
+        .output()
+        .context("running kubectl")?;
+    let gw = gw.wait_with_output()?;
+    if !gw.status.success() {
+        bail!(
+            "cloud-gw manifests failed: {}",
+            String::from_utf8_lossy(&gw.stderr)
+        );
+    }
+    if !apply.status.success() {
+        bail!(
+            "kubectl apply of cloud-gw's manifests failed: {}{}",
+            String::from_utf8_lossy(&apply.stdout),
+            String::from_utf8_lossy(&apply.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&apply.stdout).into_owned())
+}
+
+#[test]
+fn kubectl_applies_cloud_gw_manifests_idempotently() -> Result<()> {
+    let s = TestApiServer::start()?;
+    // The node-lease Role and RoleBinding go into a namespace the server
+    // has from the start, as a cluster does.
+    k(&s, &["get", "namespace", "kube-node-lease"])?;
+
+    let out = apply_cloud_gw_manifests(&s)?;
+    let created: Vec<&str> = out.lines().collect();
+    let want = [
+        "namespace/outrigger-system",
+        "serviceaccount/cloud-gw",
+        "clusterrole.rbac.authorization.k8s.io/outrigger:cloud-gw",
+        "clusterrolebinding.rbac.authorization.k8s.io/outrigger:cloud-gw",
+        "role.rbac.authorization.k8s.io/outrigger:cloud-gw",
+        "rolebinding.rbac.authorization.k8s.io/outrigger:cloud-gw",
+        "role.rbac.authorization.k8s.io/outrigger:cloud-gw-pki",
+        "rolebinding.rbac.authorization.k8s.io/outrigger:cloud-gw-pki",
+        "deployment.apps/cloud-gw",
+        "service/cloud-gw",
+        "service/cloud-gw-edge",
+        "mutatingwebhookconfiguration.admissionregistration.k8s.io/outrigger-cloud-gw",
+    ];
+    for w in want {
+        assert!(
+            created.contains(&format!("{w} created").as_str()),
+            "{w} not created: {out}"
+        );
+    }
+    assert_eq!(created.len(), want.len(), "{out}");
+
+    let get = |args: &[&str]| -> Result<Value> {
+        let mut a = vec!["get"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-o", "json"]);
+        Ok(serde_json::from_str(&k(&s, &a)?)?)
+    };
+    let sys = "outrigger-system";
+    let lease_ns = "kube-node-lease";
+
+    let ns = get(&["namespace", sys])?;
+    assert_eq!(
+        ns["metadata"]["labels"]["outrigger.io/autonomy"],
+        "disabled"
+    );
+    get(&["serviceaccount", "cloud-gw", "-n", sys])?;
+
+    let cr = get(&["clusterrole", "outrigger:cloud-gw"])?;
+    assert!(
+        cr["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"].as_array().unwrap().contains(&json!("nodes"))),
+        "{cr}"
+    );
+    let sa_subject = json!([{"kind": "ServiceAccount", "name": "cloud-gw", "namespace": sys}]);
+    let crb = get(&["clusterrolebinding", "outrigger:cloud-gw"])?;
+    assert_eq!(
+        crb["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "outrigger:cloud-gw"})
+    );
+    assert_eq!(crb["subjects"], sa_subject);
+
+    let role = get(&["role", "outrigger:cloud-gw", "-n", lease_ns])?;
+    assert_eq!(role["rules"][0]["resources"], json!(["leases"]), "{role}");
+    let rb = get(&["rolebinding", "outrigger:cloud-gw", "-n", lease_ns])?;
+    assert_eq!(rb["roleRef"]["kind"], "Role");
+    assert_eq!(rb["roleRef"]["name"], "outrigger:cloud-gw");
+    assert_eq!(rb["subjects"], sa_subject);
+
+    let pki = get(&["role", "outrigger:cloud-gw-pki", "-n", sys])?;
+    assert!(
+        pki["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resourceNames"] == json!(["cloud-gw-pki"])),
+        "{pki}"
+    );
+    let rb = get(&["rolebinding", "outrigger:cloud-gw-pki", "-n", sys])?;
+    assert_eq!(rb["roleRef"]["name"], "outrigger:cloud-gw-pki");
+    assert_eq!(rb["subjects"], sa_subject);
+
+    let d = get(&["deployment", "cloud-gw", "-n", sys])?;
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "cloud-gw");
+    let args = pod["containers"][0]["args"].as_array().unwrap();
+    assert!(
+        args.contains(&json!("--secret=outrigger-system/cloud-gw-pki")),
+        "{args:?}"
+    );
+    assert!(args.contains(&json!("--san=edge.example.com")), "{args:?}");
+
+    let svc = get(&["service", "cloud-gw", "-n", sys])?;
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "webhook" && p["port"] == 443),
+        "{svc}"
+    );
+    let edge = get(&["service", "cloud-gw-edge", "-n", sys])?;
+    assert_eq!(edge["spec"]["type"], "LoadBalancer");
+
+    let mwc = get(&["mutatingwebhookconfiguration", "outrigger-cloud-gw"])?;
+    let hook = &mwc["webhooks"][0];
+    assert_eq!(hook["clientConfig"]["service"]["name"], "cloud-gw", "{mwc}");
+    assert_eq!(hook["clientConfig"]["service"]["namespace"], sys);
+    assert!(
+        hook["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .unwrap()
+            .contains(
+                &json!({"key": "outrigger.io/autonomy", "operator": "NotIn", "values": ["disabled"]})
+            ),
+        "{hook}"
+    );
+
+    // The RBAC kinds print as kube-apiserver's tables do.
+    let out = k(&s, &["get", "rolebindings", "-n", lease_ns])?;
+    let head: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(head, ["NAME", "ROLE", "AGE"], "{out}");
+    assert!(
+        out.contains("outrigger:cloud-gw   Role/outrigger:cloud-gw"),
+        "{out}"
+    );
+
+    // Applying again changes nothing.
+    let again = apply_cloud_gw_manifests(&s)?;
+    let lines: Vec<&str> = again.lines().collect();
+    assert_eq!(lines.len(), want.len(), "{again}");
+    for w in want {
+        assert!(
+            lines
+                .iter()
+                .any(|l| *l == format!("{w} unchanged") || *l == format!("{w} configured")),
+            "{w} not unchanged or configured: {again}"
+        );
+    }
+    Ok(())
+}

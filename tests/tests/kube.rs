@@ -708,7 +708,7 @@ webhooks:
         &s.cluster,
         &busybox_pod(&out, &s.name, "").replace(
             "labels: {app:",
-            "annotations: {outrigger.io/autonomy: \"off\"}, labels: {app:",
+            "annotations: {outrigger.io/autonomy: disabled}, labels: {app:",
         ),
     )?;
     // It keeps what the API server gives every pod: 300 s, then eviction.

@@ -14,8 +14,8 @@
 //! tolerates the edge taint, or names an edge node in `spec.nodeName`.
 //! The 300 s defaults are replaced by unbounded tolerations; any other
 //! tolerationSeconds was the user's choice and stays. Opting out: the
-//! annotation `outrigger.io/autonomy: "off"` on a pod, or the label
-//! `outrigger.io/autonomy=off` on a namespace (the webhook's
+//! annotation `outrigger.io/autonomy: disabled` on a pod, or the label
+//! `outrigger.io/autonomy=disabled` on a namespace (the webhook's
 //! namespaceSelector then skips it; the annotation is also checked here).
 
 use std::collections::HashSet;
@@ -27,7 +27,8 @@ use serde_json::{json, Value};
 
 use super::nodes::EDGE_ROLE;
 
-/// Annotation (pods) and label (namespaces) that opt out with "off".
+/// Annotation (pods) and label (namespaces) that opt out with "disabled"
+/// (not "off", which YAML 1.1, as kubectl reads it, turns into false).
 pub const AUTONOMY: &str = "outrigger.io/autonomy";
 /// What DefaultTolerationSeconds adds: replaced, not kept.
 const DEFAULT_SECONDS: i64 = 300;
@@ -85,7 +86,7 @@ pub fn tolerations_for(pod: &Pod, edge_nodes: &HashSet<String>) -> Option<Vec<To
         .annotations
         .as_ref()
         .and_then(|a| a.get(AUTONOMY))
-        .is_some_and(|v| v == "off");
+        .is_some_and(|v| v == "disabled");
     if opted_out || !selects_edge(pod, edge_nodes) {
         return None;
     }
@@ -208,7 +209,7 @@ mod tests {
         assert!(tolerations_for(&cloud, &nodes).is_none());
         let out = pod(
             json!({"containers": containers(), "nodeName": "gw-1"}),
-            json!({AUTONOMY: "off"}),
+            json!({AUTONOMY: "disabled"}),
         );
         assert!(tolerations_for(&out, &nodes).is_none());
         let own = pod(

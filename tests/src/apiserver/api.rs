@@ -115,6 +115,171 @@ fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
+const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+
+/// What path.IsValidPathSegmentName says of a name (RBAC object names).
+fn path_segment_name_problem(s: &str) -> Option<&'static str> {
+    match s {
+        "." => Some("may not be '.'"),
+        ".." => Some("may not be '..'"),
+        _ if s.contains('/') => Some("may not contain '/'"),
+        _ if s.contains('%') => Some("may not contain '%'"),
+        _ => None,
+    }
+}
+
+/// rbac/v1 defaulting: roleRef.apiGroup, and a User or Group subject's
+/// apiGroup.
+fn rbac_binding_defaults(o: &mut Value) {
+    if o["roleRef"].is_object()
+        && o["roleRef"]["apiGroup"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+    {
+        o["roleRef"]["apiGroup"] = json!(RBAC_GROUP);
+    }
+    if let Some(subjects) = o.get_mut("subjects").and_then(Value::as_array_mut) {
+        for sub in subjects {
+            let empty = sub["apiGroup"].as_str().unwrap_or_default().is_empty();
+            match sub["kind"].as_str() {
+                Some("User" | "Group") if empty => sub["apiGroup"] = json!(RBAC_GROUP),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The RBAC validation kube-apiserver does (pkg/apis/rbac/validation):
+/// rules name verbs and what they apply to; bindings name a role of a
+/// kind they may bind, and that reference never changes.
+fn rbac_problems(def: &ResourceDef, o: &Value, old: Option<&Value>) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let strs = |v: &Value| v.as_array().map_or(0, |a| a.len());
+    match def.kind.as_str() {
+        "Role" | "ClusterRole" => {
+            for (i, r) in o["rules"].as_array().into_iter().flatten().enumerate() {
+                let f = format!("rules[{i}]");
+                if strs(&r["verbs"]) == 0 {
+                    out.push((
+                        format!("{f}.verbs"),
+                        "Required value: verbs must contain at least one value".into(),
+                    ));
+                }
+                if strs(&r["nonResourceURLs"]) > 0 {
+                    if def.namespaced {
+                        out.push((
+                            format!("{f}.nonResourceURLs"),
+                            "Invalid value: namespaced rules cannot apply to non-resource URLs"
+                                .into(),
+                        ));
+                    }
+                    if strs(&r["apiGroups"]) > 0 || strs(&r["resources"]) > 0 {
+                        out.push((
+                            format!("{f}.nonResourceURLs"),
+                            "Invalid value: rules cannot apply to both regular resources and non-resource URLs".into(),
+                        ));
+                    }
+                    continue;
+                }
+                if strs(&r["apiGroups"]) == 0 {
+                    out.push((
+                        format!("{f}.apiGroups"),
+                        "Required value: resource rules must supply at least one api group".into(),
+                    ));
+                }
+                if strs(&r["resources"]) == 0 {
+                    out.push((
+                        format!("{f}.resources"),
+                        "Required value: resource rules must supply at least one resource".into(),
+                    ));
+                }
+            }
+        }
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let rr = &o["roleRef"];
+            let group = rr["apiGroup"].as_str().unwrap_or_default();
+            if group != RBAC_GROUP {
+                out.push((
+                    "roleRef.apiGroup".into(),
+                    format!("Unsupported value: {group:?}: supported values: \"{RBAC_GROUP}\""),
+                ));
+            }
+            let kind = rr["kind"].as_str().unwrap_or_default();
+            let kinds: &[&str] = if def.namespaced {
+                &["Role", "ClusterRole"]
+            } else {
+                &["ClusterRole"]
+            };
+            if !kinds.contains(&kind) {
+                let supported: Vec<String> = kinds.iter().map(|k| format!("{k:?}")).collect();
+                out.push((
+                    "roleRef.kind".into(),
+                    format!(
+                        "Unsupported value: {kind:?}: supported values: {}",
+                        supported.join(", ")
+                    ),
+                ));
+            }
+            let name = rr["name"].as_str().unwrap_or_default();
+            if name.is_empty() {
+                out.push(("roleRef.name".into(), "Required value".into()));
+            } else if let Some(m) = path_segment_name_problem(name) {
+                out.push((
+                    "roleRef.name".into(),
+                    format!("Invalid value: {name:?}: {m}"),
+                ));
+            }
+            for (i, s) in o["subjects"].as_array().into_iter().flatten().enumerate() {
+                let f = format!("subjects[{i}]");
+                let sname = s["name"].as_str().unwrap_or_default();
+                if sname.is_empty() {
+                    out.push((format!("{f}.name"), "Required value".into()));
+                }
+                let group = s["apiGroup"].as_str().unwrap_or_default();
+                match s["kind"].as_str().unwrap_or_default() {
+                    "ServiceAccount" => {
+                        if !group.is_empty() {
+                            out.push((
+                                format!("{f}.apiGroup"),
+                                format!("Unsupported value: {group:?}: supported values: \"\""),
+                            ));
+                        }
+                        if !def.namespaced && s["namespace"].as_str().unwrap_or_default().is_empty()
+                        {
+                            out.push((format!("{f}.namespace"), "Required value".into()));
+                        }
+                    }
+                    "User" | "Group" => {
+                        if group != RBAC_GROUP {
+                            out.push((
+                                format!("{f}.apiGroup"),
+                                format!(
+                                    "Unsupported value: {group:?}: supported values: \"{RBAC_GROUP}\""
+                                ),
+                            ));
+                        }
+                    }
+                    k => out.push((
+                        format!("{f}.kind"),
+                        format!("Unsupported value: {k:?}: supported values: \"ServiceAccount\", \"User\", \"Group\""),
+                    )),
+                }
+            }
+            if let Some(old) = old {
+                if old["roleRef"] != o["roleRef"] {
+                    out.push((
+                        "roleRef".into(),
+                        format!("Invalid value: {}: cannot change roleRef", o["roleRef"]),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 /// Set `path` to `v` unless something is there.
 fn default_at(o: &mut Value, path: &[&str], v: Value) {
     let mut cur = o;
@@ -185,6 +350,12 @@ fn typed(def: &ResourceDef, v: &Value) -> Result<Value, String> {
         ("coordination.k8s.io", "Lease") => roundtrip!(api::coordination::v1::Lease, v),
         ("apps", "Deployment") => roundtrip!(api::apps::v1::Deployment, v),
         ("apps", "ReplicaSet") => roundtrip!(api::apps::v1::ReplicaSet, v),
+        ("rbac.authorization.k8s.io", "Role") => roundtrip!(api::rbac::v1::Role, v),
+        ("rbac.authorization.k8s.io", "RoleBinding") => roundtrip!(api::rbac::v1::RoleBinding, v),
+        ("rbac.authorization.k8s.io", "ClusterRole") => roundtrip!(api::rbac::v1::ClusterRole, v),
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
+            roundtrip!(api::rbac::v1::ClusterRoleBinding, v)
+        }
         ("admissionregistration.k8s.io", "MutatingWebhookConfiguration") => {
             roundtrip!(api::admissionregistration::v1::MutatingWebhookConfiguration, v)
         }
@@ -589,6 +760,9 @@ impl Api {
                 );
             }
             ("apps", "replicasets") => default_at(o, &["spec", "replicas"], json!(1)),
+            ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+                rbac_binding_defaults(o)
+            }
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
                 default_at(o, &["spec", "conversion"], json!({"strategy": "None"}));
                 // What the apiextensions controllers inside kube-apiserver
@@ -633,8 +807,20 @@ impl Api {
                 &[(f.to_string(), m)],
             ))
         };
+        if def.group == RBAC_GROUP {
+            // RBAC names are path segments ("system:node" and the like).
+            if let Some(m) = path_segment_name_problem(name) {
+                return invalid("metadata.name", format!("Invalid value: {name:?}: {m}"));
+            }
+            let causes = rbac_problems(def, o, old);
+            if !causes.is_empty() {
+                return Err(ApiError::invalid(&def.group, &def.kind, name, &causes));
+            }
+        }
         let name_ok = if def.is("", "namespaces") {
             is_dns_label(name)
+        } else if def.group == RBAC_GROUP {
+            true
         } else {
             is_dns_subdomain(name)
         };

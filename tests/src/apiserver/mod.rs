@@ -12,8 +12,10 @@
 //! deletecollection/watch for core v1 namespaces, nodes, pods (with the
 //! binding subresource), configmaps, secrets, events, services and
 //! serviceaccounts, coordination leases, apps deployments and replicasets,
-//! mutating webhook configurations (called on admission) and CRDs (which
-//! make their custom resources servable); status subresources,
+//! RBAC roles, role bindings, cluster roles and cluster role bindings
+//! (stored and validated, never enforced), mutating webhook configurations
+//! (called on admission) and CRDs (which make their custom resources
+//! servable); status subresources,
 //! generation, graceful pod deletion, finalizers; Tables for kubectl.
 //!
 //! Nothing runs that a cluster's controllers would: no scheduler, no

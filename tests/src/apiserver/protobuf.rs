@@ -1,6 +1,7 @@
 //! Request bodies in Kubernetes' protobuf encoding, for the few kinds
 //! kubectl's typed clients send that way (`kubectl create configmap`,
-//! `secret`, `namespace`, `serviceaccount`). The envelope is
+//! `secret`, `namespace`, `serviceaccount`, `role`, `clusterrole`,
+//! `rolebinding`, `clusterrolebinding`). The envelope is
 //! `k8s\0` + runtime.Unknown{typeMeta, raw}; `raw` is the typed message,
 //! decoded here with the field numbers of k8s.io/api's generated.proto.
 //! Anything else, or a field not listed, is refused (415), never guessed.
@@ -92,6 +93,66 @@ const SERVICE_ACCOUNT: Schema = &[
     (2, "secrets", F::RepMsg(OBJECT_REF)),
     (3, "imagePullSecrets", F::RepMsg(&[(1, "name", F::Str)])),
     (4, "automountServiceAccountToken", F::Bool),
+];
+
+const POLICY_RULE: Schema = &[
+    (1, "verbs", F::RepStr),
+    (2, "apiGroups", F::RepStr),
+    (3, "resources", F::RepStr),
+    (4, "resourceNames", F::RepStr),
+    (5, "nonResourceURLs", F::RepStr),
+];
+
+const LABEL_SELECTOR: Schema = &[
+    (1, "matchLabels", F::MapStr),
+    (
+        2,
+        "matchExpressions",
+        F::RepMsg(&[
+            (1, "key", F::Str),
+            (2, "operator", F::Str),
+            (3, "values", F::RepStr),
+        ]),
+    ),
+];
+
+const ROLE: Schema = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "rules", F::RepMsg(POLICY_RULE)),
+];
+
+const CLUSTER_ROLE: Schema = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (2, "rules", F::RepMsg(POLICY_RULE)),
+    (
+        3,
+        "aggregationRule",
+        F::Msg(&[(1, "clusterRoleSelectors", F::RepMsg(LABEL_SELECTOR))]),
+    ),
+];
+
+/// RoleBinding and ClusterRoleBinding.
+const BINDING: Schema = &[
+    (1, "metadata", F::Msg(OBJECT_META)),
+    (
+        2,
+        "subjects",
+        F::RepMsg(&[
+            (1, "kind", F::Str),
+            (2, "apiGroup", F::Str),
+            (3, "name", F::Str),
+            (4, "namespace", F::Str),
+        ]),
+    ),
+    (
+        3,
+        "roleRef",
+        F::Msg(&[
+            (1, "apiGroup", F::Str),
+            (2, "kind", F::Str),
+            (3, "name", F::Str),
+        ]),
+    ),
 ];
 
 struct Reader<'a> {
@@ -238,6 +299,9 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
         ("v1", "Secret") => SECRET,
         ("v1", "Namespace") => NAMESPACE,
         ("v1", "ServiceAccount") => SERVICE_ACCOUNT,
+        ("rbac.authorization.k8s.io/v1", "Role") => ROLE,
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => CLUSTER_ROLE,
+        ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         _ => return Err(format!("{api_version} {kind} in protobuf is not supported")),
     };
     let mut v = message(inner.unwrap_or_default(), schema)?;

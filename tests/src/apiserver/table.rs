@@ -185,6 +185,17 @@ fn columns(def: &ResourceDef) -> Vec<Value> {
             age,
         ],
         ("admissionregistration.k8s.io", _) => vec![name, col("Webhooks", "integer", 0), age],
+        ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
+            vec![name, col("Created At", "date", 0)]
+        }
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => vec![
+            name,
+            col("Role", "string", 0),
+            age,
+            col("Users", "string", 1),
+            col("Groups", "string", 1),
+            col("ServiceAccounts", "string", 1),
+        ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             vec![name, col("Created At", "date", 0)]
         }
@@ -377,8 +388,31 @@ fn cells(def: &ResourceDef, o: &Value) -> Vec<Value> {
             json!(o["webhooks"].as_array().map_or(0, |a| a.len())),
             age_cell,
         ],
-        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+        ("apiextensions.k8s.io", "customresourcedefinitions")
+        | ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
             vec![name, m["creationTimestamp"].clone()]
+        }
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+            // rbac.SubjectsStrings.
+            let (mut users, mut groups, mut sas) = (vec![], vec![], vec![]);
+            for sub in o["subjects"].as_array().into_iter().flatten() {
+                let n = s(&sub["name"]);
+                match sub["kind"].as_str() {
+                    Some("User") => users.push(n),
+                    Some("Group") => groups.push(n),
+                    Some("ServiceAccount") => sas.push(format!("{}/{n}", s(&sub["namespace"]))),
+                    _ => {}
+                }
+            }
+            let rr = &o["roleRef"];
+            vec![
+                name,
+                json!(format!("{}/{}", s(&rr["kind"]), s(&rr["name"]))),
+                age_cell,
+                json!(users.join(", ")),
+                json!(groups.join(", ")),
+                json!(sas.join(", ")),
+            ]
         }
         _ => {
             let mut out = vec![name];

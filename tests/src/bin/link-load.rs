@@ -412,7 +412,15 @@ async fn session(
         tx: c.tx.clone(),
     };
     let mut link = connect_over(server, "/link", tls, counted).await?;
+    let phase = |what: &str| {
+        if std::env::var_os("LINK_LOAD_PHASES").is_some() {
+            let (rx, tx) = c.total();
+            eprintln!("  {what:<28} in {rx:>6} out {tx:>6}");
+        }
+    };
+    phase("TLS + WebSocket");
     hello(&mut link, name).await?;
+    phase("hello");
     let digests = inventory
         .iter()
         .map(|(k, inv)| {
@@ -431,6 +439,7 @@ async fn session(
             Ok(Ok(Message::Sync(Sync::Changes {
                 batch, changes: cs, ..
             }))) => {
+                phase("inventory, a batch");
                 for ch in cs {
                     changes += 1;
                     match ch {
@@ -454,6 +463,7 @@ async fn session(
                 done = t.elapsed();
             }
             Ok(Ok(Message::Sync(Sync::Query { kinds: q }))) => {
+                phase("digest, query");
                 let part = inventory
                     .iter()
                     .map(|(k, inv)| {
@@ -476,7 +486,9 @@ async fn session(
             Err(_) => break,
         }
     }
+    phase("changes acked");
     link.close("done").await;
+    phase("closed");
     let (rx, tx) = c.total();
     Ok((rx + tx, done.as_secs_f64(), changes))
 }
