@@ -55,6 +55,138 @@ pub trait Source: Send + Sync {
     fn connected(&self, _node: &str) -> Option<tokio::task::JoinHandle<()>> {
         None
     }
+    /// A body this source served recently, by its version (versions are
+    /// content hashes): the base a patch is made against.
+    fn body_at(&self, _version: &str) -> Option<std::sync::Arc<[u8]>> {
+        None
+    }
+    /// Where `node`'s objects are now in this source's journal (after the
+    /// last [`Source::objects`] call): sent with batches as the cursor.
+    fn cursor(&self, _node: &str) -> Option<String> {
+        None
+    }
+    /// What changed for `node` since `cursor`, oldest first: (kind, uid,
+    /// the version before the change, None if it did not exist). None when
+    /// the journal does not reach back that far (or is another process's).
+    fn since(&self, _node: &str, _cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+        None
+    }
+}
+
+/// Bodies by version, the most recent `cap` of them: what a node may still
+/// have, so a change can go as a patch against it. Shared by all nodes
+/// (a version names its content).
+pub struct Versions {
+    cap: usize,
+    inner: std::sync::Mutex<VersionMap>,
+}
+
+/// Bodies by version, and the versions in the order they came.
+type VersionMap = (
+    std::collections::HashMap<String, std::sync::Arc<[u8]>>,
+    std::collections::VecDeque<String>,
+);
+
+impl Versions {
+    pub fn new(cap: usize) -> Versions {
+        Versions {
+            cap: cap.max(1),
+            inner: Default::default(),
+        }
+    }
+
+    pub fn insert(&self, version: &str, body: std::sync::Arc<[u8]>) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *g;
+        if map.contains_key(version) {
+            return;
+        }
+        map.insert(version.to_string(), body);
+        order.push_back(version.to_string());
+        while order.len() > self.cap {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, version: &str) -> Option<std::sync::Arc<[u8]>> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.get(version).cloned()
+    }
+}
+
+/// Per node, what the last look at its objects found and what changed
+/// between looks (bounded): the source's side of a reconnect's rewind.
+#[derive(Default)]
+struct Journal {
+    /// kind -> uid -> version at the last look.
+    last: BTreeMap<String, BTreeMap<String, String>>,
+    /// (position, kind, uid, version before).
+    log: std::collections::VecDeque<(u64, String, String, Option<String>)>,
+    position: u64,
+}
+
+/// Changes kept per node for rewinding (older reconnects fall back to a
+/// query).
+const JOURNAL: usize = 4096;
+
+impl Journal {
+    /// Record what differs between the last look and `now`.
+    fn look(&mut self, now: &NodeObjects) {
+        let mut changed = Vec::new();
+        for kind in KINDS {
+            let before = self.last.get(kind);
+            let after = now.get(kind);
+            for (uid, (v, _)) in after.into_iter().flatten() {
+                let old = before.and_then(|b| b.get(uid));
+                if old != Some(v) {
+                    changed.push((kind.to_string(), uid.clone(), old.cloned()));
+                }
+            }
+            for (uid, v) in before.into_iter().flatten() {
+                if !after.is_some_and(|a| a.contains_key(uid)) {
+                    changed.push((kind.to_string(), uid.clone(), Some(v.clone())));
+                }
+            }
+        }
+        for (kind, uid, old) in changed {
+            self.position += 1;
+            self.log.push_back((self.position, kind, uid, old));
+        }
+        while self.log.len() > JOURNAL {
+            self.log.pop_front();
+        }
+        self.last = now
+            .iter()
+            .map(|(k, m)| {
+                (
+                    k.clone(),
+                    m.iter().map(|(u, (v, _))| (u.clone(), v.clone())).collect(),
+                )
+            })
+            .collect();
+    }
+
+    fn since(&self, position: u64) -> Option<Vec<(String, String, Option<String>)>> {
+        if position > self.position {
+            return None;
+        }
+        // The journal must reach back to just after `position`.
+        if position < self.position {
+            let first = self.log.front().map(|e| e.0)?;
+            if first > position + 1 {
+                return None;
+            }
+        }
+        Some(
+            self.log
+                .iter()
+                .filter(|e| e.0 > position)
+                .map(|(_, k, u, o)| (k.clone(), u.clone(), o.clone()))
+                .collect(),
+        )
+    }
 }
 
 /// Per-node change signals: a session subscribes to its node's, a source
@@ -90,10 +222,55 @@ impl Notifier {
     }
 }
 
+/// Every node's [`Journal`], under this process's epoch: what a source
+/// keeps to answer [`Source::cursor`] and [`Source::since`].
+pub struct Journals {
+    map: std::sync::Mutex<std::collections::HashMap<String, Journal>>,
+    /// Names this process's journals: a cursor from another process (or
+    /// replica) is never taken for one of ours.
+    epoch: String,
+}
+
+impl Default for Journals {
+    fn default() -> Self {
+        let mut b = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut b);
+        Journals {
+            map: Default::default(),
+            epoch: hex::encode(b),
+        }
+    }
+}
+
+impl Journals {
+    /// Record a look at `node`'s objects.
+    pub fn look(&self, node: &str, now: &NodeObjects) {
+        let mut j = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        j.entry(node.to_string()).or_default().look(now);
+    }
+
+    pub fn cursor(&self, node: &str) -> String {
+        let j = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let p = j.get(node).map(|j| j.position).unwrap_or(0);
+        format!("{}.{p}", self.epoch)
+    }
+
+    pub fn since(&self, node: &str, cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+        let (epoch, p) = cursor.split_once('.')?;
+        if epoch != self.epoch {
+            return None;
+        }
+        let j = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        j.get(node)?.since(p.parse().ok()?)
+    }
+}
+
 pub struct DirSource {
     root: PathBuf,
     /// Per node, bumped when its directory changes (inotify).
     nodes: Notifier,
+    versions: Versions,
+    journals: Journals,
 }
 
 /// A uid made from a name: stable across restarts and replicas.
@@ -108,6 +285,8 @@ impl DirSource {
         DirSource {
             root: root.into(),
             nodes: Default::default(),
+            versions: Versions::new(8192),
+            journals: Default::default(),
         }
     }
 
@@ -184,6 +363,15 @@ impl DirSource {
     /// Every object for `node`. A document that does not parse is logged
     /// and left out; the others are served.
     pub fn objects(&self, node: &str) -> NodeObjects {
+        let out = self.scan(node);
+        for (_, (v, body)) in out.values().flatten() {
+            self.versions.insert(v, body.as_slice().into());
+        }
+        self.journals.look(node, &out);
+        out
+    }
+
+    fn scan(&self, node: &str) -> NodeObjects {
         let mut out: NodeObjects = KINDS
             .iter()
             .map(|k| (k.to_string(), BTreeMap::new()))
@@ -240,10 +428,10 @@ impl DirSource {
                     None => uuid_of(format!("{node}/{kind}/{ns}/{name}").as_bytes()),
                 };
                 v["metadata"]["uid"] = uid.clone().into();
-                let content = serde_json::to_vec(&v).unwrap_or_default();
-                let rv = hex::encode(&Sha256::digest(&content)[..8]);
-                v["metadata"]["resourceVersion"] = rv.clone().into();
+                // The version travels beside the body, not in it (as the
+                // Kubernetes source does): a change patches only content.
                 let body = serde_json::to_vec(&v).unwrap_or_default();
+                let rv = hex::encode(&Sha256::digest(&body)[..8]);
                 if let Some(k) = out.get_mut(&kind) {
                     k.insert(uid, (rv, body));
                 }
@@ -280,6 +468,18 @@ impl Source for DirSource {
 
     fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
         DirSource::subscribe(self, node)
+    }
+
+    fn body_at(&self, version: &str) -> Option<std::sync::Arc<[u8]>> {
+        self.versions.get(version)
+    }
+
+    fn cursor(&self, node: &str) -> Option<String> {
+        Some(self.journals.cursor(node))
+    }
+
+    fn since(&self, node: &str, cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+        self.journals.since(node, cursor)
     }
 
     fn record<'a>(&'a self, node: &'a str, rows: Vec<Row>) -> BoxFuture<'a, Vec<i64>> {

@@ -21,8 +21,32 @@ pub const WINDOW: usize = 8;
 /// (kind, uid) of a change.
 fn id(c: &Change) -> (String, String) {
     match c {
-        Change::Put { kind, uid, .. } | Change::Delete { kind, uid } => (kind.clone(), uid.clone()),
+        Change::Put { kind, uid, .. }
+        | Change::Patch { kind, uid, .. }
+        | Change::Delete { kind, uid } => (kind.clone(), uid.clone()),
     }
+}
+
+/// `body` as a JSON Patch against `base`, the version the node has, when
+/// the source still has that version and the patch is well smaller.
+fn patch(
+    source: &dyn Source,
+    kind: &str,
+    uid: &str,
+    base: &str,
+    rv: &str,
+    body: &[u8],
+) -> Option<Change> {
+    let old: serde_json::Value = serde_json::from_slice(&source.body_at(base)?).ok()?;
+    let new: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let p = serde_json::to_vec(&json_patch::diff(&old, &new)).ok()?;
+    (p.len() * 2 < body.len()).then(|| Change::Patch {
+        kind: kind.to_string(),
+        uid: uid.to_string(),
+        base_version: base.to_string(),
+        resource_version: rv.to_string(),
+        patch: p,
+    })
 }
 
 pub struct Session<'a> {
@@ -91,16 +115,17 @@ impl<'a> Session<'a> {
             let have = edge.entry(kind.to_string()).or_default();
             for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
                 if have.get(uid) != Some(rv) {
-                    Self::enqueue(
-                        &mut self.queue,
-                        &mut self.queued,
-                        Change::Put {
-                            kind: kind.to_string(),
-                            uid: uid.clone(),
-                            resource_version: rv.clone(),
-                            body: body.clone(),
-                        },
-                    );
+                    let change = match have.get(uid) {
+                        Some(base) => patch(self.source, kind, uid, base, rv, body),
+                        None => None,
+                    };
+                    let change = change.unwrap_or_else(|| Change::Put {
+                        kind: kind.to_string(),
+                        uid: uid.clone(),
+                        resource_version: rv.clone(),
+                        body: body.clone(),
+                    });
+                    Self::enqueue(&mut self.queue, &mut self.queued, change);
                     have.insert(uid.clone(), rv.clone());
                 }
             }
@@ -154,11 +179,55 @@ impl<'a> Session<'a> {
         METRICS
             .changes_pushed
             .fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // The journal position goes with the batch that empties the queue:
+        // once it is committed, the node has everything up to there.
+        // (One position covers every kind: it goes under "Pod".)
+        let cursors = match (self.queue.is_empty(), self.source.cursor(&self.node)) {
+            (true, Some(c)) => BTreeMap::from([("Pod".to_string(), c)]),
+            _ => BTreeMap::new(),
+        };
         Some(Message::Sync(Sync::Changes {
             batch,
             changes,
-            cursors: BTreeMap::new(),
+            cursors,
         }))
+    }
+
+    /// What the node has, worked out from its cursor and our journal, if
+    /// its digests confirm it for every kind.
+    fn rewound(
+        &self,
+        desired: &crate::source::NodeObjects,
+        digests: &BTreeMap<String, serde_bytes::ByteBuf>,
+        cursors: &BTreeMap<String, String>,
+    ) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
+        let cursor = cursors.get("Pod")?;
+        let changes = self.source.since(&self.node, cursor)?;
+        let mut view: BTreeMap<String, BTreeMap<String, String>> = KINDS
+            .iter()
+            .map(|k| {
+                let v = desired
+                    .get(*k)
+                    .into_iter()
+                    .flatten()
+                    .map(|(u, (rv, _))| (u.clone(), rv.clone()))
+                    .collect();
+                (k.to_string(), v)
+            })
+            .collect();
+        for (kind, uid, before) in changes.into_iter().rev() {
+            let m = view.entry(kind).or_default();
+            match before {
+                Some(v) => m.insert(uid, v),
+                None => m.remove(&uid),
+            };
+        }
+        let agree = KINDS.iter().all(|k| {
+            let theirs = digests.get(*k).map(|b| b.as_ref()).unwrap_or(&[][..]);
+            let ours = view.get(*k).map(inventory::digests).unwrap_or_default();
+            inventory::differing(&ours, theirs).is_empty()
+        });
+        agree.then_some(view)
     }
 
     /// A fresh view, diffed and queued; logged.
@@ -170,7 +239,12 @@ impl<'a> Session<'a> {
         self.queued.clear();
         self.in_flight.clear();
         self.refresh();
-        tracing::info!(node = %self.node, objects, changes = self.queue.len(), "inventory received; sending the difference");
+        let patches = self
+            .queue
+            .iter()
+            .filter(|c| matches!(c, Change::Patch { .. }))
+            .count();
+        tracing::info!(node = %self.node, objects, changes = self.queue.len(), patches, "inventory received; sending the difference");
     }
 
     /// Handle a message from the node; returns the answer to send, if any.
@@ -178,8 +252,16 @@ impl<'a> Session<'a> {
         match m {
             // The usual reconnect: digests first; a bucket that matches is
             // what we would send, so only differing buckets are asked for.
-            Message::Sync(Sync::Digest { kinds }) => {
+            Message::Sync(Sync::Digest { kinds, cursors }) => {
                 let desired = self.source.objects(&self.node);
+                // Where the node says it was: rewind what we have to there;
+                // if that matches its digests, we know what it has and
+                // need not ask.
+                if let Some(edge) = self.rewound(&desired, &kinds, &cursors) {
+                    self.query = None;
+                    self.start_over(edge);
+                    return None;
+                }
                 let mut edge = BTreeMap::new();
                 let mut query = BTreeMap::new();
                 for k in KINDS {
@@ -240,6 +322,18 @@ impl<'a> Session<'a> {
                     edge.entry(k.to_string()).or_default();
                 }
                 self.start_over(edge);
+                None
+            }
+            Message::Sync(Sync::Stale { kind, uids }) => {
+                // The node lacks a patch's base: forget what we thought it
+                // had, and the next pass sends those objects whole.
+                if let Some(have) = self.edge.as_mut().and_then(|e| e.get_mut(&kind)) {
+                    for u in &uids {
+                        have.remove(u);
+                    }
+                }
+                tracing::info!(node = %self.node, kind, objects = uids.len(), "patches without their base; sending whole");
+                self.refresh();
                 None
             }
             Message::Sync(Sync::Ack { batch }) => {
@@ -351,6 +445,10 @@ mod tests {
                     let v: serde_json::Value = serde_json::from_slice(body).unwrap();
                     assert_eq!(v["data"]["v"], "19");
                 }
+                // Against the version the node was sent first.
+                Change::Patch { patch, .. } => {
+                    assert!(String::from_utf8_lossy(patch).contains(r#""value":"19""#));
+                }
                 c => panic!("{c:?}"),
             },
             m => panic!("{m:?}"),
@@ -427,6 +525,134 @@ mod tests {
         assert_eq!(
             *src.finalized.lock().unwrap(),
             vec!["b".to_string(), "b".to_string()]
+        );
+    }
+
+    /// Drain a session as a node would: commit every batch (versions only),
+    /// keep the last cursors.
+    fn drain(
+        s: &mut Session,
+        inv: &mut BTreeMap<String, BTreeMap<String, String>>,
+        cursors: &mut BTreeMap<String, String>,
+    ) -> Vec<Change> {
+        let mut all = Vec::new();
+        while let Some(Message::Sync(Sync::Changes {
+            batch,
+            changes,
+            cursors: c,
+        })) = s.next_message()
+        {
+            for ch in &changes {
+                match ch {
+                    Change::Put {
+                        kind,
+                        uid,
+                        resource_version,
+                        ..
+                    }
+                    | Change::Patch {
+                        kind,
+                        uid,
+                        resource_version,
+                        ..
+                    } => {
+                        inv.entry(kind.clone())
+                            .or_default()
+                            .insert(uid.clone(), resource_version.clone());
+                    }
+                    Change::Delete { kind, uid } => {
+                        inv.entry(kind.clone()).or_default().remove(uid);
+                    }
+                }
+            }
+            if !c.is_empty() {
+                *cursors = c;
+            }
+            all.extend(changes);
+            s.handle(Message::Sync(Sync::Ack { batch }));
+        }
+        all
+    }
+
+    fn digest_of(
+        inv: &BTreeMap<String, BTreeMap<String, String>>,
+        cursors: &BTreeMap<String, String>,
+    ) -> Message {
+        let kinds = inv
+            .iter()
+            .map(|(k, m)| (k.clone(), serde_bytes::ByteBuf::from(inventory::digests(m))))
+            .collect();
+        Message::Sync(Sync::Digest {
+            kinds,
+            cursors: cursors.clone(),
+        })
+    }
+
+    #[test]
+    fn a_reconnect_from_a_known_cursor_skips_the_query_and_sends_a_patch() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("n")).unwrap();
+        let write = |changed: usize| {
+            // Objects of a realistic size: a patch pays off.
+            let filler = "x".repeat(1000);
+            let text: String = (0..40)
+                .map(|i| {
+                    let v = if i == 7 { changed } else { 0 };
+                    format!("kind: ConfigMap\nmetadata: {{name: c{i}}}\ndata: {{v: '{v}', f: {filler}}}\n---\n")
+                })
+                .collect();
+            std::fs::write(d.path().join("n/all.yaml"), text).unwrap();
+        };
+        write(0);
+        let src = crate::source::DirSource::new(d.path());
+        let (mut inv, mut cursors) = (BTreeMap::new(), BTreeMap::new());
+        let mut s = Session::new("n", &src);
+        s.handle(Message::Sync(Sync::Inventory {
+            kinds: BTreeMap::new(),
+        }));
+        assert_eq!(drain(&mut s, &mut inv, &mut cursors).len(), 40);
+        assert!(!cursors.is_empty(), "no cursor with the last batch");
+        drop(s);
+
+        // Offline, one object changes; the node comes back.
+        write(1);
+        let mut s = Session::new("n", &src);
+        assert!(
+            s.handle(digest_of(&inv, &cursors)).is_none(),
+            "asked anyway"
+        );
+        let changes = drain(&mut s, &mut inv, &mut cursors);
+        assert_eq!(changes.len(), 1);
+        let Change::Patch { patch, .. } = &changes[0] else {
+            panic!("not a patch: {:?}", changes[0]);
+        };
+        assert!(String::from_utf8_lossy(patch).contains("\"1\""));
+        drop(s);
+
+        // A node whose store lost an object: the digests disagree with the
+        // rewind, so it is asked, and gets the object whole.
+        let lost = inv.get_mut("ConfigMap").unwrap().pop_first().unwrap().0;
+        let mut s = Session::new("n", &src);
+        let Some(Message::Sync(Sync::Query { kinds })) = s.handle(digest_of(&inv, &cursors)) else {
+            panic!("not asked");
+        };
+        let answer = inv
+            .iter()
+            .map(|(k, m)| {
+                let want = kinds.get(k).map(|b| b.to_vec()).unwrap_or_default();
+                let part = m
+                    .iter()
+                    .filter(|(u, _)| want.contains(&(inventory::bucket(u) as u8)))
+                    .map(|(u, v)| (u.clone(), v.clone()))
+                    .collect();
+                (k.clone(), part)
+            })
+            .collect();
+        s.handle(Message::Sync(Sync::Inventory { kinds: answer }));
+        let changes = drain(&mut s, &mut inv, &mut cursors);
+        assert!(
+            matches!(&changes[..], [Change::Put { uid, .. }] if *uid == lost),
+            "{changes:?}"
         );
     }
 }

@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 pub const MAX_PAYLOAD: usize = 8 << 20;
 
 /// Payloads above this are deflated (when that makes them smaller).
-pub const COMPRESS_ABOVE: usize = 512;
+pub const COMPRESS_ABOVE: usize = 128;
 
 const FLAG_DEFLATE: u8 = 1;
 const KNOWN_FLAGS: u8 = FLAG_DEFLATE;

@@ -22,9 +22,23 @@ use serde::{Deserialize, Serialize};
 /// A protocol version: a major bump breaks compatibility, a minor one adds
 /// (fields with defaults, new messages only sent to peers that know them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+// On the wire as `[major, minor]`: every connection sends it twice.
+#[serde(from = "(u16, u16)", into = "(u16, u16)")]
 pub struct Version {
     pub major: u16,
     pub minor: u16,
+}
+
+impl From<(u16, u16)> for Version {
+    fn from((major, minor): (u16, u16)) -> Version {
+        Version { major, minor }
+    }
+}
+
+impl From<Version> for (u16, u16) {
+    fn from(v: Version) -> (u16, u16) {
+        (v.major, v.minor)
+    }
 }
 
 impl std::fmt::Display for Version {

@@ -63,6 +63,17 @@ pub enum Change {
         kind: String,
         uid: String,
     },
+    /// The object changed from `base_version`, which the edge has, to
+    /// `resource_version`: a JSON Patch (RFC 6902) against the edge's copy.
+    /// An edge without that base answers `Stale` and gets a `Put`.
+    Patch {
+        kind: String,
+        uid: String,
+        base_version: String,
+        resource_version: String,
+        #[serde(with = "serde_bytes")]
+        patch: Vec<u8>,
+    },
 }
 
 /// The sync channel: objects down, acks up.
@@ -80,6 +91,11 @@ pub enum Sync {
     /// buckets that differ from what it would send.
     Digest {
         kinds: BTreeMap<String, serde_bytes::ByteBuf>,
+        /// The sync position the edge last committed (from `Changes`): the
+        /// cloud may work out what the edge has from its own journal, and
+        /// skip the query when the digests confirm it.
+        #[serde(default)]
+        cursors: BTreeMap<String, String>,
     },
     /// The buckets (per kind) whose entries the cloud needs; the edge
     /// answers with an `Inventory` of just those.
@@ -104,6 +120,12 @@ pub enum Sync {
         kind: String,
         namespace: String,
         name: String,
+    },
+    /// Patches the edge could not apply (it lacks their base): the cloud
+    /// sends these objects whole.
+    Stale {
+        kind: String,
+        uids: Vec<String>,
     },
     /// The answer to `Get` with that `id`: the object as a `Put`, or why not.
     Got {
@@ -209,6 +231,22 @@ mod tests {
                     body
                 }),
             (".{0,12}", ".{0,40}").prop_map(|(kind, uid)| Change::Delete { kind, uid }),
+            (
+                ".{0,12}",
+                ".{0,40}",
+                "[0-9a-f]{0,16}",
+                "[0-9a-f]{0,16}",
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(kind, uid, base_version, resource_version, patch)| {
+                    Change::Patch {
+                        kind,
+                        uid,
+                        base_version,
+                        resource_version,
+                        patch,
+                    }
+                }),
         ]
     }
 

@@ -33,6 +33,12 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_PAYLOAD + 2))
 }
 
+/// The edge's side: one link per node, so messages queued together (the
+/// hello and the digest) may wait in a buffer and go out in one write.
+pub fn ws_client_config() -> WebSocketConfig {
+    ws_config().write_buffer_size(16 << 10)
+}
+
 pub struct Link<S> {
     ws: WebSocketStream<S>,
     /// When the peer last sent anything (data, ping or pong).
@@ -50,6 +56,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     pub async fn send(&mut self, m: &Message) -> Result<(), LinkError> {
         let bytes = m.encode(MAX_PAYLOAD)?;
         self.ws.send(WsMessage::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    /// Queue a message to go out with the next `send` (one write, one TLS
+    /// record for both).
+    pub async fn feed(&mut self, m: &Message) -> Result<(), LinkError> {
+        let bytes = m.encode(MAX_PAYLOAD)?;
+        self.ws.feed(WsMessage::Binary(bytes.into())).await?;
         Ok(())
     }
 

@@ -60,14 +60,28 @@ pub struct PodEntry {
     pub refs: Vec<Ref>,
 }
 
-#[derive(Default)]
 pub struct Cache {
+    /// Bodies by version, for patches against what a node has.
+    pub versions: crate::source::Versions,
     pods: HashMap<Key, PodEntry>,
     pod_keys: HashMap<String, Key>,
     by_node: HashMap<String, BTreeSet<Key>>,
     configs: HashMap<(Kind, Key), Obj>,
     /// What a pod uses -> node -> how many of its pods use it.
     users: HashMap<Ref, HashMap<String, u32>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            versions: crate::source::Versions::new(4096),
+            pods: Default::default(),
+            pod_keys: Default::default(),
+            by_node: Default::default(),
+            configs: Default::default(),
+            users: Default::default(),
+        }
+    }
 }
 
 /// The body a node gets, and its version.
@@ -231,6 +245,7 @@ impl Cache {
                 .or_default() += 1;
         }
         let obj = strip(v, true);
+        self.versions.insert(&obj.version, obj.body.clone());
         self.pod_keys.insert(obj.uid.clone(), key.clone());
         self.by_node
             .entry(node.clone())
@@ -272,6 +287,7 @@ impl Cache {
     pub fn put_config(&mut self, kind: Kind, v: Value) -> Vec<String> {
         let key = key_of(&v);
         let obj = strip(v, false);
+        self.versions.insert(&obj.version, obj.body.clone());
         let same = self
             .configs
             .get(&(kind, key.clone()))

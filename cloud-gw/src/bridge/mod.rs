@@ -72,6 +72,8 @@ pub(crate) struct Inner {
     /// Writes to the API server at once, across all nodes: each needs a
     /// connection (HTTP/1.1), so this also bounds the client's pool.
     pub api_slots: tokio::sync::Semaphore,
+    /// What changed per node between looks (reconnects without a query).
+    pub journals: crate::source::Journals,
     /// Nodes labelled as edge nodes (the webhook's question).
     pub edge_nodes: Mutex<HashSet<String>>,
     /// Watches that have listed everything once: pods, ConfigMaps, Secrets.
@@ -106,6 +108,7 @@ impl KubeSource {
             finalizing: Mutex::new(HashSet::new()),
             reports: Mutex::new(BTreeMap::new()),
             edge_nodes: Mutex::new(HashSet::new()),
+            journals: Default::default(),
             api_slots: tokio::sync::Semaphore::new(API_WRITES),
             ready: tokio::sync::watch::channel(0).0,
         });
@@ -269,7 +272,17 @@ impl crate::http::State for KubeSource {
 
 impl Source for KubeSource {
     fn objects(&self, node: &str) -> NodeObjects {
-        lock(&self.inner.cache).objects(node)
+        let out = lock(&self.inner.cache).objects(node);
+        self.inner.journals.look(node, &out);
+        out
+    }
+
+    fn cursor(&self, node: &str) -> Option<String> {
+        Some(self.inner.journals.cursor(node))
+    }
+
+    fn since(&self, node: &str, cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+        self.inner.journals.since(node, cursor)
     }
 
     fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
@@ -278,6 +291,10 @@ impl Source for KubeSource {
 
     fn terminating(&self, node: &str) -> Vec<String> {
         lock(&self.inner.cache).terminating(node)
+    }
+
+    fn body_at(&self, version: &str) -> Option<Arc<[u8]>> {
+        lock(&self.inner.cache).versions.get(version)
     }
 
     fn finalize(&self, node: &str, uid: &str) {

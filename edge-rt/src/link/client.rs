@@ -12,7 +12,7 @@ use outrigger_proto::message::{Control, Message, Row, Status, Sync};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use super::join::{connect, hello, key_and_csr};
+use super::join::{connect, hello_with, key_and_csr};
 use super::tls::link_config;
 use super::{dir, write_file, LinkConfig, LinkError};
 use crate::store::{self, Kind, Store};
@@ -134,24 +134,82 @@ fn inventory(
 
 /// The inventory's digests: what a reconnect sends first.
 fn digest(s: &Store) -> Result<Message, LinkError> {
+    // An empty kind is left out (its digest is empty anyway).
     let kinds = inventory(s, None)?
         .into_iter()
+        .filter(|(_, inv)| !inv.is_empty())
         .map(|(k, inv)| (k, serde_bytes::ByteBuf::from(inventory::digests(&inv))))
         .collect();
-    Ok(Message::Sync(Sync::Digest { kinds }))
+    // Where the last sync got to: the cloud may know from there what we
+    // have, and skip asking.
+    let mut cursors = std::collections::BTreeMap::new();
+    for k in Kind::ALL {
+        if let Ok(Some(c)) = s.cursor(k) {
+            cursors.insert(k.as_str().to_string(), c);
+        }
+    }
+    Ok(Message::Sync(Sync::Digest { kinds, cursors }))
+}
+
+/// A patched object: the stored copy at `base`, patched. None when the
+/// store does not have that base (the cloud then sends it whole).
+fn patched(
+    s: &Store,
+    kind: Kind,
+    uid: &str,
+    base: &str,
+    patch: &[u8],
+) -> Option<serde_json::Value> {
+    let o = s.object(kind, uid).ok()??;
+    if o.resource_version != base {
+        return None;
+    }
+    let ops: Vec<json_patch::PatchOperation> = serde_json::from_slice(patch).ok()?;
+    let mut body = o.body;
+    json_patch::patch(&mut body, &ops).ok()?;
+    Some(body)
 }
 
 /// Commit a batch from the cloud. An object that does not parse is logged
 /// and left out (it would come back the same every time); a store that
 /// refuses (disk full) ends the link, and the batch comes again later.
+/// Returns the patches that could not be applied, by kind.
 fn commit(
     s: &Store,
     changes: Vec<outrigger_proto::message::Change>,
     cursors: std::collections::BTreeMap<String, String>,
-) -> Result<(), LinkError> {
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, LinkError> {
     use outrigger_proto::message::Change as Wire;
     let mut out = Vec::with_capacity(changes.len());
+    let mut stale: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for c in changes {
+        let c = match c {
+            Wire::Patch {
+                kind,
+                uid,
+                base_version,
+                resource_version,
+                patch,
+            } => {
+                let body = kind
+                    .parse::<Kind>()
+                    .ok()
+                    .and_then(|k| patched(s, k, &uid, &base_version, &patch));
+                match body.and_then(|b| serde_json::to_vec(&b).ok()) {
+                    Some(body) => Wire::Put {
+                        kind,
+                        uid,
+                        resource_version,
+                        body,
+                    },
+                    None => {
+                        stale.entry(kind).or_default().push(uid);
+                        continue;
+                    }
+                }
+            }
+            c => c,
+        };
         match c {
             Wire::Put {
                 kind,
@@ -179,6 +237,7 @@ fn commit(
                 Ok(kind) => out.push(store::Change::Delete { kind, uid }),
                 Err(e) => tracing::error!(uid, error = %e, "delete from the cloud refused"),
             },
+            Wire::Patch { .. } => {}
         }
     }
     let cursors: Vec<(Kind, String)> = cursors
@@ -186,7 +245,8 @@ fn commit(
         .filter_map(|(k, v)| k.parse::<Kind>().ok().map(|k| (k, v)))
         .collect();
     s.apply(&out, &cursors)
-        .map_err(|e| LinkError::Unexpected(format!("store: {e}")))
+        .map_err(|e| LinkError::Unexpected(format!("store: {e}")))?;
+    Ok(stale)
 }
 
 /// The outbox going up: rows after the last sent, a window of unacked.
@@ -285,16 +345,19 @@ async fn session(
         }
     };
     let mut link = connect(&cfg.server, "/link", config).await?;
-    let heartbeat = Duration::from_secs(u64::from(hello(&mut link, &cfg.node).await?.max(1)));
+    // The digest rides with the hello.
+    let first = store.map(digest).transpose()?;
+    let heartbeat = Duration::from_secs(u64::from(
+        hello_with(&mut link, &cfg.node, first.as_ref())
+            .await?
+            .max(1),
+    ));
     if let Some(s) = store {
         if let Err(e) = s.set_link(true, store::now_ms()) {
             tracing::warn!(error = %e, "recording the link state");
         }
     }
     tracing::info!(server = %cfg.server, node = %cfg.node, ?heartbeat, "connected to cloud-gw");
-    if let Some(s) = store {
-        link.send(&digest(s)?).await?;
-    }
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
     let mut outbox = tokio::time::interval(OUTBOX_PERIOD);
@@ -313,7 +376,9 @@ async fn session(
                 Message::Sync(Sync::Changes { batch, changes, cursors }) => {
                     let Some(s) = store else { continue };
                     // Committed before acked: an unacked batch comes again.
-                    commit(s, changes, cursors)?;
+                    for (kind, uids) in commit(s, changes, cursors)? {
+                        link.send(&Message::Sync(Sync::Stale { kind, uids })).await?;
+                    }
                     link.send(&Message::Sync(Sync::Ack { batch })).await?;
                 }
                 Message::Sync(Sync::Query { kinds }) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outrigger_proto::message::{Control, Message};
 use outrigger_proto::token::JoinToken;
-use outrigger_proto::ws::{ws_config, Link};
+use outrigger_proto::ws::{ws_client_config, Link};
 use outrigger_proto::VERSION;
 use rcgen::{CertificateParams, DnType, KeyPair};
 
@@ -78,7 +78,7 @@ where
         tokio_tungstenite::client_async_with_config(
             format!("wss://{authority}{path}"),
             stream,
-            Some(ws_config()),
+            Some(ws_client_config()),
         ),
     )
     .await
@@ -102,11 +102,31 @@ pub async fn hello<S>(link: &mut Link<S>, node: &str) -> Result<u32, LinkError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    link.send(&Message::Control(Control::Hello {
+    hello_with(link, node, None).await
+}
+
+/// Hello with a first message right behind it, in the same write (the
+/// reconnect's digest): a round trip and a TLS record fewer. Only messages
+/// every accepted minor version knows may go before the Welcome.
+pub async fn hello_with<S>(
+    link: &mut Link<S>,
+    node: &str,
+    then: Option<&Message>,
+) -> Result<u32, LinkError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let hello = Message::Control(Control::Hello {
         version: VERSION,
         node: node.to_string(),
-    }))
-    .await?;
+    });
+    match then {
+        Some(m) => {
+            link.feed(&hello).await?;
+            link.send(m).await?;
+        }
+        None => link.send(&hello).await?,
+    }
     match tokio::time::timeout(TIMEOUT, link.recv()).await {
         Ok(Ok(Message::Control(Control::Welcome { heartbeat_secs, .. }))) => Ok(heartbeat_secs),
         Ok(Ok(Message::Control(Control::Refused { reason }))) => Err(LinkError::Refused(reason)),

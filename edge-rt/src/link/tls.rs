@@ -13,8 +13,35 @@ use sha2::{Digest, Sha256};
 
 use super::LinkError;
 
+/// Signature schemes the link accepts.
+static SIGNATURES: rustls::crypto::WebPkiSupportedAlgorithms = {
+    use rustls::SignatureScheme as S;
+    use webpki::aws_lc_rs::{ECDSA_P256_SHA256, ECDSA_P384_SHA384, ED25519};
+    rustls::crypto::WebPkiSupportedAlgorithms {
+        all: &[ECDSA_P256_SHA256, ECDSA_P384_SHA384, ED25519],
+        mapping: &[
+            (S::ECDSA_NISTP256_SHA256, &[ECDSA_P256_SHA256]),
+            (S::ECDSA_NISTP384_SHA384, &[ECDSA_P384_SHA384]),
+            (S::ED25519, &[ED25519]),
+        ],
+    }
+};
+
+/// What the link offers: only what cloud-gw and edge-rt both use (TLS 1.3
+/// AEADs, X25519), so the hello every reconnect sends stays small.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::{CipherSuite, NamedGroup};
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.retain(|s| {
+        matches!(
+            s.suite(),
+            CipherSuite::TLS13_AES_128_GCM_SHA256 | CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        )
+    });
+    p.kx_groups.retain(|g| g.name() == NamedGroup::X25519);
+    // cloud-gw's keys are ECDSA (rcgen's default): no RSA schemes offered.
+    p.signature_verification_algorithms = SIGNATURES;
+    Arc::new(p)
 }
 
 /// Trusts a server whose chain carries a CA with this SHA-256, and whose
@@ -105,7 +132,7 @@ impl ServerCertVerifier for PinnedCa {
 /// Join-time TLS: no client certificate, the server trusted by pin.
 pub fn join_config(verifier: Arc<PinnedCa>) -> Result<rustls::ClientConfig, LinkError> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -127,7 +154,7 @@ pub fn link_config(
         .map_err(|e| tls(&e))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls(&e))?;
     rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls(&e))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)

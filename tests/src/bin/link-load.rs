@@ -394,14 +394,28 @@ spec:
     )
 }
 
-/// Connect as `name` with `inventory`, until nothing more comes for 300
-/// ms; returns (bytes, seconds, changes), and updates the inventory.
+/// What a simulated edge keeps across its sessions, as edge-rt's store
+/// does: versions, bodies (to apply patches to) and the sync cursors.
+#[derive(Default)]
+struct SimEdge {
+    inventory: BTreeMap<String, BTreeMap<String, String>>,
+    bodies: std::collections::HashMap<String, serde_json::Value>,
+    cursors: BTreeMap<String, String>,
+}
+
+/// Connect as `name` with what `edge` has, until nothing more comes for
+/// 300 ms; returns (bytes, seconds, changes), and updates `edge`.
 async fn session(
     server: &str,
     name: &str,
     tls: rustls::ClientConfig,
-    inventory: &mut BTreeMap<String, BTreeMap<String, String>>,
+    edge: &mut SimEdge,
 ) -> Result<(u64, f64, usize)> {
+    let SimEdge {
+        inventory,
+        bodies,
+        cursors,
+    } = edge;
     let c = Counters::default();
     let t = Instant::now();
     let (host, port, _) = edge_rt::link::parse_server(server)?;
@@ -419,10 +433,9 @@ async fn session(
         }
     };
     phase("TLS + WebSocket");
-    hello(&mut link, name).await?;
-    phase("hello");
     let digests = inventory
         .iter()
+        .filter(|(_, inv)| !inv.is_empty())
         .map(|(k, inv)| {
             (
                 k.clone(),
@@ -430,16 +443,24 @@ async fn session(
             )
         })
         .collect();
-    link.send(&Message::Sync(Sync::Digest { kinds: digests }))
-        .await?;
+    // As edge-rt does: the digest rides with the hello.
+    let digest = Message::Sync(Sync::Digest {
+        kinds: digests,
+        cursors: cursors.clone(),
+    });
+    edge_rt::link::join::hello_with(&mut link, name, Some(&digest)).await?;
+    phase("hello, digest");
     let mut changes = 0;
     let mut done = t.elapsed();
     loop {
         match tokio::time::timeout(Duration::from_millis(300), link.recv()).await {
             Ok(Ok(Message::Sync(Sync::Changes {
-                batch, changes: cs, ..
+                batch,
+                changes: cs,
+                cursors: cur,
             }))) => {
                 phase("inventory, a batch");
+                let mut stale: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 for ch in cs {
                     changes += 1;
                     match ch {
@@ -447,17 +468,50 @@ async fn session(
                             kind,
                             uid,
                             resource_version,
-                            ..
+                            body,
                         } => {
+                            bodies.insert(uid.clone(), serde_json::from_slice(&body)?);
                             inventory
                                 .entry(kind)
                                 .or_default()
                                 .insert(uid, resource_version);
                         }
+                        Change::Patch {
+                            kind,
+                            uid,
+                            base_version,
+                            resource_version,
+                            patch,
+                        } => {
+                            let at_base = inventory.get(&kind).and_then(|m| m.get(&uid))
+                                == Some(&base_version);
+                            let ops: Vec<json_patch::PatchOperation> =
+                                serde_json::from_slice(&patch)?;
+                            let applied = match bodies.get_mut(&uid) {
+                                Some(b) if at_base => json_patch::patch(b, &ops).is_ok(),
+                                _ => false,
+                            };
+                            if applied {
+                                inventory
+                                    .entry(kind)
+                                    .or_default()
+                                    .insert(uid, resource_version);
+                            } else {
+                                stale.entry(kind).or_default().push(uid);
+                            }
+                        }
                         Change::Delete { kind, uid } => {
+                            bodies.remove(&uid);
                             inventory.entry(kind).or_default().remove(&uid);
                         }
                     }
+                }
+                if !cur.is_empty() {
+                    *cursors = cur;
+                }
+                for (kind, uids) in stale {
+                    link.send(&Message::Sync(Sync::Stale { kind, uids }))
+                        .await?;
                 }
                 link.send(&Message::Sync(Sync::Ack { batch })).await?;
                 done = t.elapsed();
@@ -501,7 +555,7 @@ async fn delta(args: &Args, objects: usize) -> Result<()> {
     for i in 0..objects {
         std::fs::write(d.join(format!("pod-{i}.yaml")), pod(i))?;
     }
-    let mut inv = BTreeMap::new();
+    let mut inv = SimEdge::default();
     // One identity and TLS configuration, as a node keeps across reconnects.
     let tls = identity(&pki, name)?;
     let (full, full_t, n_full) = session(&args.server, name, tls.clone(), &mut inv).await?;
