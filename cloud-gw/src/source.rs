@@ -30,8 +30,10 @@ pub trait Source: Send + Sync {
     fn objects(&self, node: &str) -> NodeObjects;
     /// Changes whenever `node`'s objects may have changed.
     fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64>;
-    /// Pods bound to `node` that are being deleted (uids): they are not in
-    /// [`Source::objects`]; the node stops them, then they are finalized.
+    /// Pods bound to `node` that are being deleted (uids). A node that has
+    /// one gets its terminating version and stops it, and it is finalized
+    /// when the node reports it gone; one the node never had is not sent,
+    /// and is finalized at once.
     fn terminating(&self, _node: &str) -> Vec<String> {
         Vec::new()
     }

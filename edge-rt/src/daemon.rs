@@ -8,7 +8,7 @@
 //! they happen, reports status to the outbox and keeps the image store under
 //! its budget.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +115,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         node: placement,
         status_generation: Default::default(),
         status_changed: Default::default(),
+        deletion_grace: Default::default(),
         network: if cfg.network.enabled {
             Some(Arc::new(crate::network::Network::new(
                 cfg.network.clone(),
@@ -433,7 +434,26 @@ fn not_in_files<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(files: &[T], stored: 
 fn reconcile(pods: &PodManager, files: &Objects, store: Option<&Store>) {
     let mut all = files.clone();
     if let Some(s) = store {
-        let stored = from_store(s);
+        let mut stored = from_store(s);
+        // A pod the cluster is deleting stops here (with the deletion's
+        // grace period); the cloud removes it once the node reports it gone.
+        let mut grace = HashMap::new();
+        stored.pods.retain(|p| {
+            if p.metadata.deletion_timestamp.is_none() {
+                return true;
+            }
+            if let (Some(uid), Some(g)) =
+                (&p.metadata.uid, p.metadata.deletion_grace_period_seconds)
+            {
+                grace.insert(uid.clone(), g);
+            }
+            false
+        });
+        *pods
+            .context()
+            .deletion_grace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = grace;
         all.pods.extend(not_in_files(&files.pods, stored.pods));
         all.config_maps
             .extend(not_in_files(&files.config_maps, stored.config_maps));

@@ -32,6 +32,7 @@ impl Harness {
         let ctx = Arc::new(Context {
             status_generation: Default::default(),
             status_changed: Default::default(),
+            deletion_grace: Default::default(),
             rt: rt.clone(),
             images: env.store.clone(),
             puller: std::sync::Mutex::new(Arc::new(edge_rt::image::registry::Puller::new(

@@ -241,22 +241,7 @@ async fn a_pod_applied_with_kubectl_runs_on_the_edge_reports_back_and_is_deleted
     s.ready_node().await?;
     let pod = unique("app");
     kubectl_apply(&s.cluster, &app(&pod, &s.name))?;
-    let o = kubectl(
-        &s.cluster,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            &format!("pod/{pod}"),
-            "--timeout=60s",
-        ],
-    )?;
-    ensure!(
-        o.status.success(),
-        "kubectl wait: {}\ncloud-gw:\n{}\nedge-rt:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        s.cloud.log(),
-        s.node.daemon_log()
-    );
+    kubectl_ready(&s, &pod).await?;
     // What the edge reports, through the status subresource.
     let phase = kc(
         &s.cluster,
@@ -917,4 +902,44 @@ async fn a_node_asking_for_another_nodes_secret_is_refused() -> Result<()> {
         kc(&cluster, &["delete", "secret", p])?;
     }
     Ok(())
+}
+
+/// `kubectl delete --grace-period=N` shorter than the pod's own: the edge
+/// stops the container within N seconds, as a kubelet would, not after the
+/// pod's 120.
+#[tokio::test]
+async fn a_shorter_grace_period_on_delete_is_honoured_on_the_edge() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::new("").await?;
+    s.ready_node().await?;
+    let pod = unique("stubborn");
+    kubectl_apply(
+        &s.cluster,
+        &busybox_pod(&pod, &s.name, "")
+            .replace(
+                "terminationGracePeriodSeconds: 2",
+                "terminationGracePeriodSeconds: 120",
+            )
+            .replace(
+                "while true; do sleep 1; done",
+                "trap '' TERM; while true; do sleep 1; done",
+            ),
+    )?;
+    kubectl_ready(&s, &pod).await?;
+    // With the pod's 120 s this would time out.
+    let o = kubectl(
+        &s.cluster,
+        &["delete", "pod", &pod, "--grace-period=2", "--timeout=40s"],
+    )?;
+    ensure!(
+        o.status.success(),
+        "kubectl delete: {}\ncloud-gw:\n{}\nedge-rt:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        s.cloud.log(),
+        s.node.daemon_log()
+    );
+    ensure!(find(&s.node.pods()?, &pod).is_none(), "still on the edge");
+    s.node.cleanup().await
 }

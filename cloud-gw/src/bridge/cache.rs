@@ -323,8 +323,9 @@ impl Cache {
         self.pods.get(key).map(|p| (key, p))
     }
 
-    /// What `node` should have: its pods that are not being deleted, and
-    /// what they use.
+    /// What `node` should have: its pods (those being deleted too: the
+    /// node stops them as their deletion says, see [`Cache::terminating`])
+    /// and what they use.
     pub fn objects(&self, node: &str) -> NodeObjects {
         let mut out: NodeObjects = crate::source::KINDS
             .iter()
@@ -334,9 +335,6 @@ impl Cache {
             let Some(p) = self.pods.get(key) else {
                 continue;
             };
-            if p.terminating {
-                continue;
-            }
             if let Some(m) = out.get_mut("Pod") {
                 m.insert(
                     p.obj.uid.clone(),
@@ -437,15 +435,18 @@ mod tests {
     }
 
     #[test]
-    fn terminating_pods_leave_the_set_and_removal_unindexes() {
+    fn terminating_pods_are_marked_and_removal_unindexes() {
         let mut c = Cache::default();
         let mut p = pod("p1", "n1", "cm1", "s1");
         c.put_pod(&p);
         c.put_config(Kind::ConfigMap, config("cm1", "x"));
         p.metadata.deletion_timestamp = serde_json::from_value(json!("2026-01-01T00:00:00Z")).ok();
         c.put_pod(&p);
-        assert!(c.objects("n1")["Pod"].is_empty());
-        assert!(c.objects("n1")["ConfigMap"].is_empty());
+        // Still sent (the node stops it as the deletion says), with what
+        // it uses.
+        let body: Value = serde_json::from_slice(&c.objects("n1")["Pod"]["uid-p1"].1).unwrap();
+        assert!(body["metadata"]["deletionTimestamp"].is_string());
+        assert_eq!(c.objects("n1")["ConfigMap"].len(), 1);
         assert_eq!(c.terminating("n1"), vec!["uid-p1"]);
         assert_eq!(c.remove_pod(&("default".into(), "p1".into())), vec!["n1"]);
         assert!(c.terminating("n1").is_empty());

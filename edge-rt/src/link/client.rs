@@ -164,10 +164,17 @@ fn patched(
     if o.resource_version != base {
         return None;
     }
-    let ops: Vec<json_patch::PatchOperation> = serde_json::from_slice(patch).ok()?;
     let mut body = o.body;
-    json_patch::patch(&mut body, &ops).ok()?;
-    Some(body)
+    apply_patch(&mut body, patch).then_some(body)
+}
+
+/// Apply a link patch (JSON Patch, RFC 6902) to `body`; false (and `body`
+/// unchanged) if it does not parse or apply.
+pub fn apply_patch(body: &mut serde_json::Value, patch: &[u8]) -> bool {
+    let Ok(ops) = serde_json::from_slice::<Vec<json_patch::PatchOperation>>(patch) else {
+        return false;
+    };
+    json_patch::patch(body, &ops).is_ok()
 }
 
 /// Commit a batch from the cloud. An object that does not parse is logged

@@ -59,6 +59,9 @@ pub struct Context {
     /// Woken with every status published, so the reporter can send a
     /// change at once instead of at its next tick.
     pub status_changed: tokio::sync::Notify,
+    /// Pods being deleted in the cluster with a grace period of their own
+    /// (`kubectl delete --grace-period`): uid -> seconds, used when they stop.
+    pub deletion_grace: Mutex<HashMap<String, i64>>,
 }
 
 impl Context {
@@ -1169,7 +1172,17 @@ impl Worker {
     /// them, their logs and the sandbox.
     async fn terminate(&mut self, pod: &Pod) {
         self.publish(pod, true);
-        let grace = grace_period(pod);
+        let asked = self
+            .ctx
+            .deletion_grace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.uid);
+        // The deletion's grace period if shorter, as a kubelet takes it.
+        let grace = match asked {
+            Some(s) => grace_period(pod).min(Duration::from_secs(s.max(0) as u64)),
+            None => grace_period(pod),
+        };
         let running: Vec<(String, String)> = self
             .init
             .iter()

@@ -102,17 +102,12 @@ fn meta_str<'a>(o: &'a Value, k: &str) -> &'a str {
     o["metadata"][k].as_str().unwrap_or_default()
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+fn is_dns_subdomain(s: &str) -> bool {
+    cloud_gw::pki::valid_node_name(s)
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
+fn is_dns_label(s: &str) -> bool {
+    !s.contains('.') && is_dns_subdomain(s)
 }
 
 const RBAC_GROUP: &str = "rbac.authorization.k8s.io";

@@ -377,7 +377,13 @@ impl Cluster {
             Some(k) if !k.is_empty() => Ok(Cluster::Real {
                 kubeconfig: PathBuf::from(k),
             }),
-            _ => Ok(Cluster::Test(TestApiServer::start()?)),
+            _ => {
+                // Said once per test process (nextest: once per test).
+                eprintln!(
+                    "OUTRIGGER_KUBECONFIG not set: the real-cluster run is skipped; using the API server for tests"
+                );
+                Ok(Cluster::Test(TestApiServer::start()?))
+            }
         }
     }
 

@@ -485,10 +485,9 @@ async fn session(
                         } => {
                             let at_base = inventory.get(&kind).and_then(|m| m.get(&uid))
                                 == Some(&base_version);
-                            let ops: Vec<json_patch::PatchOperation> =
-                                serde_json::from_slice(&patch)?;
+                            // As edge-rt applies it.
                             let applied = match bodies.get_mut(&uid) {
-                                Some(b) if at_base => json_patch::patch(b, &ops).is_ok(),
+                                Some(b) if at_base => edge_rt::link::client::apply_patch(b, &patch),
                                 _ => false,
                             };
                             if applied {
