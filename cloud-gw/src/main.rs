@@ -107,6 +107,7 @@ enum Cmd {
 /// Where and how edge nodes are served.
 #[derive(clap::Args)]
 struct LinkArgs {
+    /// Where edges connect (TLS; /join and /link).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: std::net::SocketAddr,
     /// Heartbeat period; a link silent for two is dropped.
