@@ -129,9 +129,10 @@ struct Journal {
     position: u64,
 }
 
-/// Changes kept per node for rewinding (older reconnects fall back to a
-/// query).
-const JOURNAL: usize = 4096;
+/// Changes kept per node for rewinding: a reconnect after more than this
+/// many changes to the node's objects falls back to a query (by then the
+/// changes themselves outweigh it). Bounds the journal to ~40 KB a node.
+const JOURNAL: usize = 256;
 
 impl Journal {
     /// Record what differs between the last look and `now`.

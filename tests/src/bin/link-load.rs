@@ -56,6 +56,18 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         objects: usize,
     },
+    /// Slow consumers: N nodes with M objects each that never ack, while
+    /// every object changes R times; cloud-gw's memory after each round.
+    Slow {
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1000)]
+        objects: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long)]
+        cloud_pid: u32,
+    },
     /// cloud-gw `run` against a cluster: N nodes with P pods each (created
     /// in the cluster here), every pod's status written back.
     Kube {
@@ -770,6 +782,96 @@ async fn kube_scale(
     Ok(())
 }
 
+/// A node that takes what comes and never acks (a gateway whose store
+/// is stuck, say), pinging so that the link stays up. Counts what it got.
+async fn run_slow_node(
+    server: String,
+    name: String,
+    tls: rustls::ClientConfig,
+    got: Arc<AtomicU64>,
+    connected: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut link = edge_rt::link::join::connect(&server, "/link", tls).await?;
+    hello(&mut link, &name).await?;
+    link.send(&kinds(&BTreeMap::new())).await?;
+    connected.fetch_add(1, Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            m = link.recv() => {
+                if let Message::Sync(Sync::Changes { changes, .. }) = m? {
+                    got.fetch_add(changes.len() as u64, Ordering::Relaxed);
+                }
+            }
+            _ = tick.tick() => link.ping().await?,
+        }
+    }
+}
+
+async fn slow(args: &Args, n: usize, m: usize, rounds: usize, pid: u32) -> Result<()> {
+    raise_nofile();
+    let objects = args.dir.join("objects");
+    let write = |round: usize| -> Result<()> {
+        for i in 0..n {
+            let d = objects.join(format!("slow-{i}"));
+            std::fs::create_dir_all(&d)?;
+            let text: String = (0..m)
+                .map(|k| {
+                    format!(
+                        "kind: ConfigMap\nmetadata: {{name: c{k}}}\ndata: {{round: '{round}', reading: '{}'}}\n---\n",
+                        "r".repeat(200)
+                    )
+                })
+                .collect();
+            let tmp = d.join(".all.tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, d.join("all.yaml"))?;
+        }
+        Ok(())
+    };
+    write(0)?;
+    let rss0 = rss_kib(pid);
+    let pki = Pki::load(&DirKeeper::new(&args.dir))?;
+    let got = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    for i in 0..n {
+        let name = format!("slow-{i}");
+        let tls = identity(&pki, &name)?;
+        let (g, c, server) = (got.clone(), connected.clone(), args.server.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_slow_node(server, name.clone(), tls, g, c).await {
+                eprintln!("{name}: {e:#}");
+            }
+        });
+    }
+    while (connected.load(Ordering::Relaxed) as usize) < n {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("one cloud-gw, {n} nodes that never ack, {m} ConfigMaps each (~300 B), every one changed each round");
+    println!(
+        "{:<28} {:>12} {:>14} {:>16}",
+        "after", "cloud-gw RSS", "per slow node", "changes received"
+    );
+    let row = |what: String, got: u64| {
+        let rss = rss_kib(pid);
+        println!(
+            "{what:<28} {:>9.1} MB {:>11.1} KB {got:>16}",
+            rss as f64 / 1024.0,
+            rss.saturating_sub(rss0) as f64 / n as f64
+        );
+    };
+    row("connected".into(), got.load(Ordering::Relaxed));
+    for r in 1..=rounds {
+        write(r)?;
+        // The sessions notice (inotify) and re-read; let them settle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        row(format!("round {r} of changes"), got.load(Ordering::Relaxed));
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -792,6 +894,12 @@ async fn main() -> Result<()> {
             .await
         }
         Cmd::Delta { objects } => delta(&args, *objects).await,
+        Cmd::Slow {
+            nodes,
+            objects,
+            rounds,
+            cloud_pid,
+        } => slow(&args, *nodes, *objects, *rounds, *cloud_pid).await,
         Cmd::Kube {
             kubeconfig,
             nodes,
