@@ -18,8 +18,9 @@ use outrigger_proto::message::Row;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// kind -> uid -> (resourceVersion, body as JSON bytes).
-pub type NodeObjects = BTreeMap<String, BTreeMap<String, (String, Vec<u8>)>>;
+/// kind -> uid -> (resourceVersion, body as JSON bytes). Bodies are shared
+/// with the source's cache: a look at a node's objects copies none.
+pub type NodeObjects = BTreeMap<String, BTreeMap<String, (String, std::sync::Arc<[u8]>)>>;
 
 pub const KINDS: [&str; 3] = ["Pod", "ConfigMap", "Secret"];
 
@@ -368,7 +369,7 @@ impl DirSource {
     pub fn objects(&self, node: &str) -> NodeObjects {
         let out = self.scan(node);
         for (_, (v, body)) in out.values().flatten() {
-            self.versions.insert(v, body.as_slice().into());
+            self.versions.insert(v, body.clone());
         }
         self.journals.look(node, &out);
         out
@@ -436,7 +437,7 @@ impl DirSource {
                 let body = serde_json::to_vec(&v).unwrap_or_default();
                 let rv = hex::encode(&Sha256::digest(&body)[..8]);
                 if let Some(k) = out.get_mut(&kind) {
-                    k.insert(uid, (rv, body));
+                    k.insert(uid, (rv, body.into()));
                 }
             }
         }

@@ -130,7 +130,7 @@ impl<'a> Session<'a> {
                         kind: kind.to_string(),
                         uid: uid.clone(),
                         resource_version: rv.clone(),
-                        body: body.clone(),
+                        body: body.to_vec(),
                     });
                     Self::enqueue(&mut self.queue, &mut self.queued, change);
                     have.insert(uid.clone(), rv.clone());
@@ -372,7 +372,7 @@ impl<'a> Session<'a> {
                             kind,
                             uid: uid.clone(),
                             resource_version: rv.clone(),
-                            body: body.clone(),
+                            body: body.to_vec(),
                         }),
                         refused: None,
                     },
@@ -494,7 +494,7 @@ mod tests {
     #[test]
     fn a_deleted_pod_is_stopped_first_and_finalized_only_when_the_node_lacks_it() {
         let src = Fixed::default();
-        let pods = BTreeMap::from([("a".to_string(), ("1".to_string(), b"{}".to_vec()))]);
+        let pods = BTreeMap::from([("a".to_string(), ("1".to_string(), b"{}"[..].into()))]);
         src.objects.lock().unwrap().insert("Pod".into(), pods);
         let mut s = Session::new("n", &src);
         // The node has a.
@@ -508,9 +508,9 @@ mod tests {
         let pods = BTreeMap::from([
             (
                 "a".to_string(),
-                ("2".to_string(), br#"{"deleting":1}"#.to_vec()),
+                ("2".to_string(), br#"{"deleting":1}"#[..].into()),
             ),
-            ("b".to_string(), ("1".to_string(), b"{}".to_vec())),
+            ("b".to_string(), ("1".to_string(), b"{}"[..].into())),
         ]);
         src.objects.lock().unwrap().insert("Pod".into(), pods);
         *src.terminating.lock().unwrap() = vec!["a".into(), "b".into()];

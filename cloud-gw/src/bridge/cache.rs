@@ -338,7 +338,7 @@ impl Cache {
             if let Some(m) = out.get_mut("Pod") {
                 m.insert(
                     p.obj.uid.clone(),
-                    (p.obj.version.clone(), p.obj.body.to_vec()),
+                    (p.obj.version.clone(), p.obj.body.clone()),
                 );
             }
             for r in &p.refs {
@@ -349,7 +349,7 @@ impl Cache {
                     continue;
                 };
                 if let Some(m) = out.get_mut(r.kind.name()) {
-                    m.insert(o.uid.clone(), (o.version.clone(), o.body.to_vec()));
+                    m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
                 }
             }
         }
