@@ -230,7 +230,8 @@ async fn reboot(cfg: &Config, image: &str, n: usize, runs: usize, dir: &Path) ->
     Ok(())
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of `v` (sorted here), nearest rank.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -475,7 +476,8 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
     Ok(run_p50)
 }
 
-fn vm_rss_kib(pid: u32) -> Option<u64> {
+/// A process's resident memory, from /proc.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()

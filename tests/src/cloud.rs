@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
+use crate::registry::free_port;
 use crate::util::*;
 
 /// A `cloud-gw serve` with its own CA, on 127.0.0.1 or in a namespace.
@@ -27,12 +28,6 @@ pub struct Cloud {
     /// Health and metrics (plain HTTP), and the admission webhook (HTTPS).
     pub http: std::net::SocketAddr,
     pub webhook: std::net::SocketAddr,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 impl Drop for Cloud {

@@ -399,3 +399,21 @@ pub async fn wait_pod(
 pub fn text(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The restart count of a pod's first container on the node (-1 if the
+/// pod or its status is not there).
+pub fn restarts(node: &Node, pod: &str) -> Result<i32> {
+    Ok(node
+        .pods()?
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(pod))
+        .and_then(|p| {
+            p.status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .first()
+                .map(|c| c.restart_count)
+        })
+        .unwrap_or(-1))
+}

@@ -105,6 +105,13 @@ impl Setup {
         })
     }
 
+    /// A setup whose Node is Ready (and connected).
+    async fn ready(labels: &str) -> Result<Setup> {
+        let s = Setup::new(labels).await?;
+        s.ready_node().await?;
+        Ok(s)
+    }
+
     /// Wait (30 s) until the Node is Ready.
     async fn ready_node(&self) -> Result<Value> {
         wait_for("the Node to be Ready", Duration::from_secs(30), || async {
@@ -237,8 +244,7 @@ async fn a_pod_applied_with_kubectl_runs_on_the_edge_reports_back_and_is_deleted
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new("").await?;
-    s.ready_node().await?;
+    let s = Setup::ready("").await?;
     let pod = unique("app");
     kubectl_apply(&s.cluster, &app(&pod, &s.name))?;
     kubectl_ready(&s, &pod).await?;
@@ -354,19 +360,6 @@ async fn kubectl_ready(s: &Setup, pod: &str) -> Result<()> {
     Ok(())
 }
 
-fn restart_count(node: &Node, pod: &str) -> Option<i32> {
-    let pods = node.pods().ok()?;
-    let p = find(&pods, pod)?;
-    Some(
-        p.status
-            .as_ref()?
-            .container_statuses
-            .as_ref()?
-            .first()?
-            .restart_count,
-    )
-}
-
 /// A cut of the link (TCP hangs): the Lease stops, pods keep running on the
 /// edge untouched, and what changed in the cluster meanwhile (a ConfigMap,
 /// a new pod, a pod deleted) applies once it is back.
@@ -375,8 +368,7 @@ async fn through_a_cut_the_lease_stops_pods_run_on_and_changes_apply_after() -> 
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new("").await?;
-    s.ready_node().await?;
+    let s = Setup::ready("").await?;
     let a = unique("keep");
     let gone = unique("gone");
     kubectl_apply(&s.cluster, &app(&a, &s.name))?;
@@ -464,7 +456,7 @@ async fn through_a_cut_the_lease_stops_pods_run_on_and_changes_apply_after() -> 
     )
     .await?;
     // The pod that lived through the cut was never restarted or replaced.
-    ensure!(restart_count(&s.node, &a) == Some(0), "{a} restarted");
+    ensure!(restarts(&s.node, &a)? == 0, "{a} restarted");
     let uid_after = kc(
         &s.cluster,
         &["get", "pod", &a, "-o", "jsonpath={.metadata.uid}"],
@@ -482,8 +474,7 @@ async fn a_deployment_for_edge_nodes_runs_and_rolls_out() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new("").await?;
-    s.ready_node().await?;
+    let s = Setup::ready("").await?;
     let d = unique("web");
     let deployment = |version: &str| {
         format!(
@@ -623,8 +614,7 @@ async fn the_webhook_makes_edge_pods_tolerate_a_lost_node_for_good() -> Result<(
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new("").await?;
-    s.ready_node().await?;
+    let s = Setup::ready("").await?;
     if s.cluster.is_real() {
         eprintln!(
             "skipped on a real cluster: its webhook configuration is cloud-gw manifests' job"
@@ -912,8 +902,7 @@ async fn a_shorter_grace_period_on_delete_is_honoured_on_the_edge() -> Result<()
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new("").await?;
-    s.ready_node().await?;
+    let s = Setup::ready("").await?;
     let pod = unique("stubborn");
     kubectl_apply(
         &s.cluster,

@@ -355,22 +355,6 @@ impl CutNet {
     }
 }
 
-fn restarts(node: &Node, pod: &str) -> Result<i32> {
-    Ok(node
-        .pods()?
-        .iter()
-        .find(|p| p.metadata.name.as_deref() == Some(pod))
-        .and_then(|p| {
-            p.status
-                .as_ref()?
-                .container_statuses
-                .as_ref()?
-                .first()
-                .map(|c| c.restart_count)
-        })
-        .unwrap_or(-1))
-}
-
 /// A 30 s cut that hangs TCP, while the cloud adds, changes and deletes
 /// objects and a pod on the node crash-loops: afterwards both sides agree,
 /// with nothing lost and nothing applied twice.

@@ -117,23 +117,37 @@ impl KubeSource {
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields("spec.nodeName!="),
         );
-        tokio::spawn(follow(inner.clone(), "pods", pods, |c, e| match e {
-            Change::Put(p) => c.put_pod(&p),
-            Change::Gone(k) => c.remove_pod(&k),
-        }));
+        tokio::spawn(follow(
+            inner.clone(),
+            "pods",
+            pods,
+            Cache::pod_keys,
+            |c, e| match e {
+                Change::Put(p) => c.put_pod(&p),
+                Change::Gone(k) => c.remove_pod(&k),
+            },
+        ));
         let cms = watcher(Api::<ConfigMap>::all(client.clone()), Default::default());
-        tokio::spawn(follow(inner.clone(), "configmaps", cms, |c, e| {
-            config_change(c, Kind::ConfigMap, e)
-        }));
+        tokio::spawn(follow(
+            inner.clone(),
+            "configmaps",
+            cms,
+            |c| c.config_keys(Kind::ConfigMap),
+            |c, e| config_change(c, Kind::ConfigMap, e),
+        ));
         let nodes = watcher(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().labels(nodes::EDGE_ROLE),
         );
         tokio::spawn(follow_nodes(inner.clone(), nodes));
         let secrets = watcher(Api::<Secret>::all(client), Default::default());
-        tokio::spawn(follow(inner.clone(), "secrets", secrets, |c, e| {
-            config_change(c, Kind::Secret, e)
-        }));
+        tokio::spawn(follow(
+            inner.clone(),
+            "secrets",
+            secrets,
+            |c| c.config_keys(Kind::Secret),
+            |c, e| config_change(c, Kind::Secret, e),
+        ));
         KubeSource { inner }
     }
 
@@ -176,8 +190,15 @@ fn config_change<K: serde::Serialize>(c: &mut Cache, kind: Kind, e: Change<K>) -
 
 /// Feed one watch into the cache. A re-list (after a watch error or a 410)
 /// replaces what it covers: objects not listed again are removed.
-async fn follow<K, S, F>(inner: Arc<Inner>, what: &'static str, stream: S, apply: F)
-where
+/// `keys` lists what the cache holds of this kind (a re-list removes the
+/// ones it does not list again).
+async fn follow<K, S, F>(
+    inner: Arc<Inner>,
+    what: &'static str,
+    stream: S,
+    keys: fn(&Cache) -> Vec<Key>,
+    apply: F,
+) where
     K: kube::Resource + Clone + Send + 'static,
     S: futures_util::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
     F: Fn(&mut Cache, Change<K>) -> Vec<String> + Send,
@@ -208,11 +229,7 @@ where
                 }
                 Event::InitDone => {
                     let seen = listed.take().unwrap_or_default();
-                    let stale: Vec<Key> = match what {
-                        "pods" => c.pod_keys(),
-                        "configmaps" => c.config_keys(Kind::ConfigMap),
-                        _ => c.config_keys(Kind::Secret),
-                    };
+                    let stale = keys(&c);
                     let mut touched = Vec::new();
                     for k in stale.into_iter().filter(|k| !seen.contains(k)) {
                         touched.extend(apply(&mut c, Change::Gone(k)));

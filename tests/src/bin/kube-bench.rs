@@ -46,9 +46,8 @@ fn piped(mut c: Command, input: &str) -> Result<()> {
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    (at(0.5), at(0.9), at(1.0))
+    use edge_rt::bench::percentile;
+    (percentile(v, 0.5), percentile(v, 0.9), percentile(v, 1.0))
 }
 
 fn ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {

@@ -206,23 +206,10 @@ fn now_ns() -> u128 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    edge_rt::bench::vm_rss_kib(pid).unwrap_or(0)
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
+use edge_rt::bench::percentile;
 
 fn raise_nofile() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -231,56 +218,85 @@ fn raise_nofile() {
     }
 }
 
-async fn scale(args: &Args, n: usize, pid: u32, pushes: usize, idle: u64, hb: u64) -> Result<()> {
-    raise_nofile();
+/// Node certificates for `{prefix}0..n`, minted from cloud-gw's CA.
+fn identities(args: &Args, prefix: &str, n: usize) -> Result<Vec<(String, rustls::ClientConfig)>> {
     let pki = Pki::load(&DirKeeper::new(&args.dir))?;
     let t = Instant::now();
-    let tls: Vec<rustls::ClientConfig> = (0..n)
-        .map(|i| identity(&pki, &format!("sim-{i}")))
+    let ids = (0..n)
+        .map(|i| {
+            let name = format!("{prefix}{i}");
+            identity(&pki, &name).map(|tls| (name, tls))
+        })
         .collect::<Result<_>>()?;
     eprintln!(
         "minted {n} node certificates in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let rss0 = rss_kib(pid);
-    let counters = Arc::new(Counters::default());
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let connected = Arc::new(AtomicU64::new(0));
-    let t = Instant::now();
-    for (i, tls) in tls.into_iter().enumerate() {
-        let (c, l, k) = (counters.clone(), latencies.clone(), connected.clone());
-        let server = args.server.clone();
+    Ok(ids)
+}
+
+/// Run a simulated node per identity, in waves of 200 (each waits until
+/// all but 100 of those started have connected), so cloud-gw's accept
+/// queue is not flooded. Errors are printed with the node's name.
+async fn spawn_nodes<F, Fut>(
+    ids: Vec<(String, rustls::ClientConfig)>,
+    connected: &Arc<AtomicU64>,
+    run: F,
+) where
+    F: Fn(String, rustls::ClientConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    for (i, (name, tls)) in ids.into_iter().enumerate() {
+        let node = run(name.clone(), tls);
         tokio::spawn(async move {
-            if let Err(e) = run_node(
-                server,
-                format!("sim-{i}"),
-                tls,
-                c,
-                l,
-                Duration::from_secs(hb),
-                k,
-            )
-            .await
-            {
-                eprintln!("sim-{i}: {e:#}");
+            if let Err(e) = node.await {
+                eprintln!("{name}: {e:#}");
             }
         });
-        // Waves, so the accept queue is not flooded.
         if i % 200 == 199 {
             while connected.load(Ordering::Relaxed) + 100 < i as u64 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }
-    while (connected.load(Ordering::Relaxed) as usize) < n {
-        if t.elapsed() > Duration::from_secs(600) {
+}
+
+/// Wait until `counter` reaches `n`; give up after `limit`.
+async fn wait_count(counter: &AtomicU64, n: usize, limit: Duration, what: &str) -> Result<()> {
+    let t = Instant::now();
+    while (counter.load(Ordering::Relaxed) as usize) < n {
+        if t.elapsed() > limit {
             bail!(
-                "only {} of {n} connected",
-                connected.load(Ordering::Relaxed)
+                "only {} of {n} nodes {what}",
+                counter.load(Ordering::Relaxed)
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+async fn scale(args: &Args, n: usize, pid: u32, pushes: usize, idle: u64, hb: u64) -> Result<()> {
+    raise_nofile();
+    let ids = identities(args, "sim-", n)?;
+    let rss0 = rss_kib(pid);
+    let counters = Arc::new(Counters::default());
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let connected = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    spawn_nodes(ids, &connected, |name, tls| {
+        run_node(
+            args.server.clone(),
+            name,
+            tls,
+            counters.clone(),
+            latencies.clone(),
+            Duration::from_secs(hb),
+            connected.clone(),
+        )
+    })
+    .await;
+    wait_count(&connected, n, Duration::from_secs(600), "connected").await?;
     let connect_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss1 = rss_kib(pid);
@@ -720,35 +736,22 @@ async fn kube_scale(
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss0 = rss_kib(pid);
-    let pki = Pki::load(&DirKeeper::new(&args.dir))?;
-    let tls: Vec<rustls::ClientConfig> = (0..n)
-        .map(|i| identity(&pki, &format!("sim-{i}")))
-        .collect::<Result<_>>()?;
+    let ids = identities(args, "sim-", n)?;
     let done = Arc::new(AtomicU64::new(0));
     let connected = Arc::new(AtomicU64::new(0));
     let t = Instant::now();
-    for (i, tls) in tls.into_iter().enumerate() {
-        let (d, c, server) = (done.clone(), connected.clone(), args.server.clone());
-        tokio::spawn(async move {
-            if let Err(e) = run_kube_node(server, format!("sim-{i}"), tls, per_node, d, c).await {
-                eprintln!("sim-{i}: {e:#}");
-            }
-        });
-        if i % 200 == 199 {
-            while connected.load(Ordering::Relaxed) + 100 < i as u64 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-    while (done.load(Ordering::Relaxed) as usize) < n {
-        if t.elapsed() > Duration::from_secs(900) {
-            bail!(
-                "only {} of {n} nodes synced and reported",
-                done.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    spawn_nodes(ids, &connected, |name, tls| {
+        run_kube_node(
+            args.server.clone(),
+            name,
+            tls,
+            per_node,
+            done.clone(),
+            connected.clone(),
+        )
+    })
+    .await;
+    wait_count(&done, n, Duration::from_secs(900), "synced and reported").await?;
     let synced = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss1 = rss_kib(pid);
@@ -832,22 +835,20 @@ async fn slow(args: &Args, n: usize, m: usize, rounds: usize, pid: u32) -> Resul
     };
     write(0)?;
     let rss0 = rss_kib(pid);
-    let pki = Pki::load(&DirKeeper::new(&args.dir))?;
+    let ids = identities(args, "slow-", n)?;
     let got = Arc::new(AtomicU64::new(0));
     let connected = Arc::new(AtomicU64::new(0));
-    for i in 0..n {
-        let name = format!("slow-{i}");
-        let tls = identity(&pki, &name)?;
-        let (g, c, server) = (got.clone(), connected.clone(), args.server.clone());
-        tokio::spawn(async move {
-            if let Err(e) = run_slow_node(server, name.clone(), tls, g, c).await {
-                eprintln!("{name}: {e:#}");
-            }
-        });
-    }
-    while (connected.load(Ordering::Relaxed) as usize) < n {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    spawn_nodes(ids, &connected, |name, tls| {
+        run_slow_node(
+            args.server.clone(),
+            name,
+            tls,
+            got.clone(),
+            connected.clone(),
+        )
+    })
+    .await;
+    wait_count(&connected, n, Duration::from_secs(300), "connected").await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("one cloud-gw, {n} nodes that never ack, {m} ConfigMaps each (~300 B), every one changed each round");
     println!(
