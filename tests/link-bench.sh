@@ -16,3 +16,5 @@ sleep 1
 "$bin/link-load" --dir "$dir" --server wss://127.0.0.1:18443 delta
 echo
 "$bin/link-load" --dir "$dir" --server wss://127.0.0.1:18443 scale --nodes "$nodes" --cloud-pid "$pid" --pushes 200 --idle-secs 60
+echo
+"$bin/link-load" --dir "$dir" --server wss://127.0.0.1:18443 slow --nodes 100 --objects 1000 --rounds 5 --cloud-pid "$pid"
