@@ -241,6 +241,14 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Write a bundle whose config runs `args` on the shared root filesystem.
+/// A bundle as edge-rt writes it (`for_edge`: its init mounts the v1 cgroup
+/// view), or in the standard form any OCI runtime can run (for runc: the
+/// same container, with every mount in config.json).
+struct Bundle {
+    dir: PathBuf,
+    init: init::PodInit,
+}
+
 fn bundle(
     dir: &Path,
     rootfs: &Path,
@@ -248,7 +256,8 @@ fn bundle(
     args: &[&str],
     cgroup: &str,
     namespaces: &SharedNamespaces,
-) -> Result<PathBuf> {
+    for_edge: bool,
+) -> Result<Bundle> {
     let c = Container {
         name: "bench".into(),
         command: Some(args.iter().map(|s| s.to_string()).collect()),
@@ -266,12 +275,22 @@ fn bundle(
         hostname: "bench",
         cgroups_path: cgroup,
         cgroup_v2: crate::runtime::cgroups::is_unified(),
+        cgroup_view_by_init: for_edge,
         pids_limit: None,
         annotations: Default::default(),
     })?;
     fs::create_dir_all(dir)?;
     fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&g.spec)?)?;
-    Ok(dir.to_path_buf())
+    Ok(Bundle {
+        dir: dir.to_path_buf(),
+        // No seccomp in either bundle: runc would need libseccomp's to match.
+        init: init::PodInit {
+            exit_fd: -1,
+            seccomp: None,
+            drop_sys_admin: g.init_sys_admin,
+            cgroup_view: g.cgroup_view,
+        },
+    })
 }
 
 fn devnull() -> Result<OwnedFd> {
@@ -284,7 +303,12 @@ fn devnull() -> Result<OwnedFd> {
 }
 
 /// In-process: create + start through libcontainer; returns (to running, to exit).
-fn edge_once(id: &str, state: &Path, bundle: &Path, wait_exit: bool) -> Result<(f64, Option<f64>)> {
+fn edge_once(
+    id: &str,
+    state: &Path,
+    bundle: &Bundle,
+    wait_exit: bool,
+) -> Result<(f64, Option<f64>)> {
     let exit = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -294,11 +318,10 @@ fn edge_once(id: &str, state: &Path, bundle: &Path, wait_exit: bool) -> Result<(
     let mut c = spawn(
         id,
         state,
-        bundle,
+        &bundle.dir,
         init::PodInit {
             exit_fd: std::os::fd::AsRawFd::as_raw_fd(&exit),
-            seccomp: None,
-            drop_sys_admin: false,
+            ..bundle.init.clone()
         },
         devnull()?,
         devnull()?,
@@ -372,6 +395,9 @@ fn cli_once(bin: &str, id: &str, root: &Path, bundle: &Path, wait_exit: bool) ->
     Ok(ms)
 }
 
+/// Where `bench start` keeps both runtimes' state: tmpfs.
+const RUN_DIR: &str = "/run/edge-rt-bench";
+
 /// Returns edge-rt's create-to-running median (ms).
 fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
     crate::supervisor::become_subreaper()?;
@@ -393,28 +419,40 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
     // every container of a pod does (made once, like a CRI sandbox).
     let sandbox = crate::runtime::sandbox::Sandbox::ensure(&dir.join("sandbox"), "bench", false)?;
     let ns = sandbox.namespaces();
-    let true_b = bundle(
-        &dir.join("true"),
-        &rootfs,
-        &image_cfg,
-        &["/bin/true"],
-        "/edge-rt-bench/true",
-        &ns,
-    )?;
-    let sleep_b = bundle(
-        &dir.join("sleep"),
-        &rootfs,
-        &image_cfg,
-        &["/bin/sleep", "60"],
-        "/edge-rt-bench/sleep",
-        &ns,
-    )?;
-    let state = dir.join("state");
+    let mk = |name: &str, args: &[&str], for_edge: bool| {
+        bundle(
+            &dir.join(if for_edge {
+                name.to_string()
+            } else {
+                format!("{name}-oci")
+            }),
+            &rootfs,
+            &image_cfg,
+            args,
+            &format!("/edge-rt-bench/{name}"),
+            &ns,
+            for_edge,
+        )
+    };
+    let (true_b, sleep_b) = (
+        mk("true", &["/bin/true"], true)?,
+        mk("sleep", &["/bin/sleep", "60"], true)?,
+    );
+    let (true_oci, sleep_oci) = (
+        mk("true", &["/bin/true"], false)?,
+        mk("sleep", &["/bin/sleep", "60"], false)?,
+    );
+    // Runtime state on tmpfs, where both runtimes keep it in production
+    // (edge-rt's state_dir and runc's --root default under /run).
+    let run_dir = Path::new(RUN_DIR);
+    let _ = fs::remove_dir_all(run_dir);
+    let state = run_dir.join("state");
     fs::create_dir_all(&state)?;
+    crate::runtime::cgroups::prepare_parent("/edge-rt-bench");
 
     let mut baselines: Vec<&str> = Vec::new();
     for bin in ["runc", "crun"] {
-        match cli_once(bin, "probe", &dir.join(bin), &true_b, true) {
+        match cli_once(bin, "probe", &run_dir.join(bin), &true_oci.dir, true) {
             Ok(_) => baselines.push(bin),
             Err(e) => eprintln!("{bin}: not measured ({e})"),
         }
@@ -431,15 +469,15 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
             base[j].0.push(cli_once(
                 bin,
                 &format!("bench-r{i}"),
-                &dir.join(bin),
-                &sleep_b,
+                &run_dir.join(bin),
+                &sleep_oci.dir,
                 false,
             )?);
             base[j].1.push(cli_once(
                 bin,
                 &format!("bench-e{i}"),
-                &dir.join(bin),
-                &true_b,
+                &run_dir.join(bin),
+                &true_oci.dir,
                 true,
             )?);
         }
@@ -473,6 +511,7 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
     }
     let _ = rootfs::release(&dir.join("scratch"), &rootfs);
     let _ = sandbox.remove();
+    let _ = fs::remove_dir_all(run_dir);
     Ok(run_p50)
 }
 

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use k8s_openapi::api::core::v1::{Capabilities, ResourceRequirements, SecurityContext};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ResourceRequirements, SeccompProfile, SecurityContext,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use outrigger_tests::util::*;
 
@@ -235,7 +237,7 @@ async fn security_context_is_enforced() -> Result<()> {
     let img = busybox_image(&env.store)?;
     let rt = env.runtime()?;
     let p = pod("security");
-    let probe = "id -u; id -g; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
+    let probe = "id -u; id -g; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
                  touch /rootfs-write && echo rootfs-writable || echo rootfs-readonly; \
                  unshare -n true 2>/dev/null && echo unshare-ok || echo unshare-denied; \
                  wc -c < /proc/kcore; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && echo procsys-writable || echo procsys-readonly";
@@ -254,6 +256,11 @@ async fn security_context_is_enforced() -> Result<()> {
         field(&d, "CapEff:"),
         "00000000a80425fb",
         "containerd's default set: {d:?}"
+    );
+    assert_eq!(
+        field(&d, "CapPrm:"),
+        "00000000a80425fb",
+        "CAP_SYS_ADMIN edge-rt's init held (cgroup view on v1) is gone: {d:?}"
     );
     assert_eq!(field(&d, "NoNewPrivs:"), "1");
     assert_eq!(field(&d, "Seccomp:"), "2");
@@ -307,6 +314,21 @@ async fn security_context_is_enforced() -> Result<()> {
         "00000000a80425fb",
         "the seccomp helper capability is gone: {l:?}"
     );
+    assert_eq!(field(&l, "CapPrm:"), "00000000a80425fb", "{l:?}");
+
+    // Unconfined: no filter, and still no CAP_SYS_ADMIN left over.
+    let mut c = sh("unconfined", probe);
+    c.security_context = Some(SecurityContext {
+        seccomp_profile: Some(SeccompProfile {
+            type_: "Unconfined".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (_, _, l) = run_to_exit(&rt, request(&p, &img, c)).await?;
+    assert_eq!(field(&l, "Seccomp:"), "0", "{l:?}");
+    assert_eq!(field(&l, "CapEff:"), "00000000a80425fb", "{l:?}");
+    assert_eq!(field(&l, "CapPrm:"), "00000000a80425fb", "{l:?}");
 
     // Privileged: every capability, no seccomp, nothing masked.
     let mut c = sh("privileged", probe);
@@ -334,6 +356,20 @@ async fn security_context_is_enforced() -> Result<()> {
     Ok(())
 }
 
+fn c_limits() -> [(String, Quantity); 2] {
+    [
+        ("cpu".to_string(), Quantity("250m".into())),
+        ("memory".to_string(), Quantity("32Mi".into())),
+    ]
+}
+
+fn limits_of(l: &[(String, Quantity)]) -> Option<ResourceRequirements> {
+    Some(ResourceRequirements {
+        limits: Some(l.iter().cloned().collect()),
+        ..Default::default()
+    })
+}
+
 #[tokio::test]
 async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
     if !require_root() {
@@ -343,16 +379,7 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
     let img = busybox_image(&env.store)?;
     let rt = env.runtime()?;
     let mut c = sh("limited", "sleep 30");
-    c.resources = Some(ResourceRequirements {
-        limits: Some(
-            [
-                ("cpu".to_string(), Quantity("250m".into())),
-                ("memory".to_string(), Quantity("32Mi".into())),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    });
+    c.resources = limits_of(&c_limits());
     let rec = rt.run(request(&pod("limits"), &img, c))?;
     let rel = rec.cgroup.trim_start_matches('/');
     if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
@@ -369,22 +396,32 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
     }
     let _ = workload_pid(rec.pid.unwrap_or(0));
 
-    // The container sees its own limit at /sys/fs/cgroup, as programs that
-    // size themselves by it expect (v1 layout here, v2 in the VM suite).
+    // The container sees its own limits at /sys/fs/cgroup, as programs that
+    // size themselves by them expect (v1 layout here, v2 in the VM suite),
+    // and cannot change them.
     let mut reader = sh(
         "reader",
-        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max",
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max; \
+         cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max; \
+         grep -c ' /sys/fs/cgroup' /proc/self/mountinfo; \
+         mkdir /sys/fs/cgroup/x 2>/dev/null && echo view-writable || echo view-readonly; \
+         (echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes) 2>/dev/null && echo limit-writable || echo limit-readonly",
     );
-    reader.resources = Some(ResourceRequirements {
-        limits: Some([("memory".to_string(), Quantity("32Mi".into()))].into()),
-        ..Default::default()
-    });
+    reader.resources = limits_of(&c_limits());
     let (_, exit, lines) = run_to_exit(&rt, request(&pod("reader"), &img, reader)).await?;
     assert_eq!(exit.exit_code, 0, "{lines:?}");
-    assert!(
-        lines.iter().any(|(_, l)| l == &(32u64 << 20).to_string()),
-        "{lines:?}"
-    );
+    let out: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(out[0], (32u64 << 20).to_string(), "{out:?}");
+    assert_eq!(out[1], "25000", "{out:?}");
+    let host_hierarchies = std::fs::read_to_string("/proc/self/cgroup")?
+        .lines()
+        .filter(|l| l.split(':').nth(1).is_some_and(|c| !c.is_empty()))
+        .count();
+    if host_hierarchies > 0 {
+        // v1: the tmpfs and one mount per hierarchy, as on the host.
+        assert_eq!(out[2], (host_hierarchies + 1).to_string(), "{out:?}");
+    }
+    assert_eq!(&out[3..], ["view-readonly", "limit-readonly"], "{out:?}");
     teardown(&rt).await;
     Ok(())
 }

@@ -21,6 +21,47 @@ fn memory_dir(cgroup: &str) -> PathBuf {
     }
 }
 
+/// Make the v1 cpuset parent of all containers hand its CPUs and memory
+/// nodes down to every new child (`cgroup.clone_children`).
+///
+/// A v1 cpuset starts empty and no task can join it until `cpuset.cpus` is
+/// written; libcgroups (like runc) then copies the parent's value, and that
+/// write makes the kernel rebuild its scheduling domains: ~0.2 ms of every
+/// container start here, more on machines with many CPUs. A child cloned
+/// from its parent is born populated, so nothing is written and nothing
+/// rebuilt. Best effort: without it containers still start, only slower.
+pub fn prepare_parent(parent: &str) {
+    if is_unified() {
+        return;
+    }
+    let root = Path::new(ROOT).join("cpuset");
+    if !root.join("cpuset.cpus").exists() {
+        return;
+    }
+    let mut dir = root.clone();
+    for part in Path::new(parent.trim_start_matches('/')).components() {
+        let up = dir.clone();
+        dir.push(part);
+        if let Err(e) = fs::create_dir(&dir) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                tracing::debug!(dir = %dir.display(), "cpuset parent not prepared: {e}");
+                return;
+            }
+        }
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let empty = fs::read_to_string(dir.join(file)).map_or(true, |v| v.trim().is_empty());
+            if empty {
+                if let Ok(v) = fs::read_to_string(up.join(file)) {
+                    let _ = fs::write(dir.join(file), v.trim());
+                }
+            }
+        }
+    }
+    if let Err(e) = fs::write(dir.join("cgroup.clone_children"), "1") {
+        tracing::debug!(dir = %dir.display(), "cgroup.clone_children not set: {e}");
+    }
+}
+
 /// How many times the kernel's OOM killer struck in this cgroup.
 pub fn oom_kills(cgroup: &str) -> u64 {
     let dir = memory_dir(cgroup);

@@ -61,10 +61,8 @@ impl Executor for ExecInit {
             // SAFETY: plain ioctl on our stdin.
             unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
         }
-        if let Some(p) = &self.seccomp {
-            seccomp::install_dropping_sys_admin(p, self.drop_sys_admin)
-                .map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
-        }
+        seccomp::enter(self.seccomp.as_deref(), self.drop_sys_admin)
+            .map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
         let err = nix::unistd::execvp(&args[0], &args).err();
         Err(ExecutorError::Other(format!("exec {:?}: {err:?}", args[0])))
     }

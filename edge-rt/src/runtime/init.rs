@@ -8,6 +8,9 @@
 //! descriptor opened before the container was created, so no path inside the
 //! container is needed) and exits with the same status.
 //!
+//! On cgroup v1 it first mounts the container's view of the cgroup
+//! hierarchies at /sys/fs/cgroup (see [`mount_cgroup_view`]).
+//!
 //! That file is how a restarted edge-rt, which is no longer the container's
 //! parent and so cannot wait for it, still learns the exit code. Because the
 //! init is our code already in memory, no binary has to exist inside the
@@ -31,9 +34,12 @@ pub struct PodInit {
     /// Where the exit status is written (inherited across the clone).
     pub exit_fd: RawFd,
     pub seccomp: Option<Arc<Profile>>,
-    /// CAP_SYS_ADMIN was kept in the permitted set only to install seccomp
-    /// for a container allowed to escalate; drop it after.
+    /// CAP_SYS_ADMIN is in the permitted set only for this init (to mount
+    /// the cgroup view, to install seccomp for a container allowed to
+    /// escalate): dropped before the workload runs, and by the init itself.
     pub drop_sys_admin: bool,
+    /// Mount the v1 cgroup view: `Some(read_only)`.
+    pub cgroup_view: Option<bool>,
 }
 
 /// Status line format: `exited CODE` or `signaled SIGNO`, then the time in
@@ -74,6 +80,10 @@ impl Executor for PodInit {
             return Err(ExecutorError::InvalidArg);
         }
         close_inherited_fds(self.exit_fd);
+        if let Some(read_only) = self.cgroup_view {
+            mount_cgroup_view(read_only)
+                .map_err(|e| ExecutorError::Other(format!("mounting /sys/fs/cgroup: {e}")))?;
+        }
         let all = SigSet::all();
         all.thread_block()
             .map_err(|e| ExecutorError::Other(e.to_string()))?;
@@ -81,19 +91,106 @@ impl Executor for PodInit {
         match unsafe { fork() }.map_err(|e| ExecutorError::Other(e.to_string()))? {
             ForkResult::Child => {
                 let _ = SigSet::empty().thread_set_mask();
-                if let Some(p) = &self.seccomp {
-                    if let Err(e) = seccomp::install_dropping_sys_admin(p, self.drop_sys_admin) {
-                        fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
-                    }
+                if let Err(e) = seccomp::enter(self.seccomp.as_deref(), self.drop_sys_admin) {
+                    fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
                 }
                 // SAFETY: closing our status fd in the workload only.
                 unsafe { libc::close(self.exit_fd) };
                 let err = nix::unistd::execvp(&args[0], &args).err();
                 fail(&format!("edge-rt init: exec {:?}: {:?}\n", args[0], err));
             }
-            ForkResult::Parent { child } => supervise(child, self.exit_fd, &all),
+            ForkResult::Parent { child } => {
+                if self.drop_sys_admin {
+                    let _ = seccomp::enter(None, true);
+                }
+                supervise(child, self.exit_fd, &all)
+            }
         }
     }
+}
+
+/// Mount each v1 hierarchy this process belongs to at
+/// /sys/fs/cgroup/<controllers> (a tmpfs from the spec), then make the tmpfs
+/// read-only: the layout containerd gives a container on v1, with symlinks
+/// for co-mounted controllers (`cpu -> cpu,cpuacct`).
+///
+/// The container has its own cgroup namespace, so a hierarchy mounted here
+/// has the container's cgroup as its root. Mounting an existing hierarchy
+/// by its exact controller set reuses it; nothing new is created. The
+/// mounts cannot be misdirected: /sys/fs/cgroup is a fresh tmpfs on the
+/// container's sysfs, nothing from the image is on the path.
+pub fn mount_cgroup_view(read_only: bool) -> std::io::Result<()> {
+    use caps::{CapSet, Capability};
+    let had = caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
+        .map_err(std::io::Error::other)?;
+    if !had {
+        caps::raise(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
+            .map_err(std::io::Error::other)?;
+    }
+    let done = mount_hierarchies(read_only);
+    if !had {
+        let _ = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
+    }
+    done
+}
+
+fn mount_hierarchies(read_only: bool) -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut flags = base | MsFlags::MS_RELATIME;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    for (dir, options) in v1_hierarchies(&std::fs::read_to_string("/proc/self/cgroup")?) {
+        let target = root.join(&dir);
+        if let Err(e) = std::fs::create_dir(&target) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+        mount(
+            Some("cgroup"),
+            &target,
+            Some("cgroup"),
+            flags,
+            Some(options.as_str()),
+        )
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", target.display())))?;
+        if dir.contains(',') {
+            for name in dir.split(',') {
+                let _ = std::os::unix::fs::symlink(&dir, root.join(name));
+            }
+        }
+    }
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | base,
+        None::<&str>,
+    )
+    .map_err(|e| std::io::Error::other(format!("read-only {}: {e}", root.display())))
+}
+
+/// The v1 hierarchies in a /proc/self/cgroup table: (directory name, mount
+/// options). `4:cpu,cpuacct:/x` is `cpu,cpuacct`; a named hierarchy
+/// `1:name=systemd:/x` is mounted as `systemd` with `none,name=systemd`;
+/// the v2 line (`0::/x`) has no controllers and is left out.
+fn v1_hierarchies(table: &str) -> Vec<(String, String)> {
+    table
+        .lines()
+        .filter_map(|line| {
+            let controllers = line.split(':').nth(1)?;
+            if controllers.is_empty() {
+                return None;
+            }
+            Some(match controllers.strip_prefix("name=") {
+                Some(name) => (name.to_string(), format!("none,{controllers}")),
+                None => (controllers.to_string(), controllers.to_string()),
+            })
+        })
+        .collect()
 }
 
 /// This process is a clone of edge-rt that never execs, so close-on-exec
@@ -150,5 +247,24 @@ fn supervise(child: Pid, exit_fd: RawFd, set: &SigSet) -> ! {
                 Ok(_) => {} // an orphan reaped
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hierarchies_from_proc_self_cgroup() {
+        let table = "12:name=systemd:/\n5:cpu,cpuacct:/\n4:memory:/\n0::/\n";
+        assert_eq!(
+            v1_hierarchies(table),
+            [
+                ("systemd".to_string(), "none,name=systemd".to_string()),
+                ("cpu,cpuacct".to_string(), "cpu,cpuacct".to_string()),
+                ("memory".to_string(), "memory".to_string()),
+            ]
+        );
+        assert!(v1_hierarchies("0::/edge-rt/x\n").is_empty());
     }
 }

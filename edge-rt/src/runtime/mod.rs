@@ -157,7 +157,8 @@ pub struct ContainerRecord {
     /// so processes exec'd into the container get the same profile.
     #[serde(default)]
     pub seccomp_caps: Option<Vec<String>>,
-    /// CAP_SYS_ADMIN is held only to install seccomp (see `init`).
+    /// CAP_SYS_ADMIN is held only by edge-rt's init (see `init`), and
+    /// dropped before any process of the workload runs.
     #[serde(default)]
     pub drop_sys_admin: bool,
 }
@@ -240,6 +241,7 @@ impl Runtime {
         ] {
             fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         }
+        cgroups::prepare_parent(&cfg.cgroup_parent);
         let rt = Arc::new(Runtime {
             cfg,
             images,
@@ -355,6 +357,7 @@ impl Runtime {
             hostname: &pod.name,
             cgroups_path: &cgroup,
             cgroup_v2: cgroups::is_unified(),
+            cgroup_view_by_init: true,
             pids_limit: self.cfg.pids_limit,
             annotations,
         })?;
@@ -418,7 +421,7 @@ impl Runtime {
             cgroup: cgroup.clone(),
             exit: None,
             seccomp_caps: generated.seccomp.then(|| generated.caps.clone()),
-            drop_sys_admin: generated.keep_sys_admin_for_seccomp,
+            drop_sys_admin: generated.init_sys_admin,
         };
         save_record(dir, &record)?;
         // Readers first, so nothing the container writes early is lost.
@@ -431,7 +434,8 @@ impl Runtime {
         let executor = init::PodInit {
             exit_fd: exit_file.as_raw_fd(),
             seccomp: profile,
-            drop_sys_admin: generated.keep_sys_admin_for_seccomp,
+            drop_sys_admin: generated.init_sys_admin,
+            cgroup_view: generated.cgroup_view,
         };
         let stderr_fd = fifo_fds.pop().map(OwnedFd::from);
         let stdout_fd = fifo_fds.pop().map(OwnedFd::from);

@@ -249,18 +249,23 @@ pub fn install(profile: &Profile) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Install `profile` in this process, right before exec. A container
-/// allowed to escalate holds CAP_SYS_ADMIN in its permitted set only for
-/// this (see `init`): raised to install, then dropped for good.
-pub fn install_dropping_sys_admin(profile: &Profile, drop_sys_admin: bool) -> std::io::Result<()> {
+/// Right before exec: install `profile` (if any) in this process, and drop
+/// CAP_SYS_ADMIN if edge-rt's init held it only for its own work (see
+/// `init`: installing seccomp for a container allowed to escalate, mounting
+/// the cgroup view). Raised to install, then gone from the effective and
+/// permitted sets for good: the workload never has it.
+pub fn enter(profile: Option<&Profile>, drop_sys_admin: bool) -> std::io::Result<()> {
     use caps::{CapSet, Capability};
-    if drop_sys_admin {
-        let _ = caps::raise(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
+    if let Some(p) = profile {
+        if drop_sys_admin {
+            let _ = caps::raise(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
+        }
+        install(p)?;
     }
-    install(profile)?;
     if drop_sys_admin {
-        let _ = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
-        let _ = caps::drop(None, CapSet::Permitted, Capability::CAP_SYS_ADMIN);
+        caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
+            .and_then(|_| caps::drop(None, CapSet::Permitted, Capability::CAP_SYS_ADMIN))
+            .map_err(std::io::Error::other)?;
     }
     Ok(())
 }
