@@ -1,8 +1,8 @@
-//! The container's PID 1: a fork of edge-rt's own init code that never execs.
+//! The container's PID 1: a copy of edge-rt's own init code that never execs.
 //!
 //! libcontainer hands control to an [`Executor`] once the container is set
-//! up. Ours forks: the child installs the seccomp profile and execs the
-//! workload; the parent stays on as the container's init. It forwards
+//! up. Ours installs the seccomp profile and spawns the workload; it stays
+//! on as the container's init. It forwards
 //! signals to the workload, reaps orphans, and when the workload ends writes
 //! its exit status to a file in edge-rt's state directory (through a file
 //! descriptor opened before the container was created, so no path inside the
@@ -25,7 +25,7 @@ use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 
 use super::seccomp::{self, Profile};
 
@@ -58,7 +58,7 @@ pub fn format_status(status: &WaitStatus) -> Option<String> {
 
 fn fail(msg: &str) -> ! {
     let _ = nix::unistd::write(std::io::stderr(), msg.as_bytes());
-    // SAFETY: _exit is async-signal-safe and ends this forked process at once.
+    // SAFETY: _exit ends this init at once, before any workload exists.
     unsafe { libc::_exit(127) }
 }
 
@@ -76,37 +76,83 @@ impl Executor for PodInit {
             .iter()
             .map(|a| CString::new(a.as_bytes()).map_err(|_| ExecutorError::InvalidArg))
             .collect::<Result<_, _>>()?;
-        if args.is_empty() {
+        let Some(program) = args.first() else {
             return Err(ExecutorError::InvalidArg);
-        }
+        };
         close_inherited_fds(self.exit_fd);
         if let Some(read_only) = self.cgroup_view {
             mount_cgroup_view(read_only)
                 .map_err(|e| ExecutorError::Other(format!("mounting /sys/fs/cgroup: {e}")))?;
         }
+        // The filter goes on this init too, so the workload inherits it
+        // through a plain spawn; the init needs nothing it denies.
+        if let Err(e) = seccomp::enter(self.seccomp.as_deref(), self.drop_sys_admin) {
+            fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
+        }
         let all = SigSet::all();
         all.thread_block()
             .map_err(|e| ExecutorError::Other(e.to_string()))?;
-        // SAFETY: this process is single-threaded (libcontainer's init).
-        match unsafe { fork() }.map_err(|e| ExecutorError::Other(e.to_string()))? {
-            ForkResult::Child => {
-                let _ = SigSet::empty().thread_set_mask();
-                if let Err(e) = seccomp::enter(self.seccomp.as_deref(), self.drop_sys_admin) {
-                    fail(&format!("edge-rt init: installing seccomp profile: {e}\n"));
-                }
-                // SAFETY: closing our status fd in the workload only.
-                unsafe { libc::close(self.exit_fd) };
-                let err = nix::unistd::execvp(&args[0], &args).err();
-                fail(&format!("edge-rt init: exec {:?}: {:?}\n", args[0], err));
-            }
-            ForkResult::Parent { child } => {
-                if self.drop_sys_admin {
-                    let _ = seccomp::enter(None, true);
-                }
-                supervise(child, self.exit_fd, &all)
+        match spawn(program, &args) {
+            Ok(child) => supervise(child, self.exit_fd, &all),
+            Err(e) => {
+                let _ = nix::unistd::write(
+                    std::io::stderr(),
+                    format!("edge-rt init: exec {program:?}: {e}\n").as_bytes(),
+                );
+                report_and_exit(WaitStatus::Exited(Pid::from_raw(0), 127), self.exit_fd)
             }
         }
     }
+}
+
+extern "C" {
+    static environ: *const *mut libc::c_char;
+}
+
+/// Start the workload with posix_spawnp (vfork and exec): this process is a
+/// copy of edge-rt, and fork would copy its page tables only for the child
+/// to throw them away. The workload starts as a fresh program should: no
+/// signal blocked, every signal at its default (an ignored SIGTERM would
+/// make a shell's `trap` silently useless), the environment libcontainer
+/// set, and no descriptor but stdio (the status file is close-on-exec).
+fn spawn(program: &CString, args: &[CString]) -> std::io::Result<Pid> {
+    let mut argv: Vec<*mut libc::c_char> = args.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv.push(std::ptr::null_mut());
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: attr and the signal sets are initialised before use and
+    // destroyed after; argv is null-terminated and its strings outlive the
+    // call; environ is the process environment, set by libcontainer.
+    let rc = unsafe {
+        let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+        let rc = libc::posix_spawnattr_init(attr.as_mut_ptr());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut every = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(none.as_mut_ptr());
+        libc::sigfillset(every.as_mut_ptr());
+        libc::posix_spawnattr_setsigmask(attr.as_mut_ptr(), none.as_ptr());
+        libc::posix_spawnattr_setsigdefault(attr.as_mut_ptr(), every.as_ptr());
+        libc::posix_spawnattr_setflags(
+            attr.as_mut_ptr(),
+            (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as _,
+        );
+        let rc = libc::posix_spawnp(
+            &mut pid,
+            program.as_ptr(),
+            std::ptr::null(),
+            attr.as_ptr(),
+            argv.as_ptr(),
+            environ.cast(),
+        );
+        libc::posix_spawnattr_destroy(attr.as_mut_ptr());
+        rc
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(Pid::from_raw(pid))
 }
 
 /// Mount each v1 hierarchy this process belongs to at
@@ -215,6 +261,24 @@ fn close_inherited_fds(keep: RawFd) {
     }
 }
 
+/// Record the workload's end where edge-rt reads it, and end the container
+/// with the same status.
+fn report_and_exit(status: WaitStatus, exit_fd: RawFd) -> ! {
+    if let Some(line) = format_status(&status) {
+        // SAFETY: exit_fd is our own open descriptor; the buffer is live.
+        // No fsync: the state directory is tmpfs and only has to outlive
+        // edge-rt restarts, not power cuts.
+        unsafe { libc::pwrite(exit_fd, line.as_ptr().cast(), line.len(), 0) };
+    }
+    let code = match status {
+        WaitStatus::Exited(_, c) => c,
+        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+        _ => 255,
+    };
+    // SAFETY: ending PID 1 of the container; the kernel kills the rest.
+    unsafe { libc::_exit(code) }
+}
+
 /// PID 1's loop: forward signals, reap, and report the workload's end.
 fn supervise(child: Pid, exit_fd: RawFd, set: &SigSet) -> ! {
     loop {
@@ -229,21 +293,7 @@ fn supervise(child: Pid, exit_fd: RawFd, set: &SigSet) -> ! {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) if status.pid() == Some(child) => {
-                    if let Some(line) = format_status(&status) {
-                        // SAFETY: exit_fd is our own open descriptor; the buffer is live.
-                        // No fsync: the state directory is tmpfs and only has to
-                        // outlive edge-rt restarts, not power cuts.
-                        unsafe { libc::pwrite(exit_fd, line.as_ptr().cast(), line.len(), 0) };
-                    }
-                    let code = match status {
-                        WaitStatus::Exited(_, c) => c,
-                        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
-                        _ => 255,
-                    };
-                    // SAFETY: ending PID 1 of the container; the kernel kills the rest.
-                    unsafe { libc::_exit(code) }
-                }
+                Ok(status) if status.pid() == Some(child) => report_and_exit(status, exit_fd),
                 Ok(_) => {} // an orphan reaped
             }
         }
