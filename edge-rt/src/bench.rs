@@ -241,9 +241,10 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Write a bundle whose config runs `args` on the shared root filesystem.
-/// A bundle as edge-rt writes it (`for_edge`: its init mounts the v1 cgroup
-/// view), or in the standard form any OCI runtime can run (for runc: the
-/// same container, with every mount in config.json).
+/// A bundle as edge-rt writes it (`for_edge`: its init makes the
+/// container-local mounts, see `spec::SpecInput::mounts_by_init`), or in the
+/// standard form any OCI runtime can run (for runc: the same container, with
+/// every mount in config.json).
 struct Bundle {
     dir: PathBuf,
     init: init::PodInit,
@@ -275,7 +276,7 @@ fn bundle(
         hostname: "bench",
         cgroups_path: cgroup,
         cgroup_v2: crate::runtime::cgroups::is_unified(),
-        cgroup_view_by_init: for_edge,
+        mounts_by_init: for_edge,
         pids_limit: None,
         annotations: Default::default(),
     })?;
@@ -289,6 +290,7 @@ fn bundle(
             seccomp: None,
             drop_sys_admin: g.init_sys_admin,
             cgroup_view: g.cgroup_view,
+            mounts: g.init_mounts,
         },
     })
 }

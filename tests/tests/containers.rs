@@ -405,7 +405,9 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
          cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max; \
          grep -c ' /sys/fs/cgroup' /proc/self/mountinfo; \
          mkdir /sys/fs/cgroup/x 2>/dev/null && echo view-writable || echo view-readonly; \
-         (echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes) 2>/dev/null && echo limit-writable || echo limit-readonly",
+         (echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes) 2>/dev/null && echo limit-writable || echo limit-readonly; \
+         grep -E ' /dev/(pts|mqueue|shm) ' /proc/self/mountinfo | \
+           awk '{ for (i = 7; i < NF; i++) if ($i == \"-\") { print $5, $(i + 1); break } }' | sort",
     );
     reader.resources = limits_of(&c_limits());
     let (_, exit, lines) = run_to_exit(&rt, request(&pod("reader"), &img, reader)).await?;
@@ -421,7 +423,18 @@ async fn cpu_and_memory_limits_reach_the_cgroup() -> Result<()> {
         // v1: the tmpfs and one mount per hierarchy, as on the host.
         assert_eq!(out[2], (host_hierarchies + 1).to_string(), "{out:?}");
     }
-    assert_eq!(&out[3..], ["view-readonly", "limit-readonly"], "{out:?}");
+    assert_eq!(
+        &out[3..],
+        [
+            "view-readonly",
+            "limit-readonly",
+            // Made by edge-rt's init, not libcontainer, for a root container.
+            "/dev/mqueue mqueue",
+            "/dev/pts devpts",
+            "/dev/shm tmpfs",
+        ],
+        "{out:?}"
+    );
     teardown(&rt).await;
     Ok(())
 }

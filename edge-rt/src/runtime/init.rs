@@ -9,7 +9,8 @@
 //! container is needed) and exits with the same status.
 //!
 //! On cgroup v1 it first mounts the container's view of the cgroup
-//! hierarchies at /sys/fs/cgroup (see [`mount_cgroup_view`]).
+//! hierarchies at /sys/fs/cgroup (see [`mount_hierarchies`]), and the fresh
+//! filesystems under /dev the spec left to it.
 //!
 //! That file is how a restarted edge-rt, which is no longer the container's
 //! parent and so cannot wait for it, still learns the exit code. Because the
@@ -40,6 +41,18 @@ pub struct PodInit {
     pub drop_sys_admin: bool,
     /// Mount the v1 cgroup view: `Some(read_only)`.
     pub cgroup_view: Option<bool>,
+    /// Fresh filesystems to mount under /dev (see `spec`).
+    pub mounts: Vec<InitMount>,
+}
+
+/// A mount the init makes with mount(2), after pivot_root.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InitMount {
+    pub target: String,
+    pub fstype: String,
+    pub source: String,
+    pub flags: nix::mount::MsFlags,
+    pub data: String,
 }
 
 /// Status line format: `exited CODE` or `signaled SIGNO`, then the time in
@@ -80,9 +93,17 @@ impl Executor for PodInit {
             return Err(ExecutorError::InvalidArg);
         };
         close_inherited_fds(self.exit_fd);
-        if let Some(read_only) = self.cgroup_view {
-            mount_cgroup_view(read_only)
-                .map_err(|e| ExecutorError::Other(format!("mounting /sys/fs/cgroup: {e}")))?;
+        if !self.mounts.is_empty() || self.cgroup_view.is_some() {
+            with_sys_admin(|| {
+                for m in &self.mounts {
+                    mount_fresh(m)?;
+                }
+                match self.cgroup_view {
+                    Some(read_only) => mount_hierarchies(read_only),
+                    None => Ok(()),
+                }
+            })
+            .map_err(|e| ExecutorError::Other(format!("container mounts: {e}")))?;
         }
         // The filter goes on this init too, so the workload inherits it
         // through a plain spawn; the init needs nothing it denies.
@@ -155,6 +176,43 @@ fn spawn(program: &CString, args: &[CString]) -> std::io::Result<Pid> {
     Ok(Pid::from_raw(pid))
 }
 
+/// Run `f` with CAP_SYS_ADMIN in the effective set (the init holds it in
+/// its permitted set for this), as it was before afterwards.
+fn with_sys_admin(f: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    use caps::{CapSet, Capability};
+    let had = caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
+        .map_err(std::io::Error::other)?;
+    if !had {
+        caps::raise(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
+            .map_err(std::io::Error::other)?;
+    }
+    let done = f();
+    if !had {
+        let _ = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
+    }
+    done
+}
+
+/// Mount a fresh filesystem (devpts, mqueue, tmpfs). After pivot_root every
+/// path resolves inside the container's root, so a symlink in the image
+/// can at worst move the mount within the container, never out of it.
+fn mount_fresh(m: &InitMount) -> std::io::Result<()> {
+    if let Err(e) = std::fs::create_dir(&m.target) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(std::io::Error::other(format!("{}: {e}", m.target)));
+        }
+    }
+    let data = (!m.data.is_empty()).then_some(m.data.as_str());
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        m.target.as_str(),
+        Some(m.fstype.as_str()),
+        m.flags,
+        data,
+    )
+    .map_err(|e| std::io::Error::other(format!("{}: {e}", m.target)))
+}
+
 /// Mount each v1 hierarchy this process belongs to at
 /// /sys/fs/cgroup/<controllers> (a tmpfs from the spec), then make the tmpfs
 /// read-only: the layout containerd gives a container on v1, with symlinks
@@ -165,21 +223,6 @@ fn spawn(program: &CString, args: &[CString]) -> std::io::Result<Pid> {
 /// by its exact controller set reuses it; nothing new is created. The
 /// mounts cannot be misdirected: /sys/fs/cgroup is a fresh tmpfs on the
 /// container's sysfs, nothing from the image is on the path.
-pub fn mount_cgroup_view(read_only: bool) -> std::io::Result<()> {
-    use caps::{CapSet, Capability};
-    let had = caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
-        .map_err(std::io::Error::other)?;
-    if !had {
-        caps::raise(None, CapSet::Effective, Capability::CAP_SYS_ADMIN)
-            .map_err(std::io::Error::other)?;
-    }
-    let done = mount_hierarchies(read_only);
-    if !had {
-        let _ = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN);
-    }
-    done
-}
-
 fn mount_hierarchies(read_only: bool) -> std::io::Result<()> {
     use nix::mount::{mount, MsFlags};
     let root = std::path::Path::new("/sys/fs/cgroup");

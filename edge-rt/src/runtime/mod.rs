@@ -357,7 +357,7 @@ impl Runtime {
             hostname: &pod.name,
             cgroups_path: &cgroup,
             cgroup_v2: cgroups::is_unified(),
-            cgroup_view_by_init: true,
+            mounts_by_init: true,
             pids_limit: self.cfg.pids_limit,
             annotations,
         })?;
@@ -436,6 +436,7 @@ impl Runtime {
             seccomp: profile,
             drop_sys_admin: generated.init_sys_admin,
             cgroup_view: generated.cgroup_view,
+            mounts: generated.init_mounts,
         };
         let stderr_fd = fifo_fds.pop().map(OwnedFd::from);
         let stdout_fd = fifo_fds.pop().map(OwnedFd::from);
