@@ -8,9 +8,10 @@
 //! descriptor opened before the container was created, so no path inside the
 //! container is needed) and exits with the same status.
 //!
-//! On cgroup v1 it first mounts the container's view of the cgroup
-//! hierarchies at /sys/fs/cgroup (see [`mount_hierarchies`]), and the fresh
-//! filesystems under /dev the spec left to it.
+//! First it makes the mounts the spec left to it, faster than libcontainer
+//! would: the fresh filesystems under /dev (`mount_fresh`) and, on cgroup
+//! v1, the container's view of the hierarchies at /sys/fs/cgroup
+//! (`mount_hierarchies`).
 //!
 //! That file is how a restarted edge-rt, which is no longer the container's
 //! parent and so cannot wait for it, still learns the exit code. Because the
@@ -35,9 +36,9 @@ pub struct PodInit {
     /// Where the exit status is written (inherited across the clone).
     pub exit_fd: RawFd,
     pub seccomp: Option<Arc<Profile>>,
-    /// CAP_SYS_ADMIN is in the permitted set only for this init (to mount
-    /// the cgroup view, to install seccomp for a container allowed to
-    /// escalate): dropped before the workload runs, and by the init itself.
+    /// CAP_SYS_ADMIN is in the permitted set only for this init (for its
+    /// mounts, to install seccomp for a container allowed to escalate):
+    /// dropped before the workload runs, and by the init itself.
     pub drop_sys_admin: bool,
     /// Mount the v1 cgroup view: `Some(read_only)`.
     pub cgroup_view: Option<bool>,
