@@ -42,11 +42,9 @@ pub fn prepare_parent(parent: &str) {
     for part in Path::new(parent.trim_start_matches('/')).components() {
         let up = dir.clone();
         dir.push(part);
-        if let Err(e) = fs::create_dir(&dir) {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                tracing::debug!(dir = %dir.display(), "cpuset parent not prepared: {e}");
-                return;
-            }
+        if let Err(e) = fs::create_dir_all(&dir) {
+            tracing::debug!(dir = %dir.display(), "cpuset parent not prepared: {e}");
+            return;
         }
         for file in ["cpuset.cpus", "cpuset.mems"] {
             let empty = fs::read_to_string(dir.join(file)).map_or(true, |v| v.trim().is_empty());

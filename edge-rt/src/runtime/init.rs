@@ -198,11 +198,8 @@ fn with_sys_admin(f: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()
 /// path resolves inside the container's root, so a symlink in the image
 /// can at worst move the mount within the container, never out of it.
 fn mount_fresh(m: &InitMount) -> std::io::Result<()> {
-    if let Err(e) = std::fs::create_dir(&m.target) {
-        if e.kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(std::io::Error::other(format!("{}: {e}", m.target)));
-        }
-    }
+    std::fs::create_dir_all(&m.target)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", m.target)))?;
     let data = (!m.data.is_empty()).then_some(m.data.as_str());
     nix::mount::mount(
         Some(m.source.as_str()),
@@ -234,11 +231,7 @@ fn mount_hierarchies(read_only: bool) -> std::io::Result<()> {
     }
     for (dir, options) in v1_hierarchies(&std::fs::read_to_string("/proc/self/cgroup")?) {
         let target = root.join(&dir);
-        if let Err(e) = std::fs::create_dir(&target) {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return Err(e);
-            }
-        }
+        std::fs::create_dir_all(&target)?;
         mount(
             Some("cgroup"),
             &target,

@@ -25,35 +25,18 @@ pub enum V1MountPointError {
 /// List all cgroup v1 subsystem mount points on the system. This can include unsupported
 /// subsystems, comounted controllers and named hierarchies.
 pub fn list_subsystem_mount_points() -> Result<Vec<PathBuf>, V1MountPointError> {
-    let reader = BufReader::new(ProcfsHandle::new()?.open(
-        ProcfsBase::ProcSelf,
-        "mountinfo",
-        OpenFlags::O_RDONLY | OpenFlags::O_CLOEXEC,
-    )?);
-
-    reader
-        .lines()
-        .map(|lr| {
-            lr.map_err(V1MountPointError::Io)
-                .and_then(|line| MountInfo::from_line(&line).map_err(V1MountPointError::MountInfo))
-        })
-        .try_fold(Vec::new(), |mut mount_points, r| {
-            r.map(|m| {
-                if m.fs_type == "cgroup" {
-                    mount_points.push(m.mount_point);
-                }
-                mount_points
-            })
-        })
+    Ok(cgroup_mounts()?.into_iter().map(|m| m.mount_point).collect())
 }
 
 /// List the mount points of all currently supported cgroup subsystems.
 pub fn list_supported_mount_points() -> Result<HashMap<ControllerType, PathBuf>, V1MountPointError>
 {
+    // As before: a mountinfo that cannot be read lists nothing.
+    let mounts = cgroup_mounts().unwrap_or_default();
     let mut mount_paths = HashMap::with_capacity(CONTROLLERS.len());
 
     for controller in CONTROLLERS {
-        if let Ok(mount_point) = get_subsystem_mount_point(controller) {
+        if let Ok(mount_point) = subsystem_mount_point_in(&mounts, controller) {
             mount_paths.insert(controller.to_owned(), mount_point);
         }
     }
