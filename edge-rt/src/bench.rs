@@ -159,11 +159,7 @@ fn store_writes(updates: usize, batch: usize, dir: &Path) -> Result<()> {
 }
 
 /// From spawn to all N pods' containers started (the last start time).
-async fn time_to_running(
-    node: &BenchNode,
-    n: usize,
-    t0: chrono::DateTime<chrono::Utc>,
-) -> Result<f64> {
+async fn time_to_running(node: &BenchNode, n: usize, t0: jiff::Timestamp) -> Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let running = node.running();
@@ -171,13 +167,10 @@ async fn time_to_running(
             let last = running
                 .iter()
                 .filter_map(|r| r.started_at.as_deref())
-                .filter_map(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .filter_map(|s| s.parse::<jiff::Timestamp>().ok())
                 .max()
                 .context("no start times")?;
-            return Ok((last.with_timezone(&chrono::Utc) - t0)
-                .num_microseconds()
-                .unwrap_or(0) as f64
-                / 1e6);
+            return Ok(last.duration_since(t0).as_secs_f64());
         }
         if Instant::now() > deadline {
             bail!("only {} of {n} pods running after 120 s", running.len());
@@ -201,11 +194,11 @@ async fn reboot(cfg: &Config, image: &str, n: usize, runs: usize, dir: &Path) ->
         } else {
             fs::write(node.manifests.join("pods.yaml"), &yaml)?;
         }
-        time_to_running(&node, n, chrono::Utc::now()).await?;
+        time_to_running(&node, n, jiff::Timestamp::now()).await?;
         let mut times = Vec::new();
         for _ in 0..runs {
             node.power_cut().await;
-            let t0 = chrono::Utc::now();
+            let t0 = jiff::Timestamp::now();
             node.spawn()?;
             times.push(time_to_running(&node, n, t0).await?);
         }
@@ -712,7 +705,7 @@ async fn manifest_latency(
         // Written aside and renamed in: the watcher sees a whole file.
         let tmp = node.dir.join(format!("{name}.tmp"));
         fs::write(&tmp, pod_yaml(&name, image))?;
-        let t0 = chrono::Utc::now();
+        let t0 = jiff::Timestamp::now();
         fs::rename(&tmp, &path)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let started = loop {
@@ -729,13 +722,8 @@ async fn manifest_latency(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let started = chrono::DateTime::parse_from_rfc3339(&started)?;
-        out.push(
-            (started.with_timezone(&chrono::Utc) - t0)
-                .num_microseconds()
-                .unwrap_or(0) as f64
-                / 1000.0,
-        );
+        let started: jiff::Timestamp = started.parse()?;
+        out.push(started.duration_since(t0).as_secs_f64() * 1000.0);
         fs::remove_file(&path)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while node.running().iter().any(|r| r.pod.name == name) && Instant::now() < deadline {

@@ -13,7 +13,7 @@ pub fn age(since: Option<&Time>) -> String {
     let Some(t) = since else {
         return "<unknown>".into();
     };
-    let s = (chrono::Utc::now() - t.0).num_seconds().max(0);
+    let s = (jiff::Timestamp::now().as_second() - t.0.as_second()).max(0);
     match s {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),
@@ -151,7 +151,7 @@ fn columns(head: &[&str], rows: &[Vec<String>]) -> String {
 
 fn time(t: &Option<Time>) -> String {
     t.as_ref()
-        .map(|t| t.0.to_rfc2822())
+        .map(|t| t.0.strftime("%a, %d %b %Y %H:%M:%S +0000").to_string())
         .unwrap_or_else(|| "<unknown>".into())
 }
 
@@ -298,9 +298,7 @@ pub fn describe(d: &PodDetail) -> String {
             .events
             .iter()
             .map(|e| {
-                let last = chrono::DateTime::parse_from_rfc3339(&e.last_timestamp)
-                    .ok()
-                    .map(|t| Time(t.with_timezone(&chrono::Utc)));
+                let last = e.last_timestamp.parse::<jiff::Timestamp>().ok().map(Time);
                 let age = if e.count > 1 {
                     format!("{} (x{})", age(last.as_ref()), e.count)
                 } else {
@@ -384,12 +382,7 @@ pub fn status_text(s: &NodeStatus) -> String {
         let since = c
             .last_transition_time
             .as_ref()
-            .map(|t| {
-                format!(
-                    " since {}",
-                    t.0.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                )
-            })
+            .map(|t| format!(" since {:.0}", t.0))
             .unwrap_or_default();
         let _ = writeln!(
             out,
@@ -436,12 +429,8 @@ pub fn redact_secret(body: &mut serde_json::Value) {
 }
 
 fn ms_ago(ms: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    format!(
-        "{} ({} ago)",
-        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        age(Some(&Time(t)))
-    )
+    let t = jiff::Timestamp::from_millisecond(ms).unwrap_or_default();
+    format!("{t:.0} ({} ago)", age(Some(&Time(t))))
 }
 
 pub fn store_stats_text(s: &crate::store::Stats) -> String {

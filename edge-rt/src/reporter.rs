@@ -46,13 +46,13 @@ fn digest(v: &serde_json::Value) -> u64 {
 /// runs) and CloudConnected, whose lastTransitionTime is when the node lost
 /// (or last regained) the cloud, kept across reboots.
 pub fn node_conditions(link: &LinkState) -> Vec<NodeCondition> {
-    let since = chrono::DateTime::from_timestamp_millis(link.since_ms).unwrap_or_default();
+    let since = jiff::Timestamp::from_millisecond(link.since_ms).unwrap_or_default();
     let (status, reason, message) = match (link.connected, link.ever_connected) {
         (true, _) => ("True", "Connected", "connected to cloud-gw".to_string()),
         (false, true) => (
             "False",
             "Disconnected",
-            format!("no link to cloud-gw since {}", since.to_rfc3339()),
+            format!("no link to cloud-gw since {since:.0}"),
         ),
         (false, false) => (
             "False",

@@ -7,7 +7,9 @@
 pub mod apiserver;
 pub mod cloud;
 pub mod fixtures;
+pub mod k8s;
 pub mod netns;
+pub mod pki;
 pub mod podkit;
 pub mod registry;
 pub mod token_server;

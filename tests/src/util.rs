@@ -44,7 +44,7 @@ pub fn require_root() -> bool {
 /// A workspace binary next to the test executable's directory.
 /// A binary of the workspace, beside the running one: tests run from
 /// `<profile>/deps/`, the tests crate's own binaries from `<profile>/`.
-fn workspace_bin(name: &str) -> PathBuf {
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("target dir");
     if dir.ends_with("deps") {

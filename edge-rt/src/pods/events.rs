@@ -61,7 +61,7 @@ impl EventRing {
     }
 
     pub fn push(&self, mut ev: PodEvent) {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let now = format!("{:.0}", jiff::Timestamp::now());
         ev.first_timestamp = now.clone();
         ev.last_timestamp = now;
         ev.count = 1;

@@ -287,10 +287,9 @@ impl Tracked {
 /// Wall-clock RFC 3339 time to a monotonic instant (for containers adopted
 /// from a previous edge-rt).
 fn instant_of(rfc3339: Option<&str>) -> Option<Instant> {
-    let t = chrono::DateTime::parse_from_rfc3339(rfc3339?).ok()?;
-    let ago = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-        .to_std()
-        .unwrap_or_default();
+    let t: jiff::Timestamp = rfc3339?.parse().ok()?;
+    let ago =
+        std::time::Duration::try_from(jiff::Timestamp::now().duration_since(t)).unwrap_or_default();
     Instant::now().checked_sub(ago)
 }
 
@@ -325,7 +324,7 @@ impl Worker {
             init: vec![],
             app: vec![],
             notify: Arc::new(Notify::new()),
-            start_time: Some(Time(chrono::Utc::now())),
+            start_time: Some(Time(jiff::Timestamp::now())),
             failed: None,
             view,
             verdicts: tx,

@@ -27,9 +27,7 @@ pub struct ContainerView {
 }
 
 fn time(rfc3339: &str) -> Option<Time> {
-    chrono::DateTime::parse_from_rfc3339(rfc3339)
-        .ok()
-        .map(|t| Time(t.with_timezone(&chrono::Utc)))
+    rfc3339.parse::<jiff::Timestamp>().ok().map(Time)
 }
 
 pub fn container_id(r: &ContainerRecord) -> String {

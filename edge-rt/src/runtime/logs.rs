@@ -9,8 +9,6 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use chrono::{SecondsFormat, Utc};
-
 /// The longest record content: longer lines are split with `P` tags.
 pub const MAX_RECORD: usize = 16 * 1024;
 
@@ -63,7 +61,7 @@ impl LogFile {
 
     /// Write one record. `full` is false for a piece of a longer line.
     pub fn record(&mut self, stream: Stream, full: bool, content: &[u8]) -> io::Result<()> {
-        let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true);
+        let ts = format!("{:.9}", jiff::Timestamp::now());
         let tag = if full { "F" } else { "P" };
         let mut line = Vec::with_capacity(ts.len() + content.len() + 12);
         line.extend_from_slice(ts.as_bytes());
@@ -201,7 +199,7 @@ pub fn parse_line(line: &str) -> Option<Record> {
     let stream = it.next()?.to_string();
     let tag = it.next()?;
     let content = it.next().unwrap_or("").to_string();
-    if chrono::DateTime::parse_from_rfc3339(&time).is_err() || !matches!(tag, "P" | "F") {
+    if time.parse::<jiff::Timestamp>().is_err() || !matches!(tag, "P" | "F") {
         return None;
     }
     Some(Record {

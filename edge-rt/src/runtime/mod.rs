@@ -176,7 +176,7 @@ pub struct Runtime {
 }
 
 fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    format!("{:.9}", jiff::Timestamp::now())
 }
 
 /// A name safe for ids and paths.
@@ -844,8 +844,8 @@ fn parse_exit(s: &str) -> Option<(i32, Option<i32>, Option<String>)> {
     let kind = it.next()?;
     let n: i32 = it.next()?.parse().ok()?;
     let at = it.next().and_then(|t| t.parse::<i64>().ok()).map(|ns| {
-        chrono::DateTime::from_timestamp_nanos(ns)
-            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        let t = jiff::Timestamp::from_nanosecond(i128::from(ns)).unwrap_or_default();
+        format!("{t:.9}")
     });
     match kind {
         "exited" => Some((n, None, at)),

@@ -328,7 +328,7 @@ pub fn new_uid() -> String {
 }
 
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    jiff::Timestamp::now().as_millisecond()
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -384,7 +384,7 @@ fn open_rw(path: &Path) -> Result<Connection, StoreError> {
 /// Move a corrupt store and its WAL aside, so the node starts empty rather
 /// than failing at every start.
 fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
-    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
     let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
     std::fs::rename(path, &aside).map_err(io_err(path))?;
     for suffix in ["-wal", "-shm"] {

@@ -21,11 +21,11 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
 use super::patch::json_patch;
-use super::pki::provider;
 use super::resources::ResourceDef;
 use super::selector::LabelSelector;
 use super::status::{ApiError, ApiResult};
 use super::User;
+use crate::pki::provider;
 
 pub struct AdmitReq<'a> {
     pub def: &'a ResourceDef,

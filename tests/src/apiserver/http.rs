@@ -18,12 +18,12 @@ use tokio::net::TcpListener;
 
 use super::api::{now, Api, Ctx, DeleteOpts, Filter, PatchType};
 use super::openapi;
-use super::pki::cert_user;
 use super::resources::Registry;
 use super::status::{ApiError, ApiResult};
 use super::table;
 use super::watch::{self, ChannelBody, Format};
 use super::User;
+use crate::pki::cert_user;
 
 pub type Body = BoxBody<Bytes, Infallible>;
 

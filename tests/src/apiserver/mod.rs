@@ -31,7 +31,7 @@ mod fields;
 mod http;
 mod openapi;
 mod patch;
-mod pki;
+use crate::pki;
 mod protobuf;
 mod resources;
 mod selector;

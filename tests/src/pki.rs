@@ -1,6 +1,6 @@
-//! The test API server's CA, its serving certificate, client certificates
-//! (CN = user, O = groups, as kube-apiserver's x509 authenticator reads
-//! them) and kubeconfig files.
+//! Certificates for test clusters: a CA, serving certificates, client
+//! certificates (CN = user, O = groups, as kube-apiserver's x509
+//! authenticator reads them) and kubeconfig files.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -19,7 +19,8 @@ use serde_json::json;
 
 pub struct Ca {
     pub cert_pem: String,
-    key_pem: String,
+    /// The CA's key (PEM): kube-controller-manager signs CSRs with it.
+    pub key_pem: String,
 }
 
 fn validity(p: &mut CertificateParams) {
@@ -34,10 +35,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 impl Ca {
     pub fn new() -> Result<Ca> {
+        Ca::named("outrigger-test-apiserver-ca")
+    }
+
+    pub fn named(common_name: &str) -> Result<Ca> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
-        p.distinguished_name
-            .push(DnType::CommonName, "outrigger-test-apiserver-ca");
+        p.distinguished_name.push(DnType::CommonName, common_name);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
