@@ -3,7 +3,6 @@
 //! webhook `/mutate-pods` (HTTPS: the API server calls it, trusting the
 //! link CA through the webhook configuration's caBundle).
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -18,8 +17,9 @@ use tokio::net::TcpListener;
 pub trait State: Send + Sync + 'static {
     /// The caches are complete and edges are served.
     fn ready(&self) -> bool;
-    /// The edge nodes known now (for the webhook).
-    fn edge_nodes(&self) -> HashSet<String>;
+    /// What the webhook decides with: the edge nodes known now and the
+    /// cluster's default tolerations.
+    fn admission(&self) -> crate::bridge::admission::Context;
 }
 
 /// An AdmissionReview is small; anything bigger is not one.
@@ -55,7 +55,7 @@ async fn handle(
         (&Method::POST, "/mutate-pods") => {
             match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => {
-                    let out = crate::bridge::admission::review(&b.to_bytes(), &state.edge_nodes());
+                    let out = crate::bridge::admission::review(&b.to_bytes(), &state.admission());
                     reply(
                         StatusCode::OK,
                         "application/json",

@@ -57,7 +57,9 @@ enum Cmd {
     Manifests {
         #[arg(long, default_value = "outrigger-system")]
         namespace: String,
-        #[arg(long, default_value = concat!("ghcr.io/outrigger/cloud-gw:", env!("CARGO_PKG_VERSION")))]
+        /// cloud-gw's image, as pushed to a registry the cluster pulls from
+        /// (build it with cloud-gw/image/build.sh).
+        #[arg(long)]
         image: String,
         #[arg(long, default_value_t = 2)]
         replicas: u32,
@@ -83,6 +85,10 @@ enum Cmd {
         /// Node status is rewritten at least this often while connected.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         status_period: Duration,
+        /// A pod's service account token is requested again at this age,
+        /// if 80% of its life has not come first (as a kubelet: 24h).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        token_max_age: Duration,
         /// The admission webhook (HTTPS, the serving certificate); "off"
         /// for none.
         #[arg(long, default_value = "0.0.0.0:8443")]
@@ -191,7 +197,7 @@ impl cloud_gw::http::State for NoCluster {
         true
     }
 
-    fn edge_nodes(&self) -> std::collections::HashSet<String> {
+    fn admission(&self) -> cloud_gw::bridge::admission::Context {
         Default::default()
     }
 }
@@ -288,6 +294,7 @@ async fn run() -> Result<()> {
             edge_taint,
             lease_period,
             status_period,
+            token_max_age,
             webhook_listen,
             webhook_config,
         } => {
@@ -317,11 +324,18 @@ async fn run() -> Result<()> {
                     }
                 }
             }
-            let cluster = client.default_namespace().to_string();
+            // Its own namespace: the Secret's, else the client's (the
+            // in-cluster service account's, or the kubeconfig context's).
+            let cluster = match &cli.secret {
+                Some(s) => s.split('/').next().unwrap_or("default").to_string(),
+                None => client.default_namespace().to_string(),
+            };
             let bridge = cloud_gw::bridge::BridgeConfig {
                 edge_taint,
                 lease_period,
                 status_period,
+                token_max_age,
+                namespace: cluster.clone(),
             };
             let source = std::sync::Arc::new(cloud_gw::bridge::KubeSource::start(client, bridge));
             tracing::info!(namespace = cluster, "listing pods, ConfigMaps and Secrets");

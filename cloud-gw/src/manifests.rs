@@ -57,12 +57,16 @@ pub fn documents(o: &Options) -> Vec<Value> {
         "rules": [
           {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "patch"]},
           {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
-          {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+          // patch: the toleration bound lifted on pods bound to edge nodes.
+          {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete", "patch"]},
+          {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
           {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
           {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "list", "watch"]},
+          // Tokens for edge pods' projected serviceAccountToken volumes.
+          {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
           {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
           {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
-           "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "update"]}
+           "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}
         ]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                "metadata": {"name": "outrigger:cloud-gw", "labels": labels()},
@@ -77,16 +81,19 @@ pub fn documents(o: &Options) -> Vec<Value> {
                "metadata": {"name": "outrigger:cloud-gw", "namespace": "kube-node-lease", "labels": labels()},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger:cloud-gw"},
                "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
-        // Its own Secret: created once, then updated (tokens) by name only.
+        // Its own Secret: created once, then updated (tokens) by name only;
+        // and pods in its own namespace as dry runs only (nothing is
+        // stored): how it learns the cluster's default tolerations.
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": meta("outrigger:cloud-gw-pki"),
+        "metadata": meta("outrigger:cloud-gw"),
         "rules": [
           {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-          {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET], "verbs": ["update"]}
+          {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET], "verbs": ["update"]},
+          {"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}
         ]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": meta("outrigger:cloud-gw-pki"),
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger:cloud-gw-pki"},
+               "metadata": meta("outrigger:cloud-gw"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger:cloud-gw"},
                "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(NAME),
         "spec": {
@@ -96,7 +103,18 @@ pub fn documents(o: &Options) -> Vec<Value> {
             "metadata": {"labels": labels()},
             "spec": {
               "serviceAccountName": NAME,
-              "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
+              "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                  "seccompProfile": {"type": "RuntimeDefault"}},
+              // Never on an edge node, tainted or not: cloud-gw is what
+              // edge nodes reach the cluster through. Replicas apart.
+              "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                  {"matchExpressions": [{"key": crate::bridge::nodes::EDGE_ROLE, "operator": "DoesNotExist"}]}]}},
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                  "weight": 100,
+                  "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                      "labelSelector": {"matchLabels": {"app.kubernetes.io/name": NAME}}}}]}
+              },
               "containers": [{
                 "name": NAME, "image": o.image, "args": args,
                 "ports": [{"name": "edge", "containerPort": 7443}, {"name": "webhook", "containerPort": 8443},
@@ -150,39 +168,43 @@ pub fn yaml(o: &Options) -> Result<String, serde_yaml_ng::Error> {
 /// Write the link CA into the webhook configuration (every webhook in it),
 /// so the API server trusts the webhook's serving certificate. Absent
 /// configuration: nothing to do (the webhook is optional).
+///
+/// A server-side apply of the caBundle fields alone, as field manager
+/// `cloud-gw`: the rest of the configuration stays the manifests' (applied
+/// with kubectl client-side or server-side), so neither kind of apply
+/// conflicts with this write, nor removes it.
 pub async fn inject_ca_bundle(
     client: kube::Client,
     name: &str,
     ca_pem: &str,
 ) -> Result<bool, kube::Error> {
+    use base64::Engine;
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    use k8s_openapi::ByteString;
     let api = kube::Api::<MutatingWebhookConfiguration>::all(client);
-    for _ in 0..5 {
-        let Some(mut c) = api.get_opt(name).await? else {
-            return Ok(false);
-        };
-        let want = ByteString(ca_pem.as_bytes().to_vec());
-        let hooks = c.webhooks.iter_mut().flatten();
-        let mut changed = false;
-        for h in hooks {
-            if h.client_config.ca_bundle.as_ref() != Some(&want) {
-                h.client_config.ca_bundle = Some(want.clone());
-                changed = true;
-            }
-        }
-        if !changed {
-            return Ok(true);
-        }
-        match api.replace(name, &Default::default(), &c).await {
-            Ok(_) => return Ok(true),
-            // Another replica wrote it meanwhile: look again.
-            Err(kube::Error::Api(r)) if r.code == 409 => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    let Some(c) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let hooks: Vec<Value> = c
+        .webhooks
+        .iter()
+        .flatten()
+        .map(|h| json!({"name": h.name, "clientConfig": {"caBundle": bundle}}))
+        .collect();
+    let patch = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": hooks,
+    });
+    let pp = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(name, &pp, &kube::api::Patch::Apply(&patch))
+        .await?;
     Ok(true)
 }
+
+/// cloud-gw's name as a field manager (server-side apply).
+pub const FIELD_MANAGER: &str = "cloud-gw";
 
 #[cfg(test)]
 mod tests {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use outrigger_proto::message::{Control, Message, Status};
 use outrigger_proto::ws::{ws_config, Link, LinkError};
-use outrigger_proto::{negotiate, VERSION};
+use outrigger_proto::{negotiate, Version, VERSION};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -262,7 +262,7 @@ impl Gateway {
     }
 
     /// Hello, then the version both speak (or a refusal naming both).
-    async fn hello(&self, link: &mut Ws, peer: SocketAddr) -> Option<String> {
+    async fn hello(&self, link: &mut Ws, peer: SocketAddr) -> Option<(String, Version)> {
         let first = tokio::time::timeout(HANDSHAKE, link.recv()).await;
         let (version, node) = match first {
             Ok(Ok(Message::Control(Control::Hello { version, node }))) => (version, node),
@@ -292,7 +292,7 @@ impl Gateway {
                     heartbeat_secs: self.cfg.heartbeat.as_secs() as u32,
                 });
                 link.send(&welcome).await.ok()?;
-                Some(node)
+                Some((node, v))
             }
             Err(e) => {
                 refuse(link, peer, "hello", e.to_string()).await;
@@ -352,7 +352,7 @@ impl Gateway {
     }
 
     async fn link(&self, link: &mut Ws, peer: SocketAddr, node: String) {
-        let Some(claimed) = self.hello(link, peer).await else {
+        let Some((claimed, version)) = self.hello(link, peer).await else {
             return;
         };
         if claimed != node {
@@ -366,7 +366,10 @@ impl Gateway {
         tick.tick().await;
         let mut rescan = tokio::time::interval(self.cfg.rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sync = crate::sync::Session::new(&node, self.source.as_ref());
+        // What the node's pods need made first (service account tokens),
+        // so the first look at its objects finds them.
+        self.source.prepare(&node).await;
+        let mut sync = crate::sync::Session::new(&node, self.source.as_ref(), version);
         let mut pushed = self.source.subscribe(&node);
         // Lease and node status while the link is up; stopped with it, so
         // the cluster sees the node go unreachable on its own schedule.

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 /// with the source's cache: a look at a node's objects copies none.
 pub type NodeObjects = BTreeMap<String, BTreeMap<String, (String, std::sync::Arc<[u8]>)>>;
 
-pub const KINDS: [&str; 3] = ["Pod", "ConfigMap", "Secret"];
+pub use outrigger_proto::kinds::KINDS;
 
 /// What a node's link needs from the cloud side. Reads are synchronous
 /// (from caches); writes toward the cluster are async.
@@ -52,6 +52,11 @@ pub trait Source: Send + Sync {
         _labels: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
+    }
+    /// `node`'s link is up and about to be synced: make what its objects
+    /// need made on demand (service account tokens) before the first look.
+    fn prepare<'a>(&'a self, _node: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
     /// `node`'s link is up; the returned task (if any) runs while it stays
     /// up (a Lease, periodic node status) and is aborted when it drops.

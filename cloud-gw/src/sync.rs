@@ -12,7 +12,7 @@ use outrigger_proto::inventory;
 use outrigger_proto::message::{Change, Message, Sync};
 
 use crate::metrics::METRICS;
-use crate::source::{Source, KINDS};
+use crate::source::Source;
 
 /// Changes per batch, and batches sent ahead of their acks.
 pub const BATCH: usize = 100;
@@ -52,6 +52,8 @@ fn patch(
 pub struct Session<'a> {
     node: String,
     source: &'a dyn Source,
+    /// The kinds this node's protocol version knows, in put order.
+    kinds: Vec<&'static str>,
     /// kind -> uid -> resourceVersion the node has, or will have once the
     /// batches in flight commit. None until its inventory arrives.
     edge: Option<BTreeMap<String, BTreeMap<String, String>>>,
@@ -72,10 +74,16 @@ pub struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    pub fn new(node: &str, source: &'a dyn Source) -> Session<'a> {
+    /// A session with a node that speaks `version` (as negotiated).
+    pub fn new(
+        node: &str,
+        source: &'a dyn Source,
+        version: outrigger_proto::Version,
+    ) -> Session<'a> {
         Session {
             node: node.to_string(),
             source,
+            kinds: outrigger_proto::kinds::kinds_for(version),
             edge: None,
             queue: VecDeque::new(),
             queued: HashSet::new(),
@@ -99,8 +107,8 @@ impl<'a> Session<'a> {
         queue.push_back(c);
     }
 
-    /// Queue what the node lacks: puts (ConfigMaps and Secrets before the
-    /// Pods that use them), then deletes (Pods first).
+    /// Queue what the node lacks: puts (what pods use before the Pods),
+    /// then deletes (Pods first).
     pub fn refresh(&mut self) {
         if self.query.is_some() {
             return;
@@ -111,7 +119,7 @@ impl<'a> Session<'a> {
         let desired = self.source.objects(&self.node);
         let terminating: HashSet<String> =
             self.source.terminating(&self.node).into_iter().collect();
-        for kind in ["ConfigMap", "Secret", "Pod"] {
+        for &kind in &self.kinds {
             let have = edge.entry(kind.to_string()).or_default();
             for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
                 if kind == "Pod" && terminating.contains(uid) {
@@ -137,7 +145,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        for kind in ["Pod", "ConfigMap", "Secret"] {
+        for &kind in self.kinds.iter().rev() {
             let have = edge.entry(kind.to_string()).or_default();
             let gone: Vec<String> = have
                 .keys()
@@ -207,7 +215,8 @@ impl<'a> Session<'a> {
     ) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
         let cursor = cursors.get("Pod")?;
         let changes = self.source.since(&self.node, cursor)?;
-        let mut view: BTreeMap<String, BTreeMap<String, String>> = KINDS
+        let mut view: BTreeMap<String, BTreeMap<String, String>> = self
+            .kinds
             .iter()
             .map(|k| {
                 let v = desired
@@ -226,7 +235,7 @@ impl<'a> Session<'a> {
                 None => m.remove(&uid),
             };
         }
-        let agree = KINDS.iter().all(|k| {
+        let agree = self.kinds.iter().all(|k| {
             let theirs = digests.get(*k).map(|b| b.as_ref()).unwrap_or(&[][..]);
             let ours = view.get(*k).map(inventory::digests).unwrap_or_default();
             inventory::differing(&ours, theirs).is_empty()
@@ -268,7 +277,7 @@ impl<'a> Session<'a> {
                 }
                 let mut edge = BTreeMap::new();
                 let mut query = BTreeMap::new();
-                for k in KINDS {
+                for &k in &self.kinds {
                     let want: BTreeMap<String, String> = desired
                         .get(k)
                         .into_iter()
@@ -322,7 +331,7 @@ impl<'a> Session<'a> {
             }
             Message::Sync(Sync::Inventory { kinds }) => {
                 let mut edge = kinds;
-                for k in KINDS {
+                for k in &self.kinds {
                     edge.entry(k.to_string()).or_default();
                 }
                 self.start_over(edge);
@@ -358,7 +367,8 @@ impl<'a> Session<'a> {
                 name,
             }) => {
                 let desired = self.source.objects(&self.node);
-                let found = desired.get(&kind).and_then(|objects| {
+                let known = self.kinds.contains(&kind.as_str());
+                let found = desired.get(&kind).filter(|_| known).and_then(|objects| {
                     objects.iter().find(|(_, (_, body))| {
                         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
                         v["metadata"]["name"] == name.as_str()
@@ -422,7 +432,7 @@ mod tests {
         };
         write(0);
         let src = crate::source::DirSource::new(d.path());
-        let mut s = Session::new("n", &src);
+        let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         s.handle(Message::Sync(Sync::Inventory {
             kinds: BTreeMap::new(),
         }));
@@ -496,7 +506,7 @@ mod tests {
         let src = Fixed::default();
         let pods = BTreeMap::from([("a".to_string(), ("1".to_string(), b"{}"[..].into()))]);
         src.objects.lock().unwrap().insert("Pod".into(), pods);
-        let mut s = Session::new("n", &src);
+        let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         // The node has a.
         let inv = BTreeMap::from([(
             "Pod".to_string(),
@@ -612,7 +622,7 @@ mod tests {
         write(0);
         let src = crate::source::DirSource::new(d.path());
         let (mut inv, mut cursors) = (BTreeMap::new(), BTreeMap::new());
-        let mut s = Session::new("n", &src);
+        let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         s.handle(Message::Sync(Sync::Inventory {
             kinds: BTreeMap::new(),
         }));
@@ -622,7 +632,7 @@ mod tests {
 
         // Offline, one object changes; the node comes back.
         write(1);
-        let mut s = Session::new("n", &src);
+        let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         assert!(
             s.handle(digest_of(&inv, &cursors)).is_none(),
             "asked anyway"
@@ -638,7 +648,7 @@ mod tests {
         // A node whose store lost an object: the digests disagree with the
         // rewind, so it is asked, and gets the object whole.
         let lost = inv.get_mut("ConfigMap").unwrap().pop_first().unwrap().0;
-        let mut s = Session::new("n", &src);
+        let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         let Some(Message::Sync(Sync::Query { kinds })) = s.handle(digest_of(&inv, &cursors)) else {
             panic!("not asked");
         };

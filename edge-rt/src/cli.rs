@@ -418,13 +418,18 @@ pub fn status_text(s: &NodeStatus) -> String {
 /// Secret values replaced by their length: `store dump` output can go into
 /// a bug report.
 pub fn redact_secret(body: &mut serde_json::Value) {
+    let redact = |v: &mut serde_json::Value| {
+        let n = v.as_str().map(str::len).unwrap_or(0);
+        *v = format!("<redacted, {n} characters>").into();
+    };
     for field in ["data", "stringData"] {
         if let Some(m) = body.get_mut(field).and_then(|v| v.as_object_mut()) {
-            for v in m.values_mut() {
-                let n = v.as_str().map(str::len).unwrap_or(0);
-                *v = format!("<redacted, {n} characters>").into();
-            }
+            m.values_mut().for_each(redact);
         }
+    }
+    // A service account token's.
+    if let Some(t) = body.get_mut("status").and_then(|s| s.get_mut("token")) {
+        redact(t);
     }
 }
 

@@ -338,6 +338,7 @@ impl ManifestWatch {
             pods: desired,
             config_maps,
             secrets,
+            tokens: Vec::new(),
         }
     }
 }
@@ -348,6 +349,8 @@ struct Objects {
     pods: Vec<Pod>,
     config_maps: Vec<ConfigMap>,
     secrets: Vec<Secret>,
+    /// Service account tokens (from the cloud only; manifests have none).
+    tokens: Vec<outrigger_proto::kinds::ServiceAccountToken>,
 }
 
 /// Open the node store. A store that cannot be opened (its key unreadable,
@@ -369,7 +372,7 @@ fn open_store(cfg: &Config) -> Option<Arc<Store>> {
     }
 }
 
-/// The store's pods, ConfigMaps and Secrets, typed. An object that does not
+/// The store's pods, ConfigMaps, Secrets and tokens, typed. An object that does not
 /// parse is logged and skipped; the rest run.
 fn from_store(s: &Store) -> Objects {
     fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
@@ -401,6 +404,7 @@ fn from_store(s: &Store) -> Objects {
         pods: load(s, Kind::Pod),
         config_maps: load(s, Kind::ConfigMap),
         secrets: load(s, Kind::Secret),
+        tokens: load(s, Kind::ServiceAccountToken),
     }
 }
 
@@ -459,8 +463,11 @@ fn reconcile(pods: &PodManager, files: &Objects, store: Option<&Store>) {
             .extend(not_in_files(&files.config_maps, stored.config_maps));
         all.secrets
             .extend(not_in_files(&files.secrets, stored.secrets));
+        all.tokens = stored.tokens;
     }
     // Objects first: a new pod finds what it references.
-    pods.context().objects.replace(all.config_maps, all.secrets);
+    pods.context()
+        .objects
+        .replace(all.config_maps, all.secrets, all.tokens);
     pods.apply(all.pods);
 }

@@ -470,7 +470,7 @@ fn store_cmd(cfg: &Config, cmd: StoreCmd) -> Result<()> {
                     .objects(kind)?
                     .into_iter()
                     .map(|mut o| {
-                        if kind == Kind::Secret && !show_secrets {
+                        if kind.sealed() && !show_secrets {
                             edge_rt::cli::redact_secret(&mut o.body);
                         }
                         serde_json::to_value(o).unwrap_or_default()

@@ -255,10 +255,13 @@ pub fn node_facts(
         "riscv64" => "riscv64",
         other => other,
     };
-    let mut addresses = vec![json!({"type": "Hostname", "address": at.node_name})];
-    if let Some(ip) = &at.host_ip {
-        addresses.insert(0, json!({"type": "InternalIP", "address": ip}));
-    }
+    // Addresses by IP only: a Hostname address would send the API server
+    // to its resolver for a name that leads nowhere (kubectl logs).
+    let addresses: Vec<_> = at
+        .host_ip
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip}))
+        .collect();
     let version = env!("CARGO_PKG_VERSION");
     json!({
         "capacity": capacity,
@@ -273,11 +276,31 @@ pub fn node_facts(
             "systemUUID": read("/sys/class/dmi/id/product_uuid"),
             "bootID": read("/proc/sys/kernel/random/boot_id"),
             "containerRuntimeVersion": format!("outrigger://{version}"),
-            // The API level the node speaks, then ours (as KubeEdge does).
-            "kubeletVersion": format!("v1.32.0-outrigger-v{version}"),
+            // The Kubernetes API the node code is written against, so the
+            // cluster's version skew rules hold; ours is the runtime's.
+            "kubeletVersion": kubelet_version(),
             "kubeProxyVersion": "",
         },
     })
+}
+
+/// The minor version of the Kubernetes API this code is written against
+/// (the k8s-openapi feature it is built with).
+pub const fn kube_api_minor() -> u32 {
+    k8s_openapi::k8s_if_1_33! { return 33; }
+    k8s_openapi::k8s_if_1_34! { return 34; }
+    k8s_openapi::k8s_if_1_35! { return 35; }
+    k8s_openapi::k8s_if_1_36! { return 36; }
+    k8s_openapi::k8s_if_1_37! { return 37; }
+    #[allow(unreachable_code)]
+    0
+}
+
+/// What the node reports as its kubelet version: a kubelet of the API it
+/// speaks, within the skew an API server of that version and the three
+/// after it accept.
+pub fn kubelet_version() -> String {
+    format!("v1.{}.0", kube_api_minor())
 }
 
 /// What the cloud needs to write a pod's status back.
@@ -288,4 +311,13 @@ fn pod_status_body(p: &Pod) -> serde_json::Value {
         "uid": pods::uid(p),
         "status": p.status,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kubelet_version_is_the_api_the_code_is_built_against() {
+        // Cargo.toml: k8s-openapi with feature v1_36.
+        assert_eq!(super::kubelet_version(), "v1.36.0");
+    }
 }

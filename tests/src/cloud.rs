@@ -28,6 +28,8 @@ pub struct Cloud {
     /// Health and metrics (plain HTTP), and the admission webhook (HTTPS).
     pub http: std::net::SocketAddr,
     pub webhook: std::net::SocketAddr,
+    /// More arguments for `run` (e.g. `--webhook-config NAME`).
+    pub run_args: Vec<String>,
 }
 
 impl Drop for Cloud {
@@ -59,7 +61,24 @@ impl Cloud {
 
     /// `cloud-gw run` on 127.0.0.1, bridging to the cluster of `kubeconfig`.
     pub async fn start_kube(kubeconfig: &std::path::Path) -> Result<Cloud> {
-        Cloud::start_with(None, "127.0.0.1", "90d", Some(kubeconfig), None, None).await
+        Cloud::start_kube_with(kubeconfig, &[], None).await
+    }
+
+    /// The same with more arguments for `run`, and the webhook on `webhook`
+    /// (an address chosen beforehand, for a webhook configuration made
+    /// before cloud-gw starts).
+    pub async fn start_kube_with(
+        kubeconfig: &std::path::Path,
+        run_args: &[&str],
+        webhook: Option<std::net::SocketAddr>,
+    ) -> Result<Cloud> {
+        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", Some(kubeconfig), None, None)?;
+        c.run_args = run_args.iter().map(|a| a.to_string()).collect();
+        if let Some(w) = webhook {
+            c.webhook = w;
+        }
+        c.spawn().await?;
+        Ok(c)
     }
 
     /// A replica: `cloud-gw run` with its CA and tokens in `secret` of the
@@ -97,6 +116,20 @@ impl Cloud {
         secret: Option<&str>,
         port: Option<u16>,
     ) -> Result<Cloud> {
+        let mut c = Cloud::prepare(netns, addr, node_cert_validity, kubeconfig, secret, port)?;
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// Everything but the process.
+    fn prepare(
+        netns: Option<&str>,
+        addr: &str,
+        node_cert_validity: &str,
+        kubeconfig: Option<&std::path::Path>,
+        secret: Option<&str>,
+        port: Option<u16>,
+    ) -> Result<Cloud> {
         let dir = tempfile::tempdir()?;
         // A replica makes (or adopts) the CA in the Secret itself.
         if secret.is_none() {
@@ -118,9 +151,9 @@ impl Cloud {
             secret: secret.map(str::to_string),
             http: std::net::SocketAddr::new(ip, free_port()?),
             webhook: std::net::SocketAddr::new(ip, free_port()?),
+            run_args: Vec::new(),
         };
         let _ = c.child.wait();
-        c.spawn().await?;
         Ok(c)
     }
 
@@ -145,6 +178,7 @@ impl Cloud {
                 cmd.args(["--lease-period", "2s", "--status-period", "10s"]);
                 cmd.arg("--webhook-listen").arg(self.webhook.to_string());
                 cmd.args(["--san", &self.addr.ip().to_string()]);
+                cmd.args(&self.run_args);
             }
             None => {
                 cmd.arg("serve")
@@ -329,5 +363,66 @@ impl PortCut {
 impl Drop for PortCut {
     fn drop(&mut self) {
         let _ = self.restore();
+    }
+}
+
+/// A TCP relay on 127.0.0.1 to `target`: an edge that links through it can
+/// be cut alone (`PortCut::cut(relay.port)`) while others linked straight
+/// to the same cloud-gw stay up. It runs on a thread of its own, so a test
+/// blocked on a command (a join) does not stall it.
+pub struct Relay {
+    pub port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Relay {
+    pub fn start(target: std::net::SocketAddr) -> Result<Relay> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let accept = async {
+                        while let Ok((mut inbound, _)) = listener.accept().await {
+                            tokio::spawn(async move {
+                                if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                                    let _ =
+                                        tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                                }
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stopped => {}
+                    }
+                });
+            })?;
+        Ok(Relay {
+            port,
+            stop: Some(stop),
+        })
+    }
+
+    /// The link URL through the relay.
+    pub fn server(&self) -> String {
+        format!("wss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
     }
 }

@@ -275,8 +275,16 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.dir.path().join("edge-rt.log"))?;
-        let child = self
-            .command()
+        let mut cmd = self.command();
+        // It dies with the test: a killed test leaves no edge-rt behind.
+        // SAFETY: prctl only, between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -355,7 +363,17 @@ impl Drop for Env {
 }
 
 impl Drop for Node {
+    /// Whatever a failed test left: its containers killed (drop the
+    /// `Daemon` first, or it restarts them), its mounts undone.
     fn drop(&mut self) {
+        for r in self.records() {
+            if let (None, Some(pid)) = (&r.exit, r.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         unmount_under(self.dir.path());
     }
 }

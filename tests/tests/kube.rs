@@ -1,70 +1,241 @@
-//! Edge nodes as Kubernetes Nodes, driven with kubectl: real cloud-gw
-//! (`run --kubeconfig`), real edge-rt running real containers, and the
-//! cluster named by $OUTRIGGER_KUBECONFIG, or else the API server for tests
-//! (`outrigger_tests::apiserver`). No controllers run against the test
-//! server: where a scheduler would bind a pod, the manifests name the node.
+//! Edge nodes as Kubernetes Nodes, driven with kubectl against a real
+//! control plane (kube-apiserver, controller-manager and scheduler v1.36,
+//! `outrigger_tests::k8s`): real cloud-gw (`run`), real edge-rt running real
+//! containers, and the cluster's own scheduler and controllers doing their
+//! jobs. `$OUTRIGGER_KUBECONFIG` runs the same against a cluster of yours.
+//!
+//! Each test owns a namespace and its edge nodes (labelled with the
+//! namespace, in a zone of their own), selects only those, and removes
+//! them when it ends, so the tests share one control plane.
 
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use outrigger_tests::apiserver::Cluster;
 use outrigger_tests::cloud::*;
+use outrigger_tests::k8s::{unique, Cluster, Scope};
 use outrigger_tests::util::*;
 use serde_json::Value;
 
-/// Names unique to this run, so a real cluster can be shared.
-fn unique(prefix: &str) -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() % 1_000_000)
-        .unwrap_or(0);
-    format!("{prefix}-{n}")
+/// The label every node of a test carries (its namespace's name).
+const SCOPE_LABEL: &str = "outrigger.io/test-scope";
+
+/// An edge: its node directory and its running edge-rt (dropped first, so
+/// that it does not restart the containers the node's drop kills).
+struct Edge {
+    daemon: Option<Daemon>,
+    node: Node,
+    name: String,
 }
 
-fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<Output> {
-    Ok(cluster.kubectl().args(args).output()?)
+/// A cluster, a namespace and nodes of the test's own, cloud-gw bridging
+/// to it, and edges joined and running. Dropped in this order: edges,
+/// cloud-gw, the namespace and nodes in the cluster, the cluster.
+struct Setup {
+    edges: Vec<Edge>,
+    cloud: Cloud,
+    scope: Scope,
+    _cluster: Cluster,
 }
 
-/// kubectl that must succeed; its stdout.
-fn kc(cluster: &Cluster, args: &[&str]) -> Result<String> {
-    let o = kubectl(cluster, args)?;
+#[derive(Default)]
+struct Opts<'a> {
+    /// Labels for every edge (`k=v,...`), besides the test's own.
+    labels: &'a str,
+    edges: usize,
+    /// Register cloud-gw's webhook for this test's namespace.
+    webhook: bool,
+    /// More arguments for `cloud-gw run`.
+    cloud_args: &'a [&'a str],
+}
+
+impl Setup {
+    async fn new(o: Opts<'_>) -> Result<Setup> {
+        let cluster = Cluster::get()?;
+        let scope = Scope::new(&cluster, "kube")?;
+        let mut args: Vec<String> = o.cloud_args.iter().map(|a| a.to_string()).collect();
+        let mut webhook = None;
+        if o.webhook {
+            let (name, addr) = register_webhook(&scope)?;
+            args.extend(["--webhook-config".to_string(), name]);
+            webhook = Some(addr);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cloud = Cloud::start_kube_with(cluster.kubeconfig(), &args, webhook).await?;
+        let mut s = Setup {
+            edges: Vec::new(),
+            cloud,
+            scope,
+            _cluster: cluster,
+        };
+        for _ in 0..o.edges.max(1) {
+            s.add_edge(o.labels).await?;
+        }
+        Ok(s)
+    }
+
+    /// A setup whose Nodes are Ready (and connected).
+    async fn ready(o: Opts<'_>) -> Result<Setup> {
+        let s = Setup::new(o).await?;
+        for e in &s.edges {
+            s.ready_node(&e.name).await?;
+        }
+        Ok(s)
+    }
+
+    /// One more edge, joined and running, labelled as this test's.
+    async fn add_edge(&mut self, labels: &str) -> Result<()> {
+        let server = self.cloud.server.clone();
+        self.add_edge_via(labels, &server).await
+    }
+
+    /// The same, linked to cloud-gw at `server`.
+    async fn add_edge_via(&mut self, labels: &str, server: &str) -> Result<()> {
+        let name = unique("edge");
+        self.scope.owns("node", &name);
+        let ns = &self.scope.namespace;
+        let mut all = format!("{SCOPE_LABEL}={ns},topology.kubernetes.io/zone={ns}");
+        if !labels.is_empty() {
+            all = format!("{all},{labels}");
+        }
+        let node = Node::new()?;
+        let o = join_with(
+            &node,
+            server,
+            &self.cloud.token("10m")?,
+            &name,
+            &["--labels", &all],
+        )?;
+        ensure!(o.status.success(), "join: {}", stderr(&o));
+        let daemon = node.start().await?;
+        self.edges.push(Edge {
+            daemon: Some(daemon),
+            node,
+            name,
+        });
+        Ok(())
+    }
+
+    fn edge(&self) -> &Edge {
+        &self.edges[0]
+    }
+
+    fn node(&self) -> &Node {
+        &self.edge().node
+    }
+
+    fn name(&self) -> &str {
+        &self.edge().name
+    }
+
+    fn ns(&self) -> &str {
+        &self.scope.namespace
+    }
+
+    /// kubectl in the test's namespace.
+    fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Ok(self.scope.kubectl().args(args).output()?)
+    }
+
+    /// kubectl that must succeed; its stdout.
+    fn kc(&self, args: &[&str]) -> Result<String> {
+        let o = self.kubectl(args)?;
+        ensure!(
+            o.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(text(&o))
+    }
+
+    fn apply(&self, yaml: &str) -> Result<String> {
+        kubectl_stdin(self.scope.kubectl(), &["apply", "-f", "-"], yaml)
+    }
+
+    fn get_json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = vec!["get"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-o", "json"]);
+        Ok(serde_json::from_str(&self.kc(&a)?)?)
+    }
+
+    fn logs(&self) -> String {
+        let mut out = format!("cloud-gw:\n{}\n", self.cloud.log());
+        for e in &self.edges {
+            out.push_str(&format!("edge-rt {}:\n{}\n", e.name, e.node.daemon_log()));
+        }
+        out
+    }
+
+    /// Wait (30 s) until the Node is Ready.
+    async fn ready_node(&self, name: &str) -> Result<Value> {
+        wait_for("the Node to be Ready", Duration::from_secs(30), || async {
+            let n = self.get_json(&["node", name]).ok()?;
+            let up = |t| condition(&n, t).is_some_and(|c| c["status"] == "True");
+            (up("Ready") && up("CloudConnected")).then_some(n)
+        })
+        .await
+        .with_context(|| self.logs())
+    }
+
+    async fn pod_ready(&self, pod: &str) -> Result<()> {
+        let o = self.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{pod}"),
+            "--timeout=60s",
+        ])?;
+        ensure!(
+            o.status.success(),
+            "kubectl wait {pod}: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.logs()
+        );
+        Ok(())
+    }
+
+    /// `edge-rt exec` in a pod of the test's namespace on the first edge.
+    fn exec(&self, pod: &str, cmd: &[&str]) -> Result<String> {
+        exec_on(self.node(), self.ns(), pod, cmd)
+    }
+
+    async fn cleanup(mut self) -> Result<()> {
+        for e in &mut self.edges {
+            e.daemon.take();
+            e.node.cleanup().await?;
+        }
+        Ok(())
+    }
+}
+
+fn exec_on(node: &Node, ns: &str, pod: &str, cmd: &[&str]) -> Result<String> {
+    let mut a = vec!["exec", "-n", ns, pod, "--"];
+    a.extend_from_slice(cmd);
+    let o = node.cli(&a)?;
+    ensure!(o.status.success(), "exec {cmd:?}: {}", stderr(&o));
+    Ok(text(&o))
+}
+
+fn kubectl_stdin(mut cmd: std::process::Command, args: &[&str], input: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(input.as_bytes())?;
+    let o = child.wait_with_output()?;
     ensure!(
         o.status.success(),
         "kubectl {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     Ok(text(&o))
-}
-
-fn kubectl_apply(cluster: &Cluster, yaml: &str) -> Result<String> {
-    use std::io::Write;
-    let mut child = cluster
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("kubectl stdin")?
-        .write_all(yaml.as_bytes())?;
-    let o = child.wait_with_output()?;
-    ensure!(
-        o.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(text(&o))
-}
-
-fn get_json(cluster: &Cluster, args: &[&str]) -> Result<Value> {
-    let mut a = vec!["get"];
-    a.extend_from_slice(args);
-    a.extend_from_slice(&["-o", "json"]);
-    Ok(serde_json::from_str(&kc(cluster, &a)?)?)
 }
 
 fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
@@ -74,60 +245,34 @@ fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == kind)
 }
 
-/// A cluster, cloud-gw bridging to it, and an edge joined and running.
-struct Setup {
-    cluster: Cluster,
-    cloud: Cloud,
-    node: Node,
-    name: String,
-    _daemon: Daemon,
-}
-
-impl Setup {
-    async fn new(labels: &str) -> Result<Setup> {
-        let cluster = Cluster::from_env_or_test()?;
-        let cloud = Cloud::start_kube(cluster.kubeconfig()).await?;
-        let name = unique("edge");
-        let node = Node::new()?;
-        let mut args = vec!["--labels", labels];
-        if labels.is_empty() {
-            args.clear();
-        }
-        let o = join_with(&node, &cloud.server, &cloud.token("10m")?, &name, &args)?;
-        ensure!(o.status.success(), "join: {}", stderr(&o));
-        let daemon = node.start().await?;
-        Ok(Setup {
-            cluster,
-            cloud,
-            node,
-            name,
-            _daemon: daemon,
-        })
-    }
-
-    /// A setup whose Node is Ready (and connected).
-    async fn ready(labels: &str) -> Result<Setup> {
-        let s = Setup::new(labels).await?;
-        s.ready_node().await?;
-        Ok(s)
-    }
-
-    /// Wait (30 s) until the Node is Ready.
-    async fn ready_node(&self) -> Result<Value> {
-        wait_for("the Node to be Ready", Duration::from_secs(30), || async {
-            let n = get_json(&self.cluster, &["node", &self.name]).ok()?;
-            let up = |t| condition(&n, t).is_some_and(|c| c["status"] == "True");
-            (up("Ready") && up("CloudConnected")).then_some(n)
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "cloud-gw:\n{}\nedge-rt:\n{}",
-                self.cloud.log(),
-                self.node.daemon_log()
-            )
-        })
-    }
+/// cloud-gw's webhook, as `cloud-gw manifests` registers it but reached by
+/// URL (cloud-gw runs beside the cluster here) and for this namespace only,
+/// registered without a caBundle (cloud-gw writes its CA in at start). The
+/// configuration's name and the address cloud-gw must listen on.
+fn register_webhook(scope: &Scope) -> Result<(String, std::net::SocketAddr)> {
+    let name = unique("outrigger-cloud-gw");
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", outrigger_tests::registry::free_port()?).parse()?;
+    scope.owns("mutatingwebhookconfiguration", &name);
+    let yaml = format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: {name}}}
+webhooks:
+- name: edge-autonomy.outrigger.io
+  clientConfig: {{url: "https://{addr}/mutate-pods"}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
+  namespaceSelector:
+    matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 5
+"#,
+        ns = scope.namespace
+    );
+    kubectl_stdin(scope.kubectl(), &["apply", "-f", "-"], &yaml)?;
+    Ok((name, addr))
 }
 
 #[tokio::test]
@@ -135,12 +280,16 @@ async fn an_edge_that_joins_is_a_ready_node_with_its_labels_capacity_and_lease()
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new("site=plant-7,line=2").await?;
-    let n = s.ready_node().await?;
+    let s = Setup::new(Opts {
+        labels: "site=plant-7,line=2",
+        ..Default::default()
+    })
+    .await?;
+    let n = s.ready_node(s.name()).await?;
     let labels = &n["metadata"]["labels"];
     for (k, v) in [
         ("node-role.kubernetes.io/edge", ""),
-        ("kubernetes.io/hostname", s.name.as_str()),
+        ("kubernetes.io/hostname", s.name()),
         ("kubernetes.io/os", "linux"),
         ("kubernetes.io/arch", "amd64"),
         ("site", "plant-7"),
@@ -164,37 +313,60 @@ async fn an_edge_that_joins_is_a_ready_node_with_its_labels_capacity_and_lease()
             .is_some_and(|v| v.starts_with("outrigger://")),
         "nodeInfo: {info}"
     );
-    ensure!(info["architecture"] == "amd64", "nodeInfo: {info}");
+    // The kubelet API the node speaks: the control plane's own minor
+    // version here, inside any 1.36+ API server's skew.
+    ensure!(info["kubeletVersion"] == "v1.36.0", "nodeInfo: {info}");
+    let version: Value = serde_json::from_str(&s.kc(&["version", "-o", "json"])?)?;
     ensure!(
-        condition(&n, "CloudConnected").is_some_and(|c| c["status"] == "True"),
+        version["serverVersion"]["minor"] == "36",
         "{}",
-        n["status"]["conditions"]
+        version["serverVersion"]
     );
+    ensure!(info["architecture"] == "amd64", "nodeInfo: {info}");
+    // Addresses the API server can dial without a resolver.
+    for a in n["status"]["addresses"].as_array().into_iter().flatten() {
+        ensure!(
+            a["address"]
+                .as_str()
+                .is_some_and(|x| x.parse::<std::net::IpAddr>().is_ok()),
+            "a name among the addresses: {a}"
+        );
+    }
     // kubectl's own table: the node, Ready, its role.
-    let table = kc(&s.cluster, &["get", "nodes"])?;
+    let table = s.kc(&["get", "nodes", "-l", &format!("{SCOPE_LABEL}={}", s.ns())])?;
     let row = table
         .lines()
-        .find(|l| l.starts_with(&s.name))
+        .find(|l| l.starts_with(s.name()))
         .with_context(|| table.clone())?;
     ensure!(row.contains(" Ready ") && row.contains("edge"), "{table}");
-    // The Lease is renewed while connected (every 2 s in this suite).
-    let lease = |c: &Cluster| -> Result<String> {
-        let l = get_json(c, &["lease", "-n", "kube-node-lease", &s.name])?;
-        ensure!(l["spec"]["holderIdentity"] == s.name.as_str(), "{l}");
-        Ok(l["spec"]["renewTime"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+    // The Lease is renewed while connected (every 2 s in this suite), and
+    // belongs to the Node (it goes with it).
+    let lease = || -> Result<Value> {
+        let l = s.get_json(&["lease", "-n", "kube-node-lease", s.name()])?;
+        ensure!(l["spec"]["holderIdentity"] == s.name(), "{l}");
+        Ok(l)
     };
-    let first = lease(&s.cluster)?;
+    let first = lease()?;
+    ensure!(
+        first["metadata"]["ownerReferences"][0]["uid"] == n["metadata"]["uid"],
+        "{}",
+        first["metadata"]
+    );
+    let renewed_of = |l: &Value| l["spec"]["renewTime"].as_str().unwrap_or("").to_string();
+    let before = renewed_of(&first);
     let renewed = wait_for(
         "the Lease to be renewed",
         Duration::from_secs(10),
-        || async { lease(&s.cluster).ok().filter(|t| *t != first) },
+        || async {
+            lease()
+                .ok()
+                .map(|l| renewed_of(&l))
+                .filter(|t| *t != before)
+        },
     )
     .await?;
-    ensure!(renewed > first, "{renewed} <= {first}");
-    s.node.cleanup().await
+    ensure!(renewed > before, "{renewed} <= {before}");
+    s.cleanup().await
 }
 
 fn app(name: &str, node: &str) -> String {
@@ -231,30 +403,19 @@ spec:
     )
 }
 
-fn exec(node: &Node, pod: &str, cmd: &[&str]) -> Result<String> {
-    let mut a = vec!["exec", pod, "--"];
-    a.extend_from_slice(cmd);
-    let o = node.cli(&a)?;
-    ensure!(o.status.success(), "exec {cmd:?}: {}", stderr(&o));
-    Ok(text(&o))
-}
-
 #[tokio::test]
 async fn a_pod_applied_with_kubectl_runs_on_the_edge_reports_back_and_is_deleted() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::ready("").await?;
+    let s = Setup::ready(Opts::default()).await?;
     let pod = unique("app");
-    kubectl_apply(&s.cluster, &app(&pod, &s.name))?;
-    kubectl_ready(&s, &pod).await?;
+    s.apply(&app(&pod, s.name()))?;
+    s.pod_ready(&pod).await?;
     // What the edge reports, through the status subresource.
-    let phase = kc(
-        &s.cluster,
-        &["get", "pod", &pod, "-o", "jsonpath={.status.phase}"],
-    )?;
+    let phase = s.kc(&["get", "pod", &pod, "-o", "jsonpath={.status.phase}"])?;
     ensure!(phase == "Running", "phase {phase:?}");
-    let p = get_json(&s.cluster, &["pod", &pod])?;
+    let p = s.get_json(&["pod", &pod])?;
     let cs = &p["status"]["containerStatuses"][0];
     ensure!(
         cs["ready"] == true && cs["state"]["running"].is_object(),
@@ -262,37 +423,42 @@ async fn a_pod_applied_with_kubectl_runs_on_the_edge_reports_back_and_is_deleted
     );
     ensure!(p["status"]["hostIP"].is_string(), "{}", p["status"]);
     // The container got the Secret and the ConfigMap.
-    ensure!(exec(&s.node, &pod, &["sh", "-c", "echo $TOKEN"])?.trim() == "s3cret");
-    ensure!(exec(&s.node, &pod, &["cat", "/cfg/greeting"])?.trim() == "hello");
+    ensure!(s.exec(&pod, &["sh", "-c", "echo $TOKEN"])?.trim() == "s3cret");
+    ensure!(s.exec(&pod, &["cat", "/cfg/greeting"])?.trim() == "hello");
     // Events as a kubelet's: kubectl describe shows them.
     let described = wait_for(
         "Started in kubectl describe",
         Duration::from_secs(10),
         || async {
-            let d = kc(&s.cluster, &["describe", "pod", &pod]).ok()?;
+            let d = s.kc(&["describe", "pod", &pod]).ok()?;
             d.contains("Started").then_some(d)
         },
     )
     .await?;
-    ensure!(described.contains(&s.name), "{described}");
+    ensure!(described.contains(s.name()), "{described}");
+    // kubectl logs asks the node's kubelet endpoint: the API server dials
+    // the Node's IP address, and looks up no name on the way.
+    let o = s.kubectl(&["logs", &pod, "--request-timeout=20s"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !err.contains("lookup") && !err.contains("no such host"),
+        "kubectl logs sent the API server to DNS: {err}"
+    );
 
     // A ConfigMap update reaches the running container's volume.
-    kc(
-        &s.cluster,
-        &[
-            "patch",
-            "configmap",
-            &format!("{pod}-cfg"),
-            "--type=merge",
-            "-p",
-            r#"{"data":{"greeting":"bonjour"}}"#,
-        ],
-    )?;
+    s.kc(&[
+        "patch",
+        "configmap",
+        &format!("{pod}-cfg"),
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"bonjour"}}"#,
+    ])?;
     wait_for(
         "the new ConfigMap in the volume",
         Duration::from_secs(20),
         || async {
-            exec(&s.node, &pod, &["cat", "/cfg/greeting"])
+            s.exec(&pod, &["cat", "/cfg/greeting"])
                 .ok()
                 .filter(|g| g.trim() == "bonjour")
         },
@@ -300,17 +466,17 @@ async fn a_pod_applied_with_kubectl_runs_on_the_edge_reports_back_and_is_deleted
     .await?;
 
     // kubectl delete: the edge stops the container, then the object goes.
-    let o = kubectl(&s.cluster, &["delete", "pod", &pod, "--timeout=60s"])?;
+    let o = s.kubectl(&["delete", "pod", &pod, "--timeout=60s"])?;
     ensure!(
         o.status.success(),
-        "kubectl delete: {}\ncloud-gw:\n{}",
+        "kubectl delete: {}\n{}",
         String::from_utf8_lossy(&o.stderr),
-        s.cloud.log()
+        s.logs()
     );
-    let gone = kubectl(&s.cluster, &["get", "pod", &pod])?;
+    let gone = s.kubectl(&["get", "pod", &pod])?;
     ensure!(!gone.status.success(), "the pod is still there");
     ensure!(
-        find(&s.node.pods()?, &pod).is_none(),
+        find(&s.node().pods()?, &pod).is_none(),
         "the pod still runs on the edge"
     );
     ensure!(
@@ -318,9 +484,149 @@ async fn a_pod_applied_with_kubectl_runs_on_the_edge_reports_back_and_is_deleted
         "{}",
         s.cloud.log()
     );
-    kc(&s.cluster, &["delete", "configmap", &format!("{pod}-cfg")])?;
-    kc(&s.cluster, &["delete", "secret", &format!("{pod}-sec")])?;
-    s.node.cleanup().await
+    s.cleanup().await
+}
+
+/// What the API server says of a token (TokenReview, as the admin).
+fn review(s: &Setup, token: &str) -> Result<Value> {
+    let yaml = format!(
+        "apiVersion: authentication.k8s.io/v1\nkind: TokenReview\nspec: {{token: {token:?}}}\n"
+    );
+    let out = kubectl_stdin(
+        s.scope.kubectl(),
+        &["create", "-f", "-", "-o", "json"],
+        &yaml,
+    )?;
+    Ok(serde_json::from_str::<Value>(&out)?["status"].clone())
+}
+
+/// A plain Deployment (no special fields but a nodeSelector for edge
+/// nodes) placed by the real scheduler, its pods made by the real
+/// controllers: they run with the service account token every pod gets,
+/// refreshed in place, and a rollout replaces them.
+#[tokio::test]
+async fn a_plain_deployment_runs_on_the_edge_with_its_service_account_token() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    // Tokens refreshed every few seconds here (a kubelet: at 80% of their
+    // life, or after 24 h).
+    let s = Setup::ready(Opts {
+        cloud_args: &["--token-max-age", "4s"],
+        ..Default::default()
+    })
+    .await?;
+    let d = unique("web");
+    let deployment = |version: &str| {
+        format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {d}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: {d}}}}}
+  template:
+    metadata: {{labels: {{app: {d}}}}}
+    spec:
+      nodeSelector: {{node-role.kubernetes.io/edge: "", {SCOPE_LABEL}: {ns}}}
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: busybox:latest
+        imagePullPolicy: Never
+        env: [{{name: VERSION, value: "{version}"}}]
+        command: ["sh", "-c", "while true; do sleep 1; done"]
+"#,
+            ns = s.ns()
+        )
+    };
+    let rolled_out = || -> Result<Vec<String>> {
+        let o = s.kubectl(&[
+            "rollout",
+            "status",
+            &format!("deployment/{d}"),
+            "--timeout=120s",
+        ])?;
+        ensure!(
+            o.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            s.logs()
+        );
+        let names = s.kc(&[
+            "get",
+            "pods",
+            "-l",
+            &format!("app={d}"),
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?;
+        Ok(names.split_whitespace().map(str::to_string).collect())
+    };
+    s.apply(&deployment("1"))?;
+    let first = rolled_out()?;
+    ensure!(first.len() == 2, "{first:?}");
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    for p in &first {
+        ensure!(s.exec(p, &["sh", "-c", "echo $VERSION"])?.trim() == "1");
+        // The kube-api-access volume: token, the cluster's CA, namespace.
+        ensure!(s.exec(p, &["cat", &format!("{sa}/namespace")])?.trim() == s.ns());
+        let ca = s.exec(p, &["cat", &format!("{sa}/ca.crt")])?;
+        ensure!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
+        let token = s.exec(p, &["cat", &format!("{sa}/token")])?;
+        let r = review(&s, token.trim())?;
+        ensure!(r["authenticated"] == true, "{r}");
+        ensure!(
+            r["user"]["username"] == format!("system:serviceaccount:{}:default", s.ns()).as_str(),
+            "{r}"
+        );
+        ensure!(
+            r["user"]["extra"]["authentication.kubernetes.io/pod-name"][0] == p.as_str(),
+            "bound to another pod: {r}"
+        );
+    }
+    // Refreshed in the running container, atomically, without a restart.
+    let p = &first[0];
+    let before = s.exec(p, &["cat", &format!("{sa}/token")])?;
+    let after = wait_for("a refreshed token", Duration::from_secs(30), || async {
+        s.exec(p, &["cat", &format!("{sa}/token")])
+            .ok()
+            .filter(|t| !t.is_empty() && *t != before)
+    })
+    .await
+    .with_context(|| s.logs())?;
+    ensure!(review(&s, after.trim())?["authenticated"] == true);
+    ensure!(restarts(s.node(), p)? == 0, "{p} restarted");
+
+    // The rollout: new template, new pods, old ones deleted.
+    s.apply(&deployment("2"))?;
+    let second: Vec<String> = rolled_out()?
+        .into_iter()
+        .filter(|p| !first.contains(p))
+        .collect();
+    ensure!(second.len() == 2, "{second:?}");
+    for p in &second {
+        s.pod_ready(p).await?;
+        ensure!(s.exec(p, &["sh", "-c", "echo $VERSION"])?.trim() == "2");
+    }
+    wait_for(
+        "the old pods gone, in the cluster and on the edge",
+        Duration::from_secs(60),
+        || async {
+            let listed = s
+                .kc(&["get", "pods", "-l", &format!("app={d}"), "-o", "name"])
+                .ok()?;
+            let on_edge = s.node().pods().ok()?;
+            let old_left = first
+                .iter()
+                .any(|p| listed.contains(p.as_str()) || find(&on_edge, p).is_some());
+            (!old_left).then_some(())
+        },
+    )
+    .await?;
+    s.kc(&["delete", "deployment", &d])?;
+    s.cleanup().await
 }
 
 fn busybox_pod(name: &str, node: &str, extra_spec: &str) -> String {
@@ -340,26 +646,6 @@ spec:
     )
 }
 
-async fn kubectl_ready(s: &Setup, pod: &str) -> Result<()> {
-    let o = kubectl(
-        &s.cluster,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            &format!("pod/{pod}"),
-            "--timeout=60s",
-        ],
-    )?;
-    ensure!(
-        o.status.success(),
-        "kubectl wait {pod}: {}\ncloud-gw:\n{}\nedge-rt:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        s.cloud.log(),
-        s.node.daemon_log()
-    );
-    Ok(())
-}
-
 /// A cut of the link (TCP hangs): the Lease stops, pods keep running on the
 /// edge untouched, and what changed in the cluster meanwhile (a ConfigMap,
 /// a new pod, a pod deleted) applies once it is back.
@@ -368,24 +654,21 @@ async fn through_a_cut_the_lease_stops_pods_run_on_and_changes_apply_after() -> 
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::ready("").await?;
+    let s = Setup::ready(Opts::default()).await?;
     let a = unique("keep");
     let gone = unique("gone");
-    kubectl_apply(&s.cluster, &app(&a, &s.name))?;
-    kubectl_apply(&s.cluster, &busybox_pod(&gone, &s.name, ""))?;
-    kubectl_ready(&s, &a).await?;
-    kubectl_ready(&s, &gone).await?;
-    let uid = kc(
-        &s.cluster,
-        &["get", "pod", &a, "-o", "jsonpath={.metadata.uid}"],
-    )?;
+    s.apply(&app(&a, s.name()))?;
+    s.apply(&busybox_pod(&gone, s.name(), ""))?;
+    s.pod_ready(&a).await?;
+    s.pod_ready(&gone).await?;
+    let uid = s.kc(&["get", "pod", &a, "-o", "jsonpath={.metadata.uid}"])?;
 
     let mut cut = PortCut::cut(s.cloud.addr.port())?;
     wait_for(
         "the edge to see the link down",
         Duration::from_secs(20),
         || async {
-            s.node
+            s.node()
                 .daemon_log()
                 .contains("link to cloud-gw down")
                 .then_some(())
@@ -395,7 +678,7 @@ async fn through_a_cut_the_lease_stops_pods_run_on_and_changes_apply_after() -> 
     s.cloud.logged("silent for two heartbeats").await?;
     // The Lease stops being renewed (every 2 s while connected).
     let renew = || -> Result<String> {
-        let l = get_json(&s.cluster, &["lease", "-n", "kube-node-lease", &s.name])?;
+        let l = s.get_json(&["lease", "-n", "kube-node-lease", s.name()])?;
         Ok(l["spec"]["renewTime"]
             .as_str()
             .unwrap_or_default()
@@ -406,304 +689,144 @@ async fn through_a_cut_the_lease_stops_pods_run_on_and_changes_apply_after() -> 
     ensure!(renew()? == before, "the Lease was renewed during the cut");
 
     // Meanwhile in the cluster.
-    kc(
-        &s.cluster,
-        &[
-            "patch",
-            "configmap",
-            &format!("{a}-cfg"),
-            "--type=merge",
-            "-p",
-            r#"{"data":{"greeting":"offline"}}"#,
-        ],
-    )?;
+    s.kc(&[
+        "patch",
+        "configmap",
+        &format!("{a}-cfg"),
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"offline"}}"#,
+    ])?;
     let added = unique("added");
-    kubectl_apply(&s.cluster, &busybox_pod(&added, &s.name, ""))?;
-    kc(&s.cluster, &["delete", "pod", &gone, "--wait=false"])?;
+    s.apply(&busybox_pod(&added, s.name(), ""))?;
+    s.kc(&["delete", "pod", &gone, "--wait=false"])?;
     // On the edge, nothing stops: the deleted pod too runs until the node
     // hears of it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for p in [&a, &gone] {
-        let pods = s.node.pods()?;
+        let pods = s.node().pods()?;
         let pod = find(&pods, p).with_context(|| format!("{p} gone from the edge"))?;
         ensure!(phase(pod) == "Running", "{p}: {}", phase(pod));
     }
 
     cut.restore()?;
-    kubectl_ready(&s, &added).await?;
+    s.pod_ready(&added).await?;
     wait_for(
         "the deleted pod stopped and removed",
         Duration::from_secs(60),
         || async {
-            let in_cluster = kubectl(&s.cluster, &["get", "pod", &gone])
-                .ok()?
-                .status
-                .success();
-            let on_edge = find(&s.node.pods().ok()?, &gone).is_some();
+            let in_cluster = s.kubectl(&["get", "pod", &gone]).ok()?.status.success();
+            let on_edge = find(&s.node().pods().ok()?, &gone).is_some();
             (!in_cluster && !on_edge).then_some(())
         },
     )
     .await
-    .with_context(|| s.cloud.log())?;
+    .with_context(|| s.logs())?;
     wait_for(
         "the ConfigMap changed during the cut",
         Duration::from_secs(30),
         || async {
-            exec(&s.node, &a, &["cat", "/cfg/greeting"])
+            s.exec(&a, &["cat", "/cfg/greeting"])
                 .ok()
                 .filter(|g| g.trim() == "offline")
         },
     )
     .await?;
     // The pod that lived through the cut was never restarted or replaced.
-    ensure!(restarts(&s.node, &a)? == 0, "{a} restarted");
-    let uid_after = kc(
-        &s.cluster,
-        &["get", "pod", &a, "-o", "jsonpath={.metadata.uid}"],
-    )?;
+    ensure!(restarts(s.node(), &a)? == 0, "{a} restarted");
+    let uid_after = s.kc(&["get", "pod", &a, "-o", "jsonpath={.metadata.uid}"])?;
     ensure!(uid == uid_after, "{a} was replaced");
-    s.ready_node().await?;
-    s.node.cleanup().await
+    s.ready_node(s.name()).await?;
+    s.cleanup().await
 }
 
-/// A Deployment pinned to the edge node, with the test as its ReplicaSet
-/// controller and scheduler (none runs against the test API server): the
-/// pods it makes run, and a rollout replaces them.
+/// The tolerations of a pod, by key: tolerationSeconds (None: unbounded).
+fn toleration_seconds(pod: &Value, key: &str) -> Option<Option<i64>> {
+    pod["spec"]["tolerations"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key && t["effect"] == "NoExecute")
+        .map(|t| t["tolerationSeconds"].as_i64())
+}
+
+/// Pods for edge nodes, created through the real admission chain, get
+/// unbounded unreachable/not-ready tolerations from cloud-gw's webhook in
+/// place of whatever this cluster's defaults are (60 s here); a user's own
+/// bound stays, and an opted-out pod keeps the cluster's default.
 #[tokio::test]
-async fn a_deployment_for_edge_nodes_runs_and_rolls_out() -> Result<()> {
+async fn the_webhook_replaces_the_clusters_default_tolerations_on_edge_pods() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::ready("").await?;
-    let d = unique("web");
-    let deployment = |version: &str| {
-        format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {d}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: {d}}}}}
-  template:
-    metadata: {{labels: {{app: {d}}}}}
-    spec:
-      nodeSelector: {{node-role.kubernetes.io/edge: ""}}
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: main
-        image: busybox:latest
-        imagePullPolicy: Never
-        env: [{{name: VERSION, value: "{version}"}}]
-        command: ["sh", "-c", "while true; do sleep 1; done"]
-"#
-        )
-    };
-    // Plays the controllers: pods from the Deployment's template, bound to
-    // the node the scheduler would pick (the only edge node).
-    let make_pods = |rev: &str| -> Result<Vec<String>> {
-        let dep = get_json(&s.cluster, &["deployment", &d])?;
-        let mut names = Vec::new();
-        for i in 0..2 {
-            let mut pod = dep["spec"]["template"].clone();
-            let name = format!("{d}-{rev}-{i}");
-            pod["apiVersion"] = "v1".into();
-            pod["kind"] = "Pod".into();
-            pod["metadata"]["name"] = name.clone().into();
-            pod["metadata"]["labels"]["pod-template-hash"] = rev.into();
-            pod["spec"]["nodeName"] = s.name.clone().into();
-            kubectl_apply(&s.cluster, &serde_json::to_string(&pod)?)?;
-            names.push(name);
-        }
-        Ok(names)
-    };
-    // On a real cluster its controllers and scheduler do this part.
-    let real = s.cluster.is_real();
-    let rolled_out = || -> Result<Vec<String>> {
-        let o = kubectl(
-            &s.cluster,
-            &[
-                "rollout",
-                "status",
-                &format!("deployment/{d}"),
-                "--timeout=120s",
-            ],
-        )?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let names = kc(
-            &s.cluster,
-            &[
-                "get",
-                "pods",
-                "-l",
-                &format!("app={d}"),
-                "-o",
-                "jsonpath={.items[*].metadata.name}",
-            ],
-        )?;
-        Ok(names.split_whitespace().map(str::to_string).collect())
-    };
-    kubectl_apply(&s.cluster, &deployment("1"))?;
-    let first = if real {
-        rolled_out()?
-    } else {
-        make_pods("r1")?
-    };
-    let o = kubectl(
-        &s.cluster,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod",
-            "-l",
-            &format!("app={d}"),
-            "--timeout=60s",
-        ],
-    )?;
-    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for p in &first {
-        ensure!(exec(&s.node, p, &["sh", "-c", "echo $VERSION"])?.trim() == "1");
-    }
-    // The rollout: new template, new pods, old ones deleted.
-    kubectl_apply(&s.cluster, &deployment("2"))?;
-    let second = if real {
-        rolled_out()?
-            .into_iter()
-            .filter(|p| !first.contains(p))
-            .collect()
-    } else {
-        let second = make_pods("r2")?;
-        for p in &first {
-            kc(&s.cluster, &["delete", "pod", p, "--wait=false"])?;
-        }
-        second
-    };
-    for p in &second {
-        kubectl_ready(&s, p).await?;
-        ensure!(exec(&s.node, p, &["sh", "-c", "echo $VERSION"])?.trim() == "2");
-    }
-    wait_for(
-        "the old pods gone, in the cluster and on the edge",
-        Duration::from_secs(60),
-        || async {
-            let listed = kc(
-                &s.cluster,
-                &["get", "pods", "-l", &format!("app={d}"), "-o", "name"],
-            )
-            .ok()?;
-            let on_edge = s.node.pods().ok()?;
-            let old_left = first
-                .iter()
-                .any(|p| listed.contains(p.as_str()) || find(&on_edge, p).is_some());
-            (!old_left).then_some(())
-        },
-    )
+    let s = Setup::ready(Opts {
+        webhook: true,
+        ..Default::default()
+    })
     .await?;
-    kc(&s.cluster, &["delete", "deployment", &d])?;
-    for p in &second {
-        kc(&s.cluster, &["delete", "pod", p, "--ignore-not-found"])?;
-    }
-    s.node.cleanup().await
-}
-
-/// Pods for edge nodes created through the admission chain get unbounded
-/// unreachable/not-ready tolerations from cloud-gw's webhook; an opted-out
-/// pod keeps the defaults. (The test API server calls the webhook as a
-/// real one does.)
-#[tokio::test]
-async fn the_webhook_makes_edge_pods_tolerate_a_lost_node_for_good() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let s = Setup::ready("").await?;
-    if s.cluster.is_real() {
-        eprintln!(
-            "skipped on a real cluster: its webhook configuration is cloud-gw manifests' job"
-        );
-        return s.node.cleanup().await;
-    }
-    // Registered without a caBundle, as `cloud-gw manifests` prints it:
-    // cloud-gw writes its CA in when it starts.
-    kubectl_apply(
-        &s.cluster,
-        &format!(
-            r#"apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {{name: outrigger-cloud-gw}}
-webhooks:
-- name: edge-autonomy.outrigger.io
-  clientConfig: {{url: "https://{}/mutate-pods"}}
-  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
-  failurePolicy: Fail
-  sideEffects: None
-  admissionReviewVersions: [v1]
-"#,
-            s.cloud.webhook
-        ),
-    )?;
-    let mut s = s;
-    s.cloud.restart().await?;
     s.cloud
         .logged("link CA written into the webhook configuration")
         .await?;
-    let hook = get_json(
-        &s.cluster,
-        &["mutatingwebhookconfiguration", "outrigger-cloud-gw"],
-    )?;
-    use base64::Engine;
-    let bundle = base64::engine::general_purpose::STANDARD.decode(
-        hook["webhooks"][0]["clientConfig"]["caBundle"]
-            .as_str()
-            .unwrap_or_default(),
-    )?;
-    let ca = std::fs::read(s.cloud.dir.path().join("ca.crt"))?;
-    ensure!(bundle == ca, "caBundle is not the link CA");
-    s.ready_node().await?;
-    let edge = unique("tol");
-    kubectl_apply(&s.cluster, &busybox_pod(&edge, &s.name, ""))?;
-    let p = get_json(&s.cluster, &["pod", &edge])?;
-    let tolerations = p["spec"]["tolerations"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for key in [
+    s.cloud.logged("the cluster's default tolerations").await?;
+    const KEYS: [&str; 2] = [
         "node.kubernetes.io/unreachable",
         "node.kubernetes.io/not-ready",
-    ] {
-        let t = tolerations
-            .iter()
-            .find(|t| t["key"] == key)
-            .with_context(|| format!("no {key} toleration: {tolerations:?}"))?;
+    ];
+    // What this cluster gives a pod that is not bound for the edge.
+    let cloud_pod = unique("cloud");
+    // (It selects no node at all: it stays Pending.)
+    s.apply(
+        &busybox_pod(
+            &cloud_pod,
+            "",
+            "  nodeSelector: {outrigger.io/test-nowhere: \"\"}\n",
+        )
+        .replace("  nodeName: \n", ""),
+    )?;
+    let p = s.get_json(&["pod", &cloud_pod])?;
+    let default = toleration_seconds(&p, KEYS[0]).flatten();
+    ensure!(
+        default.is_some_and(|d| d != 300),
+        "expected a cluster default other than 300 s here: {}",
+        p["spec"]["tolerations"]
+    );
+    // Bound for an edge node: unbounded.
+    let edge = unique("tol");
+    s.apply(&busybox_pod(&edge, s.name(), ""))?;
+    let p = s.get_json(&["pod", &edge])?;
+    for key in KEYS {
         ensure!(
-            t["effect"] == "NoExecute" && t.get("tolerationSeconds").is_none(),
-            "{t}"
+            toleration_seconds(&p, key) == Some(None),
+            "{key}: {}",
+            p["spec"]["tolerations"]
         );
     }
+    // A user's own bound is the user's.
+    let own = unique("own");
+    s.apply(&busybox_pod(
+        &own,
+        s.name(),
+        "  tolerations:\n  - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 3600}\n",
+    ))?;
+    let p = s.get_json(&["pod", &own])?;
+    ensure!(
+        toleration_seconds(&p, KEYS[0]) == Some(Some(3600)),
+        "{}",
+        p["spec"]["tolerations"]
+    );
+    ensure!(toleration_seconds(&p, KEYS[1]) == Some(None));
+    // Opted out: the cluster's default, then eviction.
     let out = unique("optout");
-    kubectl_apply(
-        &s.cluster,
-        &busybox_pod(&out, &s.name, "").replace(
-            "labels: {app:",
-            "annotations: {outrigger.io/autonomy: disabled}, labels: {app:",
-        ),
-    )?;
-    // It keeps what the API server gives every pod: 300 s, then eviction.
-    let p = get_json(&s.cluster, &["pod", &out])?;
-    let bounded = p["spec"]["tolerations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .all(|t| t.get("tolerationSeconds").is_some());
-    ensure!(bounded, "{}", p["spec"]);
-    kc(
-        &s.cluster,
-        &[
-            "delete",
-            "mutatingwebhookconfiguration",
-            "outrigger-cloud-gw",
-        ],
-    )?;
-    for pod in [&edge, &out] {
-        kc(&s.cluster, &["delete", "pod", pod])?;
+    s.apply(&busybox_pod(&out, s.name(), "").replace(
+        "labels: {app:",
+        "annotations: {outrigger.io/autonomy: disabled}, labels: {app:",
+    ))?;
+    let p = s.get_json(&["pod", &out])?;
+    for key in KEYS {
+        ensure!(
+            toleration_seconds(&p, key) == Some(default),
+            "{key}: {}",
+            p["spec"]["tolerations"]
+        );
     }
     // Metrics tell what went on.
     let metrics = http_get(s.cloud.http, "/metrics")?;
@@ -712,7 +835,175 @@ webhooks:
         "{metrics}"
     );
     ensure!(http_get(s.cloud.http, "/readyz")?.contains("ok"));
-    s.node.cleanup().await
+    s.cleanup().await
+}
+
+/// Autonomy through a cut long enough for the real node lifecycle
+/// controller to taint the node and evict what does not tolerate it: of two
+/// edge nodes (one unhealthy node alone would put the controller in
+/// disruption mode, tainting nothing), one is cut; its Deployment pod is
+/// not evicted, not recreated elsewhere, and runs on in the same container,
+/// not restarted when the link is back. An opted-out pod beside it is
+/// evicted after the cluster's default toleration: the cut was long enough.
+#[tokio::test]
+async fn autonomy_holds_through_a_cut_that_gets_the_node_tainted() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = Setup::new(Opts {
+        webhook: true,
+        ..Default::default()
+    })
+    .await?;
+    // The second edge links through a relay: it alone is cut.
+    let relay = Relay::start(s.cloud.addr)?;
+    s.add_edge_via("", &relay.server()).await?;
+    s.edges.swap(0, 1);
+    for e in &s.edges {
+        s.ready_node(&e.name).await?;
+    }
+    s.cloud.logged("the cluster's default tolerations").await?;
+    let (cut_node, other) = (s.edges[0].name.clone(), s.edges[1].name.clone());
+    // The Deployment may run on either node; it prefers the one cut.
+    let d = unique("steady");
+    s.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {d}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {d}}}}}
+  template:
+    metadata: {{labels: {{app: {d}}}}}
+    spec:
+      nodeSelector: {{{SCOPE_LABEL}: {ns}}}
+      affinity:
+        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            preference: {{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{cut_node}]}}]}}
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: busybox:latest
+        imagePullPolicy: Never
+        command: ["sh", "-c", "while true; do sleep 1; done"]
+"#,
+        ns = s.ns()
+    ))?;
+    let out = unique("optout");
+    s.apply(&busybox_pod(&out, &cut_node, "").replace(
+        "labels: {app:",
+        "annotations: {outrigger.io/autonomy: disabled}, labels: {app:",
+    ))?;
+    s.pod_ready(&out).await?;
+    let o = s.kubectl(&[
+        "rollout",
+        "status",
+        &format!("deployment/{d}"),
+        "--timeout=60s",
+    ])?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pods = || -> Result<Vec<Value>> {
+        let l = s.get_json(&["pods", "-l", &format!("app={d}")])?;
+        Ok(l["items"].as_array().cloned().unwrap_or_default())
+    };
+    let before = pods()?;
+    ensure!(before.len() == 1, "{before:?}");
+    let pod = before[0]["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let uid = before[0]["metadata"]["uid"].clone();
+    ensure!(
+        before[0]["spec"]["nodeName"] == cut_node.as_str(),
+        "{}",
+        before[0]["spec"]
+    );
+    let container_of = |node: &Node| {
+        node.records()
+            .into_iter()
+            .find(|r| r.name == "main" && r.pod.name == pod)
+            .map(|r| r.id)
+    };
+    let container =
+        container_of(&s.edges[0].node).context("the Deployment's container on the node")?;
+
+    let mut cut = PortCut::cut(relay.port)?;
+    // Unreachable: tainted by the node lifecycle controller.
+    wait_for(
+        "the cut node tainted unreachable",
+        Duration::from_secs(90),
+        || async {
+            let n = s.get_json(&["node", &cut_node]).ok()?;
+            n["spec"]["taints"]
+                .as_array()?
+                .iter()
+                .any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute")
+                .then_some(())
+        },
+    )
+    .await
+    .with_context(|| s.logs())?;
+    // The opted-out pod goes once its toleration (the cluster's 60 s) is
+    // up; the Deployment's stays.
+    wait_for(
+        "the opted-out pod evicted",
+        Duration::from_secs(120),
+        || async {
+            let p = s.get_json(&["pod", &out]).ok();
+            p.is_none_or(|p| p["metadata"]["deletionTimestamp"].is_string())
+                .then_some(())
+        },
+    )
+    .await?;
+    let during = pods()?;
+    ensure!(
+        during.len() == 1
+            && during[0]["metadata"]["uid"] == uid
+            && during[0]["metadata"]["deletionTimestamp"].is_null(),
+        "the Deployment's pod was evicted or replaced: {during:?}"
+    );
+    let on_other = s.edges[1].node.pods()?;
+    ensure!(
+        !on_other.iter().any(|p| p
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.get("app") == Some(&d))),
+        "recreated on {other}"
+    );
+    // On the cut node it runs on, untouched.
+    let here = find(&s.edges[0].node.pods()?, &pod)
+        .cloned()
+        .context("gone from the cut node")?;
+    ensure!(phase(&here) == "Running");
+
+    cut.restore()?;
+    s.ready_node(&cut_node).await?;
+    wait_for("the taint gone", Duration::from_secs(60), || async {
+        let n = s.get_json(&["node", &cut_node]).ok()?;
+        (!n["spec"]["taints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["key"] == "node.kubernetes.io/unreachable"))
+        .then_some(())
+    })
+    .await?;
+    let after = pods()?;
+    ensure!(
+        after.len() == 1 && after[0]["metadata"]["uid"] == uid,
+        "{after:?}"
+    );
+    ensure!(restarts(&s.edges[0].node, &pod)? == 0, "{pod} restarted");
+    let same = container_of(&s.edges[0].node);
+    ensure!(
+        same.as_ref() == Some(&container),
+        "another container: {same:?}"
+    );
+    s.kc(&["delete", "deployment", &d])?;
+    s.cleanup().await
 }
 
 /// A plain HTTP GET; the body.
@@ -735,9 +1026,9 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
     if !require_root() {
         return Ok(());
     }
-    let cluster = Cluster::from_env_or_test()?;
-    let secret_name = unique("cloud-gw-pki");
-    let secret = format!("default/{secret_name}");
+    let cluster = Cluster::get()?;
+    let scope = Scope::new(&cluster, "replicas")?;
+    let secret = format!("{}/cloud-gw-pki", scope.namespace);
     let k = cluster.kubeconfig().to_path_buf();
     let (one, two) = tokio::join!(
         Cloud::start_replica(&k, &secret, None),
@@ -761,24 +1052,37 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
     );
     // An edge joins through the first (with a token made by the second).
     let name = unique("edge");
+    scope.owns("node", &name);
     let node = Node::new()?;
     let o = join_with(&node, &one.server, &two.token("10m")?, &name, &[])?;
     ensure!(o.status.success(), "join: {}", stderr(&o));
-    let _daemon = node.start().await?;
-    let pod = unique("moved");
-    kubectl_apply(&cluster, &busybox_pod(&pod, &name, ""))?;
-    let ready = |c: &Cluster| {
-        kubectl(
-            c,
-            &[
-                "wait",
-                "--for=condition=Ready",
-                &format!("pod/{pod}"),
-                "--timeout=60s",
-            ],
-        )
+    let daemon = node.start().await?;
+    let wait_ready = |pod: String| {
+        let scope = &scope;
+        async move {
+            let o = scope
+                .kubectl()
+                .args([
+                    "wait",
+                    "--for=condition=Ready",
+                    &format!("pod/{pod}"),
+                    "--timeout=60s",
+                ])
+                .output()?;
+            anyhow::Ok(o)
+        }
     };
-    ensure!(ready(&cluster)?.status.success(), "{}", one.log());
+    let pod = unique("moved");
+    kubectl_stdin(
+        scope.kubectl(),
+        &["apply", "-f", "-"],
+        &busybox_pod(&pod, &name, ""),
+    )?;
+    ensure!(
+        wait_ready(pod.clone()).await?.status.success(),
+        "{}",
+        one.log()
+    );
     // The first replica goes; the second takes its address (as behind a
     // load balancer) and the edge carries on with it.
     let port = one.addr.port();
@@ -788,16 +1092,12 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
     let three = Cloud::start_replica(&k, &secret, Some(port)).await?;
     three.logged("node connected").await?;
     let later = unique("later");
-    kubectl_apply(&cluster, &busybox_pod(&later, &name, ""))?;
-    let o = kubectl(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            &format!("pod/{later}"),
-            "--timeout=60s",
-        ],
+    kubectl_stdin(
+        scope.kubectl(),
+        &["apply", "-f", "-"],
+        &busybox_pod(&later, &name, ""),
     )?;
+    let o = wait_ready(later.clone()).await?;
     ensure!(
         o.status.success(),
         "{}\n{}",
@@ -805,38 +1105,51 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
         three.log()
     );
     ensure!(find(&node.pods()?, &pod).is_some_and(|p| phase(p) == "Running"));
-    for p in [&pod, &later] {
-        kc(&cluster, &["delete", "pod", p])?;
-    }
-    kc(&cluster, &["delete", "secret", &secret_name])?;
+    drop(daemon);
     node.cleanup().await
 }
 
 /// With its own certificate, a node asks by name for a Secret its pods use
 /// (given) and for one that only another node's pod uses (refused, and
-/// logged). The edge link has no way to name anything else.
+/// logged); the same for service account tokens. The edge link has no way
+/// to name anything else.
 #[tokio::test]
-async fn a_node_asking_for_another_nodes_secret_is_refused() -> Result<()> {
+async fn a_node_asking_for_another_nodes_secret_or_token_is_refused() -> Result<()> {
+    use outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN;
     use outrigger_proto::message::{Message, Sync};
-    let cluster = Cluster::from_env_or_test()?;
+    let cluster = Cluster::get()?;
+    let scope = Scope::new(&cluster, "refused")?;
+    let ns = scope.namespace.clone();
     let cloud = Cloud::start_kube(cluster.kubeconfig()).await?;
-    let name = unique("edge");
+    let (name, other) = (unique("edge"), unique("other"));
+    scope.owns("node", &name);
     let node = Node::new()?;
     let o = join_with(&node, &cloud.server, &cloud.token("10m")?, &name, &[])?;
     ensure!(o.status.success(), "join: {}", stderr(&o));
     let (mine, theirs) = (unique("mine"), unique("theirs"));
     for (pod, secret, on) in [
         (&mine, &mine, name.as_str()),
-        (&theirs, &theirs, "some-other-node"),
+        (&theirs, &theirs, other.as_str()),
     ] {
-        kubectl_apply(
-            &cluster,
+        kubectl_stdin(
+            scope.kubectl(),
+            &["apply", "-f", "-"],
             &format!(
                 "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}}}\nstringData: {{k: v}}\n---\n{}",
                 busybox_pod(pod, on, &format!("  volumes: [{{name: s, secret: {{secretName: {secret}}}}}]\n"))
             ),
         )?;
     }
+    // The token the other node's pod would get (cloud-gw names them by
+    // pod, audience and lifetime).
+    let their_uid = text(
+        &scope
+            .kubectl()
+            .args(["get", "pod", &theirs, "-o", "jsonpath={.metadata.uid}"])
+            .output()?,
+    );
+    let their_token =
+        outrigger_proto::kinds::ServiceAccountToken::name_for(&theirs, &their_uid, None, 3607);
     let dir = link_dir(&node);
     let tls = edge_rt::link::tls::link_config(
         &std::fs::read(dir.join("ca.crt"))?,
@@ -845,12 +1158,12 @@ async fn a_node_asking_for_another_nodes_secret_is_refused() -> Result<()> {
     )?;
     let mut link = edge_rt::link::join::connect(&cloud.server, "/link", tls).await?;
     edge_rt::link::join::hello(&mut link, &name).await?;
-    let mut ask = async |id: u64, secret: &str| -> Result<Sync> {
+    let mut ask = async |id: u64, kind: &str, object: &str| -> Result<Sync> {
         link.send(&Message::Sync(Sync::Get {
             id,
-            kind: "Secret".into(),
-            namespace: "default".into(),
-            name: secret.into(),
+            kind: kind.into(),
+            namespace: ns.clone(),
+            name: object.into(),
         }))
         .await?;
         loop {
@@ -860,37 +1173,50 @@ async fn a_node_asking_for_another_nodes_secret_is_refused() -> Result<()> {
             }
         }
     };
-    // The cache may lag the kubectl apply by a moment.
-    let mut given = None;
-    for _ in 0..50 {
-        if let Sync::Got {
-            object: Some(o), ..
-        } = ask(1, &mine).await?
-        {
-            given = Some(o);
-            break;
+    let my_uid = text(
+        &scope
+            .kubectl()
+            .args(["get", "pod", &mine, "-o", "jsonpath={.metadata.uid}"])
+            .output()?,
+    );
+    let my_token =
+        outrigger_proto::kinds::ServiceAccountToken::name_for(&mine, &my_uid, None, 3607);
+    // Its own are given (the cache and the token may lag the apply by a
+    // moment).
+    for (kind, object) in [("Secret", &mine), (SERVICE_ACCOUNT_TOKEN, &my_token)] {
+        let mut given = None;
+        for _ in 0..100 {
+            if let Sync::Got {
+                object: Some(o), ..
+            } = ask(1, kind, object).await?
+            {
+                given = Some(o);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        ensure!(
+            given.is_some(),
+            "its own {kind} was not given\n{}",
+            cloud.log()
+        );
     }
-    ensure!(given.is_some(), "its own secret was not given");
-    match ask(2, &theirs).await? {
-        Sync::Got {
-            id: 2,
-            object: None,
-            refused: Some(r),
-        } => {
-            ensure!(r.contains("not used by any pod on node"), "{r}")
+    for (id, kind, object) in [
+        (2, "Secret", &theirs),
+        (3, SERVICE_ACCOUNT_TOKEN, &their_token),
+    ] {
+        match ask(id, kind, object).await? {
+            Sync::Got {
+                id: got,
+                object: None,
+                refused: Some(r),
+            } if got == id => {
+                ensure!(r.contains("not used by any pod on node"), "{r}")
+            }
+            other => anyhow::bail!("another node's {kind} was answered with {other:?}"),
         }
-        other => anyhow::bail!("another node's secret was answered with {other:?}"),
     }
     cloud.logged("not used by any pod on node").await?;
-    for p in [&mine, &theirs] {
-        kc(
-            &cluster,
-            &["delete", "pod", p, "--force", "--grace-period=0"],
-        )?;
-        kc(&cluster, &["delete", "secret", p])?;
-    }
     Ok(())
 }
 
@@ -902,11 +1228,10 @@ async fn a_shorter_grace_period_on_delete_is_honoured_on_the_edge() -> Result<()
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::ready("").await?;
+    let s = Setup::ready(Opts::default()).await?;
     let pod = unique("stubborn");
-    kubectl_apply(
-        &s.cluster,
-        &busybox_pod(&pod, &s.name, "")
+    s.apply(
+        &busybox_pod(&pod, s.name(), "")
             .replace(
                 "terminationGracePeriodSeconds: 2",
                 "terminationGracePeriodSeconds: 120",
@@ -916,19 +1241,15 @@ async fn a_shorter_grace_period_on_delete_is_honoured_on_the_edge() -> Result<()
                 "trap '' TERM; while true; do sleep 1; done",
             ),
     )?;
-    kubectl_ready(&s, &pod).await?;
+    s.pod_ready(&pod).await?;
     // With the pod's 120 s this would time out.
-    let o = kubectl(
-        &s.cluster,
-        &["delete", "pod", &pod, "--grace-period=2", "--timeout=40s"],
-    )?;
+    let o = s.kubectl(&["delete", "pod", &pod, "--grace-period=2", "--timeout=40s"])?;
     ensure!(
         o.status.success(),
-        "kubectl delete: {}\ncloud-gw:\n{}\nedge-rt:\n{}",
+        "kubectl delete: {}\n{}",
         String::from_utf8_lossy(&o.stderr),
-        s.cloud.log(),
-        s.node.daemon_log()
+        s.logs()
     );
-    ensure!(find(&s.node.pods()?, &pod).is_none(), "still on the edge");
-    s.node.cleanup().await
+    ensure!(find(&s.node().pods()?, &pod).is_none(), "still on the edge");
+    s.cleanup().await
 }

@@ -488,7 +488,10 @@ fn objects(h: &Harness, greeting: &str) -> Result<()> {
         "metadata": {"name": "creds", "namespace": "default"},
         "data": {"password": "czNjcjN0"} // "s3cr3t"
     }))?;
-    h.pods.context().objects.replace(vec![cm], vec![secret]);
+    h.pods
+        .context()
+        .objects
+        .replace(vec![cm], vec![secret], vec![]);
     Ok(())
 }
 

@@ -46,7 +46,7 @@ fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
 
 fn lower_hex(s: &str) -> Option<Vec<u8>> {
     if s.is_empty()
-        || s.len() % 2 != 0
+        || !s.len().is_multiple_of(2)
         || !s
             .bytes()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))

@@ -13,6 +13,7 @@
 
 pub mod frame;
 pub mod inventory;
+pub mod kinds;
 pub mod message;
 pub mod token;
 pub mod ws;
@@ -47,8 +48,9 @@ impl std::fmt::Display for Version {
     }
 }
 
-/// What this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 0 };
+/// What this build speaks. Minor versions of 1: 0, the first; 1, the
+/// ServiceAccountToken kind ([`kinds`]).
+pub const VERSION: Version = Version { major: 1, minor: 1 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("incompatible link protocol: we speak {ours}, the peer speaks {theirs} (same major version and at most one minor apart are needed; upgrade the older side)")]

@@ -12,9 +12,18 @@
 //! A pod counts as bound for the edge when it selects edge nodes (a
 //! nodeSelector or required node affinity on `node-role.kubernetes.io/edge`),
 //! tolerates the edge taint, or names an edge node in `spec.nodeName`.
-//! The 300 s defaults are replaced by unbounded tolerations; any other
-//! tolerationSeconds was the user's choice and stays. Opting out: the
-//! annotation `outrigger.io/autonomy: disabled` on a pod, or the label
+//!
+//! The cluster's defaults are replaced by unbounded tolerations; any other
+//! tolerationSeconds was the user's choice and stays. The defaults are
+//! whatever this cluster's admission chain adds (300 s unless the API
+//! server's `--default-not-ready-toleration-seconds` and
+//! `--default-unreachable-toleration-seconds` say otherwise, and clusters
+//! often set 60 or less): cloud-gw learns them by creating a pod without
+//! tolerations as a dry run (nothing is stored) and reading what came back
+//! ([`probe_defaults`]), at start and every few minutes. A toleration equal
+//! to the default it replaces is taken for the default: a user who wants
+//! exactly that bound opts out instead. Opting out: the annotation
+//! `outrigger.io/autonomy: disabled` on a pod, or the label
 //! `outrigger.io/autonomy=disabled` on a namespace (the webhook's
 //! namespaceSelector then skips it; the annotation is also checked here).
 
@@ -30,12 +39,99 @@ use super::nodes::EDGE_ROLE;
 /// Annotation (pods) and label (namespaces) that opt out with "disabled"
 /// (not "off", which YAML 1.1, as kubectl reads it, turns into false).
 pub const AUTONOMY: &str = "outrigger.io/autonomy";
-/// What DefaultTolerationSeconds adds: replaced, not kept.
-const DEFAULT_SECONDS: i64 = 300;
 const KEYS: [&str; 2] = [
     "node.kubernetes.io/unreachable",
     "node.kubernetes.io/not-ready",
 ];
+
+/// The tolerationSeconds the cluster's admission chain gives a pod that
+/// has none, per key (DefaultTolerationSeconds: 300 unless configured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub unreachable: Option<i64>,
+    pub not_ready: Option<i64>,
+}
+
+impl Default for Defaults {
+    /// The API server's own, until the cluster's are known.
+    fn default() -> Defaults {
+        Defaults {
+            unreachable: Some(300),
+            not_ready: Some(300),
+        }
+    }
+}
+
+impl Defaults {
+    fn for_key(&self, key: &str) -> Option<i64> {
+        match key {
+            "node.kubernetes.io/unreachable" => self.unreachable,
+            "node.kubernetes.io/not-ready" => self.not_ready,
+            _ => None,
+        }
+    }
+
+    /// What the admission chain added to a pod created without tolerations.
+    pub fn from_admitted(pod: &Pod) -> Defaults {
+        let seconds = |key: &str| {
+            pod.spec
+                .as_ref()?
+                .tolerations
+                .iter()
+                .flatten()
+                .find(|t| {
+                    t.key.as_deref() == Some(key) && t.effect.as_deref() == Some("NoExecute")
+                })?
+                .toleration_seconds
+        };
+        Defaults {
+            unreachable: seconds("node.kubernetes.io/unreachable"),
+            not_ready: seconds("node.kubernetes.io/not-ready"),
+        }
+    }
+}
+
+/// What the webhook decides with: the edge nodes known now, the
+/// cluster's default tolerations, and the namespaces opted out.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub edge_nodes: HashSet<String>,
+    pub defaults: Defaults,
+    pub opted_out_namespaces: HashSet<String>,
+}
+
+/// Learn the cluster's default tolerations: a pod with none, created in
+/// `namespace` as a dry run (admitted, defaulted, not stored), comes back
+/// with what the admission chain adds. The probe is as plain as a pod can
+/// be and passes the "restricted" Pod Security level.
+pub async fn probe_defaults(
+    client: kube::Client,
+    namespace: &str,
+) -> Result<Defaults, kube::Error> {
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "outrigger-toleration-probe-",
+                     "labels": {"app.kubernetes.io/name": "cloud-gw-probe"},
+                     "annotations": {AUTONOMY: "disabled"}},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "probe", "image": "probe.invalid/none",
+                            "securityContext": {"allowPrivilegeEscalation": false,
+                                                "capabilities": {"drop": ["ALL"]}}}]
+        }
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    let pp = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let admitted = kube::Api::<Pod>::namespaced(client, namespace)
+        .create(&pp, &pod)
+        .await?;
+    Ok(Defaults::from_admitted(&admitted))
+}
 
 fn selects_edge(pod: &Pod, edge_nodes: &HashSet<String>) -> bool {
     let Some(spec) = &pod.spec else {
@@ -79,14 +175,25 @@ fn selects_edge(pod: &Pod, edge_nodes: &HashSet<String>) -> bool {
         })
 }
 
-/// The pod's tolerations as they should be, if they should change.
-pub fn tolerations_for(pod: &Pod, edge_nodes: &HashSet<String>) -> Option<Vec<Toleration>> {
+/// The pod's tolerations as they should be, if they should change: the
+/// cluster's default bounds on not-ready and unreachable lifted (and the
+/// two tolerations added, unbounded, if it has none). Only ever a change
+/// the API server also allows on a running pod (tolerations added, or their
+/// tolerationSeconds changed), so the same answer serves the webhook and
+/// pods already bound (`autonomy`).
+pub fn tolerations_for(pod: &Pod, ctx: &Context) -> Option<Vec<Toleration>> {
+    let edge_nodes = &ctx.edge_nodes;
     let opted_out = pod
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(AUTONOMY))
-        .is_some_and(|v| v == "disabled");
+        .is_some_and(|v| v == "disabled")
+        || pod
+            .metadata
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| ctx.opted_out_namespaces.contains(ns));
     if opted_out || !selects_edge(pod, edge_nodes) {
         return None;
     }
@@ -96,11 +203,23 @@ pub fn tolerations_for(pod: &Pod, edge_nodes: &HashSet<String>) -> Option<Vec<To
         .and_then(|s| s.tolerations.clone())
         .unwrap_or_default();
     let is_default = |t: &Toleration| {
-        KEYS.contains(&t.key.as_deref().unwrap_or(""))
+        let key = t.key.as_deref().unwrap_or("");
+        KEYS.contains(&key)
             && t.effect.as_deref() == Some("NoExecute")
-            && t.toleration_seconds == Some(DEFAULT_SECONDS)
+            && t.operator.as_deref() == Some("Exists")
+            && t.toleration_seconds.is_some()
+            && t.toleration_seconds == ctx.defaults.for_key(key)
     };
-    let mut new: Vec<Toleration> = old.iter().filter(|t| !is_default(t)).cloned().collect();
+    let mut new: Vec<Toleration> = old
+        .iter()
+        .map(|t| match is_default(t) {
+            true => Toleration {
+                toleration_seconds: None,
+                ..t.clone()
+            },
+            false => t.clone(),
+        })
+        .collect();
     for key in KEYS {
         let covered = new.iter().any(|t| {
             t.key.as_deref() == Some(key) && matches!(t.effect.as_deref(), None | Some("NoExecute"))
@@ -120,7 +239,7 @@ pub fn tolerations_for(pod: &Pod, edge_nodes: &HashSet<String>) -> Option<Vec<To
 
 /// One AdmissionReview in, its answer out. A request that cannot be read
 /// is answered with a refusal saying why.
-pub fn review(body: &[u8], edge_nodes: &HashSet<String>) -> Value {
+pub fn review(body: &[u8], ctx: &Context) -> Value {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -139,7 +258,7 @@ pub fn review(body: &[u8], edge_nodes: &HashSet<String>) -> Value {
         .as_ref()
         .and_then(|o| serde_json::to_value(o).ok())
         .and_then(|v| serde_json::from_value(v).ok());
-    if let Some(t) = pod.as_ref().and_then(|p| tolerations_for(p, edge_nodes)) {
+    if let Some(t) = pod.as_ref().and_then(|p| tolerations_for(p, ctx)) {
         let has = pod
             .as_ref()
             .and_then(|p| p.spec.as_ref())
@@ -174,9 +293,20 @@ mod tests {
         json!([{"name": "c", "image": "i"}])
     }
 
+    fn ctx(nodes: &[&str], seconds: i64) -> Context {
+        Context {
+            edge_nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            defaults: Defaults {
+                unreachable: Some(seconds),
+                not_ready: Some(seconds),
+            },
+            opted_out_namespaces: HashSet::from(["legacy".to_string()]),
+        }
+    }
+
     #[test]
     fn edge_pods_get_unbounded_tolerations_and_others_are_left_alone() {
-        let nodes = HashSet::from(["gw-1".to_string()]);
+        let nodes = ctx(&["gw-1"], 300);
         // The defaults DefaultTolerationSeconds adds, plus a user's own.
         let defaults = json!([
             {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
@@ -230,7 +360,7 @@ mod tests {
 
     #[test]
     fn a_review_is_answered_with_a_json_patch_and_garbage_with_a_refusal() {
-        let nodes = HashSet::new();
+        let nodes = Context::default();
         let request = json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
@@ -263,6 +393,42 @@ mod tests {
     }
 
     fn review_of(b: &[u8]) -> Value {
-        review(b, &HashSet::new())
+        review(b, &Context::default())
+    }
+
+    #[test]
+    fn the_clusters_own_defaults_are_replaced_whatever_they_are() {
+        let with = |seconds: i64| {
+            pod(
+                json!({"containers": containers(), "nodeName": "gw-1", "tolerations": [
+                    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds},
+                    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}]}),
+                json!({}),
+            )
+        };
+        // A cluster that defaults to 60 s: 60 is its default, 300 a user's.
+        let sixty = ctx(&["gw-1"], 60);
+        let t = tolerations_for(&with(60), &sixty).expect("defaults replaced");
+        assert!(t.iter().all(|t| t.toleration_seconds.is_none()), "{t:?}");
+        assert!(tolerations_for(&with(300), &sixty).is_none());
+        // A change the API server allows on a running pod: the same
+        // tolerations, in the same order, their bound lifted.
+        let old = with(60).spec.unwrap().tolerations.unwrap();
+        assert_eq!(t.len(), old.len());
+        for (a, b) in t.iter().zip(&old) {
+            assert_eq!(
+                (&a.key, &a.operator, &a.effect),
+                (&b.key, &b.operator, &b.effect)
+            );
+        }
+        // In a namespace that opted out: left alone.
+        let mut legacy = with(60);
+        legacy.metadata.namespace = Some("legacy".into());
+        assert!(tolerations_for(&legacy, &sixty).is_none());
+        // What a dry-run pod came back with is what is learned.
+        assert_eq!(Defaults::from_admitted(&with(45)), ctx(&[], 45).defaults);
+        let bare = pod(json!({"containers": containers()}), json!({}));
+        let none = Defaults::from_admitted(&bare);
+        assert_eq!((none.unreachable, none.not_ready), (None, None));
     }
 }

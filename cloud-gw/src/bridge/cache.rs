@@ -58,6 +58,52 @@ pub struct PodEntry {
     /// Being deleted (deletionTimestamp set): the node stops it.
     pub terminating: bool,
     pub refs: Vec<Ref>,
+    /// The service account tokens its projected volumes need.
+    pub tokens: Vec<TokenWant>,
+}
+
+/// A token a pod's projected `serviceAccountToken` source needs: one per
+/// (audience, lifetime), named and identified as the node will store it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenWant {
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+    pub audience: Option<String>,
+    pub expiration_seconds: i64,
+}
+
+/// The tokens a pod's volumes need (none for a pod that mounts none).
+pub fn token_wants(pod_name: &str, pod_uid: &str, spec: &PodSpec) -> Vec<TokenWant> {
+    use outrigger_proto::kinds::{ServiceAccountToken, DEFAULT_EXPIRATION_SECONDS};
+    let sa = spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    let mut out: Vec<TokenWant> = Vec::new();
+    for p in spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.service_account_token.as_ref())
+    {
+        let audience = p.audience.clone().filter(|a| !a.is_empty());
+        let seconds = p.expiration_seconds.unwrap_or(DEFAULT_EXPIRATION_SECONDS);
+        let want = TokenWant {
+            name: ServiceAccountToken::name_for(pod_name, pod_uid, audience.as_deref(), seconds),
+            uid: ServiceAccountToken::uid_for(pod_uid, audience.as_deref(), seconds),
+            service_account: sa.clone(),
+            audience,
+            expiration_seconds: seconds,
+        };
+        if !out.contains(&want) {
+            out.push(want);
+        }
+    }
+    out
 }
 
 pub struct Cache {
@@ -67,6 +113,9 @@ pub struct Cache {
     pod_keys: HashMap<String, Key>,
     by_node: HashMap<String, BTreeSet<Key>>,
     configs: HashMap<(Kind, Key), Obj>,
+    /// Service account tokens by (namespace, name), made for pods of the
+    /// nodes this replica serves (see `pod_tokens`).
+    tokens: HashMap<Key, Obj>,
     /// What a pod uses -> node -> how many of its pods use it.
     users: HashMap<Ref, HashMap<String, u32>>,
 }
@@ -79,6 +128,7 @@ impl Default for Cache {
             pod_keys: Default::default(),
             by_node: Default::default(),
             configs: Default::default(),
+            tokens: Default::default(),
             users: Default::default(),
         }
     }
@@ -225,7 +275,19 @@ impl Cache {
         };
         let key = key_of(&v);
         let mut nodes = Vec::new();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let tokens = pod
+            .spec
+            .as_ref()
+            .filter(|_| !node.is_empty())
+            .map(|s| token_wants(&key.1, &uid, s))
+            .unwrap_or_default();
         if let Some(old) = self.unindex(&key) {
+            // Tokens it no longer needs go (all of them if this is another
+            // pod of the same name: their names include the uid).
+            for t in old.tokens.iter().filter(|t| !tokens.contains(t)) {
+                self.tokens.remove(&(key.0.clone(), t.name.clone()));
+            }
             nodes.push(old.node);
         }
         if node.is_empty() {
@@ -258,6 +320,7 @@ impl Cache {
                 node: node.clone(),
                 terminating: pod.metadata.deletion_timestamp.is_some(),
                 refs,
+                tokens,
             },
         );
         if !nodes.contains(&node) {
@@ -267,7 +330,13 @@ impl Cache {
     }
 
     pub fn remove_pod(&mut self, key: &Key) -> Vec<String> {
-        self.unindex(key).map(|p| vec![p.node]).unwrap_or_default()
+        let Some(old) = self.unindex(key) else {
+            return Vec::new();
+        };
+        for t in &old.tokens {
+            self.tokens.remove(&(key.0.clone(), t.name.clone()));
+        }
+        vec![old.node]
     }
 
     /// The nodes whose pods use this object.
@@ -306,6 +375,40 @@ impl Cache {
         }
     }
 
+    /// A token for one of a pod's volumes, fetched or refreshed; the
+    /// nodes it concerns (none if the pod is gone meanwhile).
+    pub fn put_token(&mut self, pod: &Key, pod_uid: &str, token: Obj) -> Vec<String> {
+        let Some(p) = self.pods.get(pod).filter(|p| p.obj.uid == pod_uid) else {
+            return Vec::new();
+        };
+        let Some(want) = p.tokens.iter().find(|t| t.uid == token.uid) else {
+            return Vec::new();
+        };
+        let node = p.node.clone();
+        self.versions.insert(&token.version, token.body.clone());
+        self.tokens
+            .insert((pod.0.clone(), want.name.clone()), token);
+        vec![node]
+    }
+
+    /// A token's version now, if one is held.
+    pub fn token(&self, namespace: &str, name: &str) -> Option<&Obj> {
+        self.tokens.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The pods of `node` with the tokens they need: (pod key, pod uid,
+    /// tokens).
+    pub fn token_wants_of(&self, node: &str) -> Vec<(Key, String, Vec<TokenWant>)> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.pods.get(k).map(|p| (k, p)))
+            .filter(|(_, p)| !p.tokens.is_empty())
+            .map(|(k, p)| (k.clone(), p.obj.uid.clone(), p.tokens.clone()))
+            .collect()
+    }
+
     pub fn pod_keys(&self) -> Vec<Key> {
         self.pods.keys().cloned().collect()
     }
@@ -341,6 +444,14 @@ impl Cache {
                     (p.obj.version.clone(), p.obj.body.clone()),
                 );
             }
+            for t in &p.tokens {
+                let Some(o) = self.tokens.get(&(key.0.clone(), t.name.clone())) else {
+                    continue;
+                };
+                if let Some(m) = out.get_mut(outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN) {
+                    m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
+                }
+            }
             for r in &p.refs {
                 let Some(o) = self
                     .configs
@@ -354,6 +465,17 @@ impl Cache {
             }
         }
         out
+    }
+
+    /// `node`'s pods as the node gets them (no status, no resourceVersion).
+    pub fn pod_bodies(&self, node: &str) -> Vec<Pod> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.pods.get(k))
+            .filter_map(|p| serde_json::from_slice(&p.obj.body).ok())
+            .collect()
     }
 
     /// `node`'s pods that are being deleted.

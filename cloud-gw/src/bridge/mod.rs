@@ -6,16 +6,21 @@
 //! - [`nodes`]: the Node object (created at join, adopted if it exists),
 //!   its status from the edge's report, the Lease while the link is up.
 //! - [`secret`]: cloud-gw's CA and tokens in a Secret, created once.
-//! - [`admission`]: the webhook that keeps edge pods from being evicted.
+//! - [`admission`]: the webhook that keeps edge pods from being evicted;
+//!   [`autonomy`]: the same for pods once they are bound to an edge node.
 //! - [`report`]: pod status through the status subresource, Events, and
 //!   deletion completed once the edge has stopped the pod.
+//! - [`pod_tokens`]: service account tokens for the pods of the nodes
+//!   served here, through the TokenRequest API, refreshed as a kubelet does.
 //!
 //! Nothing here is kept per node beyond the caches every replica rebuilds
 //! from the API server: any replica can serve any node.
 
 pub mod admission;
+pub mod autonomy;
 pub mod cache;
 pub mod nodes;
+pub mod pod_tokens;
 pub mod report;
 pub mod secret;
 
@@ -25,7 +30,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -47,6 +52,12 @@ pub struct BridgeConfig {
     pub lease_period: Duration,
     /// Node status is written on change and at least this often.
     pub status_period: Duration,
+    /// A pod's service account token is requested again once it is this
+    /// old, if 80% of its life has not come first (a kubelet: 24 h).
+    pub token_max_age: Duration,
+    /// cloud-gw's own namespace: where it probes the cluster's default
+    /// tolerations with a dry-run pod.
+    pub namespace: String,
 }
 
 impl Default for BridgeConfig {
@@ -55,6 +66,8 @@ impl Default for BridgeConfig {
             edge_taint: false,
             lease_period: Duration::from_secs(10),
             status_period: Duration::from_secs(60),
+            token_max_age: Duration::from_secs(24 * 3600),
+            namespace: "default".into(),
         }
     }
 }
@@ -78,6 +91,28 @@ pub(crate) struct Inner {
     pub edge_nodes: Mutex<HashSet<String>>,
     /// Watches that have listed everything once: pods, ConfigMaps, Secrets.
     ready: tokio::sync::watch::Sender<u8>,
+    /// Nodes whose link this replica holds (links per node).
+    pub served: Mutex<std::collections::HashMap<String, usize>>,
+    /// When each held (or failing) service account token is due again.
+    pub token_due: Mutex<pod_tokens::DueMap>,
+    /// Pods or served nodes changed: the token loop looks again.
+    pub token_wake: tokio::sync::Notify,
+    /// The cluster's default not-ready/unreachable tolerations, as last
+    /// probed (the webhook replaces exactly these).
+    pub toleration_defaults: Mutex<admission::Defaults>,
+    /// Namespaces labelled `outrigger.io/autonomy=disabled`.
+    pub opted_out: Mutex<HashSet<String>>,
+    /// Pods whose tolerations are being patched now (uids).
+    pub patching: Mutex<HashSet<String>>,
+}
+
+/// What the webhook and the bound-pod check decide with.
+pub(crate) fn admission_context(inner: &Inner) -> admission::Context {
+    admission::Context {
+        edge_nodes: lock(&inner.edge_nodes).clone(),
+        defaults: *lock(&inner.toleration_defaults),
+        opted_out_namespaces: lock(&inner.opted_out).clone(),
+    }
 }
 
 /// Objects from the API server, status into it.
@@ -111,19 +146,39 @@ impl KubeSource {
             journals: Default::default(),
             api_slots: tokio::sync::Semaphore::new(API_WRITES),
             ready: tokio::sync::watch::channel(0).0,
+            served: Default::default(),
+            token_due: Default::default(),
+            token_wake: tokio::sync::Notify::new(),
+            toleration_defaults: Default::default(),
+            opted_out: Default::default(),
+            patching: Default::default(),
         });
+        tokio::spawn(pod_tokens::run(inner.clone()));
+        tokio::spawn(probe_defaults(inner.clone()));
+        tokio::spawn(autonomy::sweep(inner.clone()));
+        let namespaces = watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{}=disabled", admission::AUTONOMY)),
+        );
+        tokio::spawn(follow_names(inner.clone(), "namespaces", namespaces, |i| {
+            &i.opted_out
+        }));
         // Pods bound to any node: one watch for all edge nodes.
         let pods = watcher(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields("spec.nodeName!="),
         );
+        let bridge = inner.clone();
         tokio::spawn(follow(
             inner.clone(),
             "pods",
             pods,
             Cache::pod_keys,
-            |c, e| match e {
-                Change::Put(p) => c.put_pod(&p),
+            move |c, e| match e {
+                Change::Put(p) => {
+                    autonomy::check(&bridge, &p);
+                    c.put_pod(&p)
+                }
                 Change::Gone(k) => c.remove_pod(&k),
             },
         ));
@@ -139,7 +194,9 @@ impl KubeSource {
             Api::<Node>::all(client.clone()),
             watcher::Config::default().labels(nodes::EDGE_ROLE),
         );
-        tokio::spawn(follow_nodes(inner.clone(), nodes));
+        tokio::spawn(follow_names(inner.clone(), "nodes", nodes, |i| {
+            &i.edge_nodes
+        }));
         let secrets = watcher(Api::<Secret>::all(client), Default::default());
         tokio::spawn(follow(
             inner.clone(),
@@ -245,34 +302,65 @@ async fn follow<K, S, F>(
                 Event::Delete(o) => apply(&mut c, Change::Gone(key_of(o.meta()))),
             }
         };
+        if !touched.is_empty() && what == "pods" {
+            inner.token_wake.notify_one();
+        }
         for n in touched {
             inner.notify.changed(&n);
         }
     }
 }
 
-/// Keep the set of edge node names (for the webhook; not needed to serve).
-async fn follow_nodes<S>(inner: Arc<Inner>, stream: S)
-where
-    S: futures_util::Stream<Item = Result<Event<Node>, watcher::Error>> + Send,
+/// The cluster's default tolerations, learned at start and every five
+/// minutes (an API server restarted with other flags changes them).
+async fn probe_defaults(inner: Arc<Inner>) {
+    let mut known: Option<admission::Defaults> = None;
+    loop {
+        match admission::probe_defaults(inner.client.clone(), &inner.cfg.namespace).await {
+            Ok(d) => {
+                if known != Some(d) {
+                    tracing::info!(namespace = inner.cfg.namespace, unreachable = ?d.unreachable, not_ready = ?d.not_ready, "the cluster's default tolerations (seconds)");
+                }
+                known = Some(d);
+                *lock(&inner.toleration_defaults) = d;
+            }
+            Err(e) => {
+                tracing::warn!(namespace = inner.cfg.namespace, error = %e, "cannot learn the cluster's default tolerations (a dry-run pod); assuming the API server's 300 s")
+            }
+        }
+        let wait = if known.is_some() { 300 } else { 10 };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+}
+
+/// Keep a set of names of what a watch selects (edge Nodes, opted-out
+/// namespaces: for the webhook and the autonomy check; not needed to serve).
+async fn follow_names<K, S>(
+    inner: Arc<Inner>,
+    what: &'static str,
+    stream: S,
+    set: fn(&Inner) -> &Mutex<HashSet<String>>,
+) where
+    K: kube::Resource,
+    S: futures_util::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed = HashSet::new();
     while let Some(ev) = stream.next().await {
-        let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
+        let name = |o: &K| o.meta().name.clone().unwrap_or_default();
         match ev {
             Ok(Event::Init) => listed.clear(),
-            Ok(Event::InitApply(n)) => {
-                listed.insert(name(&n));
+            Ok(Event::InitApply(o)) => {
+                listed.insert(name(&o));
             }
-            Ok(Event::InitDone) => *lock(&inner.edge_nodes) = std::mem::take(&mut listed),
-            Ok(Event::Apply(n)) => {
-                lock(&inner.edge_nodes).insert(name(&n));
+            Ok(Event::InitDone) => *lock(set(&inner)) = std::mem::take(&mut listed),
+            Ok(Event::Apply(o)) => {
+                lock(set(&inner)).insert(name(&o));
             }
-            Ok(Event::Delete(n)) => {
-                lock(&inner.edge_nodes).remove(&name(&n));
+            Ok(Event::Delete(o)) => {
+                lock(set(&inner)).remove(&name(&o));
             }
-            Err(e) => tracing::warn!(error = %e, "node watch failed; retrying with back-off"),
+            Err(e) => tracing::warn!(what, error = %e, "watch failed; retrying with back-off"),
         }
     }
 }
@@ -282,8 +370,8 @@ impl crate::http::State for KubeSource {
         self.is_ready()
     }
 
-    fn edge_nodes(&self) -> HashSet<String> {
-        lock(&self.inner.edge_nodes).clone()
+    fn admission(&self) -> admission::Context {
+        admission_context(&self.inner)
     }
 }
 
@@ -332,6 +420,10 @@ impl Source for KubeSource {
                 .await
                 .map_err(|e| e.to_string())
         })
+    }
+
+    fn prepare<'a>(&'a self, node: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(pod_tokens::prepare(&self.inner, node))
     }
 
     fn connected(&self, node: &str) -> Option<tokio::task::JoinHandle<()>> {

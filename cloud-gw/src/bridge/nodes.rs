@@ -159,11 +159,12 @@ pub(crate) async fn write_status(
         "conditions": conditions,
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
     });
-    for k in ["capacity", "allocatable", "nodeInfo", "addresses"] {
+    for k in ["capacity", "allocatable", "nodeInfo"] {
         if !report[k].is_null() {
             status[k] = report[k].clone();
         }
     }
+    status["addresses"] = addresses(&report["addresses"]).into();
     api.patch_status(
         node,
         &PatchParams::default(),
@@ -182,6 +183,25 @@ pub(crate) async fn write_status(
     Ok(())
 }
 
+/// The addresses the API server may dial for this node: IP addresses only.
+/// A name (a Hostname address, or an IP-typed address holding a name)
+/// would send the API server to its resolver for something that leads
+/// nowhere, so the edge's report is held to that here.
+pub fn addresses(reported: &Value) -> Vec<Value> {
+    reported
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| matches!(a["type"].as_str(), Some("InternalIP" | "ExternalIP")))
+        .filter(|a| {
+            a["address"]
+                .as_str()
+                .is_some_and(|s| s.parse::<std::net::IpAddr>().is_ok())
+        })
+        .map(|a| json!({"type": a["type"], "address": a["address"]}))
+        .collect()
+}
+
 /// Renew (or create) the node's Lease.
 async fn renew_lease(inner: &Inner, node: &str) -> Result<(), kube::Error> {
     let api = Api::<Lease>::namespaced(inner.client.clone(), LEASE_NAMESPACE);
@@ -196,9 +216,18 @@ async fn renew_lease(inner: &Inner, node: &str) -> Result<(), kube::Error> {
             api.replace(node, &PostParams::default(), &l).await?;
         }
         None => {
+            // Owned by the Node, as a kubelet's: it goes when the Node does.
+            let uid = Api::<Node>::all(inner.client.clone())
+                .get(node)
+                .await?
+                .metadata
+                .uid
+                .unwrap_or_default();
             let l: Lease = serde_json::from_value(json!({
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": node, "namespace": LEASE_NAMESPACE},
+                "metadata": {"name": node, "namespace": LEASE_NAMESPACE,
+                             "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
+                                                  "name": node, "uid": uid}]},
                 "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECONDS,
                          "renewTime": now},
             }))
@@ -216,19 +245,29 @@ async fn renew_lease_slotted(inner: &Inner, node: &str) -> Result<(), kube::Erro
     }
 }
 
-/// Forgets the node's report when its link task ends (aborted with it).
+/// While a node's link task runs, the node counts as served here (its
+/// pods' tokens are kept fresh); when it ends (aborted with the link), its
+/// report is forgotten and it no longer counts.
 struct Forget(Arc<Inner>, String);
+
+impl Forget {
+    fn new(inner: Arc<Inner>, node: String) -> Forget {
+        super::pod_tokens::serve(&inner, &node, true);
+        Forget(inner, node)
+    }
+}
 
 impl Drop for Forget {
     fn drop(&mut self) {
         lock(&self.0.reports).remove(&self.1);
+        super::pod_tokens::serve(&self.0, &self.1, false);
     }
 }
 
 /// While the node's link is up: the Lease every `lease_period`, the status
 /// again every `status_period` (changes are written as they come).
 pub(crate) async fn keep_alive(inner: Arc<Inner>, node: String) {
-    let _forget = Forget(inner.clone(), node.clone());
+    let _forget = Forget::new(inner.clone(), node.clone());
     let mut lease = tokio::time::interval(inner.cfg.lease_period);
     lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = tokio::time::interval(inner.cfg.status_period);
@@ -262,5 +301,29 @@ pub(crate) async fn keep_alive(inner: Arc<Inner>, node: String) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ip_addresses_reach_the_node() {
+        let reported = json!([
+            {"type": "InternalIP", "address": "192.168.7.20"},
+            {"type": "Hostname", "address": "gw-7"},
+            {"type": "InternalIP", "address": "gw-7.local"},
+            {"type": "ExternalIP", "address": "2001:db8::7"},
+            {"type": "InternalDNS", "address": "gw-7.plant.example"},
+        ]);
+        assert_eq!(
+            addresses(&reported),
+            vec![
+                json!({"type": "InternalIP", "address": "192.168.7.20"}),
+                json!({"type": "ExternalIP", "address": "2001:db8::7"}),
+            ]
+        );
+        assert!(addresses(&Value::Null).is_empty());
     }
 }

@@ -1,18 +1,21 @@
-//! Where pods' ConfigMaps and Secrets come from. Workers only read through
-//! [`Objects`]; the static manifest directory fills it today, and the store
-//! (offline autonomy) and the cloud link will fill it later. Every change
-//! bumps a generation, so workers know when to refresh their volumes.
+//! What pods' volumes and env are made from: ConfigMaps, Secrets and
+//! service account tokens. Workers only read through [`Objects`]; the
+//! daemon fills it from the manifest directory and the node store. Every
+//! change bumps a generation, so workers know when to refresh their volumes.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use outrigger_proto::kinds::ServiceAccountToken;
 use tokio::sync::watch;
 
 #[derive(Default)]
 struct Maps {
     config_maps: BTreeMap<(String, String), ConfigMap>,
     secrets: BTreeMap<(String, String), Secret>,
+    /// By namespace, then name: a pod's are found by its uid.
+    tokens: BTreeMap<(String, String), ServiceAccountToken>,
 }
 
 /// ConfigMaps and Secrets by namespace and name.
@@ -39,7 +42,12 @@ fn key(ns: Option<&String>, name: Option<&String>) -> (String, String) {
 
 impl Objects {
     /// Replace everything (a source that always knows the whole set).
-    pub fn replace(&self, config_maps: Vec<ConfigMap>, secrets: Vec<Secret>) {
+    pub fn replace(
+        &self,
+        config_maps: Vec<ConfigMap>,
+        secrets: Vec<Secret>,
+        tokens: Vec<ServiceAccountToken>,
+    ) {
         let next = Maps {
             config_maps: config_maps
                 .into_iter()
@@ -59,9 +67,15 @@ impl Objects {
                     )
                 })
                 .collect(),
+            tokens: tokens
+                .into_iter()
+                .map(|t| ((t.metadata.namespace.clone(), t.metadata.name.clone()), t))
+                .collect(),
         };
         let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
-        let changed = maps.config_maps != next.config_maps || maps.secrets != next.secrets;
+        let changed = maps.config_maps != next.config_maps
+            || maps.secrets != next.secrets
+            || maps.tokens != next.tokens;
         *maps = next;
         drop(maps);
         if changed {
@@ -81,6 +95,23 @@ impl Objects {
         maps.secrets
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// The token for a pod's projected `serviceAccountToken` source.
+    pub fn token(
+        &self,
+        namespace: &str,
+        pod_uid: &str,
+        audience: Option<&str>,
+        expiration_seconds: i64,
+    ) -> Option<String> {
+        let maps = self.maps.read().unwrap_or_else(|p| p.into_inner());
+        maps.tokens
+            .range((namespace.to_string(), String::new())..)
+            .take_while(|((ns, _), _)| ns == namespace)
+            .map(|(_, t)| t)
+            .find(|t| t.is_for(pod_uid, audience, expiration_seconds))
+            .map(|t| t.status.token.clone())
     }
 
     /// Changes whenever any object does.

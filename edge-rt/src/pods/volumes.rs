@@ -1,13 +1,16 @@
 //! A pod's volumes on the host, bind-mounted into its containers:
 //! emptyDir (disk, or tmpfs with medium Memory), hostPath (with its type
-//! checks), and configMap, secret, downwardAPI and projected volumes.
+//! checks), and configMap, secret, downwardAPI and projected volumes (with
+//! service account tokens, as every pod's `kube-api-access-*` has).
 //!
 //! Volumes made from objects are written the way the kubelet's atomic
 //! writer does: files live in a hidden `..<hash>` directory, `..data` points
 //! at it, and each visible name is a symlink through `..data`. An update
 //! writes a new directory and swaps `..data` with one rename, so a reader
 //! inside the container sees the old set or the new one, never a mix.
-//! Secret volumes live on tmpfs, never on disk.
+//! Secret and projected volumes live on tmpfs, never on disk. A token the
+//! node does not have (yet, or any more: offline past a refresh) leaves
+//! the one already in the volume in place.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -109,12 +112,14 @@ fn downward(
     Ok(())
 }
 
-/// The files of an object-backed volume; None for other kinds.
+/// The files of an object-backed volume (its directory is `dir`); None for
+/// other kinds.
 fn object_files(
     v: &Volume,
     pod: &Pod,
     objects: &Objects,
     at: &Placement,
+    dir: &Path,
 ) -> Result<Option<Files>, String> {
     let ns = super::namespace(pod);
     let containers = pod
@@ -174,8 +179,21 @@ fn object_files(
                     at,
                     &mut files,
                 )?;
+            } else if let Some(t) = &src.service_account_token {
+                safe_relative(&t.path)?;
+                let seconds = t
+                    .expiration_seconds
+                    .unwrap_or(outrigger_proto::kinds::DEFAULT_EXPIRATION_SECONDS);
+                let audience = t.audience.as_deref().filter(|a| !a.is_empty());
+                let token = match objects.token(ns, super::uid(pod), audience, seconds) {
+                    Some(token) => token.into_bytes(),
+                    None => fs::read(dir.join(&t.path)).map_err(|_| {
+                        "no service account token for this pod yet: cloud-gw requests it from the cluster and sends it with the pod".to_string()
+                    })?,
+                };
+                files.insert(t.path.clone(), (token, mode));
             } else {
-                return Err("projected volume: only configMap, secret and downwardAPI sources are supported".into());
+                return Err("projected volume: a source of a kind not supported (configMap, secret, downwardAPI and serviceAccountToken are)".into());
             }
         }
     } else {
@@ -378,11 +396,11 @@ impl PodVolumes {
             } else if let Some(h) = &v.host_path {
                 host_path(&h.path, h.type_.as_deref())?
             } else {
-                match object_files(v, pod, objects, at)
+                match object_files(v, pod, objects, at, &dir)
                     .map_err(|e| format!("volume {}: {e}", v.name))?
                 {
                     Some(files) => {
-                        if v.secret.is_some() {
+                        if v.secret.is_some() || v.projected.is_some() {
                             tmpfs(&dir, None)?;
                         }
                         write_atomic(&dir, &files)

@@ -123,17 +123,30 @@ pub enum Kind {
     Pod,
     ConfigMap,
     Secret,
+    /// A pod's service account token (`outrigger_proto::kinds`).
+    ServiceAccountToken,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Pod, Kind::ConfigMap, Kind::Secret];
+    pub const ALL: [Kind; 4] = [
+        Kind::Pod,
+        Kind::ConfigMap,
+        Kind::Secret,
+        Kind::ServiceAccountToken,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Pod => "Pod",
             Kind::ConfigMap => "ConfigMap",
             Kind::Secret => "Secret",
+            Kind::ServiceAccountToken => outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN,
         }
+    }
+
+    /// Credentials: sealed at rest, redacted when shown.
+    pub fn sealed(self) -> bool {
+        matches!(self, Kind::Secret | Kind::ServiceAccountToken)
     }
 }
 
@@ -145,6 +158,9 @@ impl std::str::FromStr for Kind {
             "pod" | "pods" | "po" => Ok(Kind::Pod),
             "configmap" | "configmaps" | "cm" => Ok(Kind::ConfigMap),
             "secret" | "secrets" => Ok(Kind::Secret),
+            "serviceaccounttoken" | "serviceaccounttokens" | "tokens" => {
+                Ok(Kind::ServiceAccountToken)
+            }
             _ => Err(StoreError::UnknownKind(s.to_string())),
         }
     }
@@ -512,7 +528,7 @@ impl Store {
                     Change::Put(o) => {
                         let json = serde_json::to_vec(&o.body)
                             .map_err(|e| StoreError::Invalid(e.to_string()))?;
-                        let (sealed, body) = if o.kind == Kind::Secret {
+                        let (sealed, body) = if o.kind.sealed() {
                             let key = self.key.as_ref().ok_or_else(|| {
                                 StoreError::Key("not loaded: the store is open read-only".into())
                             })?;

@@ -4,8 +4,9 @@
 use rusqlite_migration::{Migrations, M};
 
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        r#"
+    Migrations::new(vec![
+        M::up(
+            r#"
         -- Kinds the node may be told about; objects and cursors must name one.
         CREATE TABLE kinds (name TEXT PRIMARY KEY) WITHOUT ROWID;
         INSERT INTO kinds (name) VALUES ('Pod'), ('ConfigMap'), ('Secret');
@@ -48,7 +49,10 @@ pub fn migrations() -> Migrations<'static> {
         -- Small node facts: link state, counters.
         CREATE TABLE node_state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
         "#,
-    )])
+        ),
+        // Service account tokens for pods' projected volumes (sealed).
+        M::up("INSERT INTO kinds (name) VALUES ('ServiceAccountToken');"),
+    ])
 }
 
 #[cfg(test)]

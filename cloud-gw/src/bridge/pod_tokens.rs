@@ -1,0 +1,284 @@
+//! Service account tokens for edge pods, as a kubelet's token manager gets
+//! them: every projected `serviceAccountToken` source of a pod (the
+//! `kube-api-access-*` volume the ServiceAccount admission plugin gives
+//! every pod, or a user's own) gets a token from the TokenRequest API,
+//! bound to the pod, for the source's audience and lifetime. It goes to the
+//! pod's node like a Secret (kind `ServiceAccountToken`), and is requested
+//! again once 80% of its life is up (or it is `token_max_age` old, 24 h as
+//! the kubelet has it), so the file in the container is replaced before it
+//! expires.
+//!
+//! Only for the nodes whose link this replica holds: a node gets its pods'
+//! tokens before its objects are first looked at ([`prepare`]), and they
+//! are refreshed while its link stays here. A node that goes offline keeps
+//! the last token it got; a pod whose token expires meanwhile keeps
+//! running, and its API calls fail until the link is back. Node
+//! restriction: a node is only ever sent tokens for pods bound to it (the
+//! cache holds none other for it), and the API server refuses a token
+//! bound to a pod that is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::PostParams;
+use kube::Api;
+use outrigger_proto::kinds::{ServiceAccountToken, TokenMeta, TokenSpec, TokenStatus};
+
+use super::cache::{Key, Obj, TokenWant};
+use super::{lock, Inner};
+
+/// Token requests at once (each also takes one of the API write slots).
+const CONCURRENT: usize = 8;
+/// How long a node's first sync waits for its pods' tokens.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// When a token is due again, per (namespace, token name).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Due {
+    at: Instant,
+    failures: u32,
+}
+
+/// One token to request.
+struct Job {
+    pod: Key,
+    pod_uid: String,
+    want: TokenWant,
+}
+
+/// How long until a token just issued should be requested again: once
+/// 80% of its `ttl` is up, counted from now with `remaining` seconds of it
+/// left as the API server said, and never later than `max_age`.
+pub fn refresh_after(ttl_secs: i64, remaining_secs: i64, max_age: Duration) -> Duration {
+    let ttl = ttl_secs.max(1);
+    let remaining = remaining_secs.clamp(0, ttl);
+    let until = (remaining - ttl / 5).max(0) as u64;
+    Duration::from_secs(until).min(max_age)
+}
+
+/// Back-off after failed requests: 2 s doubling to 64 s.
+fn retry_after(failures: u32) -> Duration {
+    Duration::from_secs(2u64 << failures.clamp(1, 6).saturating_sub(1))
+}
+
+/// What is due among the nodes in `nodes`, and when the next one will be.
+fn plan(inner: &Inner, nodes: &[String], now: Instant) -> (Vec<Job>, Option<Instant>) {
+    let cache = lock(&inner.cache);
+    let due = lock(&inner.token_due);
+    let mut jobs = Vec::new();
+    let mut next: Option<Instant> = None;
+    for node in nodes {
+        for (pod, pod_uid, wants) in cache.token_wants_of(node) {
+            for want in wants {
+                let held = cache.token(&pod.0, &want.name).is_some();
+                match due.get(&(pod.0.clone(), want.name.clone())) {
+                    Some(d) if d.at > now && (held || d.failures > 0) => {
+                        next = Some(next.map_or(d.at, |n| n.min(d.at)));
+                    }
+                    _ => jobs.push(Job {
+                        pod: pod.clone(),
+                        pod_uid: pod_uid.clone(),
+                        want,
+                    }),
+                }
+            }
+        }
+    }
+    (jobs, next)
+}
+
+/// Request one token and hand it to the cache (and so to the node).
+async fn fetch(inner: &Inner, job: Job) {
+    let key = (job.pod.0.clone(), job.want.name.clone());
+    let result = match inner.api_slots.acquire().await {
+        Ok(_slot) => request(inner, &job).await,
+        Err(_) => return,
+    };
+    match result {
+        Ok((obj, refresh)) => {
+            let nodes = lock(&inner.cache).put_token(&job.pod, &job.pod_uid, obj);
+            lock(&inner.token_due).insert(
+                key,
+                Due {
+                    at: Instant::now() + refresh,
+                    failures: 0,
+                },
+            );
+            for n in nodes {
+                inner.notify.changed(&n);
+            }
+        }
+        Err(e) => {
+            let mut due = lock(&inner.token_due);
+            let failures = due.get(&key).map_or(0, |d| d.failures) + 1;
+            if failures == 1 {
+                tracing::warn!(namespace = %job.pod.0, pod = %job.pod.1, service_account = %job.want.service_account, error = %e, "service account token not issued; retrying");
+            }
+            due.insert(
+                key,
+                Due {
+                    at: Instant::now() + retry_after(failures),
+                    failures,
+                },
+            );
+        }
+    }
+}
+
+async fn request(inner: &Inner, job: &Job) -> Result<(Obj, Duration), String> {
+    let (ns, pod_name) = &job.pod;
+    let api = Api::<ServiceAccount>::namespaced(inner.client.clone(), ns);
+    let tr = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: job.want.audience.clone().map(|a| vec![a]),
+            expiration_seconds: Some(job.want.expiration_seconds),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod_name.clone()),
+                uid: Some(job.pod_uid.clone()),
+            }),
+        }),
+        ..Default::default()
+    };
+    let got = api
+        .create_token_request(&job.want.service_account, &PostParams::default(), &tr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = got.status.unwrap_or_default();
+    let (Some(token), Some(expires)) = (status.token, status.expiration_timestamp) else {
+        return Err("the API server answered without a token".into());
+    };
+    let expires = expires.0;
+    let remaining = expires
+        .duration_since(k8s_openapi::jiff::Timestamp::now())
+        .as_secs();
+    let token = ServiceAccountToken {
+        api_version: ServiceAccountToken::API_VERSION.into(),
+        kind: outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN.into(),
+        metadata: TokenMeta {
+            name: job.want.name.clone(),
+            namespace: ns.clone(),
+            uid: job.want.uid.clone(),
+        },
+        spec: TokenSpec {
+            service_account_name: job.want.service_account.clone(),
+            audience: job.want.audience.clone(),
+            expiration_seconds: job.want.expiration_seconds,
+            pod_name: pod_name.clone(),
+            pod_uid: job.pod_uid.clone(),
+        },
+        status: TokenStatus {
+            token,
+            expiration_timestamp: format!("{expires:.0}"),
+        },
+    };
+    let body = serde_json::to_value(&token).map_err(|e| e.to_string())?;
+    let refresh = refresh_after(
+        job.want.expiration_seconds,
+        remaining,
+        inner.cfg.token_max_age,
+    );
+    Ok((super::cache::strip(body, false), refresh))
+}
+
+async fn fetch_all(inner: &Inner, jobs: Vec<Job>) {
+    futures_util::stream::iter(jobs)
+        .for_each_concurrent(CONCURRENT, |j| fetch(inner, j))
+        .await;
+}
+
+/// Before a node's first sync on this replica: its pods' tokens, or as
+/// many as come within a few seconds (the rest follow as they come).
+pub(crate) async fn prepare(inner: &Inner, node: &str) {
+    let (jobs, _) = plan(inner, &[node.to_string()], Instant::now());
+    if jobs.is_empty() {
+        return;
+    }
+    let n = jobs.len();
+    if tokio::time::timeout(PREPARE_TIMEOUT, fetch_all(inner, jobs))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            node,
+            tokens = n,
+            "service account tokens still pending after 10 s"
+        );
+    }
+}
+
+/// The nodes served here, counted by link (a node may briefly hold two).
+pub(crate) fn serve(inner: &Inner, node: &str, up: bool) {
+    let mut s = lock(&inner.served);
+    let n = s.entry(node.to_string()).or_default();
+    if up {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            s.remove(node);
+        }
+    }
+    drop(s);
+    inner.token_wake.notify_one();
+}
+
+/// The token loop: whatever is due for the nodes served here, then sleep
+/// until the next is due or a pod changes.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    loop {
+        let nodes: Vec<String> = lock(&inner.served).keys().cloned().collect();
+        let (jobs, next) = plan(&inner, &nodes, Instant::now());
+        fetch_all(&inner, jobs).await;
+        prune(&inner);
+        let wait = next
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_millis(100));
+        tokio::select! {
+            _ = inner.token_wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Forget when tokens were due for pods that are gone: a held token's
+/// goes with it; a failing one's once it has not been retried for a while
+/// (a token still wanted is retried within a minute).
+fn prune(inner: &Inner) {
+    let cache = lock(&inner.cache);
+    let stale = Instant::now().checked_sub(Duration::from_secs(600));
+    lock(&inner.token_due).retain(|(ns, name), d| {
+        cache.token(ns, name).is_some() || (d.failures > 0 && stale.is_none_or(|s| d.at > s))
+    });
+}
+
+/// Shared state of the token loop, kept in the bridge's `Inner`.
+pub(crate) type DueMap = HashMap<Key, Due>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_refreshed_at_80_percent_of_their_life_or_their_max_age() {
+        let day = Duration::from_secs(86_400);
+        // An hour's token, just issued: again after 48 minutes.
+        assert_eq!(refresh_after(3600, 3600, day), Duration::from_secs(2880));
+        // Issued a while ago (the clock said less remains): sooner.
+        assert_eq!(refresh_after(3600, 1000, day), Duration::from_secs(280));
+        // Already in its last fifth, or expired: at once.
+        assert_eq!(refresh_after(3600, 500, day), Duration::ZERO);
+        assert_eq!(refresh_after(3600, -5, day), Duration::ZERO);
+        // A year's token: no older than the max age.
+        assert_eq!(refresh_after(31_536_000, 31_536_000, day), day);
+        assert_eq!(retry_after(1), Duration::from_secs(2));
+        assert_eq!(retry_after(3), Duration::from_secs(8));
+        assert_eq!(retry_after(30), Duration::from_secs(64));
+    }
+}
