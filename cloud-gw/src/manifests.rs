@@ -141,7 +141,11 @@ pub fn documents(o: &Options) -> Vec<Value> {
         "webhooks": [{
           "name": "edge-autonomy.outrigger.io",
           "clientConfig": {"service": {"name": NAME, "namespace": ns, "path": "/mutate-pods", "port": 443}},
-          "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+          // Whole, with the scope the API server would default: rules is
+          // an atomic list, and a server-side apply over a client-side one
+          // conflicts on any difference from what is stored.
+          "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                     "scope": "*"}],
           "namespaceSelector": {"matchExpressions": [
             {"key": "outrigger.io/autonomy", "operator": "NotIn", "values": ["disabled"]}]},
           // Pod creation must not hang on cloud-gw: without it a pod

@@ -13,8 +13,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 
 pub struct Ca {
@@ -111,43 +109,6 @@ impl Ca {
         let cert = p.signed_by(&key, &self.issuer()?)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
-}
-
-/// Which user a verified client certificate names (CN, and O as groups).
-pub fn cert_user(der: &[u8]) -> Option<(String, Vec<String>)> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let user = subject
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let groups = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(String::from))
-        .collect();
-    Some((user, groups))
-}
-
-pub fn server_tls(ca: &Ca, cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())?)?;
-    // Optional at the TLS layer: bearer tokens need no certificate. One
-    // that another CA signed fails the handshake, as with kube-apiserver.
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .allow_unauthenticated()
-            .build()?;
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert], key)?;
-    // HTTP/1.1 only: clients (client-go, kube) fall back to it.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
 }
 
 /// What a kubeconfig's user entry holds.

@@ -176,6 +176,8 @@ impl Vm {
                 "1024",
             ])
             .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+            // No network: the default NIC would also need iPXE's option ROM.
+            .args(["-nic", "none"])
             .arg("-no-reboot")
             .arg("-kernel")
             .arg(kernel)

@@ -1253,3 +1253,148 @@ async fn a_shorter_grace_period_on_delete_is_honoured_on_the_edge() -> Result<()
     ensure!(find(&s.node().pods()?, &pod).is_none(), "still on the edge");
     s.cleanup().await
 }
+
+/// cloud-gw's image as `cloud-gw/image/build.sh` makes it (an OCI layout,
+/// tag "test"): `$OUTRIGGER_CLOUD_GW_IMAGE` (CI builds it before the
+/// tests), else built now into the target directory.
+fn cloud_gw_image() -> Result<std::path::PathBuf> {
+    if let Some(d) = std::env::var_os("OUTRIGGER_CLOUD_GW_IMAGE").filter(|d| !d.is_empty()) {
+        return Ok(d.into());
+    }
+    let target = cloud_gw_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .context("target directory")?
+        .to_path_buf();
+    let out = target.join("cloud-gw-image");
+    if !out.join("index.json").exists() {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cloud-gw/image/build.sh");
+        let o = std::process::Command::new("sh")
+            .arg(script)
+            .arg(&out)
+            .arg("test")
+            .env("ARCHES", outrigger_tests::fixtures::host_arch())
+            .env("CARGO_TARGET_DIR", &target)
+            .output()?;
+        ensure!(o.status.success(), "building the image: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(out)
+}
+
+/// cloud-gw as a cluster runs it: its own image (built here, pushed to a
+/// registry), `cloud-gw manifests` applied client-side and server-side,
+/// twice and over each other, its RBAC enough for everything it does (a
+/// cloud-gw with the manifests' service account token serves an edge), its
+/// Deployment kept off the edge node, and the image runnable.
+#[tokio::test]
+async fn cloud_gw_runs_from_its_own_image_and_manifests() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    // Its own control plane: the manifests are cluster-wide.
+    let cluster = Cluster::own(&Default::default())?;
+    let registry = outrigger_tests::registry::Registry::start(None)?;
+    let image = registry.push(&cloud_gw_image()?, "test", "outrigger/cloud-gw")?;
+    let manifests = {
+        let o = std::process::Command::new(cloud_gw_bin())
+            .args(["manifests", "--image", &image, "--san", "127.0.0.1", "--replicas", "1"])
+            .output()?;
+        ensure!(o.status.success(), "{}", stderr(&o));
+        text(&o)
+    };
+    let apply = |how: &[&str]| -> Result<String> {
+        let mut a = vec!["apply", "-f", "-"];
+        a.extend_from_slice(how);
+        kubectl_stdin(cluster.kubectl(), &a, &manifests)
+    };
+    apply(&[])?;
+    apply(&[])?;
+    apply(&["--server-side"])?;
+    apply(&["--server-side"])?;
+
+    // cloud-gw beside the cluster with its service account's token: what
+    // its RBAC allows is all it can do.
+    let token = text(
+        &cluster
+            .kubectl()
+            .args(["create", "token", "cloud-gw", "-n", "outrigger-system", "--duration=1h"])
+            .output()?,
+    );
+    let kubeconfig = cluster.kubeconfig().with_file_name("cloud-gw.kubeconfig");
+    {
+        let admin: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(cluster.kubeconfig())?)?;
+        let mut k = admin.clone();
+        k["users"][0]["user"] = serde_json::json!({"token": token.trim()});
+        std::fs::write(&kubeconfig, serde_yaml_ng::to_string(&k)?)?;
+    }
+    let cloud = Cloud::start_replica(&kubeconfig, "outrigger-system/cloud-gw-pki", None).await?;
+    cloud.logged("link CA written into the webhook configuration").await?;
+    cloud.logged("the cluster's default tolerations").await?;
+    // Both kinds of apply again, over cloud-gw's own write: no conflict,
+    // and the caBundle stays.
+    apply(&[])?;
+    apply(&["--server-side"])?;
+    let hook: Value = serde_json::from_str(&text(
+        &cluster
+            .kubectl()
+            .args(["get", "mutatingwebhookconfiguration", "outrigger-cloud-gw", "-o", "json"])
+            .output()?,
+    ))?;
+    ensure!(
+        hook["webhooks"][0]["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty()),
+        "{hook}"
+    );
+
+    // An edge, and a pod on it from the image, with its token.
+    let name = unique("edge");
+    let node = Node::new()?;
+    let mut cfg = std::fs::read_to_string(&node.config)?;
+    cfg.push_str(&format!("\n[registry]\nca_bundle = {:?}\n", registry.ca_pem));
+    std::fs::write(&node.config, cfg)?;
+    let o = join_with(&node, &cloud.server, &cloud.token("10m")?, &name, &[])?;
+    ensure!(o.status.success(), "join: {}", stderr(&o));
+    let daemon = node.start().await?;
+    let ns = |args: &[&str]| -> Result<Output> {
+        Ok(cluster.kubectl().args(["-n", "outrigger-system"]).args(args).output()?)
+    };
+    kubectl_stdin(
+        cluster.kubectl(),
+        &["apply", "-n", "outrigger-system", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: version}}\nspec:\n  nodeName: {name}\n  restartPolicy: Never\n  containers:\n  - {{name: cloud-gw, image: {image:?}, args: [--version]}}\n"
+        ),
+    )?;
+    wait_for("the image's cloud-gw to run and exit 0", Duration::from_secs(90), || async {
+        let o = ns(&["get", "pod", "version", "-o", "jsonpath={.status.phase}"]).ok()?;
+        (text(&o) == "Succeeded").then_some(())
+    })
+    .await
+    .with_context(|| format!("cloud-gw:\n{}\nedge-rt:\n{}", cloud.log(), node.daemon_log()))?;
+    let logs = node.cli(&["logs", "-n", "outrigger-system", "version"])?;
+    ensure!(
+        text(&logs).contains(concat!("cloud-gw ", env!("CARGO_PKG_VERSION"))),
+        "{}",
+        text(&logs)
+    );
+    // The Deployment is scheduled nowhere: the only node is an edge node
+    // (not even tainted), and its affinity keeps off those.
+    let msg = wait_for("cloud-gw's pod unschedulable", Duration::from_secs(60), || async {
+        let o = ns(&["get", "pods", "-l", "app.kubernetes.io/name=cloud-gw", "-o", "json"]).ok()?;
+        let v: Value = serde_json::from_str(&text(&o)).ok()?;
+        let p = v["items"].as_array()?.first()?.clone();
+        ensure_image(&p, &image).ok()?;
+        let c = condition(&p, "PodScheduled")?;
+        (c["status"] == "False").then(|| c["message"].as_str().unwrap_or("").to_string())
+    })
+    .await?;
+    ensure!(msg.contains("affinity"), "{msg}");
+    drop(daemon);
+    node.cleanup().await?;
+    drop(cloud);
+    Ok(())
+}
+
+fn ensure_image(pod: &Value, image: &str) -> Result<()> {
+    ensure!(pod["spec"]["containers"][0]["image"] == image, "{}", pod["spec"]);
+    Ok(())
+}

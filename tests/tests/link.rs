@@ -130,7 +130,8 @@ async fn bad_tokens_a_wrong_pin_and_clients_without_a_node_certificate_are_refus
     .await?;
     match link.recv().await? {
         Message::Control(Control::Refused { reason }) => {
-            ensure!(reason.contains("9.0") && reason.contains("1.0"), "{reason}")
+            let ours = outrigger_proto::VERSION.to_string();
+            ensure!(reason.contains("9.0") && reason.contains(&ours), "{reason}")
         }
         m => anyhow::bail!("expected a refusal, got {m:?}"),
     }

@@ -760,7 +760,7 @@ async fn kube_scale(
         .await?
         .items
         .len();
-    println!("one cloud-gw (run) against the API server for tests: {n} simulated edge nodes x {per_node} pods");
+    println!("one cloud-gw (run) against a real control plane (v1.36): {n} simulated edge nodes x {per_node} pods");
     println!("{:<44} {:>12}", "measure", "value");
     println!(
         "{:<44} {:>10.1} s",
