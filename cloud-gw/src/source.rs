@@ -38,6 +38,12 @@ pub trait Source: Send + Sync {
     fn terminating(&self, _node: &str) -> Vec<String> {
         Vec::new()
     }
+    /// Pods of `node` (uids) not to send yet if the node lacks them: what
+    /// they need is being made (a first service account token), and they
+    /// go together once it is there, or failed.
+    fn held_back(&self, _node: &str) -> std::collections::HashSet<String> {
+        Default::default()
+    }
     /// A terminating pod the node does not have (any more): remove it for
     /// good, as a kubelet does once its containers are gone.
     fn finalize(&self, _node: &str, _uid: &str) {}

@@ -119,9 +119,14 @@ impl<'a> Session<'a> {
         let desired = self.source.objects(&self.node);
         let terminating: HashSet<String> =
             self.source.terminating(&self.node).into_iter().collect();
+        let held = self.source.held_back(&self.node);
         for &kind in &self.kinds {
             let have = edge.entry(kind.to_string()).or_default();
             for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
+                // A new pod waits for its token (a moment): sent with it.
+                if kind == "Pod" && held.contains(uid) && !have.contains_key(uid) {
+                    continue;
+                }
                 if kind == "Pod" && terminating.contains(uid) {
                     // Never there: nothing to stop (finalized below).
                     if !have.contains_key(uid) {

@@ -66,7 +66,8 @@ impl Default for Options {
 }
 
 /// Where the unpacked binaries are: `$OUTRIGGER_K8S_BIN`, or the archive
-/// (`$OUTRIGGER_K8S_ARCHIVE`, else `../shared/k8s` beside the workspace)
+/// (`$OUTRIGGER_K8S_ARCHIVE`, else `../shared/k8s` beside the workspace, or
+/// `/work/shared/k8s`)
 /// checked against its SHA256SUMS and unpacked once into
 /// `$OUTRIGGER_K8S_CACHE` (default `/var/cache/outrigger/k8s`).
 pub fn binaries() -> Result<PathBuf> {
@@ -75,9 +76,14 @@ pub fn binaries() -> Result<PathBuf> {
     }
     let archive = match std::env::var_os("OUTRIGGER_K8S_ARCHIVE").filter(|d| !d.is_empty()) {
         Some(a) => PathBuf::from(a),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/k8s")
-            .join(ARCHIVE),
+        None => [
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/k8s"),
+            PathBuf::from("/work/shared/k8s"),
+        ]
+        .into_iter()
+        .map(|d| d.join(ARCHIVE))
+        .find(|a| a.is_file())
+        .unwrap_or_else(|| PathBuf::from("../shared/k8s").join(ARCHIVE)),
     };
     ensure!(
         archive.is_file(),

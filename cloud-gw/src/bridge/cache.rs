@@ -557,6 +557,48 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_tokens_reach_its_node_outlive_status_updates_and_go_with_it() {
+        use outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN;
+        let mut c = Cache::default();
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p1", "namespace": "default", "uid": "uid-p1"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}],
+                     "volumes": [{"name": "kube-api-access-x", "projected": {"sources": [
+                        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                        {"serviceAccountToken": {"audience": "vault", "path": "vault"}}]}}]}
+        }))
+        .unwrap();
+        c.put_pod(&p);
+        let wants = c.token_wants_of("n1");
+        assert_eq!(wants.len(), 1);
+        let (key, uid, tokens) = &wants[0];
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens[1].audience.as_deref(), Some("vault"));
+        assert_eq!(tokens[1].expiration_seconds, 3600);
+        let token = |want: &TokenWant, t: &str| {
+            strip(
+                json!({"metadata": {"name": want.name, "namespace": "default", "uid": want.uid},
+                         "status": {"token": t}}),
+                false,
+            )
+        };
+        // A token for a pod that is not (or no longer) this one: dropped.
+        assert!(c
+            .put_token(key, "uid-other", token(&tokens[0], "a"))
+            .is_empty());
+        assert_eq!(c.put_token(key, uid, token(&tokens[0], "a")), vec!["n1"]);
+        assert_eq!(c.objects("n1")[SERVICE_ACCOUNT_TOKEN].len(), 1);
+        assert!(c.objects("n2")[SERVICE_ACCOUNT_TOKEN].is_empty());
+        // A status write-back is a pod update: the token stays.
+        p.status = serde_json::from_value(json!({"phase": "Running"})).ok();
+        c.put_pod(&p);
+        assert_eq!(c.objects("n1")[SERVICE_ACCOUNT_TOKEN].len(), 1);
+        // Deleted: the token goes with the pod.
+        c.remove_pod(key);
+        assert!(c.token(&key.0, &tokens[0].name).is_none());
+    }
+
+    #[test]
     fn terminating_pods_are_marked_and_removal_unindexes() {
         let mut c = Cache::default();
         let mut p = pod("p1", "n1", "cm1", "s1");

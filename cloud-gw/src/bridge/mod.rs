@@ -91,10 +91,9 @@ pub(crate) struct Inner {
     pub edge_nodes: Mutex<HashSet<String>>,
     /// Watches that have listed everything once: pods, ConfigMaps, Secrets.
     ready: tokio::sync::watch::Sender<u8>,
-    /// Nodes whose link this replica holds (links per node).
-    pub served: Mutex<std::collections::HashMap<String, usize>>,
-    /// When each held (or failing) service account token is due again.
-    pub token_due: Mutex<pod_tokens::DueMap>,
+    /// Service account tokens: nodes served here, what changed, what is
+    /// due when.
+    pub(crate) tokens: Mutex<pod_tokens::State>,
     /// Pods or served nodes changed: the token loop looks again.
     pub token_wake: tokio::sync::Notify,
     /// The cluster's default not-ready/unreachable tolerations, as last
@@ -146,8 +145,7 @@ impl KubeSource {
             journals: Default::default(),
             api_slots: tokio::sync::Semaphore::new(API_WRITES),
             ready: tokio::sync::watch::channel(0).0,
-            served: Default::default(),
-            token_due: Default::default(),
+            tokens: Default::default(),
             token_wake: tokio::sync::Notify::new(),
             toleration_defaults: Default::default(),
             opted_out: Default::default(),
@@ -302,8 +300,8 @@ async fn follow<K, S, F>(
                 Event::Delete(o) => apply(&mut c, Change::Gone(key_of(o.meta()))),
             }
         };
-        if !touched.is_empty() && what == "pods" {
-            inner.token_wake.notify_one();
+        if what == "pods" {
+            pod_tokens::changed(&inner, &touched);
         }
         for n in touched {
             inner.notify.changed(&n);
@@ -392,6 +390,10 @@ impl Source for KubeSource {
 
     fn subscribe(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
         self.inner.notify.subscribe(node)
+    }
+
+    fn held_back(&self, node: &str) -> HashSet<String> {
+        pod_tokens::held_back(&self.inner, node)
     }
 
     fn terminating(&self, node: &str) -> Vec<String> {

@@ -17,7 +17,7 @@
 //! cache holds none other for it), and the API server refuses a token
 //! bound to a pod that is gone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,15 +36,50 @@ const CONCURRENT: usize = 8;
 /// How long a node's first sync waits for its pods' tokens.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// When a token is due again, per (namespace, token name).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Due {
+/// The token loop's state, kept in the bridge's `Inner`: which nodes are
+/// served here, whose pods changed since the loop last looked, and when
+/// each token held (or failing) is due again, in order. The loop looks at
+/// changed nodes and due tokens only, so its work follows what changed,
+/// not how many pods there are.
+#[derive(Default)]
+pub(crate) struct State {
+    /// Nodes whose link this replica holds (links per node).
+    served: HashMap<String, usize>,
+    dirty: HashSet<String>,
+    due: HashMap<Key, Due>,
+    queue: BTreeSet<(Instant, Key)>,
+}
+
+#[derive(Debug, Clone)]
+struct Due {
     at: Instant,
     failures: u32,
+    node: String,
+}
+
+impl State {
+    fn schedule(&mut self, key: Key, due: Due) {
+        if let Some(old) = self.due.get(&key) {
+            self.queue.remove(&(old.at, key.clone()));
+        }
+        self.queue.insert((due.at, key.clone()));
+        self.due.insert(key, due);
+    }
+
+    fn forget(&mut self, key: &Key) {
+        if let Some(old) = self.due.remove(key) {
+            self.queue.remove(&(old.at, key.clone()));
+        }
+    }
+
+    fn is_served(&self, node: &str) -> bool {
+        self.served.contains_key(node)
+    }
 }
 
 /// One token to request.
 struct Job {
+    node: String,
     pod: Key,
     pod_uid: String,
     want: TokenWant,
@@ -65,30 +100,51 @@ fn retry_after(failures: u32) -> Duration {
     Duration::from_secs(2u64 << failures.clamp(1, 6).saturating_sub(1))
 }
 
-/// What is due among the nodes in `nodes`, and when the next one will be.
-fn plan(inner: &Inner, nodes: &[String], now: Instant) -> (Vec<Job>, Option<Instant>) {
+/// The tokens of `node`'s pods to request now: those not held (and not
+/// backing off), and those due. With `only`, just those keys.
+fn jobs_of(inner: &Inner, node: &str, only: Option<&HashSet<Key>>, now: Instant) -> Vec<Job> {
     let cache = lock(&inner.cache);
-    let due = lock(&inner.token_due);
+    let state = lock(&inner.tokens);
     let mut jobs = Vec::new();
-    let mut next: Option<Instant> = None;
-    for node in nodes {
-        for (pod, pod_uid, wants) in cache.token_wants_of(node) {
-            for want in wants {
-                let held = cache.token(&pod.0, &want.name).is_some();
-                match due.get(&(pod.0.clone(), want.name.clone())) {
-                    Some(d) if d.at > now && (held || d.failures > 0) => {
-                        next = Some(next.map_or(d.at, |n| n.min(d.at)));
-                    }
-                    _ => jobs.push(Job {
-                        pod: pod.clone(),
-                        pod_uid: pod_uid.clone(),
-                        want,
-                    }),
-                }
+    for (pod, pod_uid, wants) in cache.token_wants_of(node) {
+        for want in wants {
+            let key = (pod.0.clone(), want.name.clone());
+            if only.is_some_and(|o| !o.contains(&key)) {
+                continue;
             }
+            let waiting = state.due.get(&key).is_some_and(|d| d.at > now);
+            let held = cache.token(&key.0, &key.1).is_some();
+            if waiting && (held || state.due[&key].failures > 0) {
+                continue;
+            }
+            jobs.push(Job {
+                node: node.to_string(),
+                pod: pod.clone(),
+                pod_uid: pod_uid.clone(),
+                want,
+            });
         }
     }
-    (jobs, next)
+    jobs
+}
+
+/// `node`'s pods whose first token is still to come (not held, not
+/// failed): the session waits for it before sending a pod the node lacks.
+pub(crate) fn held_back(inner: &Inner, node: &str) -> HashSet<String> {
+    let cache = lock(&inner.cache);
+    let state = lock(&inner.tokens);
+    cache
+        .token_wants_of(node)
+        .into_iter()
+        .filter(|(pod, _, wants)| {
+            wants.iter().any(|w| {
+                let key = (pod.0.clone(), w.name.clone());
+                cache.token(&key.0, &key.1).is_none()
+                    && state.due.get(&key).is_none_or(|d| d.failures == 0)
+            })
+        })
+        .map(|(_, uid, _)| uid)
+        .collect()
 }
 
 /// Request one token and hand it to the cache (and so to the node).
@@ -101,30 +157,28 @@ async fn fetch(inner: &Inner, job: Job) {
     match result {
         Ok((obj, refresh)) => {
             let nodes = lock(&inner.cache).put_token(&job.pod, &job.pod_uid, obj);
-            lock(&inner.token_due).insert(
-                key,
-                Due {
-                    at: Instant::now() + refresh,
-                    failures: 0,
-                },
-            );
+            let due = Due {
+                at: Instant::now() + refresh,
+                failures: 0,
+                node: job.node.clone(),
+            };
+            lock(&inner.tokens).schedule(key, due);
             for n in nodes {
                 inner.notify.changed(&n);
             }
         }
         Err(e) => {
-            let mut due = lock(&inner.token_due);
-            let failures = due.get(&key).map_or(0, |d| d.failures) + 1;
+            let mut state = lock(&inner.tokens);
+            let failures = state.due.get(&key).map_or(0, |d| d.failures) + 1;
             if failures == 1 {
                 tracing::warn!(namespace = %job.pod.0, pod = %job.pod.1, service_account = %job.want.service_account, error = %e, "service account token not issued; retrying");
             }
-            due.insert(
-                key,
-                Due {
-                    at: Instant::now() + retry_after(failures),
-                    failures,
-                },
-            );
+            let due = Due {
+                at: Instant::now() + retry_after(failures),
+                failures,
+                node: job.node.clone(),
+            };
+            state.schedule(key, due);
         }
     }
 }
@@ -195,7 +249,7 @@ async fn fetch_all(inner: &Inner, jobs: Vec<Job>) {
 /// Before a node's first sync on this replica: its pods' tokens, or as
 /// many as come within a few seconds (the rest follow as they come).
 pub(crate) async fn prepare(inner: &Inner, node: &str) {
-    let (jobs, _) = plan(inner, &[node.to_string()], Instant::now());
+    let jobs = jobs_of(inner, node, None, Instant::now());
     if jobs.is_empty() {
         return;
     }
@@ -212,54 +266,92 @@ pub(crate) async fn prepare(inner: &Inner, node: &str) {
     }
 }
 
-/// The nodes served here, counted by link (a node may briefly hold two).
+/// A link of `node` came up here (`up`) or went.
 pub(crate) fn serve(inner: &Inner, node: &str, up: bool) {
-    let mut s = lock(&inner.served);
-    let n = s.entry(node.to_string()).or_default();
+    let mut s = lock(&inner.tokens);
+    let n = s.served.entry(node.to_string()).or_default();
     if up {
         *n += 1;
+        s.dirty.insert(node.to_string());
     } else {
         *n = n.saturating_sub(1);
         if *n == 0 {
-            s.remove(node);
+            s.served.remove(node);
         }
     }
     drop(s);
     inner.token_wake.notify_one();
 }
 
-/// The token loop: whatever is due for the nodes served here, then sleep
-/// until the next is due or a pod changes.
+/// Pods of these nodes changed (the pod watch).
+pub(crate) fn changed(inner: &Inner, nodes: &[String]) {
+    let mut s = lock(&inner.tokens);
+    let mut any = false;
+    for n in nodes {
+        if s.is_served(n) {
+            any |= s.dirty.insert(n.clone());
+        }
+    }
+    drop(s);
+    if any {
+        inner.token_wake.notify_one();
+    }
+}
+
+/// The token loop: the tokens of nodes whose pods changed, and those due,
+/// then sleep until the next is due or something changes.
 pub(crate) async fn run(inner: Arc<Inner>) {
     loop {
-        let nodes: Vec<String> = lock(&inner.served).keys().cloned().collect();
-        let (jobs, next) = plan(&inner, &nodes, Instant::now());
+        let now = Instant::now();
+        let (dirty, due, next) = {
+            let mut s = lock(&inner.tokens);
+            let dirty: Vec<String> = s.dirty.drain().collect();
+            let mut due: HashMap<String, HashSet<Key>> = HashMap::new();
+            while let Some((at, key)) = s.queue.first().cloned() {
+                if at > now {
+                    break;
+                }
+                s.queue.remove(&(at, key.clone()));
+                let Some(d) = s.due.get(&key) else {
+                    continue;
+                };
+                // Not served here any more: refreshed when it is again.
+                if s.is_served(&d.node) {
+                    due.entry(d.node.clone()).or_default().insert(key);
+                }
+            }
+            (dirty, due, s.queue.first().map(|(at, _)| *at))
+        };
+        let mut jobs = Vec::new();
+        for node in &dirty {
+            jobs.extend(jobs_of(&inner, node, None, now));
+        }
+        for (node, keys) in &due {
+            if dirty.contains(node) {
+                continue;
+            }
+            let found = jobs_of(&inner, node, Some(keys), now);
+            // What is no longer wanted (the pod went) is forgotten.
+            let mut s = lock(&inner.tokens);
+            for k in keys {
+                if !found.iter().any(|j| j.pod.0 == k.0 && j.want.name == k.1) {
+                    s.forget(k);
+                }
+            }
+            drop(s);
+            jobs.extend(found);
+        }
         fetch_all(&inner, jobs).await;
-        prune(&inner);
         let wait = next
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600))
-            .max(Duration::from_millis(100));
+            .max(Duration::from_millis(50));
         tokio::select! {
             _ = inner.token_wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }
 }
-
-/// Forget when tokens were due for pods that are gone: a held token's
-/// goes with it; a failing one's once it has not been retried for a while
-/// (a token still wanted is retried within a minute).
-fn prune(inner: &Inner) {
-    let cache = lock(&inner.cache);
-    let stale = Instant::now().checked_sub(Duration::from_secs(600));
-    lock(&inner.token_due).retain(|(ns, name), d| {
-        cache.token(ns, name).is_some() || (d.failures > 0 && stale.is_none_or(|s| d.at > s))
-    });
-}
-
-/// Shared state of the token loop, kept in the bridge's `Inner`.
-pub(crate) type DueMap = HashMap<Key, Due>;
 
 #[cfg(test)]
 mod tests {

@@ -37,6 +37,11 @@ use status::{ContainerView, StatusInput};
 /// How long a worker sleeps when nothing is pending (it wakes earlier on
 /// any container exit or spec change).
 const IDLE: Duration = Duration::from_secs(60);
+
+/// How soon a pod whose volumes or sandbox could not be set up is tried
+/// again (sooner when objects change).
+const SETUP_RETRY: Duration = Duration::from_secs(1);
+
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// What every worker shares.
@@ -938,7 +943,15 @@ impl Worker {
             return wait;
         }
         self.start(pod, kind, i).await;
+        let volumes_ready = self.volumes_ready;
         let t = self.tracked(kind, i);
+        if t.view.waiting.is_some() && !volumes_ready && !t.pull_failed {
+            // The pod's sandbox or volumes are not ready (an object or a
+            // token not here yet): no crash-loop back-off, as the kubelet's
+            // volume manager has none; a change of objects wakes the worker
+            // at once, and it looks again soon anyway.
+            return SETUP_RETRY;
+        }
         if t.view.waiting.is_some() {
             // The start failed: try again after the back-off, and look again
             // within a second so the status shows the back-off (ErrImagePull

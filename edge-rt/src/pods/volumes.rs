@@ -526,4 +526,63 @@ mod tests {
         assert_eq!(hidden.len(), 1, "the old version is gone");
         assert!(safe_relative("../x").is_err() && safe_relative("/x").is_err());
     }
+
+    /// A `kube-api-access-*` volume as the ServiceAccount admission plugin
+    /// writes it, with the pod's token present, then gone (offline past a
+    /// refresh): the token written stays.
+    #[test]
+    fn a_projected_token_is_written_and_kept_while_the_node_has_none() {
+        use outrigger_proto::kinds::*;
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-1"},
+            "spec": {"containers": [{"name": "c"}], "volumes": [{"name": "kube-api-access-x", "projected": {
+                "defaultMode": 420, "sources": [
+                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}]}}]}
+        }))
+        .unwrap();
+        let token = |pod_uid: &str, seconds: i64, value: &str| ServiceAccountToken {
+            api_version: ServiceAccountToken::API_VERSION.into(),
+            kind: SERVICE_ACCOUNT_TOKEN.into(),
+            metadata: TokenMeta {
+                name: ServiceAccountToken::name_for("web", pod_uid, None, seconds),
+                namespace: "shop".into(),
+                uid: ServiceAccountToken::uid_for(pod_uid, None, seconds),
+            },
+            spec: TokenSpec {
+                service_account_name: "default".into(),
+                audience: None,
+                expiration_seconds: seconds,
+                pod_name: "web".into(),
+                pod_uid: pod_uid.into(),
+            },
+            status: TokenStatus {
+                token: value.into(),
+                expiration_timestamp: "2026-12-02T02:00:00Z".into(),
+            },
+        };
+        let objects = Objects::default();
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("kube-api-access-x");
+        let v = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+        let at = Placement::default();
+        let files = |o: &Objects| object_files(v, &pod, o, &at, &dir);
+        // None yet (nor one of another pod, or another lifetime): the pod waits.
+        objects.replace(
+            vec![],
+            vec![],
+            vec![token("u-2", 3607, "other"), token("u-1", 600, "short")],
+        );
+        assert!(files(&objects)
+            .unwrap_err()
+            .contains("no service account token"));
+        objects.replace(vec![], vec![], vec![token("u-1", 3607, "jwt-1")]);
+        let f = files(&objects).unwrap().unwrap();
+        assert_eq!(f["token"], (b"jwt-1".to_vec(), 0o644));
+        assert_eq!(f["namespace"].0, b"shop");
+        write_atomic(&dir, &f).unwrap();
+        // Gone from the node: the one in the volume stays.
+        objects.replace(vec![], vec![], vec![]);
+        assert_eq!(files(&objects).unwrap().unwrap()["token"].0, b"jwt-1");
+    }
 }

@@ -124,18 +124,33 @@ async fn main() -> Result<()> {
     let registry = Registry::start(None)?;
     let layout = tempfile::tempdir()?;
     let mut web = ImageSpec::busybox()?;
-    web.cmd = ["httpd", "-f", "-p", "8080", "-h", "/"].map(String::from).to_vec();
+    web.cmd = ["httpd", "-f", "-p", "8080", "-h", "/"]
+        .map(String::from)
+        .to_vec();
     add_to_layout(layout.path(), "1", &web)?;
     let image = registry.push(layout.path(), "1", "bench/web")?;
 
     let cloud = Cloud::start_kube(cluster.kubeconfig()).await?;
     let node = Node::new()?;
     let mut cfg = std::fs::read_to_string(&node.config)?;
-    cfg.push_str(&format!("\n[registry]\nca_bundle = {:?}\n", registry.ca_pem));
+    cfg.push_str(&format!(
+        "\n[registry]\nca_bundle = {:?}\n",
+        registry.ca_pem
+    ));
     std::fs::write(&node.config, cfg)?;
     scope.owns("node", "bench-edge");
-    let o = join_with(&node, &cloud.server, &cloud.token("10m")?, "bench-edge", &[])?;
-    ensure!(o.status.success(), "join: {}", String::from_utf8_lossy(&o.stderr));
+    let o = join_with(
+        &node,
+        &cloud.server,
+        &cloud.token("10m")?,
+        "bench-edge",
+        &[],
+    )?;
+    ensure!(
+        o.status.success(),
+        "join: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let daemon = node.start().await?;
     wait_for("the node Ready", Duration::from_secs(30), || async {
         let o = cluster
@@ -182,7 +197,12 @@ async fn main() -> Result<()> {
         piped(apply, &pod(&name, "bench-edge", &image))?;
         let o = scope
             .kubectl()
-            .args(["wait", "--for=condition=Ready", &format!("pod/{name}"), "--timeout=60s"])
+            .args([
+                "wait",
+                "--for=condition=Ready",
+                &format!("pod/{name}"),
+                "--timeout=60s",
+            ])
             .output()?;
         ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         bound.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -209,9 +229,18 @@ async fn main() -> Result<()> {
         ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let rows = [
-        ("kubectl apply Deployment -> pod Running (scheduler)", stats(&mut deployed)),
-        ("kubectl apply Pod (nodeName) -> kubectl wait Ready", stats(&mut bound)),
-        ("baseline: edge-rt apply -> Ready on the node", stats(&mut direct)),
+        (
+            "kubectl apply Deployment -> pod Running (scheduler)",
+            stats(&mut deployed),
+        ),
+        (
+            "kubectl apply Pod (nodeName) -> kubectl wait Ready",
+            stats(&mut bound),
+        ),
+        (
+            "baseline: edge-rt apply -> Ready on the node",
+            stats(&mut direct),
+        ),
     ];
     println!(
         "pod start on an edge node, image present, {} runs each, real control plane v1.36 (ms; kubectl and edge-rt CLI processes included)",
@@ -220,6 +249,13 @@ async fn main() -> Result<()> {
     println!("{:<54} {:>8} {:>8} {:>8}", "path", "median", "p90", "max");
     for (label, (m, p9, x)) in rows {
         println!("{label:<54} {m:>8.0} {p9:>8.0} {x:>8.0}");
+    }
+    if std::env::var_os("KUBE_BENCH_LOGS").is_some() {
+        eprintln!(
+            "cloud-gw:\n{}\nedge-rt:\n{}",
+            cloud.log(),
+            node.daemon_log()
+        );
     }
     drop(daemon);
     node.cleanup().await
