@@ -12,13 +12,13 @@
 set -eu
 nodes=${1:-1000}
 pods=${2:-10}
-bin=${CARGO_TARGET_DIR:-target}/release
-"$bin/kube-bench" --iterations 20
-echo
+bin=${BIN:-${CARGO_TARGET_DIR:-target}/release}
+[ -n "${SKIP_START:-}" ] || { "$bin/kube-bench" --iterations 20; echo; }
 dir=$(mktemp -d /var/tmp/kube-bench.XXXXXX)
 "$bin/control-plane" --dir "$dir/cp" 2>"$dir/cp.log" &
 cp=$!
-trap 'kill $cp $pid 2>/dev/null; wait $cp 2>/dev/null; rm -rf "$dir"' EXIT
+# KEEP=1 keeps the logs (cloud-gw.log, cp.log) in $dir.
+trap 'kill $cp $pid 2>/dev/null; wait $cp 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$dir"' EXIT
 pid=
 while [ ! -s "$dir/cp/ready" ]; do
   kill -0 $cp 2>/dev/null || { cat "$dir/cp.log"; exit 1; }

@@ -202,45 +202,73 @@ pub fn addresses(reported: &Value) -> Vec<Value> {
         .collect()
 }
 
-/// Renew (or create) the node's Lease.
-async fn renew_lease(inner: &Inner, node: &str) -> Result<(), kube::Error> {
+/// Renew (or create) the node's Lease, as a kubelet does: one update of
+/// the Lease as last written (`last`), read again only when that fails on a
+/// conflict or there is none yet. A node whose Node object is gone (deleted
+/// by hand) is registered again first, as a kubelet re-registers.
+async fn renew_lease(
+    inner: &Inner,
+    node: &str,
+    last: &mut Option<Lease>,
+) -> Result<(), kube::Error> {
     let api = Api::<Lease>::namespaced(inner.client.clone(), LEASE_NAMESPACE);
     let now = timestamp(true);
-    match api.get_opt(node).await? {
-        Some(lease) => {
-            let mut v = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
-            v["spec"]["renewTime"] = now.into();
-            v["spec"]["holderIdentity"] = node.into();
-            v["spec"]["leaseDurationSeconds"] = LEASE_SECONDS.into();
-            let l: Lease = serde_json::from_value(v).map_err(kube::Error::SerdeError)?;
-            api.replace(node, &PostParams::default(), &l).await?;
-        }
-        None => {
-            // Owned by the Node, as a kubelet's: it goes when the Node does.
-            let uid = Api::<Node>::all(inner.client.clone())
-                .get(node)
-                .await?
-                .metadata
-                .uid
-                .unwrap_or_default();
-            let l: Lease = serde_json::from_value(json!({
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": node, "namespace": LEASE_NAMESPACE,
-                             "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
-                                                  "name": node, "uid": uid}]},
-                "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECONDS,
-                         "renewTime": now},
-            }))
-            .map_err(kube::Error::SerdeError)?;
-            api.create(&PostParams::default(), &l).await?;
+    let renewed = |l: &Lease| -> Result<Lease, kube::Error> {
+        let mut v = serde_json::to_value(l).map_err(kube::Error::SerdeError)?;
+        v["spec"]["renewTime"] = now.clone().into();
+        v["spec"]["holderIdentity"] = node.into();
+        v["spec"]["leaseDurationSeconds"] = LEASE_SECONDS.into();
+        serde_json::from_value(v).map_err(kube::Error::SerdeError)
+    };
+    if let Some(l) = last.as_ref() {
+        match api
+            .replace(node, &PostParams::default(), &renewed(l)?)
+            .await
+        {
+            Ok(l) => {
+                *last = Some(l);
+                return Ok(());
+            }
+            Err(e) if is_status(&e, 409) || is_status(&e, 404) => *last = None,
+            Err(e) => return Err(e),
         }
     }
+    if let Some(l) = api.get_opt(node).await? {
+        *last = Some(
+            api.replace(node, &PostParams::default(), &renewed(&l)?)
+                .await?,
+        );
+        return Ok(());
+    }
+    let nodes = Api::<Node>::all(inner.client.clone());
+    let owner = match nodes.get_opt(node).await? {
+        Some(n) => n,
+        None => {
+            ensure(inner, node, &BTreeMap::new()).await?;
+            nodes.get(node).await?
+        }
+    };
+    // Owned by the Node, as a kubelet's: it goes when the Node does.
+    let l: Lease = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": node, "namespace": LEASE_NAMESPACE,
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
+                                          "name": node, "uid": owner.metadata.uid}]},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECONDS,
+                 "renewTime": now},
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    *last = Some(api.create(&PostParams::default(), &l).await?);
     Ok(())
 }
 
-async fn renew_lease_slotted(inner: &Inner, node: &str) -> Result<(), kube::Error> {
+async fn renew_lease_slotted(
+    inner: &Inner,
+    node: &str,
+    last: &mut Option<Lease>,
+) -> Result<(), kube::Error> {
     match inner.api_slots.acquire().await {
-        Ok(_slot) => renew_lease(inner, node).await,
+        Ok(_slot) => renew_lease(inner, node, last).await,
         Err(_) => Ok(()),
     }
 }
@@ -274,9 +302,10 @@ pub(crate) async fn keep_alive(inner: Arc<Inner>, node: String) {
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     status.tick().await;
     let mut failing = false;
+    let mut last = None;
     loop {
         tokio::select! {
-            _ = lease.tick() => match renew_lease_slotted(&inner, &node).await {
+            _ = lease.tick() => match renew_lease_slotted(&inner, &node, &mut last).await {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!(node, "lease renewed again");

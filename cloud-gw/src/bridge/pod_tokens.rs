@@ -48,6 +48,8 @@ pub(crate) struct State {
     dirty: HashSet<String>,
     due: HashMap<Key, Due>,
     queue: BTreeSet<(Instant, Key)>,
+    /// Requested and not answered yet: not asked for twice.
+    inflight: HashSet<Key>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,15 +103,16 @@ fn retry_after(failures: u32) -> Duration {
 }
 
 /// The tokens of `node`'s pods to request now: those not held (and not
-/// backing off), and those due. With `only`, just those keys.
+/// backing off), and those due, unless already asked for. With `only`,
+/// just those keys. They count as in flight from here.
 fn jobs_of(inner: &Inner, node: &str, only: Option<&HashSet<Key>>, now: Instant) -> Vec<Job> {
     let cache = lock(&inner.cache);
-    let state = lock(&inner.tokens);
+    let mut state = lock(&inner.tokens);
     let mut jobs = Vec::new();
     for (pod, pod_uid, wants) in cache.token_wants_of(node) {
         for want in wants {
             let key = (pod.0.clone(), want.name.clone());
-            if only.is_some_and(|o| !o.contains(&key)) {
+            if only.is_some_and(|o| !o.contains(&key)) || state.inflight.contains(&key) {
                 continue;
             }
             let waiting = state.due.get(&key).is_some_and(|d| d.at > now);
@@ -117,6 +120,7 @@ fn jobs_of(inner: &Inner, node: &str, only: Option<&HashSet<Key>>, now: Instant)
             if waiting && (held || state.due[&key].failures > 0) {
                 continue;
             }
+            state.inflight.insert(key);
             jobs.push(Job {
                 node: node.to_string(),
                 pod: pod.clone(),
@@ -152,8 +156,9 @@ async fn fetch(inner: &Inner, job: Job) {
     let key = (job.pod.0.clone(), job.want.name.clone());
     let result = match inner.api_slots.acquire().await {
         Ok(_slot) => request(inner, &job).await,
-        Err(_) => return,
+        Err(_) => Err("shutting down".into()),
     };
+    lock(&inner.tokens).inflight.remove(&key);
     match result {
         Ok((obj, refresh)) => {
             let nodes = lock(&inner.cache).put_token(&job.pod, &job.pod_uid, obj);
@@ -334,7 +339,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             // What is no longer wanted (the pod went) is forgotten.
             let mut s = lock(&inner.tokens);
             for k in keys {
-                if !found.iter().any(|j| j.pod.0 == k.0 && j.want.name == k.1) {
+                let wanted = found.iter().any(|j| j.pod.0 == k.0 && j.want.name == k.1);
+                if !wanted && !s.inflight.contains(k) {
                     s.forget(k);
                 }
             }

@@ -712,6 +712,29 @@ async fn kube_scale(
     let _ = kube::Api::<Secret>::namespaced(client.clone(), "plant-a")
         .create(&PostParams::default(), &sec)
         .await;
+    // The Nodes first, as joining registers them: pods bound to a node that
+    // does not exist are the pod garbage collector's.
+    let nodes_api = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let registered = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let api = nodes_api.clone();
+            async move {
+                let node = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("sim-{i}"),
+                                 "labels": {"node-role.kubernetes.io/edge": "", "kubernetes.io/hostname": format!("sim-{i}")}}
+                }))?;
+                match api.create(&PostParams::default(), &node).await {
+                    Ok(_) => anyhow::Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    anyhow::ensure!(registered == 0, "{registered} nodes not registered");
     let pods_api = kube::Api::<Pod>::namespaced(client.clone(), "plant-a");
     let created = futures_util::stream::iter(0..n * per_node)
         .map(|i| {
@@ -719,6 +742,11 @@ async fn kube_scale(
             async move {
                 let mut v: serde_json::Value = serde_yaml_ng::from_str(&pod(i))?;
                 v["spec"]["nodeName"] = format!("sim-{}", i / per_node).into();
+                // The garbage collector would delete a pod whose owner does
+                // not exist (these ReplicaSets are made up).
+                if let Some(m) = v["metadata"].as_object_mut() {
+                    m.remove("ownerReferences");
+                }
                 let p: Pod = serde_json::from_value(v)?;
                 api.create(&PostParams::default(), &p).await?;
                 anyhow::Ok(())
