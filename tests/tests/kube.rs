@@ -1451,8 +1451,11 @@ async fn cloud_gw_runs_from_its_own_image_and_manifests() -> Result<()> {
             let v: Value = serde_json::from_str(&text(&o)).ok()?;
             let p = v["items"].as_array()?.first()?.clone();
             ensure_image(&p, &image).ok()?;
+            // Until the edge node registers, the scheduler says there are
+            // no nodes at all; the message that counts is the one after.
             let c = condition(&p, "PodScheduled")?;
-            (c["status"] == "False").then(|| c["message"].as_str().unwrap_or("").to_string())
+            let msg = c["message"].as_str().unwrap_or("");
+            (c["status"] == "False" && msg.contains("affinity")).then(|| msg.to_string())
         },
     )
     .await?;

@@ -175,6 +175,19 @@ fn selects_edge(pod: &Pod, edge_nodes: &HashSet<String>) -> bool {
         })
 }
 
+/// Whether a pod's not-ready/unreachable tolerations are bounded (or
+/// missing): the only pods [`tolerations_for`] may change.
+pub fn bounded(pod: &Pod) -> bool {
+    let tolerations = pod.spec.as_ref().and_then(|s| s.tolerations.as_ref());
+    KEYS.iter().any(|key| {
+        !tolerations.into_iter().flatten().any(|t| {
+            t.key.as_deref() == Some(*key)
+                && matches!(t.effect.as_deref(), None | Some("NoExecute"))
+                && t.toleration_seconds.is_none()
+        })
+    })
+}
+
 /// The pod's tolerations as they should be, if they should change: the
 /// cluster's default bounds on not-ready and unreachable lifted (and the
 /// two tolerations added, unbounded, if it has none). Only ever a change

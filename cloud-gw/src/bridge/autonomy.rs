@@ -53,19 +53,33 @@ pub(crate) fn check(inner: &Arc<Inner>, pod: &Pod) {
     if !lock(&inner.patching).insert(uid.clone()) {
         return;
     }
-    let (inner, pod) = (inner.clone(), pod.clone());
+    // Only what the patch needs waits for a write slot, not the pod.
+    let change = Change {
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        old: pod.spec.as_ref().and_then(|s| s.tolerations.clone()),
+        new: tolerations,
+    };
+    let inner = inner.clone();
     tokio::spawn(async move {
         if let Ok(_slot) = inner.api_slots.acquire().await {
-            patch(&inner, &pod, tolerations).await;
+            patch(&inner, change).await;
         }
         lock(&inner.patching).remove(&uid);
     });
 }
 
-async fn patch(inner: &Inner, pod: &Pod, tolerations: Vec<Toleration>) {
-    let ns = pod.metadata.namespace.clone().unwrap_or_default();
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    let p = match pod.spec.as_ref().and_then(|s| s.tolerations.as_ref()) {
+/// A pod's tolerations, as they are and as they should be.
+struct Change {
+    namespace: String,
+    name: String,
+    old: Option<Vec<Toleration>>,
+    new: Vec<Toleration>,
+}
+
+async fn patch(inner: &Inner, c: Change) {
+    let (ns, name, tolerations) = (c.namespace, c.name, c.new);
+    let p = match c.old {
         Some(old) => json!([
             {"op": "test", "path": "/spec/tolerations", "value": old},
             {"op": "replace", "path": "/spec/tolerations", "value": tolerations},
@@ -105,7 +119,7 @@ pub(crate) async fn sweep(inner: Arc<Inner>) {
         let nodes: Vec<String> = lock(&inner.edge_nodes).iter().cloned().collect();
         let pods: Vec<Pod> = {
             let c = lock(&inner.cache);
-            nodes.iter().flat_map(|n| c.pod_bodies(n)).collect()
+            nodes.iter().flat_map(|n| c.bounded_pods(n)).collect()
         };
         for p in &pods {
             check(&inner, p);

@@ -60,6 +60,9 @@ pub struct PodEntry {
     pub refs: Vec<Ref>,
     /// The service account tokens its projected volumes need.
     pub tokens: Vec<TokenWant>,
+    /// Its not-ready/unreachable tolerations are bounded: the autonomy
+    /// sweep looks at it.
+    pub bounded: bool,
 }
 
 /// A token a pod's projected `serviceAccountToken` source needs: one per
@@ -321,6 +324,7 @@ impl Cache {
                 terminating: pod.metadata.deletion_timestamp.is_some(),
                 refs,
                 tokens,
+                bounded: super::admission::bounded(pod),
             },
         );
         if !nodes.contains(&node) {
@@ -467,13 +471,15 @@ impl Cache {
         out
     }
 
-    /// `node`'s pods as the node gets them (no status, no resourceVersion).
-    pub fn pod_bodies(&self, node: &str) -> Vec<Pod> {
+    /// `node`'s pods whose not-ready/unreachable tolerations are bounded,
+    /// as the node gets them (no status, no resourceVersion).
+    pub fn bounded_pods(&self, node: &str) -> Vec<Pod> {
         self.by_node
             .get(node)
             .into_iter()
             .flatten()
             .filter_map(|k| self.pods.get(k))
+            .filter(|p| p.bounded && !p.terminating)
             .filter_map(|p| serde_json::from_slice(&p.obj.body).ok())
             .collect()
     }

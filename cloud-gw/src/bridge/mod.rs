@@ -425,7 +425,7 @@ impl Source for KubeSource {
     }
 
     fn prepare<'a>(&'a self, node: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(pod_tokens::prepare(&self.inner, node))
+        Box::pin(pod_tokens::prepare(self.inner.clone(), node))
     }
 
     fn connected(&self, node: &str) -> Option<tokio::task::JoinHandle<()>> {

@@ -151,14 +151,24 @@ pub(crate) fn held_back(inner: &Inner, node: &str) -> HashSet<String> {
         .collect()
 }
 
+/// A token counted as in flight until this goes, however its request ends.
+struct InFlight<'a>(&'a Inner, Key);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.tokens).inflight.remove(&self.1);
+    }
+}
+
 /// Request one token and hand it to the cache (and so to the node).
 async fn fetch(inner: &Inner, job: Job) {
     let key = (job.pod.0.clone(), job.want.name.clone());
+    let inflight = InFlight(inner, key.clone());
     let result = match inner.api_slots.acquire().await {
         Ok(_slot) => request(inner, &job).await,
         Err(_) => Err("shutting down".into()),
     };
-    lock(&inner.tokens).inflight.remove(&key);
+    drop(inflight);
     match result {
         Ok((obj, refresh)) => {
             let nodes = lock(&inner.cache).put_token(&job.pod, &job.pod_uid, obj);
@@ -252,21 +262,20 @@ async fn fetch_all(inner: &Inner, jobs: Vec<Job>) {
 }
 
 /// Before a node's first sync on this replica: its pods' tokens, or as
-/// many as come within a few seconds (the rest follow as they come).
-pub(crate) async fn prepare(inner: &Inner, node: &str) {
-    let jobs = jobs_of(inner, node, None, Instant::now());
+/// many as come within a few seconds (the rest follow as they come: the
+/// requests go on without the wait).
+pub(crate) async fn prepare(inner: Arc<Inner>, node: &str) {
+    let jobs = jobs_of(&inner, node, None, Instant::now());
     if jobs.is_empty() {
         return;
     }
     let n = jobs.len();
-    if tokio::time::timeout(PREPARE_TIMEOUT, fetch_all(inner, jobs))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+    let work = tokio::spawn(async move { fetch_all(&inner, jobs).await });
+    if tokio::time::timeout(PREPARE_TIMEOUT, work).await.is_err() {
+        tracing::info!(
             node,
             tokens = n,
-            "service account tokens still pending after 10 s"
+            "service account tokens still coming after 10 s; syncing meanwhile"
         );
     }
 }

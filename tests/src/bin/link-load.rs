@@ -762,7 +762,39 @@ async fn kube_scale(
         n * per_node,
         t.elapsed().as_secs_f64()
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // cloud-gw lifts the cluster's default toleration bound on every one
+    // of them (they are bound to edge nodes): measured once that is done.
+    let t = Instant::now();
+    loop {
+        let pods = pods_api.list(&ListParams::default()).await?.items;
+        let bounded = pods
+            .iter()
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.tolerations.as_ref())
+                    .is_some_and(|ts| {
+                        ts.iter().any(|t| {
+                            t.key.as_deref() == Some("node.kubernetes.io/not-ready")
+                                && t.toleration_seconds.is_some()
+                        })
+                    })
+            })
+            .count();
+        if bounded == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "{bounded} pods still bounded after 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "toleration bounds lifted in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let rss0 = rss_kib(pid);
     let ids = identities(args, "sim-", n)?;
     let done = Arc::new(AtomicU64::new(0));
@@ -781,7 +813,8 @@ async fn kube_scale(
     .await;
     wait_count(&done, n, Duration::from_secs(900), "synced and reported").await?;
     let synced = t.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Settled: leases renewed, nothing else to do.
+    tokio::time::sleep(Duration::from_secs(30)).await;
     let rss1 = rss_kib(pid);
     let running = pods_api
         .list(&ListParams::default().fields("status.phase=Running"))
@@ -797,12 +830,12 @@ async fn kube_scale(
     println!("{:<44} {:>12}", "pods Running in the cluster", running);
     println!(
         "{:<44} {:>9.1} MB",
-        "cloud-gw RSS, caches listed, no node",
+        "cloud-gw RSS, caches listed, no node linked",
         rss0 as f64 / 1024.0
     );
     println!(
         "{:<44} {:>9.1} MB",
-        "cloud-gw RSS, all nodes connected",
+        "cloud-gw RSS, all nodes linked, settled",
         rss1 as f64 / 1024.0
     );
     println!(
