@@ -374,12 +374,8 @@ async fn run() -> Result<()> {
                 } else {
                     "valid"
                 };
-                let exp = time::OffsetDateTime::from_unix_timestamp(t.expires)
-                    .ok()
-                    .and_then(|d| {
-                        d.format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    })
+                let exp = jiff::Timestamp::from_second(t.expires)
+                    .map(|d| format!("{d:.0}"))
                     .unwrap_or_default();
                 println!("{:<8} {:<25} {:<8}", t.id, exp, state);
             }

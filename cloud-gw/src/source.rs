@@ -20,9 +20,9 @@ use sha2::{Digest, Sha256};
 
 /// kind -> uid -> (resourceVersion, body as JSON bytes). Bodies are shared
 /// with the source's cache: a look at a node's objects copies none.
-pub type NodeObjects = BTreeMap<String, BTreeMap<String, (String, std::sync::Arc<[u8]>)>>;
+pub type NodeObjects = BTreeMap<Kind, BTreeMap<String, (String, std::sync::Arc<[u8]>)>>;
 
-pub use outrigger_proto::kinds::KINDS;
+pub use outrigger_proto::kinds::Kind;
 
 /// What a node's link needs from the cloud side. Reads are synchronous
 /// (from caches); writes toward the cluster are async.
@@ -82,7 +82,7 @@ pub trait Source: Send + Sync {
     /// What changed for `node` since `cursor`, oldest first: (kind, uid,
     /// the version before the change, None if it did not exist). None when
     /// the journal does not reach back that far (or is another process's).
-    fn since(&self, _node: &str, _cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+    fn since(&self, _node: &str, _cursor: &str) -> Option<Vec<(Kind, String, Option<String>)>> {
         None
     }
 }
@@ -135,9 +135,9 @@ impl Versions {
 #[derive(Default)]
 struct Journal {
     /// kind -> uid -> version at the last look.
-    last: BTreeMap<String, BTreeMap<String, String>>,
+    last: BTreeMap<Kind, BTreeMap<String, String>>,
     /// (position, kind, uid, version before).
-    log: std::collections::VecDeque<(u64, String, String, Option<String>)>,
+    log: std::collections::VecDeque<(u64, Kind, String, Option<String>)>,
     position: u64,
 }
 
@@ -150,18 +150,18 @@ impl Journal {
     /// Record what differs between the last look and `now`.
     fn look(&mut self, now: &NodeObjects) {
         let mut changed = Vec::new();
-        for kind in KINDS {
-            let before = self.last.get(kind);
-            let after = now.get(kind);
+        for kind in Kind::ALL {
+            let before = self.last.get(&kind);
+            let after = now.get(&kind);
             for (uid, (v, _)) in after.into_iter().flatten() {
                 let old = before.and_then(|b| b.get(uid));
                 if old != Some(v) {
-                    changed.push((kind.to_string(), uid.clone(), old.cloned()));
+                    changed.push((kind, uid.clone(), old.cloned()));
                 }
             }
             for (uid, v) in before.into_iter().flatten() {
                 if !after.is_some_and(|a| a.contains_key(uid)) {
-                    changed.push((kind.to_string(), uid.clone(), Some(v.clone())));
+                    changed.push((kind, uid.clone(), Some(v.clone())));
                 }
             }
         }
@@ -176,14 +176,14 @@ impl Journal {
             .iter()
             .map(|(k, m)| {
                 (
-                    k.clone(),
+                    *k,
                     m.iter().map(|(u, (v, _))| (u.clone(), v.clone())).collect(),
                 )
             })
             .collect();
     }
 
-    fn since(&self, position: u64) -> Option<Vec<(String, String, Option<String>)>> {
+    fn since(&self, position: u64) -> Option<Vec<(Kind, String, Option<String>)>> {
         if position > self.position {
             return None;
         }
@@ -198,7 +198,7 @@ impl Journal {
             self.log
                 .iter()
                 .filter(|e| e.0 > position)
-                .map(|(_, k, u, o)| (k.clone(), u.clone(), o.clone()))
+                .map(|(_, k, u, o)| (*k, u.clone(), o.clone()))
                 .collect(),
         )
     }
@@ -270,7 +270,7 @@ impl Journals {
         format!("{}.{p}", self.epoch)
     }
 
-    pub fn since(&self, node: &str, cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+    pub fn since(&self, node: &str, cursor: &str) -> Option<Vec<(Kind, String, Option<String>)>> {
         let (epoch, p) = cursor.split_once('.')?;
         if epoch != self.epoch {
             return None;
@@ -292,7 +292,7 @@ pub struct DirSource {
 pub fn uuid_of(bytes: &[u8]) -> String {
     let mut b = [0u8; 16];
     b.copy_from_slice(&Sha256::digest(bytes)[..16]);
-    outrigger_proto::inventory::uuid_string(&b)
+    uuid::Uuid::from_bytes(b).to_string()
 }
 
 impl DirSource {
@@ -387,10 +387,7 @@ impl DirSource {
     }
 
     fn scan(&self, node: &str) -> NodeObjects {
-        let mut out: NodeObjects = KINDS
-            .iter()
-            .map(|k| (k.to_string(), BTreeMap::new()))
-            .collect();
+        let mut out: NodeObjects = Kind::ALL.iter().map(|k| (*k, BTreeMap::new())).collect();
         let dir = self.root.join(node);
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return out;
@@ -419,12 +416,15 @@ impl DirSource {
                         break;
                     }
                 };
-                let kind = v["kind"].as_str().unwrap_or("").to_string();
                 let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
-                if !KINDS.contains(&kind.as_str()) || name.is_empty() {
-                    tracing::warn!(file = %f.display(), kind, name, "not a named Pod, ConfigMap or Secret; skipped");
-                    continue;
-                }
+                let kind = match v["kind"].as_str().and_then(Kind::from_name) {
+                    Some(k) if !name.is_empty() => k,
+                    _ => {
+                        let kind = v["kind"].as_str().unwrap_or("");
+                        tracing::warn!(file = %f.display(), kind, name, "not a named Pod, ConfigMap or Secret; skipped");
+                        continue;
+                    }
+                };
                 if v["metadata"]["namespace"].as_str().is_none() {
                     v["metadata"]["namespace"] = "default".into();
                 }
@@ -432,7 +432,7 @@ impl DirSource {
                     .as_str()
                     .unwrap_or("default")
                     .to_string();
-                if kind == "Pod" {
+                if kind == Kind::Pod {
                     v["spec"]["nodeName"] = node.into();
                 }
                 if let Some(m) = v["metadata"].as_object_mut() {
@@ -493,7 +493,7 @@ impl Source for DirSource {
         Some(self.journals.cursor(node))
     }
 
-    fn since(&self, node: &str, cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+    fn since(&self, node: &str, cursor: &str) -> Option<Vec<(Kind, String, Option<String>)>> {
         self.journals.since(node, cursor)
     }
 
@@ -525,21 +525,21 @@ mod tests {
         std::fs::write(&f, "kind: ConfigMap\nmetadata: {name: c}\ndata: {a: '1'}\n---\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n---\nkind: Deployment\nmetadata: {name: d}\n").unwrap();
         let s = DirSource::new(d.path());
         let a = s.objects("gw-1");
-        assert_eq!(a["ConfigMap"].len(), 1);
-        assert_eq!(a["Pod"].len(), 1);
-        let (uid, (rv, body)) = a["Pod"].iter().next().unwrap();
+        assert_eq!(a[&Kind::ConfigMap].len(), 1);
+        assert_eq!(a[&Kind::Pod].len(), 1);
+        let (uid, (rv, body)) = a[&Kind::Pod].iter().next().unwrap();
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["spec"]["nodeName"], "gw-1");
         assert_eq!(v["metadata"]["uid"], uid.as_str());
         assert_eq!(s.objects("gw-1"), a);
-        assert!(s.objects("gw-2")["Pod"].is_empty());
+        assert!(s.objects("gw-2")[&Kind::Pod].is_empty());
         std::fs::write(&f, "kind: ConfigMap\nmetadata: {name: c}\ndata: {a: '2'}\n---\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n").unwrap();
         let b = s.objects("gw-1");
-        assert_eq!(b["Pod"][uid].0, *rv);
-        assert_ne!(b["ConfigMap"], a["ConfigMap"]);
+        assert_eq!(b[&Kind::Pod][uid].0, *rv);
+        assert_ne!(b[&Kind::ConfigMap], a[&Kind::ConfigMap]);
         assert_eq!(
-            b["ConfigMap"].keys().collect::<Vec<_>>(),
-            a["ConfigMap"].keys().collect::<Vec<_>>()
+            b[&Kind::ConfigMap].keys().collect::<Vec<_>>(),
+            a[&Kind::ConfigMap].keys().collect::<Vec<_>>()
         );
     }
 }

@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use outrigger_proto::inventory;
+use outrigger_proto::inventory::{self, Inventory};
+use outrigger_proto::kinds::Kind;
 use outrigger_proto::message::{Change, Message, Sync};
 
 use crate::metrics::METRICS;
@@ -19,11 +20,11 @@ pub const BATCH: usize = 100;
 pub const WINDOW: usize = 8;
 
 /// (kind, uid) of a change.
-fn id(c: &Change) -> (String, String) {
+fn id(c: &Change) -> (Kind, String) {
     match c {
         Change::Put { kind, uid, .. }
         | Change::Patch { kind, uid, .. }
-        | Change::Delete { kind, uid } => (kind.clone(), uid.clone()),
+        | Change::Delete { kind, uid } => (*kind, uid.clone()),
     }
 }
 
@@ -31,7 +32,7 @@ fn id(c: &Change) -> (String, String) {
 /// the source still has that version and the patch is well smaller.
 fn patch(
     source: &dyn Source,
-    kind: &str,
+    kind: Kind,
     uid: &str,
     base: &str,
     rv: &str,
@@ -41,7 +42,7 @@ fn patch(
     let new: serde_json::Value = serde_json::from_slice(body).ok()?;
     let p = serde_json::to_vec(&json_patch::diff(&old, &new)).ok()?;
     (p.len() * 2 < body.len()).then(|| Change::Patch {
-        kind: kind.to_string(),
+        kind,
         uid: uid.to_string(),
         base_version: base.to_string(),
         resource_version: rv.to_string(),
@@ -53,16 +54,16 @@ pub struct Session<'a> {
     node: String,
     source: &'a dyn Source,
     /// The kinds this node's protocol version knows, in put order.
-    kinds: Vec<&'static str>,
+    kinds: Vec<Kind>,
     /// kind -> uid -> resourceVersion the node has, or will have once the
     /// batches in flight commit. None until its inventory arrives.
-    edge: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    edge: Option<Inventory>,
     queue: VecDeque<Change>,
     /// The objects with a change in `queue`.
-    queued: HashSet<(String, String)>,
+    queued: HashSet<(Kind, String)>,
     /// Buckets asked for (after a digest) and not answered yet: until
     /// then the view is incomplete and nothing is sent.
-    query: Option<BTreeMap<String, Vec<u8>>>,
+    query: Option<BTreeMap<Kind, Vec<u8>>>,
     /// Batches sent and not acked, with when they went.
     in_flight: VecDeque<(u64, std::time::Instant)>,
     /// Terminating pods this session told the node to delete: they are
@@ -98,7 +99,7 @@ impl<'a> Session<'a> {
     /// Queue a change, dropping any older one for the same object that is
     /// still waiting: a node that is slow to ack costs at most one queued
     /// change per object, however often the objects change.
-    fn enqueue(queue: &mut VecDeque<Change>, queued: &mut HashSet<(String, String)>, c: Change) {
+    fn enqueue(queue: &mut VecDeque<Change>, queued: &mut HashSet<(Kind, String)>, c: Change) {
         let key = id(&c);
         // Only a change already waiting costs a pass over the queue.
         if !queued.insert(key.clone()) {
@@ -121,13 +122,13 @@ impl<'a> Session<'a> {
             self.source.terminating(&self.node).into_iter().collect();
         let held = self.source.held_back(&self.node);
         for &kind in &self.kinds {
-            let have = edge.entry(kind.to_string()).or_default();
-            for (uid, (rv, body)) in desired.get(kind).into_iter().flatten() {
+            let have = edge.entry(kind).or_default();
+            for (uid, (rv, body)) in desired.get(&kind).into_iter().flatten() {
                 // A new pod waits for its token (a moment): sent with it.
-                if kind == "Pod" && held.contains(uid) && !have.contains_key(uid) {
+                if kind == Kind::Pod && held.contains(uid) && !have.contains_key(uid) {
                     continue;
                 }
-                if kind == "Pod" && terminating.contains(uid) {
+                if kind == Kind::Pod && terminating.contains(uid) {
                     // Never there: nothing to stop (finalized below).
                     if !have.contains_key(uid) {
                         continue;
@@ -140,7 +141,7 @@ impl<'a> Session<'a> {
                         None => None,
                     };
                     let change = change.unwrap_or_else(|| Change::Put {
-                        kind: kind.to_string(),
+                        kind,
                         uid: uid.clone(),
                         resource_version: rv.clone(),
                         body: body.to_vec(),
@@ -151,10 +152,10 @@ impl<'a> Session<'a> {
             }
         }
         for &kind in self.kinds.iter().rev() {
-            let have = edge.entry(kind.to_string()).or_default();
+            let have = edge.entry(kind).or_default();
             let gone: Vec<String> = have
                 .keys()
-                .filter(|u| !desired.get(kind).is_some_and(|d| d.contains_key(*u)))
+                .filter(|u| !desired.get(&kind).is_some_and(|d| d.contains_key(*u)))
                 .cloned()
                 .collect();
             for uid in gone {
@@ -162,16 +163,13 @@ impl<'a> Session<'a> {
                 Self::enqueue(
                     &mut self.queue,
                     &mut self.queued,
-                    Change::Delete {
-                        kind: kind.to_string(),
-                        uid,
-                    },
+                    Change::Delete { kind, uid },
                 );
             }
         }
         // Deleted while the node never had them (or had already stopped
         // them): nothing to wait for.
-        let pods = edge.entry("Pod".to_string()).or_default();
+        let pods = edge.entry(Kind::Pod).or_default();
         for uid in terminating {
             if !pods.contains_key(&uid) && !self.stopping.contains(&uid) {
                 self.source.finalize(&self.node, &uid);
@@ -200,7 +198,7 @@ impl<'a> Session<'a> {
         // once it is committed, the node has everything up to there.
         // (One position covers every kind: it goes under "Pod".)
         let cursors = match (self.queue.is_empty(), self.source.cursor(&self.node)) {
-            (true, Some(c)) => BTreeMap::from([("Pod".to_string(), c)]),
+            (true, Some(c)) => BTreeMap::from([(Kind::Pod, c)]),
             _ => BTreeMap::new(),
         };
         Some(Message::Sync(Sync::Changes {
@@ -215,22 +213,22 @@ impl<'a> Session<'a> {
     fn rewound(
         &self,
         desired: &crate::source::NodeObjects,
-        digests: &BTreeMap<String, serde_bytes::ByteBuf>,
-        cursors: &BTreeMap<String, String>,
-    ) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
-        let cursor = cursors.get("Pod")?;
+        digests: &BTreeMap<Kind, serde_bytes::ByteBuf>,
+        cursors: &BTreeMap<Kind, String>,
+    ) -> Option<Inventory> {
+        let cursor = cursors.get(&Kind::Pod)?;
         let changes = self.source.since(&self.node, cursor)?;
-        let mut view: BTreeMap<String, BTreeMap<String, String>> = self
+        let mut view: Inventory = self
             .kinds
             .iter()
             .map(|k| {
                 let v = desired
-                    .get(*k)
+                    .get(k)
                     .into_iter()
                     .flatten()
                     .map(|(u, (rv, _))| (u.clone(), rv.clone()))
                     .collect();
-                (k.to_string(), v)
+                (*k, v)
             })
             .collect();
         for (kind, uid, before) in changes.into_iter().rev() {
@@ -241,15 +239,15 @@ impl<'a> Session<'a> {
             };
         }
         let agree = self.kinds.iter().all(|k| {
-            let theirs = digests.get(*k).map(|b| b.as_ref()).unwrap_or(&[][..]);
-            let ours = view.get(*k).map(inventory::digests).unwrap_or_default();
+            let theirs = digests.get(k).map(|b| b.as_ref()).unwrap_or(&[][..]);
+            let ours = view.get(k).map(inventory::digests).unwrap_or_default();
             inventory::differing(&ours, theirs).is_empty()
         });
         agree.then_some(view)
     }
 
     /// A fresh view, diffed and queued; logged.
-    fn start_over(&mut self, edge: BTreeMap<String, BTreeMap<String, String>>) {
+    fn start_over(&mut self, edge: Inventory) {
         let objects: usize = edge.values().map(|k| k.len()).sum();
         self.edge = Some(edge);
         // Whatever was in flight on an older view is superseded.
@@ -284,20 +282,20 @@ impl<'a> Session<'a> {
                 let mut query = BTreeMap::new();
                 for &k in &self.kinds {
                     let want: BTreeMap<String, String> = desired
-                        .get(k)
+                        .get(&k)
                         .into_iter()
                         .flatten()
                         .map(|(u, (rv, _))| (u.clone(), rv.clone()))
                         .collect();
-                    let theirs = kinds.get(k).map(|b| b.as_ref()).unwrap_or(&[][..]);
+                    let theirs = kinds.get(&k).map(|b| b.as_ref()).unwrap_or(&[][..]);
                     let diff = inventory::differing(&inventory::digests(&want), theirs);
                     let view = want
                         .into_iter()
                         .filter(|(u, _)| !diff.contains(&(inventory::bucket(u) as u8)))
                         .collect();
-                    edge.insert(k.to_string(), view);
+                    edge.insert(k, view);
                     if !diff.is_empty() {
-                        query.insert(k.to_string(), diff);
+                        query.insert(k, diff);
                     }
                 }
                 if query.is_empty() {
@@ -311,7 +309,7 @@ impl<'a> Session<'a> {
                 self.in_flight.clear();
                 let ask = query
                     .iter()
-                    .map(|(k, b)| (k.clone(), serde_bytes::ByteBuf::from(b.clone())))
+                    .map(|(k, b)| (*k, serde_bytes::ByteBuf::from(b.clone())))
                     .collect();
                 self.query = Some(query);
                 Some(Message::Sync(Sync::Query { kinds: ask }))
@@ -337,7 +335,7 @@ impl<'a> Session<'a> {
             Message::Sync(Sync::Inventory { kinds }) => {
                 let mut edge = kinds;
                 for k in &self.kinds {
-                    edge.entry(k.to_string()).or_default();
+                    edge.entry(*k).or_default();
                 }
                 self.start_over(edge);
                 None
@@ -350,7 +348,7 @@ impl<'a> Session<'a> {
                         have.remove(u);
                     }
                 }
-                tracing::info!(node = %self.node, kind, objects = uids.len(), "patches without their base; sending whole");
+                tracing::info!(node = %self.node, %kind, objects = uids.len(), "patches without their base; sending whole");
                 self.refresh();
                 None
             }
@@ -372,7 +370,7 @@ impl<'a> Session<'a> {
                 name,
             }) => {
                 let desired = self.source.objects(&self.node);
-                let known = self.kinds.contains(&kind.as_str());
+                let known = self.kinds.contains(&kind);
                 let found = desired.get(&kind).filter(|_| known).and_then(|objects| {
                     objects.iter().find(|(_, (_, body))| {
                         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
@@ -510,11 +508,11 @@ mod tests {
     fn a_deleted_pod_is_stopped_first_and_finalized_only_when_the_node_lacks_it() {
         let src = Fixed::default();
         let pods = BTreeMap::from([("a".to_string(), ("1".to_string(), b"{}"[..].into()))]);
-        src.objects.lock().unwrap().insert("Pod".into(), pods);
+        src.objects.lock().unwrap().insert(Kind::Pod, pods);
         let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         // The node has a.
         let inv = BTreeMap::from([(
-            "Pod".to_string(),
+            Kind::Pod,
             BTreeMap::from([("a".to_string(), "1".to_string())]),
         )]);
         s.handle(Message::Sync(Sync::Inventory { kinds: inv }));
@@ -527,7 +525,7 @@ mod tests {
             ),
             ("b".to_string(), ("1".to_string(), b"{}"[..].into())),
         ]);
-        src.objects.lock().unwrap().insert("Pod".into(), pods);
+        src.objects.lock().unwrap().insert(Kind::Pod, pods);
         *src.terminating.lock().unwrap() = vec!["a".into(), "b".into()];
         s.refresh();
         // b is finalized at once and never sent; a goes down as it is now
@@ -553,8 +551,8 @@ mod tests {
     /// keep the last cursors.
     fn drain(
         s: &mut Session,
-        inv: &mut BTreeMap<String, BTreeMap<String, String>>,
-        cursors: &mut BTreeMap<String, String>,
+        inv: &mut Inventory,
+        cursors: &mut BTreeMap<Kind, String>,
     ) -> Vec<Change> {
         let mut all = Vec::new();
         while let Some(Message::Sync(Sync::Changes {
@@ -577,12 +575,12 @@ mod tests {
                         resource_version,
                         ..
                     } => {
-                        inv.entry(kind.clone())
+                        inv.entry(*kind)
                             .or_default()
                             .insert(uid.clone(), resource_version.clone());
                     }
                     Change::Delete { kind, uid } => {
-                        inv.entry(kind.clone()).or_default().remove(uid);
+                        inv.entry(*kind).or_default().remove(uid);
                     }
                 }
             }
@@ -595,16 +593,9 @@ mod tests {
         all
     }
 
-    fn digest_of(
-        inv: &BTreeMap<String, BTreeMap<String, String>>,
-        cursors: &BTreeMap<String, String>,
-    ) -> Message {
-        let kinds = inv
-            .iter()
-            .map(|(k, m)| (k.clone(), serde_bytes::ByteBuf::from(inventory::digests(m))))
-            .collect();
+    fn digest_of(inv: &Inventory, cursors: &BTreeMap<Kind, String>) -> Message {
         Message::Sync(Sync::Digest {
-            kinds,
+            kinds: inventory::digests_of(inv),
             cursors: cursors.clone(),
         })
     }
@@ -652,23 +643,17 @@ mod tests {
 
         // A node whose store lost an object: the digests disagree with the
         // rewind, so it is asked, and gets the object whole.
-        let lost = inv.get_mut("ConfigMap").unwrap().pop_first().unwrap().0;
+        let lost = inv
+            .get_mut(&Kind::ConfigMap)
+            .unwrap()
+            .pop_first()
+            .unwrap()
+            .0;
         let mut s = Session::new("n", &src, outrigger_proto::VERSION);
         let Some(Message::Sync(Sync::Query { kinds })) = s.handle(digest_of(&inv, &cursors)) else {
             panic!("not asked");
         };
-        let answer = inv
-            .iter()
-            .map(|(k, m)| {
-                let want = kinds.get(k).map(|b| b.to_vec()).unwrap_or_default();
-                let part = m
-                    .iter()
-                    .filter(|(u, _)| want.contains(&(inventory::bucket(u) as u8)))
-                    .map(|(u, v)| (u.clone(), v.clone()))
-                    .collect();
-                (k.clone(), part)
-            })
-            .collect();
+        let answer = inventory::answer(&inv, &kinds);
         s.handle(Message::Sync(Sync::Inventory { kinds: answer }));
         let changes = drain(&mut s, &mut inv, &mut cursors);
         assert!(

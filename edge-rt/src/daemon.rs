@@ -8,23 +8,21 @@
 //! they happen, reports status to the outbox and keeps the image store under
 //! its budget.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-
 use crate::config::Config;
+use crate::desired::{self, files::ManifestWatch};
 use crate::image::registry::Puller;
 use crate::image::{archive, ImageStore};
 use crate::pods::events::EventRing;
 use crate::pods::{self, PodManager};
 use crate::runtime::Runtime;
-use crate::static_pods;
-use crate::store::{self, Kind, Store};
+use crate::store::{self, Store};
 use crate::supervisor::{self, Event};
 
 /// Import every archive or layout in `dir` not imported before (by name,
@@ -115,7 +113,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         node: placement,
         status_generation: Default::default(),
         status_changed: Default::default(),
-        deletion_grace: Default::default(),
         network: if cfg.network.enabled {
             Some(Arc::new(crate::network::Network::new(
                 cfg.network.clone(),
@@ -245,114 +242,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
 }
 
-/// The static pod directory, watched with inotify (a manifest change is
-/// applied within milliseconds), with a slow full rescan behind it for what
-/// inotify cannot see (a directory created later, a network filesystem).
-struct ManifestWatch {
-    dir: PathBuf,
-    events: Option<inotify::EventStream<Vec<u8>>>,
-    rescan: tokio::time::Interval,
-    /// Errors already reported, so each is logged once.
-    reported: BTreeMap<String, String>,
-}
-
-impl ManifestWatch {
-    fn new(dir: &Path) -> ManifestWatch {
-        let mut rescan = tokio::time::interval(Duration::from_secs(30));
-        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut w = ManifestWatch {
-            dir: dir.to_path_buf(),
-            events: None,
-            rescan,
-            reported: BTreeMap::new(),
-        };
-        w.watch();
-        w
-    }
-
-    fn watch(&mut self) {
-        use inotify::{Inotify, WatchMask};
-        let r = Inotify::init().and_then(|i| {
-            i.watches().add(
-                &self.dir,
-                WatchMask::CLOSE_WRITE
-                    | WatchMask::MOVED_TO
-                    | WatchMask::MOVED_FROM
-                    | WatchMask::DELETE
-                    | WatchMask::CREATE
-                    | WatchMask::DELETE_SELF
-                    | WatchMask::MOVE_SELF,
-            )?;
-            i.into_event_stream(vec![0u8; 4096])
-        });
-        match r {
-            Ok(s) => self.events = Some(s),
-            Err(e) => {
-                if self.dir.exists() {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the manifest directory; rescanning every 30 s");
-                }
-                self.events = None;
-            }
-        }
-    }
-
-    /// Resolves when the directory may have changed.
-    async fn changed(&mut self) {
-        use futures_util::StreamExt;
-        match self.events.as_mut() {
-            Some(ev) => tokio::select! {
-                e = ev.next() => match e {
-                    Some(Ok(e)) if e.mask.intersects(inotify::EventMask::DELETE_SELF | inotify::EventMask::MOVE_SELF | inotify::EventMask::IGNORED) => self.events = None,
-                    Some(Ok(_)) => {}
-                    _ => self.events = None,
-                },
-                _ = self.rescan.tick() => {}
-            },
-            None => {
-                self.rescan.tick().await;
-                self.watch();
-            }
-        }
-    }
-
-    /// Read the directory's pods, ConfigMaps and Secrets.
-    fn read(&mut self) -> Objects {
-        let (mut desired, mut config_maps, mut secrets) = (Vec::new(), Vec::new(), Vec::new());
-        let mut errors = BTreeMap::new();
-        for m in static_pods::load_dir(&self.dir) {
-            match m.object {
-                Ok(static_pods::Object::Pod(p)) => desired.push(*p),
-                Ok(static_pods::Object::ConfigMap(c)) => config_maps.push(c),
-                Ok(static_pods::Object::Secret(s)) => secrets.push(s),
-                Err(ref e) => {
-                    let place = m.place();
-                    if self.reported.get(&place) != Some(e) {
-                        tracing::error!(file = %place, error = %e, "invalid pod manifest; other pods are not affected");
-                    }
-                    errors.insert(place, e.clone());
-                }
-            }
-        }
-        self.reported = errors;
-        Objects {
-            pods: desired,
-            config_maps,
-            secrets,
-            tokens: Vec::new(),
-        }
-    }
-}
-
-/// Pods and the objects they use, from one source.
-#[derive(Default, Clone)]
-struct Objects {
-    pods: Vec<Pod>,
-    config_maps: Vec<ConfigMap>,
-    secrets: Vec<Secret>,
-    /// Service account tokens (from the cloud only; manifests have none).
-    tokens: Vec<outrigger_proto::kinds::ServiceAccountToken>,
-}
-
 /// Open the node store. A store that cannot be opened (its key unreadable,
 /// a schema from a newer edge-rt) leaves the node running its static pods,
 /// with the reason logged and shown by `edge-rt status`; a corrupt one is
@@ -372,102 +261,13 @@ fn open_store(cfg: &Config) -> Option<Arc<Store>> {
     }
 }
 
-/// The store's pods, ConfigMaps, Secrets and tokens, typed. An object that does not
-/// parse is logged and skipped; the rest run.
-fn from_store(s: &Store) -> Objects {
-    fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
-        let objects = match s.objects(kind) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(kind = kind.as_str(), error = %e, "reading the store");
-                return vec![];
-            }
-        };
-        objects
-            .into_iter()
-            .filter_map(|o| {
-                let mut body = o.body;
-                // The row's identity is the truth (a body may lack it).
-                body["metadata"]["uid"] = o.uid.clone().into();
-                body["metadata"]["namespace"] = o.namespace.clone().into();
-                match serde_json::from_value::<T>(body) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
-                        None
-                    }
-                }
-            })
-            .collect()
-    }
-    Objects {
-        pods: load(s, Kind::Pod),
-        config_maps: load(s, Kind::ConfigMap),
-        secrets: load(s, Kind::Secret),
-        tokens: load(s, Kind::ServiceAccountToken),
-    }
-}
-
-type ObjectMeta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-/// The stored objects whose namespace and name no manifest uses (the file
-/// on the node wins; the other is logged and left out).
-fn not_in_files<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(files: &[T], stored: Vec<T>) -> Vec<T> {
-    fn key(m: &ObjectMeta) -> (String, String) {
-        (
-            m.namespace.clone().unwrap_or_else(|| "default".into()),
-            m.name.clone().unwrap_or_default(),
-        )
-    }
-    let taken: std::collections::BTreeSet<_> = files.iter().map(|o| key(o.metadata())).collect();
-    stored
-        .into_iter()
-        .filter(|o| {
-            let k = key(o.metadata());
-            let free = !taken.contains(&k);
-            if !free {
-                tracing::warn!(kind = T::KIND, object = ?k, "a manifest defines this name too; the stored one is left out");
-            }
-            free
-        })
-        .collect()
-}
-
-/// Hand the union of the manifest directory and the store to the pod
-/// manager.
-fn reconcile(pods: &PodManager, files: &Objects, store: Option<&Store>) {
-    let mut all = files.clone();
-    if let Some(s) = store {
-        let mut stored = from_store(s);
-        // A pod the cluster is deleting stops here (with the deletion's
-        // grace period); the cloud removes it once the node reports it gone.
-        let mut grace = HashMap::new();
-        stored.pods.retain(|p| {
-            if p.metadata.deletion_timestamp.is_none() {
-                return true;
-            }
-            if let (Some(uid), Some(g)) =
-                (&p.metadata.uid, p.metadata.deletion_grace_period_seconds)
-            {
-                grace.insert(uid.clone(), g);
-            }
-            false
-        });
-        *pods
-            .context()
-            .deletion_grace
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = grace;
-        all.pods.extend(not_in_files(&files.pods, stored.pods));
-        all.config_maps
-            .extend(not_in_files(&files.config_maps, stored.config_maps));
-        all.secrets
-            .extend(not_in_files(&files.secrets, stored.secrets));
-        all.tokens = stored.tokens;
-    }
+/// Hand what the node should run (the manifest directory and the store,
+/// merged) to the pod manager.
+fn reconcile(pods: &PodManager, files: &desired::Objects, store: Option<&Store>) {
+    let d = desired::merge(files, store.map(desired::stored::read));
     // Objects first: a new pod finds what it references.
     pods.context()
         .objects
-        .replace(all.config_maps, all.secrets, all.tokens);
-    pods.apply(all.pods);
+        .replace(d.config_maps, d.secrets, d.tokens);
+    pods.apply(d.pods);
 }

@@ -3,8 +3,10 @@
 //! - [`image`]: pull, import, store and garbage-collect OCI images.
 //! - [`runtime`]: run containers in-process through libcontainer.
 //! - [`supervisor`]: signals, reaping, PID 1 duties.
+//! - [`desired`]: what the node should run: the file and store sources,
+//!   merged, each pod with its deletion.
 //! - [`pods`]: the pod reconciler, status and events.
-//! - [`static_pods`]: the manifest directory, standalone mode's source.
+//! - [`static_pods`]: the manifest parser (the file source, `edge-rt apply`).
 //! - [`api`] and [`cli`]: the local socket and the commands that use it.
 //! - [`store`]: the SQLite store (objects, cursors, outbox) and [`reporter`],
 //!   which puts pod status and events in its outbox.
@@ -16,6 +18,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod desired;
 pub mod image;
 pub mod link;
 pub mod network;

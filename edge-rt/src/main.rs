@@ -437,7 +437,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn store_cmd(cfg: &Config, cmd: StoreCmd) -> Result<()> {
-    use edge_rt::store::{Kind, Store};
+    use edge_rt::store::Store;
     let path = cfg.store.db_path(&cfg.node.data_dir);
     let key = cfg.store.key_path(&cfg.node.data_dir);
     match cmd {
@@ -465,7 +465,7 @@ fn store_cmd(cfg: &Config, cmd: StoreCmd) -> Result<()> {
                     .map(|r| serde_json::to_value(r).unwrap_or_default())
                     .collect()
             } else {
-                let kind: Kind = kind.parse()?;
+                let kind = edge_rt::store::parse_kind(&kind)?;
                 store
                     .objects(kind)?
                     .into_iter()

@@ -8,15 +8,16 @@
 //! next tick recomputes from live state and tries again, so the outbox
 //! catches up by itself when space returns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{NodeCondition, Pod};
+use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition, NodeSystemInfo, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use serde_json::json;
+use outrigger_proto::report::{NodeReport, PodReport, Report};
 
 use crate::pods::{self, PodManager};
-use crate::store::{Class, LinkState, Report, Store, StoreError};
+use crate::store::{self, LinkState, Store, StoreError};
 
 pub struct Reporter {
     store: Arc<Store>,
@@ -24,9 +25,11 @@ pub struct Reporter {
     node_name: String,
     /// Capacity, node info and addresses: what a kubelet reports about its
     /// machine (gathered once; they do not change while edge-rt runs).
-    facts: serde_json::Value,
-    /// Key -> hash of the body last committed.
+    facts: NodeReport,
+    /// Outbox key -> hash of the body last committed (pods and the node).
     sent: HashMap<String, u64>,
+    /// Pods (uids) whose status was committed and not yet their end.
+    pods_sent: std::collections::HashSet<String>,
     /// Pods removed and not yet reported gone (kept until a flush commits).
     removed: Vec<String>,
     event_seq: u64,
@@ -80,7 +83,7 @@ pub fn node_conditions(link: &LinkState) -> Vec<NodeCondition> {
 }
 
 impl Reporter {
-    pub fn new(store: Arc<Store>, pods: Arc<PodManager>, facts: serde_json::Value) -> Reporter {
+    pub fn new(store: Arc<Store>, pods: Arc<PodManager>, facts: NodeReport) -> Reporter {
         let node_name = pods.context().node.node_name.clone();
         Reporter {
             store,
@@ -88,6 +91,7 @@ impl Reporter {
             node_name,
             facts,
             sent: HashMap::new(),
+            pods_sent: Default::default(),
             removed: Vec::new(),
             event_seq: 0,
             failing: false,
@@ -99,56 +103,40 @@ impl Reporter {
     fn collect(&mut self) -> (Vec<Report>, u64) {
         self.removed.extend(self.pods.take_removed());
         let mut out = Vec::new();
-        let mut live = BTreeMap::new();
-        for p in self.pods.list() {
-            let key = format!("pod/{}", pods::uid(&p));
-            live.insert(key.clone(), ());
-            let body = pod_status_body(&p);
-            if self.sent.get(&key) != Some(&digest(&body)) {
-                out.push(Report {
-                    class: Class::Status,
-                    key,
-                    body,
-                });
+        let mut live = std::collections::BTreeSet::new();
+        let changed = |out: &mut Vec<Report>, r: Report| {
+            if self.sent.get(&r.key()) != Some(&digest(&r.body())) {
+                out.push(r);
             }
+        };
+        for p in self.pods.list() {
+            let r = Report::Pod(Box::new(pod_report(&p)));
+            live.insert(r.key());
+            changed(&mut out, r);
+        }
+        if let Ok(link) = self.store.link() {
+            let mut node = self.facts.clone();
+            node.name = self.node_name.clone();
+            node.conditions = node_conditions(&link);
+            changed(&mut out, Report::Node(Box::new(node)));
         }
         // Pods that are gone, even ones that came and went between two
         // flushes: the cloud completes their deletion.
-        let mut gone: std::collections::BTreeSet<String> =
-            self.removed.iter().map(|u| format!("pod/{u}")).collect();
-        gone.extend(self.sent.keys().filter(|k| k.starts_with("pod/")).cloned());
-        for key in gone {
-            if !live.contains_key(&key) {
-                let body = json!({"uid": &key[4..], "deleted": true});
-                out.push(Report {
-                    class: Class::Status,
-                    key,
-                    body,
-                });
-            }
-        }
-        if let Ok(link) = self.store.link() {
-            let key = format!("node/{}", self.node_name);
-            let mut body = self.facts.clone();
-            body["name"] = self.node_name.clone().into();
-            body["conditions"] = serde_json::to_value(node_conditions(&link)).unwrap_or_default();
-            if self.sent.get(&key) != Some(&digest(&body)) {
-                out.push(Report {
-                    class: Class::Status,
-                    key,
-                    body,
-                });
+        let gone: std::collections::BTreeSet<String> = self
+            .removed
+            .iter()
+            .chain(&self.pods_sent)
+            .cloned()
+            .collect();
+        for uid in gone {
+            let r = Report::PodGone { uid };
+            if !live.contains(&r.key()) {
+                out.push(r);
             }
         }
         let events = self.pods.context().events.since(self.event_seq);
         let seq = events.last().map(|e| e.seq).unwrap_or(self.event_seq);
-        for e in events {
-            out.push(Report {
-                class: Class::Event,
-                key: format!("event/{}", e.id),
-                body: serde_json::to_value(&e).unwrap_or_default(),
-            });
-        }
+        out.extend(events.into_iter().map(Report::Event));
         (out, seq)
     }
 
@@ -172,19 +160,27 @@ impl Reporter {
         if reports.is_empty() {
             return Ok(0);
         }
-        match self.store.report(&reports, now_ms) {
+        let rows: Vec<store::Report> = reports.iter().map(store::Report::from).collect();
+        match self.store.report(&rows, now_ms) {
             Ok(_) => {
                 if self.failing {
                     tracing::info!("outbox writable again; status and events caught up");
                     self.failing = false;
                 }
-                for r in &reports {
-                    if r.class == Class::Status {
-                        if r.body["deleted"] == true {
-                            self.sent.remove(&r.key);
-                        } else {
-                            self.sent.insert(r.key.clone(), digest(&r.body));
+                for (r, row) in reports.iter().zip(&rows) {
+                    match r {
+                        Report::PodGone { uid } => {
+                            self.sent.remove(&row.key);
+                            self.pods_sent.remove(uid);
                         }
+                        Report::Pod(p) => {
+                            self.sent.insert(row.key.clone(), digest(&row.body));
+                            self.pods_sent.insert(p.uid.clone());
+                        }
+                        Report::Node(_) => {
+                            self.sent.insert(row.key.clone(), digest(&row.body));
+                        }
+                        Report::Event(_) => {}
                     }
                 }
                 self.event_seq = seq;
@@ -206,31 +202,21 @@ impl Reporter {
 /// What the cluster is told about this machine, as a kubelet would put it
 /// in the Node's status: capacity (allocatable is the same: edge-rt
 /// reserves nothing for itself beyond what it uses), node info, addresses.
-pub fn node_facts(
-    at: &pods::env::Placement,
-    node: &crate::config::NodeSection,
-) -> serde_json::Value {
-    let mut capacity = serde_json::Map::new();
-    capacity.insert(
-        "cpu".into(),
-        (at.node_cpu_millis / 1000).max(1).to_string().into(),
-    );
-    capacity.insert(
-        "memory".into(),
-        format!("{}Ki", at.node_memory_bytes / 1024).into(),
-    );
+/// The name and conditions are filled in with each report.
+pub fn node_facts(at: &pods::env::Placement, node: &crate::config::NodeSection) -> NodeReport {
+    let mut capacity = std::collections::BTreeMap::new();
+    let mut put = |k: &str, v: String| capacity.insert(k.to_string(), Quantity(v));
+    put("cpu", (at.node_cpu_millis / 1000).max(1).to_string());
+    put("memory", format!("{}Ki", at.node_memory_bytes / 1024));
     if let Ok(st) = nix::sys::statvfs::statvfs(&node.data_dir) {
         // u32 on 32-bit targets (armv7 gateways): widen before multiplying.
         #[allow(clippy::unnecessary_cast)]
         let bytes = st.blocks() as u64 * st.fragment_size() as u64;
-        capacity.insert(
-            "ephemeral-storage".into(),
-            format!("{}Ki", bytes / 1024).into(),
-        );
+        put("ephemeral-storage", format!("{}Ki", bytes / 1024));
     }
-    capacity.insert("pods".into(), node.max_pods.to_string().into());
+    put("pods", node.max_pods.to_string());
     for (k, v) in &node.extended_resources {
-        capacity.insert(k.clone(), v.clone().into());
+        put(k, v.clone());
     }
     let read = |p: &str| {
         std::fs::read_to_string(p)
@@ -257,31 +243,37 @@ pub fn node_facts(
     };
     // Addresses by IP only: a Hostname address would send the API server
     // to its resolver for a name that leads nowhere (kubectl logs).
-    let addresses: Vec<_> = at
+    let addresses = at
         .host_ip
         .iter()
-        .map(|ip| json!({"type": "InternalIP", "address": ip}))
+        .map(|ip| NodeAddress {
+            type_: "InternalIP".into(),
+            address: ip.to_string(),
+        })
         .collect();
     let version = env!("CARGO_PKG_VERSION");
-    json!({
-        "capacity": capacity,
-        "allocatable": capacity,
-        "addresses": addresses,
-        "nodeInfo": {
-            "architecture": arch,
-            "operatingSystem": "linux",
-            "osImage": os_image,
-            "kernelVersion": kernel,
-            "machineID": read("/etc/machine-id"),
-            "systemUUID": read("/sys/class/dmi/id/product_uuid"),
-            "bootID": read("/proc/sys/kernel/random/boot_id"),
-            "containerRuntimeVersion": format!("outrigger://{version}"),
+    NodeReport {
+        name: String::new(),
+        allocatable: capacity.clone(),
+        capacity,
+        addresses,
+        node_info: Some(NodeSystemInfo {
+            architecture: arch.into(),
+            operating_system: "linux".into(),
+            os_image,
+            kernel_version: kernel,
+            machine_id: read("/etc/machine-id"),
+            system_uuid: read("/sys/class/dmi/id/product_uuid"),
+            boot_id: read("/proc/sys/kernel/random/boot_id"),
+            container_runtime_version: format!("outrigger://{version}"),
             // The Kubernetes API the node code is written against, so the
             // cluster's version skew rules hold; ours is the runtime's.
-            "kubeletVersion": kubelet_version(),
-            "kubeProxyVersion": "",
-        },
-    })
+            kubelet_version: kubelet_version(),
+            kube_proxy_version: String::new(),
+            ..Default::default()
+        }),
+        conditions: Vec::new(),
+    }
 }
 
 /// The minor version of the Kubernetes API this code is written against
@@ -304,13 +296,13 @@ pub fn kubelet_version() -> String {
 }
 
 /// What the cloud needs to write a pod's status back.
-fn pod_status_body(p: &Pod) -> serde_json::Value {
-    json!({
-        "namespace": pods::namespace(p),
-        "name": pods::name(p),
-        "uid": pods::uid(p),
-        "status": p.status,
-    })
+fn pod_report(p: &Pod) -> PodReport {
+    PodReport {
+        namespace: pods::namespace(p).to_string(),
+        name: pods::name(p).to_string(),
+        uid: pods::uid(p).to_string(),
+        status: p.status.clone(),
+    }
 }
 
 #[cfg(test)]

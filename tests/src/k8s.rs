@@ -97,7 +97,7 @@ pub fn binaries() -> Result<PathBuf> {
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     // One unpacker at a time; the others wait and find it done.
     let lock = std::fs::File::create(cache.join(".lock"))?;
-    fs2::FileExt::lock_exclusive(&lock)?;
+    lock.lock()?;
     let bytes =
         std::fs::read(&archive).with_context(|| format!("reading {}", archive.display()))?;
     let sum = hex::encode(Sha256::digest(&bytes));
@@ -723,7 +723,7 @@ fn shared_by_run() -> Result<Option<PathBuf>> {
     ));
     std::fs::create_dir_all(&dir)?;
     let lock = std::fs::File::create(dir.join(".lock"))?;
-    fs2::FileExt::lock_exclusive(&lock)?;
+    lock.lock()?;
     let ready = dir.join("ready");
     if let Ok(k) = std::fs::read_to_string(&ready) {
         return Ok(Some(PathBuf::from(k.trim())));

@@ -32,7 +32,6 @@ impl Harness {
         let ctx = Arc::new(Context {
             status_generation: Default::default(),
             status_changed: Default::default(),
-            deletion_grace: Default::default(),
             rt: rt.clone(),
             images: env.store.clone(),
             puller: std::sync::Mutex::new(Arc::new(edge_rt::image::registry::Puller::new(
@@ -84,8 +83,18 @@ impl Harness {
             .collect()
     }
 
+    /// Make these the pods that run (as the daemon hands over its
+    /// merged sources).
+    pub fn run(&self, pods: Vec<Pod>) {
+        self.pods.apply(
+            pods.into_iter()
+                .map(edge_rt::desired::DesiredPod::from)
+                .collect(),
+        );
+    }
+
     pub async fn teardown(self) {
-        self.pods.apply(vec![]);
+        self.run(vec![]);
         self.pods.settle().await;
     }
 }

@@ -1124,7 +1124,7 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
 /// to name anything else.
 #[tokio::test]
 async fn a_node_asking_for_another_nodes_secret_or_token_is_refused() -> Result<()> {
-    use outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN;
+    use outrigger_proto::kinds::Kind;
     use outrigger_proto::message::{Message, Sync};
     let cluster = Cluster::get()?;
     let scope = Scope::new(&cluster, "refused")?;
@@ -1167,10 +1167,10 @@ async fn a_node_asking_for_another_nodes_secret_or_token_is_refused() -> Result<
     )?;
     let mut link = edge_rt::link::join::connect(&cloud.server, "/link", tls).await?;
     edge_rt::link::join::hello(&mut link, &name).await?;
-    let mut ask = async |id: u64, kind: &str, object: &str| -> Result<Sync> {
+    let mut ask = async |id: u64, kind: Kind, object: &str| -> Result<Sync> {
         link.send(&Message::Sync(Sync::Get {
             id,
-            kind: kind.into(),
+            kind,
             namespace: ns.clone(),
             name: object.into(),
         }))
@@ -1192,7 +1192,10 @@ async fn a_node_asking_for_another_nodes_secret_or_token_is_refused() -> Result<
         outrigger_proto::kinds::ServiceAccountToken::name_for(&mine, &my_uid, None, 3607);
     // Its own are given (the cache and the token may lag the apply by a
     // moment).
-    for (kind, object) in [("Secret", &mine), (SERVICE_ACCOUNT_TOKEN, &my_token)] {
+    for (kind, object) in [
+        (Kind::Secret, &mine),
+        (Kind::ServiceAccountToken, &my_token),
+    ] {
         let mut given = None;
         for _ in 0..100 {
             if let Sync::Got {
@@ -1211,8 +1214,8 @@ async fn a_node_asking_for_another_nodes_secret_or_token_is_refused() -> Result<
         );
     }
     for (id, kind, object) in [
-        (2, "Secret", &theirs),
-        (3, SERVICE_ACCOUNT_TOKEN, &their_token),
+        (2, Kind::Secret, &theirs),
+        (3, Kind::ServiceAccountToken, &their_token),
     ] {
         match ask(id, kind, object).await? {
             Sync::Got {

@@ -127,7 +127,7 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
     let mut client = sh("client", "while true; do sleep 0.2; done");
     client["env"] =
         json!([{"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]);
-    h.pods.apply(vec![
+    h.run(vec![
         pod(json!({"metadata": {"name": "web"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [web]}})),
         pod(json!({"metadata": {"name": "client"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [client]}})),
     ]);
@@ -214,7 +214,7 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
     }
 
     // Removal takes the veths, addresses and hostPort rules.
-    h.pods.apply(vec![]);
+    h.run(vec![]);
     h.pods.settle().await;
     let rules = Command::new("iptables")
         .args(["-t", "nat", "-S", "OUTRIGGER-HOSTPORTS"])

@@ -23,7 +23,7 @@ async fn init_containers_run_in_order_before_the_app() -> Result<()> {
             "containers": [sh("app", "sleep 30")],
         }
     }));
-    h.pods.apply(vec![p.clone()]);
+    h.run(vec![p.clone()]);
     let ready = h
         .wait("ordered", "Running and Ready", |p| {
             phase(p) == "Running" && condition(p, "Ready").as_deref() == Some("True")
@@ -83,7 +83,7 @@ async fn a_failing_init_container_fails_a_never_pod_and_is_retried_otherwise() -
             "containers": [sh("app", "sleep 30")],
         }
     }));
-    h.pods.apply(vec![never, retry]);
+    h.run(vec![never, retry]);
     let failed = h
         .wait("init-never", "Failed", |p| phase(p) == "Failed")
         .await?;
@@ -115,7 +115,7 @@ async fn restart_policies() -> Result<()> {
             "spec": {"restartPolicy": policy, "containers": [sh("c", &format!("sleep 0.2; exit {code}"))]}
         }))
     };
-    h.pods.apply(vec![
+    h.run(vec![
         mk("always-ok", "Always", 0),
         mk("onfailure-ok", "OnFailure", 0),
         mk("onfailure-bad", "OnFailure", 3),
@@ -165,7 +165,7 @@ async fn a_crash_loop_backs_off_and_reports_it() -> Result<()> {
         return Ok(());
     }
     let h = Harness::new()?;
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "crasher"},
         "spec": {"containers": [sh("c", "echo bye; exit 2")]}
     }))]);
@@ -222,7 +222,7 @@ async fn removing_a_pod_stops_it_with_its_grace_period_and_cleans_up() -> Result
             "containers": [sh("c", "trap 'echo got TERM; sleep 0.5; exit 0' TERM; echo ready; while true; do sleep 0.1; done")],
         }
     }));
-    h.pods.apply(vec![p.clone()]);
+    h.run(vec![p.clone()]);
     h.wait("graceful", "running", |p| phase(p) == "Running")
         .await?;
     let rec =
@@ -246,7 +246,7 @@ async fn removing_a_pod_stops_it_with_its_grace_period_and_cleans_up() -> Result
         .to_path_buf();
     assert!(log_dir.exists());
     let t0 = std::time::Instant::now();
-    h.pods.apply(vec![]);
+    h.run(vec![]);
     h.pods.settle().await;
     // It used its grace: the trap ran and took its half second.
     assert!(t0.elapsed() >= Duration::from_millis(400));
@@ -274,14 +274,14 @@ async fn a_changed_container_spec_restarts_that_container() -> Result<()> {
         "metadata": {"name": "changing"},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [sh("a", "sleep 30"), sh("b", "sleep 30")]}
     }));
-    h.pods.apply(vec![p.clone()]);
+    h.run(vec![p.clone()]);
     let before = h
         .wait("changing", "running", |p| phase(p) == "Running")
         .await?;
     let id_b = app(&before, "b").unwrap().container_id;
     p.spec.as_mut().unwrap().containers[0].command =
         Some(vec!["sh".into(), "-c".into(), "sleep 31".into()]);
-    h.pods.apply(vec![p]);
+    h.run(vec![p]);
     let after = h
         .wait("changing", "a restarted", |p| {
             app(p, "a").is_some_and(|c| {
@@ -313,7 +313,7 @@ async fn a_failing_liveness_probe_kills_and_restarts() -> Result<()> {
         "touch /tmp/healthy; sleep 1; rm /tmp/healthy; sleep 600",
     );
     c["livenessProbe"] = json!({"exec": {"command": ["cat", "/tmp/healthy"]}, "periodSeconds": 1, "failureThreshold": 2});
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "live"},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [c]}
     }))]);
@@ -352,7 +352,7 @@ async fn readiness_flips_ready_and_startup_gates_it() -> Result<()> {
     c["startupProbe"] = json!({"exec": {"command": ["test", "-f", "/tmp/up"]}, "periodSeconds": 1, "failureThreshold": 30});
     c["readinessProbe"] =
         json!({"exec": {"command": ["test", "-f", "/tmp/ready"]}, "periodSeconds": 1});
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "ready"},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [c]}
     }))]);
@@ -400,7 +400,7 @@ async fn http_and_tcp_probes_reach_the_pod_network() -> Result<()> {
     let mut missing = sh("missing", "sleep 600");
     missing["readinessProbe"] =
         json!({"httpGet": {"path": "/nope", "port": 8080}, "periodSeconds": 1});
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "web"},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [web, missing]}
     }))]);
@@ -449,7 +449,7 @@ async fn pre_stop_runs_before_sigterm_and_post_start_after_start() -> Result<()>
         "metadata": {"name": "hooks"},
         "spec": {"terminationGracePeriodSeconds": 5, "containers": [c]}
     }));
-    h.pods.apply(vec![p.clone()]);
+    h.run(vec![p.clone()]);
     h.wait("hooks", "running", |p| phase(p) == "Running")
         .await?;
     let rec =
@@ -471,7 +471,7 @@ async fn pre_stop_runs_before_sigterm_and_post_start_after_start() -> Result<()>
     let (rt, id) = (h.rt.clone(), rec.id.clone());
     let exit = tokio::spawn(async move { rt.wait(&id).await });
     tokio::task::yield_now().await; // the waiter subscribes before removal
-    h.pods.apply(vec![]);
+    h.run(vec![]);
     h.pods.settle().await;
     let exit = exit.await??;
     assert_eq!(exit.exit_code, 0, "{exit:?}: SIGTERM came before preStop");
@@ -531,7 +531,7 @@ async fn config_map_volumes_update_in_place_and_env_comes_from_objects() -> Resu
         {"name": "scratch", "mountPath": "/scratch"},
         {"name": "secret", "mountPath": "/etc/secret"},
     ]);
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "configured", "labels": {"app": "demo"}},
         "spec": {
             "terminationGracePeriodSeconds": 1,
@@ -589,7 +589,7 @@ async fn missing_objects_and_bad_host_paths_are_reported() -> Result<()> {
         json!([{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "k"}}}]);
     let mut vol_c = sh("app", "sleep 600");
     vol_c["volumeMounts"] = json!([{"name": "host", "mountPath": "/host"}]);
-    h.pods.apply(vec![
+    h.run(vec![
         pod(json!({"metadata": {"name": "no-cm"}, "spec": {"containers": [env_c]}})),
         pod(json!({"metadata": {"name": "no-dir"}, "spec": {
             "containers": [vol_c],
@@ -636,7 +636,7 @@ async fn containers_of_a_pod_share_localhost_and_empty_dirs() -> Result<()> {
     server["volumeMounts"] = json!([{"name": "shared", "mountPath": "/shared"}]);
     let mut client = sh("client", "while true; do sleep 0.2; done");
     client["volumeMounts"] = json!([{"name": "shared", "mountPath": "/data", "readOnly": true}]);
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "duo"},
         "spec": {
             "terminationGracePeriodSeconds": 1,
@@ -674,7 +674,7 @@ async fn an_empty_dir_over_its_size_limit_evicts_the_pod() -> Result<()> {
         "dd if=/dev/zero of=/data/blob bs=1M count=2 2>/dev/null; sleep 600",
     );
     c["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
-    h.pods.apply(vec![pod(json!({
+    h.run(vec![pod(json!({
         "metadata": {"name": "greedy"},
         "spec": {
             "terminationGracePeriodSeconds": 1,
@@ -713,7 +713,7 @@ async fn an_image_that_cannot_be_pulled_backs_off() -> Result<()> {
     c["imagePullPolicy"] = json!("IfNotPresent");
     let mut never = sh("app", "true");
     never["image"] = json!("not-here:v1");
-    h.pods.apply(vec![
+    h.run(vec![
         pod(json!({"metadata": {"name": "unpullable"}, "spec": {"containers": [c]}})),
         pod(json!({"metadata": {"name": "never"}, "spec": {"containers": [never]}})),
     ]);

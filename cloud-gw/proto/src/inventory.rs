@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::kinds::Kind;
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -34,14 +36,12 @@ fn get_varint(b: &[u8], at: &mut usize) -> Result<u64, String> {
     Err("varint too long".into())
 }
 
+/// A UUID's bytes, if `s` is one in its canonical lowercase spelling
+/// (anything else must go as text to come back the same).
 fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
-        return None;
-    }
-    let hex: String = s.chars().filter(|c| *c != '-').collect();
-    let raw = lower_hex(&hex)?;
-    raw.try_into().ok()
+    let u = uuid::Uuid::try_parse(s).ok()?;
+    let mut buf = uuid::Uuid::encode_buffer();
+    (u.hyphenated().encode_lower(&mut buf) == s).then(|| *u.as_bytes())
 }
 
 fn lower_hex(s: &str) -> Option<Vec<u8>> {
@@ -106,16 +106,8 @@ fn get_id(b: &[u8], at: &mut usize) -> Result<String, String> {
 }
 
 /// 16 bytes in a UUID's canonical spelling (8-4-4-4-12, lowercase).
-pub fn uuid_string(b: &[u8; 16]) -> String {
-    let h = hex(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+fn uuid_string(b: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*b).to_string()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -149,10 +141,10 @@ pub mod packed {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     pub fn serialize<S: Serializer>(
-        v: &BTreeMap<String, BTreeMap<String, String>>,
+        v: &BTreeMap<Kind, BTreeMap<String, String>>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        let m: BTreeMap<&String, serde_bytes::ByteBuf> = v
+        let m: BTreeMap<&Kind, serde_bytes::ByteBuf> = v
             .iter()
             .map(|(k, inv)| (k, serde_bytes::ByteBuf::from(pack(inv))))
             .collect();
@@ -161,9 +153,11 @@ pub mod packed {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, D::Error> {
+    ) -> Result<BTreeMap<Kind, BTreeMap<String, String>>, D::Error> {
+        // A kind this build does not know is skipped (see kinds::lenient).
         let m = BTreeMap::<String, serde_bytes::ByteBuf>::deserialize(d)?;
         m.into_iter()
+            .filter_map(|(k, b)| Kind::from_name(&k).map(|k| (k, b)))
             .map(|(k, b)| {
                 unpack(&b)
                     .map(|inv| (k, inv))
@@ -264,6 +258,37 @@ pub fn differing(ours: &[u8], theirs: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// A node's inventory, per kind.
+pub type Inventory = BTreeMap<Kind, BTreeMap<String, String>>;
+
+/// The answer to a query (`Sync::Query`): of each kind asked about, the
+/// entries in the buckets asked for; nothing of the kinds not asked about.
+pub fn answer(inventory: &Inventory, query: &BTreeMap<Kind, serde_bytes::ByteBuf>) -> Inventory {
+    query
+        .iter()
+        .map(|(kind, buckets)| {
+            let part = inventory
+                .get(kind)
+                .into_iter()
+                .flatten()
+                .filter(|(uid, _)| buckets.contains(&(bucket(uid) as u8)))
+                .map(|(u, v)| (u.clone(), v.clone()))
+                .collect();
+            (*kind, part)
+        })
+        .collect()
+}
+
+/// Per kind, the inventory's [`digests`] (what a reconnect sends first);
+/// kinds with nothing are left out (their digest is empty anyway).
+pub fn digests_of(inventory: &Inventory) -> BTreeMap<Kind, serde_bytes::ByteBuf> {
+    inventory
+        .iter()
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(k, m)| (*k, serde_bytes::ByteBuf::from(digests(m))))
+        .collect()
+}
+
 #[cfg(test)]
 mod digest_tests {
     use super::*;
@@ -285,5 +310,37 @@ mod digest_tests {
             BUCKETS
         );
         assert!(differing(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn a_query_is_answered_with_the_buckets_asked_for_only() {
+        let pods: BTreeMap<String, String> = (0..100)
+            .map(|i| (format!("p{i}"), "1".to_string()))
+            .collect();
+        let inv = Inventory::from([
+            (Kind::Pod, pods.clone()),
+            (
+                Kind::Secret,
+                BTreeMap::from([("s".to_string(), "2".to_string())]),
+            ),
+        ]);
+        let b = bucket("p7") as u8;
+        let q = BTreeMap::from([
+            (Kind::Pod, serde_bytes::ByteBuf::from(vec![b])),
+            (Kind::ConfigMap, serde_bytes::ByteBuf::from(vec![0, 1, 2])),
+        ]);
+        let a = answer(&inv, &q);
+        assert_eq!(
+            a.keys().copied().collect::<Vec<_>>(),
+            vec![Kind::ConfigMap, Kind::Pod]
+        );
+        assert!(a[&Kind::ConfigMap].is_empty());
+        assert!(a[&Kind::Pod].contains_key("p7"));
+        assert!(a[&Kind::Pod].keys().all(|u| bucket(u) as u8 == b));
+        let expected = pods.keys().filter(|u| bucket(u) as u8 == b).count();
+        assert_eq!(a[&Kind::Pod].len(), expected);
+        let d = digests_of(&inv);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[&Kind::Pod].to_vec(), digests(&pods));
     }
 }

@@ -9,26 +9,95 @@ use serde::{Deserialize, Serialize};
 
 use crate::Version;
 
-/// Every kind, in the order a batch puts them: what pods use before the
-/// pods (deletes go the other way).
-pub const KINDS: [&str; 4] = ["ConfigMap", "Secret", SERVICE_ACCOUNT_TOKEN, "Pod"];
+/// An object kind the link carries, spelled on the wire (and in stores) as
+/// its Kubernetes kind. The order is the order a batch puts them in: what
+/// pods use before the pods (deletes go the other way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    ConfigMap,
+    Secret,
+    /// A pod's service account token ([`ServiceAccountToken`]), from 1.1.
+    ServiceAccountToken,
+    Pod,
+}
 
-/// A service account token bound to one pod ([`ServiceAccountToken`]).
-pub const SERVICE_ACCOUNT_TOKEN: &str = "ServiceAccountToken";
+impl Kind {
+    /// Every kind, in put order.
+    pub const ALL: [Kind; 4] = [
+        Kind::ConfigMap,
+        Kind::Secret,
+        Kind::ServiceAccountToken,
+        Kind::Pod,
+    ];
 
-/// The minor version of protocol 1 that added `kind`.
-fn since_minor(kind: &str) -> u16 {
-    match kind {
-        SERVICE_ACCOUNT_TOKEN => 1,
-        _ => 0,
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::ConfigMap => "ConfigMap",
+            Kind::Secret => "Secret",
+            Kind::ServiceAccountToken => "ServiceAccountToken",
+            Kind::Pod => "Pod",
+        }
+    }
+
+    /// The minor version of protocol 1 that added the kind: a peer below
+    /// it is never sent one, nor asked about it.
+    pub const fn since_minor(self) -> u16 {
+        match self {
+            Kind::ServiceAccountToken => 1,
+            Kind::ConfigMap | Kind::Secret | Kind::Pod => 0,
+        }
+    }
+
+    /// Credentials: sealed at rest, redacted when shown.
+    pub const fn sealed(self) -> bool {
+        matches!(self, Kind::Secret | Kind::ServiceAccountToken)
+    }
+
+    /// The kind of that exact name (as on the wire, or a manifest's `kind`).
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 }
 
-/// The kinds a peer speaking `v` knows, in [`KINDS`] order.
-pub fn kinds_for(v: Version) -> Vec<&'static str> {
-    KINDS
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `#[serde(with = "...")]` for maps keyed by kind that a newer peer may
+/// send with kinds this build does not know (the digest rides with the
+/// hello, before the version is agreed): those entries are skipped, not an
+/// error.
+pub mod lenient {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Kind;
+
+    pub fn serialize<S: Serializer, V: Serialize>(
+        v: &BTreeMap<Kind, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<Kind, V>, D::Error> {
+        let m = BTreeMap::<String, V>::deserialize(d)?;
+        Ok(m.into_iter()
+            .filter_map(|(k, v)| Kind::from_name(&k).map(|k| (k, v)))
+            .collect())
+    }
+}
+
+/// The kinds a peer speaking `v` knows, in put order.
+pub fn kinds_for(v: Version) -> Vec<Kind> {
+    Kind::ALL
         .into_iter()
-        .filter(|k| since_minor(k) <= v.minor)
+        .filter(|k| k.since_minor() <= v.minor)
         .collect()
 }
 
@@ -94,9 +163,9 @@ impl ServiceAccountToken {
     pub fn uid_for(pod_uid: &str, audience: Option<&str>, seconds: i64) -> String {
         let mut b = [0u8; 16];
         b.copy_from_slice(&key(pod_uid, audience, seconds)[..16]);
-        b[6] = (b[6] & 0x0f) | 0x50;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        crate::inventory::uuid_string(&b)
+        // A name-based UUID's version and variant bits (as version 5 has
+        // them, over SHA-256 rather than SHA-1).
+        uuid::Builder::from_sha1_bytes(b).into_uuid().to_string()
     }
 
     /// Whether this is the token for the given projection of pod `pod_uid`.
@@ -130,9 +199,45 @@ mod tests {
     #[test]
     fn an_older_node_gets_only_the_kinds_it_knows() {
         let v = |minor| Version { major: 1, minor };
-        assert_eq!(kinds_for(v(0)), vec!["ConfigMap", "Secret", "Pod"]);
-        assert_eq!(kinds_for(v(1)), KINDS.to_vec());
-        assert_eq!(kinds_for(crate::VERSION), KINDS.to_vec());
+        assert_eq!(
+            kinds_for(v(0)),
+            vec![Kind::ConfigMap, Kind::Secret, Kind::Pod]
+        );
+        assert_eq!(kinds_for(v(1)), Kind::ALL.to_vec());
+        assert_eq!(kinds_for(crate::VERSION), Kind::ALL.to_vec());
+    }
+
+    #[test]
+    fn kinds_are_their_names_on_the_wire() {
+        for k in Kind::ALL {
+            let mut b = Vec::new();
+            ciborium::into_writer(&k, &mut b).unwrap();
+            let mut s = Vec::new();
+            ciborium::into_writer(&k.as_str(), &mut s).unwrap();
+            assert_eq!(b, s, "{k}");
+            assert_eq!(Kind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::from_name("Deployment"), None);
+    }
+
+    #[test]
+    fn a_kind_this_build_does_not_know_is_skipped_in_maps() {
+        #[derive(serde::Serialize)]
+        struct Newer {
+            kinds: std::collections::BTreeMap<&'static str, u8>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Ours {
+            #[serde(with = "lenient")]
+            kinds: std::collections::BTreeMap<Kind, u8>,
+        }
+        let mut b = Vec::new();
+        let newer = Newer {
+            kinds: [("Pod", 1), ("Device", 2)].into(),
+        };
+        ciborium::into_writer(&newer, &mut b).unwrap();
+        let ours: Ours = ciborium::from_reader(&b[..]).unwrap();
+        assert_eq!(ours.kinds, [(Kind::Pod, 1)].into());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod frame;
 pub mod inventory;
 pub mod kinds;
 pub mod message;
+pub mod report;
 pub mod token;
 pub mod ws;
 

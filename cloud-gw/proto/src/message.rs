@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{self, Channel, FrameError};
+use crate::kinds::Kind;
+use crate::report::Class;
 use crate::Version;
 
 /// The control channel: handshake and certificate rotation.
@@ -52,7 +54,7 @@ pub enum Control {
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Change {
     Put {
-        kind: String,
+        kind: Kind,
         uid: String,
         resource_version: String,
         /// The object as the API server has it (JSON).
@@ -60,14 +62,14 @@ pub enum Change {
         body: Vec<u8>,
     },
     Delete {
-        kind: String,
+        kind: Kind,
         uid: String,
     },
     /// The object changed from `base_version`, which the edge has, to
     /// `resource_version`: a JSON Patch (RFC 6902) against the edge's copy.
     /// An edge without that base answers `Stale` and gets a `Put`.
     Patch {
-        kind: String,
+        kind: Kind,
         uid: String,
         base_version: String,
         resource_version: String,
@@ -84,31 +86,33 @@ pub enum Sync {
     /// wire, see [`crate::inventory`]).
     Inventory {
         #[serde(with = "crate::inventory::packed")]
-        kinds: BTreeMap<String, BTreeMap<String, String>>,
+        kinds: BTreeMap<Kind, BTreeMap<String, String>>,
     },
     /// What the edge has, summarised: per kind, the digests of
     /// [`crate::inventory::digests`]. The cloud asks for the entries of the
     /// buckets that differ from what it would send.
     Digest {
-        kinds: BTreeMap<String, serde_bytes::ByteBuf>,
+        #[serde(with = "crate::kinds::lenient")]
+        kinds: BTreeMap<Kind, serde_bytes::ByteBuf>,
         /// The sync position the edge last committed (from `Changes`): the
         /// cloud may work out what the edge has from its own journal, and
         /// skip the query when the digests confirm it.
-        #[serde(default)]
-        cursors: BTreeMap<String, String>,
+        #[serde(default, with = "crate::kinds::lenient")]
+        cursors: BTreeMap<Kind, String>,
     },
     /// The buckets (per kind) whose entries the cloud needs; the edge
     /// answers with an `Inventory` of just those.
     Query {
-        kinds: BTreeMap<String, serde_bytes::ByteBuf>,
+        #[serde(with = "crate::kinds::lenient")]
+        kinds: BTreeMap<Kind, serde_bytes::ByteBuf>,
     },
     /// A batch of changes; the edge acks `batch` once it committed them.
     Changes {
         batch: u64,
         changes: Vec<Change>,
         /// Per kind, how far the sync got with this batch.
-        #[serde(default)]
-        cursors: BTreeMap<String, String>,
+        #[serde(default, with = "crate::kinds::lenient")]
+        cursors: BTreeMap<Kind, String>,
     },
     Ack {
         batch: u64,
@@ -117,14 +121,14 @@ pub enum Sync {
     /// use is ever given; anything else is refused (and logged).
     Get {
         id: u64,
-        kind: String,
+        kind: Kind,
         namespace: String,
         name: String,
     },
     /// Patches the edge could not apply (it lacks their base): the cloud
     /// sends these objects whole.
     Stale {
-        kind: String,
+        kind: Kind,
         uids: Vec<String>,
     },
     /// The answer to `Get` with that `id`: the object as a `Put`, or why not.
@@ -135,12 +139,14 @@ pub enum Sync {
     },
 }
 
-/// One outbox row, edge to cloud.
+/// One outbox row, edge to cloud: the envelope of a
+/// [`crate::report::Report`] (made and read only through it), numbered by
+/// the edge's outbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub seq: i64,
-    /// "status" or "event".
-    pub class: String,
+    pub class: Class,
+    /// What a newer row of the same class replaces (see `Report::key`).
     pub key: String,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
@@ -216,10 +222,14 @@ mod tests {
     use crate::frame::MAX_PAYLOAD;
     use proptest::prelude::*;
 
+    fn kind() -> impl Strategy<Value = Kind> {
+        proptest::sample::select(Kind::ALL.to_vec())
+    }
+
     fn change() -> impl Strategy<Value = Change> {
         prop_oneof![
             (
-                ".{0,12}",
+                kind(),
                 ".{0,40}",
                 "[0-9]{1,8}",
                 proptest::collection::vec(any::<u8>(), 0..600)
@@ -230,9 +240,9 @@ mod tests {
                     resource_version,
                     body
                 }),
-            (".{0,12}", ".{0,40}").prop_map(|(kind, uid)| Change::Delete { kind, uid }),
+            (kind(), ".{0,40}").prop_map(|(kind, uid)| Change::Delete { kind, uid }),
             (
-                ".{0,12}",
+                kind(),
                 ".{0,40}",
                 "[0-9a-f]{0,16}",
                 "[0-9a-f]{0,16}",
@@ -305,7 +315,7 @@ mod tests {
             })
             .collect();
         let m = Message::Sync(Sync::Inventory {
-            kinds: BTreeMap::from([("Pod".to_string(), pods)]),
+            kinds: BTreeMap::from([(Kind::Pod, pods)]),
         });
         let n = m.encode(MAX_PAYLOAD).unwrap().len();
         assert!(n < 4096, "{n} bytes");

@@ -21,20 +21,8 @@ use crate::source::NodeObjects;
 /// (namespace, name).
 pub type Key = (String, String);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    ConfigMap,
-    Secret,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::ConfigMap => "ConfigMap",
-            Kind::Secret => "Secret",
-        }
-    }
-}
+/// The link's kinds; what pods reference is a ConfigMap or a Secret.
+pub use outrigger_proto::kinds::Kind;
 
 /// An object a pod uses.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -434,15 +422,12 @@ impl Cache {
     /// node stops them as their deletion says, see [`Cache::terminating`])
     /// and what they use.
     pub fn objects(&self, node: &str) -> NodeObjects {
-        let mut out: NodeObjects = crate::source::KINDS
-            .iter()
-            .map(|k| (k.to_string(), Default::default()))
-            .collect();
+        let mut out: NodeObjects = Kind::ALL.iter().map(|k| (*k, Default::default())).collect();
         for key in self.by_node.get(node).into_iter().flatten() {
             let Some(p) = self.pods.get(key) else {
                 continue;
             };
-            if let Some(m) = out.get_mut("Pod") {
+            if let Some(m) = out.get_mut(&Kind::Pod) {
                 m.insert(
                     p.obj.uid.clone(),
                     (p.obj.version.clone(), p.obj.body.clone()),
@@ -452,7 +437,7 @@ impl Cache {
                 let Some(o) = self.tokens.get(&(key.0.clone(), t.name.clone())) else {
                     continue;
                 };
-                if let Some(m) = out.get_mut(outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN) {
+                if let Some(m) = out.get_mut(&Kind::ServiceAccountToken) {
                     m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
                 }
             }
@@ -463,7 +448,7 @@ impl Cache {
                 else {
                     continue;
                 };
-                if let Some(m) = out.get_mut(r.kind.name()) {
+                if let Some(m) = out.get_mut(&r.kind) {
                     m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
                 }
             }
@@ -534,10 +519,13 @@ mod tests {
             c.put_config(k, config(n, "x"));
         }
         let o = c.objects("n1");
-        assert_eq!(o["Pod"].keys().collect::<Vec<_>>(), vec!["uid-p1"]);
-        assert_eq!(o["ConfigMap"].keys().collect::<Vec<_>>(), vec!["uid-cm1"]);
-        assert_eq!(o["Secret"].keys().collect::<Vec<_>>(), vec!["uid-s1"]);
-        let body: Value = serde_json::from_slice(&o["Pod"]["uid-p1"].1).unwrap();
+        assert_eq!(o[&Kind::Pod].keys().collect::<Vec<_>>(), vec!["uid-p1"]);
+        assert_eq!(
+            o[&Kind::ConfigMap].keys().collect::<Vec<_>>(),
+            vec!["uid-cm1"]
+        );
+        assert_eq!(o[&Kind::Secret].keys().collect::<Vec<_>>(), vec!["uid-s1"]);
+        let body: Value = serde_json::from_slice(&o[&Kind::Pod]["uid-p1"].1).unwrap();
         assert!(body.get("status").is_none());
         assert!(body["metadata"].get("managedFields").is_none());
         // A change to s2 wakes n2 only; an unused secret wakes nobody.
@@ -552,19 +540,18 @@ mod tests {
         let mut c = Cache::default();
         let mut p = pod("p1", "n1", "cm1", "s1");
         c.put_pod(&p);
-        let v1 = c.objects("n1")["Pod"]["uid-p1"].0.clone();
+        let v1 = c.objects("n1")[&Kind::Pod]["uid-p1"].0.clone();
         p.metadata.resource_version = Some("8".into());
         p.status.as_mut().unwrap().phase = Some("Succeeded".into());
         c.put_pod(&p);
-        assert_eq!(c.objects("n1")["Pod"]["uid-p1"].0, v1);
+        assert_eq!(c.objects("n1")[&Kind::Pod]["uid-p1"].0, v1);
         p.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
         c.put_pod(&p);
-        assert_ne!(c.objects("n1")["Pod"]["uid-p1"].0, v1);
+        assert_ne!(c.objects("n1")[&Kind::Pod]["uid-p1"].0, v1);
     }
 
     #[test]
     fn a_pods_tokens_reach_its_node_outlive_status_updates_and_go_with_it() {
-        use outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN;
         let mut c = Cache::default();
         let mut p: Pod = serde_json::from_value(json!({
             "metadata": {"name": "p1", "namespace": "default", "uid": "uid-p1"},
@@ -593,12 +580,12 @@ mod tests {
             .put_token(key, "uid-other", token(&tokens[0], "a"))
             .is_empty());
         assert_eq!(c.put_token(key, uid, token(&tokens[0], "a")), vec!["n1"]);
-        assert_eq!(c.objects("n1")[SERVICE_ACCOUNT_TOKEN].len(), 1);
-        assert!(c.objects("n2")[SERVICE_ACCOUNT_TOKEN].is_empty());
+        assert_eq!(c.objects("n1")[&Kind::ServiceAccountToken].len(), 1);
+        assert!(c.objects("n2")[&Kind::ServiceAccountToken].is_empty());
         // A status write-back is a pod update: the token stays.
         p.status = serde_json::from_value(json!({"phase": "Running"})).ok();
         c.put_pod(&p);
-        assert_eq!(c.objects("n1")[SERVICE_ACCOUNT_TOKEN].len(), 1);
+        assert_eq!(c.objects("n1")[&Kind::ServiceAccountToken].len(), 1);
         // Deleted: the token goes with the pod.
         c.remove_pod(key);
         assert!(c.token(&key.0, &tokens[0].name).is_none());
@@ -614,9 +601,9 @@ mod tests {
         c.put_pod(&p);
         // Still sent (the node stops it as the deletion says), with what
         // it uses.
-        let body: Value = serde_json::from_slice(&c.objects("n1")["Pod"]["uid-p1"].1).unwrap();
+        let body: Value = serde_json::from_slice(&c.objects("n1")[&Kind::Pod]["uid-p1"].1).unwrap();
         assert!(body["metadata"]["deletionTimestamp"].is_string());
-        assert_eq!(c.objects("n1")["ConfigMap"].len(), 1);
+        assert_eq!(c.objects("n1")[&Kind::ConfigMap].len(), 1);
         assert_eq!(c.terminating("n1"), vec!["uid-p1"]);
         assert_eq!(c.remove_pod(&("default".into(), "p1".into())), vec!["n1"]);
         assert!(c.terminating("n1").is_empty());

@@ -81,7 +81,7 @@ pub(crate) struct Inner {
     pub finalizing: Mutex<HashSet<String>>,
     /// The last node report per connected node, rewritten every
     /// `status_period` with a fresh heartbeat.
-    pub reports: Mutex<BTreeMap<String, serde_json::Value>>,
+    pub reports: Mutex<BTreeMap<String, outrigger_proto::report::NodeReport>>,
     /// Writes to the API server at once, across all nodes: each needs a
     /// connection (HTTP/1.1), so this also bounds the client's pool.
     pub api_slots: tokio::sync::Semaphore,
@@ -384,7 +384,7 @@ impl Source for KubeSource {
         Some(self.inner.journals.cursor(node))
     }
 
-    fn since(&self, node: &str, cursor: &str) -> Option<Vec<(String, String, Option<String>)>> {
+    fn since(&self, node: &str, cursor: &str) -> Option<Vec<(Kind, String, Option<String>)>> {
         self.inner.journals.since(node, cursor)
     }
 

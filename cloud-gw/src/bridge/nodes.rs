@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
+use outrigger_proto::report::NodeReport;
 use serde_json::{json, Value};
 
 use super::{lock, Inner};
@@ -24,20 +25,11 @@ const LEASE_SECONDS: i32 = 40;
 
 /// UTC now as the API server writes Time (seconds) or MicroTime.
 pub fn timestamp(micros: bool) -> String {
-    let t = time::OffsetDateTime::now_utc();
-    let base = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        t.year(),
-        t.month() as u8,
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    );
+    let now = jiff::Timestamp::now();
     if micros {
-        format!("{base}.{:06}Z", t.microsecond())
+        format!("{now:.6}")
     } else {
-        format!("{base}Z")
+        format!("{now:.0}")
     }
 }
 
@@ -104,7 +96,7 @@ pub(crate) async fn ensure(
 pub(crate) async fn write_status(
     inner: &Inner,
     node: &str,
-    report: &Value,
+    report: &NodeReport,
 ) -> Result<(), kube::Error> {
     let api = Api::<Node>::all(inner.client.clone());
     let existing = match api.get_opt(node).await? {
@@ -121,7 +113,11 @@ pub(crate) async fn write_status(
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default();
     let now = timestamp(false);
-    let mut conditions: Vec<Value> = report["conditions"].as_array().cloned().unwrap_or_default();
+    let mut conditions: Vec<Value> = report
+        .conditions
+        .iter()
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect();
     for (t, reason, msg) in [
         (
             "MemoryPressure",
@@ -159,12 +155,16 @@ pub(crate) async fn write_status(
         "conditions": conditions,
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
     });
-    for k in ["capacity", "allocatable", "nodeInfo"] {
-        if !report[k].is_null() {
-            status[k] = report[k].clone();
-        }
+    if !report.capacity.is_empty() {
+        status["capacity"] = serde_json::to_value(&report.capacity).unwrap_or_default();
     }
-    status["addresses"] = addresses(&report["addresses"]).into();
+    if !report.allocatable.is_empty() {
+        status["allocatable"] = serde_json::to_value(&report.allocatable).unwrap_or_default();
+    }
+    if let Some(info) = &report.node_info {
+        status["nodeInfo"] = serde_json::to_value(info).unwrap_or_default();
+    }
+    status["addresses"] = serde_json::to_value(addresses(&report.addresses)).unwrap_or_default();
     api.patch_status(
         node,
         &PatchParams::default(),
@@ -173,7 +173,11 @@ pub(crate) async fn write_status(
     .await?;
     // The architecture is known once the edge reports: label it as a
     // kubelet would, so nodeSelectors on kubernetes.io/arch work.
-    let arch = report["nodeInfo"]["architecture"].as_str().unwrap_or("");
+    let arch = report
+        .node_info
+        .as_ref()
+        .map(|i| i.architecture.as_str())
+        .unwrap_or("");
     let labels = existing.metadata.labels.unwrap_or_default();
     if !arch.is_empty() && labels.get("kubernetes.io/arch").map(String::as_str) != Some(arch) {
         let patch = json!({"metadata": {"labels": {"kubernetes.io/arch": arch}}});
@@ -187,18 +191,12 @@ pub(crate) async fn write_status(
 /// A name (a Hostname address, or an IP-typed address holding a name)
 /// would send the API server to its resolver for something that leads
 /// nowhere, so the edge's report is held to that here.
-pub fn addresses(reported: &Value) -> Vec<Value> {
+pub fn addresses(reported: &[NodeAddress]) -> Vec<NodeAddress> {
     reported
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|a| matches!(a["type"].as_str(), Some("InternalIP" | "ExternalIP")))
-        .filter(|a| {
-            a["address"]
-                .as_str()
-                .is_some_and(|s| s.parse::<std::net::IpAddr>().is_ok())
-        })
-        .map(|a| json!({"type": a["type"], "address": a["address"]}))
+        .iter()
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter(|a| a.address.parse::<std::net::IpAddr>().is_ok())
+        .cloned()
         .collect()
 }
 
@@ -339,20 +337,24 @@ mod tests {
 
     #[test]
     fn only_ip_addresses_reach_the_node() {
-        let reported = json!([
-            {"type": "InternalIP", "address": "192.168.7.20"},
-            {"type": "Hostname", "address": "gw-7"},
-            {"type": "InternalIP", "address": "gw-7.local"},
-            {"type": "ExternalIP", "address": "2001:db8::7"},
-            {"type": "InternalDNS", "address": "gw-7.plant.example"},
-        ]);
+        let a = |t: &str, addr: &str| NodeAddress {
+            type_: t.into(),
+            address: addr.into(),
+        };
+        let reported = [
+            a("InternalIP", "192.168.7.20"),
+            a("Hostname", "gw-7"),
+            a("InternalIP", "gw-7.local"),
+            a("ExternalIP", "2001:db8::7"),
+            a("InternalDNS", "gw-7.plant.example"),
+        ];
         assert_eq!(
             addresses(&reported),
             vec![
-                json!({"type": "InternalIP", "address": "192.168.7.20"}),
-                json!({"type": "ExternalIP", "address": "2001:db8::7"}),
+                a("InternalIP", "192.168.7.20"),
+                a("ExternalIP", "2001:db8::7")
             ]
         );
-        assert!(addresses(&Value::Null).is_empty());
+        assert!(addresses(&[]).is_empty());
     }
 }

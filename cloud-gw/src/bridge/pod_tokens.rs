@@ -26,7 +26,7 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::PostParams;
 use kube::Api;
-use outrigger_proto::kinds::{ServiceAccountToken, TokenMeta, TokenSpec, TokenStatus};
+use outrigger_proto::kinds::{Kind, ServiceAccountToken, TokenMeta, TokenSpec, TokenStatus};
 
 use super::cache::{Key, Obj, TokenWant};
 use super::{lock, Inner};
@@ -228,7 +228,7 @@ async fn request(inner: &Inner, job: &Job) -> Result<(Obj, Duration), String> {
         .as_secs();
     let token = ServiceAccountToken {
         api_version: ServiceAccountToken::API_VERSION.into(),
-        kind: outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN.into(),
+        kind: Kind::ServiceAccountToken.as_str().into(),
         metadata: TokenMeta {
             name: job.want.name.clone(),
             namespace: ns.clone(),

@@ -16,7 +16,8 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::Api;
 use outrigger_proto::message::Row;
-use serde_json::{json, Value};
+use outrigger_proto::report::{EventType, PodEvent, PodReport, Report};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::nodes::{self, is_status};
@@ -87,37 +88,34 @@ pub(crate) async fn record(inner: &Arc<Inner>, node: &str, rows: Vec<Row>) -> Ve
 }
 
 async fn one(inner: &Arc<Inner>, node: &str, row: Row) -> Outcome {
-    let body: Value = match serde_json::from_slice(&row.body) {
-        Ok(v) => v,
+    let report = match Report::from_row(&row) {
+        Ok(r) => r,
         Err(e) => {
-            tracing::warn!(node, key = row.key, error = %e, "unreadable row; dropped");
+            tracing::warn!(node, error = %e, "unreadable row; dropped");
             return Outcome::Done;
         }
     };
-    if row.class == "event" {
-        return outcome("event", node, event(inner, node, &body).await);
-    }
-    if let Some(name) = row.key.strip_prefix("node/") {
-        if name != node {
+    match report {
+        Report::Event(e) => outcome("event", node, event(inner, node, &e).await),
+        Report::Node(n) if n.name != node => {
             tracing::warn!(
                 node,
-                row = name,
+                row = n.name,
                 "a node reported for another node; dropped"
             );
-            return Outcome::Done;
+            Outcome::Done
         }
-        lock(&inner.reports).insert(node.to_string(), body.clone());
-        return outcome(
-            "node status",
-            node,
-            nodes::write_status(inner, node, &body).await,
-        );
+        Report::Node(n) => {
+            lock(&inner.reports).insert(node.to_string(), (*n).clone());
+            outcome(
+                "node status",
+                node,
+                nodes::write_status(inner, node, &n).await,
+            )
+        }
+        Report::Pod(p) => pod_status(inner, node, *p).await,
+        Report::PodGone { uid } => pod_gone(inner, node, &uid).await,
     }
-    if let Some(uid) = row.key.strip_prefix("pod/") {
-        return pod(inner, node, uid, &body).await;
-    }
-    tracing::debug!(node, key = row.key, "row of no known kind; dropped");
-    Outcome::Done
 }
 
 /// The (namespace, name) of `uid` if it is a pod bound to `node`, and
@@ -128,23 +126,28 @@ fn own_pod(inner: &Inner, node: &str, uid: &str) -> Option<(String, String, bool
     (p.node == node).then(|| (key.0.clone(), key.1.clone(), p.terminating))
 }
 
-async fn pod(inner: &Arc<Inner>, node: &str, uid: &str, body: &Value) -> Outcome {
-    // Gone from the cluster, or not this node's: nothing to write.
-    let Some((ns, name, terminating)) = own_pod(inner, node, uid) else {
+/// The node stopped the pod. If it is being deleted, finish the job; if
+/// not, the node will get it again from its next sync.
+async fn pod_gone(inner: &Arc<Inner>, node: &str, uid: &str) -> Outcome {
+    // Gone from the cluster, or not this node's: nothing to do.
+    let Some((ns, name, true)) = own_pod(inner, node, uid) else {
         return Outcome::Done;
     };
     let api = Api::<Pod>::namespaced(inner.client.clone(), &ns);
-    if body["deleted"] == true {
-        // The node stopped it. If it is being deleted, finish the job;
-        // if not, the node will get it again from its next sync.
-        if !terminating {
-            return Outcome::Done;
-        }
-        return outcome("pod deletion", node, delete_now(&api, &name, uid).await);
-    }
+    outcome("pod deletion", node, delete_now(&api, &name, uid).await)
+}
+
+async fn pod_status(inner: &Arc<Inner>, node: &str, report: PodReport) -> Outcome {
+    // Gone from the cluster, or not this node's (by the cache, whatever
+    // the row claims): nothing to write.
+    let uid = report.uid.as_str();
+    let Some((ns, name, _)) = own_pod(inner, node, uid) else {
+        return Outcome::Done;
+    };
+    let api = Api::<Pod>::namespaced(inner.client.clone(), &ns);
     // The uid in the patch makes it conditional: a pod recreated under
     // the same name is not given the old one's status.
-    let patch = json!({"metadata": {"uid": uid}, "status": body["status"]});
+    let patch = json!({"metadata": {"uid": uid}, "status": report.status});
     let r = api
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -202,31 +205,31 @@ pub(crate) fn finalize(inner: &Arc<Inner>, node: &str, uid: &str) {
 /// An Event for what happened to one of the node's pods. Its name comes
 /// from the event's identity, so a row sent twice (a reconnect before the
 /// ack) updates the same Event instead of making another.
-async fn event(inner: &Arc<Inner>, node: &str, e: &Value) -> Result<(), kube::Error> {
-    let uid = e["pod_uid"].as_str().unwrap_or_default();
+async fn event(inner: &Arc<Inner>, node: &str, e: &PodEvent) -> Result<(), kube::Error> {
+    let uid = e.pod_uid.as_str();
     let Some((ns, pod, _)) = own_pod(inner, node, uid) else {
         return Ok(());
     };
+    // As protocol 1.0 spelled it (JSON values: the reason quoted), so an
+    // Event keeps its name across versions.
     let identity = format!(
-        "{node}/{uid}/{}/{}/{}",
-        e["id"], e["reason"], e["first_timestamp"]
+        "{node}/{uid}/{}/{:?}/{:?}",
+        e.id, e.reason, e.first_timestamp
     );
     let name = format!("{pod}.{}", hex::encode(&Sha256::digest(identity)[..8]));
-    let mut involved = json!({"apiVersion": "v1", "kind": "Pod", "name": pod,
-                              "namespace": ns, "uid": uid});
-    if let Some(c) = e["container"].as_str() {
-        involved["fieldPath"] = c.into();
-    }
-    let now = nodes::timestamp(false);
-    let first = e["first_timestamp"].as_str().unwrap_or(&now).to_string();
-    let last = e["last_timestamp"].as_str().unwrap_or(&now).to_string();
+    let involved = json!({"apiVersion": "v1", "kind": "Pod", "name": pod,
+                          "namespace": ns, "uid": uid, "fieldPath": e.container});
+    let kind = match e.kind {
+        EventType::Normal => "Normal",
+        EventType::Warning => "Warning",
+    };
     let ev = json!({
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"name": name, "namespace": ns},
         "involvedObject": involved,
-        "reason": e["reason"], "message": e["message"], "type": e["type"],
-        "count": e["count"].as_u64().unwrap_or(1),
-        "firstTimestamp": first, "lastTimestamp": last,
+        "reason": e.reason, "message": e.message, "type": kind,
+        "count": e.count.max(1),
+        "firstTimestamp": e.first_timestamp, "lastTimestamp": e.last_timestamp,
         "source": {"component": "edge-rt", "host": node},
         "reportingComponent": "outrigger.io/edge-rt", "reportingInstance": node,
     });
@@ -235,8 +238,8 @@ async fn event(inner: &Arc<Inner>, node: &str, e: &Value) -> Result<(), kube::Er
     match api.create(&PostParams::default(), &typed).await {
         Ok(_) => Ok(()),
         Err(err) if is_status(&err, 409) => {
-            let patch = json!({"count": typed.count, "lastTimestamp": last,
-                               "message": e["message"]});
+            let patch = json!({"count": typed.count, "lastTimestamp": e.last_timestamp,
+                               "message": e.message});
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map(|_| ())

@@ -314,9 +314,9 @@ impl Server {
     }
 
     fn delete(&self, kind: &str, ns: &str, name: &str) -> Result<serde_json::Value, ApiError> {
-        use crate::store::{Change, Kind, Source};
+        use crate::store::{Change, Source};
         let store = self.node_store()?;
-        let kind: Kind = kind.parse()?;
+        let kind = crate::store::parse_kind(kind)?;
         let Some(o) = store.find(kind, ns, name)? else {
             return Err(ApiError::NotFound(format!(
                 "{} {ns}/{name} is not in the store",

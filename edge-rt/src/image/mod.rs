@@ -372,7 +372,7 @@ pub struct StoreLock(fs::File);
 
 impl Drop for StoreLock {
     fn drop(&mut self) {
-        let _ = fs2::FileExt::unlock(&self.0);
+        let _ = self.0.unlock();
     }
 }
 
@@ -398,7 +398,7 @@ impl ImageStore {
             .write(true)
             .open(&p)
             .map_err(|e| ImageError::io(&p, e))?;
-        fs2::FileExt::lock_exclusive(&f).map_err(|e| ImageError::io(&p, e))?;
+        f.lock().map_err(|e| ImageError::io(&p, e))?;
         Ok(StoreLock(f))
     }
 

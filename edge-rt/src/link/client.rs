@@ -111,44 +111,34 @@ const OUTBOX_PERIOD: Duration = Duration::from_millis(250);
 const ROWS: usize = 200;
 const ROWS_IN_FLIGHT: usize = 1000;
 
-/// What the node has from the cloud, per kind: uid -> resourceVersion,
-/// only for uids in `buckets` (all when None).
-fn inventory(
-    s: &Store,
-    buckets: Option<&std::collections::BTreeMap<String, serde_bytes::ByteBuf>>,
-) -> Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>, LinkError>
-{
-    let mut kinds = std::collections::BTreeMap::new();
-    for k in Kind::ALL {
-        let mut inv = s
-            .inventory(k)
-            .map_err(|e| LinkError::Unexpected(e.to_string()))?;
-        if let Some(q) = buckets {
-            let wanted = q.get(k.as_str()).map(|b| b.to_vec()).unwrap_or_default();
-            inv.retain(|uid, _| wanted.contains(&(inventory::bucket(uid) as u8)));
-        }
-        kinds.insert(k.as_str().to_string(), inv);
-    }
-    Ok(kinds)
+/// What the node has from the cloud, per kind the peer knows: uid ->
+/// resourceVersion.
+fn inventory(s: &Store, kinds: &[Kind]) -> Result<inventory::Inventory, LinkError> {
+    kinds
+        .iter()
+        .map(|&k| {
+            s.inventory(k)
+                .map(|inv| (k, inv))
+                .map_err(|e| LinkError::Unexpected(e.to_string()))
+        })
+        .collect()
 }
 
 /// The inventory's digests: what a reconnect sends first.
-fn digest(s: &Store) -> Result<Message, LinkError> {
-    // An empty kind is left out (its digest is empty anyway).
-    let kinds = inventory(s, None)?
-        .into_iter()
-        .filter(|(_, inv)| !inv.is_empty())
-        .map(|(k, inv)| (k, serde_bytes::ByteBuf::from(inventory::digests(&inv))))
-        .collect();
+fn digest(s: &Store, kinds: &[Kind]) -> Result<Message, LinkError> {
+    let digests = inventory::digests_of(&inventory(s, kinds)?);
     // Where the last sync got to: the cloud may know from there what we
     // have, and skip asking.
     let mut cursors = std::collections::BTreeMap::new();
-    for k in Kind::ALL {
+    for &k in kinds {
         if let Ok(Some(c)) = s.cursor(k) {
-            cursors.insert(k.as_str().to_string(), c);
+            cursors.insert(k, c);
         }
     }
-    Ok(Message::Sync(Sync::Digest { kinds, cursors }))
+    Ok(Message::Sync(Sync::Digest {
+        kinds: digests,
+        cursors,
+    }))
 }
 
 /// A patched object: the stored copy at `base`, patched. None when the
@@ -184,11 +174,11 @@ pub fn apply_patch(body: &mut serde_json::Value, patch: &[u8]) -> bool {
 fn commit(
     s: &Store,
     changes: Vec<outrigger_proto::message::Change>,
-    cursors: std::collections::BTreeMap<String, String>,
-) -> Result<std::collections::BTreeMap<String, Vec<String>>, LinkError> {
+    cursors: std::collections::BTreeMap<Kind, String>,
+) -> Result<std::collections::BTreeMap<Kind, Vec<String>>, LinkError> {
     use outrigger_proto::message::Change as Wire;
     let mut out = Vec::with_capacity(changes.len());
-    let mut stale: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut stale: std::collections::BTreeMap<Kind, Vec<String>> = Default::default();
     for c in changes {
         let c = match c {
             Wire::Patch {
@@ -198,10 +188,7 @@ fn commit(
                 resource_version,
                 patch,
             } => {
-                let body = kind
-                    .parse::<Kind>()
-                    .ok()
-                    .and_then(|k| patched(s, k, &uid, &base_version, &patch));
+                let body = patched(s, kind, &uid, &base_version, &patch);
                 match body.and_then(|b| serde_json::to_vec(&b).ok()) {
                     Some(body) => Wire::Put {
                         kind,
@@ -224,11 +211,9 @@ fn commit(
                 resource_version,
                 body,
             } => {
-                let parsed = kind.parse::<Kind>().and_then(|k| {
-                    let v: serde_json::Value = serde_json::from_slice(&body)
-                        .map_err(|e| store::StoreError::Invalid(e.to_string()))?;
-                    store::Object::from_body(k, store::Source::Cloud, v)
-                });
+                let parsed = serde_json::from_slice(&body)
+                    .map_err(|e| store::StoreError::Invalid(e.to_string()))
+                    .and_then(|v| store::Object::from_body(kind, store::Source::Cloud, v));
                 match parsed {
                     Ok(mut o) => {
                         o.uid = uid;
@@ -236,21 +221,15 @@ fn commit(
                         out.push(store::Change::Put(o));
                     }
                     Err(e) => {
-                        tracing::error!(kind, uid, error = %e, "object from the cloud refused")
+                        tracing::error!(%kind, uid, error = %e, "object from the cloud refused")
                     }
                 }
             }
-            Wire::Delete { kind, uid } => match kind.parse::<Kind>() {
-                Ok(kind) => out.push(store::Change::Delete { kind, uid }),
-                Err(e) => tracing::error!(uid, error = %e, "delete from the cloud refused"),
-            },
+            Wire::Delete { kind, uid } => out.push(store::Change::Delete { kind, uid }),
             Wire::Patch { .. } => {}
         }
     }
-    let cursors: Vec<(Kind, String)> = cursors
-        .into_iter()
-        .filter_map(|(k, v)| k.parse::<Kind>().ok().map(|k| (k, v)))
-        .collect();
+    let cursors: Vec<(Kind, String)> = cursors.into_iter().collect();
     s.apply(&out, &cursors)
         .map_err(|e| LinkError::Unexpected(format!("store: {e}")))?;
     Ok(stale)
@@ -293,7 +272,7 @@ impl Upstream {
                 .into_iter()
                 .map(|r| Row {
                     seq: r.seq,
-                    class: r.class.as_str().to_string(),
+                    class: r.class,
                     key: r.key,
                     body: serde_json::to_vec(&r.body).unwrap_or_default(),
                 })
@@ -353,7 +332,8 @@ async fn session(
     };
     let mut link = connect(&cfg.server, "/link", config).await?;
     // The digest rides with the hello.
-    let first = store.map(digest).transpose()?;
+    // It has every kind the store has: a peer skips kinds it does not know.
+    let first = store.map(|s| digest(s, &Kind::ALL)).transpose()?;
     let heartbeat = Duration::from_secs(u64::from(
         hello_with(&mut link, &cfg.node, first.as_ref())
             .await?
@@ -390,7 +370,7 @@ async fn session(
                 }
                 Message::Sync(Sync::Query { kinds }) => {
                     if let Some(s) = store {
-                        let inv = inventory(s, Some(&kinds))?;
+                        let inv = inventory::answer(&inventory(s, &Kind::ALL)?, &kinds);
                         link.send(&Message::Sync(Sync::Inventory { kinds: inv })).await?;
                     }
                 }

@@ -6,40 +6,11 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
 /// Events kept in all, across pods.
 pub const DEFAULT_CAPACITY: usize = 1000;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum EventType {
-    Normal,
-    Warning,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PodEvent {
-    pub pod_uid: String,
-    pub namespace: String,
-    pub pod: String,
-    /// `spec.containers{name}` as the kubelet writes fieldPath, if any.
-    pub container: Option<String>,
-    #[serde(rename = "type")]
-    pub kind: EventType,
-    pub reason: String,
-    pub message: String,
-    pub count: u32,
-    /// RFC 3339.
-    pub first_timestamp: String,
-    pub last_timestamp: String,
-    /// Stays the same when repeats fold into this event.
-    #[serde(default)]
-    pub id: u64,
-    /// Grows with every push or fold, across the ring: what the reporter
-    /// has seen.
-    #[serde(default)]
-    pub seq: u64,
-}
+// What an event is, as the node reports it: the link's type.
+pub use outrigger_proto::report::{EventType, PodEvent};
 
 pub struct EventRing {
     cap: usize,

@@ -257,3 +257,184 @@ pub fn qos_class(pod: &Pod) -> &'static str {
         (true, false) => "Burstable",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{ExitInfo, PodRef};
+    use serde_json::json;
+
+    fn pod(policy: &str, resources: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default", "uid": "u"},
+            "spec": {"restartPolicy": policy, "containers": [{"name": "c", "resources": resources}]}
+        }))
+        .unwrap()
+    }
+
+    fn record(attempt: u32, exit: Option<i32>) -> ContainerRecord {
+        ContainerRecord {
+            id: format!("c-{attempt}"),
+            name: "c".into(),
+            pod: PodRef {
+                uid: "u".into(),
+                name: "p".into(),
+                namespace: "default".into(),
+                host_network: false,
+            },
+            attempt,
+            image: "busybox:latest".into(),
+            image_digest: "sha256:ab".into(),
+            layers: vec![],
+            pid: Some(10),
+            pid_start: None,
+            created_at: "2026-12-02T00:00:00Z".into(),
+            started_at: Some("2026-12-02T00:00:01Z".into()),
+            log_path: "/dev/null".into(),
+            cgroup: String::new(),
+            exit: exit.map(|code| ExitInfo {
+                exit_code: code,
+                signal: None,
+                reason: if code == 0 { "Completed" } else { "Error" }.into(),
+                finished_at: "2026-12-02T00:00:05Z".into(),
+            }),
+            seccomp_caps: None,
+            drop_sys_admin: false,
+        }
+    }
+
+    fn view(current: Option<ContainerRecord>) -> ContainerView {
+        ContainerView {
+            name: "c".into(),
+            image: "busybox:latest".into(),
+            current,
+            started: true,
+            ..Default::default()
+        }
+    }
+
+    fn input<'a>(pod: &'a Pod, app: &'a [ContainerView]) -> StatusInput<'a> {
+        StatusInput {
+            pod,
+            init: &[],
+            app,
+            initialized: true,
+            failed: None,
+            pod_ips: vec!["10.88.0.2".into()],
+            host_ip: Some("192.168.1.2".into()),
+            start_time: None,
+            terminating: false,
+        }
+    }
+
+    #[test]
+    fn the_phase_follows_the_containers_and_the_restart_policy() {
+        let never = pod("Never", json!({}));
+        let always = pod("Always", json!({}));
+        let on_failure = pod("OnFailure", json!({}));
+        let phase_of = |p: &Pod, v: ContainerView| phase(&input(p, &[v]));
+        assert_eq!(phase_of(&always, view(None)), "Pending");
+        assert_eq!(phase_of(&always, view(Some(record(0, None)))), "Running");
+        assert_eq!(
+            phase_of(&never, view(Some(record(0, Some(0))))),
+            "Succeeded"
+        );
+        assert_eq!(phase_of(&never, view(Some(record(0, Some(2))))), "Failed");
+        // Exited but restarting: Running, as the kubelet counts it.
+        assert_eq!(phase_of(&always, view(Some(record(0, Some(0))))), "Running");
+        assert_eq!(
+            phase_of(&on_failure, view(Some(record(0, Some(1))))),
+            "Running"
+        );
+        assert_eq!(
+            phase_of(&on_failure, view(Some(record(0, Some(0))))),
+            "Succeeded"
+        );
+        let mut i = input(&always, &[]);
+        i.initialized = false;
+        assert_eq!(phase(&i), "Pending");
+        i.failed = Some(("Evicted".into(), "over its limit".into()));
+        assert_eq!(phase(&i), "Failed");
+    }
+
+    #[test]
+    fn a_waiting_container_shows_its_reason_and_the_run_before_as_last_state() {
+        let mut v = view(Some(record(1, Some(1))));
+        v.previous = Some(record(0, Some(1)));
+        v.restart_count = 1;
+        v.waiting = Some(("CrashLoopBackOff".into(), "back-off 10s".into()));
+        let s = v.status();
+        let w = s.state.unwrap().waiting.unwrap();
+        assert_eq!(w.reason.as_deref(), Some("CrashLoopBackOff"));
+        let last = s.last_state.unwrap().terminated.unwrap();
+        assert_eq!(last.container_id.as_deref(), Some("edge-rt://c-1"));
+        assert_eq!(s.restart_count, 1);
+        assert_eq!(s.started, Some(false));
+        assert_eq!(s.image_id, "busybox:latest@sha256:ab");
+    }
+
+    #[test]
+    fn a_running_container_shows_the_run_before_as_last_state() {
+        let mut v = view(Some(record(1, None)));
+        v.previous = Some(record(0, Some(137)));
+        v.ready = true;
+        let s = v.status();
+        assert!(s.state.unwrap().running.is_some());
+        let last = s.last_state.unwrap().terminated.unwrap();
+        assert_eq!(last.exit_code, 137);
+        assert_eq!(s.started, Some(true));
+        assert!(s.ready);
+        // Never run yet: ContainerCreating.
+        let s = view(None).status();
+        assert_eq!(
+            s.state.unwrap().waiting.unwrap().reason.as_deref(),
+            Some("ContainerCreating")
+        );
+    }
+
+    #[test]
+    fn ready_conditions_follow_the_containers_and_drop_while_terminating() {
+        let p = pod("Always", json!({}));
+        let mut v = view(Some(record(0, None)));
+        v.ready = true;
+        let app = [v];
+        let cond = |st: &PodStatus, t: &str| {
+            st.conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+                .unwrap()
+        };
+        let st = pod_status(&input(&p, &app));
+        assert_eq!(cond(&st, "Ready"), ("True".into(), None));
+        assert_eq!(st.pod_ip.as_deref(), Some("10.88.0.2"));
+        assert_eq!(st.host_ip.as_deref(), Some("192.168.1.2"));
+        let mut i = input(&p, &app);
+        i.terminating = true;
+        let st = pod_status(&i);
+        assert_eq!(
+            cond(&st, "Ready"),
+            ("False".into(), Some("ContainersNotReady".into()))
+        );
+        let done = [view(Some(record(0, Some(0))))];
+        let never = pod("Never", json!({}));
+        let st = pod_status(&input(&never, &done));
+        assert_eq!(
+            cond(&st, "ContainersReady"),
+            ("False".into(), Some("PodCompleted".into()))
+        );
+    }
+
+    #[test]
+    fn qos_classes_as_the_kubelet_assigns_them() {
+        let same = json!({"limits": {"cpu": "1", "memory": "64Mi"}, "requests": {"cpu": "1", "memory": "64Mi"}});
+        assert_eq!(qos_class(&pod("Always", same)), "Guaranteed");
+        // Limits alone: requests default to them.
+        let limits = json!({"limits": {"cpu": "1", "memory": "64Mi"}});
+        assert_eq!(qos_class(&pod("Always", limits)), "Guaranteed");
+        let requests = json!({"requests": {"cpu": "100m"}});
+        assert_eq!(qos_class(&pod("Always", requests)), "Burstable");
+        assert_eq!(qos_class(&pod("Always", json!({}))), "BestEffort");
+    }
+}

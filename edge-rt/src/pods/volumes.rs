@@ -543,7 +543,7 @@ mod tests {
         .unwrap();
         let token = |pod_uid: &str, seconds: i64, value: &str| ServiceAccountToken {
             api_version: ServiceAccountToken::API_VERSION.into(),
-            kind: SERVICE_ACCOUNT_TOKEN.into(),
+            kind: Kind::ServiceAccountToken.as_str().into(),
             metadata: TokenMeta {
                 name: ServiceAccountToken::name_for("web", pod_uid, None, seconds),
                 namespace: "shop".into(),

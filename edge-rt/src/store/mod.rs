@@ -118,51 +118,18 @@ impl StoreError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Kind {
-    Pod,
-    ConfigMap,
-    Secret,
-    /// A pod's service account token (`outrigger_proto::kinds`).
-    ServiceAccountToken,
-}
+/// The kinds the node keeps: the link's (one definition for both sides).
+pub use outrigger_proto::kinds::Kind;
 
-impl Kind {
-    pub const ALL: [Kind; 4] = [
-        Kind::Pod,
-        Kind::ConfigMap,
-        Kind::Secret,
-        Kind::ServiceAccountToken,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Pod => "Pod",
-            Kind::ConfigMap => "ConfigMap",
-            Kind::Secret => "Secret",
-            Kind::ServiceAccountToken => outrigger_proto::kinds::SERVICE_ACCOUNT_TOKEN,
-        }
-    }
-
-    /// Credentials: sealed at rest, redacted when shown.
-    pub fn sealed(self) -> bool {
-        matches!(self, Kind::Secret | Kind::ServiceAccountToken)
-    }
-}
-
-impl std::str::FromStr for Kind {
-    type Err = StoreError;
-    /// `Pod`, `pod`, `pods`, `po` (kubectl's spellings).
-    fn from_str(s: &str) -> Result<Kind, StoreError> {
-        match s.to_ascii_lowercase().as_str() {
-            "pod" | "pods" | "po" => Ok(Kind::Pod),
-            "configmap" | "configmaps" | "cm" => Ok(Kind::ConfigMap),
-            "secret" | "secrets" => Ok(Kind::Secret),
-            "serviceaccounttoken" | "serviceaccounttokens" | "tokens" => {
-                Ok(Kind::ServiceAccountToken)
-            }
-            _ => Err(StoreError::UnknownKind(s.to_string())),
-        }
+/// A kind as a user spells it: `Pod`, `pod`, `pods`, `po` (kubectl's
+/// spellings).
+pub fn parse_kind(s: &str) -> Result<Kind, StoreError> {
+    match s.to_ascii_lowercase().as_str() {
+        "pod" | "pods" | "po" => Ok(Kind::Pod),
+        "configmap" | "configmaps" | "cm" => Ok(Kind::ConfigMap),
+        "secret" | "secrets" => Ok(Kind::Secret),
+        "serviceaccounttoken" | "serviceaccounttokens" | "tokens" => Ok(Kind::ServiceAccountToken),
+        _ => Err(StoreError::UnknownKind(s.to_string())),
     }
 }
 
@@ -239,39 +206,27 @@ pub enum Change {
     Delete { kind: Kind, uid: String },
 }
 
-/// One unit of what the node reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    /// The latest state of something (a pod, the node): a newer one
-    /// replaces an unsent older one.
-    Status,
-    /// Something that happened; kept in a ring of `events_max`.
-    Event,
-}
+/// How the outbox keeps a row (the link's classes).
+pub use outrigger_proto::report::Class;
 
-impl Class {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Status => "status",
-            Class::Event => "event",
-        }
-    }
-
-    fn parse(s: &str) -> Class {
-        if s == "event" {
-            Class::Event
-        } else {
-            Class::Status
-        }
-    }
-}
-
+/// One row for the outbox. The node's own reports are made from the link's
+/// typed ones (`From<&outrigger_proto::report::Report>`); the store itself
+/// keeps any (class, key, body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub class: Class,
     pub key: String,
     pub body: serde_json::Value,
+}
+
+impl From<&outrigger_proto::report::Report> for Report {
+    fn from(r: &outrigger_proto::report::Report) -> Report {
+        Report {
+            class: r.class(),
+            key: r.key(),
+            body: r.body(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,15 +287,7 @@ impl std::fmt::Debug for Store {
 
 /// A random version-4 UUID, for objects this node creates itself.
 pub fn new_uid() -> String {
-    use aws_lc_rs::rand::SecureRandom;
-    let mut b = [0u8; 16];
-    // A failing system RNG leaves zeros; the clock keeps uids apart then.
-    if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
-        b[..8].copy_from_slice(&now_ms().to_be_bytes());
-    }
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    outrigger_proto::inventory::uuid_string(&b)
+    uuid::Uuid::new_v4().to_string()
 }
 
 pub fn now_ms() -> i64 {
@@ -573,7 +520,7 @@ impl Store {
         let source: String = r.get(5)?;
         let sealed: bool = r.get(6)?;
         let body: Vec<u8> = r.get(7)?;
-        let kind = match kind.parse::<Kind>() {
+        let kind = match Kind::from_name(&kind).ok_or(StoreError::UnknownKind(kind)) {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
@@ -755,7 +702,7 @@ impl Store {
             let body: Vec<u8> = r.get(3)?;
             Ok(OutboxRow {
                 seq: r.get(0)?,
-                class: Class::parse(&class),
+                class: Class::from_name(&class).unwrap_or(Class::Status),
                 key: r.get(2)?,
                 body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
                 created_ms: r.get(4)?,

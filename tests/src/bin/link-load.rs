@@ -22,7 +22,12 @@ use clap::{Parser, Subcommand};
 use cloud_gw::keeper::DirKeeper;
 use cloud_gw::pki::Pki;
 use edge_rt::link::join::{connect_over, hello, key_and_csr};
+use k8s_openapi::api::core::v1::NodeCondition;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use outrigger_proto::inventory::Inventory;
+use outrigger_proto::kinds::Kind;
 use outrigger_proto::message::{Change, Message, Sync};
+use outrigger_proto::report::{NodeReport, PodReport, Report};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Parser)]
@@ -149,7 +154,7 @@ fn identity(pki: &Pki, name: &str) -> Result<rustls::ClientConfig> {
     )?)
 }
 
-fn kinds(inv: &BTreeMap<String, BTreeMap<String, String>>) -> Message {
+fn kinds(inv: &Inventory) -> Message {
     Message::Sync(Sync::Inventory { kinds: inv.clone() })
 }
 
@@ -426,9 +431,9 @@ spec:
 /// does: versions, bodies (to apply patches to) and the sync cursors.
 #[derive(Default)]
 struct SimEdge {
-    inventory: BTreeMap<String, BTreeMap<String, String>>,
+    inventory: Inventory,
     bodies: std::collections::HashMap<String, serde_json::Value>,
-    cursors: BTreeMap<String, String>,
+    cursors: BTreeMap<Kind, String>,
 }
 
 /// Connect as `name` with what `edge` has, until nothing more comes for
@@ -461,16 +466,7 @@ async fn session(
         }
     };
     phase("TLS + WebSocket");
-    let digests = inventory
-        .iter()
-        .filter(|(_, inv)| !inv.is_empty())
-        .map(|(k, inv)| {
-            (
-                k.clone(),
-                serde_bytes::ByteBuf::from(outrigger_proto::inventory::digests(inv)),
-            )
-        })
-        .collect();
+    let digests = outrigger_proto::inventory::digests_of(inventory);
     // As edge-rt does: the digest rides with the hello.
     let digest = Message::Sync(Sync::Digest {
         kinds: digests,
@@ -488,7 +484,7 @@ async fn session(
                 cursors: cur,
             }))) => {
                 phase("inventory, a batch");
-                let mut stale: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                let mut stale: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
                 for ch in cs {
                     changes += 1;
                     match ch {
@@ -545,20 +541,7 @@ async fn session(
             }
             Ok(Ok(Message::Sync(Sync::Query { kinds: q }))) => {
                 phase("digest, query");
-                let part = inventory
-                    .iter()
-                    .map(|(k, inv)| {
-                        let want = q.get(k).map(|b| b.to_vec()).unwrap_or_default();
-                        let inv = inv
-                            .iter()
-                            .filter(|(u, _)| {
-                                want.contains(&(outrigger_proto::inventory::bucket(u) as u8))
-                            })
-                            .map(|(u, r)| (u.clone(), r.clone()))
-                            .collect();
-                        (k.clone(), inv)
-                    })
-                    .collect();
+                let part = outrigger_proto::inventory::answer(inventory, &q);
                 link.send(&Message::Sync(Sync::Inventory { kinds: part }))
                     .await?;
             }
@@ -635,7 +618,7 @@ async fn run_kube_node(
                 Message::Sync(Sync::Changes { batch, changes, .. }) => {
                     for c in changes {
                         if let Change::Put { kind, body, .. } = c {
-                            if kind == "Pod" {
+                            if kind == Kind::Pod {
                                 got.push(serde_json::from_slice::<serde_json::Value>(&body)?);
                             }
                         }
@@ -644,24 +627,29 @@ async fn run_kube_node(
                     if got.len() >= pods && !reported {
                         reported = true;
                         let now = "2026-11-24T00:00:00Z";
-                        let mut rows: Vec<Row> = got.iter().enumerate().map(|(i, p)| {
-                            let body = serde_json::json!({
-                                "namespace": p["metadata"]["namespace"], "name": p["metadata"]["name"],
-                                "uid": p["metadata"]["uid"],
-                                "status": {"phase": "Running", "startTime": now, "hostIP": "10.0.0.1", "podIP": "10.88.0.2",
-                                    "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-                                    "containerStatuses": [{"name": "reader", "ready": true, "restartCount": 0, "image": "busybox",
-                                        "imageID": "", "state": {"running": {"startedAt": now}}}]}});
-                            Row { seq: i as i64 + 1, class: "status".into(),
-                                  key: format!("pod/{}", p["metadata"]["uid"].as_str().unwrap_or_default()),
-                                  body: serde_json::to_vec(&body).unwrap_or_default() }
-                        }).collect();
-                        let node = serde_json::json!({"name": name, "conditions": [
-                            {"type": "Ready", "status": "True", "reason": "EdgeRuntimeReady"}],
-                            "capacity": {"cpu": "4", "memory": "4Gi", "pods": "110"},
-                            "allocatable": {"cpu": "4", "memory": "4Gi", "pods": "110"}});
-                        rows.push(Row { seq: pods as i64 + 1, class: "status".into(), key: format!("node/{name}"),
-                                        body: serde_json::to_vec(&node)? });
+                        let status: k8s_openapi::api::core::v1::PodStatus = serde_json::from_value(serde_json::json!(
+                            {"phase": "Running", "startTime": now, "hostIP": "10.0.0.1", "podIP": "10.88.0.2",
+                             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                             "containerStatuses": [{"name": "reader", "ready": true, "restartCount": 0, "image": "busybox",
+                                 "imageID": "", "state": {"running": {"startedAt": now}}}]}))?;
+                        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                        let mut reports: Vec<Report> = got.iter().map(|p| Report::Pod(Box::new(PodReport {
+                            namespace: text(&p["metadata"]["namespace"]),
+                            name: text(&p["metadata"]["name"]),
+                            uid: text(&p["metadata"]["uid"]),
+                            status: Some(status.clone()),
+                        }))).collect();
+                        let capacity: BTreeMap<String, Quantity> = [("cpu", "4"), ("memory", "4Gi"), ("pods", "110")]
+                            .map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).into();
+                        reports.push(Report::Node(Box::new(NodeReport {
+                            name: name.clone(),
+                            conditions: vec![NodeCondition { type_: "Ready".into(), status: "True".into(),
+                                reason: Some("EdgeRuntimeReady".into()), ..Default::default() }],
+                            allocatable: capacity.clone(),
+                            capacity,
+                            ..Default::default()
+                        })));
+                        let rows: Vec<Row> = reports.iter().enumerate().map(|(i, r)| r.to_row(i as i64 + 1)).collect();
                         link.send(&Message::Status(Status::Rows { rows })).await?;
                     }
                 }

@@ -1,0 +1,41 @@
+//! The store source: what the cloud (or `edge-rt apply`) committed to the
+//! node store, typed.
+
+use super::Objects;
+use crate::store::{Kind, Store};
+
+/// The store's pods, ConfigMaps, Secrets and tokens, typed. An object that does not
+/// parse is logged and skipped; the rest run.
+pub fn read(s: &Store) -> Objects {
+    fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
+        let objects = match s.objects(kind) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(kind = kind.as_str(), error = %e, "reading the store");
+                return vec![];
+            }
+        };
+        objects
+            .into_iter()
+            .filter_map(|o| {
+                let mut body = o.body;
+                // The row's identity is the truth (a body may lack it).
+                body["metadata"]["uid"] = o.uid.clone().into();
+                body["metadata"]["namespace"] = o.namespace.clone().into();
+                match serde_json::from_value::<T>(body) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+    Objects {
+        pods: load(s, Kind::Pod),
+        config_maps: load(s, Kind::ConfigMap),
+        secrets: load(s, Kind::Secret),
+        tokens: load(s, Kind::ServiceAccountToken),
+    }
+}
