@@ -12,6 +12,8 @@
 //!   which puts pod status and events in its outbox.
 //! - [`link`]: joining a cloud and the mutual-TLS link to cloud-gw.
 //! - [`config`]: the node configuration file.
+//! - [`sys`]: the bottom layer: the fork guard, the reaper, and the only
+//!   ways to run code off the runtime thread.
 
 pub mod api;
 pub mod bench;
@@ -28,3 +30,4 @@ pub mod runtime;
 pub mod static_pods;
 pub mod store;
 pub mod supervisor;
+pub mod sys;

@@ -127,14 +127,14 @@ fn ip_batch(lines: &[String]) -> Result<(), NetworkError> {
 fn run_in(netns: &Path, batches: &[Vec<String>]) -> Result<(), NetworkError> {
     let netns = netns.to_path_buf();
     let batches = batches.to_vec();
-    std::thread::spawn(move || -> Result<(), NetworkError> {
+    crate::sys::thread("netns", move || -> Result<(), NetworkError> {
         let f = std::fs::File::open(&netns)?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
         for b in &batches {
             ip_batch(b)?;
         }
         Ok(())
-    })
+    })?
     .join()
     .map_err(|_| NetworkError::Command {
         cmd: "netns thread".into(),

@@ -10,7 +10,7 @@ use nix::mount::{mount, MsFlags};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use crate::runtime::reaper;
+use crate::sys::reaper;
 
 /// What the signals ask of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

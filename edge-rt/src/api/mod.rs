@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 pub mod exec;
@@ -535,7 +535,7 @@ impl Server {
         // What is on disk now: rotated copies first.
         let mut text = String::new();
         for f in logs::files_of(&rec.log_path) {
-            text.push_str(&tokio::fs::read_to_string(&f).await.unwrap_or_default());
+            text.push_str(&crate::sys::fs::read_to_string(&f).await.unwrap_or_default());
         }
         let mut content = decode(&text);
         if let Some(n) = tail {
@@ -546,7 +546,7 @@ impl Server {
             return w.shutdown().await;
         }
         // Then what comes, from where the live file ends now.
-        let mut offset = tokio::fs::metadata(&rec.log_path)
+        let mut offset = crate::sys::fs::metadata(&rec.log_path)
             .await
             .map(|m| m.len())
             .unwrap_or(0);
@@ -554,7 +554,7 @@ impl Server {
         let rt = self.pods.context().rt.clone();
         loop {
             let exited = rt.get(&rec.id).is_none_or(|r| r.exit.is_some());
-            let len = tokio::fs::metadata(&rec.log_path)
+            let len = crate::sys::fs::metadata(&rec.log_path)
                 .await
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -562,11 +562,9 @@ impl Server {
                 offset = 0; // rotated: the live file starts over
             }
             if len > offset {
-                let mut f = tokio::fs::File::open(&rec.log_path).await?;
-                f.seek(std::io::SeekFrom::Start(offset)).await?;
-                let mut buf = Vec::new();
-                f.take(len - offset).read_to_end(&mut buf).await?;
-                offset = len;
+                let want = usize::try_from(len - offset).unwrap_or(usize::MAX);
+                let buf = crate::sys::fs::read_at(&rec.log_path, offset, want).await?;
+                offset += buf.len() as u64;
                 pending.push_str(&String::from_utf8_lossy(&buf));
                 // Only whole CRI lines; a torn one waits for its end.
                 if let Some(cut) = pending.rfind('\n') {
@@ -578,7 +576,7 @@ impl Server {
             if exited {
                 // The log pump may still be draining the FIFO: one last look.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let len = tokio::fs::metadata(&rec.log_path)
+                let len = crate::sys::fs::metadata(&rec.log_path)
                     .await
                     .map(|m| m.len())
                     .unwrap_or(0);

@@ -184,7 +184,7 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
     let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
     let entries = archive.entries().map_err(|e| ImageError::io(dest, e))?;
     for entry in entries {
-        let _guard = crate::runtime::fork_guard::read();
+        let _guard = crate::sys::fork_guard::read();
         let mut entry = entry.map_err(|e| bad(dest, format!("tar: {e}")))?;
         let raw_path = entry
             .path()

@@ -20,7 +20,6 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 use oci_spec::image::{ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use super::{ImageError, ImageRecord, ImageStore, Result};
 
@@ -284,7 +283,7 @@ impl Puller {
         }
         let hex = digest.trim_start_matches("sha256:");
         let part = store.tmp_dir().join(format!("{hex}.partial"));
-        let have = tokio::fs::metadata(&part)
+        let have = crate::sys::fs::metadata(&part)
             .await
             .map(|m| m.len())
             .unwrap_or(0);
@@ -314,12 +313,13 @@ impl Puller {
             BlobResponse::Partial(s) if offset > 0 => (s, true),
             BlobResponse::Partial(s) | BlobResponse::Full(s) => (s, false),
         };
-        let mut file = tokio::fs::OpenOptions::new()
+        let mut options = std::fs::OpenOptions::new();
+        options
             .create(true)
             .write(true)
             .append(append)
-            .truncate(!append)
-            .open(&part)
+            .truncate(!append);
+        let mut file = crate::sys::fs::File::open(&part, options)
             .await
             .map_err(|e| ImageError::io(&part, e))?;
         if append {
@@ -337,26 +337,24 @@ impl Puller {
             written += chunk.len() as u64;
             if written > size {
                 drop(file);
-                let _ = tokio::fs::remove_file(&part).await;
+                let _ = crate::sys::fs::remove_file(&part).await;
                 return Err(ImageError::SizeMismatch {
                     what: digest.into(),
                     expected: size,
                     actual: written,
                 });
             }
-            file.write_all(&chunk)
+            let n = chunk.len() as u64;
+            file.write_all(chunk)
                 .await
                 .map_err(|e| ImageError::io(&part, e))?;
-            progress
-                .done
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            progress.done.fetch_add(n, Ordering::Relaxed);
             if last_log.elapsed() > Duration::from_secs(2) {
                 let (d, t) = progress.snapshot();
                 tracing::info!(image = reference, done = d, total = t, "pulling");
                 last_log = Instant::now();
             }
         }
-        file.flush().await.map_err(|e| ImageError::io(&part, e))?;
         drop(file);
         match store.commit_blob_file(&part, digest, Some(size)) {
             // A resumed download that does not verify (the partial file was
@@ -385,7 +383,9 @@ async fn finish_blocking(
     names: Vec<String>,
 ) -> Result<ImageRecord> {
     let root = store.root().to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    // Unguarded as a whole: unpacking takes the fork guard per entry, so a
+    // container creation waits for one entry, not a whole layer.
+    crate::sys::blocking_unguarded(move || {
         ImageStore::open(root)?.finish_image(&digest, &manifest, &names)
     })
     .await

@@ -121,31 +121,39 @@ pub struct Target<'a> {
     pub pod_ip: Option<IpAddr>,
 }
 
-/// Connect to `addr` from inside `netns`: a thread enters the namespace
-/// just to create the socket, which stays in that namespace afterwards.
+/// Connect to `addr` from inside `netns`: a short thread enters the
+/// namespace just to make the socket (which stays in that namespace); the
+/// connect itself is async, so the thread never waits on the network
+/// (container creation waits for threads, see `sys`).
 async fn connect(
     netns: Option<PathBuf>,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<tokio::net::TcpStream, String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let r = (|| -> std::io::Result<std::net::TcpStream> {
-            if let Some(ns) = &netns {
-                let f = std::fs::File::open(ns)?;
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            }
-            let s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-            s.set_nonblocking(true)?;
-            Ok(s)
-        })();
-        let _ = tx.send(r);
-    });
-    let s = rx
-        .await
-        .map_err(|_| "connect thread died".to_string())?
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let make = move || -> std::io::Result<std::os::fd::OwnedFd> {
+        if let Some(ns) = &netns {
+            let f = std::fs::File::open(ns)?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        }
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        Ok(socket(family, SockType::Stream, flags, None)?)
+    };
+    let fd = crate::sys::thread("probe-socket", make)
+        .map_err(|e| format!("dial tcp {addr}: {e}"))?
+        .join()
+        .map_err(|_| "the socket thread died".to_string())?
         .map_err(|e| format!("dial tcp {addr}: {e}"))?;
-    tokio::net::TcpStream::from_std(s).map_err(|e| e.to_string())
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(r) => r.map_err(|e| format!("dial tcp {addr}: {e}")),
+        Err(_) => Err(format!("dial tcp {addr}: i/o timeout")),
+    }
 }
 
 fn resolve(host: &Option<String>, target: &Target, port: u16) -> Result<SocketAddr, String> {

@@ -16,7 +16,8 @@ use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use tokio::io::unix::AsyncFd;
 
 use super::seccomp::{self, Profile};
-use super::{fork_guard, pidfd_open, pidfd_signal, reaper, Runtime, RuntimeError};
+use super::{pidfd_open, pidfd_signal, Runtime, RuntimeError};
+use crate::sys::{fork_guard, reaper};
 
 /// The standard streams of an exec'd process.
 pub struct Stdio {

@@ -10,10 +10,8 @@
 
 pub mod cgroups;
 pub mod exec;
-pub mod fork_guard;
 pub mod init;
 pub mod logs;
-pub mod reaper;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
@@ -37,6 +35,7 @@ use tokio::sync::watch;
 
 use crate::image::rootfs::{self, RootfsMode};
 use crate::image::{ImageError, ImageRecord, ImageStore, InUse};
+use crate::sys::{fork_guard, reaper};
 use logs::{LineSplitter, LogFile, Stream};
 use sandbox::Sandbox;
 use spec::{BindMount, SpecInput};

@@ -50,7 +50,7 @@ impl Sandbox {
             let nsd = ns_dir.clone();
             // Namespaces of these kinds belong to a thread: unshare in a thread of
             // our own so the rest of edge-rt stays where it is.
-            std::thread::spawn(move || -> io::Result<()> {
+            crate::sys::thread("sandbox", move || -> io::Result<()> {
                 let flags = kinds.iter().fold(CloneFlags::empty(), |a, (_, f)| a | *f);
                 unshare(flags).map_err(io::Error::from)?;
                 if kinds.iter().any(|(k, _)| *k == "uts") {
@@ -71,7 +71,7 @@ impl Sandbox {
                     .map_err(|e| io::Error::other(format!("bind {src}: {e}")))?;
                 }
                 Ok(())
-            })
+            })?
             .join()
             .map_err(|_| io::Error::other("sandbox thread panicked"))??;
         }
