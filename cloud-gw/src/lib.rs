@@ -6,7 +6,8 @@
 //! - [`http`], [`metrics`]: health, readiness, Prometheus metrics and the
 //!   admission webhook.
 //! - [`manifests`]: what `kubectl apply` needs to run cloud-gw in a cluster.
-//! - [`keeper`]: where secrets live (a directory; a Kubernetes Secret later).
+//! - [`keeper`]: where secrets live (a directory, memory, or a Kubernetes
+//!   Secret through [`bridge`]).
 //! - [`pki`]: the link CA, the serving certificate, node certificates.
 //! - [`tokens`]: join tokens (hashes, expiry, revocation).
 //! - [`server`]: the edge endpoint (`/join`, `/link`).

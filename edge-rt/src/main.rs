@@ -241,10 +241,8 @@ fn main() -> Result<()> {
     init_tracing();
     // One thread: libcontainer clones the process to create containers, and a
     // single-threaded runtime means no other thread of ours is mid-allocation
-    // when it does (see runtime::fork_guard).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // when it does (see sys::fork_guard).
+    let rt = edge_rt::sys::runtime()?;
     rt.block_on(dispatch(cli))
 }
 

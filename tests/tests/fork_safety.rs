@@ -86,7 +86,9 @@ async fn containers_are_created_while_pulls_probes_and_log_follows_run() -> Resu
             "chatty",
             "busybox:latest",
             "Never",
-            "i=0; while true; do i=$((i+1)); echo line $i; done",
+            // A line every 2 ms: busy, not a flood the follower cannot keep
+            // up with in a debug build.
+            "i=0; while true; do i=$((i+1)); echo line $i; usleep 2000; done",
             "",
         ),
     )?;
@@ -160,7 +162,7 @@ async fn containers_are_created_while_pulls_probes_and_log_follows_run() -> Resu
     );
     // The follower kept streaming through all of it.
     let before = std::fs::metadata(&follow_out)?.len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let after = std::fs::metadata(&follow_out)?.len();
     ensure!(
         after > before && follow.try_wait()?.is_none(),

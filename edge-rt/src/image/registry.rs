@@ -383,13 +383,11 @@ async fn finish_blocking(
     names: Vec<String>,
 ) -> Result<ImageRecord> {
     let root = store.root().to_path_buf();
-    // Unguarded as a whole: unpacking takes the fork guard per entry, so a
-    // container creation waits for one entry, not a whole layer.
-    crate::sys::blocking_unguarded(move || {
-        ImageStore::open(root)?.finish_image(&digest, &manifest, &names)
-    })
-    .await
-    .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
+    // Inside the fork guard, giving way at each tar entry: a container
+    // creation waits for one entry, not a whole layer.
+    crate::sys::blocking(move || ImageStore::open(root)?.finish_image(&digest, &manifest, &names))
+        .await
+        .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
 }
 
 fn is_index(bytes: &[u8]) -> bool {

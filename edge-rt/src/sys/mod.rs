@@ -7,13 +7,26 @@
 //! no module starts a thread or a blocking task itself: [`thread`],
 //! [`blocking`] and [`fs`] do it, inside the guard's read side, and
 //! clippy's `disallowed-methods` (see `clippy.toml`) refuses the raw calls
-//! everywhere else. [`reaper`] is the one `waitpid(-1)` of the process.
+//! everywhere else. The runtime keeps its blocking threads once started
+//! ([`runtime`]): a thread that exits frees its memory outside any guard.
+//! [`reaper`] is the one `waitpid(-1)` of the process.
 //!
 //! Layers above may use this one; it uses none of them.
 
 pub mod fork_guard;
 pub mod fs;
 pub mod reaper;
+
+/// The async runtime edge-rt runs on: one thread (container creation
+/// happens on it), and blocking threads that, once started, stay (an idle
+/// one that exited would free its memory while a container may be cloned).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+        .max_blocking_threads(64)
+        .build()
+}
 
 /// Run `f` on a thread of its own, holding the fork guard's read side
 /// while it runs (so keep it short: a container creation waits for it).
@@ -31,8 +44,7 @@ pub fn thread<T: Send + 'static>(
 }
 
 /// Run `f` on the blocking pool, holding the fork guard's read side while
-/// it runs. Long work (unpacking a layer) should take the guard itself per
-/// step instead ([`blocking_unguarded`]).
+/// it runs; long work gives way at each step ([`fork_guard::yield_now`]).
 #[allow(clippy::disallowed_methods)]
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -42,16 +54,6 @@ pub async fn blocking<T: Send + 'static>(
         f()
     })
     .await
-}
-
-/// Run `f` on the blocking pool without the guard: for work that takes
-/// [`fork_guard::read`] itself around each allocating step, so a container
-/// creation waits for one step and not the whole of it.
-#[allow(clippy::disallowed_methods)]
-pub async fn blocking_unguarded<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    tokio::task::spawn_blocking(f).await
 }
 
 #[cfg(test)]
