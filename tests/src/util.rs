@@ -237,6 +237,14 @@ impl Node {
         })
     }
 
+    /// Trust the registry whose CA certificate is at `ca_pem` for pulls.
+    pub fn trust_registry(&self, ca_pem: &Path) -> Result<()> {
+        let mut cfg = std::fs::read_to_string(&self.config)?;
+        cfg.push_str(&format!("\n[registry]\nca_bundle = {ca_pem:?}\n"));
+        std::fs::write(&self.config, cfg)?;
+        Ok(())
+    }
+
     pub fn command(&self) -> std::process::Command {
         let mut c = std::process::Command::new(edge_rt_bin());
         c.arg("--config")

@@ -59,12 +59,7 @@ async fn containers_are_created_while_pulls_probes_and_log_follows_run() -> Resu
         images.push(registry.push(layout.path(), "v1", &format!("stress/img{i}"))?);
     }
     let node = Node::new()?;
-    let mut cfg = std::fs::read_to_string(&node.config)?;
-    cfg.push_str(&format!(
-        "\n[registry]\nca_bundle = {:?}\n",
-        registry.ca_pem
-    ));
-    std::fs::write(&node.config, cfg)?;
+    node.trust_registry(&registry.ca_pem)?;
     let _daemon = node.start().await?;
 
     // Probes every second, TCP and HTTP, from threads inside the pod's

@@ -1391,12 +1391,7 @@ async fn cloud_gw_runs_from_its_own_image_and_manifests() -> Result<()> {
     // An edge, and a pod on it from the image, with its token.
     let name = unique("edge");
     let node = Node::new()?;
-    let mut cfg = std::fs::read_to_string(&node.config)?;
-    cfg.push_str(&format!(
-        "\n[registry]\nca_bundle = {:?}\n",
-        registry.ca_pem
-    ));
-    std::fs::write(&node.config, cfg)?;
+    node.trust_registry(&registry.ca_pem)?;
     let o = join_with(&node, &cloud.server, &cloud.token("10m")?, &name, &[])?;
     ensure!(o.status.success(), "join: {}", stderr(&o));
     let daemon = node.start().await?;

@@ -12,10 +12,13 @@
 //!
 //! The read side is re-entrant per thread: work that already holds it
 //! (a blocking task) may call code that takes it again (layer unpacking)
-//! without deadlocking against a waiting writer.
+//! without deadlocking against a waiting writer. The lock is
+//! parking_lot's, which is fair and hands itself to a waiting writer when
+//! a reader gives way (std's lets the reader take it straight back).
 
 use std::cell::RefCell;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 static BARRIER: RwLock<()> = RwLock::new(());
 
@@ -32,7 +35,7 @@ pub fn read() -> Read {
     HELD.with(|h| {
         let mut h = h.borrow_mut();
         if h.0 == 0 {
-            h.1 = Some(BARRIER.read().unwrap_or_else(|p| p.into_inner()));
+            h.1 = Some(BARRIER.read());
         }
         h.0 += 1;
     });
@@ -55,15 +58,14 @@ impl Drop for Read {
 /// a waiting creation through, then take it again.
 pub fn yield_now() {
     HELD.with(|h| {
-        let mut h = h.borrow_mut();
-        if h.1.take().is_some() {
-            h.1 = Some(BARRIER.read().unwrap_or_else(|p| p.into_inner()));
+        if let Some(g) = h.borrow_mut().1.as_mut() {
+            RwLockReadGuard::bump(g);
         }
     });
 }
 
 pub fn write() -> RwLockWriteGuard<'static, ()> {
-    BARRIER.write().unwrap_or_else(|p| p.into_inner())
+    BARRIER.write()
 }
 
 #[cfg(test)]

@@ -132,12 +132,7 @@ async fn main() -> Result<()> {
 
     let cloud = Cloud::start_kube(cluster.kubeconfig()).await?;
     let node = Node::new()?;
-    let mut cfg = std::fs::read_to_string(&node.config)?;
-    cfg.push_str(&format!(
-        "\n[registry]\nca_bundle = {:?}\n",
-        registry.ca_pem
-    ));
-    std::fs::write(&node.config, cfg)?;
+    node.trust_registry(&registry.ca_pem)?;
     scope.owns("node", "bench-edge");
     let o = join_with(
         &node,
