@@ -99,14 +99,16 @@ impl Reporter {
         }
     }
 
-    /// What changed since the last successful flush.
-    fn collect(&mut self) -> (Vec<Report>, u64) {
+    /// What changed since the last successful flush: each report with its
+    /// outbox row (made once), and the last event's sequence number.
+    fn collect(&mut self) -> (Vec<(Report, store::Report)>, u64) {
         self.removed.extend(self.pods.take_removed());
         let mut out = Vec::new();
         let mut live = std::collections::BTreeSet::new();
-        let changed = |out: &mut Vec<Report>, r: Report| {
-            if self.sent.get(&r.key()) != Some(&digest(&r.body())) {
-                out.push(r);
+        let changed = |out: &mut Vec<(Report, store::Report)>, r: Report| {
+            let row = store::Report::from(&r);
+            if self.sent.get(&row.key) != Some(&digest(&row.body)) {
+                out.push((r, row));
             }
         };
         for p in self.pods.list() {
@@ -130,13 +132,18 @@ impl Reporter {
             .collect();
         for uid in gone {
             let r = Report::PodGone { uid };
-            if !live.contains(&r.key()) {
-                out.push(r);
+            let row = store::Report::from(&r);
+            if !live.contains(&row.key) {
+                out.push((r, row));
             }
         }
         let events = self.pods.context().events.since(self.event_seq);
         let seq = events.last().map(|e| e.seq).unwrap_or(self.event_seq);
-        out.extend(events.into_iter().map(Report::Event));
+        out.extend(events.into_iter().map(|e| {
+            let r = Report::Event(e);
+            let row = store::Report::from(&r);
+            (r, row)
+        }));
         (out, seq)
     }
 
@@ -153,14 +160,12 @@ impl Reporter {
         if self.seen == Some(generations) && self.pods.removed_pending() == 0 {
             return Ok(0);
         }
-        let (reports, seq) = self.collect();
-        if reports.is_empty() {
+        let (pending, seq) = self.collect();
+        if pending.is_empty() {
             self.seen = Some(generations);
-        }
-        if reports.is_empty() {
             return Ok(0);
         }
-        let rows: Vec<store::Report> = reports.iter().map(store::Report::from).collect();
+        let (reports, rows): (Vec<Report>, Vec<store::Report>) = pending.into_iter().unzip();
         match self.store.report(&rows, now_ms) {
             Ok(_) => {
                 if self.failing {

@@ -202,6 +202,20 @@ pub(crate) fn finalize(inner: &Arc<Inner>, node: &str, uid: &str) {
     });
 }
 
+/// An Event's name: the pod's, then a hash of the event's identity as
+/// protocol 1.0 spelled it (the reason and time as JSON strings), so an
+/// Event keeps its name across versions.
+fn event_name(node: &str, pod: &str, e: &PodEvent) -> String {
+    let identity = format!(
+        "{node}/{}/{}/{}/{}",
+        e.pod_uid,
+        e.id,
+        serde_json::Value::from(e.reason.as_str()),
+        serde_json::Value::from(e.first_timestamp.as_str())
+    );
+    format!("{pod}.{}", hex::encode(&Sha256::digest(identity)[..8]))
+}
+
 /// An Event for what happened to one of the node's pods. Its name comes
 /// from the event's identity, so a row sent twice (a reconnect before the
 /// ack) updates the same Event instead of making another.
@@ -210,13 +224,7 @@ async fn event(inner: &Arc<Inner>, node: &str, e: &PodEvent) -> Result<(), kube:
     let Some((ns, pod, _)) = own_pod(inner, node, uid) else {
         return Ok(());
     };
-    // As protocol 1.0 spelled it (JSON values: the reason quoted), so an
-    // Event keeps its name across versions.
-    let identity = format!(
-        "{node}/{uid}/{}/{:?}/{:?}",
-        e.id, e.reason, e.first_timestamp
-    );
-    let name = format!("{pod}.{}", hex::encode(&Sha256::digest(identity)[..8]));
+    let name = event_name(node, &pod, e);
     let involved = json!({"apiVersion": "v1", "kind": "Pod", "name": pod,
                           "namespace": ns, "uid": uid, "fieldPath": e.container});
     let kind = match e.kind {
@@ -247,5 +255,41 @@ async fn event(inner: &Arc<Inner>, node: &str, e: &PodEvent) -> Result<(), kube:
         // The namespace is gone: so is the pod.
         Err(err) if is_status(&err, 404) => Ok(()),
         Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_keeps_the_name_protocol_1_0_gave_it() {
+        let e = PodEvent {
+            pod_uid: "u-1".into(),
+            namespace: "ns".into(),
+            pod: "web".into(),
+            container: None,
+            kind: EventType::Warning,
+            // A control character: JSON and Rust's Debug escape it apart.
+            reason: "Back\u{1b}Off".into(),
+            message: "m".into(),
+            count: 3,
+            first_timestamp: "2026-12-02T10:00:00Z".into(),
+            last_timestamp: "2026-12-02T10:01:00Z".into(),
+            id: 7,
+            seq: 9,
+        };
+        // 1.0 formatted serde_json::Values with Display.
+        let identity = format!(
+            "n1/u-1/7/{}/{}",
+            serde_json::json!(e.reason),
+            serde_json::json!(e.first_timestamp)
+        );
+        assert_eq!(
+            identity,
+            "n1/u-1/7/\"Back\\u001bOff\"/\"2026-12-02T10:00:00Z\""
+        );
+        let want = format!("web.{}", hex::encode(&Sha256::digest(&identity)[..8]));
+        assert_eq!(event_name("n1", "web", &e), want);
     }
 }

@@ -90,18 +90,6 @@ pub fn name(pod: &Pod) -> &str {
     pod.metadata.name.as_deref().unwrap_or("")
 }
 
-fn restart_policy(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.as_deref())
-        .unwrap_or("Always")
-}
-
-/// Whether the pod's containers restart at all after a kill.
-fn pod_restarts(pod: &Pod) -> bool {
-    restart_policy(pod) != "Never"
-}
-
 fn grace_period(pod: &Pod) -> Duration {
     pod.spec
         .as_ref()

@@ -42,8 +42,13 @@ impl RestartPolicy {
         }
     }
 
+    /// The pod's own.
+    pub fn of(pod: &k8s_openapi::api::core::v1::Pod) -> RestartPolicy {
+        RestartPolicy::parse(pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()))
+    }
+
     /// Whether a container that exited with `code` runs again.
-    fn restarts(self, code: i32) -> bool {
+    pub fn restarts(self, code: i32) -> bool {
         match self {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => code != 0,

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::plan::RestartPolicy;
 use crate::runtime::ContainerRecord;
 
 /// What the worker knows of one container (init or app).
@@ -120,13 +121,6 @@ pub struct StatusInput<'a> {
     pub terminating: bool,
 }
 
-fn restart_policy(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.as_deref())
-        .unwrap_or("Always")
-}
-
 /// The pod phase from its containers, as the kubelet's getPhase works it out.
 pub fn phase(i: &StatusInput) -> &'static str {
     if i.failed.is_some() {
@@ -135,19 +129,15 @@ pub fn phase(i: &StatusInput) -> &'static str {
     if !i.initialized {
         return "Pending";
     }
-    let policy = restart_policy(i.pod);
+    let policy = RestartPolicy::of(i.pod);
     let (mut running, mut waiting, mut succeeded, mut failed) = (0, 0, 0, 0);
     for c in i.app {
         match &c.current {
             Some(r) if r.exit.is_none() => running += 1,
             Some(r) => {
-                let ok = r.exit.as_ref().is_some_and(|e| e.exit_code == 0);
-                let restarts = match policy {
-                    "Never" => false,
-                    "OnFailure" => !ok,
-                    _ => true,
-                };
-                if restarts {
+                let code = r.exit.as_ref().map_or(-1, |e| e.exit_code);
+                let ok = code == 0;
+                if policy.restarts(code) {
                     running += 1; // restarting, as the kubelet counts it
                 } else if ok {
                     succeeded += 1;

@@ -19,10 +19,7 @@ use super::manager::Want;
 use super::plan::{self, Kind, Plan, RestartPolicy, Step};
 use super::probes::{self, ProbeTask, Settings, Verdict};
 use super::status::{self, ContainerView, StatusInput};
-use super::{
-    grace_period, name, namespace, pod_restarts, restart_policy, volumes, Context, IDLE,
-    SETUP_RETRY,
-};
+use super::{grace_period, name, namespace, volumes, Context, IDLE, SETUP_RETRY};
 use crate::runtime::{ContainerRecord, PodRef};
 
 /// One container of the pod as the worker tracks it.
@@ -432,8 +429,9 @@ impl Worker {
                     k.name().to_lowercase()
                 );
                 self.event(pod, Some(&name), EventType::Normal, "Killing", msg);
-                // Liveness kills restart whatever the policy, as the kubelet does.
-                self.app[i].force_restart = pod_restarts(pod);
+                // A liveness kill restarts whatever the exit code (the kill's), unless
+                // the policy is Never, as the kubelet does.
+                self.app[i].force_restart = RestartPolicy::of(pod) != RestartPolicy::Never;
                 self.stop_container(pod, &spec, &v.container_id, grace)
                     .await;
                 self.refresh(Kind::App, i);
@@ -619,7 +617,7 @@ impl Worker {
         };
         let init: Vec<plan::State> = self.init.iter().map(state).collect();
         let app: Vec<plan::State> = self.app.iter().map(state).collect();
-        let policy = RestartPolicy::parse(Some(restart_policy(pod)));
+        let policy = RestartPolicy::of(pod);
         match plan::plan(policy, &init, &app) {
             Plan::Wait => housekeeping,
             Plan::InitFailed { index, code } => {

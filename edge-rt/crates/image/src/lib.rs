@@ -15,7 +15,7 @@
 
 pub mod archive;
 pub mod auth;
-pub mod layer;
+mod layer;
 pub mod registry;
 pub mod rootfs;
 

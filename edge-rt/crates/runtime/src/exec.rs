@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::seccomp::{self, Profile};
 use super::{pidfd_open, pidfd_signal, Runtime, RuntimeError};
-use crate::sys::{fork_guard, reaper};
+use outrigger_sys::{fork_guard, reaper};
 
 /// The standard streams of an exec'd process.
 pub struct Stdio {

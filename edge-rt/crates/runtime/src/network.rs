@@ -127,7 +127,7 @@ fn ip_batch(lines: &[String]) -> Result<(), NetworkError> {
 fn run_in(netns: &Path, batches: &[Vec<String>]) -> Result<(), NetworkError> {
     let netns = netns.to_path_buf();
     let batches = batches.to_vec();
-    crate::sys::thread("netns", move || -> Result<(), NetworkError> {
+    outrigger_sys::thread("netns", move || -> Result<(), NetworkError> {
         let f = std::fs::File::open(&netns)?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
         for b in &batches {
@@ -305,7 +305,7 @@ impl Network {
     fn veth_name(pod_uid: &str) -> String {
         format!(
             "veth{}",
-            &crate::image::sha256_hex(pod_uid.as_bytes())[..10]
+            &outrigger_image::sha256_hex(pod_uid.as_bytes())[..10]
         )
     }
 

@@ -283,7 +283,7 @@ impl Puller {
         }
         let hex = digest.trim_start_matches("sha256:");
         let part = store.tmp_dir().join(format!("{hex}.partial"));
-        let have = crate::sys::fs::metadata(&part)
+        let have = outrigger_sys::fs::metadata(&part)
             .await
             .map(|m| m.len())
             .unwrap_or(0);
@@ -319,7 +319,7 @@ impl Puller {
             .write(true)
             .append(append)
             .truncate(!append);
-        let mut file = crate::sys::fs::File::open(&part, options)
+        let mut file = outrigger_sys::fs::File::open(&part, options)
             .await
             .map_err(|e| ImageError::io(&part, e))?;
         if append {
@@ -337,7 +337,7 @@ impl Puller {
             written += chunk.len() as u64;
             if written > size {
                 drop(file);
-                let _ = crate::sys::fs::remove_file(&part).await;
+                let _ = outrigger_sys::fs::remove_file(&part).await;
                 return Err(ImageError::SizeMismatch {
                     what: digest.into(),
                     expected: size,
@@ -385,9 +385,11 @@ async fn finish_blocking(
     let root = store.root().to_path_buf();
     // Inside the fork guard, giving way at each tar entry: a container
     // creation waits for one entry, not a whole layer.
-    crate::sys::blocking(move || ImageStore::open(root)?.finish_image(&digest, &manifest, &names))
-        .await
-        .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
+    outrigger_sys::blocking(move || {
+        ImageStore::open(root)?.finish_image(&digest, &manifest, &names)
+    })
+    .await
+    .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
 }
 
 fn is_index(bytes: &[u8]) -> bool {

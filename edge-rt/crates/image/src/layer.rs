@@ -3,7 +3,7 @@
 //! Each layer becomes a directory that can be used directly as an overlay
 //! `lowerdir`: OCI whiteouts (`.wh.NAME`) become 0:0 character devices and
 //! opaque markers (`.wh..wh..opq`) become the `trusted.overlay.opaque` xattr.
-//! Where overlayfs is not available, [`crate::image::rootfs`] applies the same
+//! Where overlayfs is not available, [`crate::rootfs`] applies the same
 //! directories to a plain copy.
 //!
 //! Every entry is checked before anything is written: paths and link targets
@@ -186,7 +186,7 @@ pub fn unpack_tar(reader: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<
     for entry in entries {
         // Off the runtime thread this runs inside the fork guard (see
         // `sys`); each entry lets a waiting container creation through.
-        crate::sys::fork_guard::yield_now();
+        outrigger_sys::fork_guard::yield_now();
         let mut entry = entry.map_err(|e| bad(dest, format!("tar: {e}")))?;
         let raw_path = entry
             .path()

@@ -50,7 +50,7 @@ impl Sandbox {
             let nsd = ns_dir.clone();
             // Namespaces of these kinds belong to a thread: unshare in a thread of
             // our own so the rest of edge-rt stays where it is.
-            crate::sys::thread("sandbox", move || -> io::Result<()> {
+            outrigger_sys::thread("sandbox", move || -> io::Result<()> {
                 let flags = kinds.iter().fold(CloneFlags::empty(), |a, (_, f)| a | *f);
                 unshare(flags).map_err(io::Error::from)?;
                 if kinds.iter().any(|(k, _)| *k == "uts") {

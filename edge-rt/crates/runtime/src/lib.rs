@@ -12,8 +12,9 @@ pub mod cgroups;
 pub mod exec;
 pub mod init;
 pub mod logs;
+pub mod network;
 pub mod sandbox;
-pub mod seccomp;
+mod seccomp;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,10 +34,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::image::rootfs::{self, RootfsMode};
-use crate::image::{ImageError, ImageRecord, ImageStore, InUse};
-use crate::sys::{fork_guard, reaper};
 use logs::{LineSplitter, LogFile, Stream};
+use outrigger_image::rootfs::{self, RootfsMode};
+use outrigger_image::{ImageError, ImageRecord, ImageStore, InUse};
+use outrigger_sys::{fork_guard, reaper};
 use sandbox::Sandbox;
 use spec::{BindMount, SpecInput};
 
@@ -281,7 +282,7 @@ impl Runtime {
         // paths) and distinct whatever the uids look like.
         let id = format!(
             "{}-{}-{}",
-            &crate::image::sha256_hex(req.pod.uid.as_bytes())[..12],
+            &outrigger_image::sha256_hex(req.pod.uid.as_bytes())[..12],
             sanitize(&req.container.name),
             req.attempt
         );

@@ -105,7 +105,7 @@ pub fn release(scratch: &Path, target: &Path) -> io::Result<()> {
 /// Apply one overlay-format layer directory onto a plain directory tree:
 /// whiteouts delete, opaque directories replace.
 pub fn apply_layer(layer: &Path, target: &Path) -> io::Result<()> {
-    let _guard = crate::sys::fork_guard::read();
+    let _guard = outrigger_sys::fork_guard::read();
     copy_tree(layer, target)
 }
 
