@@ -5,7 +5,8 @@
 //!   use, status and events (a [`source::Source`] over the API server).
 //! - [`http`], [`metrics`]: health, readiness, Prometheus metrics and the
 //!   admission webhook.
-//! - [`manifests`]: what `kubectl apply` needs to run cloud-gw in a cluster.
+//! - [`manifests`]: what `kubectl apply` needs to run cloud-gw in a cluster;
+//!   [`crds`]: the DeviceModel and Device definitions among them.
 //! - [`keeper`]: where secrets live (a directory, memory, or a Kubernetes
 //!   Secret through [`bridge`]).
 //! - [`pki`]: the link CA, the serving certificate, node certificates.
@@ -16,6 +17,7 @@
 //! - [`sync`]: one node's delta sync over its link.
 
 pub mod bridge;
+pub mod crds;
 pub mod http;
 pub mod keeper;
 pub mod manifests;

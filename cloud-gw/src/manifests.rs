@@ -1,5 +1,6 @@
 //! `cloud-gw manifests`: everything a cluster needs to run cloud-gw, for
-//! `kubectl apply -f -`: its namespace and service account, RBAC with
+//! `kubectl apply -f -`: the device CRDs ([`crate::crds`]), its namespace
+//! and service account, RBAC with
 //! least privilege, the Deployment, the Services (the webhook's, and the
 //! edges' way in), and the mutating webhook configuration.
 //!
@@ -45,7 +46,8 @@ pub fn documents(o: &Options) -> Vec<Value> {
         format!("--webhook-config={WEBHOOK_CONFIG}"),
     ];
     args.extend(sans.iter().map(|s| format!("--san={s}")));
-    vec![
+    let mut docs = crate::crds::definitions();
+    docs.extend([
         json!({"apiVersion": "v1", "kind": "Namespace",
                "metadata": {"name": ns, "labels": {"outrigger.io/autonomy": "disabled"}}}),
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(NAME)}),
@@ -65,6 +67,10 @@ pub fn documents(o: &Options) -> Vec<Value> {
           // Tokens for edge pods' projected serviceAccountToken volumes.
           {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
           {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+          // Devices bound to edge nodes and their models down; status up.
+          {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices", "devicemodels"],
+           "verbs": ["get", "list", "watch"]},
+          {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices/status"], "verbs": ["patch"]},
           {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
            "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}
         ]}),
@@ -156,7 +162,8 @@ pub fn documents(o: &Options) -> Vec<Value> {
           "timeoutSeconds": 5,
           "reinvocationPolicy": "IfNeeded"
         }]}),
-    ]
+    ]);
+    docs
 }
 
 /// The documents as one YAML stream.
@@ -228,6 +235,7 @@ mod tests {
             .collect();
         let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
         for k in [
+            "CustomResourceDefinition",
             "Namespace",
             "ServiceAccount",
             "ClusterRole",

@@ -391,7 +391,7 @@ impl<'a> Session<'a> {
                     },
                     None => {
                         let reason = format!(
-                            "{kind} {namespace}/{name} is not used by any pod on node {}",
+                            "{kind} {namespace}/{name} is not one node {}'s pods or devices use",
                             self.node
                         );
                         tracing::warn!(node = %self.node, reason, "refused");

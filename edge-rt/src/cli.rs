@@ -486,3 +486,91 @@ pub fn store_stats_text(s: &crate::store::Stats) -> String {
     let _ = writeln!(out, "Cloud link:  {link}");
     out
 }
+
+/// `edge-rt devices`: the columns `kubectl get devices` prints.
+pub fn devices_table(devices: &[crate::devices::DeviceView], all_namespaces: bool) -> String {
+    let mut rows = vec![];
+    for d in devices {
+        let s = &d.status;
+        let mut row = vec![];
+        if all_namespaces {
+            row.push(d.namespace.clone());
+        }
+        let reported = d
+            .last_read
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|t| age(Some(&Time(t))))
+            .unwrap_or_else(|| "<none>".into());
+        row.extend([
+            d.name.clone(),
+            s.protocol.clone().unwrap_or_default(),
+            s.state.clone().unwrap_or_else(|| "Unknown".into()),
+            reported,
+            s.summary.clone().unwrap_or_default(),
+        ]);
+        rows.push(row);
+    }
+    let mut head = vec![];
+    if all_namespaces {
+        head.push("NAMESPACE");
+    }
+    head.extend(["NAME", "PROTOCOL", "STATE", "READ", "VALUES"]);
+    columns(&head, &rows)
+}
+
+/// `edge-rt describe device NAME`.
+pub fn describe_device(d: &crate::devices::DeviceView) -> String {
+    let s = &d.status;
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:         {}", d.name);
+    let _ = writeln!(out, "Namespace:    {}", d.namespace);
+    let _ = writeln!(out, "UID:          {}", d.uid);
+    let _ = writeln!(out, "Model:        {}", d.model);
+    let _ = writeln!(out, "Protocol:     {}", s.protocol.as_deref().unwrap_or(""));
+    let _ = writeln!(
+        out,
+        "State:        {}",
+        s.state.as_deref().unwrap_or("Unknown")
+    );
+    let _ = writeln!(out, "Properties:");
+    let rows: Vec<Vec<String>> = s
+        .properties
+        .iter()
+        .map(|p| {
+            vec![
+                format!("  {}", p.name),
+                p.value.clone().unwrap_or_else(|| "<none>".into()),
+                p.time.clone().unwrap_or_default(),
+                p.observed_desired.clone().unwrap_or_default(),
+                p.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out.push_str(&columns(
+        &["  NAME", "VALUE", "CHANGED", "DESIRED TAKEN", "ERROR"],
+        &rows,
+    ));
+    let _ = writeln!(out, "Conditions:");
+    for c in &s.conditions {
+        let _ = writeln!(
+            out,
+            "  {}={} {} since {}: {}",
+            c.type_, c.status, c.reason, c.last_transition_time.0, c.message
+        );
+    }
+    let c = &s.counters;
+    let _ = writeln!(
+        out,
+        "Counters:     polls {}, poll errors {}, timeouts {}, writes {}, write errors {}, mean latency {:.1} ms",
+        c.polls, c.poll_errors, c.timeouts, c.writes, c.write_errors, d.mean_latency_ms
+    );
+    let _ = writeln!(out, "Recent errors:");
+    if d.recent_errors.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    }
+    for (t, m) in &d.recent_errors {
+        let _ = writeln!(out, "  {t}  {m}");
+    }
+    out
+}

@@ -123,12 +123,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         },
     });
     let pods = Arc::new(PodManager::new(ctx.clone()));
+    let devices = crate::devices::DeviceManager::new();
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 
     // Everything the node should run, from what it has: no connection.
     let mut manifests = ManifestWatch::new(&cfg.node.manifests_dir);
     let mut from_files = manifests.read();
-    reconcile(&pods, &from_files, node_store.as_deref());
+    reconcile(&pods, &devices, &from_files, node_store.as_deref());
 
     let socket = crate::api::socket_path(&cfg);
     let listener = crate::api::bind(&socket, cfg.api.group.as_deref())?;
@@ -138,6 +139,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         pid1,
         image_budget: cfg.images.budget_bytes,
         store: node_store.clone(),
+        devices: devices.clone(),
     });
     tokio::spawn(server.serve(listener));
     tracing::info!(socket = %socket.display(), "local API listening");
@@ -162,7 +164,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     };
     let mut reporter = node_store.clone().map(|s| {
         let facts = crate::reporter::node_facts(&pods.context().node, &cfg.node);
-        crate::reporter::Reporter::new(s, pods.clone(), facts)
+        crate::reporter::Reporter::new(s, pods.clone(), facts).with_devices(devices.clone())
     });
     let mut report_tick = tokio::time::interval(Duration::from_secs(1));
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -173,12 +175,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         tokio::select! {
             _ = manifests.changed() => {
                 from_files = manifests.read();
-                reconcile(&pods, &from_files, node_store.as_deref());
+                reconcile(&pods, &devices, &from_files, node_store.as_deref());
             }
-            Ok(()) = store_changed.changed() => reconcile(&pods, &from_files, node_store.as_deref()),
+            Ok(()) = store_changed.changed() => reconcile(&pods, &devices, &from_files, node_store.as_deref()),
             // A status change goes out at once (then at most every
             // REPORT_GAP, however busy the pods); the tick catches the rest.
             _ = ctx.status_changed.notified(), if reporter.is_some() && flush_at.is_none() => {
+                flush_at = Some(last_flush + REPORT_GAP);
+            }
+            // A twin changed: its report is due within its report cycle.
+            _ = devices.changed.notified(), if reporter.is_some() && flush_at.is_none() => {
                 flush_at = Some(last_flush + REPORT_GAP);
             }
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
@@ -211,7 +217,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         if new.node.manifests_dir != cfg.node.manifests_dir {
                             manifests = ManifestWatch::new(&new.node.manifests_dir);
                             from_files = manifests.read();
-                            reconcile(&pods, &from_files, node_store.as_deref());
+                            reconcile(&pods, &devices, &from_files, node_store.as_deref());
                         }
                         cfg.images = new.images;
                         cfg.node.manifests_dir = new.node.manifests_dir;
@@ -262,12 +268,18 @@ fn open_store(cfg: &Config) -> Option<Arc<Store>> {
 }
 
 /// Hand what the node should run (the manifest directory and the store,
-/// merged) to the pod manager.
-fn reconcile(pods: &PodManager, files: &desired::Objects, store: Option<&Store>) {
+/// merged) to the pod manager and the device manager.
+fn reconcile(
+    pods: &PodManager,
+    devices: &Arc<crate::devices::DeviceManager>,
+    files: &desired::Objects,
+    store: Option<&Store>,
+) {
     let d = desired::merge(files, store.map(desired::stored::read));
     // Objects first: a new pod finds what it references.
     pods.context()
         .objects
         .replace(d.config_maps, d.secrets, d.tokens);
     pods.apply(d.pods);
+    devices.apply(d.devices);
 }

@@ -12,6 +12,8 @@
 //! - [`desired`]: what the node should run: the file and store sources,
 //!   merged, each pod with its deletion.
 //! - [`pods`]: the pod reconciler, status and events.
+//! - [`devices`]: the device manager: field devices' twins, through the
+//!   drivers of `outrigger-devices` (Modbus RTU and TCP).
 //! - [`static_pods`]: the manifest parser (the file source, `edge-rt apply`).
 //! - [`api`] and [`cli`]: the local socket and the commands that use it.
 //! - [`reporter`]: puts pod status, node status and events in the store's
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod devices;
 pub mod link;
 pub mod pods;
 pub mod reporter;

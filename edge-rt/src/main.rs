@@ -52,10 +52,23 @@ enum Cmd {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// A pod's status, containers and events: `edge-rt describe pod NAME`.
+    /// Field devices of this node and their last readings, as
+    /// `kubectl get devices` shows them.
+    #[command(alias = "dev")]
+    Devices {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: PodsOutput,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// A pod's status, containers and events (`edge-rt describe pod NAME`),
+    /// or a device's properties, conditions, counters and recent errors
+    /// (`edge-rt describe device NAME`).
     Describe {
-        /// What to describe: pod.
-        #[arg(value_parser = ["pod", "pods", "po"])]
+        /// What to describe: pod or device.
+        #[arg(value_parser = ["pod", "pods", "po", "device", "devices", "dev"])]
         kind: String,
         name: String,
         #[arg(short, long, default_value = "default")]
@@ -369,6 +382,39 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     o,
                 )?,
             }
+            Ok(())
+        }
+        Cmd::Devices {
+            output,
+            namespace,
+            all_namespaces,
+        } => {
+            let (v, _) = api::call(&api::socket_path(&cfg), &Request::Devices).await?;
+            let mut devices: Vec<edge_rt::devices::DeviceView> = serde_json::from_value(v)?;
+            if !all_namespaces {
+                devices.retain(|d| d.namespace == namespace);
+            }
+            match output {
+                PodsOutput::Table if devices.is_empty() => eprintln!("No resources found"),
+                PodsOutput::Table => {
+                    print!("{}", edge_rt::cli::devices_table(&devices, all_namespaces))
+                }
+                o => print_as(&serde_json::to_value(&devices)?, o)?,
+            }
+            Ok(())
+        }
+        Cmd::Describe {
+            kind,
+            name,
+            namespace,
+        } if kind.starts_with("dev") => {
+            let (v, _) = api::call(&api::socket_path(&cfg), &Request::Devices).await?;
+            let devices: Vec<edge_rt::devices::DeviceView> = serde_json::from_value(v)?;
+            let d = devices
+                .iter()
+                .find(|d| d.name == name && d.namespace == namespace)
+                .with_context(|| format!("no device {namespace}/{name} on this node"))?;
+            print!("{}", edge_rt::cli::describe_device(d));
             Ok(())
         }
         Cmd::Describe {

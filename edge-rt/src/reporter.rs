@@ -36,6 +36,7 @@ pub struct Reporter {
     failing: bool,
     /// (status, event, link) generations at the last successful flush.
     seen: Option<(u64, u64, u64)>,
+    devices: Option<Arc<crate::devices::DeviceManager>>,
 }
 
 fn digest(v: &serde_json::Value) -> u64 {
@@ -96,7 +97,14 @@ impl Reporter {
             event_seq: 0,
             failing: false,
             seen: None,
+            devices: None,
         }
+    }
+
+    /// Devices' twins go up too, each when its report cycle says.
+    pub fn with_devices(mut self, d: Arc<crate::devices::DeviceManager>) -> Reporter {
+        self.devices = Some(d);
+        self
     }
 
     /// What changed since the last successful flush: each report with its
@@ -156,11 +164,23 @@ impl Reporter {
             ctx.events.last_seq(),
             self.store.link_generation(),
         );
+        let devices = self
+            .devices
+            .as_ref()
+            .map(|d| d.due(now_ms))
+            .unwrap_or_default();
         // Nothing moved: no pass over the pods (idle nodes stay at 0 % CPU).
-        if self.seen == Some(generations) && self.pods.removed_pending() == 0 {
+        if self.seen == Some(generations) && self.pods.removed_pending() == 0 && devices.is_empty()
+        {
             return Ok(0);
         }
-        let (pending, seq) = self.collect();
+        let (mut pending, seq) = self.collect();
+        let device_uids: Vec<String> = devices.iter().map(|d| d.uid.clone()).collect();
+        pending.extend(devices.into_iter().map(|d| {
+            let r = Report::Device(Box::new(d));
+            let row = store::Report::from(&r);
+            (r, row)
+        }));
         if pending.is_empty() {
             self.seen = Some(generations);
             return Ok(0);
@@ -185,8 +205,11 @@ impl Reporter {
                         Report::Node(_) => {
                             self.sent.insert(row.key.clone(), digest(&row.body));
                         }
-                        Report::Event(_) => {}
+                        Report::Event(_) | Report::Device(_) => {}
                     }
+                }
+                if let Some(d) = &self.devices {
+                    d.reported(&device_uids, now_ms);
                 }
                 self.event_seq = seq;
                 self.removed.clear();

@@ -13,15 +13,51 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use outrigger_proto::device::{Device, DeviceModel};
 use serde::Deserialize;
 
-/// What a manifest document may hold: pods, and the ConfigMaps and
-/// Secrets they use.
+/// What a manifest document may hold: pods, the ConfigMaps and Secrets
+/// they use, and devices with their models.
 #[derive(Debug, Clone)]
 pub enum Object {
     Pod(Box<Pod>),
     ConfigMap(ConfigMap),
     Secret(Secret),
+    Device(Box<Device>),
+    DeviceModel(DeviceModel),
+}
+
+impl Object {
+    pub fn kind(&self) -> outrigger_proto::kinds::Kind {
+        use outrigger_proto::kinds::Kind;
+        match self {
+            Object::Pod(_) => Kind::Pod,
+            Object::ConfigMap(_) => Kind::ConfigMap,
+            Object::Secret(_) => Kind::Secret,
+            Object::Device(_) => Kind::Device,
+            Object::DeviceModel(_) => Kind::DeviceModel,
+        }
+    }
+
+    pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Pod(p) => &p.metadata,
+            Object::ConfigMap(c) => &c.metadata,
+            Object::Secret(s) => &s.metadata,
+            Object::Device(d) => &d.metadata,
+            Object::DeviceModel(m) => &m.metadata,
+        }
+    }
+
+    pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            Object::Pod(p) => serde_json::to_value(p),
+            Object::ConfigMap(c) => serde_json::to_value(c),
+            Object::Secret(s) => serde_json::to_value(s),
+            Object::Device(d) => serde_json::to_value(d),
+            Object::DeviceModel(m) => serde_json::to_value(m),
+        }
+    }
 }
 
 /// One manifest document, parsed or not.
@@ -90,11 +126,7 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
                 }
             };
             let object = parse(value).and_then(|o| {
-                let (kind, meta) = match &o {
-                    Object::Pod(p) => ("Pod", &p.metadata),
-                    Object::ConfigMap(c) => ("ConfigMap", &c.metadata),
-                    Object::Secret(s) => ("Secret", &s.metadata),
-                };
+                let (kind, meta) = (o.kind().as_str(), o.metadata());
                 let key = (
                     kind,
                     meta.namespace.clone().unwrap_or_default(),
@@ -122,6 +154,16 @@ pub fn load_dir(dir: &Path) -> Vec<Manifest> {
 /// One document to a validated pod with its static uid.
 fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml_ng::Value) -> Result<T, String> {
     serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.inner())
+    })
+}
+
+/// As [`typed`], through JSON: our own kinds use externally tagged enums
+/// (`protocol: {modbus: ...}`), which YAML values read only as YAML tags.
+fn typed_json<T: serde::de::DeserializeOwned>(v: serde_yaml_ng::Value) -> Result<T, String> {
+    let j = serde_json::to_value(&v).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(j).map_err(|e| {
         let path = e.path().to_string();
         format!("{path}: {}", e.inner())
     })
@@ -157,10 +199,32 @@ pub fn parse(v: serde_yaml_ng::Value) -> Result<Object, String> {
             named(&mut s.metadata)?;
             return Ok(Object::Secret(s));
         }
+        "Device" | "DeviceModel" => {
+            let api = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+            if api != outrigger_proto::device::API_VERSION {
+                return Err(format!(
+                    "apiVersion: {kind} is {:?}, not {api:?}",
+                    outrigger_proto::device::API_VERSION
+                ));
+            }
+            if kind == "Device" {
+                let mut d: Device = typed_json(v)?;
+                named(&mut d.metadata)?;
+                static_object_uid(&kind, &mut d.metadata);
+                return Ok(Object::Device(Box::new(d)));
+            }
+            let mut m: DeviceModel = typed_json(v)?;
+            named(&mut m.metadata)?;
+            static_object_uid(&kind, &mut m.metadata);
+            if let Some(p) = m.spec.check().into_iter().next() {
+                return Err(p.to_string());
+            }
+            return Ok(Object::DeviceModel(m));
+        }
         other => {
             return Err(format!(
-                "kind: {other:?} is not supported here (Pod, ConfigMap, Secret)"
-            ))
+            "kind: {other:?} is not supported here (Pod, ConfigMap, Secret, Device, DeviceModel)"
+        ))
         }
     }
     let content = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
@@ -176,6 +240,29 @@ pub fn parse(v: serde_yaml_ng::Value) -> Result<Object, String> {
         .get_or_insert_with(Default::default)
         .insert("kubernetes.io/config.source".into(), "file".into());
     Ok(Object::Pod(Box::new(pod)))
+}
+
+/// A device's (or model's) uid in a manifest: from its kind, namespace and
+/// name only, so an edited desired value keeps the twin it has.
+fn static_object_uid(
+    kind: &str,
+    meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) {
+    if meta.uid.is_some() {
+        return;
+    }
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(
+        format!(
+            "{kind}/{}/{}",
+            meta.namespace.as_deref().unwrap_or(""),
+            meta.name.as_deref().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    meta.uid = Some(uuid::Builder::from_sha1_bytes(b).into_uuid().to_string());
 }
 
 fn dns_label(s: &str) -> bool {

@@ -7,6 +7,7 @@
 pub mod cloud;
 pub mod fixtures;
 pub mod k8s;
+pub mod modbus;
 pub mod netns;
 pub mod pki;
 pub mod podkit;

@@ -1223,12 +1223,12 @@ async fn a_node_asking_for_another_nodes_secret_or_token_is_refused() -> Result<
                 object: None,
                 refused: Some(r),
             } if got == id => {
-                ensure!(r.contains("not used by any pod on node"), "{r}")
+                ensure!(r.contains("pods or devices use"), "{r}")
             }
             other => anyhow::bail!("another node's {kind} was answered with {other:?}"),
         }
     }
-    cloud.logged("not used by any pod on node").await?;
+    cloud.logged("pods or devices use").await?;
     Ok(())
 }
 
@@ -1471,4 +1471,180 @@ fn ensure_image(pod: &Value, image: &str) -> Result<()> {
         pod["spec"]
     );
     Ok(())
+}
+
+/// The device definitions, as `cloud-gw manifests` has them, in the
+/// cluster (before cloud-gw starts, so it watches devices from the first
+/// list).
+fn install_device_crds(cluster: &Cluster) -> Result<()> {
+    let mut yaml = String::new();
+    for d in cloud_gw::crds::definitions() {
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_yaml_ng::to_string(&d)?);
+    }
+    let mut kubectl = std::process::Command::new("kubectl");
+    kubectl.arg("--kubeconfig").arg(cluster.kubeconfig());
+    kubectl_stdin(kubectl, &["apply", "--server-side", "-f", "-"], &yaml)?;
+    let o = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig())
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "crd/devices.devices.outrigger.io",
+            "crd/devicemodels.devices.outrigger.io",
+            "--timeout=30s",
+        ])
+        .output()?;
+    ensure!(o.status.success(), "CRDs not established: {}", stderr(&o));
+    Ok(())
+}
+
+const DEVICE_MODEL: &str = r#"apiVersion: devices.outrigger.io/v1alpha1
+kind: DeviceModel
+metadata: {name: thermostat}
+spec:
+  description: a boiler's thermostat
+  properties:
+  - {name: temperature, type: float, unit: "C", minimum: -40, maximum: 125}
+  - {name: setpoint, type: float, access: ReadWrite, minimum: 5, maximum: 30}
+"#;
+
+fn kube_device(node: &str, port: &std::path::Path, setpoint: &str) -> String {
+    format!(
+        r#"apiVersion: devices.outrigger.io/v1alpha1
+kind: Device
+metadata: {{name: boiler}}
+spec:
+  model: thermostat
+  nodeName: {node}
+  protocol:
+    modbus:
+      rtu: {{port: {port}, baudRate: 115200, parity: None}}
+      slaveId: 1
+      timeoutMs: 300
+  properties:
+  - {{name: temperature, collectCycleMs: 100, reportCycleMs: 200, modbus: {{table: InputRegister, address: 0, dataType: int16, scale: 0.1}}}}
+  - {{name: setpoint, desired: "{setpoint}", collectCycleMs: 100, reportCycleMs: 200, modbus: {{table: HoldingRegister, address: 10, dataType: float32}}}}
+"#,
+        port = port.display()
+    )
+}
+
+/// `kubectl apply` of a model and a device bound to an edge node: the
+/// schema refuses bad devices at apply, the edge polls the device (a
+/// pymodbus slave on a PTY) and its readings land in the Device's status;
+/// a patched desired value reaches the slave's register.
+#[tokio::test]
+async fn a_device_applied_with_kubectl_is_polled_on_its_edge_and_patched_from_the_cluster(
+) -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    install_device_crds(&Cluster::get()?)?;
+    let s = Setup::ready(Opts::default()).await?;
+    // What the API server refuses, with the schema alone.
+    for (bad, says) in [
+        ("rtu: {port: /dev/ttyUSB0}", "slaveId"),
+        ("rtu: {baudRate: 9600}\n      slaveId: 1", "port"),
+        ("rtu: {port: ttyUSB0}\n      slaveId: 1", "port"),
+        ("rtu: {port: /dev/ttyUSB0}\n      slaveId: 0", "1 to 247"),
+    ] {
+        let y = format!(
+            "apiVersion: devices.outrigger.io/v1alpha1\nkind: Device\nmetadata: {{name: bad}}\nspec:\n  model: thermostat\n  nodeName: {}\n  protocol:\n    modbus:\n      {bad}\n",
+            s.name()
+        );
+        let e = s.apply(&y).expect_err(&format!("accepted: {y}"));
+        ensure!(format!("{e:#}").contains(says), "{y}\n{e:#}");
+    }
+    let table = format!(
+        "apiVersion: devices.outrigger.io/v1alpha1\nkind: Device\nmetadata: {{name: bad}}\nspec:\n  model: thermostat\n  nodeName: {}\n  protocol: {{modbus: {{rtu: {{port: /dev/ttyS0}}, slaveId: 1}}}}\n  properties:\n  - {{name: t, modbus: {{table: Register, address: 0}}}}\n",
+        s.name()
+    );
+    let e = s
+        .apply(&table)
+        .expect_err("a wrong register table was accepted");
+    ensure!(format!("{e:#}").contains("table"), "{e:#}");
+
+    let line = outrigger_tests::modbus::Line::new(s.node().dir.path(), "rs485")?;
+    let mut slave = outrigger_tests::modbus::Slaves::start(&line, &[1])?;
+    slave.set(1, "ir", 0, &[215])?;
+    s.apply(DEVICE_MODEL)?;
+    s.apply(&kube_device(s.name(), &line.edge, "21.5"))?;
+    let reported = |want: &'static str| {
+        let s = &s;
+        move || async move {
+            let d = s.get_json(&["device", "boiler"]).ok()?;
+            let props = d["status"]["properties"].as_array()?;
+            props
+                .iter()
+                .any(|p| p["name"] == "temperature" && p["value"] == want)
+                .then_some(d)
+        }
+    };
+    let d = wait_for(
+        "the reading in the Device's status",
+        Duration::from_secs(30),
+        reported("21.5"),
+    )
+    .await
+    .with_context(|| s.logs())?;
+    ensure!(d["status"]["state"] == "Online", "{}", d["status"]);
+    ensure!(
+        condition(&d, "Reachable").is_some_and(|c| c["status"] == "True"),
+        "{}",
+        d["status"]
+    );
+    // The desired value reached the register.
+    until_register(&mut slave, 21.5, &s).await?;
+    // kubectl get devices: node, protocol, state, values.
+    let t = s.kc(&["get", "devices"])?;
+    ensure!(
+        t.lines().any(|l| l.starts_with("boiler")
+            && l.contains(s.name())
+            && l.contains("modbus-rtu")
+            && l.contains("Online")
+            && l.contains("temperature=21.5C")),
+        "{t}"
+    );
+    // A reading that changes on the slave reaches the cluster.
+    slave.set(1, "ir", 0, &[230])?;
+    wait_for("the new reading", Duration::from_secs(10), reported("23"))
+        .await
+        .with_context(|| s.logs())?;
+    // kubectl patch of the desired value reaches the register.
+    s.kc(&[
+        "patch",
+        "device",
+        "boiler",
+        "--type=json",
+        "-p",
+        r#"[{"op": "replace", "path": "/spec/properties/1/desired", "value": "18"}]"#,
+    ])?;
+    until_register(&mut slave, 18.0, &s).await?;
+    ensure!(slave.writes(1)? == 2, "writes: {}", slave.writes(1)?);
+    drop(slave);
+    drop(line);
+    s.cleanup().await
+}
+
+/// Wait (10 s) until slave 1's setpoint registers hold `v`.
+async fn until_register(
+    slave: &mut outrigger_tests::modbus::Slaves,
+    v: f32,
+    s: &Setup,
+) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = slave.get(1, "hr", 10, 2)?;
+        if got == outrigger_tests::modbus::float32_words(v) {
+            return Ok(());
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the setpoint {v} never reached the slave (registers {got:?})\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -18,15 +18,21 @@ pub enum Kind {
     Secret,
     /// A pod's service account token ([`ServiceAccountToken`]), from 1.1.
     ServiceAccountToken,
+    /// What a kind of device has ([`crate::device::DeviceModel`]), from 1.2.
+    DeviceModel,
+    /// A field device the node talks to ([`crate::device::Device`]), from 1.2.
+    Device,
     Pod,
 }
 
 impl Kind {
     /// Every kind, in put order.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 6] = [
         Kind::ConfigMap,
         Kind::Secret,
         Kind::ServiceAccountToken,
+        Kind::DeviceModel,
+        Kind::Device,
         Kind::Pod,
     ];
 
@@ -35,6 +41,8 @@ impl Kind {
             Kind::ConfigMap => "ConfigMap",
             Kind::Secret => "Secret",
             Kind::ServiceAccountToken => "ServiceAccountToken",
+            Kind::DeviceModel => "DeviceModel",
+            Kind::Device => "Device",
             Kind::Pod => "Pod",
         }
     }
@@ -44,6 +52,7 @@ impl Kind {
     pub const fn since_minor(self) -> u16 {
         match self {
             Kind::ServiceAccountToken => 1,
+            Kind::DeviceModel | Kind::Device => 2,
             Kind::ConfigMap | Kind::Secret | Kind::Pod => 0,
         }
     }
@@ -203,7 +212,16 @@ mod tests {
             kinds_for(v(0)),
             vec![Kind::ConfigMap, Kind::Secret, Kind::Pod]
         );
-        assert_eq!(kinds_for(v(1)), Kind::ALL.to_vec());
+        assert_eq!(
+            kinds_for(v(1)),
+            vec![
+                Kind::ConfigMap,
+                Kind::Secret,
+                Kind::ServiceAccountToken,
+                Kind::Pod
+            ]
+        );
+        assert_eq!(kinds_for(v(2)), Kind::ALL.to_vec());
         assert_eq!(kinds_for(crate::VERSION), Kind::ALL.to_vec());
     }
 
@@ -233,7 +251,7 @@ mod tests {
         }
         let mut b = Vec::new();
         let newer = Newer {
-            kinds: [("Pod", 1), ("Device", 2)].into(),
+            kinds: [("Pod", 1), ("Gadget", 2)].into(),
         };
         ciborium::into_writer(&newer, &mut b).unwrap();
         let ours: Ours = ciborium::from_reader(&b[..]).unwrap();

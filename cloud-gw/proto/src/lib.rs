@@ -11,6 +11,7 @@
 //! whose minor versions differ by at most one talk at the lower minor; any
 //! other pair is refused with both versions named.
 
+pub mod device;
 pub mod frame;
 pub mod inventory;
 pub mod kinds;
@@ -50,8 +51,9 @@ impl std::fmt::Display for Version {
 }
 
 /// What this build speaks. Minor versions of 1: 0, the first; 1, the
-/// ServiceAccountToken kind ([`kinds`]).
-pub const VERSION: Version = Version { major: 1, minor: 1 };
+/// ServiceAccountToken kind ([`kinds`]); 2, the DeviceModel and Device
+/// kinds and the device status report ([`device`], [`report`]).
+pub const VERSION: Version = Version { major: 1, minor: 2 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("incompatible link protocol: we speak {ours}, the peer speaks {theirs} (same major version and at most one minor apart are needed; upgrade the older side)")]

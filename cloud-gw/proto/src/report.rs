@@ -9,13 +9,13 @@
 //!
 //! The bodies are JSON (the outbox keeps them so, and they are mostly
 //! Kubernetes objects); keys say what a newer row replaces: `pod/<uid>`,
-//! `node/<name>`, `event/<id>`.
+//! `node/<name>`, `event/<id>`, `device/<uid>`.
 //!
 //! Versions: a field added in a minor version has a default (an older
 //! peer's rows still read); a variant added in a minor version says so in
-//! [`Report::since_minor`] and must not go to a peer of an older minor (all
-//! of today's are from 1.0, so the edge's uplink has nothing to hold back
-//! yet; the first newer variant brings that check with it). A row this
+//! [`Report::since_minor`] and must not go to a peer of an older minor (the
+//! edge's uplink holds such rows back by [`since_minor_of_key`] until it
+//! talks to a newer cloud). A row this
 //! build cannot read is [`ReportError::Unknown`]: the cloud drops it and
 //! says so.
 
@@ -67,6 +67,19 @@ pub enum Report {
     Node(Box<NodeReport>),
     /// Something that happened to a pod.
     Event(PodEvent),
+    /// What the node last saw of a device (from 1.2). One row per device,
+    /// so after a day offline the newest value of each property goes up,
+    /// not every sample.
+    Device(Box<DeviceReport>),
+}
+
+/// What the cloud needs to write a device's status back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub status: crate::device::DeviceStatus,
 }
 
 /// What the cloud needs to write a pod's status back.
@@ -140,6 +153,16 @@ pub enum ReportError {
     },
 }
 
+/// The minor version that added the report a row's key is of (0 for a
+/// key this build does not know: the peer decides what it can read), so
+/// the edge can hold back rows an older cloud would not know.
+pub fn since_minor_of_key(key: &str) -> u16 {
+    match key.split_once('/').map_or(key, |(k, _)| k) {
+        "device" => 2,
+        _ => 0,
+    }
+}
+
 /// The body of a pod that is gone.
 #[derive(Serialize, Deserialize)]
 struct Gone {
@@ -151,7 +174,9 @@ impl Report {
     pub fn class(&self) -> Class {
         match self {
             Report::Event(_) => Class::Event,
-            Report::Pod(_) | Report::PodGone { .. } | Report::Node(_) => Class::Status,
+            Report::Pod(_) | Report::PodGone { .. } | Report::Node(_) | Report::Device(_) => {
+                Class::Status
+            }
         }
     }
 
@@ -163,6 +188,7 @@ impl Report {
             Report::PodGone { uid } => format!("pod/{uid}"),
             Report::Node(n) => format!("node/{}", n.name),
             Report::Event(e) => format!("event/{}", e.id),
+            Report::Device(d) => format!("device/{}", d.uid),
         }
     }
 
@@ -170,6 +196,7 @@ impl Report {
     pub const fn since_minor(&self) -> u16 {
         match self {
             Report::Pod(_) | Report::PodGone { .. } | Report::Node(_) | Report::Event(_) => 0,
+            Report::Device(_) => 2,
         }
     }
 
@@ -183,6 +210,7 @@ impl Report {
             }),
             Report::Node(n) => serde_json::to_value(n),
             Report::Event(e) => serde_json::to_value(e),
+            Report::Device(d) => serde_json::to_value(d),
         };
         // These types always serialize (string keys, no non-finite floats).
         v.unwrap_or_default()
@@ -209,6 +237,9 @@ impl Report {
             (Class::Event, "event") => serde_json::from_slice(body).map(Report::Event).map_err(err),
             (Class::Status, "node") => serde_json::from_slice(body)
                 .map(|n| Report::Node(Box::new(n)))
+                .map_err(err),
+            (Class::Status, "device") => serde_json::from_slice(body)
+                .map(|d| Report::Device(Box::new(d)))
                 .map_err(err),
             (Class::Status, "pod") => {
                 let v: serde_json::Value = serde_json::from_slice(body).map_err(err)?;
@@ -276,6 +307,22 @@ mod tests {
             id: 7,
             seq: 9,
         }));
+        let d = Report::Device(Box::new(DeviceReport {
+            namespace: "plant".into(),
+            name: "boiler".into(),
+            uid: "d1".into(),
+            status: crate::device::DeviceStatus {
+                state: Some("Online".into()),
+                properties: vec![crate::device::PropertyStatus {
+                    name: "temperature".into(),
+                    value: Some("21.5".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        }));
+        assert_eq!(since_minor_of_key(&d.key()), d.since_minor());
+        round_trip(d);
     }
 
     #[test]
@@ -306,8 +353,12 @@ mod tests {
     #[test]
     fn unknown_and_broken_rows_are_errors_not_panics() {
         assert!(matches!(
-            Report::parse(Class::Status, "device/d1", b"{}"),
+            Report::parse(Class::Status, "gadget/d1", b"{}"),
             Err(ReportError::Unknown { .. })
+        ));
+        assert!(matches!(
+            Report::parse(Class::Status, "device/d1", b"{}"),
+            Err(ReportError::Body { .. })
         ));
         assert!(matches!(
             Report::parse(Class::Event, "pod/u", b"{}"),

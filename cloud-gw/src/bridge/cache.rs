@@ -1,5 +1,6 @@
-//! What the watches saw, indexed the way the links ask for it: pods by
-//! node, and for every ConfigMap and Secret the nodes whose pods use it.
+//! What the watches saw, indexed the way the links ask for it: pods and
+//! devices by node, and for every ConfigMap, Secret and DeviceModel the
+//! nodes whose pods or devices use it.
 //! Pure data: the watch tasks feed it, sessions read it, and each change
 //! says which nodes it concerns so only their sessions wake.
 //!
@@ -51,6 +52,14 @@ pub struct PodEntry {
     /// Its not-ready/unreachable tolerations are bounded: the autonomy
     /// sweep looks at it.
     pub bounded: bool,
+}
+
+/// A device bound to a node, and the model it names.
+#[derive(Debug, Clone)]
+pub struct DeviceEntry {
+    pub obj: Obj,
+    pub node: String,
+    pub model: Ref,
 }
 
 /// A token a pod's projected `serviceAccountToken` source needs: one per
@@ -107,8 +116,12 @@ pub struct Cache {
     /// Service account tokens by (namespace, name), made for pods of the
     /// nodes this replica serves (see `pod_tokens`).
     tokens: HashMap<Key, Obj>,
-    /// What a pod uses -> node -> how many of its pods use it.
+    /// What a pod or device uses -> node -> how many of its pods and
+    /// devices use it.
     users: HashMap<Ref, HashMap<String, u32>>,
+    devices: HashMap<Key, DeviceEntry>,
+    device_keys: HashMap<String, Key>,
+    devices_by_node: HashMap<String, BTreeSet<Key>>,
 }
 
 impl Default for Cache {
@@ -121,6 +134,9 @@ impl Default for Cache {
             configs: Default::default(),
             tokens: Default::default(),
             users: Default::default(),
+            devices: Default::default(),
+            device_keys: Default::default(),
+            devices_by_node: Default::default(),
         }
     }
 }
@@ -229,6 +245,29 @@ fn key_of(v: &Value) -> Key {
 }
 
 impl Cache {
+    fn unuse(&mut self, r: &Ref, node: &str) {
+        if let Some(nodes) = self.users.get_mut(r) {
+            if let Some(n) = nodes.get_mut(node) {
+                *n -= 1;
+                if *n == 0 {
+                    nodes.remove(node);
+                }
+            }
+            if nodes.is_empty() {
+                self.users.remove(r);
+            }
+        }
+    }
+
+    fn use_(&mut self, r: &Ref, node: &str) {
+        *self
+            .users
+            .entry(r.clone())
+            .or_default()
+            .entry(node.to_string())
+            .or_default() += 1;
+    }
+
     fn unindex(&mut self, key: &Key) -> Option<PodEntry> {
         let old = self.pods.remove(key)?;
         self.pod_keys.remove(&old.obj.uid);
@@ -239,19 +278,82 @@ impl Cache {
             }
         }
         for r in &old.refs {
-            if let Some(nodes) = self.users.get_mut(r) {
-                if let Some(n) = nodes.get_mut(&old.node) {
-                    *n -= 1;
-                    if *n == 0 {
-                        nodes.remove(&old.node);
-                    }
-                }
-                if nodes.is_empty() {
-                    self.users.remove(r);
-                }
-            }
+            self.unuse(r, &old.node);
         }
         Some(old)
+    }
+
+    fn unindex_device(&mut self, key: &Key) -> Option<DeviceEntry> {
+        let old = self.devices.remove(key)?;
+        self.device_keys.remove(&old.obj.uid);
+        if let Some(set) = self.devices_by_node.get_mut(&old.node) {
+            set.remove(key);
+            if set.is_empty() {
+                self.devices_by_node.remove(&old.node);
+            }
+        }
+        self.unuse(&old.model.clone(), &old.node);
+        Some(old)
+    }
+
+    /// A Device added or changed (as JSON); the nodes it concerns. Its
+    /// status stays out of the body: the node's own reports do not come
+    /// back down.
+    pub fn put_device(&mut self, v: Value) -> Vec<String> {
+        let key = key_of(&v);
+        let node = v["spec"]["nodeName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let model = v["spec"]["model"].as_str().unwrap_or_default().to_string();
+        let mut nodes = Vec::new();
+        if let Some(old) = self.unindex_device(&key) {
+            nodes.push(old.node);
+        }
+        if node.is_empty() {
+            return nodes;
+        }
+        let model = Ref {
+            kind: Kind::DeviceModel,
+            namespace: key.0.clone(),
+            name: model,
+        };
+        self.use_(&model, &node);
+        let obj = strip(v, true);
+        self.versions.insert(&obj.version, obj.body.clone());
+        self.device_keys.insert(obj.uid.clone(), key.clone());
+        self.devices_by_node
+            .entry(node.clone())
+            .or_default()
+            .insert(key.clone());
+        self.devices.insert(
+            key,
+            DeviceEntry {
+                obj,
+                node: node.clone(),
+                model,
+            },
+        );
+        if !nodes.contains(&node) {
+            nodes.push(node);
+        }
+        nodes
+    }
+
+    pub fn remove_device(&mut self, key: &Key) -> Vec<String> {
+        self.unindex_device(key)
+            .map(|d| d.node)
+            .into_iter()
+            .collect()
+    }
+
+    pub fn device_keys(&self) -> Vec<Key> {
+        self.devices.keys().cloned().collect()
+    }
+
+    pub fn device_by_uid(&self, uid: &str) -> Option<(&Key, &DeviceEntry)> {
+        let key = self.device_keys.get(uid)?;
+        self.devices.get(key).map(|d| (key, d))
     }
 
     /// A pod added or changed; returns the nodes it concerns.
@@ -290,12 +392,7 @@ impl Cache {
             .map(|s| refs(&key.0, s))
             .unwrap_or_default();
         for r in &refs {
-            *self
-                .users
-                .entry(r.clone())
-                .or_default()
-                .entry(node.clone())
-                .or_default() += 1;
+            self.use_(r, &node);
         }
         let obj = strip(v, true);
         self.versions.insert(&obj.version, obj.body.clone());
@@ -344,7 +441,7 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    /// A ConfigMap or Secret added or changed (as JSON).
+    /// A ConfigMap, Secret or DeviceModel added or changed (as JSON).
     pub fn put_config(&mut self, kind: Kind, v: Value) -> Vec<String> {
         let key = key_of(&v);
         let obj = strip(v, false);
@@ -420,9 +517,30 @@ impl Cache {
 
     /// What `node` should have: its pods (those being deleted too: the
     /// node stops them as their deletion says, see [`Cache::terminating`])
-    /// and what they use.
+    /// and what they use, its devices and their models.
     pub fn objects(&self, node: &str) -> NodeObjects {
         let mut out: NodeObjects = Kind::ALL.iter().map(|k| (*k, Default::default())).collect();
+        for d in self
+            .devices_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.devices.get(k))
+        {
+            if let Some(m) = out.get_mut(&Kind::Device) {
+                m.insert(
+                    d.obj.uid.clone(),
+                    (d.obj.version.clone(), d.obj.body.clone()),
+                );
+            }
+            let key = (d.model.namespace.clone(), d.model.name.clone());
+            if let (Some(o), Some(m)) = (
+                self.configs.get(&(Kind::DeviceModel, key)),
+                out.get_mut(&Kind::DeviceModel),
+            ) {
+                m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
+            }
+        }
         for key in self.by_node.get(node).into_iter().flatten() {
             let Some(p) = self.pods.get(key) else {
                 continue;
@@ -589,6 +707,55 @@ mod tests {
         // Deleted: the token goes with the pod.
         c.remove_pod(key);
         assert!(c.token(&key.0, &tokens[0].name).is_none());
+    }
+
+    #[test]
+    fn a_node_gets_its_devices_and_their_models_without_status() {
+        let mut c = Cache::default();
+        let dev = |name: &str, node: &str, model: &str| {
+            json!({"metadata": {"name": name, "namespace": "plant", "uid": format!("uid-{name}")},
+                   "spec": {"model": model, "nodeName": node, "protocol": {"mqtt": {}}},
+                   "status": {"state": "Online"}})
+        };
+        let model = |name: &str| {
+            json!({"metadata": {"name": name, "namespace": "plant", "uid": format!("uid-{name}")},
+                   "spec": {"properties": []}})
+        };
+        assert_eq!(c.put_device(dev("d1", "n1", "m1")), vec!["n1"]);
+        c.put_device(dev("d2", "n2", "m2"));
+        assert_eq!(c.put_config(Kind::DeviceModel, model("m1")), vec!["n1"]);
+        assert!(c.put_config(Kind::DeviceModel, model("m3")).is_empty());
+        c.put_config(Kind::DeviceModel, model("m2"));
+        let o = c.objects("n1");
+        assert_eq!(o[&Kind::Device].keys().collect::<Vec<_>>(), vec!["uid-d1"]);
+        assert_eq!(
+            o[&Kind::DeviceModel].keys().collect::<Vec<_>>(),
+            vec!["uid-m1"]
+        );
+        let body: Value = serde_json::from_slice(&o[&Kind::Device]["uid-d1"].1).unwrap();
+        assert!(body.get("status").is_none());
+        // A status write-back does not change what the node has.
+        let v1 = o[&Kind::Device]["uid-d1"].0.clone();
+        let mut d = dev("d1", "n1", "m1");
+        d["status"]["state"] = "Offline".into();
+        c.put_device(d);
+        assert_eq!(c.objects("n1")[&Kind::Device]["uid-d1"].0, v1);
+        // Moved to another model: the old one is no longer n1's.
+        c.put_device(dev("d1", "n1", "m2"));
+        assert_eq!(
+            c.objects("n1")[&Kind::DeviceModel]
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["uid-m2"]
+        );
+        assert!(c.put_config(Kind::DeviceModel, model("m1")).is_empty());
+        assert_eq!(c.remove_device(&("plant".into(), "d1".into())), vec!["n1"]);
+        assert!(c.objects("n1")[&Kind::Device].is_empty());
+        assert!(c.device_by_uid("uid-d1").is_none());
+        assert_eq!(
+            c.device_by_uid("uid-d2").map(|(_, d)| d.node.as_str()),
+            Some("n2")
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   [`autonomy`]: the same for pods once they are bound to an edge node.
 //! - [`report`]: pod status through the status subresource, Events, and
 //!   deletion completed once the edge has stopped the pod.
+//! - [`devices`]: Devices bound to edge nodes and their DeviceModels down,
+//!   device status up.
 //! - [`pod_tokens`]: service account tokens for the pods of the nodes
 //!   served here, through the TokenRequest API, refreshed as a kubelet does.
 //!
@@ -19,6 +21,7 @@
 pub mod admission;
 pub mod autonomy;
 pub mod cache;
+pub mod devices;
 pub mod nodes;
 pub mod pod_tokens;
 pub mod report;
@@ -38,6 +41,10 @@ use outrigger_proto::message::Row;
 
 use crate::source::{NodeObjects, Notifier, Source};
 use cache::{Cache, Key, Kind};
+
+/// The watches a node's objects come from; a node is served only once
+/// each has listed.
+const READY_WATCHES: u8 = 5;
 
 /// Concurrent writes to the API server (a kubelet has QPS limits for the
 /// same reason: one cloud-gw speaks for thousands of nodes).
@@ -89,7 +96,8 @@ pub(crate) struct Inner {
     pub journals: crate::source::Journals,
     /// Nodes labelled as edge nodes (the webhook's question).
     pub edge_nodes: Mutex<HashSet<String>>,
-    /// Watches that have listed everything once: pods, ConfigMaps, Secrets.
+    /// Watches that have listed everything once: pods, ConfigMaps, Secrets,
+    /// Devices, DeviceModels ([`READY_WATCHES`]).
     ready: tokio::sync::watch::Sender<u8>,
     /// Service account tokens: nodes served here, what changed, what is
     /// due when.
@@ -154,6 +162,7 @@ impl KubeSource {
         tokio::spawn(pod_tokens::run(inner.clone()));
         tokio::spawn(probe_defaults(inner.clone()));
         tokio::spawn(autonomy::sweep(inner.clone()));
+        tokio::spawn(devices::run(inner.clone()));
         let namespaces = watcher(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default().labels(&format!("{}=disabled", admission::AUTONOMY)),
@@ -179,6 +188,7 @@ impl KubeSource {
                 }
                 Change::Gone(k) => c.remove_pod(&k),
             },
+            false,
         ));
         let cms = watcher(Api::<ConfigMap>::all(client.clone()), Default::default());
         tokio::spawn(follow(
@@ -187,6 +197,7 @@ impl KubeSource {
             cms,
             |c| c.config_keys(Kind::ConfigMap),
             |c, e| config_change(c, Kind::ConfigMap, e),
+            false,
         ));
         let nodes = watcher(
             Api::<Node>::all(client.clone()),
@@ -202,6 +213,7 @@ impl KubeSource {
             secrets,
             |c| c.config_keys(Kind::Secret),
             |c, e| config_change(c, Kind::Secret, e),
+            false,
         ));
         KubeSource { inner }
     }
@@ -209,11 +221,11 @@ impl KubeSource {
     /// Resolves once every watch has listed its objects.
     pub async fn ready(&self) {
         let mut rx = self.inner.ready.subscribe();
-        let _ = rx.wait_for(|n| *n >= 3).await;
+        let _ = rx.wait_for(|n| *n >= READY_WATCHES).await;
     }
 
     pub fn is_ready(&self) -> bool {
-        *self.inner.ready.borrow() >= 3
+        *self.inner.ready.borrow() >= READY_WATCHES
     }
 }
 
@@ -246,13 +258,15 @@ fn config_change<K: serde::Serialize>(c: &mut Cache, kind: Kind, e: Change<K>) -
 /// Feed one watch into the cache. A re-list (after a watch error or a 410)
 /// replaces what it covers: objects not listed again are removed.
 /// `keys` lists what the cache holds of this kind (a re-list removes the
-/// ones it does not list again).
+/// ones it does not list again). `counted`: its readiness was counted
+/// already (the first list must not count again).
 async fn follow<K, S, F>(
     inner: Arc<Inner>,
     what: &'static str,
     stream: S,
     keys: fn(&Cache) -> Vec<Key>,
     apply: F,
+    counted: bool,
 ) where
     K: kube::Resource + Clone + Send + 'static,
     S: futures_util::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
@@ -260,7 +274,7 @@ async fn follow<K, S, F>(
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed: Option<HashSet<Key>> = None;
-    let mut first = true;
+    let mut first = !counted;
     while let Some(ev) = stream.next().await {
         let ev = match ev {
             Ok(ev) => ev,

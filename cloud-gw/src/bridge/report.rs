@@ -28,7 +28,7 @@ use crate::metrics::METRICS;
 const CONCURRENT_WRITES: usize = 8;
 
 /// What became of one row.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Written, or refused for good (the row would never succeed): ack.
     Done,
     /// A passing failure (API server unreachable, throttled): keep it.
@@ -43,7 +43,7 @@ fn passing(e: &kube::Error) -> bool {
     }
 }
 
-fn outcome(what: &str, node: &str, r: Result<(), kube::Error>) -> Outcome {
+pub(crate) fn outcome(what: &str, node: &str, r: Result<(), kube::Error>) -> Outcome {
     if r.is_err() {
         METRICS.api_errors.fetch_add(1, Relaxed);
     }
@@ -115,6 +115,7 @@ async fn one(inner: &Arc<Inner>, node: &str, row: Row) -> Outcome {
         }
         Report::Pod(p) => pod_status(inner, node, *p).await,
         Report::PodGone { uid } => pod_gone(inner, node, &uid).await,
+        Report::Device(d) => super::devices::status(inner, node, *d).await,
     }
 }
 

@@ -61,6 +61,8 @@ pub enum Request {
     Apply {
         objects: Vec<serde_json::Value>,
     },
+    /// The node's devices and their twins.
+    Devices,
     /// Remove an object `edge-rt apply` put in the store.
     Delete {
         kind: String,
@@ -119,6 +121,7 @@ pub struct Server {
     pub pid1: bool,
     pub image_budget: u64,
     pub store: Option<Arc<crate::store::Store>>,
+    pub devices: Arc<crate::devices::DeviceManager>,
 }
 
 /// Bind the socket with the permissions that make it root's (and the
@@ -203,6 +206,7 @@ impl Server {
                 reply(&mut w, r).await
             }
             Request::Status => reply(&mut w, Ok(serde_json::to_value(self.status())?)).await,
+            Request::Devices => reply(&mut w, Ok(serde_json::to_value(self.devices.list())?)).await,
             Request::Logs {
                 namespace,
                 name,
@@ -265,13 +269,15 @@ impl Server {
             let bad = |m: String| ApiError::BadRequest(format!("object {}: {m}", i + 1));
             let yaml = serde_yaml_ng::to_value(&doc).map_err(|e| bad(e.to_string()))?;
             let typed = crate::static_pods::parse(yaml).map_err(bad)?;
-            let (kind, mut body) = match typed {
-                crate::static_pods::Object::Pod(p) => (Kind::Pod, serde_json::to_value(*p)),
-                crate::static_pods::Object::ConfigMap(c) => {
-                    (Kind::ConfigMap, serde_json::to_value(c))
+            let (kind, mut body) = (typed.kind(), typed.to_json());
+            // A device's uid is the store's to give, as a pod's is.
+            if kind == Kind::Device || kind == Kind::DeviceModel {
+                if let Ok(b) = body.as_mut() {
+                    if let Some(m) = b["metadata"].as_object_mut() {
+                        m.remove("uid");
+                    }
                 }
-                crate::static_pods::Object::Secret(s) => (Kind::Secret, serde_json::to_value(s)),
-            };
+            }
             let body_ref = body.as_mut().map_err(|e| bad(e.to_string()))?;
             let meta = &mut body_ref["metadata"];
             if let Some(a) = meta["annotations"].as_object_mut() {

@@ -81,12 +81,15 @@ impl ManifestWatch {
     /// Read the directory's pods, ConfigMaps and Secrets.
     pub fn read(&mut self) -> Objects {
         let (mut desired, mut config_maps, mut secrets) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut devices, mut device_models) = (Vec::new(), Vec::new());
         let mut errors = BTreeMap::new();
         for m in static_pods::load_dir(&self.dir) {
             match m.object {
                 Ok(static_pods::Object::Pod(p)) => desired.push(*p),
                 Ok(static_pods::Object::ConfigMap(c)) => config_maps.push(c),
                 Ok(static_pods::Object::Secret(s)) => secrets.push(s),
+                Ok(static_pods::Object::Device(d)) => devices.push(*d),
+                Ok(static_pods::Object::DeviceModel(m)) => device_models.push(m),
                 Err(ref e) => {
                     let place = m.place();
                     if self.reported.get(&place) != Some(e) {
@@ -102,6 +105,8 @@ impl ManifestWatch {
             config_maps,
             secrets,
             tokens: Vec::new(),
+            devices,
+            device_models,
         }
     }
 }

@@ -5,13 +5,20 @@
 //! its own deletion (a pod the cluster is deleting is still desired: it is
 //! to be stopped within the deletion's grace period, never started).
 //!
-//! Pure data in, data out: the daemon wires the sources to the pod manager.
+//! Devices come the same way, each with the model it names resolved
+//! ([`crate::devices::DesiredDevice`]).
+//!
+//! Pure data in, data out: the daemon wires the sources to the pod manager
+//! and the device manager.
 
 pub mod files;
 pub mod stored;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use outrigger_proto::device::{Device, DeviceModel};
 use outrigger_proto::kinds::ServiceAccountToken;
+
+use crate::devices::DesiredDevice;
 
 /// Pods and the objects they use, from one source.
 #[derive(Debug, Default, Clone)]
@@ -21,6 +28,8 @@ pub struct Objects {
     pub secrets: Vec<Secret>,
     /// Service account tokens (from the cloud only; manifests have none).
     pub tokens: Vec<ServiceAccountToken>,
+    pub devices: Vec<Device>,
+    pub device_models: Vec<DeviceModel>,
 }
 
 /// A pod being deleted in the cluster.
@@ -56,6 +65,7 @@ pub struct Desired {
     pub config_maps: Vec<ConfigMap>,
     pub secrets: Vec<Secret>,
     pub tokens: Vec<ServiceAccountToken>,
+    pub devices: Vec<DesiredDevice>,
 }
 
 /// The union of the file source and the store source (if the store could
@@ -67,7 +77,42 @@ pub fn merge(files: &Objects, stored: Option<Objects>) -> Desired {
         config_maps: files.config_maps.clone(),
         secrets: files.secrets.clone(),
         tokens: Vec::new(),
+        devices: Vec::new(),
     };
+    let mut devices = files.devices.clone();
+    let mut models = files.device_models.clone();
+    if let Some(s) = &stored {
+        devices.extend(named_apart(
+            &files.devices,
+            &s.devices,
+            |d| &d.metadata,
+            "Device",
+        ));
+        models.extend(named_apart(
+            &files.device_models,
+            &s.device_models,
+            |m| &m.metadata,
+            "DeviceModel",
+        ));
+    }
+    d.devices = devices
+        .into_iter()
+        .map(|device| {
+            let ns = device
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let model = models
+                .iter()
+                .find(|m| {
+                    m.metadata.name.as_deref() == Some(device.spec.model.as_str())
+                        && m.metadata.namespace.as_deref().unwrap_or("default") == ns
+                })
+                .cloned();
+            DesiredDevice { device, model }
+        })
+        .collect();
     if let Some(s) = stored {
         d.pods.extend(
             not_in_files(&files.pods, s.pods)
@@ -83,6 +128,34 @@ pub fn merge(files: &Objects, stored: Option<Objects>) -> Desired {
 }
 
 type ObjectMeta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// As [`not_in_files`], for our own kinds.
+fn named_apart<T: Clone>(
+    files: &[T],
+    stored: &[T],
+    meta: fn(&T) -> &ObjectMeta,
+    kind: &str,
+) -> Vec<T> {
+    let key = |m: &ObjectMeta| {
+        (
+            m.namespace.clone().unwrap_or_else(|| "default".into()),
+            m.name.clone().unwrap_or_default(),
+        )
+    };
+    let taken: std::collections::BTreeSet<_> = files.iter().map(|o| key(meta(o))).collect();
+    stored
+        .iter()
+        .filter(|o| {
+            let k = key(meta(o));
+            let free = !taken.contains(&k);
+            if !free {
+                tracing::warn!(kind, object = ?k, "a manifest defines this name too; the stored one is left out");
+            }
+            free
+        })
+        .cloned()
+        .collect()
+}
 
 /// The stored objects whose namespace and name no manifest uses (the file
 /// on the node wins; the other is logged and left out).

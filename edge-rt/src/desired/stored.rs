@@ -37,5 +37,7 @@ pub fn read(s: &Store) -> Objects {
         config_maps: load(s, Kind::ConfigMap),
         secrets: load(s, Kind::Secret),
         tokens: load(s, Kind::ServiceAccountToken),
+        devices: load(s, Kind::Device),
+        device_models: load(s, Kind::DeviceModel),
     }
 }

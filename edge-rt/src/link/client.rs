@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrigger_proto::inventory;
 use outrigger_proto::message::{Control, Message, Row, Status, Sync};
+use outrigger_proto::{inventory, report};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
@@ -243,6 +243,9 @@ struct Upstream {
     /// The outbox generation when the last read found everything sent:
     /// until it moves there is nothing to read.
     drained_at: Option<u64>,
+    /// The agreed minor version: rows of reports it does not know stay in
+    /// the outbox, unsent, until a newer cloud takes them.
+    minor: u16,
 }
 
 impl Upstream {
@@ -266,6 +269,13 @@ impl Upstream {
         }
         let last = rows.last()?.seq;
         self.last_sent = last;
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| report::since_minor_of_key(&r.key) <= self.minor)
+            .collect();
+        if rows.is_empty() {
+            return None;
+        }
         self.in_flight += rows.len();
         Some(Message::Status(Status::Rows {
             rows: rows
@@ -334,11 +344,8 @@ async fn session(
     // The digest rides with the hello.
     // It has every kind the store has: a peer skips kinds it does not know.
     let first = store.map(|s| digest(s, &Kind::ALL)).transpose()?;
-    let heartbeat = Duration::from_secs(u64::from(
-        hello_with(&mut link, &cfg.node, first.as_ref())
-            .await?
-            .max(1),
-    ));
+    let welcome = hello_with(&mut link, &cfg.node, first.as_ref()).await?;
+    let heartbeat = Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1)));
     if let Some(s) = store {
         if let Err(e) = s.set_link(true, store::now_ms()) {
             tracing::warn!(error = %e, "recording the link state");
@@ -349,7 +356,10 @@ async fn session(
     tick.tick().await;
     let mut outbox = tokio::time::interval(OUTBOX_PERIOD);
     outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut up = Upstream::default();
+    let mut up = Upstream {
+        minor: welcome.version.minor,
+        ..Default::default()
+    };
     // The key of a renewal on its way.
     let mut pending_key: Option<String> = None;
     loop {

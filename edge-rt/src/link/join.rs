@@ -97,8 +97,16 @@ where
     Ok(Link::new(ws))
 }
 
+/// What the cloud's Welcome said.
+#[derive(Debug, Clone, Copy)]
+pub struct Welcomed {
+    pub heartbeat_secs: u32,
+    /// The version both sides speak from now on.
+    pub version: outrigger_proto::Version,
+}
+
 /// Hello, and the Welcome (or the refusal) it gets.
-pub async fn hello<S>(link: &mut Link<S>, node: &str) -> Result<u32, LinkError>
+pub async fn hello<S>(link: &mut Link<S>, node: &str) -> Result<Welcomed, LinkError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -112,7 +120,7 @@ pub async fn hello_with<S>(
     link: &mut Link<S>,
     node: &str,
     then: Option<&Message>,
-) -> Result<u32, LinkError>
+) -> Result<Welcomed, LinkError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -128,7 +136,13 @@ where
         None => link.send(&hello).await?,
     }
     match tokio::time::timeout(TIMEOUT, link.recv()).await {
-        Ok(Ok(Message::Control(Control::Welcome { heartbeat_secs, .. }))) => Ok(heartbeat_secs),
+        Ok(Ok(Message::Control(Control::Welcome {
+            heartbeat_secs,
+            version,
+        }))) => Ok(Welcomed {
+            heartbeat_secs,
+            version,
+        }),
         Ok(Ok(Message::Control(Control::Refused { reason }))) => Err(LinkError::Refused(reason)),
         Ok(Ok(m)) => Err(LinkError::Unexpected(format!("{m:?}"))),
         Ok(Err(e)) => Err(e.into()),

@@ -129,6 +129,8 @@ pub fn parse_kind(s: &str) -> Result<Kind, StoreError> {
         "configmap" | "configmaps" | "cm" => Ok(Kind::ConfigMap),
         "secret" | "secrets" => Ok(Kind::Secret),
         "serviceaccounttoken" | "serviceaccounttokens" | "tokens" => Ok(Kind::ServiceAccountToken),
+        "device" | "devices" | "dev" => Ok(Kind::Device),
+        "devicemodel" | "devicemodels" | "devmodel" => Ok(Kind::DeviceModel),
         _ => Err(StoreError::UnknownKind(s.to_string())),
     }
 }

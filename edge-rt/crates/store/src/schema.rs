@@ -52,6 +52,8 @@ pub fn migrations() -> Migrations<'static> {
         ),
         // Service account tokens for pods' projected volumes (sealed).
         M::up("INSERT INTO kinds (name) VALUES ('ServiceAccountToken');"),
+        // Device twins (protocol 1.2).
+        M::up("INSERT INTO kinds (name) VALUES ('DeviceModel'), ('Device');"),
     ])
 }
 

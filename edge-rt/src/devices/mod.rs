@@ -1,0 +1,521 @@
+//! The device manager: the desired devices in (from the store and the
+//! manifest directory, through `desired::merge`, so it runs from the first
+//! second after a reboot with no cloud), one driver task per device, one
+//! task per Modbus line its devices share, a twin per device
+//! ([`twin::Twin`]) made from what the drivers see, and the desired values
+//! written when the device does not have them.
+//!
+//! Desired values are level-triggered, the way a controller works: a
+//! property whose reported value differs from its desired one is written
+//! (compared in the device's own resolution: `21.55` on a register of
+//! tenths is `21.6`), once; again only if the device took it and later
+//! drifted from it (a power cycle, an operator at the panel), or, if it
+//! never showed the value, after a back-off. So a resync or a restart never
+//! writes what the device already has, and a newer desired value replaces
+//! an older one that was not yet written (in order, the last one wins).
+
+pub mod twin;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outrigger_devices::modbus::{self, Bus, LineConfig, LineId, ModbusDevice};
+use outrigger_devices::{Command, Event};
+use outrigger_proto::device::{self as api, Device, DeviceModel, Protocol};
+use outrigger_proto::report::DeviceReport;
+use tokio::sync::mpsc;
+
+use twin::Twin;
+
+/// A device the node should have, with its model if the node has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredDevice {
+    pub device: Device,
+    pub model: Option<DeviceModel>,
+}
+
+/// A rewrite of a value the device never showed waits this long, doubling.
+const REWRITE_FIRST: i64 = 30_000;
+const REWRITE_MAX: i64 = 600_000;
+
+/// Where a desired value stands.
+#[derive(Debug, Clone, Default)]
+struct Desire {
+    /// The desired value in the device's resolution (what a read returns).
+    target: Option<String>,
+    /// What was last sent for writing, when, and how many times.
+    sent: Option<(String, i64, u32)>,
+    /// The device showed the sent value since it was sent.
+    taken: bool,
+}
+
+impl Desire {
+    /// Whether to write now, given what the device reports.
+    fn due(&mut self, reported: Option<&str>, now_ms: i64) -> bool {
+        let Some(target) = self.target.clone() else {
+            return false;
+        };
+        // Nothing read yet: the device may already have it.
+        let Some(reported) = reported else {
+            return false;
+        };
+        if reported == target {
+            if self.sent.as_ref().is_some_and(|(v, _, _)| *v == target) {
+                self.taken = true;
+            }
+            return false;
+        }
+        let write = match &self.sent {
+            Some((v, _, _)) if *v != target => true,
+            None => true,
+            Some(_) if self.taken => true,
+            Some((_, at, n)) => {
+                let wait = (REWRITE_FIRST << (*n).min(5)).min(REWRITE_MAX);
+                now_ms - at >= wait
+            }
+        };
+        if write {
+            let n = match &self.sent {
+                Some((v, _, n)) if *v == target && !self.taken => n + 1,
+                _ => 0,
+            };
+            self.sent = Some((target, now_ms, n));
+            self.taken = false;
+        }
+        write
+    }
+}
+
+struct Running {
+    namespace: String,
+    name: String,
+    /// What it was started from: a change restarts it.
+    from: DesiredDevice,
+    twin: Twin,
+    desires: BTreeMap<String, Desire>,
+    commands: Option<mpsc::Sender<Command>>,
+    driver: Option<ModbusDevice>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    devices: BTreeMap<String, Running>,
+    /// Lines in use: their settings (devices on one must agree) and bus.
+    lines: HashMap<LineId, (LineConfig, Bus)>,
+}
+
+/// What `edge-rt devices` and `describe device` show.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub model: String,
+    pub status: api::DeviceStatus,
+    /// (RFC 3339, message), newest last.
+    pub recent_errors: Vec<(String, String)>,
+    /// Mean latency of an exchange with the device, ms.
+    pub mean_latency_ms: f64,
+    /// RFC 3339: the last successful read of any property.
+    pub last_read: Option<String>,
+}
+
+#[derive(Default)]
+pub struct DeviceManager {
+    state: Mutex<State>,
+    /// A twin changed: the reporter looks.
+    pub changed: tokio::sync::Notify,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DeviceManager {
+    pub fn new() -> Arc<DeviceManager> {
+        Arc::new(DeviceManager::default())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// The desired set: devices gone stop, new ones start, changed ones
+    /// restart (their twin starts over), desired values are looked at.
+    pub fn apply(self: &Arc<Self>, set: Vec<DesiredDevice>) {
+        let mut st = lock(&self.state);
+        let wanted: BTreeMap<String, DesiredDevice> = set
+            .into_iter()
+            .filter_map(|d| d.device.metadata.uid.clone().map(|u| (u, d)))
+            .collect();
+        st.devices.retain(|uid, _| wanted.contains_key(uid));
+        for (uid, d) in wanted {
+            let same = st.devices.get(&uid).is_some_and(|r| {
+                r.from.model == d.model
+                    && r.from.device.spec.protocol == d.device.spec.protocol
+                    && {
+                        // Only desired values changed: no restart.
+                        let strip = |s: &api::DeviceSpec| {
+                            let mut s = s.clone();
+                            s.properties.iter_mut().for_each(|p| p.desired = None);
+                            s
+                        };
+                        strip(&r.from.device.spec) == strip(&d.device.spec)
+                    }
+            });
+            if same {
+                if let Some(r) = st.devices.get_mut(&uid) {
+                    r.twin.generation = d.device.metadata.generation;
+                    set_targets(r, &d);
+                    r.from = d;
+                }
+            } else {
+                let r = self.start(&mut st, &uid, d);
+                st.devices.insert(uid.clone(), r);
+            }
+            self.look(&mut st, &uid);
+        }
+        // Lines no device uses any more close (their task ends with the
+        // last handle).
+        let used: Vec<LineId> = st
+            .devices
+            .values()
+            .filter_map(|r| r.driver.as_ref().map(|d| d.line.id()))
+            .collect();
+        st.lines.retain(|id, _| used.contains(id));
+        drop(st);
+        self.bump();
+    }
+
+    fn start(self: &Arc<Self>, st: &mut State, uid: &str, d: DesiredDevice) -> Running {
+        let now = now_ms();
+        let spec = &d.device.spec;
+        let units: Vec<(String, Option<String>)> = spec
+            .properties
+            .iter()
+            .map(|p| {
+                let unit = d
+                    .model
+                    .as_ref()
+                    .and_then(|m| m.spec.property(&p.name))
+                    .and_then(|m| m.unit.clone());
+                (p.name.clone(), unit)
+            })
+            .collect();
+        let report_cycle = spec
+            .properties
+            .iter()
+            .map(|p| p.report_cycle())
+            .min()
+            .unwrap_or(Duration::from_millis(api::DEFAULT_CYCLE_MS.into()));
+        let mut twin = Twin::new(spec.protocol.summary(), units, report_cycle);
+        twin.generation = d.device.metadata.generation;
+        let mut r = Running {
+            namespace: d.device.metadata.namespace.clone().unwrap_or_default(),
+            name: d.device.metadata.name.clone().unwrap_or_default(),
+            from: d.clone(),
+            twin,
+            desires: BTreeMap::new(),
+            commands: None,
+            driver: None,
+            tasks: Vec::new(),
+        };
+        let Some(model) = &d.model else {
+            r.twin.refuse(
+                "ModelMissing",
+                format!(
+                    "no DeviceModel {:?} in namespace {:?} on this node",
+                    spec.model, r.namespace
+                ),
+                now,
+            );
+            return r;
+        };
+        let problems = api::check(spec, &model.spec);
+        // A bad desired value is that property's problem; anything else
+        // stops the device from running at all.
+        let fatal: Vec<String> = problems
+            .iter()
+            .filter(|p| !p.field.ends_with(".desired"))
+            .map(|p| p.to_string())
+            .collect();
+        if !fatal.is_empty() {
+            r.twin.refuse("InvalidSpec", fatal.join("; "), now);
+            return r;
+        }
+        match &spec.protocol {
+            Protocol::Modbus(_) => {
+                let Some(dev) = ModbusDevice::new(spec, &model.spec) else {
+                    return r;
+                };
+                let id = dev.line.id();
+                let bus = match st.lines.get(&id) {
+                    Some((cfg, _)) if *cfg != dev.line => {
+                        r.twin.refuse(
+                            "LineConflict",
+                            format!(
+                                "line {id} is open with other settings by another device: {cfg:?}"
+                            ),
+                            now,
+                        );
+                        return r;
+                    }
+                    Some((_, bus)) => bus.clone(),
+                    None => {
+                        let bus = Bus::start(dev.line.clone());
+                        st.lines.insert(id, (dev.line.clone(), bus.clone()));
+                        bus
+                    }
+                };
+                let (ctx, crx) = mpsc::channel(16);
+                let (etx, mut erx) = mpsc::channel(64);
+                r.tasks.push(tokio::spawn(modbus::device::run(
+                    dev.clone(),
+                    bus,
+                    crx,
+                    etx,
+                )));
+                let me = Arc::downgrade(self);
+                let uid = uid.to_string();
+                r.tasks.push(tokio::spawn(async move {
+                    while let Some(ev) = erx.recv().await {
+                        let Some(m) = me.upgrade() else {
+                            return;
+                        };
+                        m.on_event(&uid, ev);
+                    }
+                }));
+                r.commands = Some(ctx);
+                r.driver = Some(dev);
+            }
+            Protocol::Mqtt(_) => {
+                r.twin.refuse(
+                    "ProtocolUnavailable",
+                    "MQTT devices are not driven by this edge-rt build yet".into(),
+                    now,
+                );
+            }
+        }
+        set_targets(&mut r, &d);
+        r
+    }
+
+    fn on_event(&self, uid: &str, ev: Event) {
+        let mut st = lock(&self.state);
+        let Some(r) = st.devices.get_mut(uid) else {
+            return;
+        };
+        match &ev {
+            Event::Wrote { property, value } => {
+                tracing::info!(device = %r.name, namespace = %r.namespace, property, value, "desired value written")
+            }
+            Event::WriteFailed {
+                property,
+                value,
+                error,
+            } => {
+                tracing::warn!(device = %r.name, namespace = %r.namespace, property, value, error, "desired value not written")
+            }
+            _ => {}
+        }
+        let was = r.twin.reachable.as_ref().map(|r| (r.ok, r.reason.clone()));
+        r.twin.apply(&ev, now_ms());
+        let now = r.twin.reachable.as_ref().map(|r| (r.ok, r.reason.clone()));
+        if was != now {
+            if let Some(re) = &r.twin.reachable {
+                tracing::info!(device = %r.name, namespace = %r.namespace, reachable = re.ok, reason = %re.reason, message = %re.message, "device reachability");
+            }
+        }
+        if matches!(ev, Event::Value { .. }) {
+            self.look(&mut st, uid);
+        }
+        drop(st);
+        self.bump();
+    }
+
+    /// Write what is due (see [`Desire::due`]).
+    fn look(&self, st: &mut State, uid: &str) {
+        let Some(r) = st.devices.get_mut(uid) else {
+            return;
+        };
+        let Some(tx) = r.commands.clone() else {
+            return;
+        };
+        let now = now_ms();
+        for (name, d) in r.desires.iter_mut() {
+            let reported = r.twin.properties.get(name).and_then(|p| p.value.as_deref());
+            if d.due(reported, now) {
+                if let Some((v, _, _)) = &d.sent {
+                    let c = Command::Write {
+                        property: name.clone(),
+                        value: v.clone(),
+                    };
+                    if tx.try_send(c).is_err() {
+                        // The driver is busy: try again at the next read.
+                        d.sent = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Devices whose report is due, as reports; call [`Self::reported`]
+    /// with their uids once committed.
+    pub fn due(&self, now_ms: i64) -> Vec<DeviceReport> {
+        let st = lock(&self.state);
+        st.devices
+            .iter()
+            .filter(|(_, r)| r.twin.due(now_ms))
+            .map(|(uid, r)| DeviceReport {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                uid: uid.clone(),
+                status: r.twin.status(now_ms),
+            })
+            .collect()
+    }
+
+    pub fn reported(&self, uids: &[String], now_ms: i64) {
+        let mut st = lock(&self.state);
+        for u in uids {
+            if let Some(r) = st.devices.get_mut(u) {
+                r.twin.reported(now_ms);
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<DeviceView> {
+        let st = lock(&self.state);
+        let now = now_ms();
+        st.devices
+            .iter()
+            .map(|(uid, r)| DeviceView {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                uid: uid.clone(),
+                model: r.from.device.spec.model.clone(),
+                status: r.twin.status(now),
+                recent_errors: r
+                    .twin
+                    .recent_errors
+                    .iter()
+                    .map(|(ms, m)| {
+                        (
+                            jiff::Timestamp::from_millisecond(*ms)
+                                .unwrap_or_default()
+                                .to_string(),
+                            m.clone(),
+                        )
+                    })
+                    .collect(),
+                last_read: r
+                    .twin
+                    .properties
+                    .values()
+                    .filter_map(|p| p.read_ms)
+                    .max()
+                    .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+                    .map(|t| t.to_string()),
+                mean_latency_ms: if r.twin.counters.polls == 0 {
+                    0.0
+                } else {
+                    r.twin.latency_total.as_secs_f64() * 1000.0 / r.twin.counters.polls as f64
+                },
+            })
+            .collect()
+    }
+}
+
+/// Each property's desired value in the device's resolution; a value the
+/// model refuses is no target, and the property says why (`desired: ...`)
+/// until it is fixed.
+fn set_targets(r: &mut Running, d: &DesiredDevice) {
+    let Some(model) = &d.model else {
+        return;
+    };
+    let mut seen = Vec::new();
+    for p in &d.device.spec.properties {
+        seen.push(p.name.clone());
+        let target = p.desired.as_ref().map(|text| {
+            let mp = model.spec.property(&p.name).ok_or_else(|| {
+                format!("model {} has no property {:?}", d.device.spec.model, p.name)
+            })?;
+            if mp.access != api::Access::ReadWrite {
+                return Err(format!("{:?} is ReadOnly", p.name));
+            }
+            let v = api::Value::parse(mp.type_, text).map_err(|e| e.to_string())?;
+            v.check_range(mp).map_err(|e| e.to_string())?;
+            match &r.driver {
+                Some(dev) => dev.normalize(&p.name, &v),
+                None => Ok(v.to_string()),
+            }
+        });
+        let prop = r.twin.properties.entry(p.name.clone()).or_default();
+        if prop
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("desired: "))
+        {
+            prop.error = None;
+        }
+        if let Some(Err(e)) = &target {
+            tracing::warn!(device = %r.name, namespace = %r.namespace, property = %p.name, error = %e, "desired value refused");
+            prop.error = Some(format!("desired: {e}"));
+        }
+        let e = r.desires.entry(p.name.clone()).or_default();
+        e.target = target.and_then(Result::ok);
+    }
+    r.desires.retain(|k, _| seen.contains(k));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_desired_value_is_written_once_and_again_only_after_a_drift() {
+        let mut d = Desire {
+            target: Some("21.5".into()),
+            ..Default::default()
+        };
+        // Not read yet: wait.
+        assert!(!d.due(None, 0));
+        // The device already has it: nothing to write, ever.
+        assert!(!d.due(Some("21.5"), 0));
+        // It differs: write once.
+        assert!(d.due(Some("20"), 10));
+        assert!(!d.due(Some("20"), 20), "written twice");
+        // It took; then someone changed it at the panel: write again.
+        assert!(!d.due(Some("21.5"), 30));
+        assert!(d.due(Some("19"), 40));
+        // It never shows the value: back off, 30 s, then 60 s.
+        assert!(!d.due(Some("19"), 40 + 29_000));
+        assert!(d.due(Some("19"), 40 + 30_000));
+        assert!(!d.due(Some("19"), 40 + 30_000 + 59_000));
+        assert!(d.due(Some("19"), 40 + 30_000 + 60_000));
+        // A newer desired value goes at once.
+        d.target = Some("22".into());
+        assert!(d.due(Some("19"), 40 + 30_000 + 60_001));
+    }
+}

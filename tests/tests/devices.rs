@@ -1,0 +1,301 @@
+//! Field devices end to end, with no cloud: `edge-rt run` with Modbus RTU
+//! slaves simulated by pymodbus on socat PTY pairs, devices committed with
+//! `edge-rt apply` (the node store), observed with `edge-rt devices`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use edge_rt::devices::DeviceView;
+use outrigger_tests::modbus::{float32_words, Line, Slaves};
+use outrigger_tests::util::*;
+
+const MODEL: &str = r#"apiVersion: devices.outrigger.io/v1alpha1
+kind: DeviceModel
+metadata: {name: thermostat, namespace: plant}
+spec:
+  properties:
+  - {name: temperature, type: float, unit: "C", minimum: -40, maximum: 125}
+  - {name: setpoint, type: float, access: ReadWrite, minimum: 5, maximum: 30}
+  - {name: relay, type: bool, access: ReadWrite}
+"#;
+
+fn device(name: &str, port: &std::path::Path, slave: u8, setpoint: Option<&str>) -> String {
+    let desired = |v: Option<&str>| v.map(|v| format!(", desired: \"{v}\"")).unwrap_or_default();
+    format!(
+        r#"---
+apiVersion: devices.outrigger.io/v1alpha1
+kind: Device
+metadata: {{name: {name}, namespace: plant}}
+spec:
+  model: thermostat
+  nodeName: gw
+  protocol:
+    modbus:
+      rtu: {{port: {port}, baudRate: 115200, parity: None}}
+      slaveId: {slave}
+      timeoutMs: 300
+  properties:
+  - {{name: temperature, collectCycleMs: 100, reportCycleMs: 100, modbus: {{table: InputRegister, address: 0, dataType: int16, scale: 0.1}}}}
+  - {{name: setpoint, collectCycleMs: 100{sp}, modbus: {{table: HoldingRegister, address: 10, dataType: float32}}}}
+  - {{name: relay, collectCycleMs: 100{relay}, modbus: {{table: Coil, address: 0}}}}
+"#,
+        port = port.display(),
+        sp = desired(setpoint),
+        relay = desired(setpoint.map(|_| "true")),
+    )
+}
+
+fn devices(node: &Node) -> Result<Vec<DeviceView>> {
+    let out = node.cli(&["devices", "-A", "-o", "json"])?;
+    if !out.status.success() {
+        bail!("edge-rt devices: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn value(d: &DeviceView, p: &str) -> Option<String> {
+    d.status
+        .properties
+        .iter()
+        .find(|x| x.name == p)
+        .and_then(|x| x.value.clone())
+}
+
+fn reason(d: &DeviceView) -> String {
+    d.status
+        .conditions
+        .first()
+        .map(|c| format!("{}/{}", c.status, c.reason))
+        .unwrap_or_default()
+}
+
+async fn wait_device(
+    node: &Node,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&DeviceView) -> bool,
+) -> Result<DeviceView> {
+    let r = wait_for(what, Duration::from_secs(20), || async {
+        devices(node)
+            .ok()?
+            .into_iter()
+            .find(|d| d.name == name)
+            .filter(|d| pred(d))
+    })
+    .await;
+    if r.is_err() {
+        let now = devices(node).unwrap_or_default();
+        let d = now.iter().find(|d| d.name == name);
+        bail!(
+            "{what}: {:?}\n{}",
+            d.map(|d| (&d.status, &d.recent_errors)),
+            node.daemon_log()
+        );
+    }
+    r
+}
+
+fn apply(node: &Node, yaml: &str) -> Result<()> {
+    let f = node.dir.path().join("apply.yaml");
+    std::fs::write(&f, yaml)?;
+    let out = node.cli(&["apply", "-f", &f.display().to_string()])?;
+    if !out.status.success() {
+        bail!("edge-rt apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Two slaves on one line, polled in turn; desired values written once and
+/// read back; a slave that stops answering, one that answers garbage, and
+/// the line itself gone and back: each says what happened, the other
+/// device goes on, and nothing is written twice, not even across a
+/// restart of edge-rt.
+#[tokio::test]
+async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let mut line = Line::new(node.dir.path(), "rs485")?;
+    let mut slaves = Slaves::start(&line, &[1, 2])?;
+    slaves.set(1, "ir", 0, &[215])?;
+    slaves.set(2, "ir", 0, &[(-52i16) as u16])?;
+    let daemon = node.start().await?;
+    apply(
+        &node,
+        &format!(
+            "{MODEL}{}{}",
+            device("boiler", &line.edge, 1, Some("21.5")),
+            device("tank", &line.edge, 2, None)
+        ),
+    )?;
+
+    // Readings, with scale, from both slaves on the one line.
+    wait_device(&node, "boiler", "boiler's temperature", |d| {
+        value(d, "temperature").as_deref() == Some("21.5")
+    })
+    .await?;
+    wait_device(&node, "tank", "tank's temperature", |d| {
+        value(d, "temperature").as_deref() == Some("-5.2")
+    })
+    .await?;
+    // Desired values reach the registers, and read back as reported.
+    let b = wait_device(&node, "boiler", "setpoint and relay written", |d| {
+        value(d, "setpoint").as_deref() == Some("21.5")
+            && value(d, "relay").as_deref() == Some("true")
+    })
+    .await?;
+    assert_eq!(slaves.get(1, "hr", 10, 2)?, float32_words(21.5));
+    assert_eq!(slaves.get(1, "co", 0, 1)?, vec![1]);
+    assert_eq!(b.status.state.as_deref(), Some("Online"));
+    let setpoint = b
+        .status
+        .properties
+        .iter()
+        .find(|p| p.name == "setpoint")
+        .context("setpoint")?;
+    assert_eq!(setpoint.observed_desired.as_deref(), Some("21.5"));
+    let written = slaves.writes(1)?;
+    assert_eq!(written, 2, "one write per desired value");
+    assert_eq!(slaves.writes(2)?, 0);
+
+    // A reading that changes on the slave follows.
+    slaves.set(1, "ir", 0, &[230])?;
+    wait_device(&node, "boiler", "the new temperature", |d| {
+        value(d, "temperature").as_deref() == Some("23")
+    })
+    .await?;
+
+    // Slave 1 goes silent: it says so; slave 2 goes on.
+    slaves.mute(1, true)?;
+    wait_device(&node, "boiler", "boiler offline by timeout", |d| {
+        d.status.state.as_deref() == Some("Offline") && reason(d) == "False/Timeout"
+    })
+    .await?;
+    slaves.set(2, "ir", 0, &[100])?;
+    wait_device(&node, "tank", "tank still read", |d| {
+        value(d, "temperature").as_deref() == Some("10")
+            && d.status.state.as_deref() == Some("Online")
+    })
+    .await?;
+    slaves.mute(1, false)?;
+    wait_device(&node, "boiler", "boiler back", |d| {
+        d.status.state.as_deref() == Some("Online")
+    })
+    .await?;
+
+    // Answers from the wrong slave address, then with bad CRCs.
+    slaves.corrupt("slave")?;
+    wait_device(&node, "boiler", "a wrong slave's answer refused", |d| {
+        reason(d) == "False/BadResponse"
+    })
+    .await?;
+    slaves.corrupt("crc")?;
+    wait_device(&node, "tank", "bad CRCs refused", |d| {
+        d.status.state.as_deref() == Some("Offline")
+    })
+    .await?;
+    slaves.corrupt("off")?;
+    for n in ["boiler", "tank"] {
+        wait_device(&node, n, "answers check again", |d| {
+            d.status.state.as_deref() == Some("Online")
+        })
+        .await?;
+    }
+
+    // A desired value out of the model's range is refused, never written.
+    apply(
+        &node,
+        &format!(
+            "{MODEL}{}{}",
+            device("boiler", &line.edge, 1, Some("99")),
+            device("tank", &line.edge, 2, None)
+        ),
+    )?;
+    wait_device(&node, "boiler", "the out-of-range value refused", |d| {
+        d.status.properties.iter().any(|p| {
+            p.name == "setpoint"
+                && p.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("above the maximum 30"))
+        })
+    })
+    .await?;
+    assert_eq!(slaves.get(1, "hr", 10, 2)?, float32_words(21.5));
+
+    // The port disappears (adapter pulled): both devices say so; back, and
+    // both are read again.
+    drop(slaves);
+    line.cut();
+    for n in ["boiler", "tank"] {
+        wait_device(&node, n, "the port gone", |d| {
+            reason(d) == "False/PortUnavailable"
+        })
+        .await?;
+    }
+    // What an operator at the gateway reads of it.
+    let described = text(&node.cli(&["describe", "device", "tank", "-n", "plant"])?);
+    assert!(
+        described.contains("Reachable=False PortUnavailable")
+            && described.contains("unavailable: No such file"),
+        "{described}"
+    );
+    line.restore()?;
+    let mut slaves = Slaves::start(&line, &[1, 2])?;
+    slaves.set(1, "ir", 0, &[240])?;
+    slaves.set(1, "hr", 10, &float32_words(21.5))?;
+    slaves.set(1, "co", 0, &[1])?;
+    slaves.set(2, "ir", 0, &[120])?;
+    wait_device(&node, "boiler", "read after the port came back", |d| {
+        value(d, "temperature").as_deref() == Some("24")
+            && d.status.state.as_deref() == Some("Online")
+    })
+    .await?;
+    wait_device(&node, "tank", "tank read after the port came back", |d| {
+        value(d, "temperature").as_deref() == Some("12")
+    })
+    .await?;
+
+    // edge-rt restarts with no cloud: the devices come from the store and
+    // are polled again; the slave already has its desired values, so
+    // nothing is written.
+    apply(
+        &node,
+        &format!(
+            "{MODEL}{}{}",
+            device("boiler", &line.edge, 1, Some("21.5")),
+            device("tank", &line.edge, 2, None)
+        ),
+    )?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = slaves.writes(1)?;
+    drop(daemon);
+    slaves.set(1, "ir", 0, &[250])?;
+    let _daemon = node.start().await?;
+    wait_device(&node, "boiler", "polled after the restart", |d| {
+        value(d, "temperature").as_deref() == Some("25")
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        slaves.writes(1)?,
+        before,
+        "the restarted edge-rt wrote what the slave had"
+    );
+
+    // What an operator sees at the gateway.
+    let table = text(&node.cli(&["devices", "-n", "plant"])?);
+    assert!(
+        table.lines().any(|l| l.starts_with("boiler")
+            && l.contains("modbus-rtu")
+            && l.contains("Online")
+            && l.contains("temperature=25C")),
+        "{table}"
+    );
+    let described = text(&node.cli(&["describe", "device", "tank", "-n", "plant"])?);
+    assert!(
+        described.contains("temperature   12") && described.contains("Reachable=True"),
+        "{described}"
+    );
+    Ok(())
+}
