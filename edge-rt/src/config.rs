@@ -40,6 +40,12 @@
 //! [api]
 //! socket = "/run/edge-rt/edge-rt.sock" # default: edge-rt.sock in runtime.state_dir
 //! group = "edge"                       # may also use the CLI (default: root only)
+//!
+//! [devices]
+//! mqtt_broker = "127.0.0.1:1883"       # host:port of the broker MQTT devices use
+//! mqtt_client_id = "edge-rt"           # default: edge-rt-<node name>
+//! mqtt_username = "edge-rt"            # with mqtt_password_file; default: none
+//! mqtt_password_file = "/etc/edge-rt/mqtt-password"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -102,6 +108,30 @@ pub struct Config {
     pub api: ApiSection,
     pub network: crate::network::NetworkConfig,
     pub store: crate::store::StoreConfig,
+    pub devices: DevicesSection,
+}
+
+/// How the device manager reaches field devices.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesSection {
+    /// `host:port` of the MQTT broker MQTT devices use.
+    pub mqtt_broker: String,
+    pub mqtt_client_id: Option<String>,
+    pub mqtt_username: Option<String>,
+    /// A file holding the password (not the config: it is often readable).
+    pub mqtt_password_file: Option<PathBuf>,
+}
+
+impl Default for DevicesSection {
+    fn default() -> Self {
+        DevicesSection {
+            mqtt_broker: "127.0.0.1:1883".into(),
+            mqtt_client_id: None,
+            mqtt_username: None,
+            mqtt_password_file: None,
+        }
+    }
 }
 
 /// The local API socket the CLI talks to.

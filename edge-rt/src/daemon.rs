@@ -123,7 +123,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         },
     });
     let pods = Arc::new(PodManager::new(ctx.clone()));
-    let devices = crate::devices::DeviceManager::new();
+    let devices = crate::devices::DeviceManager::new(crate::devices::broker_config(
+        &cfg.devices,
+        &pods.context().node.node_name,
+    ));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 
     // Everything the node should run, from what it has: no connection.

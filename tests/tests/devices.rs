@@ -299,3 +299,269 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
     );
     Ok(())
 }
+
+/// mosquitto on a free loopback port, as the node's broker.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(port: u16) -> Result<Broker> {
+        let child = std::process::Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("mosquitto (Debian's mosquitto package)")?;
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("mosquitto did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Broker { child, port })
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `mosquitto_pub`, as a device firmware would publish.
+    fn publish(&self, topic: &str, message: &str) -> Result<()> {
+        let o = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1"])
+            .args(["-t", topic, "-m", message])
+            .output()?;
+        if !o.status.success() {
+            bail!("mosquitto_pub: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(())
+    }
+
+    /// `mosquitto_sub` on `topic`, its lines (`topic payload`) into a file.
+    fn subscribe(&self, topic: &str, out: &std::path::Path) -> Result<std::process::Child> {
+        let f = std::fs::File::create(out)?;
+        let c = std::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-v",
+            ])
+            .args(["-t", topic])
+            .stdout(f)
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(c)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Lines of `file` (what mosquitto_sub saw) for `suffix` whose payload
+/// parses, once at least one is there.
+async fn seen(
+    file: &std::path::Path,
+    suffix: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let r = wait_for(suffix, Duration::from_secs(10), || async {
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines().find_map(|l| {
+            let (topic, payload) = l.split_once(' ')?;
+            let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+            (topic.ends_with(suffix) && pred(&v)).then_some(v)
+        })
+    })
+    .await;
+    r.with_context(|| std::fs::read_to_string(file).unwrap_or_default())
+}
+
+const MQTT_MODEL: &str = r#"apiVersion: devices.outrigger.io/v1alpha1
+kind: DeviceModel
+metadata: {name: sensor, namespace: plant}
+spec:
+  properties:
+  - {name: temperature, type: float, unit: "C"}
+  - {name: switch, type: bool, access: ReadWrite}
+---
+apiVersion: devices.outrigger.io/v1alpha1
+kind: Device
+metadata: {name: probe, namespace: plant}
+spec:
+  model: sensor
+  nodeName: gw
+  protocol: {mqtt: {}}
+  properties:
+  - {name: temperature, collectCycleMs: 1000, reportCycleMs: 100}
+  - {name: switch, desired: "true", collectCycleMs: 1000, reportCycleMs: 100}
+"#;
+
+/// A device that speaks KubeEdge's twin topics (mosquitto_pub and
+/// mosquitto_sub as its firmware, mosquitto as the broker): its updates
+/// become readings and are answered, the desired value goes to it as a
+/// delta, bad updates and attempts to set desired values are refused,
+/// `twin/get` is answered, silence and a broker that goes away are said.
+#[tokio::test]
+async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let port = free_port()?;
+    let mut broker = Broker::start(port)?;
+    let mut cfg = std::fs::read_to_string(&node.config)?;
+    cfg.push_str(&format!(
+        "\n[devices]\nmqtt_broker = \"127.0.0.1:{port}\"\n"
+    ));
+    std::fs::write(&node.config, cfg)?;
+    let out = node.dir.path().join("sub.txt");
+    let topic = "$hw/events/device/plant/probe";
+    let mut sub = broker.subscribe(&format!("{topic}/#"), &out)?;
+    let _daemon = node.start().await?;
+    apply(&node, MQTT_MODEL)?;
+
+    // The device reports: a reading, answered with the result.
+    let update =
+        |id: &str, twin: &str| format!(r#"{{"event_id":"{id}","timestamp":0,"twin":{twin}}}"#);
+    wait_for(
+        "the node's subscriptions",
+        Duration::from_secs(10),
+        || async {
+            broker
+                .publish(
+                    &format!("{topic}/twin/update"),
+                    &update("e1", r#"{"temperature":{"actual":{"value":"21.5"}}}"#),
+                )
+                .ok()?;
+            devices(&node)
+                .ok()?
+                .into_iter()
+                .find(|d| d.name == "probe")
+                .filter(|d| value(d, "temperature").as_deref() == Some("21.5"))
+        },
+    )
+    .await?;
+    let d = wait_device(&node, "probe", "online", |d| {
+        d.status.state.as_deref() == Some("Online")
+    })
+    .await?;
+    assert_eq!(d.status.protocol.as_deref(), Some("mqtt"));
+    seen(&out, "/twin/update/result", |v| {
+        v["event_id"] == "e1" && v["twin"]["temperature"]["actual"]["value"] == "21.5"
+    })
+    .await?;
+    seen(&out, "/twin/update/document", |v| {
+        v["twin"]["temperature"]["current"]["actual"]["value"] == "21.5"
+    })
+    .await?;
+    // The desired value goes down as a delta; the device takes it.
+    seen(&out, "/twin/update/delta", |v| {
+        v["delta"]["switch"] == "true"
+    })
+    .await?;
+    broker.publish(
+        &format!("{topic}/twin/update"),
+        &update("e2", r#"{"switch":{"actual":{"value":"true"}}}"#),
+    )?;
+    wait_device(&node, "probe", "the switch taken", |d| {
+        value(d, "switch").as_deref() == Some("true")
+            && d.status
+                .properties
+                .iter()
+                .any(|p| p.name == "switch" && p.observed_desired.as_deref() == Some("true"))
+    })
+    .await?;
+
+    // A value that is not the property's type, a property the model lacks,
+    // a desired value set over MQTT: refused, said, nothing taken.
+    for (id, twin, says) in [
+        (
+            "bad1",
+            r#"{"temperature":{"actual":{"value":"hot"}}}"#,
+            "is not a float",
+        ),
+        (
+            "bad2",
+            r#"{"humidity":{"actual":{"value":"40"}}}"#,
+            "no property",
+        ),
+        (
+            "bad3",
+            r#"{"switch":{"expected":{"value":"false"}}}"#,
+            "set on the Device",
+        ),
+    ] {
+        broker.publish(&format!("{topic}/twin/update"), &update(id, twin))?;
+        let r = seen(&out, "/twin/update/result", |v| v["event_id"] == id).await?;
+        assert_eq!(r["code"], 400, "{r}");
+        assert!(r["reason"].as_str().unwrap_or("").contains(says), "{r}");
+    }
+    let d = wait_device(&node, "probe", "bad updates said", |d| {
+        reason(d) == "False/BadResponse"
+    })
+    .await?;
+    assert_eq!(value(&d, "temperature").as_deref(), Some("21.5"));
+
+    // twin/get, as an app on the node asks.
+    broker.publish(
+        &format!("{topic}/twin/get"),
+        r#"{"event_id":"g1","timestamp":0}"#,
+    )?;
+    let g = seen(&out, "/twin/get/result", |v| v["event_id"] == "g1").await?;
+    assert_eq!(g["twin"]["switch"]["expected"]["value"], "true", "{g}");
+    assert_eq!(g["twin"]["temperature"]["actual"]["value"], "21.5", "{g}");
+
+    // Silence (three collect cycles, at least 5 s) is said.
+    wait_device(&node, "probe", "silence said", |d| {
+        reason(d) == "False/Silent"
+    })
+    .await?;
+    // The broker goes away: said; back, and the device is heard again.
+    broker.stop();
+    let _ = sub.kill();
+    wait_device(&node, "probe", "broker gone said", |d| {
+        reason(d) == "False/BrokerUnavailable"
+    })
+    .await?;
+    let broker = Broker::start(port)?;
+    wait_for(
+        "heard again after the broker came back",
+        Duration::from_secs(20),
+        || async {
+            broker
+                .publish(
+                    &format!("{topic}/twin/update"),
+                    &update("e3", r#"{"temperature":{"actual":{"value":"22"}}}"#),
+                )
+                .ok()?;
+            devices(&node)
+                .ok()?
+                .into_iter()
+                .find(|d| d.name == "probe")
+                .filter(|d| {
+                    value(d, "temperature").as_deref() == Some("22")
+                        && d.status.state.as_deref() == Some("Online")
+                })
+        },
+    )
+    .await?;
+    let _ = sub.wait();
+    Ok(())
+}

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outrigger_devices::modbus::{self, Bus, LineConfig, LineId, ModbusDevice};
+use outrigger_devices::mqtt::{self, BrokerConfig, Hub, MqttDevice};
 use outrigger_devices::{Command, Event};
 use outrigger_proto::device::{self as api, Device, DeviceModel, Protocol};
 use outrigger_proto::report::DeviceReport;
@@ -51,16 +52,17 @@ struct Desire {
 }
 
 impl Desire {
-    /// Whether to write now, given what the device reports.
-    fn due(&mut self, reported: Option<&str>, now_ms: i64) -> bool {
+    /// Whether to write now, given what the device reports. `read_first`:
+    /// a device that is polled is read before it is written (it may have
+    /// the value already); one that reports when it likes is not waited for.
+    fn due(&mut self, reported: Option<&str>, read_first: bool, now_ms: i64) -> bool {
         let Some(target) = self.target.clone() else {
             return false;
         };
-        // Nothing read yet: the device may already have it.
-        let Some(reported) = reported else {
+        if reported.is_none() && read_first {
             return false;
-        };
-        if reported == target {
+        }
+        if reported == Some(target.as_str()) {
             if self.sent.as_ref().is_some_and(|(v, _, _)| *v == target) {
                 self.taken = true;
             }
@@ -95,8 +97,30 @@ struct Running {
     twin: Twin,
     desires: BTreeMap<String, Desire>,
     commands: Option<mpsc::Sender<Command>>,
-    driver: Option<ModbusDevice>,
+    driver: Option<Driver>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The driver a running device has.
+enum Driver {
+    Modbus(ModbusDevice),
+    Mqtt(MqttDevice),
+}
+
+impl Driver {
+    fn normalize(&self, name: &str, v: &api::Value) -> Result<String, String> {
+        match self {
+            Driver::Modbus(d) => d.normalize(name, v),
+            Driver::Mqtt(d) => d.normalize(name, v),
+        }
+    }
+
+    fn line(&self) -> Option<LineId> {
+        match self {
+            Driver::Modbus(d) => Some(d.line.id()),
+            Driver::Mqtt(_) => None,
+        }
+    }
 }
 
 impl Drop for Running {
@@ -112,6 +136,8 @@ struct State {
     devices: BTreeMap<String, Running>,
     /// Lines in use: their settings (devices on one must agree) and bus.
     lines: HashMap<LineId, (LineConfig, Bus)>,
+    /// The broker connection, once an MQTT device needs it.
+    hub: Option<Hub>,
 }
 
 /// What `edge-rt devices` and `describe device` show.
@@ -130,8 +156,8 @@ pub struct DeviceView {
     pub last_read: Option<String>,
 }
 
-#[derive(Default)]
 pub struct DeviceManager {
+    broker: BrokerConfig,
     state: Mutex<State>,
     /// A twin changed: the reporter looks.
     pub changed: tokio::sync::Notify,
@@ -147,8 +173,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl DeviceManager {
-    pub fn new() -> Arc<DeviceManager> {
-        Arc::new(DeviceManager::default())
+    /// MQTT devices go through `broker` (connected when the first one
+    /// comes).
+    pub fn new(broker: BrokerConfig) -> Arc<DeviceManager> {
+        Arc::new(DeviceManager {
+            broker,
+            state: Default::default(),
+            changed: Default::default(),
+            generation: Default::default(),
+        })
     }
 
     pub fn generation(&self) -> u64 {
@@ -201,9 +234,16 @@ impl DeviceManager {
         let used: Vec<LineId> = st
             .devices
             .values()
-            .filter_map(|r| r.driver.as_ref().map(|d| d.line.id()))
+            .filter_map(|r| r.driver.as_ref().and_then(Driver::line))
             .collect();
         st.lines.retain(|id, _| used.contains(id));
+        if !st
+            .devices
+            .values()
+            .any(|r| matches!(r.driver, Some(Driver::Mqtt(_))))
+        {
+            st.hub = None;
+        }
         drop(st);
         self.bump();
     }
@@ -289,36 +329,54 @@ impl DeviceManager {
                     }
                 };
                 let (ctx, crx) = mpsc::channel(16);
-                let (etx, mut erx) = mpsc::channel(64);
+                let (etx, erx) = mpsc::channel(64);
                 r.tasks.push(tokio::spawn(modbus::device::run(
                     dev.clone(),
                     bus,
                     crx,
                     etx,
                 )));
-                let me = Arc::downgrade(self);
-                let uid = uid.to_string();
-                r.tasks.push(tokio::spawn(async move {
-                    while let Some(ev) = erx.recv().await {
-                        let Some(m) = me.upgrade() else {
-                            return;
-                        };
-                        m.on_event(&uid, ev);
-                    }
-                }));
+                r.tasks.push(self.forward(uid, erx));
                 r.commands = Some(ctx);
-                r.driver = Some(dev);
+                r.driver = Some(Driver::Modbus(dev));
             }
             Protocol::Mqtt(_) => {
-                r.twin.refuse(
-                    "ProtocolUnavailable",
-                    "MQTT devices are not driven by this edge-rt build yet".into(),
-                    now,
-                );
+                let Some(dev) = MqttDevice::new(&r.namespace, &r.name, spec, &model.spec) else {
+                    return r;
+                };
+                let hub = st
+                    .hub
+                    .get_or_insert_with(|| Hub::start(self.broker.clone()))
+                    .clone();
+                let (ctx, crx) = mpsc::channel(16);
+                let (etx, erx) = mpsc::channel(64);
+                r.tasks
+                    .push(tokio::spawn(mqtt::device::run(dev.clone(), hub, crx, etx)));
+                r.tasks.push(self.forward(uid, erx));
+                r.commands = Some(ctx);
+                r.driver = Some(Driver::Mqtt(dev));
             }
         }
         set_targets(&mut r, &d);
         r
+    }
+
+    /// A driver's events into its twin, for as long as the manager lives.
+    fn forward(
+        self: &Arc<Self>,
+        uid: &str,
+        mut events: mpsc::Receiver<Event>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                let Some(m) = me.upgrade() else {
+                    return;
+                };
+                m.on_event(&uid, ev);
+            }
+        })
     }
 
     fn on_event(&self, uid: &str, ev: Event) {
@@ -363,9 +421,10 @@ impl DeviceManager {
             return;
         };
         let now = now_ms();
+        let read_first = matches!(r.driver, Some(Driver::Modbus(_)));
         for (name, d) in r.desires.iter_mut() {
             let reported = r.twin.properties.get(name).and_then(|p| p.value.as_deref());
-            if d.due(reported, now) {
+            if d.due(reported, read_first, now) {
                 if let Some((v, _, _)) = &d.sent {
                     let c = Command::Write {
                         property: name.clone(),
@@ -447,6 +506,36 @@ impl DeviceManager {
     }
 }
 
+/// The broker settings of `[devices]`: `host:port` (a bare host is port
+/// 1883), the password read from its file (a file that cannot be read is
+/// logged, and the client connects without one).
+pub fn broker_config(c: &crate::config::DevicesSection, node: &str) -> BrokerConfig {
+    let (host, port) = match c.mqtt_broker.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') => match p.parse() {
+            Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
+            Err(_) => (c.mqtt_broker.clone(), 1883),
+        },
+        _ => (c.mqtt_broker.clone(), 1883),
+    };
+    let password = c.mqtt_password_file.as_ref().and_then(|f| {
+        std::fs::read_to_string(f)
+            .map(|s| s.trim_end().to_string())
+            .map_err(|e| tracing::error!(file = %f.display(), error = %e, "the MQTT password cannot be read"))
+            .ok()
+    });
+    BrokerConfig {
+        host,
+        port,
+        client_id: c
+            .mqtt_client_id
+            .clone()
+            .unwrap_or_else(|| format!("edge-rt-{node}")),
+        username: c.mqtt_username.clone(),
+        password,
+        keep_alive: Duration::from_secs(30),
+    }
+}
+
 /// Each property's desired value in the device's resolution; a value the
 /// model refuses is no target, and the property says why (`desired: ...`)
 /// until it is fixed.
@@ -499,23 +588,29 @@ mod tests {
             target: Some("21.5".into()),
             ..Default::default()
         };
-        // Not read yet: wait.
-        assert!(!d.due(None, 0));
+        // Not read yet: wait (a device that reports by itself is not
+        // waited for).
+        assert!(!d.due(None, true, 0));
+        assert!(Desire {
+            target: d.target.clone(),
+            ..Default::default()
+        }
+        .due(None, false, 0));
         // The device already has it: nothing to write, ever.
-        assert!(!d.due(Some("21.5"), 0));
+        assert!(!d.due(Some("21.5"), true, 0));
         // It differs: write once.
-        assert!(d.due(Some("20"), 10));
-        assert!(!d.due(Some("20"), 20), "written twice");
+        assert!(d.due(Some("20"), true, 10));
+        assert!(!d.due(Some("20"), true, 20), "written twice");
         // It took; then someone changed it at the panel: write again.
-        assert!(!d.due(Some("21.5"), 30));
-        assert!(d.due(Some("19"), 40));
+        assert!(!d.due(Some("21.5"), true, 30));
+        assert!(d.due(Some("19"), true, 40));
         // It never shows the value: back off, 30 s, then 60 s.
-        assert!(!d.due(Some("19"), 40 + 29_000));
-        assert!(d.due(Some("19"), 40 + 30_000));
-        assert!(!d.due(Some("19"), 40 + 30_000 + 59_000));
-        assert!(d.due(Some("19"), 40 + 30_000 + 60_000));
+        assert!(!d.due(Some("19"), true, 40 + 29_000));
+        assert!(d.due(Some("19"), true, 40 + 30_000));
+        assert!(!d.due(Some("19"), true, 40 + 30_000 + 59_000));
+        assert!(d.due(Some("19"), true, 40 + 30_000 + 60_000));
         // A newer desired value goes at once.
         d.target = Some("22".into());
-        assert!(d.due(Some("19"), 40 + 30_000 + 60_001));
+        assert!(d.due(Some("19"), true, 40 + 30_000 + 60_001));
     }
 }

@@ -8,8 +8,12 @@
 //! - [`modbus`]: RTU lines and TCP targets shared by their devices
 //!   ([`modbus::bus`]), the register codec ([`modbus::codec`]), read
 //!   planning and the device task ([`modbus::device`]).
+//! - [`mqtt`]: devices that speak MQTT themselves, on KubeEdge's twin
+//!   topics and JSON ([`mqtt::twin`]), through one broker connection per
+//!   node ([`mqtt::hub`]).
 
 pub mod modbus;
+pub mod mqtt;
 
 use std::time::Duration;
 

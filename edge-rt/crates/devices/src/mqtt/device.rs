@@ -1,0 +1,438 @@
+//! One MQTT device, as edgecore serves it: the device publishes what it
+//! has (`twin/update` with `actual` values), edge-rt answers with the
+//! result, publishes a document of what changed, and a delta of the
+//! desired values the device lacks, which the device applies and reports
+//! back. `twin/get` is answered with every twin. A device that says
+//! nothing for three collect cycles (at least 5 s), or says `offline` on
+//! `state/update`, is unreachable until it speaks again.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outrigger_proto::device::{
+    Access, DeviceModelSpec, DeviceSpec, ModelProperty, Mqtt, Protocol, Value,
+};
+use rumqttc::QoS;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::hub::{Hub, Inbound};
+use super::twin::{
+    self, Base, ErrorResult, MsgTwin, StateUpdate, TwinDelta, TwinDoc, TwinDocument, TwinResult,
+    TwinUpdate, TwinValue, TypeMetadata,
+};
+use crate::{Command, Event};
+
+#[derive(Debug, Clone)]
+pub struct MqttDevice {
+    /// Its id in the topics.
+    pub id: String,
+    pub qos: QoS,
+    pub properties: BTreeMap<String, ModelProperty>,
+    /// Unreachable after this long without a message.
+    pub silence: Duration,
+}
+
+impl MqttDevice {
+    /// The device as its spec and model say; None if it is not an MQTT one.
+    pub fn new(
+        namespace: &str,
+        name: &str,
+        spec: &DeviceSpec,
+        model: &DeviceModelSpec,
+    ) -> Option<MqttDevice> {
+        let Protocol::Mqtt(Mqtt { device_id, qos, .. }) = &spec.protocol else {
+            return None;
+        };
+        let properties = spec
+            .properties
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), model.property(&p.name)?.clone())))
+            .collect();
+        let cycle = spec
+            .properties
+            .iter()
+            .map(|p| p.collect_cycle())
+            .max()
+            .unwrap_or(Duration::from_secs(1));
+        Some(MqttDevice {
+            id: device_id
+                .clone()
+                .unwrap_or_else(|| format!("{namespace}/{name}")),
+            qos: match qos {
+                0 => QoS::AtMostOnce,
+                2 => QoS::ExactlyOnce,
+                _ => QoS::AtLeastOnce,
+            },
+            properties,
+            silence: (cycle * 3).max(Duration::from_secs(5)),
+        })
+    }
+
+    /// A desired value as the device will report it (canonical text).
+    pub fn normalize(&self, name: &str, v: &Value) -> Result<String, String> {
+        self.properties
+            .get(name)
+            .map(|_| v.to_string())
+            .ok_or_else(|| format!("no property {name:?} on this device"))
+    }
+}
+
+#[derive(Default, Clone)]
+struct Twin {
+    expected: Option<TwinValue>,
+    actual: Option<TwinValue>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+struct Run {
+    dev: MqttDevice,
+    hub: Hub,
+    twins: BTreeMap<String, Twin>,
+    events: mpsc::Sender<Event>,
+}
+
+impl Run {
+    fn msg(&self, name: &str, t: &Twin) -> MsgTwin {
+        MsgTwin {
+            expected: t.expected.clone(),
+            actual: t.actual.clone(),
+            optional: Some(false),
+            metadata: self.dev.properties.get(name).map(|p| TypeMetadata {
+                type_: twin::type_name(p.type_).into(),
+            }),
+        }
+    }
+
+    async fn send<T: serde::Serialize>(&self, suffix: &str, m: &T) -> Result<(), String> {
+        let payload = serde_json::to_vec(m).map_err(|e| e.to_string())?;
+        self.hub
+            .publish(twin::topic(&self.dev.id, suffix), self.dev.qos, payload)
+            .await
+    }
+
+    async fn event(&self, e: Event) -> bool {
+        self.events.send(e).await.is_ok()
+    }
+
+    /// The delta, if the device lacks a desired value.
+    async fn delta(&self) -> Result<(), String> {
+        let mut delta = BTreeMap::new();
+        for (n, t) in &self.twins {
+            let want = t.expected.as_ref().and_then(|v| v.value.as_deref());
+            let have = t.actual.as_ref().and_then(|v| v.value.as_deref());
+            if let Some(w) = want {
+                if Some(w) != have {
+                    delta.insert(n.clone(), w.to_string());
+                }
+            }
+        }
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let twin = self
+            .twins
+            .iter()
+            .filter(|(_, t)| t.expected.is_some())
+            .map(|(n, t)| (n.clone(), self.msg(n, t)))
+            .collect();
+        let m = TwinDelta {
+            base: base(),
+            twin,
+            delta,
+        };
+        self.send("twin/update/delta", &m).await
+    }
+
+    /// A device's `twin/update`: every twin checked against the model
+    /// first; all taken or none. None: the manager has gone.
+    async fn update(&mut self, payload: &[u8]) -> Option<bool> {
+        let m: TwinUpdate = match serde_json::from_slice(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                return self
+                    .refuse(Base::default(), format!("not a twin update: {e}"))
+                    .await
+            }
+        };
+        let now = now_ms();
+        let mut values = Vec::new();
+        for (name, t) in &m.twin {
+            let Some(p) = self.dev.properties.get(name) else {
+                return self
+                    .refuse(m.base, format!("the device has no property {name:?}"))
+                    .await;
+            };
+            let Some(t) = t else {
+                return self
+                    .refuse(
+                        m.base,
+                        format!("{name:?}: twins of a Device are not deleted"),
+                    )
+                    .await;
+            };
+            if t.expected.is_some() {
+                return self
+                    .refuse(
+                        m.base,
+                        format!("{name:?}: desired values are set on the Device, not by MQTT"),
+                    )
+                    .await;
+            }
+            let Some(text) = t.actual.as_ref().and_then(|a| a.value.as_deref()) else {
+                continue;
+            };
+            match Value::parse(p.type_, text) {
+                Ok(v) => values.push((name.clone(), text.to_string(), v)),
+                Err(e) => return self.refuse(m.base, format!("{name:?}: {e}")).await,
+            }
+        }
+        let mut changed = BTreeMap::new();
+        let mut doc = BTreeMap::new();
+        for (name, text, v) in values {
+            let t = self.twins.entry(name.clone()).or_default();
+            let last = t.clone();
+            t.actual = Some(TwinValue::at(&text, now));
+            let cur = t.clone();
+            if last.actual.as_ref().and_then(|a| a.value.as_deref()) != Some(text.as_str()) {
+                doc.insert(
+                    name.clone(),
+                    TwinDoc {
+                        last: last.actual.is_some().then(|| self.msg(&name, &last)),
+                        current: Some(self.msg(&name, &cur)),
+                    },
+                );
+            }
+            changed.insert(name.clone(), self.msg(&name, &cur));
+            if !self
+                .event(Event::Value {
+                    property: name,
+                    value: v,
+                })
+                .await
+            {
+                return None;
+            }
+        }
+        let answer = Base {
+            event_id: m.base.event_id.clone(),
+            timestamp: now,
+        };
+        let _ = self
+            .send(
+                "twin/update/result",
+                &TwinResult {
+                    base: answer,
+                    twin: changed,
+                },
+            )
+            .await;
+        if !doc.is_empty() {
+            let _ = self
+                .send(
+                    "twin/update/document",
+                    &TwinDocument {
+                        base: base(),
+                        twin: doc,
+                    },
+                )
+                .await;
+        }
+        let _ = self.delta().await;
+        Some(true)
+    }
+
+    async fn refuse(&self, b: Base, reason: String) -> Option<bool> {
+        let _ = self
+            .send(
+                "twin/update/result",
+                &ErrorResult {
+                    base: Base {
+                        event_id: b.event_id,
+                        timestamp: now_ms(),
+                    },
+                    code: 400,
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+        self.event(Event::Contact {
+            ok: false,
+            reason: "BadResponse",
+            message: format!("twin/update refused: {reason}"),
+            latency: Duration::ZERO,
+        })
+        .await
+        .then_some(false)
+    }
+
+    async fn get(&self, payload: &[u8]) {
+        let b: Base = serde_json::from_slice(payload).unwrap_or_default();
+        let twin = self
+            .twins
+            .iter()
+            .map(|(n, t)| (n.clone(), self.msg(n, t)))
+            .collect();
+        let _ = self
+            .send(
+                "twin/get/result",
+                &TwinResult {
+                    base: Base {
+                        event_id: b.event_id,
+                        timestamp: now_ms(),
+                    },
+                    twin,
+                },
+            )
+            .await;
+    }
+
+    async fn write(&mut self, property: String, value: String) -> bool {
+        let refused = match self.dev.properties.get(&property) {
+            None => Some(format!("no property {property:?} on this device")),
+            Some(p) if p.access != Access::ReadWrite => Some(format!("{property:?} is ReadOnly")),
+            Some(p) => Value::parse(p.type_, &value)
+                .and_then(|v| v.check_range(p))
+                .err()
+                .map(|e| e.to_string()),
+        };
+        if let Some(error) = refused {
+            return self
+                .event(Event::WriteFailed {
+                    property,
+                    value,
+                    error,
+                })
+                .await;
+        }
+        self.twins.entry(property.clone()).or_default().expected =
+            Some(TwinValue::at(&value, now_ms()));
+        match self.delta().await {
+            Ok(()) => self.event(Event::Wrote { property, value }).await,
+            Err(error) => {
+                self.event(Event::WriteFailed {
+                    property,
+                    value,
+                    error,
+                })
+                .await
+            }
+        }
+    }
+}
+
+fn base() -> Base {
+    Base {
+        event_id: format!("{:016x}", rand_id()),
+        timestamp: now_ms(),
+    }
+}
+
+/// An event id: unique enough to match answers to requests.
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    (now_ms() as u64) << 16 | (N.fetch_add(1, Ordering::Relaxed) & 0xFFFF)
+}
+
+/// Serve the device until the manager drops its end of `commands`.
+pub async fn run(
+    dev: MqttDevice,
+    hub: Hub,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+) {
+    let Some(mut inbox) = hub.register(&dev.id) else {
+        let _ = events
+            .send(Event::Contact {
+                ok: false,
+                reason: "DeviceIdTaken",
+                message: format!("another device on this node has the MQTT id {:?}", dev.id),
+                latency: Duration::ZERO,
+            })
+            .await;
+        // Hold until stopped: the manager sees the condition.
+        while commands.recv().await.is_some() {}
+        return;
+    };
+    let id = dev.id.clone();
+    let silence = dev.silence;
+    let mut r = Run {
+        dev,
+        hub: hub.clone(),
+        twins: BTreeMap::new(),
+        events,
+    };
+    let mut heard: Option<Instant> = None;
+    let mut silent_said = false;
+    loop {
+        let quiet_at = heard.map(|h| h + silence);
+        tokio::select! {
+            c = commands.recv() => match c {
+                Some(Command::Write { property, value }) => {
+                    if !r.write(property, value).await { break }
+                }
+                None => break,
+            },
+            m = inbox.recv() => match m {
+                None => break,
+                Some(Inbound::Broker { up: true, .. }) => {
+                    // The device may have missed a delta while we were away.
+                    let _ = r.delta().await;
+                }
+                Some(Inbound::Broker { up: false, reason }) => {
+                    if !r.event(Event::Contact { ok: false, reason: "BrokerUnavailable", message: reason, latency: Duration::ZERO }).await { break }
+                }
+                Some(Inbound::Message { suffix, payload }) => {
+                    heard = Some(Instant::now());
+                    silent_said = false;
+                    match suffix.as_str() {
+                        "twin/update" => match r.update(&payload).await {
+                            None => break,
+                            Some(false) => {}
+                            Some(true) => {
+                                if !r.event(Event::Contact { ok: true, reason: "Answering", message: String::new(), latency: Duration::ZERO }).await { break }
+                            }
+                        },
+                        "twin/get" => r.get(&payload).await,
+                        "state/update" => {
+                            let s: StateUpdate = serde_json::from_slice(&payload).unwrap_or_default();
+                            let state = s.state.to_ascii_lowercase();
+                            let ok = matches!(state.as_str(), "online" | "ok");
+                            let e = Event::Contact {
+                                ok,
+                                reason: if ok { "Answering" } else { "DeviceReportsOffline" },
+                                message: format!("the device says {state:?}"),
+                                latency: Duration::ZERO,
+                            };
+                            if !r.event(e).await { break }
+                        }
+                        _ => {}
+                    }
+                }
+            },
+            _ = async {
+                match quiet_at {
+                    Some(t) if !silent_said => tokio::time::sleep_until(t).await,
+                    _ => std::future::pending().await,
+                }
+            } => {
+                silent_said = true;
+                let e = Event::Contact {
+                    ok: false,
+                    reason: "Silent",
+                    message: format!("no message from the device for {}s", silence.as_secs()),
+                    latency: Duration::ZERO,
+                };
+                if !r.event(e).await { break }
+            }
+        }
+    }
+    hub.unregister(&id);
+}

@@ -1,0 +1,250 @@
+//! KubeEdge's device-twin messages, as edgecore speaks them on MQTT
+//! (`edge/pkg/devicetwin/dttype`), so firmware and mappers written for
+//! KubeEdge work unchanged.
+//!
+//! Topics, under `$hw/events/device/<id>/` (`<id>` is `<namespace>/<name>`
+//! as KubeEdge 1.17 and later have it, or the Device's `mqtt.deviceId`):
+//!
+//! | suffix | from | payload |
+//! | --- | --- | --- |
+//! | `twin/update` | the device | [`TwinUpdate`]: `actual` values it has |
+//! | `twin/update/result` | edge-rt | [`TwinResult`] (the twins it changed) or [`ErrorResult`] |
+//! | `twin/update/delta` | edge-rt | [`TwinDelta`]: the desired values the device lacks |
+//! | `twin/update/document` | edge-rt | [`TwinDocument`]: each changed twin, before and after |
+//! | `twin/get` | anyone | [`Base`] |
+//! | `twin/get/result` | edge-rt | [`TwinResult`] with every twin |
+//! | `state/update` | the device | [`StateUpdate`] (`online`, `offline`, ...) |
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub const PREFIX: &str = "$hw/events/device/";
+
+/// `event_id` and `timestamp` (ms), on every message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Base {
+    #[serde(default)]
+    pub event_id: String,
+    #[serde(default, deserialize_with = "millis")]
+    pub timestamp: i64,
+}
+
+/// KubeEdge's own types say int64; its mapper framework sends a string.
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ms {
+        N(i64),
+        S(String),
+    }
+    Ok(match Ms::deserialize(d)? {
+        Ms::N(n) => n,
+        Ms::S(s) => s.parse().unwrap_or_default(),
+    })
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueMetadata {
+    #[serde(default, deserialize_with = "millis", skip_serializing_if = "is_zero")]
+    pub timestamp: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinValue {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<ValueMetadata>,
+}
+
+impl TwinValue {
+    pub fn at(value: &str, ms: i64) -> TwinValue {
+        TwinValue {
+            value: Some(value.to_string()),
+            metadata: Some(ValueMetadata { timestamp: ms }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeMetadata {
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub type_: String,
+}
+
+/// One twin: what the cloud wants (`expected`) and what the device has
+/// (`actual`). Versions, which edgecore keeps for its own sync, are not
+/// sent to devices, and ignored when a device sends them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsgTwin {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<TwinValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<TwinValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TypeMetadata>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinUpdate {
+    #[serde(flatten)]
+    pub base: Base,
+    /// A twin set to null is a deletion (of an optional twin) in KubeEdge;
+    /// here the model says what a device has, so it is refused.
+    #[serde(default)]
+    pub twin: BTreeMap<String, Option<MsgTwin>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinResult {
+    #[serde(flatten)]
+    pub base: Base,
+    pub twin: BTreeMap<String, MsgTwin>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResult {
+    #[serde(flatten)]
+    pub base: Base,
+    pub code: u16,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinDelta {
+    #[serde(flatten)]
+    pub base: Base,
+    pub twin: BTreeMap<String, MsgTwin>,
+    pub delta: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinDoc {
+    pub last: Option<MsgTwin>,
+    pub current: Option<MsgTwin>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinDocument {
+    #[serde(flatten)]
+    pub base: Base,
+    pub twin: BTreeMap<String, TwinDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateUpdate {
+    #[serde(flatten)]
+    pub base: Base,
+    #[serde(default)]
+    pub state: String,
+}
+
+/// What a topic under [`PREFIX`] is about: the device id and the suffix.
+pub fn split(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(PREFIX)?;
+    for suffix in ["/twin/update", "/twin/get", "/state/update"] {
+        if let Some(id) = rest.strip_suffix(suffix) {
+            if !id.is_empty() {
+                return Some((id, &suffix[1..]));
+            }
+        }
+    }
+    None
+}
+
+/// The topic of `suffix` for device `id`.
+pub fn topic(id: &str, suffix: &str) -> String {
+    format!("{PREFIX}{id}/{suffix}")
+}
+
+/// KubeEdge's name of a property type in twin metadata.
+pub fn type_name(t: outrigger_proto::device::PropertyType) -> &'static str {
+    use outrigger_proto::device::PropertyType as P;
+    match t {
+        P::Bool => "boolean",
+        P::Int => "int",
+        P::Float => "float",
+        P::String => "string",
+        P::Bytes => "bytes",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_as_a_kubeedge_mapper_sends_it() {
+        // mapper-framework's shape: a string timestamp, metadata by value.
+        let m: TwinUpdate = serde_json::from_str(
+            r#"{"event_id":"","timestamp":"1700000000000","twin":{"temperature":{"actual":{"value":"23.5","metadata":{"timestamp":"1700000000000"}},"metadata":{"type":"float"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.base.timestamp, 1_700_000_000_000);
+        let t = m.twin["temperature"].as_ref().unwrap();
+        assert_eq!(t.actual.as_ref().unwrap().value.as_deref(), Some("23.5"));
+        // edgecore's own shape, with versions (ignored).
+        let m: TwinUpdate = serde_json::from_str(
+            r#"{"event_id":"e1","timestamp":1700000000000,"twin":{"switch":{"expected":{"value":"1"},"optional":true,"metadata":{"type":"int"},"expected_version":{"cloud":3,"edge":1}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.base.event_id, "e1");
+        assert!(m.twin["switch"].as_ref().unwrap().expected.is_some());
+    }
+
+    #[test]
+    fn a_delta_is_what_edgecore_publishes() {
+        let d = TwinDelta {
+            base: Base {
+                event_id: "x".into(),
+                timestamp: 5,
+            },
+            twin: [(
+                "switch".to_string(),
+                MsgTwin {
+                    expected: Some(TwinValue::at("1", 5)),
+                    actual: Some(TwinValue::at("0", 4)),
+                    optional: Some(true),
+                    metadata: Some(TypeMetadata {
+                        type_: "int".into(),
+                    }),
+                },
+            )]
+            .into(),
+            delta: [("switch".to_string(), "1".to_string())].into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!({"event_id":"x","timestamp":5,
+                "twin":{"switch":{"expected":{"value":"1","metadata":{"timestamp":5}},
+                                  "actual":{"value":"0","metadata":{"timestamp":4}},
+                                  "optional":true,"metadata":{"type":"int"}}},
+                "delta":{"switch":"1"}})
+        );
+    }
+
+    #[test]
+    fn topics_name_the_device_with_or_without_its_namespace() {
+        assert_eq!(
+            split("$hw/events/device/plant/boiler/twin/update"),
+            Some(("plant/boiler", "twin/update"))
+        );
+        assert_eq!(
+            split("$hw/events/device/boiler/state/update"),
+            Some(("boiler", "state/update"))
+        );
+        assert_eq!(split("$hw/events/device/boiler/twin/update/delta"), None);
+        assert_eq!(split("$hw/events/device//twin/update"), None);
+        assert_eq!(
+            topic("plant/boiler", "twin/update/delta"),
+            "$hw/events/device/plant/boiler/twin/update/delta"
+        );
+    }
+}
