@@ -1,7 +1,8 @@
 //! cloud-gw's HTTP endpoints beside the edge link: `/healthz`, `/readyz`,
 //! `/metrics` (plain HTTP, for probes and Prometheus), and the admission
-//! webhook `/mutate-pods` (HTTPS: the API server calls it, trusting the
-//! link CA through the webhook configuration's caBundle).
+//! webhooks `/mutate-pods` and `/validate-devices` (HTTPS: the API server
+//! calls them, trusting the link CA through the webhook configurations'
+//! caBundle).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +21,12 @@ pub trait State: Send + Sync + 'static {
     /// What the webhook decides with: the edge nodes known now and the
     /// cluster's default tolerations.
     fn admission(&self) -> crate::bridge::admission::Context;
+    /// A DeviceModel as the caches have it.
+    fn device_model(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<outrigger_proto::device::DeviceModelSpec>;
 }
 
 /// An AdmissionReview is small; anything bigger is not one.
@@ -52,6 +59,21 @@ async fn handle(
             "text/plain; version=0.0.4",
             crate::metrics::render(),
         ),
+        (&Method::POST, "/validate-devices") => {
+            match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => {
+                    let out = crate::bridge::admission::review_device(&b.to_bytes(), |ns, n| {
+                        state.device_model(ns, n)
+                    });
+                    reply(
+                        StatusCode::OK,
+                        "application/json",
+                        serde_json::to_vec(&out).unwrap_or_default(),
+                    )
+                }
+                Err(e) => reply(StatusCode::BAD_REQUEST, text, format!("{e}\n")),
+            }
+        }
         (&Method::POST, "/mutate-pods") => {
             match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => {
@@ -68,7 +90,7 @@ async fn handle(
         _ => reply(
             StatusCode::NOT_FOUND,
             text,
-            "no such endpoint (/healthz, /readyz, /metrics, /mutate-pods)\n",
+            "no such endpoint (/healthz, /readyz, /metrics, /mutate-pods, /validate-devices)\n",
         ),
     })
 }

@@ -200,6 +200,10 @@ impl cloud_gw::http::State for NoCluster {
     fn admission(&self) -> cloud_gw::bridge::admission::Context {
         Default::default()
     }
+
+    fn device_model(&self, _: &str, _: &str) -> Option<outrigger_proto::device::DeviceModelSpec> {
+        None
+    }
 }
 
 async fn listen(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
@@ -317,7 +321,7 @@ async fn run() -> Result<()> {
                     ),
                     Ok(false) => tracing::info!(
                         webhook_config,
-                        "no webhook configuration of that name; pods get no autonomy tolerations"
+                        "no webhook configuration of that name; pods get no autonomy tolerations, devices are checked by their nodes only"
                     ),
                     Err(e) => {
                         tracing::warn!(webhook_config, error = %e, "cannot write the CA into the webhook configuration")

@@ -2,7 +2,8 @@
 //! `kubectl apply -f -`: the device CRDs ([`crate::crds`]), its namespace
 //! and service account, RBAC with
 //! least privilege, the Deployment, the Services (the webhook's, and the
-//! edges' way in), and the mutating webhook configuration.
+//! edges' way in), and the webhook configurations: mutating (edge pods'
+//! tolerations) and validating (a Device against its model), of one name.
 //!
 //! The webhook's caBundle is left out: the link CA does not exist until
 //! the first replica starts, and cloud-gw writes it into the configuration
@@ -71,7 +72,8 @@ pub fn documents(o: &Options) -> Vec<Value> {
           {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices", "devicemodels"],
            "verbs": ["get", "list", "watch"]},
           {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices/status"], "verbs": ["patch"]},
-          {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+          {"apiGroups": ["admissionregistration.k8s.io"],
+           "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
            "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}
         ]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -162,6 +164,20 @@ pub fn documents(o: &Options) -> Vec<Value> {
           "timeoutSeconds": 5,
           "reinvocationPolicy": "IfNeeded"
         }]}),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_CONFIG, "labels": labels()},
+        "webhooks": [{
+          "name": "devices.outrigger.io",
+          "clientConfig": {"service": {"name": NAME, "namespace": ns, "path": "/validate-devices", "port": 443}},
+          "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [outrigger_proto::device::GROUP],
+                     "apiVersions": [outrigger_proto::device::VERSION], "resources": ["devices"], "scope": "*"}],
+          // Without cloud-gw a device is still applied: its node checks it
+          // with the same code and says what is wrong in its status.
+          "failurePolicy": "Ignore",
+          "sideEffects": "None",
+          "admissionReviewVersions": ["v1"],
+          "timeoutSeconds": 5
+        }]}),
     ]);
     docs
 }
@@ -176,9 +192,10 @@ pub fn yaml(o: &Options) -> Result<String, serde_yaml_ng::Error> {
     Ok(out)
 }
 
-/// Write the link CA into the webhook configuration (every webhook in it),
-/// so the API server trusts the webhook's serving certificate. Absent
-/// configuration: nothing to do (the webhook is optional).
+/// Write the link CA into the webhook configurations of that name
+/// (mutating and validating, every webhook in them), so the API server
+/// trusts the webhooks' serving certificate. Absent configurations:
+/// nothing to do (the webhooks are optional). True if there was one.
 ///
 /// A server-side apply of the caBundle fields alone, as field manager
 /// `cloud-gw`: the rest of the configuration stays the manifests' (applied
@@ -190,28 +207,49 @@ pub async fn inject_ca_bundle(
     ca_pem: &str,
 ) -> Result<bool, kube::Error> {
     use base64::Engine;
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let api = kube::Api::<MutatingWebhookConfiguration>::all(client);
-    let Some(c) = api.get_opt(name).await? else {
-        return Ok(false);
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
     };
     let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-    let hooks: Vec<Value> = c
-        .webhooks
-        .iter()
-        .flatten()
-        .map(|h| json!({"name": h.name, "clientConfig": {"caBundle": bundle}}))
-        .collect();
-    let patch = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": hooks,
-    });
+    let patch = |kind: &str, names: Vec<String>| {
+        let hooks: Vec<Value> = names
+            .into_iter()
+            .map(|n| json!({"name": n, "clientConfig": {"caBundle": bundle}}))
+            .collect();
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "webhooks": hooks,
+        })
+    };
     let pp = kube::api::PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &pp, &kube::api::Patch::Apply(&patch))
-        .await?;
-    Ok(true)
+    let mut any = false;
+    let m = kube::Api::<MutatingWebhookConfiguration>::all(client.clone());
+    if let Some(c) = m.get_opt(name).await? {
+        let names = c
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|h| h.name.clone())
+            .collect();
+        let p = patch("MutatingWebhookConfiguration", names);
+        m.patch(name, &pp, &kube::api::Patch::Apply(&p)).await?;
+        any = true;
+    }
+    let v = kube::Api::<ValidatingWebhookConfiguration>::all(client);
+    if let Some(c) = v.get_opt(name).await? {
+        let names = c
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|h| h.name.clone())
+            .collect();
+        let p = patch("ValidatingWebhookConfiguration", names);
+        v.patch(name, &pp, &kube::api::Patch::Apply(&p)).await?;
+        any = true;
+    }
+    Ok(any)
 }
 
 /// cloud-gw's name as a field manager (server-side apply).
@@ -245,6 +283,7 @@ mod tests {
             "Deployment",
             "Service",
             "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
         ] {
             assert!(kinds.contains(&k), "{k} missing");
         }

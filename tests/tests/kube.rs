@@ -268,9 +268,24 @@ webhooks:
   sideEffects: None
   admissionReviewVersions: [v1]
   timeoutSeconds: 5
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: {name}}}
+webhooks:
+- name: devices.outrigger.io
+  clientConfig: {{url: "https://{addr}/validate-devices"}}
+  rules: [{{operations: [CREATE, UPDATE], apiGroups: [devices.outrigger.io], apiVersions: [v1alpha1], resources: [devices]}}]
+  namespaceSelector:
+    matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 5
 "#,
         ns = scope.namespace
     );
+    scope.owns("validatingwebhookconfiguration", &name);
     kubectl_stdin(scope.kubectl(), &["apply", "-f", "-"], &yaml)?;
     Ok((name, addr))
 }
@@ -1542,7 +1557,11 @@ async fn a_device_applied_with_kubectl_is_polled_on_its_edge_and_patched_from_th
         return Ok(());
     }
     install_device_crds(&Cluster::get()?)?;
-    let s = Setup::ready(Opts::default()).await?;
+    let s = Setup::ready(Opts {
+        webhook: true,
+        ..Default::default()
+    })
+    .await?;
     // What the API server refuses, with the schema alone.
     for (bad, says) in [
         ("rtu: {port: /dev/ttyUSB0}", "slaveId"),
@@ -1570,6 +1589,23 @@ async fn a_device_applied_with_kubectl_is_polled_on_its_edge_and_patched_from_th
     let mut slave = outrigger_tests::modbus::Slaves::start(&line, &[1])?;
     slave.set(1, "ir", 0, &[215])?;
     s.apply(DEVICE_MODEL)?;
+    // What needs the model too: cloud-gw's webhook checks the device
+    // against it (as the edge does).
+    // (cloud-gw learns the model from its watch: until it has, a device
+    // is let through with a warning; each try is a new value, so each is a
+    // request.)
+    let mut refused = None;
+    for v in 31..60 {
+        match s.apply(&kube_device(s.name(), &line.edge, &v.to_string())) {
+            Err(e) => {
+                refused = Some(format!("{e:#}"));
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let e = refused.context("setpoints out of the model's range were accepted")?;
+    ensure!(e.contains("above the maximum 30"), "{e}\n{}", s.logs());
     s.apply(&kube_device(s.name(), &line.edge, "21.5"))?;
     let reported = |want: &'static str| {
         let s = &s;

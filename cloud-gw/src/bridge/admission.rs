@@ -290,9 +290,101 @@ pub fn review(body: &[u8], ctx: &Context) -> Value {
     out
 }
 
+/// A Device, checked against its model (`outrigger_proto::device::check`,
+/// as the edge checks it): refused with every problem named, or allowed.
+/// A device whose model does not exist (yet) is allowed with a warning:
+/// its status says so until the model comes.
+pub fn review_device(
+    body: &[u8],
+    model: impl Fn(&str, &str) -> Option<outrigger_proto::device::DeviceModelSpec>,
+) -> Value {
+    use outrigger_proto::device::{check, Device};
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json!(
+                AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")).into_review()
+            )
+        }
+    };
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return json!(AdmissionResponse::invalid(e.to_string()).into_review()),
+    };
+    let allowed = AdmissionResponse::from(&req);
+    // The schema has checked its shape; what does not parse here is the
+    // API server's to refuse, not ours.
+    let Some(device) = req
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .and_then(|v| serde_json::from_value::<Device>(v).ok())
+    else {
+        return json!(allowed.into_review());
+    };
+    let ns = req.namespace.clone().unwrap_or_else(|| "default".into());
+    let Some(m) = model(&ns, &device.spec.model) else {
+        let mut out = json!(allowed.into_review());
+        out["response"]["warnings"] = json!([format!(
+            "DeviceModel {ns}/{} does not exist: the device will not run until it does",
+            device.spec.model
+        )]);
+        return out;
+    };
+    let problems = check(&device.spec, &m);
+    if problems.is_empty() {
+        return json!(allowed.into_review());
+    }
+    let reasons: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    json!(allowed
+        .deny(format!(
+            "Device {ns}/{} does not fit DeviceModel {}: {}",
+            device.metadata.name.as_deref().unwrap_or(""),
+            device.spec.model,
+            reasons.join("; ")
+        ))
+        .into_review())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_is_checked_against_its_model() {
+        let model: outrigger_proto::device::DeviceModelSpec = serde_json::from_value(json!({
+            "properties": [{"name": "setpoint", "type": "float", "access": "ReadWrite", "minimum": 5, "maximum": 30}]
+        }))
+        .unwrap();
+        let review = |desired: &str, model_name: &str| {
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": "u1", "kind": {"group": "devices.outrigger.io", "version": "v1alpha1", "kind": "Device"},
+                "resource": {"group": "devices.outrigger.io", "version": "v1alpha1", "resource": "devices"},
+                "operation": "CREATE", "namespace": "plant", "name": "boiler",
+                "userInfo": {"username": "admin"},
+                "object": {"apiVersion": "devices.outrigger.io/v1alpha1", "kind": "Device",
+                    "metadata": {"name": "boiler", "namespace": "plant"},
+                    "spec": {"model": model_name, "nodeName": "gw", "protocol": {"mqtt": {}},
+                             "properties": [{"name": "setpoint", "desired": desired}]}}}})
+            .to_string()
+        };
+        let find = |ns: &str, n: &str| (ns == "plant" && n == "thermostat").then(|| model.clone());
+        let ok = review_device(review("21", "thermostat").as_bytes(), find);
+        assert_eq!(ok["response"]["allowed"], true, "{ok}");
+        let no = review_device(review("99", "thermostat").as_bytes(), find);
+        assert_eq!(no["response"]["allowed"], false, "{no}");
+        let msg = no["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("spec.properties[0].desired") && msg.contains("above the maximum 30"),
+            "{msg}"
+        );
+        let later = review_device(review("99", "not-yet").as_bytes(), find);
+        assert_eq!(later["response"]["allowed"], true);
+        assert!(later["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"));
+    }
 
     fn pod(spec: Value, annotations: Value) -> Pod {
         serde_json::from_value(json!({

@@ -347,6 +347,19 @@ impl Cache {
             .collect()
     }
 
+    /// A DeviceModel's spec (the webhook checks devices against it).
+    pub fn device_model(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<outrigger_proto::device::DeviceModelSpec> {
+        let o = self
+            .configs
+            .get(&(Kind::DeviceModel, (namespace.to_string(), name.to_string())))?;
+        let m: outrigger_proto::device::DeviceModel = serde_json::from_slice(&o.body).ok()?;
+        Some(m.spec)
+    }
+
     pub fn device_keys(&self) -> Vec<Key> {
         self.devices.keys().cloned().collect()
     }

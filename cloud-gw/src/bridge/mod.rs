@@ -385,6 +385,14 @@ impl crate::http::State for KubeSource {
     fn admission(&self) -> admission::Context {
         admission_context(&self.inner)
     }
+
+    fn device_model(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<outrigger_proto::device::DeviceModelSpec> {
+        lock(&self.inner.cache).device_model(namespace, name)
+    }
 }
 
 impl Source for KubeSource {
