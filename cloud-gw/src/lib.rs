@@ -5,6 +5,8 @@
 //!   use, status and events (a [`source::Source`] over the API server).
 //! - [`http`], [`metrics`]: health, readiness, Prometheus metrics and the
 //!   admission webhook.
+//! - [`convert`]: `cloud-gw convert-kubeedge`, KubeEdge's device objects
+//!   into ours.
 //! - [`manifests`]: what `kubectl apply` needs to run cloud-gw in a cluster;
 //!   [`crds`]: the DeviceModel and Device definitions among them.
 //! - [`keeper`]: where secrets live (a directory, memory, or a Kubernetes
@@ -17,6 +19,7 @@
 //! - [`sync`]: one node's delta sync over its link.
 
 pub mod bridge;
+pub mod convert;
 pub mod crds;
 pub mod http;
 pub mod keeper;

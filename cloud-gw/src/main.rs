@@ -52,8 +52,16 @@ enum Cmd {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Print what a cluster needs to run cloud-gw (namespace, RBAC,
-    /// Deployment, Services, webhook), for `kubectl apply -f -`.
+    /// KubeEdge v1beta1 DeviceModels and Devices as ours (other documents
+    /// as they are), for `kubectl apply -f -`; what has no equivalent is
+    /// named on stderr.
+    ConvertKubeedge {
+        /// A YAML file of KubeEdge objects; - for stdin.
+        #[arg(short, long)]
+        filename: PathBuf,
+    },
+    /// Print what a cluster needs to run cloud-gw (CRDs, namespace, RBAC,
+    /// Deployment, Services, webhooks), for `kubectl apply -f -`.
     Manifests {
         #[arg(long, default_value = "outrigger-system")]
         namespace: String,
@@ -398,6 +406,21 @@ async fn run() -> Result<()> {
                 sans,
             };
             print!("{}", cloud_gw::manifests::yaml(&o)?);
+        }
+        Cmd::ConvertKubeedge { filename } => {
+            let text = if filename.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&filename)
+                    .with_context(|| format!("reading {}", filename.display()))?
+            };
+            let c = cloud_gw::convert::convert(&text)?;
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            for o in &c.objects {
+                print!("---\n{}", serde_yaml_ng::to_string(o)?);
+            }
         }
         Cmd::Token(TokenCmd::Revoke { id }) => {
             Tokens::new(keeper.as_ref())

@@ -40,6 +40,7 @@
 //! [api]
 //! socket = "/run/edge-rt/edge-rt.sock" # default: edge-rt.sock in runtime.state_dir
 //! group = "edge"                       # may also use the CLI (default: root only)
+//! metrics_listen = "127.0.0.1:9102"    # Prometheus /metrics (default: off)
 //!
 //! [devices]
 //! mqtt_broker = "127.0.0.1:1883"       # host:port of the broker MQTT devices use
@@ -142,6 +143,9 @@ pub struct ApiSection {
     pub socket: Option<PathBuf>,
     /// A group whose members may use the CLI too (socket mode 0660).
     pub group: Option<String>,
+    /// `host:port` serving Prometheus metrics at `/metrics` (devices:
+    /// polls, errors, latency, reachability). Default: off.
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

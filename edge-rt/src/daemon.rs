@@ -146,6 +146,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     });
     tokio::spawn(server.serve(listener));
     tracing::info!(socket = %socket.display(), "local API listening");
+    if let Some(addr) = &cfg.api.metrics_listen {
+        // Metrics are an extra: a port in use is logged, not fatal.
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "Prometheus metrics at /metrics");
+                tokio::spawn(crate::api::metrics::serve(l, devices.clone()));
+            }
+            Err(e) => tracing::error!(%addr, error = %e, "metrics listener not started"),
+        }
+    }
 
     // The cloud link, if this node joined one.
     match link {

@@ -116,6 +116,12 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
         return Ok(());
     }
     let node = Node::new()?;
+    let metrics_port = free_port()?;
+    let mut cfg = std::fs::read_to_string(&node.config)?;
+    cfg.push_str(&format!(
+        "\n[api]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"
+    ));
+    std::fs::write(&node.config, cfg)?;
     let mut line = Line::new(node.dir.path(), "rs485")?;
     let mut slaves = Slaves::start(&line, &[1, 2])?;
     slaves.set(1, "ir", 0, &[215])?;
@@ -183,6 +189,28 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
         d.status.state.as_deref() == Some("Online")
     })
     .await?;
+
+    // Prometheus has it too.
+    let m = http_get(metrics_port, "/metrics")?;
+    let series = |name: &str, dev: &str| -> Option<f64> {
+        m.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "{name}{{namespace=\"plant\",device=\"{dev}\",protocol=\"modbus-rtu\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    assert!(
+        series("edge_rt_device_timeouts_total", "boiler").is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+    assert!(
+        series("edge_rt_device_polls_total", "tank").is_some_and(|v| v > 10.0),
+        "{m}"
+    );
+    assert_eq!(series("edge_rt_device_up", "tank"), Some(1.0), "{m}");
 
     // Answers from the wrong slave address, then with bad CRCs.
     slaves.corrupt("slave")?;
@@ -564,4 +592,21 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     .await?;
     let _ = sub.wait();
     Ok(())
+}
+
+/// A plain HTTP GET on loopback; the body.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
 }

@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 pub mod exec;
+pub mod metrics;
 
 use crate::pods::events::PodEvent;
 use crate::pods::{self, PodManager};
