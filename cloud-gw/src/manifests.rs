@@ -224,6 +224,7 @@ pub async fn inject_ca_bundle(
         })
     };
     let pp = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    let apply = kube::api::Patch::Apply;
     let mut any = false;
     let m = kube::Api::<MutatingWebhookConfiguration>::all(client.clone());
     if let Some(c) = m.get_opt(name).await? {
@@ -233,8 +234,12 @@ pub async fn inject_ca_bundle(
             .flatten()
             .map(|h| h.name.clone())
             .collect();
-        let p = patch("MutatingWebhookConfiguration", names);
-        m.patch(name, &pp, &kube::api::Patch::Apply(&p)).await?;
+        m.patch(
+            name,
+            &pp,
+            &apply(patch("MutatingWebhookConfiguration", names)),
+        )
+        .await?;
         any = true;
     }
     let v = kube::Api::<ValidatingWebhookConfiguration>::all(client);
@@ -245,8 +250,12 @@ pub async fn inject_ca_bundle(
             .flatten()
             .map(|h| h.name.clone())
             .collect();
-        let p = patch("ValidatingWebhookConfiguration", names);
-        v.patch(name, &pp, &kube::api::Patch::Apply(&p)).await?;
+        v.patch(
+            name,
+            &pp,
+            &apply(patch("ValidatingWebhookConfiguration", names)),
+        )
+        .await?;
         any = true;
     }
     Ok(any)

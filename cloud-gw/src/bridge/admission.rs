@@ -250,20 +250,25 @@ pub fn tolerations_for(pod: &Pod, ctx: &Context) -> Option<Vec<Toleration>> {
     (new != old).then_some(new)
 }
 
+/// The request of an AdmissionReview, or the refusal that says why it
+/// cannot be read.
+fn request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Value> {
+    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).map_err(|e| {
+        json!(AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")).into_review())
+    })?;
+    review
+        .try_into()
+        .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| {
+            json!(AdmissionResponse::invalid(e.to_string()).into_review())
+        })
+}
+
 /// One AdmissionReview in, its answer out. A request that cannot be read
 /// is answered with a refusal saying why.
 pub fn review(body: &[u8], ctx: &Context) -> Value {
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+    let req = match request(body) {
         Ok(r) => r,
-        Err(e) => {
-            return json!(
-                AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")).into_review()
-            )
-        }
-    };
-    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(r) => r,
-        Err(e) => return json!(AdmissionResponse::invalid(e.to_string()).into_review()),
+        Err(refusal) => return refusal,
     };
     let mut out = json!(AdmissionResponse::from(&req).into_review());
     let pod: Option<Pod> = req
@@ -299,17 +304,9 @@ pub fn review_device(
     model: impl Fn(&str, &str) -> Option<outrigger_proto::device::DeviceModelSpec>,
 ) -> Value {
     use outrigger_proto::device::{check, Device};
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+    let req = match request(body) {
         Ok(r) => r,
-        Err(e) => {
-            return json!(
-                AdmissionResponse::invalid(format!("not an AdmissionReview: {e}")).into_review()
-            )
-        }
-    };
-    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(r) => r,
-        Err(e) => return json!(AdmissionResponse::invalid(e.to_string()).into_review()),
+        Err(refusal) => return refusal,
     };
     let allowed = AdmissionResponse::from(&req);
     // The schema has checked its shape; what does not parse here is the
