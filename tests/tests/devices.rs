@@ -262,7 +262,17 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
         .await?;
     }
     // What an operator at the gateway reads of it.
-    let described = text(&node.cli(&["describe", "device", "tank", "-n", "plant"])?);
+    // (The first failure is the read that broke, "broken pipe"; the reopen
+    // that follows finds no port.)
+    let described = wait_for("the reopen's error", Duration::from_secs(10), || async {
+        let d = text(
+            &node
+                .cli(&["describe", "device", "tank", "-n", "plant"])
+                .ok()?,
+        );
+        d.contains("unavailable: No such file").then_some(d)
+    })
+    .await?;
     assert!(
         described.contains("Reachable=False PortUnavailable")
             && described.contains("unavailable: No such file"),
