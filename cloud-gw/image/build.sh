@@ -12,13 +12,15 @@
 # Needs cargo with the musl targets (rustup target add x86_64-unknown-linux-musl
 # aarch64-unknown-linux-musl) and zig's C compiler for aws-lc (pip install
 # ziglang), as the static edge-rt build does; tar, gzip, sha256sum.
-# CLOUD_GW_BIN_<ARCH>=path uses a binary built already instead of cargo.
+# CLOUD_GW_BIN_<ARCH>=path uses a binary built already instead of cargo;
+# PROFILE=name builds with another cargo profile (release by default).
 set -eu
 out=${1:?usage: build.sh OUT_DIR [TAG]}
 tag=${2:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$(dirname "$0")/../../Cargo.toml" | head -n 1)}
 arches=${ARCHES:-amd64 arm64}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$root/target}
+profile=${PROFILE:-release}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -41,8 +43,8 @@ for arch in $arches; do
   esac
   bin=$(eval echo "\${CLOUD_GW_BIN_$(echo "$arch" | tr a-z A-Z):-}")
   if [ -z "$bin" ]; then
-    (cd "$root" && cargo build --release --locked --target "$triple" -p cloud-gw)
-    bin=$target_dir/$triple/release/cloud-gw
+    (cd "$root" && cargo build --profile "$profile" --locked --target "$triple" -p cloud-gw)
+    bin=$target_dir/$triple/$profile/cloud-gw
   fi
   rootfs=$work/rootfs-$arch
   mkdir -p "$rootfs/etc" "$rootfs/tmp"
