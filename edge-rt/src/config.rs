@@ -43,7 +43,10 @@
 //! metrics_listen = "127.0.0.1:9102"    # Prometheus /metrics (default: off)
 //!
 //! [devices]
-//! mqtt_broker = "127.0.0.1:1883"       # host:port of the broker MQTT devices use
+//! embedded_broker = true               # run an MQTT broker (rumqttd) as a child process
+//! broker_listen = ["127.0.0.1:1883"]   # its listeners; "bridge:1883" is the pod bridge's address
+//! broker_users_file = "/etc/edge-rt/mqtt-users"  # user:password lines; default: no login asked
+//! mqtt_broker = "127.0.0.1:1883"       # with embedded_broker = false: the broker to use
 //! mqtt_client_id = "edge-rt"           # default: edge-rt-<node name>
 //! mqtt_username = "edge-rt"            # with mqtt_password_file; default: none
 //! mqtt_password_file = "/etc/edge-rt/mqtt-password"
@@ -116,7 +119,15 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DevicesSection {
-    /// `host:port` of the MQTT broker MQTT devices use.
+    /// Run the embedded broker (`edge-rt broker`) and use it.
+    pub embedded_broker: bool,
+    /// The embedded broker's listeners: `ip:port`, or `bridge:port` for
+    /// the pod bridge's address. edge-rt connects to the first.
+    pub broker_listen: Vec<String>,
+    /// `user:password` lines the embedded broker accepts (with edge-rt's
+    /// own `mqtt_username`); unset, it asks no login.
+    pub broker_users_file: Option<PathBuf>,
+    /// `host:port` of an external broker (with `embedded_broker = false`).
     pub mqtt_broker: String,
     pub mqtt_client_id: Option<String>,
     pub mqtt_username: Option<String>,
@@ -127,6 +138,9 @@ pub struct DevicesSection {
 impl Default for DevicesSection {
     fn default() -> Self {
         DevicesSection {
+            embedded_broker: true,
+            broker_listen: vec!["127.0.0.1:1883".into()],
+            broker_users_file: None,
             mqtt_broker: "127.0.0.1:1883".into(),
             mqtt_client_id: None,
             mqtt_username: None,

@@ -123,9 +123,41 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         },
     });
     let pods = Arc::new(PodManager::new(ctx.clone()));
+    // The embedded MQTT broker, before anything connects to it.
+    let embedded = if cfg.devices.embedded_broker {
+        let bridge = ctx.network.as_ref().map(|n| n.gateway());
+        match crate::devices::broker::listen_addrs(&cfg.devices, bridge) {
+            Ok(listen) => {
+                if let Some(n) = &ctx.network {
+                    // A listener on the pod bridge needs the bridge up.
+                    if listen
+                        .iter()
+                        .any(|a| a.ip() == std::net::IpAddr::V4(n.gateway()))
+                    {
+                        if let Err(e) = n.ensure_bridge() {
+                            tracing::warn!(error = %e, "pod bridge not ready for the MQTT broker");
+                        }
+                    }
+                }
+                let local = crate::devices::broker::local_address(&listen);
+                tokio::spawn(crate::devices::broker::supervise(
+                    cfg.devices.clone(),
+                    listen,
+                ));
+                local
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the embedded MQTT broker is not started");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let devices = crate::devices::DeviceManager::new(crate::devices::broker_config(
         &cfg.devices,
         &pods.context().node.node_name,
+        embedded,
     ));
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 

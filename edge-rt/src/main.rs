@@ -33,6 +33,21 @@ struct Cli {
 enum Cmd {
     /// Run the node agent (as a service, or as PID 1 of a gateway image).
     Run,
+    /// The embedded MQTT broker (`edge-rt run` starts it as a child with
+    /// `[devices]`'s settings; by hand, e.g. to compare it with another).
+    Broker {
+        /// ip:port to listen on (MQTT 3.1.1); repeat for several.
+        #[arg(long, required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        /// user:password lines; with none, no login is asked.
+        #[arg(long)]
+        users_file: Option<PathBuf>,
+        /// One more user, with its password in --password-file.
+        #[arg(long, requires = "password_file")]
+        user: Option<String>,
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+    },
     /// List, pull, import, remove and collect images.
     #[command(subcommand)]
     Images(ImagesCmd),
@@ -252,6 +267,23 @@ fn init_tracing() {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    // The broker runs threads of its own: it never shares the process
+    // with the runtime (see devices::broker), so it starts before one.
+    if let Cmd::Broker {
+        listen,
+        users_file,
+        user,
+        password_file,
+    } = &cli.cmd
+    {
+        let s = edge_rt::devices::broker::settings(
+            listen.clone(),
+            users_file.as_deref(),
+            user.as_deref().zip(password_file.as_deref()),
+        )?;
+        outrigger_devices::broker::serve(&s)?;
+        return Ok(());
+    }
     // One thread: libcontainer clones the process to create containers, and a
     // single-threaded runtime means no other thread of ours is mid-allocation
     // when it does (see sys::fork_guard).
@@ -263,6 +295,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
         Cmd::Run => edge_rt::daemon::run(cli.config).await,
+        // Served in main, before the runtime starts.
+        Cmd::Broker { .. } => Ok(()),
         Cmd::Images(c) => images(&cfg, c).await,
         Cmd::Ps { output } => {
             let records = runtime::load_records(&cfg.runtime.state_dir);

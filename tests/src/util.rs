@@ -190,6 +190,8 @@ pub struct Node {
     pub manifests: PathBuf,
     pub state: PathBuf,
     pub logs: PathBuf,
+    /// The embedded MQTT broker's port (on loopback).
+    pub mqtt_port: u16,
 }
 
 impl Node {
@@ -217,15 +219,18 @@ impl Node {
         let state = d.join("run");
         let logs = d.join("logs");
         let config = d.join("config.toml");
+        // Every node runs its embedded broker, each on a port of its own.
+        let mqtt_port = crate::registry::free_port()?;
         std::fs::write(
             &config,
             format!(
-                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/outrigger-test/{name}\"\n\n# Suites that need pod networking set up a bridge of their own.\n[network]\nenabled = false\n",
+                "[node]\ndata_dir = {:?}\nmanifests_dir = {:?}\npreload_dir = {:?}\n\n[runtime]\nstate_dir = {:?}\nlog_dir = {:?}\ncgroup_parent = \"/outrigger-test/{name}\"\n\n# Suites that need pod networking set up a bridge of their own.\n[network]\nenabled = false\n\n[devices]\n{}\n",
                 d.join("data"),
                 manifests,
                 preload,
                 state,
-                logs
+                logs,
+                Self::broker_line(mqtt_port),
             ),
         )?;
         Ok(Node {
@@ -234,7 +239,25 @@ impl Node {
             manifests,
             state,
             logs,
+            mqtt_port,
         })
+    }
+
+    fn broker_line(port: u16) -> String {
+        format!("broker_listen = [\"127.0.0.1:{port}\"]")
+    }
+
+    /// Replace the node's `[devices]` settings (it has the embedded broker
+    /// on `mqtt_port` until then).
+    pub fn devices_config(&self, body: &str) -> Result<()> {
+        let cfg = std::fs::read_to_string(&self.config)?;
+        let line = Self::broker_line(self.mqtt_port);
+        anyhow::ensure!(
+            cfg.contains(&line),
+            "the node's [devices] section was changed already"
+        );
+        std::fs::write(&self.config, cfg.replace(&line, body))?;
+        Ok(())
     }
 
     /// Trust the registry whose CA certificate is at `ca_pem` for pulls.

@@ -340,11 +340,16 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
 
 /// mosquitto on a free loopback port, as the node's broker.
 struct Broker {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     port: u16,
 }
 
 impl Broker {
+    /// The clients of a broker someone else runs (edge-rt's own).
+    fn at(port: u16) -> Broker {
+        Broker { child: None, port }
+    }
+
     fn start(port: u16) -> Result<Broker> {
         let child = std::process::Command::new("mosquitto")
             .args(["-p", &port.to_string()])
@@ -359,12 +364,17 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Broker { child, port })
+        Ok(Broker {
+            child: Some(child),
+            port,
+        })
     }
 
     fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// `mosquitto_pub`, as a device firmware would publish.
@@ -464,11 +474,9 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     let node = Node::new()?;
     let port = free_port()?;
     let mut broker = Broker::start(port)?;
-    let mut cfg = std::fs::read_to_string(&node.config)?;
-    cfg.push_str(&format!(
-        "\n[devices]\nmqtt_broker = \"127.0.0.1:{port}\"\n"
-    ));
-    std::fs::write(&node.config, cfg)?;
+    node.devices_config(&format!(
+        "embedded_broker = false\nmqtt_broker = \"127.0.0.1:{port}\""
+    ))?;
     let out = node.dir.path().join("sub.txt");
     let topic = "$hw/events/device/plant/probe";
     let mut sub = broker.subscribe(&format!("{topic}/#"), &out)?;
@@ -601,6 +609,112 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     )
     .await?;
     let _ = sub.wait();
+    Ok(())
+}
+
+/// The pid of the embedded broker edge-rt runs on `port`.
+fn broker_pid(port: u16) -> Option<i32> {
+    let want = format!("127.0.0.1:{port}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        (args.get(1) == Some(&b"broker".as_slice()) && args.contains(&want.as_bytes()))
+            .then_some(pid)
+    })
+}
+
+/// With no broker on the node, edge-rt's embedded one (a child process)
+/// carries an MQTT device's twin topics, for the device and for anyone
+/// reading its twin; killed, it is started again and the device is heard
+/// again; with edge-rt gone, it goes too.
+#[tokio::test]
+async fn the_embedded_broker_carries_an_mqtt_device_and_is_kept_running() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let broker = Broker::at(node.mqtt_port);
+    let mut daemon = node.start().await?;
+    let pid = wait_for("the embedded broker", Duration::from_secs(10), || async {
+        let pid = broker_pid(node.mqtt_port)?;
+        std::net::TcpStream::connect(("127.0.0.1", node.mqtt_port)).ok()?;
+        Some(pid)
+    })
+    .await?;
+    let out = node.dir.path().join("sub.txt");
+    let topic = "$hw/events/device/plant/probe";
+    let mut sub = broker.subscribe(&format!("{topic}/#"), &out)?;
+    apply(&node, MQTT_MODEL)?;
+    let heard = |v: &'static str| {
+        let broker = &broker;
+        let node = &node;
+        move || async move {
+            broker
+                .publish(
+                    &format!("{topic}/twin/update"),
+                    &format!(r#"{{"event_id":"{v}","timestamp":0,"twin":{{"temperature":{{"actual":{{"value":"{v}"}}}}}}}}"#),
+                )
+                .ok()?;
+            devices(node)
+                .ok()?
+                .into_iter()
+                .find(|d| d.name == "probe")
+                .filter(|d| value(d, "temperature").as_deref() == Some(v))
+        }
+    };
+    wait_for(
+        "a reading through the embedded broker",
+        Duration::from_secs(15),
+        heard("21.5"),
+    )
+    .await?;
+    seen(&out, "/twin/update/delta", |v| {
+        v["delta"]["switch"] == "true"
+    })
+    .await?;
+    seen(&out, "/twin/update/document", |v| {
+        v["twin"]["temperature"]["current"]["actual"]["value"] == "21.5"
+    })
+    .await?;
+
+    // Killed: edge-rt sees the broker gone, starts another, is heard again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let again = wait_for(
+        "the broker started again",
+        Duration::from_secs(15),
+        || async { broker_pid(node.mqtt_port).filter(|p| *p != pid) },
+    )
+    .await?;
+    wait_for(
+        "heard again through the new broker",
+        Duration::from_secs(20),
+        heard("22"),
+    )
+    .await?;
+
+    // edge-rt gone (no chance to clean up): its broker goes with it.
+    let _ = daemon.child.kill();
+    let _ = daemon.child.wait();
+    wait_for(
+        "the broker gone with edge-rt",
+        Duration::from_secs(10),
+        || async {
+            let zombie = std::fs::read_to_string(format!("/proc/{again}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                });
+            (!pid_alive(again) || zombie == Some(true)).then_some(())
+        },
+    )
+    .await?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //! writes what the device already has, and a newer desired value replaces
 //! an older one that was not yet written (in order, the last one wins).
 
+pub mod broker;
 pub mod twin;
 
 use std::collections::{BTreeMap, HashMap};
@@ -509,13 +510,16 @@ impl DeviceManager {
 /// The broker settings of `[devices]`: `host:port` (a bare host is port
 /// 1883), the password read from its file (a file that cannot be read is
 /// logged, and the client connects without one).
-pub fn broker_config(c: &crate::config::DevicesSection, node: &str) -> BrokerConfig {
-    let (host, port) = match c.mqtt_broker.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') => match p.parse() {
-            Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
-            Err(_) => (c.mqtt_broker.clone(), 1883),
-        },
-        _ => (c.mqtt_broker.clone(), 1883),
+/// How edge-rt connects to its broker: the embedded one at `embedded`
+/// (its first listener), or `mqtt_broker`.
+pub fn broker_config(
+    c: &crate::config::DevicesSection,
+    node: &str,
+    embedded: Option<std::net::SocketAddr>,
+) -> BrokerConfig {
+    let (host, port) = match embedded {
+        Some(a) => (a.ip().to_string(), a.port()),
+        None => split_host_port(&c.mqtt_broker),
     };
     let password = c.mqtt_password_file.as_ref().and_then(|f| {
         std::fs::read_to_string(f)
@@ -533,6 +537,17 @@ pub fn broker_config(c: &crate::config::DevicesSection, node: &str) -> BrokerCon
         username: c.mqtt_username.clone(),
         password,
         keep_alive: Duration::from_secs(30),
+    }
+}
+
+/// `host:port` (`[v6]:port`); no port is MQTT's 1883.
+fn split_host_port(s: &str) -> (String, u16) {
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') => match p.parse() {
+            Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
+            Err(_) => (s.to_string(), 1883),
+        },
+        _ => (s.to_string(), 1883),
     }
 }
 

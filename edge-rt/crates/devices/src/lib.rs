@@ -11,7 +11,10 @@
 //! - [`mqtt`]: devices that speak MQTT themselves, on KubeEdge's twin
 //!   topics and JSON ([`mqtt::twin`]), through one broker connection per
 //!   node ([`mqtt::hub`]).
+//! - [`broker`]: the embedded MQTT broker (rumqttd), run in a process of
+//!   its own.
 
+pub mod broker;
 pub mod modbus;
 pub mod mqtt;
 
