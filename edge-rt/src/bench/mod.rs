@@ -7,7 +7,10 @@
 //! with 20 containers and reports its resident memory. `bench store`
 //! measures durable object updates per second, batched against one
 //! transaction per update; `bench reboot` cuts power (as far as a process
-//! can) under a node with N stored pods and times its way back.
+//! can) under a node with N stored pods and times its way back; `bench
+//! broker` ([`broker`]) loads the embedded MQTT broker and mosquitto alike.
+
+mod broker;
 
 use std::fs;
 use std::os::fd::OwnedFd;
@@ -60,6 +63,19 @@ pub enum BenchCmd {
         /// Where the scratch store goes: put it on the device under test.
         #[arg(long, default_value = "/var/tmp/edge-rt-bench-store")]
         dir: PathBuf,
+    },
+    /// The embedded MQTT broker beside mosquitto: QoS 1 throughput from
+    /// N publishers to M subscribers, and each broker's memory.
+    Broker {
+        #[arg(long, default_value_t = 10)]
+        publishers: usize,
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        /// Messages per publisher.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
     },
     /// Reboot with no cloud: N pods in the store, a power cut (edge-rt and
     /// every container killed, state and mounts gone), then edge-rt start
@@ -116,6 +132,20 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
             runs,
             dir,
         } => reboot(cfg, &image, pods, runs, &dir).await,
+        BenchCmd::Broker {
+            publishers,
+            subscribers,
+            messages,
+            payload_bytes,
+        } => {
+            broker::run(broker::Load {
+                publishers,
+                subscribers,
+                messages,
+                payload_bytes,
+            })
+            .await
+        }
     }
 }
 
