@@ -191,6 +191,14 @@ fn device() -> Value {
         "properties": {
             "name": string(), "value": string(), "time": {"type": "string", "format": "date-time"},
             "observedDesired": string(), "error": string(),
+            "localDesired": {
+                "type": "object",
+                "required": ["value", "time"],
+                "properties": {
+                    "value": string(), "base": string(),
+                    "time": {"type": "string", "format": "date-time"},
+                },
+            },
         },
     });
     let condition = json!({
@@ -318,6 +326,11 @@ mod tests {
                     time: Some("2026-12-02T00:00:00Z".into()),
                     observed_desired: Some("1".into()),
                     error: Some("e".into()),
+                    local_desired: Some(outrigger_proto::device::LocalDesired {
+                        value: "2".into(),
+                        base: Some("1".into()),
+                        time: "2026-12-02T00:00:00Z".into(),
+                    }),
                 }],
                 conditions: vec![],
                 counters: Counters::default(),

@@ -72,6 +72,8 @@ pub fn documents(o: &Options) -> Vec<Value> {
           {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices", "devicemodels"],
            "verbs": ["get", "list", "watch"]},
           {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices/status"], "verbs": ["patch"]},
+          // A desired value an operator set at the gateway, into the spec.
+          {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices"], "verbs": ["patch"]},
           {"apiGroups": ["admissionregistration.k8s.io"],
            "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
            "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}

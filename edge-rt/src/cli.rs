@@ -551,6 +551,26 @@ pub fn describe_device(d: &crate::devices::DeviceView) -> String {
         &["  NAME", "VALUE", "CHANGED", "DESIRED TAKEN", "ERROR"],
         &rows,
     ));
+    let local: Vec<String> = s
+        .properties
+        .iter()
+        .filter_map(|p| {
+            let l = p.local_desired.as_ref()?;
+            Some(format!(
+                "  {}={} at {} (over the spec's {})",
+                p.name,
+                l.value,
+                l.time,
+                l.base.as_deref().unwrap_or("none")
+            ))
+        })
+        .collect();
+    if !local.is_empty() {
+        let _ = writeln!(out, "Set at the node (edge-rt device set):");
+        for l in local {
+            let _ = writeln!(out, "{l}");
+        }
+    }
     let _ = writeln!(out, "Conditions:");
     for c in &s.conditions {
         let _ = writeln!(

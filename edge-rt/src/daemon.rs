@@ -327,4 +327,10 @@ fn reconcile(
         .replace(d.config_maps, d.secrets, d.tokens);
     pods.apply(d.pods);
     devices.apply(d.devices);
+    if let (Some(s), false) = (store, d.stale_local.is_empty()) {
+        // Its change wakes the next reconcile, which finds none left.
+        if let Err(e) = s.set_local_desired(&[], &d.stale_local) {
+            tracing::warn!(error = %e, "dropping desired values set at the node that no longer hold");
+        }
+    }
 }

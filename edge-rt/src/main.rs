@@ -78,6 +78,10 @@ enum Cmd {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
+    /// Set a device's desired values at the gateway, with or without the
+    /// cloud: `edge-rt device set boiler setpoint=21.5`.
+    #[command(subcommand)]
+    Device(DeviceCmd),
     /// A pod's status, containers and events (`edge-rt describe pod NAME`),
     /// or a device's properties, conditions, counters and recent errors
     /// (`edge-rt describe device NAME`).
@@ -206,6 +210,38 @@ fn print_as<T: serde::Serialize>(v: &T, output: PodsOutput) -> Result<()> {
         _ => println!("{}", serde_json::to_string_pretty(v)?),
     }
     Ok(())
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Set desired values at the node. They are written at once and kept
+    /// in the store; the cluster's Device takes them when the link is up,
+    /// unless its desired value was changed there in the meantime (then
+    /// the cluster's wins and is written).
+    Set {
+        name: String,
+        /// PROPERTY=VALUE, one or more (all are checked before any is set).
+        #[arg(required = true, value_parser = property_value)]
+        values: Vec<(String, String)>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Drop values set at the node, so the spec's desired values hold
+    /// again.
+    Reset {
+        name: String,
+        #[arg(required = true)]
+        properties: Vec<String>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+fn property_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((p, v)) if !p.trim().is_empty() => Ok((p.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("{s:?} is not PROPERTY=VALUE")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -347,6 +383,34 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let (v, _) = api::call(&api::socket_path(&cfg), &Request::Apply { objects }).await?;
             for line in v.as_array().into_iter().flatten() {
                 println!("{}", line.as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Cmd::Device(c) => {
+            let req = match c {
+                DeviceCmd::Set {
+                    name,
+                    values,
+                    namespace,
+                } => Request::SetDesired {
+                    namespace,
+                    name,
+                    values: values.into_iter().map(|(p, v)| (p, Some(v))).collect(),
+                },
+                DeviceCmd::Reset {
+                    name,
+                    properties,
+                    namespace,
+                } => Request::SetDesired {
+                    namespace,
+                    name,
+                    values: properties.into_iter().map(|p| (p, None)).collect(),
+                },
+            };
+            let (v, _) = api::call(&api::socket_path(&cfg), &req).await?;
+            let said: Vec<String> = serde_json::from_value(v)?;
+            for s in said {
+                println!("{s}");
             }
             Ok(())
         }

@@ -1523,6 +1523,7 @@ spec:
   properties:
   - {name: temperature, type: float, unit: "C", minimum: -40, maximum: 125}
   - {name: setpoint, type: float, access: ReadWrite, minimum: 5, maximum: 30}
+  - {name: mode, type: int, access: ReadWrite, minimum: 0, maximum: 3}
 "#;
 
 fn kube_device(node: &str, port: &std::path::Path, setpoint: &str) -> String {
@@ -1541,6 +1542,7 @@ spec:
   properties:
   - {{name: temperature, collectCycleMs: 100, reportCycleMs: 200, modbus: {{table: InputRegister, address: 0, dataType: int16, scale: 0.1}}}}
   - {{name: setpoint, desired: "{setpoint}", collectCycleMs: 100, reportCycleMs: 200, modbus: {{table: HoldingRegister, address: 10, dataType: float32}}}}
+  - {{name: mode, collectCycleMs: 100, reportCycleMs: 200, modbus: {{table: HoldingRegister, address: 20, dataType: uint16}}}}
 "#,
         port = port.display()
     )
@@ -1670,17 +1672,164 @@ async fn until_register(
     v: f32,
     s: &Setup,
 ) -> Result<()> {
+    until_registers(slave, 10, &outrigger_tests::modbus::float32_words(v), s).await
+}
+
+/// Wait (10 s) until slave 1's holding registers from `address` hold `words`.
+async fn until_registers(
+    slave: &mut outrigger_tests::modbus::Slaves,
+    address: u16,
+    words: &[u16],
+    s: &Setup,
+) -> Result<()> {
     let t0 = std::time::Instant::now();
     loop {
-        let got = slave.get(1, "hr", 10, 2)?;
-        if got == outrigger_tests::modbus::float32_words(v) {
+        let got = slave.get(1, "hr", address, words.len() as u16)?;
+        if got == words {
             return Ok(());
         }
         ensure!(
             t0.elapsed() < Duration::from_secs(10),
-            "the setpoint {v} never reached the slave (registers {got:?})\n{}",
+            "{words:?} never reached the slave's registers at {address} ({got:?})\n{}",
             s.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Cut from the cloud, a device goes on, and both sides' changes meet once
+/// the link is back: readings that changed on the slave (the status shows
+/// the latest), a desired value patched in the cluster (written to the
+/// slave), one set at the gateway with `edge-rt device set` (written at
+/// once, kept through an edge-rt restart, then taken into the Device's
+/// spec), and one changed on both sides (the cluster's wins); each value
+/// written once.
+#[tokio::test]
+async fn a_device_cut_from_the_cloud_goes_on_and_both_sides_converge_after() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    install_device_crds(&Cluster::get()?)?;
+    let mut s = Setup::ready(Opts::default()).await?;
+    let line = outrigger_tests::modbus::Line::new(s.node().dir.path(), "rs485")?;
+    let mut slave = outrigger_tests::modbus::Slaves::start(&line, &[1])?;
+    slave.set(1, "ir", 0, &[215])?;
+    s.apply(DEVICE_MODEL)?;
+    s.apply(&kube_device(s.name(), &line.edge, "21.5"))?;
+    until_register(&mut slave, 21.5, &s).await?;
+    let status = |s: &Setup| -> Result<Value> { s.get_json(&["device", "boiler"]) };
+    let prop = |d: &Value, part: &str, name: &str| -> Value {
+        d[part]["properties"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_for("the first reading", Duration::from_secs(30), || async {
+        let d = status(&s).ok()?;
+        (prop(&d, "status", "temperature")["value"] == "21.5").then_some(())
+    })
+    .await
+    .with_context(|| s.logs())?;
+
+    let mut cut = PortCut::cut(s.cloud.addr.port())?;
+    wait_for(
+        "the edge to see the link down",
+        Duration::from_secs(20),
+        || async {
+            s.node()
+                .daemon_log()
+                .contains("link to cloud-gw down")
+                .then_some(())
+        },
+    )
+    .await?;
+    // The cluster's side.
+    s.kc(&[
+        "patch",
+        "device",
+        "boiler",
+        "--type=json",
+        "-p",
+        r#"[{"op": "replace", "path": "/spec/properties/1/desired", "value": "18"}]"#,
+    ])?;
+    // The gateway's side: refused values first, with why.
+    for (bad, says) in [
+        ("temperature=30", "ReadOnly"),
+        ("mode=9", "maximum 3"),
+        ("mode=two", "mode=two"),
+        ("valve=1", "no property"),
+    ] {
+        let o = s
+            .node()
+            .cli(&["device", "set", "boiler", bad, "-n", s.ns()])?;
+        ensure!(!o.status.success(), "{bad} was accepted");
+        ensure!(stderr(&o).contains(says), "{bad}: {}", stderr(&o));
+    }
+    let o = s.node().cli(&[
+        "device",
+        "set",
+        "boiler",
+        "mode=2",
+        "setpoint=25",
+        "-n",
+        s.ns(),
+    ])?;
+    ensure!(o.status.success(), "device set: {}", stderr(&o));
+    until_registers(&mut slave, 20, &[2], &s).await?;
+    until_register(&mut slave, 25.0, &s).await?;
+    // The device's side: readings move on.
+    slave.set(1, "ir", 0, &[230])?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    slave.set(1, "ir", 0, &[190])?;
+    // A restart of edge-rt, still cut: what was set at the gateway holds.
+    s.edges[0].daemon = None;
+    s.edges[0].daemon = Some(s.node().start().await?);
+    let d = text(
+        &s.node()
+            .cli(&["describe", "device", "boiler", "-n", s.ns()])?,
+    );
+    ensure!(d.contains("mode=2 at"), "{d}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(slave.get(1, "hr", 20, 1)? == [2]);
+    ensure!(
+        slave.writes(1)? == 3,
+        "writes before the link is back: {}",
+        slave.writes(1)?
+    );
+
+    cut.restore()?;
+    let d = wait_for(
+        "both sides to converge",
+        Duration::from_secs(60),
+        || async {
+            let d = status(&s).ok()?;
+            let mode = prop(&d, "spec", "mode");
+            let locals = d["status"]["properties"]
+                .as_array()?
+                .iter()
+                .any(|p| !p["localDesired"].is_null());
+            (mode["desired"] == "2"
+                && prop(&d, "spec", "setpoint")["desired"] == "18"
+                && prop(&d, "status", "temperature")["value"] == "19"
+                && prop(&d, "status", "setpoint")["observedDesired"] == "18"
+                && !locals)
+                .then_some(d)
+        },
+    )
+    .await
+    .with_context(|| format!("{:#}\n{}", status(&s).unwrap_or_default(), s.logs()))?;
+    until_register(&mut slave, 18.0, &s).await?;
+    ensure!(slave.get(1, "hr", 20, 1)? == [2], "{d:#}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // 21.5, then offline mode 2 and setpoint 25, then the cluster's 18.
+    ensure!(slave.writes(1)? == 4, "writes: {}", slave.writes(1)?);
+    let d = text(
+        &s.node()
+            .cli(&["describe", "device", "boiler", "-n", s.ns()])?,
+    );
+    ensure!(!d.contains("Set at the node"), "{d}");
+    drop(slave);
+    drop(line);
+    s.cleanup().await
 }

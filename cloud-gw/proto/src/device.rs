@@ -394,6 +394,36 @@ pub struct PropertyStatus {
     /// Why the last read or write of this property failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A desired value set at the node (`edge-rt device set`) that the
+    /// spec does not have yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_desired: Option<LocalDesired>,
+}
+
+/// A desired value an operator set at the gateway, over the spec's.
+///
+/// It holds while the spec's desired value is still `base` (the one the
+/// operator set it over): the node writes it, reports it, and cloud-gw
+/// writes it into the spec (only if the spec still has `base`). A spec
+/// changed in the cluster since then wins: the node drops the local value
+/// and writes the cluster's. Either way both sides end on one value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalDesired {
+    pub value: String,
+    /// The spec's desired value when it was set (none: the spec had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// RFC 3339: when it was set.
+    pub time: String,
+}
+
+impl LocalDesired {
+    /// Whether it still holds over the spec's desired value `spec`: the
+    /// spec has not changed since it was set, and does not have it yet.
+    pub fn holds_over(&self, spec: Option<&str>) -> bool {
+        self.base.as_deref() == spec && spec != Some(self.value.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -596,13 +626,8 @@ pub fn check(device: &DeviceSpec, model: &DeviceModelSpec) -> Vec<Problem> {
             }
         }
         if let Some(d) = &p.desired {
-            if mp.access == Access::ReadOnly {
-                out.push(problem(
-                    at("desired"),
-                    format!("{:?} is ReadOnly in model {}", p.name, device.model),
-                ));
-            } else if let Err(e) = Value::parse(mp.type_, d).and_then(|v| v.check_range(mp)) {
-                out.push(problem(at("desired"), e.to_string()));
+            if let Err(e) = check_desired(model, &device.model, &p.name, d) {
+                out.push(problem(at("desired"), e));
             }
         }
         match (&device.protocol, &p.modbus) {
@@ -619,6 +644,26 @@ pub fn check(device: &DeviceSpec, model: &DeviceModelSpec) -> Vec<Problem> {
         }
     }
     out
+}
+
+/// Whether `text` may be property `name`'s desired value under the model
+/// (named `model_name`): the model has the property, it is ReadWrite, the
+/// text is of its type and in its range.
+pub fn check_desired(
+    model: &DeviceModelSpec,
+    model_name: &str,
+    name: &str,
+    text: &str,
+) -> Result<Value, String> {
+    let mp = model
+        .property(name)
+        .ok_or_else(|| format!("model {model_name} has no property {name:?}"))?;
+    if mp.access != Access::ReadWrite {
+        return Err(format!("{name:?} is ReadOnly in model {model_name}"));
+    }
+    let v = Value::parse(mp.type_, text).map_err(|e| e.to_string())?;
+    v.check_range(mp).map_err(|e| e.to_string())?;
+    Ok(v)
 }
 
 fn check_modbus(m: &Modbus, out: &mut Vec<Problem>) {

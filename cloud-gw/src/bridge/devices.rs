@@ -133,8 +133,67 @@ pub(crate) async fn status(inner: &Arc<Inner>, node: &str, report: DeviceReport)
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ());
+    let r = match r {
+        Ok(()) => take_local_desired(&api, &name, &report).await,
+        r => r,
+    };
     match r {
         Err(e) if is_status(&e, 404) || is_status(&e, 409) => Outcome::Done,
         r => outcome("device status", node, r),
     }
+}
+
+/// Desired values an operator set at the node, into the spec: each only
+/// if the spec still has the value it was set over (read, compare, and a
+/// patch conditional on the resourceVersion read, so a user's change in
+/// between wins). A lost race is not retried here: the node keeps
+/// reporting the value until the spec has it or changes.
+async fn take_local_desired(
+    api: &Api<DynamicObject>,
+    name: &str,
+    report: &DeviceReport,
+) -> kube::Result<()> {
+    let set: Vec<_> = report
+        .status
+        .properties
+        .iter()
+        .filter_map(|p| p.local_desired.as_ref().map(|l| (&p.name, l)))
+        .collect();
+    if set.is_empty() {
+        return Ok(());
+    }
+    let o = api.get(name).await?;
+    if o.metadata.uid.as_deref() != Some(report.uid.as_str()) {
+        return Ok(());
+    }
+    let mut props = o.data["spec"]["properties"].clone();
+    let mut taken = Vec::new();
+    for (prop, l) in set {
+        let Some(p) = props
+            .as_array_mut()
+            .and_then(|a| a.iter_mut().find(|p| p["name"] == prop.as_str()))
+        else {
+            continue;
+        };
+        if l.holds_over(p["desired"].as_str()) {
+            p["desired"] = l.value.clone().into();
+            taken.push(format!("{prop}={}", l.value));
+        }
+    }
+    if taken.is_empty() {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": o.metadata.resource_version},
+        "spec": {"properties": props},
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    tracing::info!(
+        namespace = o.metadata.namespace.as_deref().unwrap_or_default(),
+        device = name,
+        values = %taken.join(", "),
+        "desired values set at the node written into the spec"
+    );
+    Ok(())
 }

@@ -64,6 +64,13 @@ pub enum Request {
     },
     /// The node's devices and their twins.
     Devices,
+    /// Set desired values of a device at the node (`Some`), or drop them
+    /// (`None`) so the spec's hold again: `edge-rt device set|reset`.
+    SetDesired {
+        namespace: String,
+        name: String,
+        values: Vec<(String, Option<String>)>,
+    },
     /// Remove an object `edge-rt apply` put in the store.
     Delete {
         kind: String,
@@ -241,6 +248,14 @@ impl Server {
                 let r = self.apply(objects);
                 reply(&mut w, r).await
             }
+            Request::SetDesired {
+                namespace,
+                name,
+                values,
+            } => {
+                let r = self.set_desired(&namespace, &name, &values);
+                reply(&mut w, r).await
+            }
             Request::Delete {
                 kind,
                 namespace,
@@ -250,6 +265,27 @@ impl Server {
                 reply(&mut w, r).await
             }
         }
+    }
+
+    /// Checked by the device manager, kept in the store (so it holds
+    /// across restarts and goes up with the device's status), applied by
+    /// the daemon's next reconcile.
+    fn set_desired(
+        &self,
+        namespace: &str,
+        name: &str,
+        values: &[(String, Option<String>)],
+    ) -> Result<serde_json::Value, ApiError> {
+        let store = self.node_store()?;
+        let plan = self
+            .devices
+            .plan_set(namespace, name, values, crate::store::now_ms())
+            .map_err(ApiError::BadRequest)?;
+        store.set_local_desired(&plan.put, &plan.drop)?;
+        for p in &plan.put {
+            tracing::info!(device = name, namespace, property = %p.property, value = %p.value, base = ?p.base, "desired value set at the node");
+        }
+        Ok(serde_json::to_value(plan.said).map_err(std::io::Error::from)?)
     }
 
     fn node_store(&self) -> Result<&crate::store::Store, ApiError> {

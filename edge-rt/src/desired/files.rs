@@ -107,6 +107,7 @@ impl ManifestWatch {
             tokens: Vec::new(),
             devices,
             device_models,
+            local_desired: Vec::new(),
         }
     }
 }

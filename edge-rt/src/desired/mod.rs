@@ -15,7 +15,7 @@ pub mod files;
 pub mod stored;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use outrigger_proto::device::{Device, DeviceModel};
+use outrigger_proto::device::{Device, DeviceModel, LocalDesired};
 use outrigger_proto::kinds::ServiceAccountToken;
 
 use crate::devices::DesiredDevice;
@@ -30,6 +30,8 @@ pub struct Objects {
     pub tokens: Vec<ServiceAccountToken>,
     pub devices: Vec<Device>,
     pub device_models: Vec<DeviceModel>,
+    /// Desired values set at the node (`edge-rt device set`; the store's).
+    pub local_desired: Vec<crate::store::LocalDesired>,
 }
 
 /// A pod being deleted in the cluster.
@@ -66,6 +68,10 @@ pub struct Desired {
     pub secrets: Vec<Secret>,
     pub tokens: Vec<ServiceAccountToken>,
     pub devices: Vec<DesiredDevice>,
+    /// Desired values set at the node that no longer hold (the spec caught
+    /// up with them or changed since, or the device is gone): (device
+    /// uid, property), to drop from the store.
+    pub stale_local: Vec<(String, String)>,
 }
 
 /// The union of the file source and the store source (if the store could
@@ -78,6 +84,7 @@ pub fn merge(files: &Objects, stored: Option<Objects>) -> Desired {
         secrets: files.secrets.clone(),
         tokens: Vec::new(),
         devices: Vec::new(),
+        stale_local: Vec::new(),
     };
     let mut devices = files.devices.clone();
     let mut models = files.device_models.clone();
@@ -110,9 +117,16 @@ pub fn merge(files: &Objects, stored: Option<Objects>) -> Desired {
                         && m.metadata.namespace.as_deref().unwrap_or("default") == ns
                 })
                 .cloned();
-            DesiredDevice { device, model }
+            DesiredDevice {
+                device,
+                model,
+                local: Default::default(),
+            }
         })
         .collect();
+    if let Some(s) = &stored {
+        d.stale_local = with_local_desired(&mut d.devices, &s.local_desired);
+    }
     if let Some(s) = stored {
         d.pods.extend(
             not_in_files(&files.pods, s.pods)
@@ -125,6 +139,44 @@ pub fn merge(files: &Objects, stored: Option<Objects>) -> Desired {
         d.tokens = s.tokens;
     }
     d
+}
+
+/// Give each device the desired values set at the node that still hold
+/// over its spec ([`LocalDesired::holds_over`]); the (uid, property) of
+/// those that do not.
+fn with_local_desired(
+    devices: &mut [DesiredDevice],
+    set: &[crate::store::LocalDesired],
+) -> Vec<(String, String)> {
+    let mut stale = Vec::new();
+    for l in set {
+        let spec = devices
+            .iter_mut()
+            .find(|d| d.device.metadata.uid.as_deref() == Some(l.uid.as_str()))
+            .and_then(|d| {
+                let p = d
+                    .device
+                    .spec
+                    .properties
+                    .iter()
+                    .find(|p| p.name == l.property)?;
+                Some((p.desired.clone(), &mut d.local))
+            });
+        let local = LocalDesired {
+            value: l.value.clone(),
+            base: l.base.clone(),
+            time: jiff::Timestamp::from_millisecond(l.set_ms)
+                .unwrap_or_default()
+                .to_string(),
+        };
+        match spec {
+            Some((spec, map)) if local.holds_over(spec.as_deref()) => {
+                map.insert(l.property.clone(), local);
+            }
+            _ => stale.push((l.uid.clone(), l.property.clone())),
+        }
+    }
+    stale
 }
 
 type ObjectMeta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -260,5 +312,58 @@ mod tests {
         assert_eq!(uids, vec!["file-uid", "db-uid"]);
         // No store (it could not be opened): the files alone.
         assert_eq!(merge(&files, None).pods.len(), 1);
+    }
+
+    #[test]
+    fn a_value_set_at_the_node_holds_until_the_spec_has_it_or_changes() {
+        let device = |desired: &str| -> Device {
+            serde_json::from_value(json!({
+                "metadata": {"name": "boiler", "namespace": "default", "uid": "u1"},
+                "spec": {"model": "thermostat", "nodeName": "n",
+                         "protocol": {"mqtt": {}},
+                         "properties": [{"name": "setpoint", "desired": desired}, {"name": "mode"}]},
+            }))
+            .unwrap()
+        };
+        let set = |p: &str, value: &str, base: Option<&str>| crate::store::LocalDesired {
+            uid: "u1".into(),
+            property: p.into(),
+            value: value.into(),
+            base: base.map(str::to_string),
+            set_ms: 0,
+        };
+        let local = vec![
+            set("setpoint", "25", Some("21")),
+            set("mode", "2", None),
+            set("gone", "1", None),
+        ];
+        let with = |spec: &str| {
+            merge(
+                &Objects::default(),
+                Some(Objects {
+                    devices: vec![device(spec)],
+                    local_desired: local.clone(),
+                    ..Default::default()
+                }),
+            )
+        };
+        // The spec still has what they were set over: both hold.
+        let d = with("21");
+        let held: Vec<_> = d.devices[0]
+            .local
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.value.as_str()))
+            .collect();
+        assert_eq!(held, vec![("mode", "2"), ("setpoint", "25")]);
+        assert_eq!(d.stale_local, vec![("u1".to_string(), "gone".to_string())]);
+        // The cluster took the node's value, or set another since: the
+        // spec's stands and the node's is dropped.
+        for spec in ["25", "18"] {
+            let d = with(spec);
+            assert!(!d.devices[0].local.contains_key("setpoint"), "{spec}");
+            assert!(d
+                .stale_local
+                .contains(&("u1".to_string(), "setpoint".to_string())));
+        }
     }
 }

@@ -39,5 +39,9 @@ pub fn read(s: &Store) -> Objects {
         tokens: load(s, Kind::ServiceAccountToken),
         devices: load(s, Kind::Device),
         device_models: load(s, Kind::DeviceModel),
+        local_desired: s.local_desired().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the desired values set at the node");
+            Vec::new()
+        }),
     }
 }

@@ -35,6 +35,9 @@ use twin::Twin;
 pub struct DesiredDevice {
     pub device: Device,
     pub model: Option<DeviceModel>,
+    /// Desired values set at the node that hold over the spec's, by
+    /// property (see [`api::LocalDesired`]).
+    pub local: BTreeMap<String, api::LocalDesired>,
 }
 
 /// A rewrite of a value the device never showed waits this long, doubling.
@@ -155,6 +158,16 @@ pub struct DeviceView {
     pub mean_latency_ms: f64,
     /// RFC 3339: the last successful read of any property.
     pub last_read: Option<String>,
+}
+
+/// What [`DeviceManager::plan_set`] found: rows for the store and what to
+/// tell the operator.
+#[derive(Debug, Default)]
+pub struct SetPlan {
+    pub put: Vec<crate::store::LocalDesired>,
+    /// (uid, property)
+    pub drop: Vec<(String, String)>,
+    pub said: Vec<String>,
 }
 
 pub struct DeviceManager {
@@ -465,6 +478,78 @@ impl DeviceManager {
         }
     }
 
+    /// What `edge-rt device set` asks, checked against the device as it
+    /// runs: for each property a value to set at the node (`Some`) or to
+    /// drop so the spec's holds again (`None`). All or nothing: any
+    /// property refused refuses the whole request, with every reason.
+    pub fn plan_set(
+        &self,
+        namespace: &str,
+        name: &str,
+        values: &[(String, Option<String>)],
+        now_ms: i64,
+    ) -> Result<SetPlan, String> {
+        let st = lock(&self.state);
+        let (uid, r) = st
+            .devices
+            .iter()
+            .find(|(_, r)| r.namespace == namespace && r.name == name)
+            .ok_or_else(|| format!("no device {namespace}/{name} on this node"))?;
+        let d = &r.from;
+        let model = d.model.as_ref().ok_or_else(|| {
+            format!(
+                "device {namespace}/{name}: its model {:?} is not on this node",
+                d.device.spec.model
+            )
+        })?;
+        let mut plan = SetPlan::default();
+        let mut refused = Vec::new();
+        for (prop, value) in values {
+            let Some(p) = d.device.spec.properties.iter().find(|p| &p.name == prop) else {
+                refused.push(format!("device {name} has no property {prop:?}"));
+                continue;
+            };
+            let spec = p.desired.as_deref().unwrap_or("(none)");
+            match value {
+                Some(text) => {
+                    if let Err(e) =
+                        api::check_desired(&model.spec, &d.device.spec.model, prop, text)
+                    {
+                        refused.push(format!("{prop}={text}: {e}"));
+                        continue;
+                    }
+                    if p.desired.as_deref() == Some(text.as_str()) {
+                        plan.drop.push((uid.clone(), prop.clone()));
+                        plan.said.push(format!(
+                            "{prop}: the spec's desired value is {text} already"
+                        ));
+                        continue;
+                    }
+                    plan.put.push(crate::store::LocalDesired {
+                        uid: uid.clone(),
+                        property: prop.clone(),
+                        value: text.clone(),
+                        base: p.desired.clone(),
+                        set_ms: now_ms,
+                    });
+                    plan.said.push(format!(
+                        "{prop}={text} set at the node (the spec's: {spec}; the cluster's Device takes it when the link is up, unless it is changed there first)"
+                    ));
+                }
+                None => {
+                    plan.drop.push((uid.clone(), prop.clone()));
+                    plan.said
+                        .push(format!("{prop}: back to the spec's desired value, {spec}"));
+                }
+            }
+        }
+        if refused.is_empty() {
+            Ok(plan)
+        } else {
+            Err(refused.join("; "))
+        }
+    }
+
     pub fn list(&self) -> Vec<DeviceView> {
         let st = lock(&self.state);
         let now = now_ms();
@@ -561,21 +646,16 @@ fn set_targets(r: &mut Running, d: &DesiredDevice) {
     let mut seen = Vec::new();
     for p in &d.device.spec.properties {
         seen.push(p.name.clone());
-        let target = p.desired.as_ref().map(|text| {
-            let mp = model.spec.property(&p.name).ok_or_else(|| {
-                format!("model {} has no property {:?}", d.device.spec.model, p.name)
-            })?;
-            if mp.access != api::Access::ReadWrite {
-                return Err(format!("{:?} is ReadOnly", p.name));
-            }
-            let v = api::Value::parse(mp.type_, text).map_err(|e| e.to_string())?;
-            v.check_range(mp).map_err(|e| e.to_string())?;
+        let local = d.local.get(&p.name);
+        let target = local.map(|l| &l.value).or(p.desired.as_ref()).map(|text| {
+            let v = api::check_desired(&model.spec, &d.device.spec.model, &p.name, text)?;
             match &r.driver {
                 Some(dev) => dev.normalize(&p.name, &v),
                 None => Ok(v.to_string()),
             }
         });
         let prop = r.twin.properties.entry(p.name.clone()).or_default();
+        prop.local_desired = local.cloned();
         if prop
             .error
             .as_deref()

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use outrigger_devices::Event;
-use outrigger_proto::device::{Counters, DeviceStatus, PropertyStatus, REACHABLE};
+use outrigger_proto::device::{Counters, DeviceStatus, LocalDesired, PropertyStatus, REACHABLE};
 
 /// Counters alone are reported at most this often.
 const COUNTERS_EVERY_MS: i64 = 60_000;
@@ -31,6 +31,8 @@ pub struct Property {
     pub read_ms: Option<i64>,
     pub observed_desired: Option<String>,
     pub error: Option<String>,
+    /// A desired value set at the node over the spec's.
+    pub local_desired: Option<LocalDesired>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +202,7 @@ impl Twin {
                 time: p.changed_ms.map(rfc3339),
                 observed_desired: p.observed_desired.clone(),
                 error: p.error.clone(),
+                local_desired: p.local_desired.clone(),
             })
             .collect();
         let summary: Vec<String> = self

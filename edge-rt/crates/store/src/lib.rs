@@ -240,6 +240,19 @@ pub struct OutboxRow {
     pub created_ms: i64,
 }
 
+/// A desired value set at the node over the spec's (see
+/// `outrigger_proto::device::LocalDesired`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalDesired {
+    /// The device's uid.
+    pub uid: String,
+    pub property: String,
+    pub value: String,
+    /// The spec's desired value it was set over.
+    pub base: Option<String>,
+    pub set_ms: i64,
+}
+
 /// The link to the cloud as the node last knew it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LinkState {
@@ -729,6 +742,54 @@ impl Store {
         Ok(n)
     }
 
+    /// Set desired values at the node (`put`, replacing any set before for
+    /// the same property) and drop others (`drop`: (uid, property)), in one
+    /// transaction.
+    pub fn set_local_desired(
+        &self,
+        put: &[LocalDesired],
+        drop: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO device_desired (uid, property, value, base, set_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for d in put {
+                ins.execute(params![d.uid, d.property, d.value, d.base, d.set_ms])?;
+            }
+            let mut del =
+                tx.prepare_cached("DELETE FROM device_desired WHERE uid = ?1 AND property = ?2")?;
+            for (uid, property) in drop {
+                del.execute(params![uid, property])?;
+            }
+        }
+        tx.commit()?;
+        std::mem::drop(conn);
+        self.changed.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    /// Every desired value set at the node.
+    pub fn local_desired(&self) -> Result<Vec<LocalDesired>, StoreError> {
+        let conn = self.conn();
+        let mut q = conn.prepare_cached(
+            "SELECT uid, property, value, base, set_ms FROM device_desired ORDER BY uid, property",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok(LocalDesired {
+                uid: r.get(0)?,
+                property: r.get(1)?,
+                value: r.get(2)?,
+                base: r.get(3)?,
+                set_ms: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let v: Option<String> = self
             .conn()
@@ -942,6 +1003,39 @@ mod tests {
         .unwrap();
         assert!(s.objects(Kind::Pod).unwrap().is_empty());
         assert!(s.integrity_check().unwrap().is_empty());
+    }
+
+    #[test]
+    fn local_desired_values_are_replaced_dropped_and_kept_across_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let mut rx = s.subscribe();
+        let v = |p: &str, value: &str, base: Option<&str>| LocalDesired {
+            uid: "u1".into(),
+            property: p.into(),
+            value: value.into(),
+            base: base.map(str::to_string),
+            set_ms: 5,
+        };
+        s.set_local_desired(
+            &[v("setpoint", "25", Some("21")), v("mode", "1", None)],
+            &[],
+        )
+        .unwrap();
+        assert!(rx.has_changed().unwrap(), "a set must wake the daemon");
+        rx.mark_unchanged();
+        s.set_local_desired(
+            &[v("setpoint", "26", Some("21"))],
+            &[("u1".into(), "mode".into())],
+        )
+        .unwrap();
+        assert!(rx.has_changed().unwrap());
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(
+            s.local_desired().unwrap(),
+            vec![v("setpoint", "26", Some("21"))]
+        );
     }
 
     #[test]

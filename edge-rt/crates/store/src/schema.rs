@@ -54,6 +54,20 @@ pub fn migrations() -> Migrations<'static> {
         M::up("INSERT INTO kinds (name) VALUES ('ServiceAccountToken');"),
         // Device twins (protocol 1.2).
         M::up("INSERT INTO kinds (name) VALUES ('DeviceModel'), ('Device');"),
+        // Desired values set at the node (`edge-rt device set`), each over
+        // the spec's desired value it was set over (`base`; NULL: none).
+        M::up(
+            r#"
+        CREATE TABLE device_desired (
+            uid      TEXT NOT NULL,
+            property TEXT NOT NULL,
+            value    TEXT NOT NULL,
+            base     TEXT,
+            set_ms   INTEGER NOT NULL,
+            PRIMARY KEY (uid, property)
+        ) WITHOUT ROWID;
+        "#,
+        ),
     ])
 }
 
