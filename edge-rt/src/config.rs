@@ -46,7 +46,12 @@
 //! embedded_broker = true               # run an MQTT broker (rumqttd) as a child process
 //! broker_listen = ["127.0.0.1:1883"]   # its listeners; "bridge:1883" is the pod bridge's address
 //! broker_users_file = "/etc/edge-rt/mqtt-users"  # user:password lines; default: no login asked
-//! mqtt_broker = "127.0.0.1:1883"       # with embedded_broker = false: the broker to use
+//! mqtt_broker = "127.0.0.1:1883"       # with embedded_broker = false: the broker to use;
+//!                                      # "mqtts://broker.plant:8883" for TLS (port default 8883)
+//! mqtt_ca_file = "/etc/edge-rt/mqtt-ca.pem"    # TLS: the CAs to trust (default: the system's)
+//! mqtt_cert_file = "/etc/edge-rt/mqtt.pem"     # TLS: a client certificate, with mqtt_key_file
+//! mqtt_key_file = "/etc/edge-rt/mqtt.key"
+//! publish_twins = true                 # Modbus devices' twins on the broker's twin topics too
 //! mqtt_client_id = "edge-rt"           # default: edge-rt-<node name>
 //! mqtt_username = "edge-rt"            # with mqtt_password_file; default: none
 //! mqtt_password_file = "/etc/edge-rt/mqtt-password"
@@ -133,6 +138,17 @@ pub struct DevicesSection {
     pub mqtt_username: Option<String>,
     /// A file holding the password (not the config: it is often readable).
     pub mqtt_password_file: Option<PathBuf>,
+    /// With an `mqtts://` broker: the CAs to trust (PEM); unset, the
+    /// system's.
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// With an `mqtts://` broker: a client certificate chain and its key
+    /// (PEM), both or neither.
+    pub mqtt_cert_file: Option<PathBuf>,
+    pub mqtt_key_file: Option<PathBuf>,
+    /// Publish the twins of devices that are not on MQTT (Modbus) on the
+    /// broker too, on KubeEdge's twin topics, so pods read every twin one
+    /// way.
+    pub publish_twins: bool,
 }
 
 impl Default for DevicesSection {
@@ -145,6 +161,10 @@ impl Default for DevicesSection {
             mqtt_client_id: None,
             mqtt_username: None,
             mqtt_password_file: None,
+            mqtt_ca_file: None,
+            mqtt_cert_file: None,
+            mqtt_key_file: None,
+            publish_twins: true,
         }
     }
 }

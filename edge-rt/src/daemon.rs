@@ -154,11 +154,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     } else {
         None
     };
-    let devices = crate::devices::DeviceManager::new(crate::devices::broker_config(
-        &cfg.devices,
-        &pods.context().node.node_name,
-        embedded,
-    ));
+    let devices = crate::devices::DeviceManager::new(
+        crate::devices::broker_config(&cfg.devices, &pods.context().node.node_name, embedded),
+        cfg.devices.publish_twins,
+    );
     tracing::info!(containers = rt.list().len(), pid1, "edge-rt running");
 
     // Everything the node should run, from what it has: no connection.

@@ -127,6 +127,15 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
     slaves.set(1, "ir", 0, &[215])?;
     slaves.set(2, "ir", 0, &[(-52i16) as u16])?;
     let daemon = node.start().await?;
+    // What a pod reads on the node's broker: the Modbus device's twins.
+    let broker = Broker::at(node.mqtt_port);
+    let twins = node.dir.path().join("twins.txt");
+    let topic = "$hw/events/device/plant/boiler";
+    wait_for("the embedded broker", Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", node.mqtt_port)).ok()
+    })
+    .await?;
+    let mut sub = broker.subscribe(&format!("{topic}/#"), &twins)?;
     apply(
         &node,
         &format!(
@@ -171,6 +180,30 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
         value(d, "temperature").as_deref() == Some("23")
     })
     .await?;
+    // The same on the twin topics, as KubeEdge's edgecore would publish it.
+    seen(&twins, "/twin/update/document", |v| {
+        v["twin"]["temperature"]["current"]["actual"]["value"] == "23"
+            && v["twin"]["temperature"]["last"]["actual"]["value"] == "21.5"
+    })
+    .await?;
+    broker.publish(
+        &format!("{topic}/twin/get"),
+        r#"{"event_id":"g1","timestamp":0}"#,
+    )?;
+    let g = seen(&twins, "/twin/get/result", |v| v["event_id"] == "g1").await?;
+    assert_eq!(g["twin"]["temperature"]["actual"]["value"], "23", "{g}");
+    assert_eq!(g["twin"]["setpoint"]["expected"]["value"], "21.5", "{g}");
+    assert_eq!(g["twin"]["relay"]["expected"]["value"], "true", "{g}");
+    assert_eq!(g["twin"]["temperature"]["metadata"]["type"], "float", "{g}");
+    // Its values come from its registers: an update over MQTT is refused.
+    broker.publish(
+        &format!("{topic}/twin/update"),
+        r#"{"event_id":"u1","timestamp":0,"twin":{"setpoint":{"actual":{"value":"5"}}}}"#,
+    )?;
+    let r = seen(&twins, "/twin/update/result", |v| v["event_id"] == "u1").await?;
+    assert_eq!(r["code"], 400, "{r}");
+    let _ = sub.kill();
+    assert_eq!(slaves.get(1, "hr", 10, 2)?, float32_words(21.5));
 
     // Slave 1 goes silent: it says so; slave 2 goes on.
     slaves.mute(1, true)?;
@@ -342,17 +375,33 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
 struct Broker {
     child: Option<std::process::Child>,
     port: u16,
+    /// What mosquitto_pub and mosquitto_sub need besides host and port
+    /// (TLS files, a login).
+    client_args: Vec<String>,
 }
 
 impl Broker {
     /// The clients of a broker someone else runs (edge-rt's own).
     fn at(port: u16) -> Broker {
-        Broker { child: None, port }
+        Broker {
+            child: None,
+            port,
+            client_args: Vec::new(),
+        }
     }
 
     fn start(port: u16) -> Result<Broker> {
+        Broker::run(&["-p", &port.to_string()], port, Vec::new())
+    }
+
+    /// mosquitto with a configuration file of its own.
+    fn with_config(conf: &std::path::Path, port: u16, client_args: Vec<String>) -> Result<Broker> {
+        Broker::run(&["-c", &conf.to_string_lossy()], port, client_args)
+    }
+
+    fn run(args: &[&str], port: u16, client_args: Vec<String>) -> Result<Broker> {
         let child = std::process::Command::new("mosquitto")
-            .args(["-p", &port.to_string()])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -367,6 +416,7 @@ impl Broker {
         Ok(Broker {
             child: Some(child),
             port,
+            client_args,
         })
     }
 
@@ -381,6 +431,7 @@ impl Broker {
     fn publish(&self, topic: &str, message: &str) -> Result<()> {
         let o = std::process::Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1"])
+            .args(&self.client_args)
             .args(["-t", topic, "-m", message])
             .output()?;
         if !o.status.success() {
@@ -402,6 +453,7 @@ impl Broker {
                 "1",
                 "-v",
             ])
+            .args(&self.client_args)
             .args(["-t", topic])
             .stdout(f)
             .stderr(std::process::Stdio::null())
@@ -613,6 +665,128 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
 }
 
 /// The pid of the embedded broker edge-rt runs on `port`.
+/// An external broker over TLS that asks a login and a client
+/// certificate (mosquitto with `require_certificate`), named by host in
+/// `mqtt_broker = "mqtts://localhost:PORT"`: the device is heard through
+/// it. A wrong password, a CA that did not sign the broker's certificate
+/// and a CA file that is not there are each said in the device's
+/// Reachable condition (never a fall-back to plain text).
+#[tokio::test]
+async fn an_mqtt_device_through_an_external_broker_over_tls_with_a_login() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let d = node.dir.path();
+    let write = |name: &str, body: &str| -> Result<std::path::PathBuf> {
+        let p = d.join(name);
+        std::fs::write(&p, body)?;
+        Ok(p)
+    };
+    let ca = outrigger_tests::pki::Ca::named("plant-mqtt-ca")?;
+    let (server_cert, server_key) = ca.server_cert(&[])?;
+    let (edge_cert, edge_key) = ca.client_cert("edge-rt", &[])?;
+    let (fw_cert, fw_key) = ca.client_cert("probe", &[])?;
+    let ca_file = write("ca.pem", &ca.cert_pem)?;
+    let other_ca = write(
+        "other-ca.pem",
+        &outrigger_tests::pki::Ca::named("other")?.cert_pem,
+    )?;
+    let passwd = d.join("passwd");
+    for (i, (user, pw)) in [("edge-rt", "s3cret"), ("probe", "fw-pw")]
+        .iter()
+        .enumerate()
+    {
+        let mut c = std::process::Command::new("mosquitto_passwd");
+        if i == 0 {
+            c.arg("-c");
+        }
+        let o = c.arg("-b").arg(&passwd).args([user, pw]).output()?;
+        anyhow::ensure!(o.status.success(), "mosquitto_passwd: {}", text(&o));
+    }
+    let port = free_port()?;
+    let conf = write(
+        "mosquitto.conf",
+        &format!(
+            "user root\nper_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            passwd.display(),
+            ca_file.display(),
+            write("server.pem", &server_cert)?.display(),
+            write("server.key", &server_key)?.display(),
+        ),
+    )?;
+    let fw = |f: &str, body: &str| -> Result<String> {
+        Ok(write(f, body)?.to_string_lossy().into_owned())
+    };
+    let client_args = vec![
+        "--cafile".into(),
+        ca_file.to_string_lossy().into_owned(),
+        "--cert".into(),
+        fw("fw.pem", &fw_cert)?,
+        "--key".into(),
+        fw("fw.key", &fw_key)?,
+        "-u".into(),
+        "probe".into(),
+        "-P".into(),
+        "fw-pw".into(),
+    ];
+    let broker = Broker::with_config(&conf, port, client_args)?;
+    let good_pw = write("edge-pw", "s3cret\n")?;
+    let settings = format!(
+        "embedded_broker = false\nmqtt_broker = \"mqtts://localhost:{port}\"\nmqtt_username = \"edge-rt\"\nmqtt_password_file = {:?}\nmqtt_ca_file = {:?}\nmqtt_cert_file = {:?}\nmqtt_key_file = {:?}\n",
+        good_pw,
+        ca_file,
+        write("edge.pem", &edge_cert)?,
+        write("edge.key", &edge_key)?,
+    );
+    node.devices_config(&settings)?;
+    let mut daemon = Some(node.start().await?);
+    apply(&node, MQTT_MODEL)?;
+    let topic = "$hw/events/device/plant/probe";
+    wait_for("a reading through the TLS broker", Duration::from_secs(20), || async {
+        broker
+            .publish(
+                &format!("{topic}/twin/update"),
+                r#"{"event_id":"t1","timestamp":0,"twin":{"temperature":{"actual":{"value":"19.5"}}}}"#,
+            )
+            .ok()?;
+        devices(&node)
+            .ok()?
+            .into_iter()
+            .find(|d| d.name == "probe" && value(d, "temperature").as_deref() == Some("19.5"))
+    })
+    .await
+    .with_context(|| node.daemon_log())?;
+
+    // Each wrong setting, on a restart: said, and the device not heard.
+    let bad_pw = write("bad-pw", "guess\n")?;
+    let missing = d.join("no-such-ca.pem");
+    for (from, to, says) in [
+        (good_pw.clone(), bad_pw, "NotAuthorized"),
+        (ca_file.clone(), other_ca, "UnknownIssuer"),
+        (ca_file.clone(), missing.clone(), "no-such-ca.pem"),
+    ] {
+        drop(daemon.take());
+        let cfg = std::fs::read_to_string(&node.config)?;
+        let changed = cfg.replacen(&format!("{from:?}"), &format!("{to:?}"), 1);
+        anyhow::ensure!(changed != cfg, "{from:?} not in the config");
+        std::fs::write(&node.config, &changed)?;
+        daemon = Some(node.start().await?);
+        wait_device(&node, "probe", says, |d| {
+            reason(d) == "False/BrokerUnavailable"
+                && d.status
+                    .conditions
+                    .first()
+                    .is_some_and(|c| c.message.contains(says))
+        })
+        .await
+        .with_context(|| node.daemon_log())?;
+        std::fs::write(&node.config, &cfg)?;
+    }
+    drop(daemon);
+    Ok(())
+}
+
 fn broker_pid(port: u16) -> Option<i32> {
     let want = format!("127.0.0.1:{port}");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outrigger_devices::modbus::{self, Bus, LineConfig, LineId, ModbusDevice};
-use outrigger_devices::mqtt::{self, BrokerConfig, Hub, MqttDevice};
+use outrigger_devices::mqtt::{self, mirror::Mirror, BrokerConfig, Hub, MqttDevice, Tls};
 use outrigger_devices::{Command, Event};
 use outrigger_proto::device::{self as api, Device, DeviceModel, Protocol};
 use outrigger_proto::report::DeviceReport;
@@ -102,6 +102,8 @@ struct Running {
     desires: BTreeMap<String, Desire>,
     commands: Option<mpsc::Sender<Command>>,
     driver: Option<Driver>,
+    /// Its twins on the broker, for a device that is not on MQTT.
+    mirror: Option<mpsc::Sender<Mirror>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -172,15 +174,14 @@ pub struct SetPlan {
 
 pub struct DeviceManager {
     broker: BrokerConfig,
+    publish_twins: bool,
     state: Mutex<State>,
     /// A twin changed: the reporter looks.
     pub changed: tokio::sync::Notify,
     generation: std::sync::atomic::AtomicU64,
 }
 
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
+use outrigger_sys::now_ms;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -189,9 +190,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl DeviceManager {
     /// MQTT devices go through `broker` (connected when the first one
     /// comes).
-    pub fn new(broker: BrokerConfig) -> Arc<DeviceManager> {
+    /// With `publish_twins`, the twins of devices that are not on MQTT go
+    /// on the broker too.
+    pub fn new(broker: BrokerConfig, publish_twins: bool) -> Arc<DeviceManager> {
         Arc::new(DeviceManager {
             broker,
+            publish_twins,
             state: Default::default(),
             changed: Default::default(),
             generation: Default::default(),
@@ -254,7 +258,7 @@ impl DeviceManager {
         if !st
             .devices
             .values()
-            .any(|r| matches!(r.driver, Some(Driver::Mqtt(_))))
+            .any(|r| matches!(r.driver, Some(Driver::Mqtt(_))) || r.mirror.is_some())
         {
             st.hub = None;
         }
@@ -293,6 +297,7 @@ impl DeviceManager {
             desires: BTreeMap::new(),
             commands: None,
             driver: None,
+            mirror: None,
             tasks: Vec::new(),
         };
         let Some(model) = &d.model else {
@@ -353,15 +358,28 @@ impl DeviceManager {
                 r.tasks.push(self.forward(uid, erx));
                 r.commands = Some(ctx);
                 r.driver = Some(Driver::Modbus(dev));
+                if self.publish_twins {
+                    let hub = self.hub(st);
+                    let types = spec
+                        .properties
+                        .iter()
+                        .filter_map(|p| Some((p.name.clone(), model.spec.property(&p.name)?.type_)))
+                        .collect();
+                    let (tx, rx) = mpsc::channel(64);
+                    r.tasks.push(tokio::spawn(mqtt::mirror::run(
+                        format!("{}/{}", r.namespace, r.name),
+                        types,
+                        hub,
+                        rx,
+                    )));
+                    r.mirror = Some(tx);
+                }
             }
             Protocol::Mqtt(_) => {
                 let Some(dev) = MqttDevice::new(&r.namespace, &r.name, spec, &model.spec) else {
                     return r;
                 };
-                let hub = st
-                    .hub
-                    .get_or_insert_with(|| Hub::start(self.broker.clone()))
-                    .clone();
+                let hub = self.hub(st);
                 let (ctx, crx) = mpsc::channel(16);
                 let (etx, erx) = mpsc::channel(64);
                 r.tasks
@@ -373,6 +391,13 @@ impl DeviceManager {
         }
         set_targets(&mut r, &d);
         r
+    }
+
+    /// The broker connection, started when the first device needs it.
+    fn hub(&self, st: &mut State) -> Hub {
+        st.hub
+            .get_or_insert_with(|| Hub::start(self.broker.clone()))
+            .clone()
     }
 
     /// A driver's events into its twin, for as long as the manager lives.
@@ -419,7 +444,14 @@ impl DeviceManager {
                 tracing::info!(device = %r.name, namespace = %r.namespace, reachable = re.ok, reason = %re.reason, message = %re.message, "device reachability");
             }
         }
-        if matches!(ev, Event::Value { .. }) {
+        if let Event::Value { property, value } = &ev {
+            if let Some(m) = &r.mirror {
+                // A mirror behind drops a value: the next read brings it.
+                let _ = m.try_send(Mirror::Actual {
+                    property: property.clone(),
+                    value: value.to_string(),
+                });
+            }
             self.look(&mut st, uid);
         }
         drop(st);
@@ -592,19 +624,20 @@ impl DeviceManager {
     }
 }
 
-/// The broker settings of `[devices]`: `host:port` (a bare host is port
-/// 1883), the password read from its file (a file that cannot be read is
-/// logged, and the client connects without one).
 /// How edge-rt connects to its broker: the embedded one at `embedded`
-/// (its first listener), or `mqtt_broker`.
+/// (its first listener), or `mqtt_broker` (`host:port`, a bare host is
+/// port 1883; `mqtts://host[:port]` is TLS, port 8883 by default). A
+/// password file that cannot be read is logged and the client connects
+/// without one; TLS files that cannot be read make the hub refuse to
+/// connect at all, and every MQTT device says why.
 pub fn broker_config(
     c: &crate::config::DevicesSection,
     node: &str,
     embedded: Option<std::net::SocketAddr>,
 ) -> BrokerConfig {
-    let (host, port) = match embedded {
-        Some(a) => (a.ip().to_string(), a.port()),
-        None => split_host_port(&c.mqtt_broker),
+    let (host, port, tls) = match embedded {
+        Some(a) => (a.ip().to_string(), a.port(), false),
+        None => broker_address(&c.mqtt_broker),
     };
     let password = c.mqtt_password_file.as_ref().and_then(|f| {
         std::fs::read_to_string(f)
@@ -613,6 +646,7 @@ pub fn broker_config(
             .ok()
     });
     BrokerConfig {
+        tls: if tls { tls_config(c, &host) } else { Tls::Off },
         host,
         port,
         client_id: c
@@ -625,15 +659,48 @@ pub fn broker_config(
     }
 }
 
-/// `host:port` (`[v6]:port`); no port is MQTT's 1883.
-fn split_host_port(s: &str) -> (String, u16) {
-    match s.rsplit_once(':') {
+fn tls_config(c: &crate::config::DevicesSection, host: &str) -> Tls {
+    let read =
+        |f: &std::path::Path| std::fs::read(f).map_err(|e| format!("TLS: {}: {e}", f.display()));
+    let load = || -> Result<_, String> {
+        let ca = c.mqtt_ca_file.as_deref().map(read).transpose()?;
+        let client = match (&c.mqtt_cert_file, &c.mqtt_key_file) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => return Err("TLS: mqtt_cert_file and mqtt_key_file go together".into()),
+        };
+        mqtt::tls::client_config(
+            host,
+            ca.as_deref(),
+            client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )
+        .map_err(|e| format!("TLS: {e}"))
+    };
+    match load() {
+        Ok(c) => Tls::On(c),
+        Err(e) => Tls::Broken(e),
+    }
+}
+
+/// `mqtt_broker` as (host, port, TLS): `host:port` (`[v6]:port`), with an
+/// optional `mqtt://` or `mqtts://` in front; no port is MQTT's 1883, or
+/// 8883 with TLS.
+fn broker_address(s: &str) -> (String, u16, bool) {
+    let (rest, tls) = match s.split_once("://") {
+        Some(("mqtts" | "ssl" | "tls", r)) => (r, true),
+        Some((_, r)) => (r, false),
+        None => (s, false),
+    };
+    let rest = rest.trim_end_matches('/');
+    let default = if tls { 8883 } else { 1883 };
+    let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(':') => match p.parse() {
             Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
-            Err(_) => (s.to_string(), 1883),
+            Err(_) => (rest.to_string(), default),
         },
-        _ => (s.to_string(), 1883),
-    }
+        _ => (rest.trim_matches(['[', ']']).to_string(), default),
+    };
+    (host, port, tls)
 }
 
 /// Each property's desired value in the device's resolution; a value the
@@ -669,6 +736,12 @@ fn set_targets(r: &mut Running, d: &DesiredDevice) {
         }
         let e = r.desires.entry(p.name.clone()).or_default();
         e.target = target.and_then(Result::ok);
+        if let Some(m) = &r.mirror {
+            let _ = m.try_send(Mirror::Expected {
+                property: p.name.clone(),
+                value: e.target.clone(),
+            });
+        }
     }
     r.desires.retain(|k, _| seen.contains(k));
 }
@@ -676,6 +749,21 @@ fn set_targets(r: &mut Running, d: &DesiredDevice) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_addresses_with_and_without_tls() {
+        for (s, want) in [
+            ("127.0.0.1:1883", ("127.0.0.1", 1883, false)),
+            ("broker.plant", ("broker.plant", 1883, false)),
+            ("mqtt://broker.plant:1884", ("broker.plant", 1884, false)),
+            ("mqtts://broker.plant", ("broker.plant", 8883, true)),
+            ("mqtts://[fd00::5]:8884", ("fd00::5", 8884, true)),
+            ("[fd00::5]:1885", ("fd00::5", 1885, false)),
+        ] {
+            let (h, p, t) = broker_address(s);
+            assert_eq!((h.as_str(), p, t), want, "{s}");
+        }
+    }
 
     #[test]
     fn a_desired_value_is_written_once_and_again_only_after_a_drift() {

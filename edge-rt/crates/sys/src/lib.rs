@@ -17,6 +17,15 @@ pub mod fork_guard;
 pub mod fs;
 pub mod reaper;
 
+/// The wall clock in milliseconds since the epoch (0 if the clock is
+/// before it: a gateway without an RTC before NTP).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 /// The async runtime edge-rt runs on: one thread (container creation
 /// happens on it), and blocking threads that, once started, stay (an idle
 /// one that exited would free its memory while a container may be cloned).

@@ -18,8 +18,7 @@ use tokio::time::Instant;
 
 use super::hub::{Hub, Inbound};
 use super::twin::{
-    self, Base, ErrorResult, MsgTwin, StateUpdate, TwinDelta, TwinDoc, TwinDocument, TwinResult,
-    TwinUpdate, TwinValue, TypeMetadata,
+    self, Base, ErrorResult, StateUpdate, TwinDocument, TwinResult, TwinUpdate, Twins,
 };
 use crate::{Command, Event};
 
@@ -78,38 +77,14 @@ impl MqttDevice {
     }
 }
 
-#[derive(Default, Clone)]
-struct Twin {
-    expected: Option<TwinValue>,
-    actual: Option<TwinValue>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 struct Run {
     dev: MqttDevice,
     hub: Hub,
-    twins: BTreeMap<String, Twin>,
+    twins: Twins,
     events: mpsc::Sender<Event>,
 }
 
 impl Run {
-    fn msg(&self, name: &str, t: &Twin) -> MsgTwin {
-        MsgTwin {
-            expected: t.expected.clone(),
-            actual: t.actual.clone(),
-            optional: Some(false),
-            metadata: self.dev.properties.get(name).map(|p| TypeMetadata {
-                type_: twin::type_name(p.type_).into(),
-            }),
-        }
-    }
-
     async fn send<T: serde::Serialize>(&self, suffix: &str, m: &T) -> Result<(), String> {
         let payload = serde_json::to_vec(m).map_err(|e| e.to_string())?;
         self.hub
@@ -123,31 +98,10 @@ impl Run {
 
     /// The delta, if the device lacks a desired value.
     async fn delta(&self) -> Result<(), String> {
-        let mut delta = BTreeMap::new();
-        for (n, t) in &self.twins {
-            let want = t.expected.as_ref().and_then(|v| v.value.as_deref());
-            let have = t.actual.as_ref().and_then(|v| v.value.as_deref());
-            if let Some(w) = want {
-                if Some(w) != have {
-                    delta.insert(n.clone(), w.to_string());
-                }
-            }
+        match self.twins.delta() {
+            Some(m) => self.send("twin/update/delta", &m).await,
+            None => Ok(()),
         }
-        if delta.is_empty() {
-            return Ok(());
-        }
-        let twin = self
-            .twins
-            .iter()
-            .filter(|(_, t)| t.expected.is_some())
-            .map(|(n, t)| (n.clone(), self.msg(n, t)))
-            .collect();
-        let m = TwinDelta {
-            base: base(),
-            twin,
-            delta,
-        };
-        self.send("twin/update/delta", &m).await
     }
 
     /// A device's `twin/update`: every twin checked against the model
@@ -161,7 +115,7 @@ impl Run {
                     .await
             }
         };
-        let now = now_ms();
+        let now = outrigger_sys::now_ms();
         let mut values = Vec::new();
         for (name, t) in &m.twin {
             let Some(p) = self.dev.properties.get(name) else {
@@ -196,20 +150,11 @@ impl Run {
         let mut changed = BTreeMap::new();
         let mut doc = BTreeMap::new();
         for (name, text, v) in values {
-            let t = self.twins.entry(name.clone()).or_default();
-            let last = t.clone();
-            t.actual = Some(TwinValue::at(&text, now));
-            let cur = t.clone();
-            if last.actual.as_ref().and_then(|a| a.value.as_deref()) != Some(text.as_str()) {
-                doc.insert(
-                    name.clone(),
-                    TwinDoc {
-                        last: last.actual.is_some().then(|| self.msg(&name, &last)),
-                        current: Some(self.msg(&name, &cur)),
-                    },
-                );
+            let (cur, d) = self.twins.set_actual(&name, &text, now);
+            if let Some(d) = d {
+                doc.insert(name.clone(), d);
             }
-            changed.insert(name.clone(), self.msg(&name, &cur));
+            changed.insert(name.clone(), cur);
             if !self
                 .event(Event::Value {
                     property: name,
@@ -238,7 +183,7 @@ impl Run {
                 .send(
                     "twin/update/document",
                     &TwinDocument {
-                        base: base(),
+                        base: Base::new(),
                         twin: doc,
                     },
                 )
@@ -255,7 +200,7 @@ impl Run {
                 &ErrorResult {
                     base: Base {
                         event_id: b.event_id,
-                        timestamp: now_ms(),
+                        timestamp: outrigger_sys::now_ms(),
                     },
                     code: 400,
                     reason: reason.clone(),
@@ -273,23 +218,8 @@ impl Run {
     }
 
     async fn get(&self, payload: &[u8]) {
-        let b: Base = serde_json::from_slice(payload).unwrap_or_default();
-        let twin = self
-            .twins
-            .iter()
-            .map(|(n, t)| (n.clone(), self.msg(n, t)))
-            .collect();
         let _ = self
-            .send(
-                "twin/get/result",
-                &TwinResult {
-                    base: Base {
-                        event_id: b.event_id,
-                        timestamp: now_ms(),
-                    },
-                    twin,
-                },
-            )
+            .send("twin/get/result", &self.twins.get_result(payload))
             .await;
     }
 
@@ -311,8 +241,8 @@ impl Run {
                 })
                 .await;
         }
-        self.twins.entry(property.clone()).or_default().expected =
-            Some(TwinValue::at(&value, now_ms()));
+        self.twins
+            .set_expected(&property, Some(&value), outrigger_sys::now_ms());
         match self.delta().await {
             Ok(()) => self.event(Event::Wrote { property, value }).await,
             Err(error) => {
@@ -325,20 +255,6 @@ impl Run {
             }
         }
     }
-}
-
-fn base() -> Base {
-    Base {
-        event_id: format!("{:016x}", rand_id()),
-        timestamp: now_ms(),
-    }
-}
-
-/// An event id: unique enough to match answers to requests.
-fn rand_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    (now_ms() as u64) << 16 | (N.fetch_add(1, Ordering::Relaxed) & 0xFFFF)
 }
 
 /// Serve the device until the manager drops its end of `commands`.
@@ -363,10 +279,16 @@ pub async fn run(
     };
     let id = dev.id.clone();
     let silence = dev.silence;
+    let twins = Twins::new(
+        dev.properties
+            .iter()
+            .map(|(n, p)| (n.clone(), p.type_))
+            .collect(),
+    );
     let mut r = Run {
         dev,
         hub: hub.clone(),
-        twins: BTreeMap::new(),
+        twins,
         events,
     };
     let mut heard: Option<Instant> = None;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::twin;
 
 /// Where the broker is and who we are to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub host: String,
     pub port: u16,
@@ -26,6 +26,18 @@ pub struct BrokerConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive: Duration,
+    pub tls: Tls,
+}
+
+/// Whether the connection is TLS.
+#[derive(Debug, Clone)]
+pub enum Tls {
+    Off,
+    On(Arc<rustls::ClientConfig>),
+    /// TLS was asked for but its settings are wrong (a CA file that does
+    /// not read): the hub never connects, in plain text least of all, and
+    /// every device says why.
+    Broken(String),
 }
 
 /// What the hub hands a device task.
@@ -152,6 +164,25 @@ async fn run(
     routes: Routes,
     up: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    if let Tls::Broken(reason) = &cfg.tls {
+        tracing::error!(broker = %cfg.host, error = %reason, "the MQTT broker's TLS settings are wrong: not connecting");
+        loop {
+            tell(
+                &routes,
+                Inbound::Broker {
+                    up: false,
+                    reason: reason.clone(),
+                },
+            );
+            tokio::select! {
+                m = out.recv() => {
+                    let Some(m) = m else { return };
+                    let _ = m.done.send(Err(reason.clone()));
+                }
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
     let host = loop {
         match resolve(&cfg.host, cfg.port).await {
             Ok(h) => break h,
@@ -172,6 +203,11 @@ async fn run(
     o.set_keep_alive(cfg.keep_alive);
     if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
         o.set_credentials(u.clone(), p.clone());
+    }
+    if let Tls::On(c) = &cfg.tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(c.clone()),
+        ));
     }
     let (client, mut events) = AsyncClient::new(o, 256);
     let mut said: Option<String> = None;

@@ -146,6 +146,130 @@ pub struct StateUpdate {
     pub state: String,
 }
 
+/// One property's twin: what the cloud wants and what the device has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Twin {
+    pub expected: Option<TwinValue>,
+    pub actual: Option<TwinValue>,
+}
+
+/// A device's twins as edgecore keeps them, with each property's type for
+/// the metadata KubeEdge sends along.
+#[derive(Debug, Clone, Default)]
+pub struct Twins {
+    types: BTreeMap<String, outrigger_proto::device::PropertyType>,
+    pub twins: BTreeMap<String, Twin>,
+}
+
+impl Twins {
+    pub fn new(types: BTreeMap<String, outrigger_proto::device::PropertyType>) -> Twins {
+        Twins {
+            types,
+            twins: BTreeMap::new(),
+        }
+    }
+
+    fn msg(&self, name: &str, t: &Twin) -> MsgTwin {
+        MsgTwin {
+            expected: t.expected.clone(),
+            actual: t.actual.clone(),
+            optional: Some(false),
+            metadata: self.types.get(name).map(|t| TypeMetadata {
+                type_: type_name(*t).into(),
+            }),
+        }
+    }
+
+    /// Every twin, as `twin/get/result` carries them.
+    pub fn all(&self) -> BTreeMap<String, MsgTwin> {
+        self.twins
+            .iter()
+            .map(|(n, t)| (n.clone(), self.msg(n, t)))
+            .collect()
+    }
+
+    /// Take what the device has: the twin as it is now, and the
+    /// document's entry if the value changed.
+    pub fn set_actual(
+        &mut self,
+        name: &str,
+        text: &str,
+        now_ms: i64,
+    ) -> (MsgTwin, Option<TwinDoc>) {
+        let t = self.twins.entry(name.to_string()).or_default();
+        let last = t.clone();
+        t.actual = Some(TwinValue::at(text, now_ms));
+        let cur = t.clone();
+        let changed = last.actual.as_ref().and_then(|a| a.value.as_deref()) != Some(text);
+        let doc = changed.then(|| TwinDoc {
+            last: last.actual.is_some().then(|| self.msg(name, &last)),
+            current: Some(self.msg(name, &cur)),
+        });
+        (self.msg(name, &cur), doc)
+    }
+
+    /// Take what the cloud wants (None: nothing); whether it changed.
+    pub fn set_expected(&mut self, name: &str, text: Option<&str>, now_ms: i64) -> bool {
+        let t = self.twins.entry(name.to_string()).or_default();
+        if t.expected.as_ref().and_then(|v| v.value.as_deref()) == text {
+            return false;
+        }
+        t.expected = text.map(|v| TwinValue::at(v, now_ms));
+        true
+    }
+
+    /// The desired values the device lacks, if any, with every twin that
+    /// has one.
+    pub fn delta(&self) -> Option<TwinDelta> {
+        let mut delta = BTreeMap::new();
+        for (n, t) in &self.twins {
+            let want = t.expected.as_ref().and_then(|v| v.value.as_deref());
+            let have = t.actual.as_ref().and_then(|v| v.value.as_deref());
+            if let Some(w) = want {
+                if Some(w) != have {
+                    delta.insert(n.clone(), w.to_string());
+                }
+            }
+        }
+        if delta.is_empty() {
+            return None;
+        }
+        let twin = self
+            .twins
+            .iter()
+            .filter(|(_, t)| t.expected.is_some())
+            .map(|(n, t)| (n.clone(), self.msg(n, t)))
+            .collect();
+        Some(TwinDelta {
+            base: Base::new(),
+            twin,
+            delta,
+        })
+    }
+
+    /// The answer to a `twin/get` (whose payload carries the event id).
+    pub fn get_result(&self, request: &[u8]) -> TwinResult {
+        let b: Base = serde_json::from_slice(request).unwrap_or_default();
+        TwinResult {
+            base: Base {
+                event_id: b.event_id,
+                timestamp: outrigger_sys::now_ms(),
+            },
+            twin: self.all(),
+        }
+    }
+}
+
+impl Base {
+    /// A new message's: a fresh event id, now.
+    pub fn new() -> Base {
+        Base {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            timestamp: outrigger_sys::now_ms(),
+        }
+    }
+}
+
 /// What a topic under [`PREFIX`] is about: the device id and the suffix.
 pub fn split(topic: &str) -> Option<(&str, &str)> {
     let rest = topic.strip_prefix(PREFIX)?;
