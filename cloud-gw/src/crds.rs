@@ -183,6 +183,7 @@ fn device() -> Value {
             "deviceId": {"type": "string", "minLength": 1, "pattern": "^[^/#+]+$"},
             "qos": int(0, 2),
             "format": one_of(&["KubeEdgeTwin", "PlainValue"]),
+            "topicPrefix": {"type": "string", "minLength": 1, "pattern": "^[^#+$]([^#+]*[^#+/])?$"},
         },
     });
     let property_status = json!({
@@ -346,6 +347,7 @@ mod tests {
             device_id: Some("d".into()),
             qos: 1,
             format: PayloadFormat::PlainValue,
+            topic_prefix: Some("plant/boiler".into()),
         }))
         .unwrap();
         walk(

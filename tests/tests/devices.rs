@@ -665,6 +665,75 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
 }
 
 /// The pid of the embedded broker edge-rt runs on `port`.
+/// A device that speaks plain values (`format: PlainValue`): its values on
+/// `<prefix>/<property>` become readings, its desired value goes to
+/// `<prefix>/<property>/set` retained, a value not of its type is said,
+/// topics that are not its properties are ignored.
+#[tokio::test]
+async fn a_plain_value_mqtt_device_through_mosquitto() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let port = free_port()?;
+    let broker = Broker::start(port)?;
+    node.devices_config(&format!(
+        "embedded_broker = false\nmqtt_broker = \"127.0.0.1:{port}\""
+    ))?;
+    let _daemon = node.start().await?;
+    let yaml = MQTT_MODEL.replace(
+        "protocol: {mqtt: {}}",
+        "protocol: {mqtt: {format: PlainValue, topicPrefix: plant/relay1}}",
+    );
+    apply(&node, &yaml)?;
+    // The desired value, retained: a subscriber that comes later gets it.
+    let out = node.dir.path().join("set.txt");
+    let mut sub = wait_for(
+        "the retained desired value",
+        Duration::from_secs(10),
+        || async {
+            let mut c = broker.subscribe("plant/relay1/+/set", &out).ok()?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let got = std::fs::read_to_string(&out).ok()?;
+            if got.lines().any(|l| l == "plant/relay1/switch/set true") {
+                Some(c)
+            } else {
+                let _ = c.kill();
+                None
+            }
+        },
+    )
+    .await
+    .with_context(|| node.daemon_log())?;
+    let _ = sub.kill();
+    for (topic, v) in [
+        ("plant/relay1/firmware", "1.2.0"),
+        ("plant/relay1/temperature", "21.5"),
+        ("plant/relay1/switch", "true"),
+    ] {
+        broker.publish(topic, v)?;
+    }
+    let d = wait_device(&node, "probe", "plain readings", |d| {
+        value(d, "temperature").as_deref() == Some("21.5")
+            && value(d, "switch").as_deref() == Some("true")
+            && d.status.state.as_deref() == Some("Online")
+    })
+    .await
+    .with_context(|| node.daemon_log())?;
+    let sw = d.status.properties.iter().find(|p| p.name == "switch");
+    assert_eq!(
+        sw.and_then(|p| p.observed_desired.as_deref()),
+        Some("true"),
+        "{d:?}"
+    );
+    broker.publish("plant/relay1/temperature", "hot")?;
+    wait_device(&node, "probe", "a bad value said", |d| {
+        reason(d) == "False/BadResponse"
+    })
+    .await?;
+    Ok(())
+}
+
 /// An external broker over TLS that asks a login and a client
 /// certificate (mosquitto with `require_certificate`), named by host in
 /// `mqtt_broker = "mqtts://localhost:PORT"`: the device is heard through

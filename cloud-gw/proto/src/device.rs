@@ -167,6 +167,10 @@ pub struct Mqtt {
     pub qos: u8,
     #[serde(default)]
     pub format: PayloadFormat,
+    /// PlainValue's topics: `<topicPrefix>/<property>` (default
+    /// `devices/<namespace>/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -599,6 +603,15 @@ pub fn check(device: &DeviceSpec, model: &DeviceModelSpec) -> Vec<Problem> {
         Protocol::Mqtt(m) => {
             if m.qos > 2 {
                 out.push(problem("spec.protocol.mqtt.qos", "must be 0, 1 or 2"));
+            }
+            if let Some(p) = &m.topic_prefix {
+                if p.is_empty() || p.starts_with('$') || p.ends_with('/') || p.contains(['#', '+'])
+                {
+                    out.push(problem(
+                        "spec.protocol.mqtt.topicPrefix",
+                        format!("{p:?} is not a topic prefix (no wildcards, no leading $, no trailing /)"),
+                    ));
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod hub;
 pub mod mirror;
+pub mod plain;
 pub mod tls;
 pub mod twin;
 

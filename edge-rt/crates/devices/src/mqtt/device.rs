@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use outrigger_proto::device::{
-    Access, DeviceModelSpec, DeviceSpec, ModelProperty, Mqtt, Protocol, Value,
+    Access, DeviceModelSpec, DeviceSpec, ModelProperty, Mqtt, PayloadFormat, Protocol, Value,
 };
 use rumqttc::QoS;
 use tokio::sync::mpsc;
@@ -26,6 +26,9 @@ use crate::{Command, Event};
 pub struct MqttDevice {
     /// Its id in the topics.
     pub id: String,
+    /// `Some(prefix)`: it speaks plain values on `<prefix>/<property>`
+    /// ([`super::plain`]), not KubeEdge's twins.
+    pub plain: Option<String>,
     pub qos: QoS,
     pub properties: BTreeMap<String, ModelProperty>,
     /// Unreachable after this long without a message.
@@ -40,9 +43,20 @@ impl MqttDevice {
         spec: &DeviceSpec,
         model: &DeviceModelSpec,
     ) -> Option<MqttDevice> {
-        let Protocol::Mqtt(Mqtt { device_id, qos, .. }) = &spec.protocol else {
+        let Protocol::Mqtt(Mqtt {
+            device_id,
+            qos,
+            format,
+            topic_prefix,
+        }) = &spec.protocol
+        else {
             return None;
         };
+        let plain = (*format == PayloadFormat::PlainValue).then(|| {
+            topic_prefix
+                .clone()
+                .unwrap_or_else(|| format!("devices/{namespace}/{name}"))
+        });
         let properties = spec
             .properties
             .iter()
@@ -58,6 +72,7 @@ impl MqttDevice {
             id: device_id
                 .clone()
                 .unwrap_or_else(|| format!("{namespace}/{name}")),
+            plain,
             qos: match qos {
                 0 => QoS::AtMostOnce,
                 2 => QoS::ExactlyOnce,
@@ -66,6 +81,18 @@ impl MqttDevice {
             properties,
             silence: (cycle * 3).max(Duration::from_secs(5)),
         })
+    }
+
+    /// Why `value` may not be written to `property`, if it may not.
+    pub(super) fn refuse_write(&self, property: &str, value: &str) -> Option<String> {
+        match self.properties.get(property) {
+            None => Some(format!("no property {property:?} on this device")),
+            Some(p) if p.access != Access::ReadWrite => Some(format!("{property:?} is ReadOnly")),
+            Some(p) => Value::parse(p.type_, value)
+                .and_then(|v| v.check_range(p))
+                .err()
+                .map(|e| e.to_string()),
+        }
     }
 
     /// A desired value as the device will report it (canonical text).
@@ -224,15 +251,7 @@ impl Run {
     }
 
     async fn write(&mut self, property: String, value: String) -> bool {
-        let refused = match self.dev.properties.get(&property) {
-            None => Some(format!("no property {property:?} on this device")),
-            Some(p) if p.access != Access::ReadWrite => Some(format!("{property:?} is ReadOnly")),
-            Some(p) => Value::parse(p.type_, &value)
-                .and_then(|v| v.check_range(p))
-                .err()
-                .map(|e| e.to_string()),
-        };
-        if let Some(error) = refused {
+        if let Some(error) = self.dev.refuse_write(&property, &value) {
             return self
                 .event(Event::WriteFailed {
                     property,
@@ -264,6 +283,9 @@ pub async fn run(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
 ) {
+    if let Some(prefix) = dev.plain.clone() {
+        return super::plain::run(dev, prefix, hub, commands, events).await;
+    }
     let Some(mut inbox) = hub.register(&dev.id) else {
         let _ = events
             .send(Event::Contact {

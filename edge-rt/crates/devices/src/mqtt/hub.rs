@@ -43,21 +43,54 @@ pub enum Tls {
 /// What the hub hands a device task.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
-    /// A message on one of its topics (`twin/update`, `twin/get`,
-    /// `state/update`).
+    /// A message on one of its topics: for a twin device the suffix
+    /// (`twin/update`, `twin/get`, `state/update`), for a plain-value one
+    /// the property (`<prefix>/<property>`).
     Message { suffix: String, payload: Vec<u8> },
     /// The broker connection came up or went down.
     Broker { up: bool, reason: String },
 }
 
-struct Outbound {
-    topic: String,
-    qos: QoS,
-    payload: Vec<u8>,
-    done: oneshot::Sender<Result<(), String>>,
+enum Outbound {
+    Publish {
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// A plain-value device's prefix came or went: (un)subscribe.
+    Prefix { prefix: String, on: bool },
 }
 
-type Routes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
+/// Device tasks by their id in the twin topics, and plain-value ones by
+/// their topic prefix.
+#[derive(Default)]
+struct Table {
+    twin: HashMap<String, mpsc::Sender<Inbound>>,
+    plain: HashMap<String, mpsc::Sender<Inbound>>,
+}
+
+type Routes = Arc<Mutex<Table>>;
+
+impl Table {
+    fn all(&self) -> impl Iterator<Item = &mpsc::Sender<Inbound>> {
+        self.twin.values().chain(self.plain.values())
+    }
+
+    /// The task a message is for, and what it is to it.
+    fn route<'t>(&self, topic: &'t str) -> Option<(&mpsc::Sender<Inbound>, &'t str)> {
+        if let Some((id, suffix)) = twin::split(topic) {
+            return Some((self.twin.get(id)?, suffix));
+        }
+        let (prefix, property) = topic.rsplit_once('/')?;
+        Some((self.plain.get(prefix)?, property))
+    }
+}
+
+fn plain_filter(prefix: &str) -> String {
+    format!("{prefix}/+")
+}
 
 #[derive(Clone)]
 pub struct Hub {
@@ -98,7 +131,41 @@ impl Hub {
     /// Messages for device `id`, or None if another device has the id.
     pub fn register(&self, id: &str) -> Option<mpsc::Receiver<Inbound>> {
         let mut r = lock(&self.routes);
-        if r.get(id).is_some_and(|tx| !tx.is_closed()) {
+        self.add(&mut r.twin, id)
+    }
+
+    pub fn unregister(&self, id: &str) {
+        lock(&self.routes).twin.remove(id);
+    }
+
+    /// Messages on `<prefix>/<property>` (subscribed to on every connect),
+    /// or None if another device has the prefix.
+    pub fn register_plain(&self, prefix: &str) -> Option<mpsc::Receiver<Inbound>> {
+        let rx = {
+            let mut r = lock(&self.routes);
+            self.add(&mut r.plain, prefix)?
+        };
+        let _ = self.out.try_send(Outbound::Prefix {
+            prefix: prefix.to_string(),
+            on: true,
+        });
+        Some(rx)
+    }
+
+    pub fn unregister_plain(&self, prefix: &str) {
+        lock(&self.routes).plain.remove(prefix);
+        let _ = self.out.try_send(Outbound::Prefix {
+            prefix: prefix.to_string(),
+            on: false,
+        });
+    }
+
+    fn add(
+        &self,
+        map: &mut HashMap<String, mpsc::Sender<Inbound>>,
+        key: &str,
+    ) -> Option<mpsc::Receiver<Inbound>> {
+        if map.get(key).is_some_and(|tx| !tx.is_closed()) {
             return None;
         }
         let (tx, rx) = mpsc::channel(64);
@@ -108,22 +175,40 @@ impl Hub {
                 reason: "not connected to the broker yet".into(),
             });
         }
-        r.insert(id.to_string(), tx);
+        map.insert(key.to_string(), tx);
         Some(rx)
-    }
-
-    pub fn unregister(&self, id: &str) {
-        lock(&self.routes).remove(id);
     }
 
     /// Publish and wait until the broker has it (QoS 1: its PUBACK is
     /// not awaited here, the client's queue holds it across reconnects).
     pub async fn publish(&self, topic: String, qos: QoS, payload: Vec<u8>) -> Result<(), String> {
+        self.send(topic, qos, false, payload).await
+    }
+
+    /// The same, retained: the broker hands it to whoever subscribes
+    /// later (a device that comes online after the value was set).
+    pub async fn publish_retained(
+        &self,
+        topic: String,
+        qos: QoS,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        self.send(topic, qos, true, payload).await
+    }
+
+    async fn send(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
         self.out
-            .send(Outbound {
+            .send(Outbound::Publish {
                 topic,
                 qos,
+                retain,
                 payload,
                 done,
             })
@@ -153,7 +238,7 @@ async fn resolve(host: &str, port: u16) -> Result<String, String> {
 }
 
 fn tell(routes: &Routes, m: Inbound) {
-    for tx in lock(routes).values() {
+    for tx in lock(routes).all() {
         let _ = tx.try_send(m.clone());
     }
 }
@@ -175,10 +260,13 @@ async fn run(
                 },
             );
             tokio::select! {
-                m = out.recv() => {
-                    let Some(m) = m else { return };
-                    let _ = m.done.send(Err(reason.clone()));
-                }
+                m = out.recv() => match m {
+                    None => return,
+                    Some(Outbound::Publish { done, .. }) => {
+                        let _ = done.send(Err(reason.clone()));
+                    }
+                    Some(Outbound::Prefix { .. }) => {}
+                },
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
@@ -213,18 +301,30 @@ async fn run(
     let mut said: Option<String> = None;
     loop {
         tokio::select! {
-            m = out.recv() => {
-                let Some(m) = m else { return };
-                let r = client
-                    .publish(m.topic, m.qos, false, m.payload)
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = m.done.send(r);
-            }
+            m = out.recv() => match m {
+                None => return,
+                Some(Outbound::Publish { topic, qos, retain, payload, done }) => {
+                    let r = client
+                        .publish(topic, qos, retain, payload)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = done.send(r);
+                }
+                // Connected: now; if not, the next connect subscribes.
+                Some(Outbound::Prefix { prefix, on }) if up.load(std::sync::atomic::Ordering::Relaxed) => {
+                    let f = plain_filter(&prefix);
+                    let r = if on { client.try_subscribe(&f, QoS::AtLeastOnce) } else { client.try_unsubscribe(&f) };
+                    if let Err(e) = r {
+                        tracing::warn!(topic = f, error = %e, "MQTT (un)subscribe");
+                    }
+                }
+                Some(Outbound::Prefix { .. }) => {}
+            },
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    for t in SUBSCRIPTIONS {
-                        if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
+                    let plain: Vec<String> = lock(&routes).plain.keys().map(|p| plain_filter(p)).collect();
+                    for t in SUBSCRIPTIONS.iter().map(|t| t.to_string()).chain(plain) {
+                        if let Err(e) = client.try_subscribe(&t, QoS::AtLeastOnce) {
                             tracing::warn!(topic = t, error = %e, "MQTT subscribe");
                         }
                     }
@@ -234,12 +334,13 @@ async fn run(
                     tell(&routes, Inbound::Broker { up: true, reason: String::new() });
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Some((id, suffix)) = twin::split(&p.topic) else { continue };
-                    let tx = lock(&routes).get(id).cloned();
-                    if let Some(tx) = tx {
-                        let m = Inbound::Message { suffix: suffix.to_string(), payload: p.payload.to_vec() };
+                    let routed = lock(&routes)
+                        .route(&p.topic)
+                        .map(|(tx, suffix)| (tx.clone(), suffix.to_string()));
+                    if let Some((tx, suffix)) = routed {
+                        let m = Inbound::Message { suffix, payload: p.payload.to_vec() };
                         if tx.try_send(m).is_err() {
-                            tracing::warn!(device = id, "device task behind; MQTT message dropped");
+                            tracing::warn!(topic = %p.topic, "device task behind; MQTT message dropped");
                         }
                     }
                 }
