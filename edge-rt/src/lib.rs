@@ -29,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod desired;
 pub mod devices;
+pub mod events;
 pub mod link;
 pub mod pods;
 pub mod reporter;

@@ -33,6 +33,8 @@ pub struct Reporter {
     /// Pods removed and not yet reported gone (kept until a flush commits).
     removed: Vec<String>,
     event_seq: u64,
+    /// The last device event committed.
+    device_event_seq: u64,
     failing: bool,
     /// (status, event, link) generations at the last successful flush.
     seen: Option<(u64, u64, u64)>,
@@ -95,6 +97,7 @@ impl Reporter {
             pods_sent: Default::default(),
             removed: Vec::new(),
             event_seq: 0,
+            device_event_seq: 0,
             failing: false,
             seen: None,
             devices: None,
@@ -169,15 +172,32 @@ impl Reporter {
             .as_ref()
             .map(|d| d.due(now_ms))
             .unwrap_or_default();
+        let device_events = self
+            .devices
+            .as_ref()
+            .map(|d| d.events.since(self.device_event_seq))
+            .unwrap_or_default();
         // Nothing moved: no pass over the pods (idle nodes stay at 0 % CPU).
-        if self.seen == Some(generations) && self.pods.removed_pending() == 0 && devices.is_empty()
+        if self.seen == Some(generations)
+            && self.pods.removed_pending() == 0
+            && devices.is_empty()
+            && device_events.is_empty()
         {
             return Ok(0);
         }
+        let device_event_seq = device_events
+            .last()
+            .map(|e| e.seq)
+            .unwrap_or(self.device_event_seq);
         let (mut pending, seq) = self.collect();
         let device_uids: Vec<String> = devices.iter().map(|d| d.uid.clone()).collect();
         pending.extend(devices.into_iter().map(|d| {
             let r = Report::Device(Box::new(d));
+            let row = store::Report::from(&r);
+            (r, row)
+        }));
+        pending.extend(device_events.into_iter().map(|e| {
+            let r = Report::DeviceEvent(e);
             let row = store::Report::from(&r);
             (r, row)
         }));
@@ -205,13 +225,14 @@ impl Reporter {
                         Report::Node(_) => {
                             self.sent.insert(row.key.clone(), digest(&row.body));
                         }
-                        Report::Event(_) | Report::Device(_) => {}
+                        Report::Event(_) | Report::Device(_) | Report::DeviceEvent(_) => {}
                     }
                 }
                 if let Some(d) = &self.devices {
                     d.reported(&device_uids, now_ms);
                 }
                 self.event_seq = seq;
+                self.device_event_seq = device_event_seq;
                 self.removed.clear();
                 self.seen = Some(generations);
                 Ok(reports.len())

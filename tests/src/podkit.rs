@@ -77,7 +77,7 @@ impl Harness {
         self.pods
             .context()
             .events
-            .for_pod(pods::uid(pod))
+            .about(pods::uid(pod))
             .into_iter()
             .map(|e| (e.reason, e.container))
             .collect()

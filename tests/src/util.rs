@@ -374,6 +374,24 @@ pub struct Daemon {
     pub child: std::process::Child,
 }
 
+impl Daemon {
+    /// Stop it as a service manager does (SIGTERM), and wait for it to go.
+    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("edge-rt did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1778,12 +1778,40 @@ async fn a_device_cut_from_the_cloud_goes_on_and_both_sides_converge_after() -> 
     ensure!(o.status.success(), "device set: {}", stderr(&o));
     until_registers(&mut slave, 20, &[2], &s).await?;
     until_register(&mut slave, 25.0, &s).await?;
-    // The device's side: readings move on.
+    // The device's side: readings move on; it stops answering a while.
     slave.set(1, "ir", 0, &[230])?;
     tokio::time::sleep(Duration::from_millis(400)).await;
     slave.set(1, "ir", 0, &[190])?;
-    // A restart of edge-rt, still cut: what was set at the gateway holds.
-    s.edges[0].daemon = None;
+    let state = |want: &'static str| {
+        let s = &s;
+        move || async move {
+            let o = s
+                .node()
+                .cli(&["devices", "-n", s.ns(), "-o", "json"])
+                .ok()?;
+            let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+            (v[0]["status"]["conditions"][0]["reason"] == want).then_some(())
+        }
+    };
+    slave.mute(1, true)?;
+    wait_for(
+        "the slave's silence seen",
+        Duration::from_secs(10),
+        state("Timeout"),
+    )
+    .await?;
+    slave.mute(1, false)?;
+    wait_for(
+        "the slave answering again",
+        Duration::from_secs(10),
+        state("Answering"),
+    )
+    .await?;
+    // A restart of edge-rt (as its service is restarted), still cut: what
+    // was set at the gateway holds.
+    if let Some(d) = s.edges[0].daemon.take() {
+        d.terminate()?;
+    }
     s.edges[0].daemon = Some(s.node().start().await?);
     let d = text(
         &s.node()
@@ -1829,6 +1857,31 @@ async fn a_device_cut_from_the_cloud_goes_on_and_both_sides_converge_after() -> 
             .cli(&["describe", "device", "boiler", "-n", s.ns()])?,
     );
     ensure!(!d.contains("Set at the node"), "{d}");
+    // What happened during the cut, as the Device's Events.
+    let events = wait_for("the device's events", Duration::from_secs(20), || async {
+        let v = s
+            .get_json(&[
+                "events",
+                "--field-selector",
+                "involvedObject.kind=Device,involvedObject.name=boiler",
+            ])
+            .ok()?;
+        let items = v["items"].as_array()?.clone();
+        let has = |t: &str, r: &str| items.iter().any(|e| e["type"] == t && e["reason"] == r);
+        (has("Warning", "Timeout") && has("Normal", "Reachable") && has("Normal", "DesiredWritten"))
+            .then_some(items)
+    })
+    .await
+    .with_context(|| {
+        let all = s.kc(&["get", "events", "-o", "json"]).unwrap_or_default();
+        format!("{all}\n{}", s.logs())
+    })?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains("mode=2"))),
+        "{events:#?}"
+    );
     drop(slave);
     drop(line);
     s.cleanup().await

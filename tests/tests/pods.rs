@@ -257,7 +257,7 @@ async fn removing_a_pod_stops_it_with_its_grace_period_and_cleans_up() -> Result
         .pods
         .context()
         .events
-        .for_pod(pods::uid(&p))
+        .about(pods::uid(&p))
         .iter()
         .any(|e| e.reason == "Killing"));
     h.teardown().await;
@@ -322,7 +322,7 @@ async fn a_failing_liveness_probe_kills_and_restarts() -> Result<()> {
             app(p, "app").is_some_and(|c| c.restart_count >= 1)
         })
         .await?;
-    let ev = h.pods.context().events.for_pod(pods::uid(&p));
+    let ev = h.pods.context().events.about(pods::uid(&p));
     let unhealthy = ev
         .iter()
         .find(|e| e.reason == "Unhealthy")
@@ -417,7 +417,7 @@ async fn http_and_tcp_probes_reach_the_pod_network() -> Result<()> {
             h.pods
                 .context()
                 .events
-                .for_pod(pods::uid(p))
+                .about(pods::uid(p))
                 .iter()
                 .any(|e| e.message.contains("statuscode: 404"))
         })
@@ -616,7 +616,7 @@ async fn missing_objects_and_bad_host_paths_are_reported() -> Result<()> {
             h.pods
                 .context()
                 .events
-                .for_pod(pods::uid(p))
+                .about(pods::uid(p))
                 .iter()
                 .any(|e| e.reason == "FailedMount")
         })

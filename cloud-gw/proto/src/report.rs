@@ -71,6 +71,9 @@ pub enum Report {
     /// so after a day offline the newest value of each property goes up,
     /// not every sample.
     Device(Box<DeviceReport>),
+    /// Something that happened to a device (from 1.2): it stopped
+    /// answering and why, it answers again, a desired value not written.
+    DeviceEvent(DeviceEvent),
 }
 
 /// What the cloud needs to write a device's status back.
@@ -141,6 +144,29 @@ pub struct PodEvent {
     pub seq: u64,
 }
 
+/// A Kubernetes-style event about one device, repeats folded into one
+/// with a count (as [`PodEvent`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEvent {
+    pub device_uid: String,
+    pub namespace: String,
+    pub device: String,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub reason: String,
+    pub message: String,
+    pub count: u32,
+    /// RFC 3339.
+    pub first_timestamp: String,
+    pub last_timestamp: String,
+    /// The same for all repeats folded into this event.
+    #[serde(default)]
+    pub id: u64,
+    /// The node's own ordering of its events (not used by the cloud).
+    #[serde(default)]
+    pub seq: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("row {key}: no report of this build has that key (a newer peer's?)")]
@@ -158,7 +184,7 @@ pub enum ReportError {
 /// the edge can hold back rows an older cloud would not know.
 pub fn since_minor_of_key(key: &str) -> u16 {
     match key.split_once('/').map_or(key, |(k, _)| k) {
-        "device" => 2,
+        "device" | "deviceevent" => 2,
         _ => 0,
     }
 }
@@ -173,7 +199,7 @@ struct Gone {
 impl Report {
     pub fn class(&self) -> Class {
         match self {
-            Report::Event(_) => Class::Event,
+            Report::Event(_) | Report::DeviceEvent(_) => Class::Event,
             Report::Pod(_) | Report::PodGone { .. } | Report::Node(_) | Report::Device(_) => {
                 Class::Status
             }
@@ -189,6 +215,7 @@ impl Report {
             Report::Node(n) => format!("node/{}", n.name),
             Report::Event(e) => format!("event/{}", e.id),
             Report::Device(d) => format!("device/{}", d.uid),
+            Report::DeviceEvent(e) => format!("deviceevent/{}", e.id),
         }
     }
 
@@ -196,7 +223,7 @@ impl Report {
     pub const fn since_minor(&self) -> u16 {
         match self {
             Report::Pod(_) | Report::PodGone { .. } | Report::Node(_) | Report::Event(_) => 0,
-            Report::Device(_) => 2,
+            Report::Device(_) | Report::DeviceEvent(_) => 2,
         }
     }
 
@@ -211,6 +238,7 @@ impl Report {
             Report::Node(n) => serde_json::to_value(n),
             Report::Event(e) => serde_json::to_value(e),
             Report::Device(d) => serde_json::to_value(d),
+            Report::DeviceEvent(e) => serde_json::to_value(e),
         };
         // These types always serialize (string keys, no non-finite floats).
         v.unwrap_or_default()
@@ -235,6 +263,9 @@ impl Report {
         let (kind, _) = key.split_once('/').unwrap_or((key, ""));
         match (class, kind) {
             (Class::Event, "event") => serde_json::from_slice(body).map(Report::Event).map_err(err),
+            (Class::Event, "deviceevent") => serde_json::from_slice(body)
+                .map(Report::DeviceEvent)
+                .map_err(err),
             (Class::Status, "node") => serde_json::from_slice(body)
                 .map(|n| Report::Node(Box::new(n)))
                 .map_err(err),
@@ -323,6 +354,21 @@ mod tests {
         }));
         assert_eq!(since_minor_of_key(&d.key()), d.since_minor());
         round_trip(d);
+        let e = Report::DeviceEvent(DeviceEvent {
+            device_uid: "d1".into(),
+            namespace: "plant".into(),
+            device: "boiler".into(),
+            kind: EventType::Warning,
+            reason: "Timeout".into(),
+            message: "no answer in 300 ms".into(),
+            count: 2,
+            first_timestamp: "2026-12-02T10:00:00Z".into(),
+            last_timestamp: "2026-12-02T10:01:00Z".into(),
+            id: 4,
+            seq: 5,
+        });
+        assert_eq!(since_minor_of_key(&e.key()), e.since_minor());
+        round_trip(e);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::Api;
 use outrigger_proto::message::Row;
-use outrigger_proto::report::{EventType, PodEvent, PodReport, Report};
+use outrigger_proto::report::{DeviceEvent, EventType, PodEvent, PodReport, Report};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -116,6 +116,9 @@ async fn one(inner: &Arc<Inner>, node: &str, row: Row) -> Outcome {
         Report::Pod(p) => pod_status(inner, node, *p).await,
         Report::PodGone { uid } => pod_gone(inner, node, &uid).await,
         Report::Device(d) => super::devices::status(inner, node, *d).await,
+        Report::DeviceEvent(e) => {
+            outcome("device event", node, device_event(inner, node, &e).await)
+        }
     }
 }
 
@@ -225,35 +228,96 @@ async fn event(inner: &Arc<Inner>, node: &str, e: &PodEvent) -> Result<(), kube:
     let Some((ns, pod, _)) = own_pod(inner, node, uid) else {
         return Ok(());
     };
-    let name = event_name(node, &pod, e);
     let involved = json!({"apiVersion": "v1", "kind": "Pod", "name": pod,
                           "namespace": ns, "uid": uid, "fieldPath": e.container});
+    let ev = Written {
+        name: event_name(node, &pod, e),
+        namespace: &ns,
+        involved,
+        kind: e.kind,
+        reason: &e.reason,
+        message: &e.message,
+        count: e.count,
+        first: &e.first_timestamp,
+        last: &e.last_timestamp,
+    };
+    write_event(inner, node, ev).await
+}
+
+/// An Event for what happened to one of the node's devices (one bound to
+/// it by the cache), named as a pod's is.
+pub(super) async fn device_event(
+    inner: &Arc<Inner>,
+    node: &str,
+    e: &DeviceEvent,
+) -> Result<(), kube::Error> {
+    let own = {
+        let c = lock(&inner.cache);
+        c.device_by_uid(&e.device_uid)
+            .filter(|(_, d)| d.node == node)
+            .map(|(k, _)| k.clone())
+    };
+    let Some((ns, name)) = own else {
+        return Ok(());
+    };
+    let identity = format!("{node}/{}/{}/{}", e.device_uid, e.id, e.first_timestamp);
+    let involved = json!({"apiVersion": outrigger_proto::device::API_VERSION, "kind": "Device",
+                          "name": name, "namespace": ns, "uid": e.device_uid});
+    let ev = Written {
+        name: format!("{name}.{}", hex::encode(&Sha256::digest(identity)[..8])),
+        namespace: &ns,
+        involved,
+        kind: e.kind,
+        reason: &e.reason,
+        message: &e.message,
+        count: e.count,
+        first: &e.first_timestamp,
+        last: &e.last_timestamp,
+    };
+    write_event(inner, node, ev).await
+}
+
+/// An Event as it is written.
+struct Written<'a> {
+    name: String,
+    namespace: &'a str,
+    involved: serde_json::Value,
+    kind: EventType,
+    reason: &'a str,
+    message: &'a str,
+    count: u32,
+    first: &'a str,
+    last: &'a str,
+}
+
+/// Create the Event, or, if a row sent before made it, update its count.
+async fn write_event(inner: &Arc<Inner>, node: &str, e: Written<'_>) -> Result<(), kube::Error> {
     let kind = match e.kind {
         EventType::Normal => "Normal",
         EventType::Warning => "Warning",
     };
     let ev = json!({
         "apiVersion": "v1", "kind": "Event",
-        "metadata": {"name": name, "namespace": ns},
-        "involvedObject": involved,
+        "metadata": {"name": e.name, "namespace": e.namespace},
+        "involvedObject": e.involved,
         "reason": e.reason, "message": e.message, "type": kind,
         "count": e.count.max(1),
-        "firstTimestamp": e.first_timestamp, "lastTimestamp": e.last_timestamp,
+        "firstTimestamp": e.first, "lastTimestamp": e.last,
         "source": {"component": "edge-rt", "host": node},
         "reportingComponent": "outrigger.io/edge-rt", "reportingInstance": node,
     });
-    let api = Api::<Event>::namespaced(inner.client.clone(), &ns);
+    let api = Api::<Event>::namespaced(inner.client.clone(), e.namespace);
     let typed: Event = serde_json::from_value(ev).map_err(kube::Error::SerdeError)?;
     match api.create(&PostParams::default(), &typed).await {
         Ok(_) => Ok(()),
         Err(err) if is_status(&err, 409) => {
-            let patch = json!({"count": typed.count, "lastTimestamp": e.last_timestamp,
+            let patch = json!({"count": typed.count, "lastTimestamp": e.last,
                                "message": e.message});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            api.patch(&e.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map(|_| ())
         }
-        // The namespace is gone: so is the pod.
+        // The namespace is gone: so is what the event was about.
         Err(err) if is_status(&err, 404) => Ok(()),
         Err(err) => Err(err),
     }

@@ -509,7 +509,7 @@ impl Server {
 
     fn detail(&self, namespace: &str, name: &str) -> Result<PodDetail, ApiError> {
         let pod = self.find(namespace, name)?;
-        let events = self.pods.context().events.for_pod(pods::uid(&pod));
+        let events = self.pods.context().events.about(pods::uid(&pod));
         Ok(PodDetail { pod, events })
     }
 

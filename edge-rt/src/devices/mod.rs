@@ -25,7 +25,9 @@ use outrigger_devices::modbus::{self, Bus, LineConfig, LineId, ModbusDevice};
 use outrigger_devices::mqtt::{self, mirror::Mirror, BrokerConfig, Hub, MqttDevice, Tls};
 use outrigger_devices::{Command, Event};
 use outrigger_proto::device::{self as api, Device, DeviceModel, Protocol};
-use outrigger_proto::report::DeviceReport;
+use outrigger_proto::report::{DeviceEvent, DeviceReport, EventType};
+
+use crate::events::EventRing;
 use tokio::sync::mpsc;
 
 use twin::Twin;
@@ -39,6 +41,10 @@ pub struct DesiredDevice {
     /// property (see [`api::LocalDesired`]).
     pub local: BTreeMap<String, api::LocalDesired>,
 }
+
+/// Device events kept for the cloud (a ring: a device flapping for a week
+/// offline does not fill the disk).
+const EVENTS_KEPT: usize = 256;
 
 /// A rewrite of a value the device never showed waits this long, doubling.
 const REWRITE_FIRST: i64 = 30_000;
@@ -178,6 +184,9 @@ pub struct DeviceManager {
     state: Mutex<State>,
     /// A twin changed: the reporter looks.
     pub changed: tokio::sync::Notify,
+    /// What happened to devices (unreachable and why, reachable again,
+    /// desired values written or not), for the cluster's Events.
+    pub events: EventRing<DeviceEvent>,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -198,6 +207,7 @@ impl DeviceManager {
             publish_twins,
             state: Default::default(),
             changed: Default::default(),
+            events: EventRing::new(EVENTS_KEPT),
             generation: Default::default(),
         })
     }
@@ -243,6 +253,10 @@ impl DeviceManager {
                 }
             } else {
                 let r = self.start(&mut st, &uid, d);
+                // It cannot run (no model, a bad spec, a line taken): say so.
+                if let Some(re) = r.twin.reachable.clone().filter(|re| !re.ok) {
+                    self.event(&uid, &r, EventType::Warning, &re.reason, re.message);
+                }
                 st.devices.insert(uid.clone(), r);
             }
             self.look(&mut st, &uid);
@@ -424,24 +438,37 @@ impl DeviceManager {
             return;
         };
         match &ev {
-            Event::Wrote { property, value } => {
-                tracing::info!(device = %r.name, namespace = %r.namespace, property, value, "desired value written")
-            }
+            Event::Wrote { property, value } => self.event(
+                uid,
+                r,
+                EventType::Normal,
+                "DesiredWritten",
+                format!("{property}={value} written to the device"),
+            ),
             Event::WriteFailed {
                 property,
                 value,
                 error,
-            } => {
-                tracing::warn!(device = %r.name, namespace = %r.namespace, property, value, error, "desired value not written")
-            }
+            } => self.event(
+                uid,
+                r,
+                EventType::Warning,
+                "DesiredNotWritten",
+                format!("{property}={value} not written: {error}"),
+            ),
             _ => {}
         }
         let was = r.twin.reachable.as_ref().map(|r| (r.ok, r.reason.clone()));
         r.twin.apply(&ev, now_ms());
         let now = r.twin.reachable.as_ref().map(|r| (r.ok, r.reason.clone()));
         if was != now {
-            if let Some(re) = &r.twin.reachable {
-                tracing::info!(device = %r.name, namespace = %r.namespace, reachable = re.ok, reason = %re.reason, message = %re.message, "device reachability");
+            if let Some(re) = r.twin.reachable.clone() {
+                // Answering from the start is no news; anything else is.
+                match (was, re.ok) {
+                    (None, true) => {}
+                    (_, true) => self.event(uid, r, EventType::Normal, "Reachable", re.message),
+                    (_, false) => self.event(uid, r, EventType::Warning, &re.reason, re.message),
+                }
             }
         }
         if let Event::Value { property, value } = &ev {
@@ -456,6 +483,23 @@ impl DeviceManager {
         }
         drop(st);
         self.bump();
+    }
+
+    /// Note an event about a device (logged by the ring too).
+    fn event(&self, uid: &str, r: &Running, kind: EventType, reason: &str, message: String) {
+        self.events.push(DeviceEvent {
+            device_uid: uid.to_string(),
+            namespace: r.namespace.clone(),
+            device: r.name.clone(),
+            kind,
+            reason: reason.to_string(),
+            message,
+            count: 0,
+            first_timestamp: String::new(),
+            last_timestamp: String::new(),
+            id: 0,
+            seq: 0,
+        });
     }
 
     /// Write what is due (see [`Desire::due`]).

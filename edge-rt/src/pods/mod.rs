@@ -12,7 +12,8 @@
 pub mod actions;
 pub mod backoff;
 pub mod env;
-pub mod events;
+// Events are kept by one ring type for pods and devices.
+pub use crate::events;
 mod manager;
 pub mod plan;
 pub mod probes;
