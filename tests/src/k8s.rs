@@ -708,6 +708,51 @@ impl Cluster {
     pub fn kubectl(&self) -> Command {
         kubectl(self.kubeconfig())
     }
+
+    /// `cloud-gw manifests`' DeviceModel and Device definitions, applied
+    /// and Established.
+    pub fn install_device_crds(&self) -> Result<()> {
+        use std::io::Write;
+        let mut yaml = String::new();
+        for d in cloud_gw::crds::definitions() {
+            yaml.push_str("---\n");
+            yaml.push_str(&serde_yaml_ng::to_string(&d)?);
+        }
+        let mut child = self
+            .kubectl()
+            .args(["apply", "--server-side", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(yaml.as_bytes())?;
+        let o = child.wait_with_output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "CRDs not applied: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let o = self
+            .kubectl()
+            .args([
+                "wait",
+                "--for=condition=Established",
+                "crd/devices.devices.outrigger.io",
+                "crd/devicemodels.devices.outrigger.io",
+                "--timeout=30s",
+            ])
+            .output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "CRDs not established: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
+    }
 }
 
 /// Under nextest: the run's shared control plane, started by the first

@@ -1491,30 +1491,6 @@ fn ensure_image(pod: &Value, image: &str) -> Result<()> {
 /// The device definitions, as `cloud-gw manifests` has them, in the
 /// cluster (before cloud-gw starts, so it watches devices from the first
 /// list).
-fn install_device_crds(cluster: &Cluster) -> Result<()> {
-    let mut yaml = String::new();
-    for d in cloud_gw::crds::definitions() {
-        yaml.push_str("---\n");
-        yaml.push_str(&serde_yaml_ng::to_string(&d)?);
-    }
-    let mut kubectl = std::process::Command::new("kubectl");
-    kubectl.arg("--kubeconfig").arg(cluster.kubeconfig());
-    kubectl_stdin(kubectl, &["apply", "--server-side", "-f", "-"], &yaml)?;
-    let o = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "crd/devices.devices.outrigger.io",
-            "crd/devicemodels.devices.outrigger.io",
-            "--timeout=30s",
-        ])
-        .output()?;
-    ensure!(o.status.success(), "CRDs not established: {}", stderr(&o));
-    Ok(())
-}
-
 const DEVICE_MODEL: &str = r#"apiVersion: devices.outrigger.io/v1alpha1
 kind: DeviceModel
 metadata: {name: thermostat}
@@ -1558,7 +1534,7 @@ async fn a_device_applied_with_kubectl_is_polled_on_its_edge_and_patched_from_th
     if !require_root() {
         return Ok(());
     }
-    install_device_crds(&Cluster::get()?)?;
+    Cluster::get()?.install_device_crds()?;
     let s = Setup::ready(Opts {
         webhook: true,
         ..Default::default()
@@ -1709,7 +1685,7 @@ async fn a_device_cut_from_the_cloud_goes_on_and_both_sides_converge_after() -> 
     if !require_root() {
         return Ok(());
     }
-    install_device_crds(&Cluster::get()?)?;
+    Cluster::get()?.install_device_crds()?;
     let mut s = Setup::ready(Opts::default()).await?;
     let line = outrigger_tests::modbus::Line::new(s.node().dir.path(), "rs485")?;
     let mut slave = outrigger_tests::modbus::Slaves::start(&line, &[1])?;

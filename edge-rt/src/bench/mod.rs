@@ -76,6 +76,10 @@ pub enum BenchCmd {
         messages: usize,
         #[arg(long, default_value_t = 100)]
         payload_bytes: usize,
+        /// Messages out at once (published, not yet delivered to every
+        /// subscriber): the load waits rather than overrun a subscriber.
+        #[arg(long, default_value_t = 500)]
+        window: usize,
     },
     /// Reboot with no cloud: N pods in the store, a power cut (edge-rt and
     /// every container killed, state and mounts gone), then edge-rt start
@@ -137,12 +141,14 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
             subscribers,
             messages,
             payload_bytes,
+            window,
         } => {
             broker::run(broker::Load {
                 publishers,
                 subscribers,
                 messages,
                 payload_bytes,
+                window,
             })
             .await
         }
