@@ -44,7 +44,8 @@
 //!
 //! [devices]
 //! embedded_broker = true               # run an MQTT broker (rumqttd) as a child process
-//! broker_listen = ["127.0.0.1:1883"]   # its listeners; "bridge:1883" is the pod bridge's address
+//! broker_listen = ["127.0.0.1:1883", "bridge:1883"]  # its listeners; bridge: the pod bridge's
+//!                                      # address (left out when pods have no network)
 //! broker_users_file = "/etc/edge-rt/mqtt-users"  # user:password lines; default: no login asked
 //! mqtt_broker = "127.0.0.1:1883"       # with embedded_broker = false: the broker to use;
 //!                                      # "mqtts://broker.plant:8883" for TLS (port default 8883)
@@ -155,7 +156,7 @@ impl Default for DevicesSection {
     fn default() -> Self {
         DevicesSection {
             embedded_broker: true,
-            broker_listen: vec!["127.0.0.1:1883".into()],
+            broker_listen: vec!["127.0.0.1:1883".into(), "bridge:1883".into()],
             broker_users_file: None,
             mqtt_broker: "127.0.0.1:1883".into(),
             mqtt_client_id: None,

@@ -665,6 +665,58 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
 }
 
 /// The pid of the embedded broker edge-rt runs on `port`.
+/// More MQTT devices than the client's queue holds, applied while the
+/// broker is not there yet: once it comes, every device's delta goes out
+/// and every device is heard (the hub never waits on a full client
+/// queue, which would stop it for good).
+#[tokio::test]
+async fn three_hundred_mqtt_devices_before_the_broker_comes() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let port = free_port()?;
+    node.devices_config(&format!(
+        "embedded_broker = false\nmqtt_broker = \"127.0.0.1:{port}\""
+    ))?;
+    let _daemon = node.start().await?;
+    let mut yaml = MQTT_MODEL.to_string();
+    for i in 0..300 {
+        yaml.push_str(
+            &MQTT_MODEL[MQTT_MODEL.find("---").unwrap_or(0)..]
+                .replace("name: probe", &format!("name: p{i}")),
+        );
+    }
+    apply(&node, &yaml)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let broker = Broker::start(port)?;
+    let out = node.dir.path().join("deltas.txt");
+    let mut sub = broker.subscribe("$hw/events/device/plant/p299/twin/update/delta", &out)?;
+    // The last device is heard (its messages went through the hub after
+    // 300 others' deltas)...
+    wait_for("the last device heard", Duration::from_secs(20), || async {
+        broker
+            .publish(
+                "$hw/events/device/plant/p299/twin/update",
+                r#"{"event_id":"x","timestamp":0,"twin":{"temperature":{"actual":{"value":"1.5"}}}}"#,
+            )
+            .ok()?;
+        devices(&node)
+            .ok()?
+            .into_iter()
+            .find(|d| d.name == "p299" && value(d, "temperature").as_deref() == Some("1.5"))
+    })
+    .await
+    .with_context(|| node.daemon_log())?;
+    // ...and its update is answered with the delta of what it lacks.
+    seen(&out, "/twin/update/delta", |v| {
+        v["delta"]["switch"] == "true"
+    })
+    .await?;
+    let _ = sub.kill();
+    Ok(())
+}
+
 /// A device that speaks plain values (`format: PlainValue`): its values on
 /// `<prefix>/<property>` become readings, its desired value goes to
 /// `<prefix>/<property>/set` retained, a value not of its type is said,

@@ -18,6 +18,15 @@ use crate::config::DevicesSection;
 pub fn listen_addrs(c: &DevicesSection, bridge_ip: Option<Ipv4Addr>) -> Result<Vec<SocketAddr>> {
     c.broker_listen
         .iter()
+        // No pod network: no pods to serve on the bridge (the default
+        // lists it; a node with `[network] enabled = false` goes without).
+        .filter(|l| {
+            let skip = bridge_ip.is_none() && l.starts_with("bridge:");
+            if skip {
+                tracing::info!(listen = %l, "pods have no network: the MQTT broker does not listen on the pod bridge");
+            }
+            !skip
+        })
         .map(|l| {
             let (host, port) = l
                 .rsplit_once(':')
@@ -28,9 +37,7 @@ pub fn listen_addrs(c: &DevicesSection, bridge_ip: Option<Ipv4Addr>) -> Result<V
             let ip: IpAddr = match host.trim_matches(['[', ']']) {
                 "bridge" => match bridge_ip {
                     Some(ip) => ip.into(),
-                    None => bail!(
-                        "broker_listen {l:?}: pods have no network ([network] enabled = false)"
-                    ),
+                    None => bail!("broker_listen {l:?}: pods have no network"),
                 },
                 h => h.parse().with_context(|| {
                     format!("broker_listen {l:?}: not an IP address or \"bridge\"")
@@ -206,7 +213,11 @@ mod tests {
             ["127.0.0.1:1883", "10.88.0.1:1883", "[::1]:1884"]
                 .map(|s| s.parse::<SocketAddr>().unwrap())
         );
-        assert!(listen_addrs(&c, None).is_err());
+        // No pod network: the bridge entry is left out, the rest stands.
+        assert_eq!(
+            listen_addrs(&c, None).unwrap(),
+            ["127.0.0.1:1883", "[::1]:1884"].map(|s| s.parse::<SocketAddr>().unwrap())
+        );
         for bad in ["localhost:1883", "127.0.0.1", "127.0.0.1:x"] {
             let c = DevicesSection {
                 broker_listen: vec![bad.into()],

@@ -465,7 +465,10 @@ impl DeviceManager {
             if let Some(re) = r.twin.reachable.clone() {
                 // Answering from the start is no news; anything else is.
                 match (was, re.ok) {
+                    // Answering from the start, or waiting for the broker
+                    // connection edge-rt is just making: no news.
                     (None, true) => {}
+                    (None, false) if re.reason == "BrokerUnavailable" => {}
                     (_, true) => self.event(uid, r, EventType::Normal, "Reachable", re.message),
                     (_, false) => self.event(uid, r, EventType::Warning, &re.reason, re.message),
                 }

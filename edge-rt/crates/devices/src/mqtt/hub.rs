@@ -8,7 +8,7 @@
 //! (`outrigger_sys::blocking`), never by tokio's resolver, which would run
 //! getaddrinfo outside the fork guard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -243,6 +243,53 @@ fn tell(routes: &Routes, m: Inbound) {
     }
 }
 
+/// Requests the client's own queue holds (it drains as the event loop
+/// runs); more wait in the hub's.
+const CLIENT_QUEUE: usize = 256;
+/// Messages the hub keeps while the broker is away or slow; beyond, a
+/// publish is refused (the device task says so).
+const PENDING_MAX: usize = 8192;
+
+/// What waits to go to the client.
+enum Request {
+    Publish {
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+    Filter {
+        filter: String,
+        on: bool,
+    },
+}
+
+/// Hand the client what its queue takes now, in order.
+fn feed(client: &AsyncClient, pending: &mut VecDeque<Request>) {
+    while let Some(r) = pending.pop_front() {
+        let result = match &r {
+            Request::Publish {
+                topic,
+                qos,
+                retain,
+                payload,
+            } => client.try_publish(topic.clone(), *qos, *retain, payload.clone()),
+            Request::Filter { filter, on: true } => {
+                client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
+            }
+            Request::Filter { filter, on: false } => client.try_unsubscribe(filter.clone()),
+        };
+        match result {
+            Ok(()) => {}
+            Err(rumqttc::ClientError::TryRequest(_)) => {
+                pending.push_front(r);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "MQTT request dropped"),
+        }
+    }
+}
+
 async fn run(
     cfg: BrokerConfig,
     mut out: mpsc::Receiver<Outbound>,
@@ -297,36 +344,39 @@ async fn run(
             rumqttc::TlsConfiguration::Rustls(c.clone()),
         ));
     }
-    let (client, mut events) = AsyncClient::new(o, 256);
+    let (client, mut events) = AsyncClient::new(o, CLIENT_QUEUE);
     let mut said: Option<String> = None;
+    // What goes to the client, in order. Never handed over by awaiting:
+    // the client's queue drains only while its event loop is polled, here,
+    // so an await on a full queue would stop this task for good (100
+    // devices' first messages before the broker answers fill it).
+    let mut pending: VecDeque<Request> = VecDeque::new();
     loop {
+        feed(&client, &mut pending);
         tokio::select! {
             m = out.recv() => match m {
                 None => return,
                 Some(Outbound::Publish { topic, qos, retain, payload, done }) => {
-                    let r = client
-                        .publish(topic, qos, retain, payload)
-                        .await
-                        .map_err(|e| e.to_string());
+                    let r = if pending.len() >= PENDING_MAX {
+                        Err(format!("{PENDING_MAX} MQTT messages wait for the broker already; this one is dropped"))
+                    } else {
+                        pending.push_back(Request::Publish { topic, qos, retain, payload });
+                        Ok(())
+                    };
                     let _ = done.send(r);
                 }
                 // Connected: now; if not, the next connect subscribes.
                 Some(Outbound::Prefix { prefix, on }) if up.load(std::sync::atomic::Ordering::Relaxed) => {
-                    let f = plain_filter(&prefix);
-                    let r = if on { client.try_subscribe(&f, QoS::AtLeastOnce) } else { client.try_unsubscribe(&f) };
-                    if let Err(e) = r {
-                        tracing::warn!(topic = f, error = %e, "MQTT (un)subscribe");
-                    }
+                    pending.push_back(Request::Filter { filter: plain_filter(&prefix), on });
                 }
                 Some(Outbound::Prefix { .. }) => {}
             },
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // Subscriptions before anything waiting.
                     let plain: Vec<String> = lock(&routes).plain.keys().map(|p| plain_filter(p)).collect();
-                    for t in SUBSCRIPTIONS.iter().map(|t| t.to_string()).chain(plain) {
-                        if let Err(e) = client.try_subscribe(&t, QoS::AtLeastOnce) {
-                            tracing::warn!(topic = t, error = %e, "MQTT subscribe");
-                        }
+                    for t in SUBSCRIPTIONS.iter().map(|t| t.to_string()).chain(plain).rev() {
+                        pending.push_front(Request::Filter { filter: t, on: true });
                     }
                     up.store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(broker = %cfg.host, port = cfg.port, "MQTT broker connected");
