@@ -78,7 +78,7 @@ pub enum BenchCmd {
         payload_bytes: usize,
         /// Messages out at once (published, not yet delivered to every
         /// subscriber): the load waits rather than overrun a subscriber.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 100)]
         window: usize,
     },
     /// Reboot with no cloud: N pods in the store, a power cut (edge-rt and

@@ -45,6 +45,14 @@ enum Args {
         /// How long each CPU measurement runs.
         #[arg(long, default_value_t = 30)]
         secs: u64,
+        /// Modbus devices per line (4 lines).
+        #[arg(long, default_value_t = 25)]
+        per_line: u8,
+        #[arg(long, default_value_t = 100)]
+        mqtt: usize,
+        /// Modbus twins not mirrored on the broker (`publish_twins = false`).
+        #[arg(long)]
+        no_mirror: bool,
     },
 }
 
@@ -376,12 +384,19 @@ async fn measure(edge: u32, broker: Option<u32>, secs: u64) -> Result<[(u64, f64
     Ok([(a1.0, pct(a0.1, a1.1)), (b1.0, pct(b0.1, b1.1))])
 }
 
-async fn scale(secs: u64) -> Result<()> {
+async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<()> {
     let node = Node::new()?;
+    if no_mirror {
+        let cfg = std::fs::read_to_string(&node.config)?;
+        std::fs::write(
+            &node.config,
+            cfg.replace("[devices]\n", "[devices]\npublish_twins = false\n"),
+        )?;
+    }
     let ns = "plant";
     let mut lines = Vec::new();
     let mut slaves = Vec::new();
-    let ids: Vec<u8> = (1..=25).collect();
+    let ids: Vec<u8> = (1..=per_line).collect();
     for l in 0..4 {
         let line = Line::new(node.dir.path(), &format!("line{l}"))?;
         let mut s = Slaves::start(&line, &ids)?;
@@ -415,7 +430,7 @@ async fn scale(secs: u64) -> Result<()> {
     yaml.push_str(&format!(
         "---\napiVersion: devices.outrigger.io/v1alpha1\nkind: DeviceModel\nmetadata: {{name: sensor, namespace: {ns}}}\nspec:\n  properties:\n  - {{name: temperature, type: float}}\n  - {{name: switch, type: bool, access: ReadWrite}}\n"
     ));
-    for i in 0..100 {
+    for i in 0..mqtt {
         yaml.push_str(&format!(
             "---\napiVersion: devices.outrigger.io/v1alpha1\nkind: Device\nmetadata: {{name: q{i}, namespace: {ns}}}\nspec:\n  model: sensor\n  nodeName: gw\n  protocol: {{mqtt: {{}}}}\n  properties:\n  - {{name: temperature, collectCycleMs: 1000}}\n  - {{name: switch, desired: \"true\", collectCycleMs: 1000}}\n"
         ));
@@ -444,7 +459,7 @@ async fn scale(secs: u64) -> Result<()> {
         });
         let mut n = 0u64;
         loop {
-            for i in 0..100 {
+            for i in 0..mqtt as u64 {
                 let body = format!(
                     r#"{{"event_id":"","timestamp":0,"twin":{{"temperature":{{"actual":{{"value":"{}"}}}},"switch":{{"actual":{{"value":"true"}}}}}}}}"#,
                     20.0 + ((n + i) % 50) as f64 / 10.0
@@ -462,19 +477,16 @@ async fn scale(secs: u64) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    wait_for(
-        "all 200 devices Online",
-        Duration::from_secs(120),
-        || async {
-            let d = devices(&node, ns).ok()?;
-            let online = d
-                .as_array()?
-                .iter()
-                .filter(|d| d["status"]["state"] == "Online")
-                .count();
-            (online == 200).then_some(())
-        },
-    )
+    let total = 4 * per_line as usize + mqtt;
+    wait_for("all devices Online", Duration::from_secs(120), || async {
+        let d = devices(&node, ns).ok()?;
+        let online = d
+            .as_array()?
+            .iter()
+            .filter(|d| d["status"]["state"] == "Online")
+            .count();
+        (online == total).then_some(())
+    })
     .await
     .with_context(|| node.daemon_log())?;
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -484,11 +496,16 @@ async fn scale(secs: u64) -> Result<()> {
     firmware.abort();
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
-        "100 Modbus devices on 4 PTY lines (25 pymodbus slaves each, 115200 baud) and 100 MQTT devices publishing every second on the embedded broker; collect cycle 1 s; CPU over {secs} s"
+        "{} Modbus devices on 4 PTY lines ({per_line} pymodbus slaves each, 115200 baud{}) and {mqtt} MQTT devices publishing every second on the embedded broker; collect cycle 1 s; CPU over {secs} s",
+        4 * per_line as usize,
+        if no_mirror { ", twins not mirrored" } else { "" }
     );
     println!(
         "{:<34} {:>10} {:>10} {:>10}",
-        "process", "idle", "200 dev", "added"
+        "process",
+        "idle",
+        &format!("{total} dev"),
+        "added"
     );
     println!(
         "{:<34} {:>9.1}M {:>9.1}M {:>9.1}M",
@@ -548,6 +565,11 @@ async fn main() -> Result<()> {
     }
     match Args::parse() {
         Args::Latency { iterations } => latency(iterations).await,
-        Args::Scale { secs } => scale(secs).await,
+        Args::Scale {
+            secs,
+            per_line,
+            mqtt,
+            no_mirror,
+        } => scale(secs, per_line, mqtt, no_mirror).await,
     }
 }
