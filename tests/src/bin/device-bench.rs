@@ -493,6 +493,28 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
     let p0: u64 = polls(&node, ns)?;
     let loaded = measure(pid, broker, secs).await?;
     let p1: u64 = polls(&node, ns)?;
+    // The same devices from the store after a restart: no apply's
+    // high-water mark in it.
+    daemon.terminate()?;
+    let daemon = node.start().await?;
+    let pid = daemon.child.id();
+    wait_for(
+        "all devices Online after the restart",
+        Duration::from_secs(120),
+        || async {
+            let d = devices(&node, ns).ok()?;
+            let online = d
+                .as_array()?
+                .iter()
+                .filter(|d| d["status"]["state"] == "Online")
+                .count();
+            (online == total).then_some(())
+        },
+    )
+    .await
+    .with_context(|| node.daemon_log())?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let restarted = measure(pid, child_with(pid, "broker"), secs).await?;
     firmware.abort();
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
@@ -520,6 +542,13 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
         idle[0].1,
         loaded[0].1,
         loaded[0].1 - idle[0].1
+    );
+    println!(
+        "{:<34} {:>10} {:>9.1}M {:>9.1}M",
+        "edge-rt RSS, restarted with them",
+        "",
+        mb(restarted[0].0),
+        mb(restarted[0].0.saturating_sub(idle[0].0))
     );
     if broker.is_some() {
         println!(
