@@ -478,17 +478,7 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
         }
     });
     let total = 4 * per_line as usize + mqtt;
-    wait_for("all devices Online", Duration::from_secs(120), || async {
-        let d = devices(&node, ns).ok()?;
-        let online = d
-            .as_array()?
-            .iter()
-            .filter(|d| d["status"]["state"] == "Online")
-            .count();
-        (online == total).then_some(())
-    })
-    .await
-    .with_context(|| node.daemon_log())?;
+    all_online(&node, ns, total, "all devices Online").await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let p0: u64 = polls(&node, ns)?;
     let loaded = measure(pid, broker, secs).await?;
@@ -498,21 +488,7 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
     daemon.terminate()?;
     let daemon = node.start().await?;
     let pid = daemon.child.id();
-    wait_for(
-        "all devices Online after the restart",
-        Duration::from_secs(120),
-        || async {
-            let d = devices(&node, ns).ok()?;
-            let online = d
-                .as_array()?
-                .iter()
-                .filter(|d| d["status"]["state"] == "Online")
-                .count();
-            (online == total).then_some(())
-        },
-    )
-    .await
-    .with_context(|| node.daemon_log())?;
+    all_online(&node, ns, total, "all devices Online after the restart").await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let restarted = measure(pid, child_with(pid, "broker"), secs).await?;
     firmware.abort();
@@ -575,6 +551,21 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
     drop(lines);
     drop(daemon);
     node.cleanup().await
+}
+
+/// Wait (2 min) until `total` devices of `ns` are Online on the node.
+async fn all_online(node: &Node, ns: &str, total: usize, what: &str) -> Result<()> {
+    wait_for(what, Duration::from_secs(120), || async {
+        let d = devices(node, ns).ok()?;
+        let online = d
+            .as_array()?
+            .iter()
+            .filter(|d| d["status"]["state"] == "Online")
+            .count();
+        (online == total).then_some(())
+    })
+    .await
+    .with_context(|| node.daemon_log())
 }
 
 /// Polls counted by the node's twins, all devices.
