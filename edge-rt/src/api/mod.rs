@@ -198,7 +198,7 @@ impl Server {
         let req = match serde_json::from_str::<Request>(&line) {
             Ok(r) => r,
             Err(e) => {
-                return reply(
+                return reply::<()>(
                     &mut w,
                     Err(ApiError::BadRequest(format!("bad request: {e}"))),
                 )
@@ -206,15 +206,15 @@ impl Server {
             }
         };
         match req {
-            Request::Pods => reply(&mut w, Ok(serde_json::to_value(self.pods.list())?)).await,
+            Request::Pods => reply(&mut w, Ok(self.pods.list())).await,
             Request::Pod { namespace, name } => {
                 let r = self
                     .detail(&namespace, &name)
                     .and_then(|d| Ok(serde_json::to_value(d).map_err(std::io::Error::from)?));
                 reply(&mut w, r).await
             }
-            Request::Status => reply(&mut w, Ok(serde_json::to_value(self.status())?)).await,
-            Request::Devices => reply(&mut w, Ok(serde_json::to_value(self.devices.list())?)).await,
+            Request::Status => reply(&mut w, Ok(self.status())).await,
+            Request::Devices => reply(&mut w, Ok(self.devices.list())).await,
             Request::Logs {
                 namespace,
                 name,
@@ -225,7 +225,7 @@ impl Server {
             } => {
                 let rec = match self.log_record(&namespace, &name, container.as_deref(), previous) {
                     Ok(r) => r,
-                    Err(e) => return reply(&mut w, Err(e)).await,
+                    Err(e) => return reply::<()>(&mut w, Err(e)).await,
                 };
                 reply(&mut w, Ok(serde_json::Value::Null)).await?;
                 self.stream_log(&rec, follow, tail, &mut w).await
@@ -240,7 +240,7 @@ impl Server {
             } => {
                 let rec = match self.running_record(&namespace, &name, container.as_deref()) {
                     Ok(r) => r,
-                    Err(e) => return reply(&mut w, Err(e)).await,
+                    Err(e) => return reply::<()>(&mut w, Err(e)).await,
                 };
                 self.exec(&rec, &command, stdin, tty, r, w).await
             }
@@ -425,7 +425,9 @@ impl Server {
         };
         let process = match rt.exec(&rec.id, command, stdio) {
             Ok(p) => p,
-            Err(e) => return reply(&mut w, Err(ApiError::BadRequest(pods::describe(&e)))).await,
+            Err(e) => {
+                return reply::<()>(&mut w, Err(ApiError::BadRequest(pods::describe(&e)))).await
+            }
         };
         reply(&mut w, Ok(serde_json::Value::Null)).await?;
         let mut input = input;
@@ -692,15 +694,20 @@ impl Server {
     }
 }
 
-async fn reply(
+/// `{"ok": ...}` or `{"error": "..."}`, serialized straight from `r` (a
+/// JSON tree of 200 devices first would be the daemon's high-water mark).
+async fn reply<T: serde::Serialize>(
     w: &mut tokio::net::unix::OwnedWriteHalf,
-    r: Result<serde_json::Value, ApiError>,
+    r: Result<T, ApiError>,
 ) -> std::io::Result<()> {
-    let v = match r {
-        Ok(v) => serde_json::json!({"ok": v}),
-        Err(e) => serde_json::json!({"error": e.to_string()}),
-    };
-    let mut line = serde_json::to_vec(&v)?;
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Answer<T> {
+        Ok(T),
+        Error(String),
+    }
+    let mut line =
+        serde_json::to_vec(&r.map_or_else(|e| Answer::Error(e.to_string()), Answer::Ok))?;
     line.push(b'\n');
     w.write_all(&line).await
 }

@@ -21,6 +21,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use litemap::LiteMap;
+
+use outrigger_devices::mailbox::{self, mailbox, Events, Tagged};
 use outrigger_devices::modbus::{self, Bus, LineConfig, LineId, ModbusDevice};
 use outrigger_devices::mqtt::{self, mirror::Mirror, BrokerConfig, Hub, MqttDevice, Tls};
 use outrigger_devices::{Command, Event};
@@ -100,16 +103,21 @@ impl Desire {
 }
 
 struct Running {
+    /// Which start of the device this is (events of an older one are
+    /// dropped).
+    run: u64,
     namespace: String,
     name: String,
-    /// What it was started from: a change restarts it.
-    from: DesiredDevice,
+    /// What it was started from (a change other than desired values
+    /// restarts it): the spec and its model's, not the whole objects.
+    spec: api::DeviceSpec,
+    model: Option<api::DeviceModelSpec>,
     twin: Twin,
-    desires: BTreeMap<String, Desire>,
-    commands: Option<mpsc::Sender<Command>>,
+    desires: LiteMap<String, Desire>,
+    commands: Option<mailbox::Sender<Command>>,
     driver: Option<Driver>,
     /// Its twins on the broker, for a device that is not on MQTT.
-    mirror: Option<mpsc::Sender<Mirror>>,
+    mirror: Option<mailbox::Sender<Mirror>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -145,7 +153,10 @@ impl Drop for Running {
 
 #[derive(Default)]
 struct State {
-    devices: BTreeMap<String, Running>,
+    /// Boxed: a BTree leaf holds 11 values, most of them empty.
+    devices: BTreeMap<String, Box<Running>>,
+    /// The number of the next start of a device.
+    next_run: u64,
     /// Lines in use: their settings (devices on one must agree) and bus.
     lines: HashMap<LineId, (LineConfig, Bus)>,
     /// The broker connection, once an MQTT device needs it.
@@ -188,7 +199,13 @@ pub struct DeviceManager {
     /// desired values written or not), for the cluster's Events.
     pub events: EventRing<DeviceEvent>,
     generation: std::sync::atomic::AtomicU64,
+    /// Every driver's events, into [`Self::on_event`] (one task for all).
+    driver_events: mpsc::Sender<Tagged>,
+    driver_inbox: Mutex<Option<mpsc::Receiver<Tagged>>>,
 }
+
+/// Driver events that may wait for the manager, all devices together.
+const DRIVER_EVENTS: usize = 1024;
 
 use outrigger_sys::now_ms;
 
@@ -202,7 +219,10 @@ impl DeviceManager {
     /// With `publish_twins`, the twins of devices that are not on MQTT go
     /// on the broker too.
     pub fn new(broker: BrokerConfig, publish_twins: bool) -> Arc<DeviceManager> {
+        let (driver_events, rx) = mpsc::channel(DRIVER_EVENTS);
         Arc::new(DeviceManager {
+            driver_events,
+            driver_inbox: Mutex::new(Some(rx)),
             broker,
             publish_twins,
             state: Default::default(),
@@ -233,8 +253,8 @@ impl DeviceManager {
         st.devices.retain(|uid, _| wanted.contains_key(uid));
         for (uid, d) in wanted {
             let same = st.devices.get(&uid).is_some_and(|r| {
-                r.from.model == d.model
-                    && r.from.device.spec.protocol == d.device.spec.protocol
+                r.model.as_ref() == d.model.as_ref().map(|m| &m.spec)
+                    && r.spec.protocol == d.device.spec.protocol
                     && {
                         // Only desired values changed: no restart.
                         let strip = |s: &api::DeviceSpec| {
@@ -242,14 +262,14 @@ impl DeviceManager {
                             s.properties.iter_mut().for_each(|p| p.desired = None);
                             s
                         };
-                        strip(&r.from.device.spec) == strip(&d.device.spec)
+                        strip(&r.spec) == strip(&d.device.spec)
                     }
             });
             if same {
                 if let Some(r) = st.devices.get_mut(&uid) {
                     r.twin.generation = d.device.metadata.generation;
                     set_targets(r, &d);
-                    r.from = d;
+                    r.spec = d.device.spec;
                 }
             } else {
                 let r = self.start(&mut st, &uid, d);
@@ -280,8 +300,12 @@ impl DeviceManager {
         self.bump();
     }
 
-    fn start(self: &Arc<Self>, st: &mut State, uid: &str, d: DesiredDevice) -> Running {
+    fn start(self: &Arc<Self>, st: &mut State, uid: &str, d: DesiredDevice) -> Box<Running> {
         let now = now_ms();
+        self.listen();
+        st.next_run += 1;
+        let run = st.next_run;
+        let events = Events::new(uid.into(), run, self.driver_events.clone());
         let spec = &d.device.spec;
         let units: Vec<(String, Option<String>)> = spec
             .properties
@@ -303,17 +327,19 @@ impl DeviceManager {
             .unwrap_or(Duration::from_millis(api::DEFAULT_CYCLE_MS.into()));
         let mut twin = Twin::new(spec.protocol.summary(), units, report_cycle);
         twin.generation = d.device.metadata.generation;
-        let mut r = Running {
+        let mut r = Box::new(Running {
+            run,
             namespace: d.device.metadata.namespace.clone().unwrap_or_default(),
             name: d.device.metadata.name.clone().unwrap_or_default(),
-            from: d.clone(),
+            spec: d.device.spec.clone(),
+            model: d.model.as_ref().map(|m| m.spec.clone()),
             twin,
-            desires: BTreeMap::new(),
+            desires: LiteMap::new(),
             commands: None,
             driver: None,
             mirror: None,
             tasks: Vec::new(),
-        };
+        });
         let Some(model) = &d.model else {
             r.twin.refuse(
                 "ModelMissing",
@@ -361,15 +387,13 @@ impl DeviceManager {
                         bus
                     }
                 };
-                let (ctx, crx) = mpsc::channel(16);
-                let (etx, erx) = mpsc::channel(64);
+                let (ctx, crx) = mailbox(16);
                 r.tasks.push(tokio::spawn(modbus::device::run(
                     dev.clone(),
                     bus,
                     crx,
-                    etx,
+                    events,
                 )));
-                r.tasks.push(self.forward(uid, erx));
                 r.commands = Some(ctx);
                 r.driver = Some(Driver::Modbus(dev));
                 if self.publish_twins {
@@ -379,7 +403,7 @@ impl DeviceManager {
                         .iter()
                         .filter_map(|p| Some((p.name.clone(), model.spec.property(&p.name)?.type_)))
                         .collect();
-                    let (tx, rx) = mpsc::channel(64);
+                    let (tx, rx) = mailbox(64);
                     r.tasks.push(tokio::spawn(mqtt::mirror::run(
                         format!("{}/{}", r.namespace, r.name),
                         types,
@@ -394,11 +418,13 @@ impl DeviceManager {
                     return r;
                 };
                 let hub = self.hub(st);
-                let (ctx, crx) = mpsc::channel(16);
-                let (etx, erx) = mpsc::channel(64);
-                r.tasks
-                    .push(tokio::spawn(mqtt::device::run(dev.clone(), hub, crx, etx)));
-                r.tasks.push(self.forward(uid, erx));
+                let (ctx, crx) = mailbox(16);
+                r.tasks.push(tokio::spawn(mqtt::device::run(
+                    dev.clone(),
+                    hub,
+                    crx,
+                    events,
+                )));
                 r.commands = Some(ctx);
                 r.driver = Some(Driver::Mqtt(dev));
             }
@@ -414,27 +440,26 @@ impl DeviceManager {
             .clone()
     }
 
-    /// A driver's events into its twin, for as long as the manager lives.
-    fn forward(
-        self: &Arc<Self>,
-        uid: &str,
-        mut events: mpsc::Receiver<Event>,
-    ) -> tokio::task::JoinHandle<()> {
+    /// Drivers' events into their twins, for as long as the manager
+    /// lives: started with the first device.
+    fn listen(self: &Arc<Self>) {
+        let Some(mut inbox) = lock(&self.driver_inbox).take() else {
+            return;
+        };
         let me = Arc::downgrade(self);
-        let uid = uid.to_string();
         tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
+            while let Some(t) = inbox.recv().await {
                 let Some(m) = me.upgrade() else {
                     return;
                 };
-                m.on_event(&uid, ev);
+                m.on_event(&t.device, t.run, t.event);
             }
-        })
+        });
     }
 
-    fn on_event(&self, uid: &str, ev: Event) {
+    fn on_event(&self, uid: &str, run: u64, ev: Event) {
         let mut st = lock(&self.state);
-        let Some(r) = st.devices.get_mut(uid) else {
+        let Some(r) = st.devices.get_mut(uid).filter(|r| r.run == run) else {
             return;
         };
         match &ev {
@@ -475,7 +500,7 @@ impl DeviceManager {
             }
         }
         if let Event::Value { property, value } = &ev {
-            if let Some(m) = &r.mirror {
+            if let Some(m) = &mut r.mirror {
                 // A mirror behind drops a value: the next read brings it.
                 let _ = m.try_send(Mirror::Actual {
                     property: property.clone(),
@@ -510,13 +535,20 @@ impl DeviceManager {
         let Some(r) = st.devices.get_mut(uid) else {
             return;
         };
-        let Some(tx) = r.commands.clone() else {
+        let Running {
+            commands: Some(tx),
+            driver,
+            desires,
+            twin,
+            ..
+        } = &mut **r
+        else {
             return;
         };
         let now = now_ms();
-        let read_first = matches!(r.driver, Some(Driver::Modbus(_)));
-        for (name, d) in r.desires.iter_mut() {
-            let reported = r.twin.properties.get(name).and_then(|p| p.value.as_deref());
+        let read_first = matches!(driver, Some(Driver::Modbus(_)));
+        for (name, d) in desires.iter_mut() {
+            let reported = twin.properties.get(name).and_then(|p| p.value.as_deref());
             if d.due(reported, read_first, now) {
                 if let Some((v, _, _)) = &d.sent {
                     let c = Command::Write {
@@ -574,26 +606,23 @@ impl DeviceManager {
             .iter()
             .find(|(_, r)| r.namespace == namespace && r.name == name)
             .ok_or_else(|| format!("no device {namespace}/{name} on this node"))?;
-        let d = &r.from;
-        let model = d.model.as_ref().ok_or_else(|| {
+        let model = r.model.as_ref().ok_or_else(|| {
             format!(
                 "device {namespace}/{name}: its model {:?} is not on this node",
-                d.device.spec.model
+                r.spec.model
             )
         })?;
         let mut plan = SetPlan::default();
         let mut refused = Vec::new();
         for (prop, value) in values {
-            let Some(p) = d.device.spec.properties.iter().find(|p| &p.name == prop) else {
+            let Some(p) = r.spec.properties.iter().find(|p| &p.name == prop) else {
                 refused.push(format!("device {name} has no property {prop:?}"));
                 continue;
             };
             let spec = p.desired.as_deref().unwrap_or("(none)");
             match value {
                 Some(text) => {
-                    if let Err(e) =
-                        api::check_desired(&model.spec, &d.device.spec.model, prop, text)
-                    {
+                    if let Err(e) = api::check_desired(model, &r.spec.model, prop, text) {
                         refused.push(format!("{prop}={text}: {e}"));
                         continue;
                     }
@@ -638,7 +667,7 @@ impl DeviceManager {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
                 uid: uid.clone(),
-                model: r.from.device.spec.model.clone(),
+                model: r.spec.model.clone(),
                 status: r.twin.status(now),
                 recent_errors: r
                     .twin
@@ -783,7 +812,7 @@ fn set_targets(r: &mut Running, d: &DesiredDevice) {
         }
         let e = r.desires.entry(p.name.clone()).or_default();
         e.target = target.and_then(Result::ok);
-        if let Some(m) = &r.mirror {
+        if let Some(m) = &mut r.mirror {
             let _ = m.try_send(Mirror::Expected {
                 property: p.name.clone(),
                 value: e.target.clone(),

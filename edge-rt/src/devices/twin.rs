@@ -8,7 +8,9 @@
 //! (every poll moves them) at most once a minute. One row per device in
 //! the outbox, so offline it holds the latest of each property.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
+
+use litemap::LiteMap;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -49,7 +51,9 @@ pub struct Twin {
     pub generation: Option<i64>,
     /// Property order and units, as the device lists them.
     pub order: Vec<(String, Option<String>)>,
-    pub properties: BTreeMap<String, Property>,
+    /// A sorted Vec: a device has a few properties, and a BTree leaf
+    /// holds room for 11.
+    pub properties: LiteMap<String, Property>,
     pub reachable: Option<Reachable>,
     pub counters: Counters,
     /// (ms, message), newest last.
@@ -58,7 +62,9 @@ pub struct Twin {
     pub latency_total: Duration,
     pub report_cycle_ms: i64,
     /// What the last report showed (without its time), its counters, when.
-    reported: Option<(DeviceStatus, Counters, i64)>,
+    /// Kept as a digest of it: a copy of every device's last status would
+    /// be most of what a twin holds.
+    reported: Option<(u64, Counters, i64)>,
 }
 
 impl Twin {
@@ -249,7 +255,7 @@ impl Twin {
             None => true,
             Some((last, counters, at)) => {
                 let since = now_ms - at;
-                (since >= self.report_cycle_ms && *last != self.content())
+                (since >= self.report_cycle_ms && *last != self.digest())
                     || (since >= COUNTERS_EVERY_MS && *counters != self.counters)
             }
         }
@@ -257,7 +263,27 @@ impl Twin {
 
     /// A report of it was committed to the outbox at `now_ms`.
     pub fn reported(&mut self, now_ms: i64) {
-        self.reported = Some((self.content(), self.counters, now_ms));
+        self.reported = Some((self.digest(), self.counters, now_ms));
+    }
+
+    /// What a report would say, hashed as it is serialized (no JSON is
+    /// kept; one device's content at a time).
+    fn digest(&self) -> u64 {
+        use std::hash::Hasher;
+        struct Hashing(std::collections::hash_map::DefaultHasher);
+        impl std::io::Write for Hashing {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.write(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut h = Hashing(Default::default());
+        // Writing into a hasher cannot fail; DeviceStatus always serializes.
+        let _ = serde_json::to_writer(&mut h, &self.content());
+        h.0.finish()
     }
 }
 

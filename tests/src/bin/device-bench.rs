@@ -331,21 +331,34 @@ async fn latency(iterations: usize) -> Result<()> {
 }
 
 /// (RSS bytes, CPU ticks) of a process.
-fn usage(pid: u32) -> Result<(u64, u64)> {
+/// A process's resident memory: all of it, and what is not pages of the
+/// executable (heap, stacks: what the devices cost; the rest is code
+/// touched once, shared and reclaimable).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    rss: u64,
+    anon: u64,
+    ticks: u64,
+}
+
+fn usage(pid: u32) -> Result<Usage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .context("VmRSS")?
-        * 1024;
+    let kb = |key: &str| -> Result<u64> {
+        Ok(status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .with_context(|| key.to_string())?
+            * 1024)
+    };
+    let (rss, anon) = (kb("VmRSS:")?, kb("RssAnon:")?);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command (which may hold spaces): state is field 3.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    Ok((rss, ticks))
+    Ok(Usage { rss, anon, ticks })
 }
 
 /// The first child of `pid` whose command line has `word` (edge-rt's broker).
@@ -371,7 +384,9 @@ fn child_with(pid: u32, word: &str) -> Option<u32> {
 }
 
 /// RSS at the end and CPU % of a core over `secs`, for edge-rt and its broker.
-async fn measure(edge: u32, broker: Option<u32>, secs: u64) -> Result<[(u64, f64); 2]> {
+/// Memory at the end and CPU (% of a core) over `secs`, of edge-rt and its
+/// broker.
+async fn measure(edge: u32, broker: Option<u32>, secs: u64) -> Result<[(Usage, f64); 2]> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     let a0 = usage(edge)?;
     let b0 = broker.map(usage).transpose()?.unwrap_or_default();
@@ -380,8 +395,8 @@ async fn measure(edge: u32, broker: Option<u32>, secs: u64) -> Result<[(u64, f64
     let a1 = usage(edge)?;
     let b1 = broker.map(usage).transpose()?.unwrap_or_default();
     let wall = t.elapsed().as_secs_f64();
-    let pct = |t0: u64, t1: u64| (t1.saturating_sub(t0)) as f64 / hz / wall * 100.0;
-    Ok([(a1.0, pct(a0.1, a1.1)), (b1.0, pct(b0.1, b1.1))])
+    let pct = |t0: Usage, t1: Usage| (t1.ticks.saturating_sub(t0.ticks)) as f64 / hz / wall * 100.0;
+    Ok([(a1, pct(a0, a1)), (b1, pct(b0, b1))])
 }
 
 async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<()> {
@@ -505,13 +520,17 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
         &format!("{total} dev"),
         "added"
     );
-    println!(
-        "{:<34} {:>9.1}M {:>9.1}M {:>9.1}M",
-        "edge-rt RSS",
-        mb(idle[0].0),
-        mb(loaded[0].0),
-        mb(loaded[0].0.saturating_sub(idle[0].0))
-    );
+    let row = |what: &str, idle: u64, loaded: u64| {
+        println!(
+            "{:<34} {:>9.1}M {:>9.1}M {:>9.1}M",
+            what,
+            mb(idle),
+            mb(loaded),
+            mb(loaded.saturating_sub(idle))
+        )
+    };
+    row("edge-rt RSS", idle[0].0.rss, loaded[0].0.rss);
+    row("  of which anonymous", idle[0].0.anon, loaded[0].0.anon);
     println!(
         "{:<34} {:>9.2}% {:>9.2}% {:>9.2}%",
         "edge-rt CPU (% of a core)",
@@ -519,21 +538,15 @@ async fn scale(secs: u64, per_line: u8, mqtt: usize, no_mirror: bool) -> Result<
         loaded[0].1,
         loaded[0].1 - idle[0].1
     );
-    println!(
-        "{:<34} {:>10} {:>9.1}M {:>9.1}M",
+    row(
         "edge-rt RSS, restarted with them",
-        "",
-        mb(restarted[0].0),
-        mb(restarted[0].0.saturating_sub(idle[0].0))
+        idle[0].0.rss,
+        restarted[0].0.rss,
     );
+    row("  of which anonymous", idle[0].0.anon, restarted[0].0.anon);
     if broker.is_some() {
-        println!(
-            "{:<34} {:>9.1}M {:>9.1}M {:>9.1}M",
-            "edge-rt broker RSS",
-            mb(idle[1].0),
-            mb(loaded[1].0),
-            mb(loaded[1].0.saturating_sub(idle[1].0))
-        );
+        row("edge-rt broker RSS", idle[1].0.rss, loaded[1].0.rss);
+        row("  of which anonymous", idle[1].0.anon, loaded[1].0.anon);
         println!(
             "{:<34} {:>9.2}% {:>9.2}% {:>9.2}%",
             "edge-rt broker CPU",

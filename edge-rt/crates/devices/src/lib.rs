@@ -18,6 +18,8 @@ pub mod broker;
 pub mod modbus;
 pub mod mqtt;
 
+pub mod mailbox;
+
 use std::time::Duration;
 
 use outrigger_proto::device::Value;

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use crate::mailbox::{recv, Events, Receiver};
 use outrigger_proto::device::{
     Access, DeviceModelSpec, DeviceSpec, Modbus, ModelProperty, PropertyType, Protocol, Register,
     Table, Transport, Value,
 };
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::bus::{Bus, BusError, LineConfig, Op, Reply};
@@ -251,18 +251,13 @@ fn contact(r: &Result<Reply, BusError>, latency: Duration) -> Event {
 }
 
 /// Poll and write until the manager drops its end of `commands`.
-pub async fn run(
-    dev: ModbusDevice,
-    bus: Bus,
-    mut commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<Event>,
-) {
+pub async fn run(dev: ModbusDevice, bus: Bus, mut commands: Receiver<Command>, events: Events) {
     let reads = plan(&dev.points);
     let mut due: Vec<Instant> = vec![Instant::now(); reads.len()];
     loop {
         let next = due.iter().copied().min();
         let cmd = tokio::select! {
-            c = commands.recv() => match c {
+            c = recv(&mut commands) => match c {
                 Some(c) => Some(c),
                 None => return,
             },

@@ -7,13 +7,15 @@
 //! `state/update`, is unreachable until it speaks again.
 
 use std::collections::BTreeMap;
+
+use litemap::LiteMap;
 use std::time::Duration;
 
+use crate::mailbox::{recv, Events, Receiver};
 use outrigger_proto::device::{
     Access, DeviceModelSpec, DeviceSpec, ModelProperty, Mqtt, PayloadFormat, Protocol, Value,
 };
 use rumqttc::QoS;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::hub::{Hub, Inbound};
@@ -30,7 +32,9 @@ pub struct MqttDevice {
     /// ([`super::plain`]), not KubeEdge's twins.
     pub plain: Option<String>,
     pub qos: QoS,
-    pub properties: BTreeMap<String, ModelProperty>,
+    /// Sorted Vecs for the few properties of a device (a BTree leaf has
+    /// room for 11).
+    pub properties: LiteMap<String, ModelProperty>,
     /// Unreachable after this long without a message.
     pub silence: Duration,
 }
@@ -108,7 +112,7 @@ struct Run {
     dev: MqttDevice,
     hub: Hub,
     twins: Twins,
-    events: mpsc::Sender<Event>,
+    events: Events,
 }
 
 impl Run {
@@ -277,12 +281,7 @@ impl Run {
 }
 
 /// Serve the device until the manager drops its end of `commands`.
-pub async fn run(
-    dev: MqttDevice,
-    hub: Hub,
-    mut commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<Event>,
-) {
+pub async fn run(dev: MqttDevice, hub: Hub, mut commands: Receiver<Command>, events: Events) {
     if let Some(prefix) = dev.plain.clone() {
         return super::plain::run(dev, prefix, hub, commands, events).await;
     }
@@ -296,7 +295,7 @@ pub async fn run(
             })
             .await;
         // Hold until stopped: the manager sees the condition.
-        while commands.recv().await.is_some() {}
+        while recv(&mut commands).await.is_some() {}
         return;
     };
     let id = dev.id.clone();
@@ -318,13 +317,13 @@ pub async fn run(
     loop {
         let quiet_at = heard.map(|h| h + silence);
         tokio::select! {
-            c = commands.recv() => match c {
+            c = recv(&mut commands) => match c {
                 Some(Command::Write { property, value }) => {
                     if !r.write(property, value).await { break }
                 }
                 None => break,
             },
-            m = inbox.recv() => match m {
+            m = recv(&mut inbox) => match m {
                 None => break,
                 Some(Inbound::Broker { up: true, .. }) => {
                     // The device may have missed a delta while we were away.

@@ -15,6 +15,8 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::mailbox::{mailbox, Receiver, Sender};
+
 use super::twin;
 
 /// Where the broker is and who we are to it.
@@ -67,24 +69,24 @@ enum Outbound {
 /// their topic prefix.
 #[derive(Default)]
 struct Table {
-    twin: HashMap<String, mpsc::Sender<Inbound>>,
-    plain: HashMap<String, mpsc::Sender<Inbound>>,
+    twin: HashMap<String, Sender<Inbound>>,
+    plain: HashMap<String, Sender<Inbound>>,
 }
 
 type Routes = Arc<Mutex<Table>>;
 
 impl Table {
-    fn all(&self) -> impl Iterator<Item = &mpsc::Sender<Inbound>> {
-        self.twin.values().chain(self.plain.values())
+    fn all(&mut self) -> impl Iterator<Item = &mut Sender<Inbound>> {
+        self.twin.values_mut().chain(self.plain.values_mut())
     }
 
     /// The task a message is for, and what it is to it.
-    fn route<'t>(&self, topic: &'t str) -> Option<(&mpsc::Sender<Inbound>, &'t str)> {
+    fn route<'t>(&mut self, topic: &'t str) -> Option<(&mut Sender<Inbound>, &'t str)> {
         if let Some((id, suffix)) = twin::split(topic) {
-            return Some((self.twin.get(id)?, suffix));
+            return Some((self.twin.get_mut(id)?, suffix));
         }
         let (prefix, property) = topic.rsplit_once('/')?;
-        Some((self.plain.get(prefix)?, property))
+        Some((self.plain.get_mut(prefix)?, property))
     }
 }
 
@@ -129,7 +131,7 @@ impl Hub {
     }
 
     /// Messages for device `id`, or None if another device has the id.
-    pub fn register(&self, id: &str) -> Option<mpsc::Receiver<Inbound>> {
+    pub fn register(&self, id: &str) -> Option<Receiver<Inbound>> {
         let mut r = lock(&self.routes);
         self.add(&mut r.twin, id)
     }
@@ -140,7 +142,7 @@ impl Hub {
 
     /// Messages on `<prefix>/<property>` (subscribed to on every connect),
     /// or None if another device has the prefix.
-    pub fn register_plain(&self, prefix: &str) -> Option<mpsc::Receiver<Inbound>> {
+    pub fn register_plain(&self, prefix: &str) -> Option<Receiver<Inbound>> {
         let rx = {
             let mut r = lock(&self.routes);
             self.add(&mut r.plain, prefix)?
@@ -162,13 +164,13 @@ impl Hub {
 
     fn add(
         &self,
-        map: &mut HashMap<String, mpsc::Sender<Inbound>>,
+        map: &mut HashMap<String, Sender<Inbound>>,
         key: &str,
-    ) -> Option<mpsc::Receiver<Inbound>> {
+    ) -> Option<Receiver<Inbound>> {
         if map.get(key).is_some_and(|tx| !tx.is_closed()) {
             return None;
         }
-        let (tx, rx) = mpsc::channel(64);
+        let (mut tx, rx) = mailbox(64);
         if !self.connected() {
             let _ = tx.try_send(Inbound::Broker {
                 up: false,
@@ -384,11 +386,10 @@ async fn run(
                     tell(&routes, Inbound::Broker { up: true, reason: String::new() });
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let routed = lock(&routes)
-                        .route(&p.topic)
-                        .map(|(tx, suffix)| (tx.clone(), suffix.to_string()));
-                    if let Some((tx, suffix)) = routed {
-                        let m = Inbound::Message { suffix, payload: p.payload.to_vec() };
+                    let mut table = lock(&routes);
+                    if let Some((tx, suffix)) = table.route(&p.topic) {
+                        let m = Inbound::Message { suffix: suffix.to_string(), payload: p.payload.to_vec() };
+                        // Never waits: fine under the lock.
                         if tx.try_send(m).is_err() {
                             tracing::warn!(topic = %p.topic, "device task behind; MQTT message dropped");
                         }

@@ -7,9 +7,11 @@
 
 use std::collections::BTreeMap;
 
+use litemap::LiteMap;
+
+use crate::mailbox::{recv, Receiver};
 use outrigger_proto::device::PropertyType;
 use rumqttc::QoS;
-use tokio::sync::mpsc;
 
 use super::hub::{Hub, Inbound};
 use super::twin::{self, Base, ErrorResult, TwinDocument, Twins};
@@ -29,13 +31,13 @@ pub enum Mirror {
 /// Mirror device `id` until the manager drops its end of `updates`.
 pub async fn run(
     id: String,
-    types: BTreeMap<String, PropertyType>,
+    types: LiteMap<String, PropertyType>,
     hub: Hub,
-    mut updates: mpsc::Receiver<Mirror>,
+    mut updates: Receiver<Mirror>,
 ) {
     let Some(mut inbox) = hub.register(&id) else {
         tracing::warn!(device = %id, "another device on this node has this MQTT id: its twins are not mirrored");
-        while updates.recv().await.is_some() {}
+        while recv(&mut updates).await.is_some() {}
         return;
     };
     let mut twins = Twins::new(types);
@@ -44,7 +46,7 @@ pub async fn run(
     };
     loop {
         tokio::select! {
-            u = updates.recv() => match u {
+            u = recv(&mut updates) => match u {
                 None => break,
                 Some(Mirror::Actual { property, value }) => {
                     let (_, doc) = twins.set_actual(&property, &value, outrigger_sys::now_ms());
@@ -59,7 +61,7 @@ pub async fn run(
                     twins.set_expected(&property, value.as_deref(), outrigger_sys::now_ms());
                 }
             },
-            m = inbox.recv() => match m {
+            m = recv(&mut inbox) => match m {
                 None => break,
                 Some(Inbound::Message { suffix, payload }) => {
                     let answer = match suffix.as_str() {

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
+use crate::mailbox::{recv, Events, Receiver};
 use outrigger_proto::device::Value;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::device::MqttDevice;
@@ -48,8 +48,8 @@ pub async fn run(
     dev: MqttDevice,
     prefix: String,
     hub: Hub,
-    mut commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<Event>,
+    mut commands: Receiver<Command>,
+    events: Events,
 ) {
     let Some(mut inbox) = hub.register_plain(&prefix) else {
         let _ = events
@@ -59,7 +59,7 @@ pub async fn run(
                 format!("another device on this node has the topic prefix {prefix:?}"),
             ))
             .await;
-        while commands.recv().await.is_some() {}
+        while recv(&mut commands).await.is_some() {}
         return;
     };
     let mut heard: Option<Instant> = None;
@@ -67,7 +67,7 @@ pub async fn run(
     loop {
         let quiet_at = heard.map(|h| h + dev.silence);
         let ev = tokio::select! {
-            c = commands.recv() => match c {
+            c = recv(&mut commands) => match c {
                 None => break,
                 Some(Command::Write { property, value }) => {
                     let r = match dev.refuse_write(&property, &value) {
@@ -82,7 +82,7 @@ pub async fn run(
                     }
                 }
             },
-            m = inbox.recv() => match m {
+            m = recv(&mut inbox) => match m {
                 None => break,
                 Some(Inbound::Broker { up: false, reason }) => vec![contact(false, "BrokerUnavailable", reason)],
                 Some(Inbound::Broker { up: true, .. }) => vec![],
@@ -144,7 +144,8 @@ mod tests {
                 ("on".to_string(), p(PropertyType::Bool)),
                 ("t".to_string(), p(PropertyType::Float)),
             ]
-            .into(),
+            .into_iter()
+            .collect(),
             silence: Duration::from_secs(5),
         }
     }

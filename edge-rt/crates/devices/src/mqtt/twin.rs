@@ -17,6 +17,8 @@
 
 use std::collections::BTreeMap;
 
+use litemap::LiteMap;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub const PREFIX: &str = "$hw/events/device/";
@@ -157,15 +159,16 @@ pub struct Twin {
 /// the metadata KubeEdge sends along.
 #[derive(Debug, Clone, Default)]
 pub struct Twins {
-    types: BTreeMap<String, outrigger_proto::device::PropertyType>,
-    pub twins: BTreeMap<String, Twin>,
+    types: LiteMap<String, outrigger_proto::device::PropertyType>,
+    /// Sorted Vecs for a device's few properties.
+    pub twins: LiteMap<String, Twin>,
 }
 
 impl Twins {
-    pub fn new(types: BTreeMap<String, outrigger_proto::device::PropertyType>) -> Twins {
+    pub fn new(types: LiteMap<String, outrigger_proto::device::PropertyType>) -> Twins {
         Twins {
             types,
-            twins: BTreeMap::new(),
+            twins: LiteMap::new(),
         }
     }
 
