@@ -19,6 +19,9 @@ use outrigger_proto::report::{NodeReport, PodReport, Report};
 use crate::pods::{self, PodManager};
 use crate::store::{self, LinkState, Store, StoreError};
 
+/// Device reports made and committed at once (see [`Reporter::flush`]).
+const DEVICE_BATCH: usize = 32;
+
 pub struct Reporter {
     store: Arc<Store>,
     pods: Arc<PodManager>,
@@ -159,7 +162,22 @@ impl Reporter {
     }
 
     /// Commit what changed to the outbox. Returns how many rows went in.
+    /// Device reports go in batches, each committed before the next is
+    /// made: 200 statuses and their rows at once were the daemon's
+    /// high-water mark.
     pub fn flush(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let (rows, more) = self.flush_batch(now_ms)?;
+            total += rows;
+            if !more {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One batch; whether more devices may be due.
+    fn flush_batch(&mut self, now_ms: i64) -> Result<(usize, bool), StoreError> {
         let ctx = self.pods.context();
         let generations = (
             ctx.status_generation
@@ -170,8 +188,9 @@ impl Reporter {
         let devices = self
             .devices
             .as_ref()
-            .map(|d| d.due(now_ms))
+            .map(|d| d.due(now_ms, DEVICE_BATCH))
             .unwrap_or_default();
+        let more = devices.len() == DEVICE_BATCH;
         let device_events = self
             .devices
             .as_ref()
@@ -183,7 +202,7 @@ impl Reporter {
             && devices.is_empty()
             && device_events.is_empty()
         {
-            return Ok(0);
+            return Ok((0, false));
         }
         let device_event_seq = device_events
             .last()
@@ -203,7 +222,7 @@ impl Reporter {
         }));
         if pending.is_empty() {
             self.seen = Some(generations);
-            return Ok(0);
+            return Ok((0, false));
         }
         let (reports, rows): (Vec<Report>, Vec<store::Report>) = pending.into_iter().unzip();
         match self.store.report(&rows, now_ms) {
@@ -235,7 +254,7 @@ impl Reporter {
                 self.device_event_seq = device_event_seq;
                 self.removed.clear();
                 self.seen = Some(generations);
-                Ok(reports.len())
+                Ok((reports.len(), more))
             }
             Err(e) => {
                 if !self.failing {

@@ -564,13 +564,14 @@ impl DeviceManager {
         }
     }
 
-    /// Devices whose report is due, as reports; call [`Self::reported`]
-    /// with their uids once committed.
-    pub fn due(&self, now_ms: i64) -> Vec<DeviceReport> {
+    /// Devices whose report is due, at most `limit`, as reports; call
+    /// [`Self::reported`] with their uids once committed.
+    pub fn due(&self, now_ms: i64, limit: usize) -> Vec<DeviceReport> {
         let st = lock(&self.state);
         st.devices
             .iter()
             .filter(|(_, r)| r.twin.due(now_ms))
+            .take(limit)
             .map(|(uid, r)| DeviceReport {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
