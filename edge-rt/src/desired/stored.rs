@@ -8,29 +8,27 @@ use crate::store::{Kind, Store};
 /// parse is logged and skipped; the rest run.
 pub fn read(s: &Store) -> Objects {
     fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
-        let objects = match s.objects(kind) {
-            Ok(o) => o,
+        let mut out = Vec::new();
+        // Typed as each row is read: one JSON tree at a time.
+        let r = s.each_object(kind, |o| {
+            let mut body = o.body;
+            // The row's identity is the truth (a body may lack it).
+            body["metadata"]["uid"] = o.uid.clone().into();
+            body["metadata"]["namespace"] = o.namespace.clone().into();
+            match serde_json::from_value::<T>(body) {
+                Ok(t) => out.push(t),
+                Err(e) => {
+                    tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
+                }
+            }
+        });
+        match r {
+            Ok(()) => out,
             Err(e) => {
                 tracing::error!(kind = kind.as_str(), error = %e, "reading the store");
-                return vec![];
+                vec![]
             }
-        };
-        objects
-            .into_iter()
-            .filter_map(|o| {
-                let mut body = o.body;
-                // The row's identity is the truth (a body may lack it).
-                body["metadata"]["uid"] = o.uid.clone().into();
-                body["metadata"]["namespace"] = o.namespace.clone().into();
-                match serde_json::from_value::<T>(body) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
-                        None
-                    }
-                }
-            })
-            .collect()
+        }
     }
     Objects {
         pods: load(s, Kind::Pod),

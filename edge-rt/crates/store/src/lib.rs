@@ -583,21 +583,29 @@ impl Store {
     /// Every object of a kind. One that cannot be read (a Secret sealed with
     /// another key) is logged and left out; the rest still load.
     pub fn objects(&self, kind: Kind) -> Result<Vec<Object>, StoreError> {
+        let mut out = Vec::new();
+        self.each_object(kind, |o| out.push(o))?;
+        Ok(out)
+    }
+
+    /// The same, one at a time: a caller that turns each into its own
+    /// type never holds every body's JSON tree at once (200 devices' were
+    /// the daemon's high-water mark).
+    pub fn each_object(&self, kind: Kind, mut f: impl FnMut(Object)) -> Result<(), StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT kind, uid, namespace, name, resource_version, source, sealed, body
              FROM objects WHERE kind = ?1 ORDER BY namespace, name",
         )?;
-        let mut out = Vec::new();
         for r in stmt.query_map([kind.as_str()], |r| self.row_to_object(r))? {
             match r? {
-                Ok(o) => out.push(o),
+                Ok(o) => f(o),
                 Err(e) => {
                     tracing::error!(kind = kind.as_str(), error = %e, "a stored object cannot be read; skipped")
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn object(&self, kind: Kind, uid: &str) -> Result<Option<Object>, StoreError> {

@@ -283,8 +283,11 @@ pub async fn run(dev: ModbusDevice, bus: Bus, mut commands: Receiver<Command>, e
                 }
             };
             let t0 = Instant::now();
-            let r = bus.call(dev.slave, dev.timeout, op).await;
-            let _ = events.send(contact(&r, t0.elapsed())).await;
+            // Boxed, and the reply scoped to this block: a device task
+            // idles holding only what it needs between polls (there may be
+            // hundreds; see crate::mailbox).
+            let r = Box::pin(bus.call(dev.slave, dev.timeout, op)).await;
+            let answered = contact(&r, t0.elapsed());
             let ev = match r {
                 Ok(_) => {
                     // Read it back at once: the reported value follows.
@@ -301,6 +304,7 @@ pub async fn run(dev: ModbusDevice, bus: Bus, mut commands: Receiver<Command>, e
                     error: e.to_string(),
                 },
             };
+            let _ = events.send(answered).await;
             if events.send(ev).await.is_err() {
                 return;
             }
@@ -315,8 +319,8 @@ pub async fn run(dev: ModbusDevice, bus: Bus, mut commands: Receiver<Command>, e
             // finished: a slow line does not drift the cycle.
             due[i] = (due[i] + read.cycle).max(now);
             let t0 = Instant::now();
-            let r = bus
-                .call(
+            let out = {
+                let r = Box::pin(bus.call(
                     dev.slave,
                     dev.timeout,
                     Op::Read {
@@ -324,16 +328,18 @@ pub async fn run(dev: ModbusDevice, bus: Bus, mut commands: Receiver<Command>, e
                         address: read.address,
                         count: read.count,
                     },
-                )
+                ))
                 .await;
-            let mut out = vec![contact(&r, t0.elapsed())];
-            match &r {
-                Ok(reply) => out.extend(decode(&dev, read, reply)),
-                Err(e) => out.extend(read.points.iter().map(|p| Event::ReadFailed {
-                    property: dev.points[*p].name.clone(),
-                    error: e.to_string(),
-                })),
-            }
+                let mut out = vec![contact(&r, t0.elapsed())];
+                match &r {
+                    Ok(reply) => out.extend(decode(&dev, read, reply)),
+                    Err(e) => out.extend(read.points.iter().map(|p| Event::ReadFailed {
+                        property: dev.points[*p].name.clone(),
+                        error: e.to_string(),
+                    })),
+                }
+                out
+            };
             for e in out {
                 if events.send(e).await.is_err() {
                     return;

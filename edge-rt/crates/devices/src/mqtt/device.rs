@@ -319,7 +319,7 @@ pub async fn run(dev: MqttDevice, hub: Hub, mut commands: Receiver<Command>, eve
         tokio::select! {
             c = recv(&mut commands) => match c {
                 Some(Command::Write { property, value }) => {
-                    if !r.write(property, value).await { break }
+                    if !Box::pin(r.write(property, value)).await { break }
                 }
                 None => break,
             },
@@ -327,7 +327,7 @@ pub async fn run(dev: MqttDevice, hub: Hub, mut commands: Receiver<Command>, eve
                 None => break,
                 Some(Inbound::Broker { up: true, .. }) => {
                     // The device may have missed a delta while we were away.
-                    let _ = r.delta().await;
+                    let _ = Box::pin(r.delta()).await;
                 }
                 Some(Inbound::Broker { up: false, reason }) => {
                     if !r.event(Event::Contact { ok: false, reason: "BrokerUnavailable", message: reason, latency: Duration::ZERO }).await { break }
@@ -336,14 +336,15 @@ pub async fn run(dev: MqttDevice, hub: Hub, mut commands: Receiver<Command>, eve
                     heard = Some(Instant::now());
                     silent_said = false;
                     match suffix.as_str() {
-                        "twin/update" => match r.update(&payload).await {
+                        // Boxed: the task idles small (hundreds of devices).
+                        "twin/update" => match Box::pin(r.update(&payload)).await {
                             None => break,
                             Some(false) => {}
                             Some(true) => {
                                 if !r.event(Event::Contact { ok: true, reason: "Answering", message: String::new(), latency: Duration::ZERO }).await { break }
                             }
                         },
-                        "twin/get" => r.get(&payload).await,
+                        "twin/get" => Box::pin(r.get(&payload)).await,
                         "state/update" => {
                             let s: StateUpdate = serde_json::from_slice(&payload).unwrap_or_default();
                             let state = s.state.to_ascii_lowercase();

@@ -41,8 +41,9 @@ pub async fn run(
         return;
     };
     let mut twins = Twins::new(types);
+    // Boxed: the task idles small (one per device not on MQTT).
     let publish = |suffix: &str, payload: Vec<u8>| {
-        hub.publish(twin::topic(&id, suffix), QoS::AtLeastOnce, payload)
+        Box::pin(hub.publish(twin::topic(&id, suffix), QoS::AtLeastOnce, payload))
     };
     loop {
         tokio::select! {
