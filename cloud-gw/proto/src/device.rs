@@ -671,8 +671,15 @@ pub fn check_desired(
     let mp = model
         .property(name)
         .ok_or_else(|| format!("model {model_name} has no property {name:?}"))?;
+    check_writable(mp, name, text).map_err(|e| format!("{e} (model {model_name})"))
+}
+
+/// The value `text` for property `name` of model property `mp`, or why it
+/// must not be written (ReadOnly, not of its type, out of its range): the
+/// one rule drivers and the webhook share.
+pub fn check_writable(mp: &ModelProperty, name: &str, text: &str) -> Result<Value, String> {
     if mp.access != Access::ReadWrite {
-        return Err(format!("{name:?} is ReadOnly in model {model_name}"));
+        return Err(format!("{name:?} is ReadOnly"));
     }
     let v = Value::parse(mp.type_, text).map_err(|e| e.to_string())?;
     v.check_range(mp).map_err(|e| e.to_string())?;

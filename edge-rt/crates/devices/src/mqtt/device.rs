@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::mailbox::{recv, Events, Receiver};
 use outrigger_proto::device::{
-    Access, DeviceModelSpec, DeviceSpec, ModelProperty, Mqtt, PayloadFormat, Protocol, Value,
+    DeviceModelSpec, DeviceSpec, ModelProperty, Mqtt, PayloadFormat, Protocol, Value,
 };
 use rumqttc::QoS;
 use tokio::time::Instant;
@@ -91,11 +91,7 @@ impl MqttDevice {
     pub(super) fn refuse_write(&self, property: &str, value: &str) -> Option<String> {
         match self.properties.get(property) {
             None => Some(format!("no property {property:?} on this device")),
-            Some(p) if p.access != Access::ReadWrite => Some(format!("{property:?} is ReadOnly")),
-            Some(p) => Value::parse(p.type_, value)
-                .and_then(|v| v.check_range(p))
-                .err()
-                .map(|e| e.to_string()),
+            Some(p) => outrigger_proto::device::check_writable(p, property, value).err(),
         }
     }
 
