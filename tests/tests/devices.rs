@@ -368,6 +368,30 @@ async fn modbus_rtu_slaves_on_one_line_through_silence_garbage_and_a_lost_port()
         described.contains("temperature   12") && described.contains("Reachable=True"),
         "{described}"
     );
+
+    // Both devices of the line move to another baud rate in one apply: the
+    // line reopens with it (not "LineConflict" against their own old runs).
+    apply(
+        &node,
+        &format!(
+            "{MODEL}{}{}",
+            device("boiler", &line.edge, 1, Some("21.5")),
+            device("tank", &line.edge, 2, None)
+        )
+        .replace("baudRate: 115200", "baudRate: 57600"),
+    )?;
+    // Long enough for the restart: a reading after it comes from the new runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    slaves.set(1, "ir", 0, &[260])?;
+    wait_device(&node, "boiler", "polled at the new baud rate", |d| {
+        value(d, "temperature").as_deref() == Some("26")
+            && d.status.state.as_deref() == Some("Online")
+    })
+    .await?;
+    wait_device(&node, "tank", "tank polled at the new baud rate", |d| {
+        d.status.state.as_deref() == Some("Online")
+    })
+    .await?;
     Ok(())
 }
 
@@ -660,6 +684,41 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
         },
     )
     .await?;
+    // A changed protocol section restarts the device: the new run takes
+    // its MQTT id over from the old one (not "DeviceIdTaken") and hears it.
+    apply(
+        &node,
+        &MQTT_MODEL.replace("protocol: {mqtt: {}}", "protocol: {mqtt: {qos: 0}}"),
+    )?;
+    wait_for(
+        "heard after a restart with a new protocol section",
+        Duration::from_secs(20),
+        || async {
+            broker
+                .publish(
+                    &format!("{topic}/twin/update"),
+                    &update("e4", r#"{"temperature":{"actual":{"value":"23"}}}"#),
+                )
+                .ok()?;
+            devices(&node)
+                .ok()?
+                .into_iter()
+                .find(|d| d.name == "probe")
+                .filter(|d| {
+                    value(d, "temperature").as_deref() == Some("23")
+                        && d.status.state.as_deref() == Some("Online")
+                })
+        },
+    )
+    .await
+    .with_context(|| {
+        let d = devices(&node).unwrap_or_default();
+        format!(
+            "{:?}\n{}",
+            d.iter().find(|d| d.name == "probe").map(|d| &d.status),
+            node.daemon_log()
+        )
+    })?;
     let _ = sub.wait();
     Ok(())
 }

@@ -251,6 +251,7 @@ impl DeviceManager {
             .filter_map(|d| d.device.metadata.uid.clone().map(|u| (u, d)))
             .collect();
         st.devices.retain(|uid, _| wanted.contains_key(uid));
+        let mut restart = Vec::new();
         for (uid, d) in wanted {
             let same = st.devices.get(&uid).is_some_and(|r| {
                 r.model.as_ref() == d.model.as_ref().map(|m| &m.spec)
@@ -264,6 +265,8 @@ impl DeviceManager {
                         };
                         strip(&r.spec) == strip(&d.device.spec)
                     }
+                    // Refused for a line another device held: tried again.
+                    && r.twin.reachable.as_ref().is_none_or(|re| re.reason != "LineConflict")
             });
             if same {
                 if let Some(r) = st.devices.get_mut(&uid) {
@@ -271,14 +274,23 @@ impl DeviceManager {
                     set_targets(r, &d);
                     r.spec = d.device.spec;
                 }
+                self.look(&mut st, &uid);
             } else {
-                let r = self.start(&mut st, &uid, d);
-                // It cannot run (no model, a bad spec, a line taken): say so.
-                if let Some(re) = r.twin.reachable.clone().filter(|re| !re.ok) {
-                    self.event(&uid, &r, EventType::Warning, &re.reason, re.message);
-                }
-                st.devices.insert(uid.clone(), r);
+                // Old runs go before any new one starts: their lines and
+                // MQTT routes are the new runs' to take (devices of one
+                // line changed together reopen it with the new settings;
+                // see `start` and `Hub::register`).
+                st.devices.remove(&uid);
+                restart.push((uid, d));
             }
+        }
+        for (uid, d) in restart {
+            let r = self.start(&mut st, &uid, d);
+            // It cannot run (no model, a bad spec, a line taken): say so.
+            if let Some(re) = r.twin.reachable.clone().filter(|re| !re.ok) {
+                self.event(&uid, &r, EventType::Warning, &re.reason, re.message);
+            }
+            st.devices.insert(uid.clone(), r);
             self.look(&mut st, &uid);
         }
         // Lines no device uses any more close (their task ends with the
@@ -369,8 +381,15 @@ impl DeviceManager {
                     return r;
                 };
                 let id = dev.line.id();
+                // Settings other than the open line's are refused while
+                // another device uses it; a device alone on its line (being
+                // restarted with new settings) reopens it.
+                let shared = st
+                    .devices
+                    .values()
+                    .any(|o| o.driver.as_ref().and_then(Driver::line).as_ref() == Some(&id));
                 let bus = match st.lines.get(&id) {
-                    Some((cfg, _)) if *cfg != dev.line => {
+                    Some((cfg, _)) if *cfg != dev.line && shared => {
                         r.twin.refuse(
                             "LineConflict",
                             format!(
@@ -380,8 +399,8 @@ impl DeviceManager {
                         );
                         return r;
                     }
-                    Some((_, bus)) => bus.clone(),
-                    None => {
+                    Some((cfg, bus)) if *cfg == dev.line => bus.clone(),
+                    _ => {
                         let bus = Bus::start(dev.line.clone());
                         st.lines.insert(id, (dev.line.clone(), bus.clone()));
                         bus
@@ -406,6 +425,7 @@ impl DeviceManager {
                     let (tx, rx) = mailbox(64);
                     r.tasks.push(tokio::spawn(mqtt::mirror::run(
                         format!("{}/{}", r.namespace, r.name),
+                        uid.to_string(),
                         types,
                         hub,
                         rx,

@@ -56,6 +56,11 @@ impl Events {
         Events { device, run, tx }
     }
 
+    /// The device (its uid) these events are about.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
     /// Send, waiting while the manager is behind.
     pub async fn send(&self, event: Event) -> Result<(), Stopped> {
         self.tx

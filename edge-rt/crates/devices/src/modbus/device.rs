@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::mailbox::{recv, Events, Receiver};
 use outrigger_proto::device::{
-    DeviceModelSpec, DeviceSpec, Modbus, ModelProperty, PropertyType, Protocol, Register, Table,
-    Transport, Value,
+    Access, DeviceModelSpec, DeviceSpec, Modbus, ModelProperty, PropertyType, Protocol, Register,
+    Table, Transport, Value,
 };
 use tokio::time::Instant;
 
@@ -165,10 +165,11 @@ impl ModbusDevice {
         let p = self
             .point(name)
             .ok_or_else(|| format!("no property {name:?} on this device"))?;
-        let v = outrigger_proto::device::check_writable(&p.model, name, text)?;
-        if !p.register.table.writable() {
+        // ReadOnly first, then a table that takes no writes, then the value.
+        if p.model.access == Access::ReadWrite && !p.register.table.writable() {
             return Err(format!("a {:?} cannot be written", p.register.table));
         }
+        let v = outrigger_proto::device::check_writable(&p.model, name, text)?;
         if p.register.table == Table::Coil {
             let on = v.as_f64().is_some_and(|x| x != 0.0);
             return Ok(Op::WriteCoil {
@@ -348,7 +349,7 @@ pub async fn run(dev: ModbusDevice, bus: Bus, mut commands: Receiver<Command>, e
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outrigger_proto::device::{Access, DataType, Order};
+    use outrigger_proto::device::{DataType, Order};
 
     fn point(name: &str, table: Table, address: u16, dt: DataType, cycle_ms: u64) -> Point {
         Point {

@@ -281,7 +281,8 @@ pub async fn run(dev: MqttDevice, hub: Hub, mut commands: Receiver<Command>, eve
     if let Some(prefix) = dev.plain.clone() {
         return super::plain::run(dev, prefix, hub, commands, events).await;
     }
-    let Some(mut inbox) = hub.register(&dev.id) else {
+    let owner = events.device().to_string();
+    let Some(mut inbox) = hub.register(&dev.id, &owner) else {
         let _ = events
             .send(Event::Contact {
                 ok: false,
@@ -374,5 +375,5 @@ pub async fn run(dev: MqttDevice, hub: Hub, mut commands: Receiver<Command>, eve
             }
         }
     }
-    hub.unregister(&id);
+    hub.unregister(&id, &owner);
 }

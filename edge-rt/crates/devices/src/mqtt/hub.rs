@@ -69,24 +69,39 @@ enum Outbound {
 /// their topic prefix.
 #[derive(Default)]
 struct Table {
-    twin: HashMap<String, Sender<Inbound>>,
-    plain: HashMap<String, Sender<Inbound>>,
+    twin: HashMap<String, Route>,
+    plain: HashMap<String, Route>,
+}
+
+/// A device task's inbox, and the device (its uid) it belongs to: a
+/// restarted device's new task takes its route over from the old one,
+/// which may not have been dropped yet; another device may not.
+struct Route {
+    owner: String,
+    tx: Sender<Inbound>,
 }
 
 type Routes = Arc<Mutex<Table>>;
 
 impl Table {
     fn all(&mut self) -> impl Iterator<Item = &mut Sender<Inbound>> {
-        self.twin.values_mut().chain(self.plain.values_mut())
+        self.twin
+            .values_mut()
+            .chain(self.plain.values_mut())
+            .map(|r| &mut r.tx)
     }
 
     /// The task a message is for, and what it is to it.
     fn route<'t>(&mut self, topic: &'t str) -> Option<(&mut Sender<Inbound>, &'t str)> {
+        // A device that is gone (its task stopped) gets nothing.
+        fn open(r: &mut Route) -> Option<&mut Sender<Inbound>> {
+            (!r.tx.is_closed()).then_some(&mut r.tx)
+        }
         if let Some((id, suffix)) = twin::split(topic) {
-            return Some((self.twin.get_mut(id)?, suffix));
+            return Some((self.twin.get_mut(id).and_then(open)?, suffix));
         }
         let (prefix, property) = topic.rsplit_once('/')?;
-        Some((self.plain.get_mut(prefix)?, property))
+        Some((self.plain.get_mut(prefix).and_then(open)?, property))
     }
 }
 
@@ -130,22 +145,27 @@ impl Hub {
         self.up.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Messages for device `id`, or None if another device has the id.
-    pub fn register(&self, id: &str) -> Option<Receiver<Inbound>> {
+    /// Messages for MQTT id `id`, for device `owner` (its uid), or None if
+    /// another device has the id.
+    pub fn register(&self, id: &str, owner: &str) -> Option<Receiver<Inbound>> {
         let mut r = lock(&self.routes);
-        self.add(&mut r.twin, id)
+        self.add(&mut r.twin, id, owner)
     }
 
-    pub fn unregister(&self, id: &str) {
-        lock(&self.routes).twin.remove(id);
+    /// Drop `owner`'s route of `id` (not one a newer owner took).
+    pub fn unregister(&self, id: &str, owner: &str) {
+        let mut r = lock(&self.routes);
+        if r.twin.get(id).is_some_and(|r| r.owner == owner) {
+            r.twin.remove(id);
+        }
     }
 
     /// Messages on `<prefix>/<property>` (subscribed to on every connect),
     /// or None if another device has the prefix.
-    pub fn register_plain(&self, prefix: &str) -> Option<Receiver<Inbound>> {
+    pub fn register_plain(&self, prefix: &str, owner: &str) -> Option<Receiver<Inbound>> {
         let rx = {
             let mut r = lock(&self.routes);
-            self.add(&mut r.plain, prefix)?
+            self.add(&mut r.plain, prefix, owner)?
         };
         let _ = self.out.try_send(Outbound::Prefix {
             prefix: prefix.to_string(),
@@ -154,8 +174,14 @@ impl Hub {
         Some(rx)
     }
 
-    pub fn unregister_plain(&self, prefix: &str) {
-        lock(&self.routes).plain.remove(prefix);
+    pub fn unregister_plain(&self, prefix: &str, owner: &str) {
+        {
+            let mut r = lock(&self.routes);
+            if r.plain.get(prefix).is_none_or(|r| r.owner != owner) {
+                return;
+            }
+            r.plain.remove(prefix);
+        }
         let _ = self.out.try_send(Outbound::Prefix {
             prefix: prefix.to_string(),
             on: false,
@@ -164,10 +190,14 @@ impl Hub {
 
     fn add(
         &self,
-        map: &mut HashMap<String, Sender<Inbound>>,
+        map: &mut HashMap<String, Route>,
         key: &str,
+        owner: &str,
     ) -> Option<Receiver<Inbound>> {
-        if map.get(key).is_some_and(|tx| !tx.is_closed()) {
+        if map
+            .get(key)
+            .is_some_and(|r| r.owner != owner && !r.tx.is_closed())
+        {
             return None;
         }
         let (mut tx, rx) = mailbox(64);
@@ -177,7 +207,13 @@ impl Hub {
                 reason: "not connected to the broker yet".into(),
             });
         }
-        map.insert(key.to_string(), tx);
+        map.insert(
+            key.to_string(),
+            Route {
+                owner: owner.to_string(),
+                tx,
+            },
+        );
         Some(rx)
     }
 

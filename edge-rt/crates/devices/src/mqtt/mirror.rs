@@ -28,14 +28,16 @@ pub enum Mirror {
     },
 }
 
-/// Mirror device `id` until the manager drops its end of `updates`.
+/// Mirror device `id` (of uid `owner`) until the manager drops its end of
+/// `updates`.
 pub async fn run(
     id: String,
+    owner: String,
     types: LiteMap<String, PropertyType>,
     hub: Hub,
     mut updates: Receiver<Mirror>,
 ) {
-    let Some(mut inbox) = hub.register(&id) else {
+    let Some(mut inbox) = hub.register(&id, &owner) else {
         tracing::warn!(device = %id, "another device on this node has this MQTT id: its twins are not mirrored");
         while recv(&mut updates).await.is_some() {}
         return;
@@ -86,5 +88,5 @@ pub async fn run(
             },
         }
     }
-    hub.unregister(&id);
+    hub.unregister(&id, &owner);
 }

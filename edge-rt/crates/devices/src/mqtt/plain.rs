@@ -51,7 +51,8 @@ pub async fn run(
     mut commands: Receiver<Command>,
     events: Events,
 ) {
-    let Some(mut inbox) = hub.register_plain(&prefix) else {
+    let owner = events.device().to_string();
+    let Some(mut inbox) = hub.register_plain(&prefix, &owner) else {
         let _ = events
             .send(contact(
                 false,
@@ -113,12 +114,12 @@ pub async fn run(
         };
         for e in ev {
             if events.send(e).await.is_err() {
-                hub.unregister_plain(&prefix);
+                hub.unregister_plain(&prefix, &owner);
                 return;
             }
         }
     }
-    hub.unregister_plain(&prefix);
+    hub.unregister_plain(&prefix, &owner);
 }
 
 #[cfg(test)]
