@@ -250,7 +250,15 @@ impl DeviceManager {
             .into_iter()
             .filter_map(|d| d.device.metadata.uid.clone().map(|u| (u, d)))
             .collect();
-        st.devices.retain(|uid, _| wanted.contains_key(uid));
+        let gone: Vec<String> = st
+            .devices
+            .keys()
+            .filter(|uid| !wanted.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            Self::stop(&mut st, &uid);
+        }
         let mut restart = Vec::new();
         for (uid, d) in wanted {
             let same = st.devices.get(&uid).is_some_and(|r| {
@@ -280,7 +288,7 @@ impl DeviceManager {
                 // MQTT routes are the new runs' to take (devices of one
                 // line changed together reopen it with the new settings;
                 // see `start` and `Hub::register`).
-                st.devices.remove(&uid);
+                Self::stop(&mut st, &uid);
                 restart.push((uid, d));
             }
         }
@@ -451,6 +459,28 @@ impl DeviceManager {
         }
         set_targets(&mut r, &d);
         r
+    }
+
+    /// Stop a device's run: its tasks are aborted (when it is dropped) and
+    /// its MQTT routes go at once, so a plain-value prefix is unsubscribed
+    /// and a new run of it registers without waiting for the old task.
+    fn stop(st: &mut State, uid: &str) {
+        let Some(r) = st.devices.remove(uid) else {
+            return;
+        };
+        let Some(hub) = &st.hub else {
+            return;
+        };
+        match &r.driver {
+            Some(Driver::Mqtt(d)) => match &d.plain {
+                Some(prefix) => hub.unregister_plain(prefix, uid),
+                None => hub.unregister(&d.id, uid),
+            },
+            Some(Driver::Modbus(_)) if r.mirror.is_some() => {
+                hub.unregister(&format!("{}/{}", r.namespace, r.name), uid)
+            }
+            _ => {}
+        }
     }
 
     /// The broker connection, started when the first device needs it.
