@@ -560,8 +560,6 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     apply(&node, MQTT_MODEL)?;
 
     // The device reports: a reading, answered with the result.
-    let update =
-        |id: &str, twin: &str| format!(r#"{{"event_id":"{id}","timestamp":0,"twin":{twin}}}"#);
     wait_for(
         "the node's subscriptions",
         Duration::from_secs(10),
@@ -663,25 +661,13 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     })
     .await?;
     let broker = Broker::start(port)?;
-    wait_for(
+    heard(
+        &node,
+        &broker,
+        topic,
+        "e3",
+        "22",
         "heard again after the broker came back",
-        Duration::from_secs(20),
-        || async {
-            broker
-                .publish(
-                    &format!("{topic}/twin/update"),
-                    &update("e3", r#"{"temperature":{"actual":{"value":"22"}}}"#),
-                )
-                .ok()?;
-            devices(&node)
-                .ok()?
-                .into_iter()
-                .find(|d| d.name == "probe")
-                .filter(|d| {
-                    value(d, "temperature").as_deref() == Some("22")
-                        && d.status.state.as_deref() == Some("Online")
-                })
-        },
     )
     .await?;
     // A changed protocol section restarts the device: the new run takes
@@ -690,36 +676,57 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
         &node,
         &MQTT_MODEL.replace("protocol: {mqtt: {}}", "protocol: {mqtt: {qos: 0}}"),
     )?;
-    wait_for(
+    heard(
+        &node,
+        &broker,
+        topic,
+        "e4",
+        "23",
         "heard after a restart with a new protocol section",
-        Duration::from_secs(20),
-        || async {
-            broker
-                .publish(
-                    &format!("{topic}/twin/update"),
-                    &update("e4", r#"{"temperature":{"actual":{"value":"23"}}}"#),
-                )
-                .ok()?;
-            devices(&node)
-                .ok()?
-                .into_iter()
-                .find(|d| d.name == "probe")
-                .filter(|d| {
-                    value(d, "temperature").as_deref() == Some("23")
-                        && d.status.state.as_deref() == Some("Online")
-                })
-        },
     )
+    .await?;
+    let _ = sub.wait();
+    Ok(())
+}
+
+/// A device's `twin/update` message.
+fn update(id: &str, twin: &str) -> String {
+    format!(r#"{{"event_id":"{id}","timestamp":0,"twin":{twin}}}"#)
+}
+
+/// Publish the device's `twin/update` of temperature `t` (again, as a
+/// device reports) until `edge-rt devices` shows it Online with that value.
+async fn heard(
+    node: &Node,
+    broker: &Broker,
+    topic: &str,
+    event_id: &str,
+    t: &str,
+    what: &str,
+) -> Result<()> {
+    let body = format!(r#"{{"temperature":{{"actual":{{"value":"{t}"}}}}}}"#);
+    wait_for(what, Duration::from_secs(20), || async {
+        broker
+            .publish(&format!("{topic}/twin/update"), &update(event_id, &body))
+            .ok()?;
+        devices(node)
+            .ok()?
+            .into_iter()
+            .find(|d| d.name == "probe")
+            .filter(|d| {
+                value(d, "temperature").as_deref() == Some(t)
+                    && d.status.state.as_deref() == Some("Online")
+            })
+    })
     .await
     .with_context(|| {
-        let d = devices(&node).unwrap_or_default();
+        let d = devices(node).unwrap_or_default();
         format!(
             "{:?}\n{}",
             d.iter().find(|d| d.name == "probe").map(|d| &d.status),
             node.daemon_log()
         )
     })?;
-    let _ = sub.wait();
     Ok(())
 }
 
@@ -1000,27 +1007,13 @@ async fn the_embedded_broker_carries_an_mqtt_device_and_is_kept_running() -> Res
     let topic = "$hw/events/device/plant/probe";
     let mut sub = broker.subscribe(&format!("{topic}/#"), &out)?;
     apply(&node, MQTT_MODEL)?;
-    let heard = |v: &'static str| {
-        let broker = &broker;
-        let node = &node;
-        move || async move {
-            broker
-                .publish(
-                    &format!("{topic}/twin/update"),
-                    &format!(r#"{{"event_id":"{v}","timestamp":0,"twin":{{"temperature":{{"actual":{{"value":"{v}"}}}}}}}}"#),
-                )
-                .ok()?;
-            devices(node)
-                .ok()?
-                .into_iter()
-                .find(|d| d.name == "probe")
-                .filter(|d| value(d, "temperature").as_deref() == Some(v))
-        }
-    };
-    wait_for(
+    heard(
+        &node,
+        &broker,
+        topic,
+        "21.5",
+        "21.5",
         "a reading through the embedded broker",
-        Duration::from_secs(15),
-        heard("21.5"),
     )
     .await?;
     seen(&out, "/twin/update/delta", |v| {
@@ -1045,10 +1038,13 @@ async fn the_embedded_broker_carries_an_mqtt_device_and_is_kept_running() -> Res
         || async { broker_pid(node.mqtt_port).filter(|p| *p != pid) },
     )
     .await?;
-    wait_for(
+    heard(
+        &node,
+        &broker,
+        topic,
+        "22",
+        "22",
         "heard again through the new broker",
-        Duration::from_secs(20),
-        heard("22"),
     )
     .await?;
 
