@@ -664,7 +664,7 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     heard(
         &node,
         &broker,
-        topic,
+        "probe",
         "e3",
         "22",
         "heard again after the broker came back",
@@ -679,7 +679,7 @@ async fn an_mqtt_device_on_kubeedge_twin_topics_through_mosquitto() -> Result<()
     heard(
         &node,
         &broker,
-        topic,
+        "probe",
         "e4",
         "23",
         "heard after a restart with a new protocol section",
@@ -694,25 +694,25 @@ fn update(id: &str, twin: &str) -> String {
     format!(r#"{{"event_id":"{id}","timestamp":0,"twin":{twin}}}"#)
 }
 
-/// Publish the device's `twin/update` of temperature `t` (again, as a
-/// device reports) until `edge-rt devices` shows it Online with that value.
+/// Publish device `plant/<name>`'s `twin/update` of temperature `t`
+/// (again, as a device reports) until `edge-rt devices` shows it Online
+/// with that value.
 async fn heard(
     node: &Node,
     broker: &Broker,
-    topic: &str,
+    name: &str,
     event_id: &str,
     t: &str,
     what: &str,
 ) -> Result<()> {
     let body = format!(r#"{{"temperature":{{"actual":{{"value":"{t}"}}}}}}"#);
+    let topic = format!("$hw/events/device/plant/{name}/twin/update");
     wait_for(what, Duration::from_secs(20), || async {
-        broker
-            .publish(&format!("{topic}/twin/update"), &update(event_id, &body))
-            .ok()?;
+        broker.publish(&topic, &update(event_id, &body)).ok()?;
         devices(node)
             .ok()?
             .into_iter()
-            .find(|d| d.name == "probe")
+            .find(|d| d.name == name)
             .filter(|d| {
                 value(d, "temperature").as_deref() == Some(t)
                     && d.status.state.as_deref() == Some("Online")
@@ -723,7 +723,7 @@ async fn heard(
         let d = devices(node).unwrap_or_default();
         format!(
             "{:?}\n{}",
-            d.iter().find(|d| d.name == "probe").map(|d| &d.status),
+            d.iter().find(|d| d.name == name).map(|d| &d.status),
             node.daemon_log()
         )
     })?;
@@ -760,20 +760,7 @@ async fn three_hundred_mqtt_devices_before_the_broker_comes() -> Result<()> {
     let mut sub = broker.subscribe("$hw/events/device/plant/p299/twin/update/delta", &out)?;
     // The last device is heard (its messages went through the hub after
     // 300 others' deltas)...
-    wait_for("the last device heard", Duration::from_secs(20), || async {
-        broker
-            .publish(
-                "$hw/events/device/plant/p299/twin/update",
-                r#"{"event_id":"x","timestamp":0,"twin":{"temperature":{"actual":{"value":"1.5"}}}}"#,
-            )
-            .ok()?;
-        devices(&node)
-            .ok()?
-            .into_iter()
-            .find(|d| d.name == "p299" && value(d, "temperature").as_deref() == Some("1.5"))
-    })
-    .await
-    .with_context(|| node.daemon_log())?;
+    heard(&node, &broker, "p299", "x", "1.5", "the last device heard").await?;
     // ...and its update is answered with the delta of what it lacks.
     seen(&out, "/twin/update/delta", |v| {
         v["delta"]["switch"] == "true"
@@ -929,21 +916,15 @@ async fn an_mqtt_device_through_an_external_broker_over_tls_with_a_login() -> Re
     node.devices_config(&settings)?;
     let mut daemon = Some(node.start().await?);
     apply(&node, MQTT_MODEL)?;
-    let topic = "$hw/events/device/plant/probe";
-    wait_for("a reading through the TLS broker", Duration::from_secs(20), || async {
-        broker
-            .publish(
-                &format!("{topic}/twin/update"),
-                r#"{"event_id":"t1","timestamp":0,"twin":{"temperature":{"actual":{"value":"19.5"}}}}"#,
-            )
-            .ok()?;
-        devices(&node)
-            .ok()?
-            .into_iter()
-            .find(|d| d.name == "probe" && value(d, "temperature").as_deref() == Some("19.5"))
-    })
-    .await
-    .with_context(|| node.daemon_log())?;
+    heard(
+        &node,
+        &broker,
+        "probe",
+        "t1",
+        "19.5",
+        "a reading through the TLS broker",
+    )
+    .await?;
 
     // Each wrong setting, on a restart: said, and the device not heard.
     let bad_pw = write("bad-pw", "guess\n")?;
@@ -1010,7 +991,7 @@ async fn the_embedded_broker_carries_an_mqtt_device_and_is_kept_running() -> Res
     heard(
         &node,
         &broker,
-        topic,
+        "probe",
         "21.5",
         "21.5",
         "a reading through the embedded broker",
@@ -1041,7 +1022,7 @@ async fn the_embedded_broker_carries_an_mqtt_device_and_is_kept_running() -> Res
     heard(
         &node,
         &broker,
-        topic,
+        "probe",
         "22",
         "22",
         "heard again through the new broker",
