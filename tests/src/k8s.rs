@@ -712,30 +712,14 @@ impl Cluster {
     /// `cloud-gw manifests`' DeviceModel and Device definitions, applied
     /// and Established.
     pub fn install_device_crds(&self) -> Result<()> {
-        use std::io::Write;
         let mut yaml = String::new();
         for d in cloud_gw::crds::definitions() {
             yaml.push_str("---\n");
             yaml.push_str(&serde_yaml_ng::to_string(&d)?);
         }
-        let mut child = self
-            .kubectl()
-            .args(["apply", "--server-side", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("kubectl stdin")?
-            .write_all(yaml.as_bytes())?;
-        let o = child.wait_with_output()?;
-        anyhow::ensure!(
-            o.status.success(),
-            "CRDs not applied: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let mut apply = self.kubectl();
+        apply.args(["apply", "--server-side", "-f", "-"]);
+        crate::util::with_stdin(apply, &yaml).context("CRDs not applied")?;
         let o = self
             .kubectl()
             .args([

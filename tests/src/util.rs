@@ -463,6 +463,28 @@ pub async fn wait_pod(
 }
 
 /// A command's stdout as text.
+/// Run `cmd` with `input` on its stdin: its stdout, or its stderr as the
+/// error.
+pub fn with_stdin(mut cmd: std::process::Command, input: &str) -> Result<String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let o = child.wait_with_output()?;
+    if !o.status.success() {
+        bail!("{}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(text(&o))
+}
+
 pub fn text(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -8,7 +8,7 @@
 //! namespace, in a zone of their own), selects only those, and removes
 //! them when it ends, so the tests share one control plane.
 
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -217,25 +217,8 @@ fn exec_on(node: &Node, ns: &str, pod: &str, cmd: &[&str]) -> Result<String> {
 }
 
 fn kubectl_stdin(mut cmd: std::process::Command, args: &[&str], input: &str) -> Result<String> {
-    use std::io::Write;
-    let mut child = cmd
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("kubectl stdin")?
-        .write_all(input.as_bytes())?;
-    let o = child.wait_with_output()?;
-    ensure!(
-        o.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(text(&o))
+    cmd.args(args);
+    with_stdin(cmd, input).with_context(|| format!("kubectl {args:?}"))
 }
 
 fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {

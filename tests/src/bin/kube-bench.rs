@@ -14,11 +14,10 @@
 //! As root, after `cargo build --release --workspace`:
 //!   CARGO_TARGET_DIR=... target/release/kube-bench [--iterations 20]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::Parser;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -26,7 +25,7 @@ use outrigger_tests::cloud::{join_with, Cloud};
 use outrigger_tests::fixtures::{add_to_layout, ImageSpec};
 use outrigger_tests::k8s::{Cluster, Scope};
 use outrigger_tests::registry::Registry;
-use outrigger_tests::util::{find, wait_for, Node};
+use outrigger_tests::util::{find, wait_for, with_stdin, Node};
 
 #[derive(Parser)]
 struct Args {
@@ -46,20 +45,8 @@ fn pod(name: &str, node: &str, image: &str) -> String {
     )
 }
 
-fn piped(mut c: Command, input: &str) -> Result<()> {
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let o = child.wait_with_output()?;
-    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    Ok(())
+fn piped(c: Command, input: &str) -> Result<()> {
+    with_stdin(c, input).map(drop)
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64) {
