@@ -17,16 +17,20 @@
 //! - [`source`]: the trait a link serves from, and its directory
 //!   implementation (objects per node from files, status into them).
 //! - [`sync`]: one node's delta sync over its link.
+//! - [`kubelet`]: the kubelet API of the edge nodes (`kubectl logs`), served
+//!   through [`streams`]: streams inside the links held here.
 
 pub mod bridge;
 pub mod convert;
 pub mod crds;
 pub mod http;
 pub mod keeper;
+pub mod kubelet;
 pub mod manifests;
 pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod source;
+pub mod streams;
 pub mod sync;
 pub mod tokens;

@@ -105,6 +105,8 @@ enum Cmd {
         /// start (as caBundle), if it exists.
         #[arg(long, default_value = cloud_gw::manifests::WEBHOOK_CONFIG)]
         webhook_config: String,
+        #[command(flatten)]
+        kubelet: KubeletArgs,
     },
     /// Serve edge nodes from a directory of manifests (no cluster): the
     /// link on its own, for trials and tests.
@@ -180,6 +182,44 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n * secs))
 }
 
+/// The kubelet endpoint of edge nodes (kubectl logs).
+#[derive(clap::Args)]
+struct KubeletArgs {
+    /// Where the API server calls edge nodes' kubelet API (HTTPS); "off"
+    /// for none (kubectl logs then cannot reach edge nodes).
+    #[arg(long, default_value = "0.0.0.0:10250")]
+    kubelet_listen: String,
+    /// The IP address the API server reaches this replica's kubelet
+    /// endpoint at, written into the Nodes whose links it holds (default:
+    /// $POD_IP, else the --kubelet-listen address if it is not 0.0.0.0).
+    #[arg(long, env = "POD_IP")]
+    kubelet_address: Option<std::net::IpAddr>,
+    /// The CA (PEM) whose client certificates name users here: the one
+    /// that signed the API server's --kubelet-client-certificate (default:
+    /// the cluster's client CA, from kube-system/extension-apiserver-authentication).
+    #[arg(long)]
+    kubelet_client_ca: Option<PathBuf>,
+}
+
+/// The listener and the address to advertise, if the endpoint is on.
+async fn kubelet_listener(
+    a: &KubeletArgs,
+) -> Result<Option<(tokio::net::TcpListener, std::net::SocketAddr)>> {
+    let Some(l) = listen(&a.kubelet_listen).await? else {
+        return Ok(None);
+    };
+    let local = l.local_addr()?;
+    let ip = match a.kubelet_address {
+        Some(ip) => ip,
+        None if !local.ip().is_unspecified() => local.ip(),
+        None => anyhow::bail!(
+            "--kubelet-listen {} needs --kubelet-address (or $POD_IP): the address the API server reaches this replica at",
+            a.kubelet_listen
+        ),
+    };
+    Ok(Some((l, std::net::SocketAddr::new(ip, local.port()))))
+}
+
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(p) => {
@@ -224,12 +264,22 @@ async fn listen(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
     Ok(Some(l))
 }
 
+/// What the kubelet endpoint needs, for `run`.
+struct KubeletSetup {
+    listener: tokio::net::TcpListener,
+    /// None: the cluster's, read from the API server.
+    client_ca: Option<String>,
+    pods: std::sync::Arc<dyn cloud_gw::kubelet::Pods>,
+    client: kube::Client,
+}
+
 async fn serve(
     keeper: std::sync::Arc<dyn Keeper>,
     source: std::sync::Arc<dyn cloud_gw::source::Source>,
     state: std::sync::Arc<dyn cloud_gw::http::State>,
     link: LinkArgs,
     webhook: &str,
+    kubelet: Option<KubeletSetup>,
 ) -> Result<()> {
     let cfg = cloud_gw::server::ServeConfig {
         heartbeat: link.heartbeat,
@@ -246,6 +296,16 @@ async fn serve(
     if let Some(l) = listen(webhook).await? {
         tracing::info!(listen = webhook, "admission webhook");
         tokio::spawn(cloud_gw::http::serve(l, Some(gw.webhook_tls()?), state));
+    }
+    if let Some(k) = kubelet {
+        let pki = gw.pki();
+        let serving = cloud_gw::kubelet::Serving {
+            cert_pem: pki.server_cert_pem.clone(),
+            key_pem: pki.server_key_pem.clone(),
+            ca: pki.ca_der()?,
+        };
+        let kl = cloud_gw::kubelet::Kubelet::new(gw.links(), k.pods, k.client);
+        tokio::spawn(std::sync::Arc::new(kl).start(k.listener, serving, k.client_ca));
     }
     let listener = tokio::net::TcpListener::bind(link.listen)
         .await
@@ -298,7 +358,15 @@ async fn run() -> Result<()> {
         Cmd::Serve { link, objects } => {
             let source = std::sync::Arc::new(cloud_gw::source::DirSource::new(&objects));
             tokio::spawn(source.clone().watch());
-            return serve(keeper, source, std::sync::Arc::new(NoCluster), link, "off").await;
+            return serve(
+                keeper,
+                source,
+                std::sync::Arc::new(NoCluster),
+                link,
+                "off",
+                None,
+            )
+            .await;
         }
         Cmd::Run {
             link,
@@ -309,8 +377,17 @@ async fn run() -> Result<()> {
             token_max_age,
             webhook_listen,
             webhook_config,
+            kubelet,
         } => {
             let client = client.context("a cluster client")?;
+            let kubelet_at = kubelet_listener(&kubelet).await?;
+            let client_ca = match (&kubelet_at, &kubelet.kubelet_client_ca) {
+                (Some(_), Some(p)) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
+                _ => None,
+            };
             if let Some(k) = &secret {
                 // Made once across replicas; then followed for tokens.
                 if !sans.is_empty() || k.get(cloud_gw::pki::CA_CERT)?.is_some() {
@@ -348,13 +425,28 @@ async fn run() -> Result<()> {
                 status_period,
                 token_max_age,
                 namespace: cluster.clone(),
+                kubelet: kubelet_at.as_ref().map(|(_, a)| *a),
             };
             let source = std::sync::Arc::new(cloud_gw::bridge::KubeSource::start(client, bridge));
             tracing::info!(namespace = cluster, "listing pods, ConfigMaps and Secrets");
             // Nodes are served only from complete caches: from half of one
             // a node would be told to delete the pods not listed yet.
             source.ready().await;
-            return serve(keeper, source.clone(), source, link, &webhook_listen).await;
+            let kubelet = kubelet_at.map(|(listener, _)| KubeletSetup {
+                listener,
+                client_ca,
+                pods: source.clone(),
+                client: source.client(),
+            });
+            return serve(
+                keeper,
+                source.clone(),
+                source,
+                link,
+                &webhook_listen,
+                kubelet,
+            )
+            .await;
         }
         _ => {}
     }

@@ -44,6 +44,7 @@ pub fn documents(o: &Options) -> Vec<Value> {
         "--listen=0.0.0.0:7443".into(),
         "--webhook-listen=0.0.0.0:8443".into(),
         "--http-listen=0.0.0.0:9090".into(),
+        "--kubelet-listen=0.0.0.0:10250".into(),
         format!("--webhook-config={WEBHOOK_CONFIG}"),
     ];
     args.extend(sans.iter().map(|s| format!("--san={s}")));
@@ -74,6 +75,11 @@ pub fn documents(o: &Options) -> Vec<Value> {
           {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices/status"], "verbs": ["patch"]},
           // A desired value an operator set at the gateway, into the spec.
           {"apiGroups": [outrigger_proto::device::GROUP], "resources": ["devices"], "verbs": ["patch"]},
+          // The kubelet endpoint authenticates and authorizes the API
+          // server (and metrics scrapers) as a kubelet does: through the
+          // API server (what the system:auth-delegator role grants).
+          {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+          {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
           {"apiGroups": ["admissionregistration.k8s.io"],
            "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
            "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}
@@ -90,6 +96,13 @@ pub fn documents(o: &Options) -> Vec<Value> {
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": "outrigger:cloud-gw", "namespace": "kube-node-lease", "labels": labels()},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger:cloud-gw"},
+               "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
+        // The cluster's client CA, which signed the API server's kubelet
+        // client certificate: the role the API server made for this.
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "outrigger:cloud-gw:auth-reader", "namespace": "kube-system", "labels": labels()},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                           "name": "extension-apiserver-authentication-reader"},
                "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
         // Its own Secret: created once, then updated (tokens) by name only;
         // and pods in its own namespace as dry runs only (nothing is
@@ -127,8 +140,11 @@ pub fn documents(o: &Options) -> Vec<Value> {
               },
               "containers": [{
                 "name": NAME, "image": o.image, "args": args,
+                // What this replica writes into the Nodes whose links it
+                // holds: the API server reaches their kubelet API here.
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 "ports": [{"name": "edge", "containerPort": 7443}, {"name": "webhook", "containerPort": 8443},
-                          {"name": "metrics", "containerPort": 9090}],
+                          {"name": "metrics", "containerPort": 9090}, {"name": "kubelet", "containerPort": 10250}],
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub status_rows_recorded: AtomicU64,
     pub status_rows_retried: AtomicU64,
     pub api_errors: AtomicU64,
+    pub streams_open: AtomicU64,
+    pub stream_bytes: AtomicU64,
     /// A batch sent to its ack: the node committed it.
     pub push_ack: Histogram,
     /// One write to the API server (status, event, deletion, node, lease).
@@ -70,6 +72,8 @@ pub static METRICS: Metrics = Metrics {
     status_rows_recorded: AtomicU64::new(0),
     status_rows_retried: AtomicU64::new(0),
     api_errors: AtomicU64::new(0),
+    streams_open: AtomicU64::new(0),
+    stream_bytes: AtomicU64::new(0),
     push_ack: Histogram::new(),
     api_write: Histogram::new(),
 };
@@ -119,6 +123,18 @@ pub fn render() -> String {
         "counter",
         "Errors from the Kubernetes API server.",
         &m.api_errors,
+    );
+    one(
+        "outrigger_cloud_streams_open",
+        "gauge",
+        "Streams (kubectl logs) open inside edge links, until the edge ended its side.",
+        &m.streams_open,
+    );
+    one(
+        "outrigger_cloud_stream_bytes_total",
+        "counter",
+        "Bytes of stream data (logs) received from edge nodes.",
+        &m.stream_bytes,
     );
     m.push_ack.render(
         "outrigger_cloud_push_ack_seconds",

@@ -62,6 +62,8 @@ pub struct Gateway {
     pki: Pki,
     cfg: ServeConfig,
     tls: tokio_rustls::TlsAcceptor,
+    /// The links held here, for streams to their nodes.
+    links: Arc<crate::streams::Links>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +161,18 @@ impl Gateway {
             pki,
             cfg,
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            links: Default::default(),
         })
+    }
+
+    /// The links this replica holds (the kubelet endpoint opens streams on
+    /// them).
+    pub fn links(&self) -> Arc<crate::streams::Links> {
+        self.links.clone()
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
     }
 
     /// TLS for the admission webhook: the serving certificate, no client
@@ -375,6 +388,9 @@ impl Gateway {
         // the cluster sees the node go unreachable on its own schedule.
         let _alive = AbortOnDrop(self.source.connected(&node));
         let _counted = Connected::new();
+        // Streams to this node (kubectl logs) go through this loop.
+        let (_attached, mut stream_cmds) = self.links.attach(&node, version.minor);
+        let mut mux = crate::streams::Mux::default();
         loop {
             while let Some(m) = sync.next_message() {
                 if link.send(&m).await.is_err() {
@@ -382,6 +398,13 @@ impl Gateway {
                 }
             }
             tokio::select! {
+                Some(cmd) = stream_cmds.recv() => {
+                    if let Some(m) = mux.command(cmd, &node) {
+                        if link.send(&m).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 _ = rescan.tick() => sync.refresh(),
                 Ok(()) = pushed.changed() => sync.refresh(),
                 m = link.recv() => match m {
@@ -400,6 +423,13 @@ impl Gateway {
                         let seqs = self.source.record(&node, rows).await;
                         if link.send(&Message::Status(Status::Ack { seqs })).await.is_err() {
                             return;
+                        }
+                    }
+                    Ok(Message::Stream { channel, msg }) => {
+                        if let Some(answer) = mux.inbound(channel, msg) {
+                            if link.send(&answer).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Ok(m) => {

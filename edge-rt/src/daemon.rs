@@ -195,6 +195,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 cfg.node.data_dir.clone(),
                 link,
                 node_store.clone(),
+                pods.clone(),
             ));
         }
         Ok(None) => tracing::info!("not joined to a cloud: standalone"),

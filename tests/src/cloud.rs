@@ -28,6 +28,8 @@ pub struct Cloud {
     /// Health and metrics (plain HTTP), and the admission webhook (HTTPS).
     pub http: std::net::SocketAddr,
     pub webhook: std::net::SocketAddr,
+    /// The kubelet endpoint of edge nodes (`run` only).
+    pub kubelet: std::net::SocketAddr,
     /// More arguments for `run` (e.g. `--webhook-config NAME`).
     pub run_args: Vec<String>,
 }
@@ -151,6 +153,7 @@ impl Cloud {
             secret: secret.map(str::to_string),
             http: std::net::SocketAddr::new(ip, free_port()?),
             webhook: std::net::SocketAddr::new(ip, free_port()?),
+            kubelet: std::net::SocketAddr::new(ip, free_port()?),
             run_args: Vec::new(),
         };
         let _ = c.child.wait();
@@ -177,6 +180,7 @@ impl Cloud {
                 cmd.arg("run");
                 cmd.args(["--lease-period", "2s", "--status-period", "10s"]);
                 cmd.arg("--webhook-listen").arg(self.webhook.to_string());
+                cmd.arg("--kubelet-listen").arg(self.kubelet.to_string());
                 cmd.args(["--san", &self.addr.ip().to_string()]);
                 cmd.args(&self.run_args);
             }

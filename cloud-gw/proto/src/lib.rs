@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod kinds;
 pub mod message;
 pub mod report;
+pub mod stream;
 pub mod token;
 pub mod ws;
 
@@ -52,8 +53,13 @@ impl std::fmt::Display for Version {
 
 /// What this build speaks. Minor versions of 1: 0, the first; 1, the
 /// ServiceAccountToken kind ([`kinds`]); 2, the DeviceModel and Device
-/// kinds and the device status report ([`device`], [`report`]).
-pub const VERSION: Version = Version { major: 1, minor: 2 };
+/// kinds and the device status report ([`device`], [`report`]); 3, streams
+/// ([`stream`]: container logs).
+pub const VERSION: Version = Version { major: 1, minor: 3 };
+
+/// The first minor version with streams: the cloud opens none to an older
+/// edge.
+pub const STREAMS_SINCE_MINOR: u16 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("incompatible link protocol: we speak {ours}, the peer speaks {theirs} (same major version and at most one minor apart are needed; upgrade the older side)")]

@@ -166,10 +166,10 @@ pub enum Message {
     Control(Control),
     Sync(Sync),
     Status(Status),
-    /// Raw bytes of a log or exec stream.
+    /// A message of one stream (see [`crate::stream`]), on its channel.
     Stream {
         channel: u8,
-        data: Vec<u8>,
+        msg: crate::stream::StreamMsg,
     },
 }
 
@@ -190,12 +190,12 @@ impl Message {
             Message::Control(m) => (Channel::Control, cbor(m)?),
             Message::Sync(m) => (Channel::Sync, cbor(m)?),
             Message::Status(m) => (Channel::Status, cbor(m)?),
-            Message::Stream { channel, data } => {
+            Message::Stream { channel, msg } => {
                 let ch = Channel::from_u8(*channel)?;
                 if !matches!(ch, Channel::Stream(_)) {
                     return Err(FrameError::WrongChannel(ch));
                 }
-                (ch, data.clone())
+                (ch, cbor(msg)?)
             }
         };
         frame::encode(channel, &payload, max)
@@ -210,7 +210,7 @@ impl Message {
             Channel::Status => Message::Status(from_cbor(&f.payload)?),
             Channel::Stream(n) => Message::Stream {
                 channel: n,
-                data: f.payload,
+                msg: from_cbor(&f.payload)?,
             },
         })
     }
@@ -269,7 +269,14 @@ mod tests {
         }
 
         #[test]
-        fn any_payload_on_any_channel_decodes_or_fails_cleanly(ch in 0u8..4, payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        fn stream_data_round_trips(channel in 16u8..=255, bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let m = Message::Stream { channel, msg: crate::stream::StreamMsg::Data { bytes } };
+            let encoded = m.encode(MAX_PAYLOAD).unwrap();
+            prop_assert_eq!(Message::decode(&encoded, MAX_PAYLOAD).unwrap(), m);
+        }
+
+        #[test]
+        fn any_payload_on_any_channel_decodes_or_fails_cleanly(ch in prop_oneof![0u8..4, 16u8..20], payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let mut bytes = vec![ch, 0];
             bytes.extend(payload);
             let _ = Message::decode(&bytes, MAX_PAYLOAD);

@@ -523,6 +523,10 @@ impl Cache {
             .collect()
     }
 
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodEntry> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
     pub fn pod_by_uid(&self, uid: &str) -> Option<(&Key, &PodEntry)> {
         let key = self.pod_keys.get(uid)?;
         self.pods.get(key).map(|p| (key, p))

@@ -65,6 +65,11 @@ pub struct BridgeConfig {
     /// cloud-gw's own namespace: where it probes the cluster's default
     /// tolerations with a dry-run pod.
     pub namespace: String,
+    /// Where the API server reaches this replica's kubelet endpoint: put
+    /// into the status of the nodes whose links it holds (first address,
+    /// type Hostname; `daemonEndpoints.kubeletEndpoint.Port`). None: no
+    /// endpoint (kubectl logs cannot reach edge nodes).
+    pub kubelet: Option<std::net::SocketAddr>,
 }
 
 impl Default for BridgeConfig {
@@ -75,6 +80,7 @@ impl Default for BridgeConfig {
             status_period: Duration::from_secs(60),
             token_max_age: Duration::from_secs(24 * 3600),
             namespace: "default".into(),
+            kubelet: None,
         }
     }
 }
@@ -392,6 +398,21 @@ impl crate::http::State for KubeSource {
         name: &str,
     ) -> Option<outrigger_proto::device::DeviceModelSpec> {
         lock(&self.inner.cache).device_model(namespace, name)
+    }
+}
+
+impl crate::kubelet::Pods for KubeSource {
+    fn locate(&self, namespace: &str, name: &str) -> Option<(String, String)> {
+        let c = lock(&self.inner.cache);
+        c.pod(namespace, name)
+            .map(|p| (p.node.clone(), p.obj.uid.clone()))
+    }
+}
+
+impl KubeSource {
+    /// The client the bridge speaks to the API server with.
+    pub fn client(&self) -> Client {
+        self.inner.client.clone()
     }
 }
 

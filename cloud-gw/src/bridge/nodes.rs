@@ -151,9 +151,10 @@ pub(crate) async fn write_status(
             _ => c["lastTransitionTime"] = now.clone().into(),
         }
     }
+    let port = inner.cfg.kubelet.map_or(0, |a| a.port());
     let mut status = json!({
         "conditions": conditions,
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
     });
     if !report.capacity.is_empty() {
         status["capacity"] = serde_json::to_value(&report.capacity).unwrap_or_default();
@@ -164,7 +165,8 @@ pub(crate) async fn write_status(
     if let Some(info) = &report.node_info {
         status["nodeInfo"] = serde_json::to_value(info).unwrap_or_default();
     }
-    status["addresses"] = serde_json::to_value(addresses(&report.addresses)).unwrap_or_default();
+    status["addresses"] =
+        serde_json::to_value(addresses(inner.cfg.kubelet, &report.addresses)).unwrap_or_default();
     api.patch_status(
         node,
         &PatchParams::default(),
@@ -187,16 +189,30 @@ pub(crate) async fn write_status(
     Ok(())
 }
 
-/// The addresses the API server may dial for this node: IP addresses only.
-/// A name (a Hostname address, or an IP-typed address holding a name)
-/// would send the API server to its resolver for something that leads
-/// nowhere, so the edge's report is held to that here.
-pub fn addresses(reported: &[NodeAddress]) -> Vec<NodeAddress> {
-    reported
-        .iter()
-        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
-        .filter(|a| a.address.parse::<std::net::IpAddr>().is_ok())
-        .cloned()
+/// The addresses the API server may dial for this node: first this
+/// replica's kubelet endpoint (type Hostname, which the API server tries
+/// first, as an IP so it resolves nothing), then the edge's own, IP
+/// addresses only. A name the edge reports (a Hostname address, or an
+/// IP-typed address holding a name) would send the API server to its
+/// resolver for something that leads nowhere, so the edge's report is
+/// held to IPs here.
+pub fn addresses(
+    kubelet: Option<std::net::SocketAddr>,
+    reported: &[NodeAddress],
+) -> Vec<NodeAddress> {
+    let endpoint = kubelet.map(|a| NodeAddress {
+        type_: "Hostname".into(),
+        address: a.ip().to_string(),
+    });
+    endpoint
+        .into_iter()
+        .chain(
+            reported
+                .iter()
+                .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+                .filter(|a| a.address.parse::<std::net::IpAddr>().is_ok())
+                .cloned(),
+        )
         .collect()
 }
 
@@ -349,12 +365,18 @@ mod tests {
             a("InternalDNS", "gw-7.plant.example"),
         ];
         assert_eq!(
-            addresses(&reported),
+            addresses(None, &reported),
             vec![
                 a("InternalIP", "192.168.7.20"),
                 a("ExternalIP", "2001:db8::7")
             ]
         );
-        assert!(addresses(&[]).is_empty());
+        assert!(addresses(None, &[]).is_empty());
+        // The kubelet endpoint of the replica holding the link comes first.
+        let here = "10.1.2.3:10250".parse().ok();
+        assert_eq!(
+            addresses(here, &reported[..1]),
+            vec![a("Hostname", "10.1.2.3"), a("InternalIP", "192.168.7.20")]
+        );
     }
 }

@@ -21,7 +21,7 @@ pub mod metrics;
 
 use crate::pods::events::PodEvent;
 use crate::pods::{self, PodManager};
-use crate::runtime::{logs, ContainerRecord};
+use crate::runtime::ContainerRecord;
 
 /// Longest request line accepted (an apply of a few large objects).
 const MAX_REQUEST: u64 = 4 << 20;
@@ -120,6 +120,15 @@ pub enum ApiError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<pods::logs::LogError> for ApiError {
+    fn from(e: pods::logs::LogError) -> ApiError {
+        match e {
+            pods::logs::LogError::NotFound(m) => ApiError::NotFound(m),
+            pods::logs::LogError::BadRequest(m) => ApiError::BadRequest(m),
+        }
+    }
 }
 
 /// What the server needs from the daemon.
@@ -223,12 +232,24 @@ impl Server {
                 follow,
                 tail,
             } => {
-                let rec = match self.log_record(&namespace, &name, container.as_deref(), previous) {
+                let rec = match self.pods.log_record(
+                    &namespace,
+                    &name,
+                    None,
+                    container.as_deref(),
+                    previous,
+                ) {
                     Ok(r) => r,
-                    Err(e) => return reply::<()>(&mut w, Err(e)).await,
+                    Err(e) => return reply::<()>(&mut w, Err(e.into())).await,
                 };
                 reply(&mut w, Ok(serde_json::Value::Null)).await?;
-                self.stream_log(&rec, follow, tail, &mut w).await
+                let opts = pods::logs::LogOptions {
+                    follow,
+                    tail_lines: tail.map(|n| n as u64),
+                    ..Default::default()
+                };
+                pods::logs::stream(&self.pods.context().rt, &rec, &opts, &mut w).await?;
+                w.shutdown().await
             }
             Request::Exec {
                 namespace,
@@ -487,7 +508,9 @@ impl Server {
         name: &str,
         container: Option<&str>,
     ) -> Result<ContainerRecord, ApiError> {
-        let rec = self.log_record(namespace, name, container, false)?;
+        let rec = self
+            .pods
+            .log_record(namespace, name, None, container, false)?;
         if rec.exit.is_some() {
             return Err(ApiError::BadRequest(format!(
                 "cannot exec into container {} of pod {name}: it is not running",
@@ -513,125 +536,6 @@ impl Server {
         let pod = self.find(namespace, name)?;
         let events = self.pods.context().events.about(pods::uid(&pod));
         Ok(PodDetail { pod, events })
-    }
-
-    /// The record whose log `logs` shows.
-    fn log_record(
-        &self,
-        namespace: &str,
-        name: &str,
-        container: Option<&str>,
-        previous: bool,
-    ) -> Result<ContainerRecord, ApiError> {
-        let pod = self.find(namespace, name)?;
-        let spec = pod.spec.clone().unwrap_or_default();
-        let names: Vec<String> = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(spec.containers.iter())
-            .map(|c| c.name.clone())
-            .collect();
-        let container = match container {
-            Some(c) if names.iter().any(|n| n == c) => c.to_string(),
-            Some(c) => {
-                return Err(ApiError::NotFound(format!(
-                    "container {c} is not valid for pod {name}"
-                )))
-            }
-            None if spec.containers.len() == 1 => spec.containers[0].name.clone(),
-            None => {
-                return Err(ApiError::BadRequest(format!(
-                    "a container name must be specified for pod {name}, choose one of: [{}]",
-                    names.join(" ")
-                )))
-            }
-        };
-        let mut attempts: Vec<ContainerRecord> = self
-            .pods
-            .context()
-            .rt
-            .list()
-            .into_iter()
-            .filter(|r| r.pod.uid == pods::uid(&pod) && r.name == container)
-            .collect();
-        attempts.sort_by_key(|r| r.attempt);
-        let pick = if previous {
-            attempts.iter().rev().nth(1)
-        } else {
-            attempts.last()
-        };
-        pick.cloned().ok_or_else(|| {
-            ApiError::NotFound(if previous {
-                format!("previous terminated container \"{container}\" in pod \"{name}\" not found")
-            } else {
-                format!("container \"{container}\" in pod \"{name}\" has not started yet")
-            })
-        })
-    }
-
-    async fn stream_log(
-        &self,
-        rec: &ContainerRecord,
-        follow: bool,
-        tail: Option<usize>,
-        w: &mut tokio::net::unix::OwnedWriteHalf,
-    ) -> std::io::Result<()> {
-        // What is on disk now: rotated copies first.
-        let mut text = String::new();
-        for f in logs::files_of(&rec.log_path) {
-            text.push_str(&crate::sys::fs::read_to_string(&f).await.unwrap_or_default());
-        }
-        let mut content = decode(&text);
-        if let Some(n) = tail {
-            content = last_lines(&content, n);
-        }
-        w.write_all(content.as_bytes()).await?;
-        if !follow {
-            return w.shutdown().await;
-        }
-        // Then what comes, from where the live file ends now.
-        let mut offset = crate::sys::fs::metadata(&rec.log_path)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let mut pending = String::new();
-        let rt = self.pods.context().rt.clone();
-        loop {
-            let exited = rt.get(&rec.id).is_none_or(|r| r.exit.is_some());
-            let len = crate::sys::fs::metadata(&rec.log_path)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            if len < offset {
-                offset = 0; // rotated: the live file starts over
-            }
-            if len > offset {
-                let want = usize::try_from(len - offset).unwrap_or(usize::MAX);
-                let buf = crate::sys::fs::read_at(&rec.log_path, offset, want).await?;
-                offset += buf.len() as u64;
-                pending.push_str(&String::from_utf8_lossy(&buf));
-                // Only whole CRI lines; a torn one waits for its end.
-                if let Some(cut) = pending.rfind('\n') {
-                    let whole: String = pending.drain(..=cut).collect();
-                    w.write_all(decode(&whole).as_bytes()).await?;
-                }
-                continue;
-            }
-            if exited {
-                // The log pump may still be draining the FIFO: one last look.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let len = crate::sys::fs::metadata(&rec.log_path)
-                    .await
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                if len == offset {
-                    return w.shutdown().await;
-                }
-                continue;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     fn status(&self) -> NodeStatus {
@@ -712,34 +616,6 @@ async fn reply<T: serde::Serialize>(
     w.write_all(&line).await
 }
 
-/// CRI log lines to what the container wrote: partial records join the
-/// next, full ones end a line.
-pub fn decode(cri: &str) -> String {
-    let mut out = String::with_capacity(cri.len());
-    for line in cri.lines() {
-        if let Some(r) = logs::parse_line(line) {
-            out.push_str(&r.content);
-            if r.full {
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
-
-fn last_lines(s: &str, n: usize) -> String {
-    if n == 0 {
-        return String::new();
-    }
-    let trimmed = s.strip_suffix('\n').unwrap_or(s);
-    let start = trimmed
-        .rmatch_indices('\n')
-        .nth(n - 1)
-        .map(|(i, _)| i + 1)
-        .unwrap_or(0);
-    s[start..].to_string()
-}
-
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -785,19 +661,4 @@ pub async fn call(
         anyhow::bail!("{e}");
     }
     Ok((v.get("ok").cloned().unwrap_or_default(), r))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decodes_cri_and_tails() {
-        let cri = "2026-01-01T00:00:00Z stdout P hel\n2026-01-01T00:00:00Z stdout F lo\n2026-01-01T00:00:01Z stderr F two\nnot a record\n2026-01-01T00:00:02Z stdout F three\n";
-        let d = decode(cri);
-        assert_eq!(d, "hello\ntwo\nthree\n");
-        assert_eq!(last_lines(&d, 2), "two\nthree\n");
-        assert_eq!(last_lines(&d, 5), d);
-        assert_eq!(last_lines(&d, 0), "");
-    }
 }

@@ -299,14 +299,19 @@ impl Upstream {
 }
 
 /// Keep the link up for as long as the daemon runs.
-pub async fn run(data_dir: PathBuf, cfg: LinkConfig, store: Option<Arc<Store>>) {
+pub async fn run(
+    data_dir: PathBuf,
+    cfg: LinkConfig,
+    store: Option<Arc<Store>>,
+    pods: Arc<crate::pods::PodManager>,
+) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     // Kept across reconnects, so TLS resumes the session (no certificates
     // on the wire again); rebuilt when the certificate changes.
     let mut tls: Option<(Vec<u8>, rustls::ClientConfig)> = None;
     loop {
         let t0 = Instant::now();
-        let r = session(&data_dir, &cfg, store.as_deref(), &mut tls).await;
+        let r = session(&data_dir, &cfg, store.as_deref(), pods.clone(), &mut tls).await;
         if let Some(s) = &store {
             if let Err(e) = s.set_link(false, store::now_ms()) {
                 tracing::warn!(error = %e, "recording the link state");
@@ -328,6 +333,7 @@ async fn session(
     data_dir: &Path,
     cfg: &LinkConfig,
     store: Option<&Store>,
+    pods: Arc<crate::pods::PodManager>,
     tls: &mut Option<(Vec<u8>, rustls::ClientConfig)>,
 ) -> Result<(), LinkError> {
     let d = dir(data_dir);
@@ -362,8 +368,15 @@ async fn session(
     };
     // The key of a renewal on its way.
     let mut pending_key: Option<String> = None;
+    // kubectl logs of this node's pods; they end with the session.
+    let (mut streams, mut stream_out) = super::streams::Streams::new(pods);
     loop {
         tokio::select! {
+            Some(queued) = stream_out.recv() => {
+                if let Some(m) = streams.outgoing(queued) {
+                    link.send(&m).await?;
+                }
+            }
             _ = outbox.tick(), if store.is_some() => {
                 if let Some(m) = store.and_then(|s| up.next(s)) {
                     link.send(&m).await?;
@@ -397,6 +410,11 @@ async fn session(
                     mv("node.key.new", "node.key")?;
                     mv("node.crt.new", "node.crt")?;
                     tracing::info!(node = %cfg.node, "node certificate renewed");
+                }
+                Message::Stream { channel, msg } => {
+                    if let Some(answer) = streams.handle(channel, msg) {
+                        link.send(&answer).await?;
+                    }
                 }
                 Message::Control(Control::Refused { reason }) => return Err(LinkError::Refused(reason)),
                 _ => {}

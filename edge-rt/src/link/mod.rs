@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod join;
+pub mod streams;
 pub mod tls;
 
 use std::collections::BTreeMap;

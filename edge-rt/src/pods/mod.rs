@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod env;
 // Events are kept by one ring type for pods and devices.
 pub use crate::events;
+pub mod logs;
 mod manager;
 pub mod plan;
 pub mod probes;

@@ -1,0 +1,150 @@
+//! Streams inside the link: `kubectl logs` (and, later, exec, attach and
+//! port-forward) carried as numbered channels of the node's one WebSocket.
+//!
+//! The cloud opens a stream (`Open` on a free channel, 16..=255); the edge
+//! answers `Opened` or `End` with an error (a pod it does not run, a
+//! container that has not started), then `Data`, then `End`. Either side
+//! may end it; a channel is free again once both have seen an `End`.
+//!
+//! Flow control is per stream and by bytes: a sender has [`WINDOW`] bytes
+//! of credit when the stream opens and sends `Data` only within it; the
+//! receiver gives credit back (`Credit`) as its consumer takes the bytes.
+//! A stalled reader so holds at most one window in flight and never holds
+//! up the sync and status frames that share the link, nor other streams.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes a sender may have sent and not been credited for, per stream.
+pub const WINDOW: u32 = 256 << 10;
+
+/// The largest `Data` payload: a frame of it stays small next to the sync
+/// frames it shares the link with.
+pub const CHUNK: usize = 32 << 10;
+
+/// One message on a stream channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum StreamMsg {
+    /// Cloud to edge: start this.
+    Open { request: Request },
+    /// Edge to cloud: it started (the cloud may answer its client now).
+    Opened,
+    /// Bytes of the stream.
+    Data {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The receiver passed on this many more bytes: the sender may send as
+    /// many more.
+    Credit { bytes: u32 },
+    /// The sender is done: cleanly, or with why not.
+    End { error: Option<StreamError> },
+}
+
+/// What a stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Request {
+    Logs(LogRequest),
+}
+
+/// A container's log, as the kubelet's `/containerLogs` is asked for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequest {
+    pub namespace: String,
+    pub pod: String,
+    /// Empty: the pod's only container.
+    pub container: String,
+    /// The pod's uid as the cloud knows it: a pod of the same name made
+    /// again is another pod.
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub previous: bool,
+    #[serde(default)]
+    pub timestamps: bool,
+    #[serde(default)]
+    pub tail_lines: Option<u64>,
+    /// Only lines written at or after this (Unix seconds); `sinceSeconds`
+    /// is turned into this by the cloud, so both sides agree on "now".
+    #[serde(default)]
+    pub since_unix: Option<i64>,
+    #[serde(default)]
+    pub limit_bytes: Option<u64>,
+}
+
+/// Why a stream could not start or ended early, as an HTTP status and a
+/// message (what a kubelet would answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamError {
+    pub code: u16,
+    pub message: String,
+}
+
+impl StreamError {
+    pub fn new(code: u16, message: impl Into<String>) -> StreamError {
+        StreamError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Credit kept by a sender: what it may still send on one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit {
+    left: u64,
+}
+
+impl Default for Credit {
+    fn default() -> Credit {
+        Credit {
+            left: u64::from(WINDOW),
+        }
+    }
+}
+
+impl Credit {
+    /// How much of `want` may go now.
+    pub fn take(&mut self, want: usize) -> usize {
+        let n = (want as u64).min(self.left).min(CHUNK as u64);
+        self.left -= n;
+        n as usize
+    }
+
+    /// The receiver credited `bytes`. A receiver crediting beyond the
+    /// window is a broken peer; it gets no more than the window.
+    pub fn give(&mut self, bytes: u32) {
+        self.left = (self.left + u64::from(bytes)).min(u64::from(WINDOW));
+    }
+
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_bounds_what_is_in_flight() {
+        let mut c = Credit::default();
+        let mut sent = 0;
+        loop {
+            let n = c.take(100_000);
+            if n == 0 {
+                break;
+            }
+            assert!(n <= CHUNK);
+            sent += n;
+        }
+        assert_eq!(sent, WINDOW as usize);
+        c.give(1000);
+        assert_eq!(c.take(5000), 1000);
+        c.give(u32::MAX);
+        assert_eq!(c.left(), u64::from(WINDOW));
+    }
+}

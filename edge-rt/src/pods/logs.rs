@@ -1,0 +1,341 @@
+//! A container's log as kubectl asks for it (`kubectl logs` through the
+//! cloud link, `edge-rt logs` through the local API): which attempt's log
+//! (`previous`), then its CRI records turned back into what the container
+//! wrote, with the kubelet's options (tail, since, timestamps, a byte
+//! limit), and, following, what comes until the container exits.
+
+use std::io;
+use std::time::Duration;
+
+use crate::runtime::{logs, ContainerRecord, Runtime};
+
+use super::PodManager;
+
+/// How often a followed log is looked at for more.
+const FOLLOW_PERIOD: Duration = Duration::from_millis(100);
+
+/// What part of the log, and how (the kubelet's `/containerLogs` query).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    pub follow: bool,
+    /// Each line prefixed with the time the runtime read it (RFC 3339).
+    pub timestamps: bool,
+    /// Only the last this many lines of what is there now.
+    pub tail_lines: Option<u64>,
+    /// Only lines from this instant on.
+    pub since: Option<jiff::Timestamp>,
+    /// Stop after this many bytes.
+    pub limit_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// No such pod, container or attempt (the kubelet's 404s).
+    #[error("{0}")]
+    NotFound(String),
+    /// A request that cannot be answered as asked (the kubelet's 400s).
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// Where a log goes: the local socket or a link stream. An error means the
+/// reader went away, and ends the log.
+pub trait Sink {
+    fn write(&mut self, bytes: &[u8]) -> impl std::future::Future<Output = io::Result<()>>;
+}
+
+impl Sink for tokio::net::unix::OwnedWriteHalf {
+    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        tokio::io::AsyncWriteExt::write_all(self, bytes).await
+    }
+}
+
+impl PodManager {
+    /// The record of the container whose log is asked for: the pod's only
+    /// container when none is named, the attempt before the last when
+    /// `previous`. `uid`, when given, must be the pod's (a pod made again
+    /// under the same name is another pod).
+    pub fn log_record(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+        container: Option<&str>,
+        previous: bool,
+    ) -> Result<ContainerRecord, LogError> {
+        let pod = self
+            .find(namespace, name)
+            .filter(|p| uid.is_none_or(|u| u.is_empty() || super::uid(p) == u))
+            .ok_or_else(|| {
+                LogError::NotFound(format!(
+                    "pods \"{name}\" not found in namespace \"{namespace}\""
+                ))
+            })?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let names: Vec<String> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .map(|c| c.name.clone())
+            .collect();
+        let container = match container.filter(|c| !c.is_empty()) {
+            Some(c) if names.iter().any(|n| n == c) => c.to_string(),
+            Some(c) => {
+                return Err(LogError::BadRequest(format!(
+                    "container {c} is not valid for pod {name}"
+                )))
+            }
+            None if spec.containers.len() == 1 => spec.containers[0].name.clone(),
+            None => {
+                return Err(LogError::BadRequest(format!(
+                    "a container name must be specified for pod {name}, choose one of: [{}]",
+                    names.join(" ")
+                )))
+            }
+        };
+        let mut attempts: Vec<ContainerRecord> = self
+            .context()
+            .rt
+            .list()
+            .into_iter()
+            .filter(|r| r.pod.uid == super::uid(&pod) && r.name == container)
+            .collect();
+        attempts.sort_by_key(|r| r.attempt);
+        let pick = if previous {
+            attempts.iter().rev().nth(1)
+        } else {
+            attempts.last()
+        };
+        pick.cloned().ok_or_else(|| {
+            if previous {
+                LogError::BadRequest(format!(
+                    "previous terminated container \"{container}\" in pod \"{name}\" not found"
+                ))
+            } else {
+                LogError::BadRequest(format!(
+                    "container \"{container}\" in pod \"{name}\" is waiting to start: ContainerCreating"
+                ))
+            }
+        })
+    }
+}
+
+/// CRI records to what the container wrote, by the options: which lines
+/// (since), how (timestamps), how much (limit).
+struct Render<'a> {
+    opts: &'a LogOptions,
+    written: u64,
+    /// Bytes of a torn CRI line (a read that ended inside it).
+    torn: String,
+}
+
+impl Render<'_> {
+    fn done(&self) -> bool {
+        self.opts.limit_bytes.is_some_and(|l| self.written >= l)
+    }
+
+    /// The records of `text`'s whole lines, rendered: one entry per
+    /// written line (partial records are joined to the line they end in).
+    fn lines(&mut self, text: &str) -> Vec<String> {
+        self.torn.push_str(text);
+        let Some(cut) = self.torn.rfind('\n') else {
+            return Vec::new();
+        };
+        let whole: String = self.torn.drain(..=cut).collect();
+        let mut out = Vec::new();
+        let mut line = String::new();
+        for l in whole.lines() {
+            let Some(r) = logs::parse_line(l) else {
+                continue;
+            };
+            if let Some(since) = self.opts.since {
+                if r.time.parse::<jiff::Timestamp>().is_ok_and(|t| t < since) {
+                    continue;
+                }
+            }
+            if self.opts.timestamps {
+                line.push_str(&r.time);
+                line.push(' ');
+            }
+            line.push_str(&r.content);
+            if r.full {
+                line.push('\n');
+                out.push(std::mem::take(&mut line));
+            }
+        }
+        if !line.is_empty() {
+            out.push(line);
+        }
+        out
+    }
+
+    /// `lines` cut to what the byte limit still lets through.
+    fn limit(&mut self, lines: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in lines {
+            let left = match self.opts.limit_bytes {
+                Some(max) => max.saturating_sub(self.written) as usize,
+                None => usize::MAX,
+            };
+            let take = l.len().min(left);
+            out.extend_from_slice(&l.as_bytes()[..take]);
+            self.written += take as u64;
+            if self.done() {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Send `rec`'s log to `sink` as `opts` ask; following, until the
+/// container has exited and its log is drained, or the sink goes.
+pub async fn stream(
+    rt: &Runtime,
+    rec: &ContainerRecord,
+    opts: &LogOptions,
+    sink: &mut impl Sink,
+) -> io::Result<()> {
+    let mut r = Render {
+        opts,
+        written: 0,
+        torn: String::new(),
+    };
+    // What is on disk now, rotated copies first; the live file up to its
+    // length now, which is where following goes on.
+    let files = logs::files_of(&rec.log_path);
+    let mut offset = 0u64;
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    for f in &files {
+        let text = if *f == rec.log_path {
+            let len = crate::sys::fs::metadata(f)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let b = crate::sys::fs::read_at(f, 0, usize::try_from(len).unwrap_or(usize::MAX))
+                .await
+                .unwrap_or_default();
+            offset = b.len() as u64;
+            String::from_utf8_lossy(&b).into_owned()
+        } else {
+            crate::sys::fs::read_to_string(f).await.unwrap_or_default()
+        };
+        let lines = r.lines(&text);
+        match opts.tail_lines {
+            Some(n) => {
+                tail.extend(lines);
+                while tail.len() as u64 > n {
+                    tail.pop_front();
+                }
+            }
+            None => {
+                let out = r.limit(&lines);
+                sink.write(&out).await?;
+                if r.done() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if opts.tail_lines.is_some() {
+        let out = r.limit(tail.make_contiguous());
+        sink.write(&out).await?;
+    }
+    if !opts.follow || r.done() {
+        return Ok(());
+    }
+    loop {
+        let exited = rt.get(&rec.id).is_none_or(|r| r.exit.is_some());
+        let len = crate::sys::fs::metadata(&rec.log_path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if len < offset {
+            offset = 0; // rotated: the live file starts over
+        }
+        if len > offset {
+            let want = usize::try_from(len - offset).unwrap_or(usize::MAX);
+            let buf = crate::sys::fs::read_at(&rec.log_path, offset, want).await?;
+            offset += buf.len() as u64;
+            let lines = r.lines(&String::from_utf8_lossy(&buf));
+            let out = r.limit(&lines);
+            if !out.is_empty() {
+                sink.write(&out).await?;
+            }
+            if r.done() {
+                return Ok(());
+            }
+            continue;
+        }
+        if exited {
+            // The log pump may still be draining the FIFO: one last look.
+            tokio::time::sleep(FOLLOW_PERIOD).await;
+            let len = crate::sys::fs::metadata(&rec.log_path)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            if len == offset {
+                return Ok(());
+            }
+            continue;
+        }
+        tokio::time::sleep(FOLLOW_PERIOD).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CRI: &str = "2026-01-01T00:00:00Z stdout P hel\n2026-01-01T00:00:00Z stdout F lo\n2026-01-01T00:00:01Z stderr F two\nnot a record\n2026-01-01T00:00:02Z stdout F three\n";
+
+    fn render(opts: LogOptions, text: &str) -> String {
+        let mut r = Render {
+            opts: &opts,
+            written: 0,
+            torn: String::new(),
+        };
+        let lines = r.lines(text);
+        String::from_utf8(r.limit(&lines)).unwrap()
+    }
+
+    #[test]
+    fn records_become_what_was_written() {
+        assert_eq!(render(LogOptions::default(), CRI), "hello\ntwo\nthree\n");
+    }
+
+    #[test]
+    fn timestamps_since_and_limit() {
+        let o = LogOptions {
+            timestamps: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            render(o, CRI).lines().nth(1),
+            Some("2026-01-01T00:00:01Z two")
+        );
+        let o = LogOptions {
+            since: Some("2026-01-01T00:00:01Z".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(render(o, CRI), "two\nthree\n");
+        let o = LogOptions {
+            limit_bytes: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(render(o, CRI), "hello\ntw");
+    }
+
+    #[test]
+    fn a_torn_line_waits_for_its_end() {
+        let o = LogOptions::default();
+        let mut r = Render {
+            opts: &o,
+            written: 0,
+            torn: String::new(),
+        };
+        assert!(r.lines("2026-01-01T00:00:00Z stdout F a").is_empty());
+        assert_eq!(r.lines("bc\n"), vec!["abc\n".to_string()]);
+    }
+}
