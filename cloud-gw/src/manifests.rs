@@ -142,7 +142,10 @@ pub fn documents(o: &Options) -> Vec<Value> {
                 "name": NAME, "image": o.image, "args": args,
                 // What this replica writes into the Nodes whose links it
                 // holds: the API server reaches their kubelet API here.
-                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                // With the apiVersion the API server would default, so a
+                // server-side apply over a client-side one does not conflict.
+                "env": [{"name": "POD_IP",
+                         "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}}],
                 "ports": [{"name": "edge", "containerPort": 7443}, {"name": "webhook", "containerPort": 8443},
                           {"name": "metrics", "containerPort": 9090}, {"name": "kubelet", "containerPort": 10250}],
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},

@@ -1271,6 +1271,24 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
         "{}",
         one.log()
     );
+    // The Node leads the API server to the replica holding its link.
+    let endpoint = |want: std::net::SocketAddr| {
+        let scope = &scope;
+        let name = &name;
+        async move {
+            wait_for("the Node to name the replica with the link", Duration::from_secs(20), || async {
+                let o = scope.kubectl().args(["get", "node", name, "-o", "json"]).output().ok()?;
+                let n: Value = serde_json::from_slice(&o.stdout).ok()?;
+                let st = &n["status"];
+                (st["addresses"][0]["address"] == want.ip().to_string()
+                    && st["addresses"][0]["type"] == "Hostname"
+                    && st["daemonEndpoints"]["kubeletEndpoint"]["Port"] == want.port())
+                .then_some(())
+            })
+            .await
+        }
+    };
+    endpoint(one.kubelet).await?;
     // The first replica goes; the second takes its address (as behind a
     // load balancer) and the edge carries on with it.
     let port = one.addr.port();
@@ -1293,6 +1311,14 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
         three.log()
     );
     ensure!(find(&node.pods()?, &pod).is_some_and(|p| phase(p) == "Running"));
+    // kubectl logs follows it there.
+    endpoint(three.kubelet).await?;
+    let o = scope.kubectl().args(["logs", &later]).output()?;
+    ensure!(
+        o.status.success(),
+        "kubectl logs through the new replica: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     drop(daemon);
     node.cleanup().await
 }
