@@ -177,6 +177,14 @@ impl Stream {
         p
     }
 
+    /// Send the edge a message of this stream (stdin, a resize).
+    pub fn send(&self, msg: StreamMsg) {
+        let _ = self.cmds.send(Cmd::Send {
+            channel: self.channel,
+            msg,
+        });
+    }
+
     /// `bytes` were passed on to the client: the edge may send as many more.
     pub fn credit(&self, bytes: usize) {
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);

@@ -132,6 +132,10 @@ impl Setup {
         &self.scope.namespace
     }
 
+    fn kubeconfig(&self) -> &std::path::Path {
+        self._cluster.kubeconfig()
+    }
+
     /// kubectl in the test's namespace.
     fn kubectl(&self, args: &[&str]) -> Result<Output> {
         Ok(self.scope.kubectl().args(args).output()?)
@@ -1207,6 +1211,78 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
     s.cleanup().await
 }
 
+/// kubectl exec into a pod on an edge node, as into any pod: the Node
+/// declares ExtendWebSocketsToKubelet, so the API server passes kubectl's
+/// WebSocket (v5) on to cloud-gw, which runs the command on the node
+/// through a stream of its link: stdout and stderr apart, stdin and its
+/// end, a terminal with its size, the exit code carried to kubectl.
+#[tokio::test]
+async fn kubectl_exec_into_an_edge_pod_through_the_link() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::ready(Opts::default()).await?;
+    let n = s.get_json(&["node", s.name()])?;
+    ensure!(
+        n["status"]["declaredFeatures"] == serde_json::json!(["ExtendWebSocketsToKubelet"]),
+        "{}",
+        n["status"]
+    );
+    let pod = unique("shell");
+    s.apply(&busybox_pod(&pod, s.name(), ""))?;
+    s.pod_ready(&pod).await?;
+    let o = s.kubectl(&[
+        "exec",
+        &pod,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ])?;
+    let (out, err) = (text(&o), String::from_utf8_lossy(&o.stderr).to_string());
+    ensure!(
+        o.status.code() == Some(3) && out == "out\n" && err.contains("err\n"),
+        "exit {:?}, stdout {out:?}, stderr {err:?}\n{}",
+        o.status.code(),
+        s.logs()
+    );
+    ensure!(
+        err.contains("command terminated with exit code 3"),
+        "{err:?}"
+    );
+    // Stdin, to its end (v5's close of channel 0: cat ends).
+    let mut cmd = s.scope.kubectl();
+    cmd.args(["exec", "-i", &pod, "--", "sh", "-c", "cat; echo done"]);
+    let echoed = with_stdin(cmd, "hello\nworld\n")?;
+    ensure!(echoed == "hello\nworld\ndone\n", "{echoed:?}");
+    // A terminal, sized as kubectl's own.
+    let kubeconfig = s.kubeconfig();
+    let line = format!(
+        "stty rows 31 cols 107; kubectl --kubeconfig {} -n {} exec -it {pod} -- sh -c 'stty size; tty'",
+        kubeconfig.display(),
+        s.ns()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let shown = text(&o);
+    ensure!(
+        shown.contains("31 107") && shown.contains("/dev/pts/"),
+        "{shown:?} {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        s.logs()
+    );
+    // What cannot run says why.
+    let o = s.kubectl(&["exec", &pod, "--", "/no/such/command"])?;
+    ensure!(!o.status.success(), "a missing command succeeded");
+    let o = s.kubectl(&["exec", &pod, "-c", "nope", "--", "true"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(!o.status.success() && err.contains("nope"), "{err}");
+    ensure!(s.kubectl(&["exec", &pod, "--", "true"])?.status.success());
+    s.cleanup().await
+}
+
 /// Two replicas racing to start share one CA (made once, in a Secret), and
 /// an edge served by one goes on with the other.
 #[tokio::test]
@@ -1276,15 +1352,23 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
         let scope = &scope;
         let name = &name;
         async move {
-            wait_for("the Node to name the replica with the link", Duration::from_secs(20), || async {
-                let o = scope.kubectl().args(["get", "node", name, "-o", "json"]).output().ok()?;
-                let n: Value = serde_json::from_slice(&o.stdout).ok()?;
-                let st = &n["status"];
-                (st["addresses"][0]["address"] == want.ip().to_string()
-                    && st["addresses"][0]["type"] == "Hostname"
-                    && st["daemonEndpoints"]["kubeletEndpoint"]["Port"] == want.port())
-                .then_some(())
-            })
+            wait_for(
+                "the Node to name the replica with the link",
+                Duration::from_secs(20),
+                || async {
+                    let o = scope
+                        .kubectl()
+                        .args(["get", "node", name, "-o", "json"])
+                        .output()
+                        .ok()?;
+                    let n: Value = serde_json::from_slice(&o.stdout).ok()?;
+                    let st = &n["status"];
+                    (st["addresses"][0]["address"] == want.ip().to_string()
+                        && st["addresses"][0]["type"] == "Hostname"
+                        && st["daemonEndpoints"]["kubeletEndpoint"]["Port"] == want.port())
+                    .then_some(())
+                },
+            )
             .await
         }
     };

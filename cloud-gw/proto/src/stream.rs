@@ -1,14 +1,16 @@
-//! Streams inside the link: `kubectl logs` (and, later, exec, attach and
-//! port-forward) carried as numbered channels of the node's one WebSocket.
+//! Streams inside the link: `kubectl logs` and `kubectl exec` (and, later,
+//! attach and port-forward) carried as numbered channels of the node's one
+//! WebSocket.
 //!
 //! The cloud opens a stream (`Open` on a free channel, 16..=255); the edge
 //! answers `Opened` or `End` with an error (a pod it does not run, a
 //! container that has not started), then `Data`, then `End`. Either side
 //! may end it; a channel is free again once both have seen an `End`.
 //!
-//! Flow control is per stream and by bytes: a sender has [`WINDOW`] bytes
-//! of credit when the stream opens and sends `Data` only within it; the
-//! receiver gives credit back (`Credit`) as its consumer takes the bytes.
+//! Flow control is per stream, each way, and by bytes: a sender has
+//! [`WINDOW`] bytes of credit when the stream opens and sends bytes
+//! (`Data`, `Stderr`; `Stdin` the other way) only within it; the receiver
+//! gives credit back (`Credit`) as its consumer takes the bytes.
 //! A stalled reader so holds at most one window in flight and never holds
 //! up the sync and status frames that share the link, nor other streams.
 
@@ -26,19 +28,44 @@ pub const CHUNK: usize = 32 << 10;
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum StreamMsg {
     /// Cloud to edge: start this.
-    Open { request: Request },
+    Open {
+        request: Request,
+    },
     /// Edge to cloud: it started (the cloud may answer its client now).
     Opened,
-    /// Bytes of the stream.
+    /// Bytes of the stream: a log's, or a process's stdout.
     Data {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// A process's stderr.
+    Stderr {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Cloud to edge: a process's stdin, its end, its terminal's size.
+    Stdin {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    StdinEnd,
+    Resize {
+        width: u16,
+        height: u16,
+    },
+    /// Edge to cloud: the process exited with this code (an `End` follows).
+    Exit {
+        code: i32,
+    },
     /// The receiver passed on this many more bytes: the sender may send as
     /// many more.
-    Credit { bytes: u32 },
+    Credit {
+        bytes: u32,
+    },
     /// The sender is done: cleanly, or with why not.
-    End { error: Option<StreamError> },
+    End {
+        error: Option<StreamError>,
+    },
 }
 
 /// What a stream is for.
@@ -46,6 +73,27 @@ pub enum StreamMsg {
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Request {
     Logs(LogRequest),
+    Exec(ExecRequest),
+}
+
+/// A command to run in a container, as the kubelet's `/exec` is asked for
+/// it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    #[serde(default)]
+    pub uid: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdout: bool,
+    #[serde(default)]
+    pub stderr: bool,
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// A container's log, as the kubelet's `/containerLogs` is asked for it.

@@ -156,6 +156,9 @@ pub(crate) async fn write_status(
         "conditions": conditions,
         "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
     });
+    if inner.cfg.kubelet.is_some() {
+        status["declaredFeatures"] = json!(crate::kubelet::DECLARED_FEATURES);
+    }
     if !report.capacity.is_empty() {
         status["capacity"] = serde_json::to_value(&report.capacity).unwrap_or_default();
     }

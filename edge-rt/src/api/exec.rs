@@ -3,9 +3,6 @@
 //! payload`. The server relays the process's output and finally its exit
 //! code; the client relays its stdin and terminal size.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Server to client.
@@ -53,70 +50,6 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Opti
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
     Ok(Some((head[0], payload)))
-}
-
-/// A non-blocking descriptor (a pipe end or a pty master) for tokio.
-pub struct Fd(AsyncFd<OwnedFd>);
-
-impl Fd {
-    pub fn new(fd: OwnedFd) -> std::io::Result<Fd> {
-        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
-        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        // SAFETY: the AsyncFd owns the descriptor from here on.
-        Ok(Fd(unsafe { AsyncFd::register(fd) }?))
-    }
-
-    pub fn raw(&self) -> i32 {
-        self.0.get_ref().as_raw_fd()
-    }
-
-    /// Read some bytes; 0 at the end (EIO on a pty whose other side closed
-    /// counts as the end).
-    pub async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            let mut g = self.0.readable().await?;
-            match g
-                .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(std::io::Error::from))
-            {
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    pub async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
-        while !buf.is_empty() {
-            let mut g = self.0.writable().await?;
-            match g.try_io(|fd| {
-                // SAFETY: plain write from a live buffer to our descriptor.
-                let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
-                Ok(Ok(n)) => buf = &buf[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Set a terminal's size.
-pub fn resize(fd: i32, cols: u16, rows: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads a winsize from a live struct.
-    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
 }
 
 /// A terminal's size, if `fd` is one.
@@ -171,16 +104,19 @@ pub async fn client(
     stdin: bool,
     tty: bool,
 ) -> anyhow::Result<i32> {
-    let (_, stream) = super::call(socket, req).await?;
-    let (mut r, mut w) = tokio::io::split(stream);
-    let _raw = (tty && nix::unistd::isatty(0).unwrap_or(false)).then(RawMode::enter);
+    // The terminal's size goes with the request: the command starts on a
+    // terminal of that size.
+    let mut first = Vec::new();
     if tty {
         if let Some((cols, rows)) = size(1).or_else(|| size(0)) {
             let mut p = cols.to_be_bytes().to_vec();
             p.extend_from_slice(&rows.to_be_bytes());
-            write_frame(&mut w, RESIZE, &p).await?;
+            write_frame(&mut first, RESIZE, &p).await?;
         }
     }
+    let (_, stream) = super::call_then(socket, req, &first).await?;
+    let (mut r, mut w) = tokio::io::split(stream);
+    let _raw = (tty && nix::unistd::isatty(0).unwrap_or(false)).then(RawMode::enter);
     if stdin {
         tokio::spawn(async move {
             let mut input = tokio::io::stdin();

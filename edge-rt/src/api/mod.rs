@@ -7,7 +7,6 @@
 //! then streams the log's content until it ends (or, following, until the
 //! container exits or the client goes).
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,11 +121,11 @@ pub enum ApiError {
     Io(#[from] std::io::Error),
 }
 
-impl From<pods::logs::LogError> for ApiError {
-    fn from(e: pods::logs::LogError) -> ApiError {
+impl From<pods::logs::LookupError> for ApiError {
+    fn from(e: pods::logs::LookupError) -> ApiError {
         match e {
-            pods::logs::LogError::NotFound(m) => ApiError::NotFound(m),
-            pods::logs::LogError::BadRequest(m) => ApiError::BadRequest(m),
+            pods::logs::LookupError::NotFound(m) => ApiError::NotFound(m),
+            pods::logs::LookupError::BadRequest(m) => ApiError::BadRequest(m),
         }
     }
 }
@@ -259,9 +258,12 @@ impl Server {
                 stdin,
                 tty,
             } => {
-                let rec = match self.running_record(&namespace, &name, container.as_deref()) {
+                let rec = match self
+                    .pods
+                    .exec_record(&namespace, &name, None, container.as_deref())
+                {
                     Ok(r) => r,
-                    Err(e) => return reply::<()>(&mut w, Err(e)).await,
+                    Err(e) => return reply::<()>(&mut w, Err(e.into())).await,
                 };
                 self.exec(&rec, &command, stdin, tty, r, w).await
             }
@@ -403,121 +405,52 @@ impl Server {
         command: &[String],
         stdin: bool,
         tty: bool,
-        r: tokio::net::unix::OwnedReadHalf,
+        mut r: tokio::net::unix::OwnedReadHalf,
         mut w: tokio::net::unix::OwnedWriteHalf,
     ) -> std::io::Result<()> {
-        use crate::runtime::exec::Stdio;
-        use exec::{read_frame, write_frame, Fd};
-        let rt = self.pods.context().rt.clone();
-        let devnull = || std::fs::File::open("/dev/null").map(OwnedFd::from);
-        // The process's ends, and ours: (stdin writer, stdout reader, stderr reader).
-        let (stdio, input, out, err) = if tty {
-            let pty = nix::pty::openpty(None, None)?;
-            let slave = pty.slave;
-            let stdio = Stdio {
-                stdin: slave.try_clone()?,
-                stdout: slave.try_clone()?,
-                stderr: slave,
-                tty: true,
-            };
-            let master = Fd::new(pty.master)?;
-            (stdio, None, master, None)
-        } else {
-            let (in_r, in_w) = if stdin {
-                let (a, b) = nix::unistd::pipe()?;
-                (a, Some(b))
-            } else {
-                (devnull()?, None)
-            };
-            let (out_r, out_w) = nix::unistd::pipe()?;
-            let (err_r, err_w) = nix::unistd::pipe()?;
-            let stdio = Stdio {
-                stdin: in_r,
-                stdout: out_w,
-                stderr: err_w,
-                tty: false,
-            };
-            (
-                stdio,
-                in_w.map(Fd::new).transpose()?,
-                Fd::new(out_r)?,
-                Some(Fd::new(err_r)?),
-            )
-        };
-        let process = match rt.exec(&rec.id, command, stdio) {
-            Ok(p) => p,
-            Err(e) => {
-                return reply::<()>(&mut w, Err(ApiError::BadRequest(pods::describe(&e)))).await
+        use pods::exec::Input;
+        // Frames in from their own task: a frame read halfway is never
+        // dropped by the relay's select.
+        let (tx, inputs) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some((kind, p))) = exec::read_frame(&mut r).await {
+                let input = match kind {
+                    exec::STDIN => Input::Stdin(p),
+                    exec::STDIN_EOF => Input::StdinEnd,
+                    exec::RESIZE if p.len() == 4 => Input::Resize {
+                        cols: u16::from_be_bytes([p[0], p[1]]),
+                        rows: u16::from_be_bytes([p[2], p[3]]),
+                    },
+                    _ => continue,
+                };
+                if tx.send(input).is_err() {
+                    break;
+                }
             }
+        });
+        let streams = pods::exec::Streams {
+            stdin,
+            stdout: true,
+            stderr: !tty,
+            tty,
         };
-        reply(&mut w, Ok(serde_json::Value::Null)).await?;
-        let mut input = input;
-        let mut r = r;
-        let (mut out_open, mut err_open, mut client_open) = (true, err.is_some(), true);
-        let mut buf_o = vec![0u8; 16 * 1024];
-        let mut buf_e = vec![0u8; 16 * 1024];
-        while out_open || err_open {
-            tokio::select! {
-                n = out.read(&mut buf_o), if out_open => match n? {
-                    0 => out_open = false,
-                    n => write_frame(&mut w, exec::STDOUT, &buf_o[..n]).await?,
-                },
-                n = async { match &err { Some(e) => e.read(&mut buf_e).await, None => Ok(0) } }, if err_open => match n? {
-                    0 => err_open = false,
-                    n => write_frame(&mut w, exec::STDERR, &buf_e[..n]).await?,
-                },
-                f = read_frame(&mut r), if client_open => match f {
-                    Ok(Some((exec::STDIN, data))) => {
-                        if tty {
-                            out.write_all(&data).await?;
-                        } else if let Some(i) = &input {
-                            // A process that closed its stdin: drop the rest.
-                            if i.write_all(&data).await.is_err() {
-                                input = None;
-                            }
-                        }
-                    }
-                    Ok(Some((exec::STDIN_EOF, _))) => {
-                        if tty {
-                            out.write_all(&[4]).await?; // ^D
-                        }
-                        input = None;
-                    }
-                    Ok(Some((exec::RESIZE, p))) if tty && p.len() == 4 => {
-                        exec::resize(out.raw(), u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]));
-                    }
-                    Ok(Some(_)) => {}
-                    // The client is gone: so is the point of the process.
-                    Ok(None) | Err(_) => {
-                        client_open = false;
-                        process.kill();
-                    }
-                },
+        let mut out = Frames {
+            w: &mut w,
+            started: false,
+        };
+        // The reply line goes before the first output, once the process runs.
+        let r = pods::exec::run(&self.pods, rec, command, streams, inputs, &mut out).await;
+        reader.abort();
+        match r {
+            Ok(code) => {
+                exec::write_frame(&mut w, exec::EXIT, &code.to_be_bytes()).await?;
+                w.shutdown().await
             }
+            Err(e) if !out.started => {
+                reply::<()>(&mut w, Err(ApiError::BadRequest(e.to_string()))).await
+            }
+            Err(e) => Err(std::io::Error::other(e.to_string())),
         }
-        drop(input);
-        let code = process.wait().await;
-        write_frame(&mut w, exec::EXIT, &code.to_be_bytes()).await?;
-        w.shutdown().await
-    }
-
-    /// The running container of a pod that `exec` targets.
-    fn running_record(
-        &self,
-        namespace: &str,
-        name: &str,
-        container: Option<&str>,
-    ) -> Result<ContainerRecord, ApiError> {
-        let rec = self
-            .pods
-            .log_record(namespace, name, None, container, false)?;
-        if rec.exit.is_some() {
-            return Err(ApiError::BadRequest(format!(
-                "cannot exec into container {} of pod {name}: it is not running",
-                rec.name
-            )));
-        }
-        Ok(rec)
     }
 
     fn find(
@@ -598,6 +531,29 @@ impl Server {
     }
 }
 
+/// The local exec session's output: the reply line, then frames.
+struct Frames<'a> {
+    w: &'a mut tokio::net::unix::OwnedWriteHalf,
+    started: bool,
+}
+
+impl pods::exec::Output for Frames<'_> {
+    async fn started(&mut self) -> std::io::Result<()> {
+        self.started = true;
+        reply(self.w, Ok(serde_json::Value::Null)).await
+    }
+
+    async fn stdout(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        exec::write_frame(self.w, exec::STDOUT, bytes).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        exec::write_frame(self.w, exec::STDERR, bytes).await
+    }
+
+    async fn took_stdin(&mut self, _: usize) {}
+}
+
 /// `{"ok": ...}` or `{"error": "..."}`, serialized straight from `r` (a
 /// JSON tree of 200 devices first would be the daemon's high-water mark).
 async fn reply<T: serde::Serialize>(
@@ -642,6 +598,16 @@ pub async fn call(
     socket: &Path,
     req: &Request,
 ) -> anyhow::Result<(serde_json::Value, BufReader<UnixStream>)> {
+    call_then(socket, req, &[]).await
+}
+
+/// The same, with `then` sent right after the request (exec's terminal
+/// size, so the command starts on a terminal of the right size).
+pub async fn call_then(
+    socket: &Path,
+    req: &Request,
+    then: &[u8],
+) -> anyhow::Result<(serde_json::Value, BufReader<UnixStream>)> {
     use anyhow::Context as _;
     let mut s = UnixStream::connect(socket).await.with_context(|| {
         format!(
@@ -651,6 +617,7 @@ pub async fn call(
     })?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
+    line.extend_from_slice(then);
     s.write_all(&line).await?;
     let mut r = BufReader::new(s);
     let mut head = String::new();

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use outrigger_proto::message::Message;
-use outrigger_proto::stream::{Credit, LogRequest, Request, StreamError, StreamMsg};
+use outrigger_proto::stream::{Credit, ExecRequest, LogRequest, Request, StreamError, StreamMsg};
 use tokio::sync::{mpsc, Notify};
 
-use crate::pods::logs::{self, LogError, LogOptions};
+use crate::pods::exec::{self, Input};
+use crate::pods::logs::{self, LogOptions, LookupError};
 use crate::pods::PodManager;
 
 /// Messages of all streams waiting for the link writer: each stream has at
@@ -53,6 +54,8 @@ struct Open {
     run: u64,
     gate: Arc<Gate>,
     task: tokio::task::AbortHandle,
+    /// A process's input (exec streams).
+    inputs: mpsc::UnboundedSender<Input>,
 }
 
 /// What a stream task queues for the link writer, tagged with its run.
@@ -103,14 +106,19 @@ impl Streams {
                 let gate = Arc::new(Gate::default());
                 let run = self.next_run;
                 self.next_run += 1;
+                let (inputs, from_cloud) = mpsc::unbounded_channel();
                 let task = tokio::spawn(serve(
                     self.pods.clone(),
                     channel,
                     request,
-                    gate.clone(),
-                    Tagged {
-                        run,
-                        out: self.out.clone(),
+                    from_cloud,
+                    LinkSink {
+                        channel,
+                        gate: gate.clone(),
+                        out: Tagged {
+                            run,
+                            out: self.out.clone(),
+                        },
                     },
                 ));
                 self.open.insert(
@@ -119,10 +127,20 @@ impl Streams {
                         run,
                         gate,
                         task: task.abort_handle(),
+                        inputs,
                     },
                 );
                 None
             }
+            StreamMsg::Stdin { bytes } => self.input(channel, Input::Stdin(bytes)),
+            StreamMsg::StdinEnd => self.input(channel, Input::StdinEnd),
+            StreamMsg::Resize { width, height } => self.input(
+                channel,
+                Input::Resize {
+                    cols: width,
+                    rows: height,
+                },
+            ),
             StreamMsg::Credit { bytes } => {
                 if let Some(s) = self.open.get(&channel) {
                     s.gate.give(bytes);
@@ -139,11 +157,22 @@ impl Streams {
                     msg: StreamMsg::End { error: None },
                 })
             }
-            StreamMsg::Opened | StreamMsg::Data { .. } => {
+            StreamMsg::Opened
+            | StreamMsg::Data { .. }
+            | StreamMsg::Stderr { .. }
+            | StreamMsg::Exit { .. } => {
                 tracing::debug!(channel, "stream message the cloud does not send; ignored");
                 None
             }
         }
+    }
+
+    fn input(&mut self, channel: u8, i: Input) -> Option<Message> {
+        if let Some(s) = self.open.get(&channel) {
+            // A stream that takes no input (a log) drops it.
+            let _ = s.inputs.send(i);
+        }
+        None
     }
 
     /// What a stream task queued: to send, if its stream is still the
@@ -185,27 +214,115 @@ struct LinkSink {
     out: Tagged,
 }
 
-impl logs::Sink for LinkSink {
-    async fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+impl LinkSink {
+    /// `bytes` as messages of `kind`, within the stream's credit.
+    async fn bytes(
+        &mut self,
+        mut bytes: &[u8],
+        kind: fn(Vec<u8>) -> StreamMsg,
+    ) -> std::io::Result<()> {
         while !bytes.is_empty() {
             let n = self.gate.take(bytes.len()).await;
             let (now, rest) = bytes.split_at(n);
-            let data = StreamMsg::Data {
-                bytes: now.to_vec(),
-            };
-            self.out.send(self.channel, data).await?;
+            self.out.send(self.channel, kind(now.to_vec())).await?;
             bytes = rest;
         }
         Ok(())
     }
 }
 
-async fn serve(pods: Arc<PodManager>, channel: u8, request: Request, gate: Arc<Gate>, out: Tagged) {
-    let mut sink = LinkSink { channel, gate, out };
+fn data(bytes: Vec<u8>) -> StreamMsg {
+    StreamMsg::Data { bytes }
+}
+
+fn stderr(bytes: Vec<u8>) -> StreamMsg {
+    StreamMsg::Stderr { bytes }
+}
+
+impl logs::Sink for LinkSink {
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.bytes(bytes, data).await
+    }
+}
+
+impl exec::Output for LinkSink {
+    async fn started(&mut self) -> std::io::Result<()> {
+        self.out.send(self.channel, StreamMsg::Opened).await
+    }
+
+    async fn stdout(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.bytes(bytes, data).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.bytes(bytes, stderr).await
+    }
+
+    async fn took_stdin(&mut self, n: usize) {
+        let bytes = u32::try_from(n).unwrap_or(u32::MAX);
+        let _ = self
+            .out
+            .send(self.channel, StreamMsg::Credit { bytes })
+            .await;
+    }
+}
+
+async fn serve(
+    pods: Arc<PodManager>,
+    channel: u8,
+    request: Request,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    mut sink: LinkSink,
+) {
     let end = match request {
         Request::Logs(req) => log(&pods, &req, &mut sink).await,
+        Request::Exec(req) => run(&pods, &req, inputs, &mut sink).await,
     };
     let _ = sink.out.send(channel, StreamMsg::End { error: end }).await;
+}
+
+/// A command in a container over a stream: its exit code as `Exit`, then
+/// the stream's end; the error it ends with if it could not run.
+async fn run(
+    pods: &PodManager,
+    req: &ExecRequest,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    sink: &mut LinkSink,
+) -> Option<StreamError> {
+    let rec = match pods.exec_record(
+        &req.namespace,
+        &req.pod,
+        Some(&req.uid),
+        Some(&req.container),
+    ) {
+        Ok(r) => r,
+        Err(e) => return Some(lookup(e)),
+    };
+    let streams = exec::Streams {
+        stdin: req.stdin,
+        stdout: req.stdout,
+        // A terminal has one output (as a kubelet's).
+        stderr: req.stderr && !req.tty,
+        tty: req.tty,
+    };
+    match exec::run(pods, &rec, &req.command, streams, inputs, sink).await {
+        Ok(code) => {
+            let _ = sink.out.send(sink.channel, StreamMsg::Exit { code }).await;
+            None
+        }
+        // Not started: the kubelet's answer to a command that cannot run.
+        Err(exec::ExecError::Start(m)) => Some(StreamError::new(500, m)),
+        Err(exec::ExecError::Io(e)) => {
+            Some(StreamError::new(500, format!("relaying the command: {e}")))
+        }
+    }
+}
+
+fn lookup(e: LookupError) -> StreamError {
+    match e {
+        LookupError::NotFound(m) => StreamError::new(404, m),
+        LookupError::BadRequest(m) => StreamError::new(400, m),
+    }
 }
 
 /// One container's log down a stream; the error the stream ends with.
@@ -218,8 +335,7 @@ async fn log(pods: &PodManager, req: &LogRequest, sink: &mut LinkSink) -> Option
         req.previous,
     ) {
         Ok(r) => r,
-        Err(LogError::NotFound(m)) => return Some(StreamError::new(404, m)),
-        Err(LogError::BadRequest(m)) => return Some(StreamError::new(400, m)),
+        Err(e) => return Some(lookup(e)),
     };
     if sink
         .out

@@ -28,8 +28,9 @@ pub struct LogOptions {
     pub limit_bytes: Option<u64>,
 }
 
+/// A pod, container or attempt not there to read or run in.
 #[derive(Debug, thiserror::Error)]
-pub enum LogError {
+pub enum LookupError {
     /// No such pod, container or attempt (the kubelet's 404s).
     #[error("{0}")]
     NotFound(String),
@@ -62,12 +63,12 @@ impl PodManager {
         uid: Option<&str>,
         container: Option<&str>,
         previous: bool,
-    ) -> Result<ContainerRecord, LogError> {
+    ) -> Result<ContainerRecord, LookupError> {
         let pod = self
             .find(namespace, name)
             .filter(|p| uid.is_none_or(|u| u.is_empty() || super::uid(p) == u))
             .ok_or_else(|| {
-                LogError::NotFound(format!(
+                LookupError::NotFound(format!(
                     "pods \"{name}\" not found in namespace \"{namespace}\""
                 ))
             })?;
@@ -82,13 +83,13 @@ impl PodManager {
         let container = match container.filter(|c| !c.is_empty()) {
             Some(c) if names.iter().any(|n| n == c) => c.to_string(),
             Some(c) => {
-                return Err(LogError::BadRequest(format!(
+                return Err(LookupError::BadRequest(format!(
                     "container {c} is not valid for pod {name}"
                 )))
             }
             None if spec.containers.len() == 1 => spec.containers[0].name.clone(),
             None => {
-                return Err(LogError::BadRequest(format!(
+                return Err(LookupError::BadRequest(format!(
                     "a container name must be specified for pod {name}, choose one of: [{}]",
                     names.join(" ")
                 )))
@@ -109,11 +110,11 @@ impl PodManager {
         };
         pick.cloned().ok_or_else(|| {
             if previous {
-                LogError::BadRequest(format!(
+                LookupError::BadRequest(format!(
                     "previous terminated container \"{container}\" in pod \"{name}\" not found"
                 ))
             } else {
-                LogError::BadRequest(format!(
+                LookupError::BadRequest(format!(
                     "container \"{container}\" in pod \"{name}\" is waiting to start: ContainerCreating"
                 ))
             }

@@ -12,6 +12,7 @@
 pub mod actions;
 pub mod backoff;
 pub mod env;
+pub mod exec;
 // Events are kept by one ring type for pods and devices.
 pub use crate::events;
 pub mod logs;

@@ -1,7 +1,10 @@
 //! The kubelet API of the edge nodes this replica holds links to, as the
 //! API server calls a kubelet: `kubectl logs` reaches
 //! `/containerLogs/{ns}/{pod}/{container}` here, and the log comes from
-//! the pod's node down a stream of its link ([`crate::streams`]).
+//! the pod's node down a stream of its link ([`crate::streams`]);
+//! `kubectl exec` reaches `/exec/{ns}/{pod}/{container}` as a WebSocket
+//! ([`exec`]: the Node declares `ExtendWebSocketsToKubelet`, so the API
+//! server passes the client's WebSocket on as it is).
 //!
 //! How the API server gets here: each Node's status carries this replica's
 //! address (type Hostname, which the API server tries first) and port
@@ -42,6 +45,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
 use crate::streams::{Links, Stream};
+
+pub mod exec;
+
+/// What a Node served here declares (sorted, as the API server requires):
+/// exec and attach WebSockets come through as they are.
+pub const DECLARED_FEATURES: &[&str] = &["ExtendWebSocketsToKubelet"];
 
 /// Allowed answers are kept this long, denials this long (a kubelet's
 /// webhook authorizer defaults).
@@ -335,6 +344,7 @@ impl Kubelet {
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
                     .await
                 {
                     tracing::debug!(%peer, error = %e, "kubelet endpoint connection");
@@ -367,9 +377,13 @@ impl Kubelet {
             ["containerLogs", ns, pod, container] => {
                 self.logs(&user, &req, ns, pod, container).await
             }
+            ["exec", ns, pod, container] => {
+                let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+                self.exec(&user, req, &ns, &pod, &container).await
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                format!("404 page not found: {path} (this endpoint serves /containerLogs and /healthz)\n"),
+                format!("404 page not found: {path} (this endpoint serves /containerLogs, /exec and /healthz)\n"),
             ),
         }
     }
@@ -425,6 +439,88 @@ impl Kubelet {
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static("text/plain"),
         );
+        r
+    }
+
+    async fn exec(
+        &self,
+        user: &User,
+        mut req: Request<Incoming>,
+        ns: &str,
+        pod: &str,
+        container: &str,
+    ) -> Response<Body> {
+        let Some((node, uid)) = self.pods.locate(ns, pod) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("pod \"{pod}\" does not exist\n"),
+            );
+        };
+        if let Some(denied) = self.authorize(user, req.method(), "proxy", &node).await {
+            return denied;
+        }
+        let mut er = match exec::exec_request(ns, pod, container, req.uri().query().unwrap_or("")) {
+            Ok(r) => r,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        er.uid = uid;
+        tracing::info!(node, namespace = ns, pod, container, command = ?er.command, stdin = er.stdin, tty = er.tty, user = user.name, "exec");
+        // A refusal makes kubectl try SPDY, which this endpoint does not
+        // speak yet: say so in the answer it then prints.
+        if !exec::offers_v5(req.headers()) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "this kubelet endpoint takes exec as a WebSocket ({}) only: use kubectl 1.30 or newer against an API server with ExtendWebSocketsToKubelet (SPDY is not served yet)\n",
+                    exec::V5
+                ),
+            );
+        }
+        let Some(key) = req
+            .headers()
+            .get(hyper::header::SEC_WEBSOCKET_KEY)
+            .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
+        else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket upgrade needs Sec-WebSocket-Key\n",
+            );
+        };
+        // The stream opens before the answer, so a node out of reach is a
+        // plain HTTP error; whether the command runs comes on channel 3.
+        let stream = match self.links.open(&node, StreamRequest::Exec(er)).await {
+            Ok(s) => s,
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(u) => exec::bridge(u, stream, node).await,
+                Err(e) => tracing::debug!(error = %e, "exec: the upgrade did not complete"),
+            }
+        });
+        let mut r = Response::new(
+            Full::new(Bytes::new())
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("Upgrade"),
+        );
+        h.insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            hyper::header::HeaderValue::from_static(exec::V5),
+        );
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&key) {
+            h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+        }
         r
     }
 
