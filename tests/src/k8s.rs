@@ -580,6 +580,22 @@ impl Procs {
     }
 }
 
+/// TLS over `tcp` to a server of ours at `addr`, its certificate not
+/// verified (loopback, a process the test started).
+pub fn insecure_tls(
+    tcp: TcpStream,
+    addr: SocketAddr,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let cfg = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
 /// A GET on loopback (HTTPS without verifying: this is a readiness poll
 /// of a process we started); status code and body.
 fn http_get(addr: SocketAddr, path: &str, tls: bool) -> Result<(u16, String)> {
@@ -588,14 +604,7 @@ fn http_get(addr: SocketAddr, path: &str, tls: bool) -> Result<(u16, String)> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let mut raw = Vec::new();
     if tls {
-        let cfg = rustls::ClientConfig::builder_with_provider(pki::provider())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify))
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
-        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut s = insecure_tls(tcp, addr)?;
         s.write_all(req.as_bytes())?;
         // A server that closes without close_notify still gave us the body.
         let _ = s.read_to_end(&mut raw);

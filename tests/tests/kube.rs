@@ -1030,18 +1030,43 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
     Ok(out)
 }
 
-/// An HTTPS GET to cloud-gw's kubelet endpoint (no client certificate),
-/// with a bearer token if given: the status line and the body.
-fn kubelet_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Result<String> {
-    let mut cmd = std::process::Command::new("openssl");
-    cmd.args(["s_client", "-quiet", "-connect", &addr.to_string()]);
+/// A GET to cloud-gw's kubelet endpoint (HTTPS, no client certificate),
+/// with a bearer token if given, sent; the connection to read from.
+fn kubelet_request(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use std::io::Write;
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut s = outrigger_tests::k8s::insecure_tls(tcp, addr)?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    with_stdin(
-        cmd,
-        &format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"),
-    )
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )?;
+    Ok(s)
+}
+
+/// The same, read to its end: status line, headers and body.
+fn kubelet_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Result<String> {
+    use std::io::Read;
+    let mut s = kubelet_request(addr, path, token)?;
+    let mut raw = Vec::new();
+    // Closed without close_notify or not, what came is the answer.
+    let _ = s.read_to_end(&mut raw);
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// A cloud-gw counter or gauge, from its /metrics.
+fn metric(cloud: &Cloud, name: &str) -> Option<u64> {
+    http_get(cloud.http, "/metrics")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// kubectl logs of a pod on an edge node, as of any pod: the API server
@@ -1127,18 +1152,8 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
         "{lines:?}"
     );
     // kubectl gone: cloud-gw ends the stream, and the edge its side.
-    let open_streams = || {
-        http_get(s.cloud.http, "/metrics")
-            .ok()?
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("outrigger_cloud_streams_open ")?
-                    .parse::<u64>()
-                    .ok()
-            })
-    };
     wait_for("no stream left open", Duration::from_secs(10), || async {
-        (open_streams() == Some(0)).then_some(())
+        (metric(&s.cloud, "outrigger_cloud_streams_open") == Some(0)).then_some(())
     })
     .await?;
     // What a kubelet answers for what it does not have.
@@ -1207,6 +1222,121 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
     ensure!(
         find(&s.node().pods()?, &pod).is_some_and(|p| phase(p) == "Running"),
         "the pod stopped"
+    );
+    s.cleanup().await
+}
+
+/// A reader that stops reading a 12 MB log holds one stream window of it
+/// (and what the sockets buffer), not the log: the link's sync frames,
+/// status rows and other streams go on meanwhile, and the whole log comes
+/// once the reader reads again.
+#[tokio::test]
+async fn a_stalled_log_reader_holds_its_window_and_nothing_else() -> Result<()> {
+    use std::io::Read;
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::ready(Opts::default()).await?;
+    // A caller the cluster lets proxy to nodes, with a token of its own.
+    s.kc(&["create", "serviceaccount", "reader"])?;
+    let binding = format!("{}-reader", s.ns());
+    s.scope.owns("clusterrolebinding", &binding);
+    s.kc(&[
+        "create",
+        "clusterrolebinding",
+        &binding,
+        "--clusterrole=system:kubelet-api-admin",
+        &format!("--serviceaccount={}:reader", s.ns()),
+    ])?;
+    let token = s.kc(&["create", "token", "reader"])?;
+    const XS: usize = 12_000_000;
+    let big = unique("big");
+    s.apply(&busybox_pod(&big, s.name(), "").replace(
+        "while true; do sleep 1; done",
+        &format!("head -c {XS} /dev/zero | tr '\\\\0' x | fold -w 99; echo; echo END; sleep 3600"),
+    ))?;
+    let talk = unique("talk");
+    s.apply(&busybox_pod(&talk, s.name(), "").replace(
+        "while true; do sleep 1; done",
+        "i=0; while true; do i=$((i+1)); echo line $i; sleep 0.5; done",
+    ))?;
+    s.pod_ready(&big).await?;
+    s.pod_ready(&talk).await?;
+    let seen = std::sync::Mutex::new(String::new());
+    wait_for("the whole log written", Duration::from_secs(60), || async {
+        let o = s.kubectl(&["logs", &big, "--tail=1"]).ok()?;
+        let t = format!("{}{}", text(&o), String::from_utf8_lossy(&o.stderr));
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = t.clone();
+        (t == "END\n").then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "last seen: {:?}",
+            seen.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    })?;
+
+    let before = metric(&s.cloud, "outrigger_cloud_stream_bytes_total").context("metric")?;
+    let path = format!("/containerLogs/{}/{big}/main", s.ns());
+    let mut stalled = kubelet_request(s.cloud.kubelet, &path, Some(token.trim()))?;
+    let mut head = vec![0u8; 1024];
+    let n = stalled.read(&mut head)?;
+    head.truncate(n);
+    ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // Then it reads no more: what reaches cloud-gw comes to a stop.
+    let mut last = u64::MAX;
+    let held = wait_for(
+        "the stalled stream to stop",
+        Duration::from_secs(30),
+        || {
+            let now = metric(&s.cloud, "outrigger_cloud_stream_bytes_total")
+                .unwrap_or(0)
+                .saturating_sub(before);
+            let still = now == last;
+            last = now;
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                still.then_some(now)
+            }
+        },
+    )
+    .await?;
+    // One window (256 KiB) plus what the sockets between cloud-gw and the
+    // reader hold (Linux grows a send buffer up to tcp_wmem's 4 MiB): far
+    // from the log's 12 MB, all of which would come up without credit.
+    ensure!(
+        held > 0 && (held as usize) < XS / 2,
+        "{held} bytes of the log came up with nobody reading them"
+    );
+    // Meanwhile the same link carries everything else.
+    let tail = s.kc(&["logs", &talk, "--tail=1"])?;
+    ensure!(tail.starts_with("line "), "{tail:?}");
+    let after = unique("after");
+    s.apply(&busybox_pod(&after, s.name(), ""))?;
+    s.pod_ready(&after).await?;
+    // Reading again, the reader gets all of it.
+    let rest = tokio::task::spawn_blocking(move || {
+        let mut raw = Vec::new();
+        let _ = stalled.read_to_end(&mut raw);
+        raw
+    })
+    .await?;
+    let mut all = head;
+    all.extend_from_slice(&rest);
+    let body_at = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
+    let body = &all[body_at..];
+    let xs = body.iter().filter(|b| **b == b'x').count();
+    ensure!(
+        xs == XS && String::from_utf8_lossy(body).contains("END\n"),
+        "{xs} of {XS} bytes came"
     );
     s.cleanup().await
 }

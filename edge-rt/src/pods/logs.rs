@@ -11,6 +11,9 @@ use crate::runtime::{logs, ContainerRecord, Runtime};
 
 use super::PodManager;
 
+/// How much of a log file is read at a time.
+const READ_PIECE: usize = 64 << 10;
+
 /// How often a followed log is looked at for more.
 const FOLLOW_PERIOD: Duration = Duration::from_millis(100);
 
@@ -128,7 +131,7 @@ struct Render<'a> {
     opts: &'a LogOptions,
     written: u64,
     /// Bytes of a torn CRI line (a read that ended inside it).
-    torn: String,
+    torn: Vec<u8>,
 }
 
 impl Render<'_> {
@@ -138,12 +141,15 @@ impl Render<'_> {
 
     /// The records of `text`'s whole lines, rendered: one entry per
     /// written line (partial records are joined to the line they end in).
-    fn lines(&mut self, text: &str) -> Vec<String> {
-        self.torn.push_str(text);
-        let Some(cut) = self.torn.rfind('\n') else {
+    fn lines(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.torn.extend_from_slice(bytes);
+        let Some(cut) = self.torn.iter().rposition(|b| *b == b'\n') else {
             return Vec::new();
         };
-        let whole: String = self.torn.drain(..=cut).collect();
+        // Whole lines only, so a character split between two reads is
+        // decoded whole.
+        let rest = self.torn.split_off(cut + 1);
+        let whole = String::from_utf8_lossy(&std::mem::replace(&mut self.torn, rest)).into_owned();
         let mut out = Vec::new();
         let mut line = String::new();
         for l in whole.lines() {
@@ -201,42 +207,52 @@ pub async fn stream(
     let mut r = Render {
         opts,
         written: 0,
-        torn: String::new(),
+        torn: Vec::new(),
     };
     // What is on disk now, rotated copies first; the live file up to its
-    // length now, which is where following goes on.
+    // length now, which is where following goes on. Read a piece at a
+    // time: a log may be many megabytes, the gateway's memory is not.
     let files = logs::files_of(&rec.log_path);
     let mut offset = 0u64;
     let mut tail: std::collections::VecDeque<String> = Default::default();
     for f in &files {
-        let text = if *f == rec.log_path {
-            let len = crate::sys::fs::metadata(f)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            let b = crate::sys::fs::read_at(f, 0, usize::try_from(len).unwrap_or(usize::MAX))
+        let end = crate::sys::fs::metadata(f)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut at = 0u64;
+        while at < end {
+            let want = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(READ_PIECE);
+            let b = crate::sys::fs::read_at(f, at, want)
                 .await
                 .unwrap_or_default();
-            offset = b.len() as u64;
-            String::from_utf8_lossy(&b).into_owned()
-        } else {
-            crate::sys::fs::read_to_string(f).await.unwrap_or_default()
-        };
-        let lines = r.lines(&text);
-        match opts.tail_lines {
-            Some(n) => {
-                tail.extend(lines);
-                while tail.len() as u64 > n {
-                    tail.pop_front();
+            if b.is_empty() {
+                break;
+            }
+            at += b.len() as u64;
+            let lines = r.lines(&b);
+            match opts.tail_lines {
+                Some(n) => {
+                    tail.extend(lines);
+                    while tail.len() as u64 > n {
+                        tail.pop_front();
+                    }
+                }
+                None => {
+                    let out = r.limit(&lines);
+                    if !out.is_empty() {
+                        sink.write(&out).await?;
+                    }
+                    if r.done() {
+                        return Ok(());
+                    }
                 }
             }
-            None => {
-                let out = r.limit(&lines);
-                sink.write(&out).await?;
-                if r.done() {
-                    return Ok(());
-                }
-            }
+        }
+        if *f == rec.log_path {
+            offset = at;
         }
     }
     if opts.tail_lines.is_some() {
@@ -256,10 +272,17 @@ pub async fn stream(
             offset = 0; // rotated: the live file starts over
         }
         if len > offset {
-            let want = usize::try_from(len - offset).unwrap_or(usize::MAX);
+            let want = usize::try_from(len - offset)
+                .unwrap_or(usize::MAX)
+                .min(READ_PIECE);
             let buf = crate::sys::fs::read_at(&rec.log_path, offset, want).await?;
+            if buf.is_empty() {
+                // Shorter than its length said (rotated under us).
+                tokio::time::sleep(FOLLOW_PERIOD).await;
+                continue;
+            }
             offset += buf.len() as u64;
-            let lines = r.lines(&String::from_utf8_lossy(&buf));
+            let lines = r.lines(&buf);
             let out = r.limit(&lines);
             if !out.is_empty() {
                 sink.write(&out).await?;
@@ -295,9 +318,9 @@ mod tests {
         let mut r = Render {
             opts: &opts,
             written: 0,
-            torn: String::new(),
+            torn: Vec::new(),
         };
-        let lines = r.lines(text);
+        let lines = r.lines(text.as_bytes());
         String::from_utf8(r.limit(&lines)).unwrap()
     }
 
@@ -334,9 +357,10 @@ mod tests {
         let mut r = Render {
             opts: &o,
             written: 0,
-            torn: String::new(),
+            torn: Vec::new(),
         };
-        assert!(r.lines("2026-01-01T00:00:00Z stdout F a").is_empty());
-        assert_eq!(r.lines("bc\n"), vec!["abc\n".to_string()]);
+        assert!(r.lines(b"2026-01-01T00:00:00Z stdout F a\xc3").is_empty());
+        // A character split between two reads comes out whole.
+        assert_eq!(r.lines(b"\xa9bc\n"), vec!["a\u{e9}bc\n".to_string()]);
     }
 }
