@@ -31,6 +31,9 @@ const STATUS: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
 
+/// A kubelet's default `--streaming-connection-idle-timeout`.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
+
 /// `/exec` query parameters (as the API server sends them: `command`
 /// repeated, `input`, `output`, `error`, `tty`) to an exec request.
 pub fn exec_request(
@@ -122,11 +125,22 @@ pub async fn bridge(upgraded: hyper::upgrade::Upgraded, mut stream: Stream, node
     if tx.send(frame(STDOUT, &[])).await.is_err() {
         return;
     }
+    // The node says the command runs in time, or why not (the client's
+    // first input, its terminal size, is relayed meanwhile: the node
+    // waits for it to start a terminal session).
+    let mut opened = false;
+    let open_by = tokio::time::sleep(super::OPEN_TIMEOUT);
+    tokio::pin!(open_by);
     let mut exit = None;
+    // A session with nothing either way this long ends (a kubelet's
+    // streaming connection idle timeout).
+    let idle = tokio::time::sleep(IDLE);
+    tokio::pin!(idle);
     // What the edge may take of stdin now, and what waits for that.
     let mut credit = Credit::default();
     let mut pending: Vec<u8> = Vec::new();
     let error: Option<String> = loop {
+        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
         // Stdin that waited for credit goes first.
         while !pending.is_empty() {
             let n = credit.take(pending.len());
@@ -137,6 +151,11 @@ pub async fn bridge(upgraded: hyper::upgrade::Upgraded, mut stream: Stream, node
             stream.send(StreamMsg::Stdin { bytes });
         }
         tokio::select! {
+            _ = &mut open_by, if !opened => break Some(format!(
+                "node {node:?} did not start the command within {} s",
+                super::OPEN_TIMEOUT.as_secs()
+            )),
+            _ = &mut idle => break Some(format!("no input or output for {} h: the session was idle too long", IDLE.as_secs() / 3600)),
             m = stream.recv() => match m {
                 Some(StreamMsg::Data { bytes }) => {
                     stream.credit(bytes.len());
@@ -152,6 +171,7 @@ pub async fn bridge(upgraded: hyper::upgrade::Upgraded, mut stream: Stream, node
                 }
                 Some(StreamMsg::Credit { bytes }) => credit.give(bytes),
                 Some(StreamMsg::Exit { code }) => exit = Some(code),
+                Some(StreamMsg::Opened) => opened = true,
                 Some(StreamMsg::End { error }) => break error.map(|e| e.message),
                 Some(_) => {}
                 None => break Some(format!("the link of node {node:?} was lost")),
@@ -179,7 +199,17 @@ pub async fn bridge(upgraded: hyper::upgrade::Upgraded, mut stream: Stream, node
             },
         }
     };
-    let st = status(exit, error.as_deref());
+    finish(&mut tx, &mut rx, exit, error.as_deref()).await;
+}
+
+/// The final status on channel 3, a normal close, and a moment for the
+/// client to read them before the connection goes.
+async fn finish<S, R>(tx: &mut S, rx: &mut R, exit: Option<i32>, error: Option<&str>)
+where
+    S: futures_util::Sink<Ws> + Unpin,
+    R: futures_util::Stream + Unpin,
+{
+    let st = status(exit, error);
     let _ = tx.send(frame(STATUS, st.to_string().as_bytes())).await;
     let _ = tx
         .send(Ws::Close(Some(CloseFrame {
@@ -187,9 +217,8 @@ pub async fn bridge(upgraded: hyper::upgrade::Upgraded, mut stream: Stream, node
             reason: "".into(),
         })))
         .await;
-    // Let the client read the status before the connection goes.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while let Some(Ok(_)) = rx.next().await {}
+        while rx.next().await.is_some() {}
     })
     .await;
 }

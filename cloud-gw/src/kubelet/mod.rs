@@ -42,6 +42,7 @@ use kube::Api;
 use outrigger_proto::stream::{LogRequest, Request as StreamRequest, StreamMsg};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::Digest as _;
 use tokio::net::TcpListener;
 
 use crate::streams::{Links, Stream};
@@ -56,8 +57,15 @@ pub const DECLARED_FEATURES: &[&str] = &["ExtendWebSocketsToKubelet"];
 /// webhook authorizer defaults).
 const ALLOWED_TTL: Duration = Duration::from_secs(300);
 const DENIED_TTL: Duration = Duration::from_secs(30);
+/// TokenReview answers are kept this long (a kubelet's webhook
+/// authenticator default).
+const REVIEW_TTL: Duration = Duration::from_secs(120);
 
 type Body = BoxBody<Bytes, std::io::Error>;
+
+/// How long a node may take to start a stream (a kubelet's stream
+/// creation timeout).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a pod runs, as the caches have it.
 pub trait Pods: Send + Sync + 'static {
@@ -79,6 +87,9 @@ struct User {
     uid: Option<String>,
 }
 
+/// A bearer token's SHA-256.
+type TokenHash = [u8; 32];
+
 /// What a SubjectAccessReview asks: (user, verb, subresource, node).
 type Asked = (User, String, String, String);
 
@@ -88,6 +99,9 @@ pub struct Kubelet {
     client: kube::Client,
     /// Recent SubjectAccessReview answers.
     decided: Mutex<HashMap<Asked, (bool, Instant)>>,
+    /// Recent TokenReview answers, by the token's SHA-256 (the token
+    /// itself is not kept).
+    reviewed: Mutex<HashMap<TokenHash, (Option<User>, Instant)>>,
 }
 
 /// cloud-gw's serving certificate, its key, and the CA that signed it.
@@ -273,6 +287,7 @@ impl Kubelet {
             pods,
             client,
             decided: Mutex::new(HashMap::new()),
+            reviewed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -418,20 +433,36 @@ impl Kubelet {
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         };
         // The edge says whether it has that log before any byte of it.
-        loop {
-            match stream.recv().await {
-                Some(StreamMsg::Opened) => break,
-                Some(StreamMsg::End { error: Some(e) }) => {
-                    return text(code(e.code), format!("{}\n", e.message))
+        let first = tokio::time::timeout(OPEN_TIMEOUT, async {
+            loop {
+                match stream.recv().await {
+                    Some(StreamMsg::Opened) => return None,
+                    Some(StreamMsg::End { error: Some(e) }) => {
+                        return Some(text(code(e.code), format!("{}\n", e.message)))
+                    }
+                    Some(StreamMsg::End { error: None }) => return Some(text(StatusCode::OK, "")),
+                    Some(_) => continue,
+                    None => {
+                        return Some(text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("the link of node {node:?} was lost\n"),
+                        ))
+                    }
                 }
-                Some(StreamMsg::End { error: None }) => return text(StatusCode::OK, ""),
-                Some(_) => continue,
-                None => {
-                    return text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("the link of node {node:?} was lost\n"),
-                    )
-                }
+            }
+        })
+        .await;
+        match first {
+            Ok(None) => {}
+            Ok(Some(answer)) => return answer,
+            Err(_) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "node {node:?} did not answer within {} s\n",
+                        OPEN_TIMEOUT.as_secs()
+                    ),
+                )
             }
         }
         let mut r = Response::new(LogBody { stream }.boxed());
@@ -535,9 +566,19 @@ impl Kubelet {
         else {
             return Ok(None);
         };
+        let token = token.trim();
+        let key: TokenHash = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = Instant::now();
+        {
+            let mut reviewed = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
+            reviewed.retain(|_, (_, until)| *until > now);
+            if let Some((user, _)) = reviewed.get(&key) {
+                return Ok(user.clone());
+            }
+        }
         let review = TokenReview {
             spec: TokenReviewSpec {
-                token: token.trim().to_string(),
+                token: token.to_string(),
                 ..Default::default()
             },
             ..Default::default()
@@ -545,16 +586,22 @@ impl Kubelet {
         let out = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await?;
-        let Some(st) = out.status.filter(|s| s.authenticated == Some(true)) else {
-            return Ok(None);
-        };
-        Ok(st.user.and_then(|u| {
-            Some(User {
-                name: u.username?,
-                groups: u.groups.unwrap_or_default(),
-                uid: u.uid,
-            })
-        }))
+        let user = out
+            .status
+            .filter(|s| s.authenticated == Some(true))
+            .and_then(|st| st.user)
+            .and_then(|u| {
+                Some(User {
+                    name: u.username?,
+                    groups: u.groups.unwrap_or_default(),
+                    uid: u.uid,
+                })
+            });
+        self.reviewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (user.clone(), now + REVIEW_TTL));
+        Ok(user)
     }
 
     /// None if `user` may `method` the node's `subresource`; else the
@@ -608,10 +655,10 @@ impl Kubelet {
                     Ok(r) => {
                         let ok = r.status.is_some_and(|s| s.allowed);
                         let ttl = if ok { ALLOWED_TTL } else { DENIED_TTL };
-                        self.decided
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(key, (ok, Instant::now() + ttl));
+                        let now = Instant::now();
+                        let mut decided = self.decided.lock().unwrap_or_else(|p| p.into_inner());
+                        decided.retain(|_, (_, until)| *until > now);
+                        decided.insert(key, (ok, now + ttl));
                         ok
                     }
                     Err(e) => {
