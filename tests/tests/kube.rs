@@ -648,6 +648,14 @@ spec:
     )
 }
 
+/// A busybox pod that logs `line N` twice a second.
+fn talking_pod(name: &str, node: &str) -> String {
+    busybox_pod(name, node, "").replace(
+        "while true; do sleep 1; done",
+        "i=0; while true; do i=$((i+1)); echo line $i; sleep 0.5; done",
+    )
+}
+
 /// A cut of the link (TCP hangs): the Lease stops, pods keep running on the
 /// edge untouched, and what changed in the cluster meanwhile (a ConfigMap,
 /// a new pod, a pod deleted) applies once it is back.
@@ -1090,10 +1098,7 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
         n["status"]
     );
     let pod = unique("talk");
-    s.apply(&busybox_pod(&pod, s.name(), "").replace(
-        "while true; do sleep 1; done",
-        "i=0; while true; do i=$((i+1)); echo line $i; sleep 0.5; done",
-    ))?;
+    s.apply(&talking_pod(&pod, s.name()))?;
     s.pod_ready(&pod).await?;
     // Six seconds of lines: --since=2s has only the last few.
     let all = wait_for(
@@ -1256,10 +1261,7 @@ async fn a_stalled_log_reader_holds_its_window_and_nothing_else() -> Result<()> 
         &format!("head -c {XS} /dev/zero | tr '\\\\0' x | fold -w 99; echo; echo END; sleep 3600"),
     ))?;
     let talk = unique("talk");
-    s.apply(&busybox_pod(&talk, s.name(), "").replace(
-        "while true; do sleep 1; done",
-        "i=0; while true; do i=$((i+1)); echo line $i; sleep 0.5; done",
-    ))?;
+    s.apply(&talking_pod(&talk, s.name()))?;
     s.pod_ready(&big).await?;
     s.pod_ready(&talk).await?;
     let seen = std::sync::Mutex::new(String::new());

@@ -403,6 +403,27 @@ impl Kubelet {
         }
     }
 
+    /// The node and uid of the pod a request names, if `user` may reach
+    /// it there (a kubelet's `proxy` subresource); else the answer.
+    async fn place(
+        &self,
+        user: &User,
+        method: &Method,
+        ns: &str,
+        pod: &str,
+    ) -> Result<(String, String), Response<Body>> {
+        let Some((node, uid)) = self.pods.locate(ns, pod) else {
+            return Err(text(
+                StatusCode::NOT_FOUND,
+                format!("pod \"{pod}\" does not exist\n"),
+            ));
+        };
+        match self.authorize(user, method, "proxy", &node).await {
+            Some(denied) => Err(denied),
+            None => Ok((node, uid)),
+        }
+    }
+
     async fn logs(
         &self,
         user: &User,
@@ -411,15 +432,10 @@ impl Kubelet {
         pod: &str,
         container: &str,
     ) -> Response<Body> {
-        let Some((node, uid)) = self.pods.locate(ns, pod) else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("pod \"{pod}\" does not exist\n"),
-            );
+        let (node, uid) = match self.place(user, req.method(), ns, pod).await {
+            Ok(p) => p,
+            Err(answer) => return answer,
         };
-        if let Some(denied) = self.authorize(user, req.method(), "proxy", &node).await {
-            return denied;
-        }
         let now = jiff::Timestamp::now().as_second();
         let mut lr = match log_request(ns, pod, container, req.uri().query().unwrap_or(""), now) {
             Ok(r) => r,
@@ -481,15 +497,10 @@ impl Kubelet {
         pod: &str,
         container: &str,
     ) -> Response<Body> {
-        let Some((node, uid)) = self.pods.locate(ns, pod) else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("pod \"{pod}\" does not exist\n"),
-            );
+        let (node, uid) = match self.place(user, req.method(), ns, pod).await {
+            Ok(p) => p,
+            Err(answer) => return answer,
         };
-        if let Some(denied) = self.authorize(user, req.method(), "proxy", &node).await {
-            return denied;
-        }
         let mut er = match exec::exec_request(ns, pod, container, req.uri().query().unwrap_or("")) {
             Ok(r) => r,
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
