@@ -6,7 +6,8 @@
 #   sh tests/kube-bench.sh [NODES] [PODS_PER_NODE]
 # 1. Pod start through the cluster: a plain Deployment placed by the real
 #    scheduler, and a Pod bound by name, each to Running/Ready on a real
-#    edge-rt; against edge-rt apply directly.
+#    edge-rt; against edge-rt apply directly. kubectl exec through the
+#    link against edge-rt exec on the node, and kubectl logs -f latency.
 # 2. cloud-gw's memory with NODES simulated edges of PODS_PER_NODE pods
 #    each, every pod's status written back.
 set -eu
@@ -27,7 +28,7 @@ done
 kubeconfig=$(cat "$dir/cp/ready")
 "$bin/cloud-gw" --dir "$dir" init --san 127.0.0.1 >/dev/null
 RUST_LOG=warn "$bin/cloud-gw" --dir "$dir" --kubeconfig "$kubeconfig" run --listen 127.0.0.1:18444 \
-  --http-listen off --webhook-listen off 2>"$dir/cloud-gw.log" &
+  --http-listen off --webhook-listen off --kubelet-listen off 2>"$dir/cloud-gw.log" &
 pid=$!
 sleep 2
 "$bin/link-load" --dir "$dir" --server wss://127.0.0.1:18444 kube --kubeconfig "$kubeconfig" \

@@ -191,7 +191,8 @@ struct KubeletArgs {
     kubelet_listen: String,
     /// The IP address the API server reaches this replica's kubelet
     /// endpoint at, written into the Nodes whose links it holds (default:
-    /// $POD_IP, else the --kubelet-listen address if it is not 0.0.0.0).
+    /// $POD_IP, else the --kubelet-listen address if it is not 0.0.0.0,
+    /// else the address this host reaches the API server from).
     #[arg(long, env = "POD_IP")]
     kubelet_address: Option<std::net::IpAddr>,
     /// The CA (PEM) whose client certificates name users here: the one
@@ -204,6 +205,7 @@ struct KubeletArgs {
 /// The listener and the address to advertise, if the endpoint is on.
 async fn kubelet_listener(
     a: &KubeletArgs,
+    toward_api: Option<std::net::IpAddr>,
 ) -> Result<Option<(tokio::net::TcpListener, std::net::SocketAddr)>> {
     let Some(l) = listen(&a.kubelet_listen).await? else {
         return Ok(None);
@@ -212,15 +214,18 @@ async fn kubelet_listener(
     let ip = match a.kubelet_address {
         Some(ip) => ip,
         None if !local.ip().is_unspecified() => local.ip(),
-        None => anyhow::bail!(
-            "--kubelet-listen {} needs --kubelet-address (or $POD_IP): the address the API server reaches this replica at",
-            a.kubelet_listen
-        ),
+        None => match toward_api {
+            Some(ip) => ip,
+            None => anyhow::bail!(
+                "--kubelet-listen {} needs --kubelet-address (or $POD_IP): the address the API server reaches this replica at",
+                a.kubelet_listen
+            ),
+        },
     };
     Ok(Some((l, std::net::SocketAddr::new(ip, local.port()))))
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+async fn client(kubeconfig: Option<&std::path::Path>) -> Result<(kube::Client, hyper::Uri)> {
     let config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
@@ -234,7 +239,30 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
         )?,
     };
     tracing::debug!(cluster = %config.cluster_url, "Kubernetes API");
-    kube::Client::try_from(config).context("Kubernetes client")
+    let url = config.cluster_url.clone();
+    Ok((
+        kube::Client::try_from(config).context("Kubernetes client")?,
+        url,
+    ))
+}
+
+/// The address this host reaches the API server from: what the API
+/// server can most likely reach it at (no packet is sent).
+fn address_toward(url: &hyper::Uri) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let port = url.port_u16().unwrap_or(443);
+    let server = (url.host()?.trim_matches(['[', ']']), port)
+        .to_socket_addrs()
+        .ok()?
+        .next()?;
+    let any: std::net::SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(any).ok()?;
+    s.connect(server).ok()?;
+    Some(s.local_addr().ok()?.ip())
 }
 
 /// Health for `serve`: always ready, no edge nodes to ask about.
@@ -334,9 +362,12 @@ async fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let needs_cluster = cli.secret.is_some() || matches!(cli.cmd, Cmd::Run { .. });
-    let client = match needs_cluster {
-        true => Some(client(cli.kubeconfig.as_deref()).await?),
-        false => None,
+    let (client, api_url) = match needs_cluster {
+        true => {
+            let (c, u) = client(cli.kubeconfig.as_deref()).await?;
+            (Some(c), Some(u))
+        }
+        false => (None, None),
     };
     let (keeper, secret): (std::sync::Arc<dyn Keeper>, _) = match (&cli.secret, &client) {
         (Some(s), Some(c)) => {
@@ -380,7 +411,8 @@ async fn run() -> Result<()> {
             kubelet,
         } => {
             let client = client.context("a cluster client")?;
-            let kubelet_at = kubelet_listener(&kubelet).await?;
+            let toward = api_url.as_ref().and_then(address_toward);
+            let kubelet_at = kubelet_listener(&kubelet, toward).await?;
             let client_ca = match (&kubelet_at, &kubelet.kubelet_client_ca) {
                 (Some(_), Some(p)) => Some(
                     std::fs::read_to_string(p)
@@ -522,4 +554,16 @@ async fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kubelet_address_defaults_to_the_way_toward_the_api_server() {
+        let url: hyper::Uri = "https://127.0.0.1:6443".parse().unwrap();
+        assert_eq!(
+            super::address_toward(&url),
+            Some(std::net::Ipv4Addr::LOCALHOST.into())
+        );
+    }
 }

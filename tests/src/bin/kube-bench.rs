@@ -9,7 +9,11 @@
 //! - a Pod bound by name, `kubectl apply` to `kubectl wait` Ready (the
 //!   figure measured against the API server for tests before);
 //! - the baseline without a cluster: the same pod given to edge-rt
-//!   directly (`edge-rt apply`), polled until Ready.
+//!   directly (`edge-rt apply`), polled until Ready;
+//! - `kubectl exec POD -- true` (the API server, cloud-gw's kubelet
+//!   endpoint, a stream of the link) beside `edge-rt exec` on the node;
+//! - `kubectl logs -f --timestamps`: from the time the runtime stamped a
+//!   line to kubectl printing it.
 //!
 //! As root, after `cargo build --release --workspace`:
 //!   CARGO_TARGET_DIR=... target/release/kube-bench [--iterations 20]
@@ -210,6 +214,80 @@ async fn main() -> Result<()> {
         let o = node.cli(&["delete", "pod", &name])?;
         ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    // kubectl exec through the link, beside edge-rt's own on the node.
+    let warm = pods
+        .list(&kube::api::ListParams::default().labels("app=warm"))
+        .await?
+        .items
+        .into_iter()
+        .find(running)
+        .and_then(|p| p.metadata.name)
+        .ok_or_else(|| anyhow::anyhow!("the warm pod is gone"))?;
+    let mut kexec = Vec::new();
+    let mut local = Vec::new();
+    for _ in 0..args.iterations {
+        let t = Instant::now();
+        let o = scope
+            .kubectl()
+            .args(["exec", &warm, "--", "true"])
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "kubectl exec: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        kexec.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        let o = node.cli(&["exec", "-n", &scope.namespace, &warm, "--", "true"])?;
+        ensure!(
+            o.status.success(),
+            "edge-rt exec: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        local.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    // kubectl logs -f: a line's runtime timestamp to kubectl printing it.
+    let talk = "talk";
+    let mut apply = scope.kubectl();
+    apply.args(["apply", "-f", "-"]);
+    piped(
+        apply,
+        &pod(talk, "bench-edge", &image).replace(
+            "containers: [{name: web, image:",
+            "containers: [{name: web, command: [sh, -c, 'while true; do echo tick; usleep 200000; done'], image:",
+        ),
+    )?;
+    let o = scope
+        .kubectl()
+        .args(["wait", "--for=condition=Ready", "pod/talk", "--timeout=60s"])
+        .output()?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut follow = scope
+        .kubectl()
+        .args(["logs", "-f", "--timestamps", "--tail=0", talk])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let out = follow
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    let lines = args.iterations.max(20) * 5;
+    let mut followed = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
+        use std::io::BufRead;
+        let mut lag = Vec::new();
+        for l in std::io::BufReader::new(out).lines().take(lines) {
+            let now = jiff::Timestamp::now();
+            let l = l?;
+            let stamp: jiff::Timestamp = l.split(' ').next().unwrap_or("").parse()?;
+            lag.push((now - stamp).total(jiff::Unit::Millisecond)?);
+        }
+        Ok(lag)
+    })
+    .await??;
+    let _ = follow.kill();
+    let _ = follow.wait();
+
     let rows = [
         (
             "kubectl apply Deployment -> pod Running (scheduler)",
@@ -223,9 +301,21 @@ async fn main() -> Result<()> {
             "baseline: edge-rt apply -> Ready on the node",
             stats(&mut direct),
         ),
+        (
+            "kubectl exec POD -- true (through the link)",
+            stats(&mut kexec),
+        ),
+        (
+            "baseline: edge-rt exec POD -- true on the node",
+            stats(&mut local),
+        ),
+        (
+            "kubectl logs -f: line stamped -> kubectl prints it",
+            stats(&mut followed),
+        ),
     ];
     println!(
-        "pod start on an edge node, image present, {} runs each, real control plane v1.36 (ms; kubectl and edge-rt CLI processes included)",
+        "an edge node through a real control plane v1.36, image present, {} runs each (ms; kubectl and edge-rt CLI processes included)",
         args.iterations
     );
     println!("{:<54} {:>8} {:>8} {:>8}", "path", "median", "p90", "max");
