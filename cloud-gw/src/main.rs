@@ -182,15 +182,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n * secs))
 }
 
-/// The kubelet endpoint of edge nodes (kubectl logs).
+/// The kubelet endpoint of edge nodes (kubectl logs, exec, attach,
+/// port-forward, top).
 #[derive(clap::Args)]
 struct KubeletArgs {
-    /// Where the API server calls edge nodes' kubelet API (HTTPS); "off"
-    /// for none (kubectl logs then cannot reach edge nodes).
-    #[arg(long, default_value = "0.0.0.0:10250")]
+    /// The address the kubelet ports of edge nodes listen on (HTTPS, a port
+    /// per node whose link this replica holds); "off" for none (kubectl
+    /// logs, exec and top then cannot reach edge nodes).
+    #[arg(long, default_value = "0.0.0.0")]
     kubelet_listen: String,
+    /// Which ports: "any" (the kernel's ephemeral ports) or FROM-TO (a
+    /// range a firewall can name; one port per node served here).
+    #[arg(long, default_value = "any")]
+    kubelet_ports: cloud_gw::kubelet::ports::Range,
     /// The IP address the API server reaches this replica's kubelet
-    /// endpoint at, written into the Nodes whose links it holds (default:
+    /// ports at, written into the Nodes whose links it holds (default:
     /// $POD_IP, else the --kubelet-listen address if it is not 0.0.0.0,
     /// else the address this host reaches the API server from).
     #[arg(long, env = "POD_IP")]
@@ -200,20 +206,36 @@ struct KubeletArgs {
     /// the cluster's client CA, from kube-system/extension-apiserver-authentication).
     #[arg(long)]
     kubelet_client_ca: Option<PathBuf>,
+    /// Let the API server pass kubectl's WebSockets (exec, attach,
+    /// port-forward) through to edge nodes as they are: the Nodes declare
+    /// ExtendWebSocketsToKubelet. With false it translates them to SPDY,
+    /// as for a kubelet older than 1.36 (both are served).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kubelet_websockets: bool,
 }
 
-/// The listener and the address to advertise, if the endpoint is on.
-async fn kubelet_listener(
+/// The ports of the kubelet endpoint and what they open, if it is on.
+fn kubelet_ports(
     a: &KubeletArgs,
     toward_api: Option<std::net::IpAddr>,
-) -> Result<Option<(tokio::net::TcpListener, std::net::SocketAddr)>> {
-    let Some(l) = listen(&a.kubelet_listen).await? else {
+) -> Result<
+    Option<(
+        std::sync::Arc<cloud_gw::kubelet::ports::Ports>,
+        tokio::sync::mpsc::UnboundedReceiver<cloud_gw::kubelet::ports::Opened>,
+    )>,
+> {
+    if a.kubelet_listen == "off" {
         return Ok(None);
-    };
-    let local = l.local_addr()?;
-    let ip = match a.kubelet_address {
+    }
+    let bind: std::net::IpAddr = a.kubelet_listen.parse().with_context(|| {
+        format!(
+            "--kubelet-listen {:?}: an IP address (ports are per node: --kubelet-ports)",
+            a.kubelet_listen
+        )
+    })?;
+    let advertise = match a.kubelet_address {
         Some(ip) => ip,
-        None if !local.ip().is_unspecified() => local.ip(),
+        None if !bind.is_unspecified() => bind,
         None => match toward_api {
             Some(ip) => ip,
             None => anyhow::bail!(
@@ -222,7 +244,12 @@ async fn kubelet_listener(
             ),
         },
     };
-    Ok(Some((l, std::net::SocketAddr::new(ip, local.port()))))
+    let (mut ports, opened) =
+        cloud_gw::kubelet::ports::Ports::new(bind, advertise, a.kubelet_ports);
+    if !a.kubelet_websockets {
+        ports = ports.without_websockets();
+    }
+    Ok(Some((std::sync::Arc::new(ports), opened)))
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<(kube::Client, hyper::Uri)> {
@@ -294,7 +321,8 @@ async fn listen(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
 
 /// What the kubelet endpoint needs, for `run`.
 struct KubeletSetup {
-    listener: tokio::net::TcpListener,
+    ports: std::sync::Arc<cloud_gw::kubelet::ports::Ports>,
+    opened: tokio::sync::mpsc::UnboundedReceiver<cloud_gw::kubelet::ports::Opened>,
     /// None: the cluster's, read from the API server.
     client_ca: Option<String>,
     pods: std::sync::Arc<dyn cloud_gw::kubelet::Pods>,
@@ -333,7 +361,8 @@ async fn serve(
             ca: pki.ca_der()?,
         };
         let kl = cloud_gw::kubelet::Kubelet::new(gw.links(), k.pods, k.client);
-        tokio::spawn(std::sync::Arc::new(kl).start(k.listener, serving, k.client_ca));
+        tokio::spawn(k.ports.sweeper());
+        tokio::spawn(std::sync::Arc::new(kl).start(k.opened, serving, k.client_ca));
     }
     let listener = tokio::net::TcpListener::bind(link.listen)
         .await
@@ -412,7 +441,7 @@ async fn run() -> Result<()> {
         } => {
             let client = client.context("a cluster client")?;
             let toward = api_url.as_ref().and_then(address_toward);
-            let kubelet_at = kubelet_listener(&kubelet, toward).await?;
+            let kubelet_at = kubelet_ports(&kubelet, toward)?;
             let client_ca = match (&kubelet_at, &kubelet.kubelet_client_ca) {
                 (Some(_), Some(p)) => Some(
                     std::fs::read_to_string(p)
@@ -457,15 +486,16 @@ async fn run() -> Result<()> {
                 status_period,
                 token_max_age,
                 namespace: cluster.clone(),
-                kubelet: kubelet_at.as_ref().map(|(_, a)| *a),
+                kubelet: kubelet_at.as_ref().map(|(p, _)| p.clone()),
             };
             let source = std::sync::Arc::new(cloud_gw::bridge::KubeSource::start(client, bridge));
             tracing::info!(namespace = cluster, "listing pods, ConfigMaps and Secrets");
             // Nodes are served only from complete caches: from half of one
             // a node would be told to delete the pods not listed yet.
             source.ready().await;
-            let kubelet = kubelet_at.map(|(listener, _)| KubeletSetup {
-                listener,
+            let kubelet = kubelet_at.map(|(ports, opened)| KubeletSetup {
+                ports,
+                opened,
                 client_ca,
                 pods: source.clone(),
                 client: source.client(),

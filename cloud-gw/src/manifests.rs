@@ -44,7 +44,10 @@ pub fn documents(o: &Options) -> Vec<Value> {
         "--listen=0.0.0.0:7443".into(),
         "--webhook-listen=0.0.0.0:8443".into(),
         "--http-listen=0.0.0.0:9090".into(),
-        "--kubelet-listen=0.0.0.0:10250".into(),
+        // A kubelet port per edge node served by the replica (the kernel's
+        // ephemeral ports; --kubelet-ports=FROM-TO for a range a network
+        // policy can name).
+        "--kubelet-listen=0.0.0.0".into(),
         format!("--webhook-config={WEBHOOK_CONFIG}"),
     ];
     args.extend(sans.iter().map(|s| format!("--san={s}")));
@@ -147,7 +150,7 @@ pub fn documents(o: &Options) -> Vec<Value> {
                 "env": [{"name": "POD_IP",
                          "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}}],
                 "ports": [{"name": "edge", "containerPort": 7443}, {"name": "webhook", "containerPort": 8443},
-                          {"name": "metrics", "containerPort": 9090}, {"name": "kubelet", "containerPort": 10250}],
+                          {"name": "metrics", "containerPort": 9090}],
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},

@@ -376,4 +376,28 @@ mod tests {
         drop(ra);
         assert!(m.inbound(a, StreamMsg::Data { bytes: vec![] }).is_some());
     }
+
+    #[test]
+    fn an_edge_cannot_open_a_stream() {
+        // Only the cloud opens streams: an edge asking for a connection to
+        // some pod (its own or another node's) is told to stop, and
+        // nothing is opened.
+        let mut m = Mux::default();
+        let open = StreamMsg::Open {
+            request: Request::PortForward(outrigger_proto::stream::PortForwardRequest {
+                namespace: "ns".into(),
+                pod: "elsewhere".into(),
+                uid: String::new(),
+                port: 22,
+            }),
+        };
+        assert!(matches!(
+            m.inbound(40, open),
+            Some(Message::Stream {
+                channel: 40,
+                msg: StreamMsg::End { .. }
+            })
+        ));
+        assert!(m.open.is_empty());
+    }
 }

@@ -487,6 +487,64 @@ pub fn store_stats_text(s: &crate::store::Stats) -> String {
     out
 }
 
+/// `edge-rt top node|pods`: the columns `kubectl top` prints (CPU in
+/// millicores over the last look, memory as the working set).
+pub fn top_table(s: &outrigger_proto::stats::Summary, pods: bool, all_namespaces: bool) -> String {
+    use outrigger_proto::stats::{CpuStats, MemoryStats};
+    let cpu = |c: Option<&CpuStats>| {
+        c.and_then(|c| c.usage_nano_cores)
+            .map_or("<unknown>".to_string(), |n| format!("{}m", n / 1_000_000))
+    };
+    let mem = |m: Option<&MemoryStats>| {
+        m.and_then(|m| m.working_set_bytes)
+            .map_or("<unknown>".to_string(), |b| format!("{}Mi", b / (1 << 20)))
+    };
+    if !pods {
+        let n = &s.node;
+        let pct = |used: Option<u64>, of: Option<u64>| match (used, of) {
+            (Some(u), Some(t)) if t > 0 => format!("{}%", u * 100 / t),
+            _ => "<unknown>".into(),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let cpu_n = n.cpu.as_ref().and_then(|c| c.usage_nano_cores);
+        let total_mem = n
+            .memory
+            .as_ref()
+            .and_then(|m| Some(m.available_bytes? + m.working_set_bytes?));
+        let ws = n.memory.as_ref().and_then(|m| m.working_set_bytes);
+        let row = vec![
+            n.node_name.clone(),
+            cpu(n.cpu.as_ref()),
+            pct(cpu_n, Some(cores * 1_000_000_000)),
+            mem(n.memory.as_ref()),
+            pct(ws, total_mem),
+        ];
+        return columns(
+            &["NAME", "CPU(cores)", "CPU(%)", "MEMORY(bytes)", "MEMORY(%)"],
+            &[row],
+        );
+    }
+    let mut rows = vec![];
+    for p in &s.pods {
+        let mut row = vec![];
+        if all_namespaces {
+            row.push(p.pod_ref.namespace.clone());
+        }
+        row.extend([
+            p.pod_ref.name.clone(),
+            cpu(p.cpu.as_ref()),
+            mem(p.memory.as_ref()),
+        ]);
+        rows.push(row);
+    }
+    let mut head = vec![];
+    if all_namespaces {
+        head.push("NAMESPACE");
+    }
+    head.extend(["NAME", "CPU(cores)", "MEMORY(bytes)"]);
+    columns(&head, &rows)
+}
+
 /// `edge-rt devices`: the columns `kubectl get devices` prints.
 pub fn devices_table(devices: &[crate::devices::DeviceView], all_namespaces: bool) -> String {
     let mut rows = vec![];

@@ -34,6 +34,7 @@ pub mod link;
 pub mod pods;
 pub mod reporter;
 pub mod static_pods;
+pub mod stats;
 pub mod supervisor;
 
 // The layers below, crates of their own (edge-rt/crates/), re-exported

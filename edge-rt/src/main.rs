@@ -126,6 +126,19 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// CPU and memory of the node or its pods, as `kubectl top` shows
+    /// them (measured twice a second apart, for the CPU rate).
+    Top {
+        /// node, or pods.
+        #[arg(value_parser = ["node", "nodes", "no", "pod", "pods", "po"])]
+        kind: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: PodsOutput,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
     /// A summary of the node: pods, containers, images, edge-rt itself.
     Status {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -565,6 +578,30 @@ async fn dispatch(cli: Cli) -> Result<()> {
             };
             let code = api::exec::client(&api::socket_path(&cfg), &req, stdin, tty).await?;
             std::process::exit(code);
+        }
+        Cmd::Top {
+            kind,
+            output,
+            namespace,
+            all_namespaces,
+        } => {
+            let sock = api::socket_path(&cfg);
+            api::call(&sock, &Request::Stats).await?;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let (v, _) = api::call(&sock, &Request::Stats).await?;
+            let mut s: outrigger_proto::stats::Summary = serde_json::from_value(v)?;
+            if !all_namespaces {
+                s.pods.retain(|p| p.pod_ref.namespace == namespace);
+            }
+            let pods = kind.starts_with('p');
+            match output {
+                PodsOutput::Table if pods && s.pods.is_empty() => eprintln!("No resources found"),
+                PodsOutput::Table => {
+                    print!("{}", edge_rt::cli::top_table(&s, pods, all_namespaces))
+                }
+                o => print_as(&serde_json::to_value(&s)?, o)?,
+            }
+            Ok(())
         }
         Cmd::Status { output } => {
             let (v, _) = api::call(&api::socket_path(&cfg), &Request::Status).await?;

@@ -28,10 +28,26 @@ pub struct Cloud {
     /// Health and metrics (plain HTTP), and the admission webhook (HTTPS).
     pub http: std::net::SocketAddr,
     pub webhook: std::net::SocketAddr,
-    /// The kubelet endpoint of edge nodes (`run` only).
-    pub kubelet: std::net::SocketAddr,
+    /// The address of the kubelet ports of edge nodes (`run` only; a port
+    /// per node, in the Node's status).
+    pub kubelet: std::net::IpAddr,
     /// More arguments for `run` (e.g. `--webhook-config NAME`).
     pub run_args: Vec<String>,
+}
+
+/// The address cloud-gw's kubelet ports listen on in the tests: one of
+/// this host's, added to `lo` once (shared by every test; it stays).
+pub const KUBELET_IP: [u8; 4] = [10, 250, 250, 1];
+
+fn kubelet_ip() -> Option<std::net::IpAddr> {
+    let ip = std::net::IpAddr::from(KUBELET_IP);
+    let o = Command::new("ip")
+        .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+        .output()
+        .ok()?;
+    // Added now, or by an earlier test ("already assigned").
+    let fine = o.status.success() || String::from_utf8_lossy(&o.stderr).contains("already");
+    fine.then_some(ip)
 }
 
 impl Drop for Cloud {
@@ -153,7 +169,13 @@ impl Cloud {
             secret: secret.map(str::to_string),
             http: std::net::SocketAddr::new(ip, free_port()?),
             webhook: std::net::SocketAddr::new(ip, free_port()?),
-            kubelet: std::net::SocketAddr::new(ip, free_port()?),
+            // Not loopback: the API server's nodes/proxy refuses addresses
+            // that are not global unicast.
+            kubelet: if kubeconfig.is_some() {
+                kubelet_ip().unwrap_or(ip)
+            } else {
+                ip
+            },
             run_args: Vec::new(),
         };
         let _ = c.child.wait();

@@ -1059,6 +1059,22 @@ fn kubelet_request(
     Ok(s)
 }
 
+/// The kubelet port of the test's node, as its Node says.
+fn kubelet_of(s: &Setup) -> Result<std::net::SocketAddr> {
+    let n = s.get_json(&["node", s.name()])?;
+    let st = &n["status"];
+    let ip: std::net::IpAddr = st["addresses"][0]["address"]
+        .as_str()
+        .context("no address")?
+        .parse()?;
+    let port = st["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .context("no kubelet port")?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
 /// The same, read to its end: status line, headers and body.
 fn kubelet_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Result<String> {
     use std::io::Read;
@@ -1090,10 +1106,13 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
     let s = Setup::ready(Opts::default()).await?;
     // The Node leads the API server to this cloud-gw.
     let n = s.get_json(&["node", s.name()])?;
+    let kubelet = kubelet_of(&s)?;
     ensure!(
         n["status"]["addresses"][0]
-            == serde_json::json!({"type": "Hostname", "address": s.cloud.kubelet.ip().to_string()})
-            && n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == s.cloud.kubelet.port(),
+            == serde_json::json!({"type": "Hostname", "address": s.cloud.kubelet.to_string()})
+            && n["status"]["addresses"][1]
+                == serde_json::json!({"type": "InternalIP", "address": s.cloud.kubelet.to_string()})
+            && kubelet.port() != 0,
         "{}",
         n["status"]
     );
@@ -1172,10 +1191,10 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
     // Nobody else gets in: no credentials, or a token of an account the
     // cluster does not let proxy to nodes.
     let path = format!("/containerLogs/{}/{pod}/main", s.ns());
-    let anon = kubelet_get(s.cloud.kubelet, &path, None)?;
+    let anon = kubelet_get(kubelet, &path, None)?;
     ensure!(anon.starts_with("HTTP/1.1 401"), "{anon}");
     let token = s.kc(&["create", "token", "default"])?;
-    let denied = kubelet_get(s.cloud.kubelet, &path, Some(token.trim()))?;
+    let denied = kubelet_get(kubelet, &path, Some(token.trim()))?;
     ensure!(
         denied.starts_with("HTTP/1.1 403") && denied.contains("subresource(s)=[proxy]"),
         "{denied}"
@@ -1281,7 +1300,7 @@ async fn a_stalled_log_reader_holds_its_window_and_nothing_else() -> Result<()> 
 
     let before = metric(&s.cloud, "outrigger_cloud_stream_bytes_total").context("metric")?;
     let path = format!("/containerLogs/{}/{big}/main", s.ns());
-    let mut stalled = kubelet_request(s.cloud.kubelet, &path, Some(token.trim()))?;
+    let mut stalled = kubelet_request(kubelet_of(&s)?, &path, Some(token.trim()))?;
     let mut head = vec![0u8; 1024];
     let n = stalled.read(&mut head)?;
     head.truncate(n);
@@ -1415,6 +1434,437 @@ async fn kubectl_exec_into_an_edge_pod_through_the_link() -> Result<()> {
     s.cleanup().await
 }
 
+/// A pod that keeps its stdin open and answers each line, until `quit`.
+fn echo_pod(name: &str, node: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {node}
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: busybox:latest
+    imagePullPolicy: Never
+    stdin: true
+    command: ["sh", "-c", "echo ready; while read l; do echo \"got $l\"; echo \"err $l\" >&2; [ \"$l\" = quit ] && exit 0; done"]
+"#
+    )
+}
+
+/// A pod serving `/www` over HTTP on 8080 (busybox httpd), with a 3 MB
+/// file of random bytes in it.
+fn web_pod(name: &str, node: &str) -> String {
+    busybox_pod(name, node, "").replace(
+        "while true; do sleep 1; done",
+        "mkdir -p /www && head -c 3000000 /dev/urandom > /www/big && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www",
+    )
+}
+
+/// `kubectl port-forward` to `pod`'s `remote` port on a local port of its
+/// choice (`env`: e.g. SPDY instead of a WebSocket); the process and the
+/// local port.
+fn port_forward(
+    s: &Setup,
+    pod: &str,
+    remote: u16,
+    env: &[(&str, &str)],
+) -> Result<(std::process::Child, u16)> {
+    use std::io::BufRead;
+    let mut cmd = s.scope.kubectl();
+    cmd.args(["port-forward", &format!("pod/{pod}"), &format!(":{remote}")])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(out);
+    out.read_line(&mut line)?;
+    // kubectl writes a line per connection: its stdout must stay open (a
+    // write to a closed pipe would kill it).
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    // "Forwarding from 127.0.0.1:41235 -> 8080"
+    let port = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok());
+    match port {
+        Some(p) => Ok((child, p)),
+        None => {
+            let _ = child.kill();
+            let o = child.wait_with_output()?;
+            anyhow::bail!(
+                "kubectl port-forward said {line:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        }
+    }
+}
+
+/// An HTTP/1.0 GET through 127.0.0.1:`port`: status line and body.
+fn fetch(port: u16, path: &str) -> Result<(String, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n")?;
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw)?;
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("no HTTP answer: {:?}", String::from_utf8_lossy(&raw)))?;
+    let status = String::from_utf8_lossy(&raw[..at])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok((status, raw[at + 4..].to_vec()))
+}
+
+/// What the checks of attach and port-forward share, for either way the
+/// API server passes them on: attach with stdin, its output and the end
+/// of the process; a small page and a 3 MB file through port-forward,
+/// checksummed, over a WebSocket and over SPDY.
+async fn attach_and_port_forward(s: &Setup, spdy_env: &[(&str, &str)]) -> Result<()> {
+    use sha2::Digest;
+    let echo = unique("echo");
+    s.apply(&echo_pod(&echo, s.name()))?;
+    let web = unique("web");
+    s.apply(&web_pod(&web, s.name()))?;
+    s.pod_ready(&echo).await?;
+    s.pod_ready(&web).await?;
+
+    // Attach: input in, the container's own output out (both streams),
+    // and the end of its process ends the session with success.
+    let mut cmd = s.scope.kubectl();
+    cmd.args(["attach", "-i", &echo])
+        .envs(spdy_env.iter().copied());
+    let o = {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(b"hello\n")?;
+        // The answer to the first line before the last: the session is
+        // live, not replayed from the log.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stdin.write_all(b"quit\n")?;
+        drop(stdin);
+        let waited = tokio::task::spawn_blocking(move || child.wait_with_output());
+        tokio::time::timeout(Duration::from_secs(30), waited)
+            .await
+            .context("kubectl attach did not end with its container")???
+    };
+    let (out, err) = (text(&o), String::from_utf8_lossy(&o.stderr).to_string());
+    ensure!(
+        o.status.success() && out.contains("got hello\n") && out.contains("got quit\n"),
+        "attach: exit {:?}, stdout {out:?}, stderr {err:?}\n{}",
+        o.status.code(),
+        s.logs()
+    );
+    ensure!(!out.contains("ready"), "attach replayed the log: {out:?}");
+    ensure!(err.contains("err hello"), "stderr of attach: {err:?}");
+
+    // Port-forward, both ways kubectl speaks it.
+    let want = s.kc(&["exec", &web, "--", "sha256sum", "/www/big"])?;
+    let want = want.split_whitespace().next().unwrap_or("").to_string();
+    for env in [&[][..], spdy_env] {
+        let (mut pf, port) = port_forward(s, &web, 8080, env)?;
+        let page = fetch(port, "/index.html");
+        let big = fetch(port, "/big");
+        let _ = pf.kill();
+        let o = pf.wait_with_output()?;
+        let pf_err = String::from_utf8_lossy(&o.stderr).to_string();
+        let (status, body) = page.with_context(|| format!("{pf_err}\n{}", s.logs()))?;
+        ensure!(
+            status.contains("200") && body == b"hello\n",
+            "{status} {body:?} ({env:?})"
+        );
+        let (status, body) = big.with_context(|| pf_err.clone())?;
+        let got = hex::encode(sha2::Sha256::digest(&body));
+        ensure!(
+            status.contains("200") && body.len() == 3_000_000 && got == want,
+            "{status}: {} bytes, sha256 {got}, want {want} ({env:?})\n{pf_err}",
+            body.len()
+        );
+    }
+    // A port nothing listens on: the connection closes, kubectl says why.
+    let (mut pf, port) = port_forward(s, &web, 9999, &[])?;
+    let refused = fetch(port, "/");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = pf.kill();
+    let o = pf.wait_with_output()?;
+    let pf_err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        refused.is_err() && pf_err.contains("9999") && pf_err.contains("refused"),
+        "{refused:?} {pf_err}"
+    );
+    Ok(())
+}
+
+/// kubectl attach and port-forward to pods on an edge node, as to any pod:
+/// the Node declares ExtendWebSocketsToKubelet, so kubectl's WebSockets
+/// come through as they are (and its SPDY fallback, forced here, too);
+/// port-forward reaches a server inside the pod's network namespace. A
+/// link cut ends a forwarded connection with an error, and the pod runs
+/// on.
+#[tokio::test]
+async fn kubectl_attach_and_port_forward_to_edge_pods() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::ready(Opts::default()).await?;
+    let spdy = [
+        ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"),
+        ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"),
+    ];
+    attach_and_port_forward(&s, &spdy).await?;
+    // SPDY exec too, with its exit code and stdin.
+    let pod = unique("shell");
+    s.apply(&busybox_pod(&pod, s.name(), ""))?;
+    s.pod_ready(&pod).await?;
+    let mut cmd = s.scope.kubectl();
+    cmd.args(["exec", "-i", &pod, "--", "sh", "-c", "cat; exit 4"])
+        .envs(spdy);
+    let o = {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(b"via spdy\n")?;
+        child.wait_with_output()?
+    };
+    ensure!(
+        o.status.code() == Some(4) && text(&o) == "via spdy\n",
+        "exit {:?} {:?} {}",
+        o.status.code(),
+        text(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The link cut under a forward: a new connection through it fails
+    // with an error (not a silent empty answer), the pod is untouched.
+    let web = unique("web");
+    s.apply(&web_pod(&web, s.name()))?;
+    s.pod_ready(&web).await?;
+    let (mut pf, port) = port_forward(&s, &web, 8080, &[])?;
+    ensure!(fetch(port, "/index.html")?.1 == b"hello\n");
+    let mut cut = PortCut::cut(s.cloud.addr.port())?;
+    s.cloud.logged("silent for two heartbeats").await?;
+    let during = fetch(port, "/index.html");
+    ensure!(
+        during
+            .as_ref()
+            .map_or(true, |(st, b)| !st.contains("200") || b.is_empty()),
+        "a page came through the cut: {during:?}"
+    );
+    let _ = pf.kill();
+    let o = pf.wait_with_output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        err.contains("has no link") || err.contains("lost") || err.contains("error"),
+        "kubectl port-forward through the cut said: {err}"
+    );
+    cut.restore()?;
+    ensure!(
+        find(&s.node().pods()?, &web).is_some_and(|p| phase(p) == "Running"),
+        "the pod stopped"
+    );
+    wait_for(
+        "a page once the link is back",
+        Duration::from_secs(30),
+        || async {
+            let (mut pf, port) = port_forward(&s, &web, 8080, &[]).ok()?;
+            let after = fetch(port, "/index.html");
+            let _ = pf.kill();
+            let _ = pf.wait();
+            (after.ok()?.1 == b"hello\n").then_some(())
+        },
+    )
+    .await?;
+    s.cleanup().await
+}
+
+/// With a Node that does not declare ExtendWebSocketsToKubelet (as an
+/// older kubelet), the API server translates kubectl's WebSockets into
+/// SPDY toward cloud-gw: exec (exit code, stdin), attach and port-forward
+/// work the same.
+#[tokio::test]
+async fn through_an_api_server_that_translates_to_spdy() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::ready(Opts {
+        cloud_args: &["--kubelet-websockets", "false"],
+        ..Default::default()
+    })
+    .await?;
+    let n = s.get_json(&["node", s.name()])?;
+    let declared = n["status"]["declaredFeatures"]
+        .as_array()
+        .map_or(0, |a| a.len());
+    ensure!(declared == 0, "{}", n["status"]);
+    let pod = unique("shell");
+    s.apply(&busybox_pod(&pod, s.name(), ""))?;
+    s.pod_ready(&pod).await?;
+    let o = s.kubectl(&[
+        "exec",
+        &pod,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(3) && text(&o) == "out\n" && err.contains("err\n"),
+        "exit {:?}, stdout {:?}, stderr {err:?}\n{}",
+        o.status.code(),
+        text(&o),
+        s.logs()
+    );
+    let mut cmd = s.scope.kubectl();
+    cmd.args(["exec", "-i", &pod, "--", "sh", "-c", "cat; echo done"]);
+    ensure!(with_stdin(cmd, "a\nb\n")? == "a\nb\ndone\n");
+    attach_and_port_forward(&s, &[]).await?;
+    s.cleanup().await
+}
+
+/// Resource metrics of an edge node and its pods, scraped the way
+/// metrics-server scrapes a kubelet (GET /metrics/resource at the Node's
+/// InternalIP and kubeletEndpoint port, with its service account's token,
+/// which may `get nodes/metrics`), twice (the times advance, the CPU
+/// counters do not go back); the summary through the API server's
+/// nodes/proxy; a token without the right refused.
+#[tokio::test]
+async fn resource_metrics_of_an_edge_node_as_metrics_server_scrapes_them() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::ready(Opts::default()).await?;
+    let pod = unique("busy");
+    s.apply(&busybox_pod(&pod, s.name(), ""))?;
+    s.pod_ready(&pod).await?;
+    // metrics-server's rights, and nothing else.
+    let role = format!("{}-metrics", s.ns());
+    s.scope.owns("clusterrole", &role);
+    s.scope.owns("clusterrolebinding", &role);
+    s.kc(&["create", "serviceaccount", "metrics"])?;
+    s.kc(&[
+        "create",
+        "clusterrole",
+        &role,
+        "--verb=get",
+        "--resource=nodes/metrics",
+    ])?;
+    s.kc(&[
+        "create",
+        "clusterrolebinding",
+        &role,
+        &format!("--clusterrole={role}"),
+        &format!("--serviceaccount={}:metrics", s.ns()),
+    ])?;
+    let token = s.kc(&["create", "token", "metrics"])?;
+    let n = s.get_json(&["node", s.name()])?;
+    let internal = n["status"]["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+        .and_then(|a| a["address"].as_str())
+        .context("no InternalIP")?
+        .to_string();
+    let kubelet = kubelet_of(&s)?;
+    ensure!(internal == kubelet.ip().to_string(), "{}", n["status"]);
+
+    // A sample: its value and time (ms).
+    let sample = |body: &str, name: &str, labels: &str| -> Option<(f64, i64)> {
+        body.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = rest.strip_prefix(labels)?;
+            let mut it = rest.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+    };
+    let scrape = || -> Result<String> {
+        let r = kubelet_get(kubelet, "/metrics/resource", Some(token.trim()))?;
+        ensure!(r.starts_with("HTTP/1.1 200"), "{r}");
+        Ok(r)
+    };
+    let first = scrape()?;
+    let labels = format!(
+        "{{container=\"main\",namespace=\"{}\",pod=\"{pod}\"}}",
+        s.ns()
+    );
+    let series = |body: &str| -> Result<[(f64, i64); 4]> {
+        Ok([
+            sample(body, "node_cpu_usage_seconds_total", "").context("node cpu")?,
+            sample(body, "node_memory_working_set_bytes", "").context("node memory")?,
+            sample(body, "container_cpu_usage_seconds_total", &labels).context("container cpu")?,
+            sample(body, "container_memory_working_set_bytes", &labels)
+                .context("container memory")?,
+        ])
+    };
+    let a = series(&first).with_context(|| first.clone())?;
+    // What metrics-server drops: zero CPU or memory.
+    ensure!(a.iter().all(|(v, t)| *v > 0.0 && *t > 0), "{first}");
+    ensure!(
+        first.contains(&format!("container_start_time_seconds{labels} ")),
+        "{first}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = scrape()?;
+    let b = series(&second).with_context(|| second.clone())?;
+    ensure!(
+        a.iter().zip(&b).all(|((_, t0), (_, t1))| t1 > t0) && b[0].0 >= a[0].0 && b[2].0 >= a[2].0,
+        "{a:?} then {b:?}"
+    );
+    // The summary, as Prometheus or a person reaches it: nodes/proxy.
+    let raw = s
+        .kc(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/nodes/{}/proxy/stats/summary", s.name()),
+        ])
+        .with_context(|| format!("{}", n["status"]))?;
+    let sum: Value = serde_json::from_str(&raw)?;
+    ensure!(sum["node"]["nodeName"] == s.name(), "{raw}");
+    ensure!(
+        sum["node"]["fs"]["capacityBytes"].as_u64() > Some(0),
+        "{raw}"
+    );
+    let p = sum["pods"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["podRef"]["name"] == pod.as_str()))
+        .with_context(|| raw.clone())?;
+    ensure!(
+        p["containers"][0]["name"] == "main"
+            && p["containers"][0]["memory"]["workingSetBytes"].as_u64() > Some(0)
+            && p["memory"]["workingSetBytes"].as_u64() > Some(0)
+            && p["process_stats"]["process_count"].as_u64() >= Some(1),
+        "{p}"
+    );
+    // A token that may not: refused as a kubelet words it.
+    let other = s.kc(&["create", "token", "default"])?;
+    let r = kubelet_get(kubelet, "/metrics/resource", Some(other.trim()))?;
+    ensure!(
+        r.starts_with("HTTP/1.1 403") && r.contains("subresource(s)=[metrics]"),
+        "{r}"
+    );
+    s.cleanup().await
+}
+
 /// Two replicas racing to start share one CA (made once, in a Secret), and
 /// an edge served by one goes on with the other.
 #[tokio::test]
@@ -1480,7 +1930,7 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
         one.log()
     );
     // The Node leads the API server to the replica holding its link.
-    let endpoint = |want: std::net::SocketAddr| {
+    let endpoint = |want: std::net::IpAddr| {
         let scope = &scope;
         let name = &name;
         async move {
@@ -1495,9 +1945,13 @@ async fn two_replicas_share_one_ca_and_an_edge_moves_between_them() -> Result<()
                         .ok()?;
                     let n: Value = serde_json::from_slice(&o.stdout).ok()?;
                     let st = &n["status"];
-                    (st["addresses"][0]["address"] == want.ip().to_string()
+                    let port = st["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64()?;
+                    // Someone listens there: the replica that wrote it
+                    // (the other one is gone by then).
+                    let at = std::net::SocketAddr::new(want, u16::try_from(port).ok()?);
+                    (st["addresses"][0]["address"] == want.to_string()
                         && st["addresses"][0]["type"] == "Hostname"
-                        && st["daemonEndpoints"]["kubeletEndpoint"]["Port"] == want.port())
+                        && std::net::TcpStream::connect(at).is_ok())
                     .then_some(())
                 },
             )

@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod kinds;
 pub mod message;
 pub mod report;
+pub mod stats;
 pub mod stream;
 pub mod token;
 pub mod ws;
@@ -54,7 +55,8 @@ impl std::fmt::Display for Version {
 /// What this build speaks. Minor versions of 1: 0, the first; 1, the
 /// ServiceAccountToken kind ([`kinds`]); 2, the DeviceModel and Device
 /// kinds and the device status report ([`device`], [`report`]); 3, streams
-/// ([`stream`]: container logs).
+/// ([`stream`]: container logs, exec, attach, port-forward, resource
+/// statistics).
 pub const VERSION: Version = Version { major: 1, minor: 3 };
 
 /// The first minor version with streams: the cloud opens none to an older

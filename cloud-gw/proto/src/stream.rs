@@ -1,5 +1,6 @@
-//! Streams inside the link: `kubectl logs` and `kubectl exec` (and, later,
-//! attach and port-forward) carried as numbered channels of the node's one
+//! Streams inside the link: `kubectl logs`, `exec`, `attach` and
+//! `port-forward`, and the node's resource statistics (`kubectl top`,
+//! metrics scrapers), carried as numbered channels of the node's one
 //! WebSocket.
 //!
 //! The cloud opens a stream (`Open` on a free channel, 16..=255); the edge
@@ -43,7 +44,12 @@ pub enum StreamMsg {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
-    /// Cloud to edge: a process's stdin, its end, its terminal's size.
+    /// The node's resource statistics (the answer to [`Request::Stats`]).
+    Stats {
+        summary: Box<crate::stats::Summary>,
+    },
+    /// Cloud to edge: a process's stdin (or what a forwarded connection's
+    /// client sent), its end, a terminal's size.
     Stdin {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
@@ -74,6 +80,25 @@ pub enum StreamMsg {
 pub enum Request {
     Logs(LogRequest),
     Exec(ExecRequest),
+    /// The container's own process: its output as it comes, stdin if the
+    /// container keeps it open (`command` is empty).
+    Attach(ExecRequest),
+    /// A TCP connection to a port in the pod's network namespace: bytes
+    /// each way (`Stdin` in, `Data` out), `StdinEnd` for the client's
+    /// half-close; the pod's end of the connection ends the stream.
+    PortForward(PortForwardRequest),
+    /// The node's, its pods' and their containers' resource use, once.
+    Stats,
+}
+
+/// A port of a pod, as the kubelet's `/portForward` is asked for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForwardRequest {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default)]
+    pub uid: String,
+    pub port: u16,
 }
 
 /// A command to run in a container, as the kubelet's `/exec` is asked for

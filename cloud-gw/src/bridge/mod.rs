@@ -50,7 +50,7 @@ const READY_WATCHES: u8 = 5;
 /// same reason: one cloud-gw speaks for thousands of nodes).
 const API_WRITES: usize = 32;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BridgeConfig {
     /// Taint edge nodes `node-role.kubernetes.io/edge:NoSchedule`, so only
     /// pods that tolerate it land there.
@@ -65,11 +65,11 @@ pub struct BridgeConfig {
     /// cloud-gw's own namespace: where it probes the cluster's default
     /// tolerations with a dry-run pod.
     pub namespace: String,
-    /// Where the API server reaches this replica's kubelet endpoint: put
-    /// into the status of the nodes whose links it holds (first address,
-    /// type Hostname; `daemonEndpoints.kubeletEndpoint.Port`). None: no
-    /// endpoint (kubectl logs cannot reach edge nodes).
-    pub kubelet: Option<std::net::SocketAddr>,
+    /// The kubelet ports of the nodes whose links this replica holds, put
+    /// into their status (addresses, `daemonEndpoints.kubeletEndpoint.Port`).
+    /// None: no endpoint (kubectl logs, exec and top cannot reach edge
+    /// nodes).
+    pub kubelet: Option<std::sync::Arc<crate::kubelet::ports::Ports>>,
 }
 
 impl Default for BridgeConfig {

@@ -151,13 +151,27 @@ pub(crate) async fn write_status(
             _ => c["lastTransitionTime"] = now.clone().into(),
         }
     }
-    let port = inner.cfg.kubelet.map_or(0, |a| a.port());
+    // The kubelet port of this node on this replica (opened now if it has
+    // none): the API server and metrics scrapers come here for it.
+    let endpoint = inner
+        .cfg
+        .kubelet
+        .as_ref()
+        .and_then(|p| match p.endpoint(node) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "kubectl logs, exec and top cannot reach this node");
+                None
+            }
+        });
     let mut status = json!({
         "conditions": conditions,
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": endpoint.map_or(0, |a| a.port())}},
     });
-    if inner.cfg.kubelet.is_some() {
-        status["declaredFeatures"] = json!(crate::kubelet::DECLARED_FEATURES);
+    // Written always (empty too), so a replica that stops declaring
+    // clears what another declared.
+    if let (Some(_), Some(p)) = (endpoint, &inner.cfg.kubelet) {
+        status["declaredFeatures"] = json!(p.declared_features());
     }
     if !report.capacity.is_empty() {
         status["capacity"] = serde_json::to_value(&report.capacity).unwrap_or_default();
@@ -169,7 +183,7 @@ pub(crate) async fn write_status(
         status["nodeInfo"] = serde_json::to_value(info).unwrap_or_default();
     }
     status["addresses"] =
-        serde_json::to_value(addresses(inner.cfg.kubelet, &report.addresses)).unwrap_or_default();
+        serde_json::to_value(addresses(endpoint, &report.addresses)).unwrap_or_default();
     api.patch_status(
         node,
         &PatchParams::default(),
@@ -192,31 +206,41 @@ pub(crate) async fn write_status(
     Ok(())
 }
 
-/// The addresses the API server may dial for this node: first this
-/// replica's kubelet endpoint (type Hostname, which the API server tries
-/// first, as an IP so it resolves nothing), then the edge's own, IP
-/// addresses only. A name the edge reports (a Hostname address, or an
-/// IP-typed address holding a name) would send the API server to its
-/// resolver for something that leads nowhere, so the edge's report is
-/// held to IPs here.
+/// The addresses the cluster may dial for this node. With a kubelet
+/// endpoint: this replica's, as Hostname (which the API server tries
+/// first) and InternalIP (which metrics-server and Prometheus try first),
+/// then the edge's own as ExternalIP, which nothing dials before the
+/// others (they are for people: `kubectl get nodes -o wide`). Without
+/// one, the edge's own as it reports them. IP addresses only: a name the
+/// edge reports would send the API server to its resolver for something
+/// that leads nowhere.
 pub fn addresses(
     kubelet: Option<std::net::SocketAddr>,
     reported: &[NodeAddress],
 ) -> Vec<NodeAddress> {
-    let endpoint = kubelet.map(|a| NodeAddress {
-        type_: "Hostname".into(),
-        address: a.ip().to_string(),
-    });
-    endpoint
-        .into_iter()
-        .chain(
-            reported
-                .iter()
-                .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
-                .filter(|a| a.address.parse::<std::net::IpAddr>().is_ok())
-                .cloned(),
-        )
-        .collect()
+    let at = |t: &str, a: String| NodeAddress {
+        type_: t.into(),
+        address: a,
+    };
+    let mut out: Vec<NodeAddress> = Vec::new();
+    if let Some(k) = kubelet {
+        out.push(at("Hostname", k.ip().to_string()));
+        out.push(at("InternalIP", k.ip().to_string()));
+    }
+    for a in reported
+        .iter()
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter(|a| a.address.parse::<std::net::IpAddr>().is_ok())
+    {
+        let a = match kubelet {
+            Some(_) => at("ExternalIP", a.address.clone()),
+            None => a.clone(),
+        };
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// Renew (or create) the node's Lease, as a kubelet does: one update of
@@ -304,6 +328,9 @@ impl Forget {
 
 impl Drop for Forget {
     fn drop(&mut self) {
+        if let Some(p) = &self.0.cfg.kubelet {
+            p.left(&self.1);
+        }
         lock(&self.0.reports).remove(&self.1);
         super::pod_tokens::serve(&self.0, &self.1, false);
     }
@@ -375,11 +402,17 @@ mod tests {
             ]
         );
         assert!(addresses(None, &[]).is_empty());
-        // The kubelet endpoint of the replica holding the link comes first.
+        // The kubelet endpoint of the replica holding the link comes first;
+        // the edge's own are for people only.
         let here = "10.1.2.3:10250".parse().ok();
         assert_eq!(
-            addresses(here, &reported[..1]),
-            vec![a("Hostname", "10.1.2.3"), a("InternalIP", "192.168.7.20")]
+            addresses(here, &reported),
+            vec![
+                a("Hostname", "10.1.2.3"),
+                a("InternalIP", "10.1.2.3"),
+                a("ExternalIP", "192.168.7.20"),
+                a("ExternalIP", "2001:db8::7")
+            ]
         );
     }
 }

@@ -1,23 +1,30 @@
 //! The kubelet API of the edge nodes this replica holds links to, as the
-//! API server calls a kubelet: `kubectl logs` reaches
-//! `/containerLogs/{ns}/{pod}/{container}` here, and the log comes from
-//! the pod's node down a stream of its link ([`crate::streams`]);
-//! `kubectl exec` reaches `/exec/{ns}/{pod}/{container}` as a WebSocket
-//! ([`exec`]: the Node declares `ExtendWebSocketsToKubelet`, so the API
-//! server passes the client's WebSocket on as it is).
+//! API server (and metrics scrapers) call a kubelet:
 //!
-//! How the API server gets here: each Node's status carries this replica's
-//! address (type Hostname, which the API server tries first) and port
+//! - `/containerLogs/{ns}/{pod}/{container}`: the log comes from the pod's
+//!   node down a stream of its link ([`crate::streams`]);
+//! - `/exec`, `/attach` ([`exec`]): a WebSocket (v5, when the Node declares
+//!   `ExtendWebSocketsToKubelet` the API server passes kubectl's on as it
+//!   is) or SPDY (an API server translating, or kubectl's fallback);
+//! - `/portForward` ([`portforward`]): SPDY, raw or inside a WebSocket;
+//! - `/stats/summary`, `/metrics/resource` ([`stats`]): measured on the
+//!   node when asked; `/healthz`.
+//!
+//! How callers get here ([`ports`]): each Node's status carries this
+//! replica's address (types Hostname and InternalIP, which the API server
+//! and metrics-server try first) and a port of the node's own
 //! (`daemonEndpoints.kubeletEndpoint.Port`), written by the replica that
-//! holds the node's link, so the address follows the link.
+//! holds the node's link, so the address follows the link and the port
+//! says which node a request without a pod in its path is about. A path
+//! that names a pod is served for the pod's node, as the cache has it.
 //!
 //! Who may: as a kubelet with `--authentication-token-webhook` and
 //! `--authorization-mode=Webhook`. A client certificate from the cluster's
 //! client CA (the API server's kubelet client certificate), or a bearer
 //! token the API server's TokenReview accepts, says who is asking; a
 //! SubjectAccessReview on the node (resource `nodes`, subresource `proxy`
-//! for logs, the verb from the method) says whether they may. Anything
-//! else gets 401 or 403.
+//! for what names a pod, `stats` and `metrics` for those paths, the verb
+//! from the method) says whether they may. Anything else gets 401 or 403.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -48,6 +55,13 @@ use tokio::net::TcpListener;
 use crate::streams::{Links, Stream};
 
 pub mod exec;
+pub mod portforward;
+pub mod ports;
+pub mod spdy;
+mod stats;
+mod upgrade;
+
+use upgrade::Upgrade;
 
 /// What a Node served here declares (sorted, as the API server requires):
 /// exec and attach WebSockets come through as they are.
@@ -291,12 +305,13 @@ impl Kubelet {
         }
     }
 
-    /// Serve on `listener` once the client CA is known: `client_ca`, or
-    /// the cluster's, which the API server publishes shortly after it
-    /// starts (until then the endpoint waits; edges are served meanwhile).
+    /// Serve the nodes' ports (as [`ports::Ports`] opens them) once the
+    /// client CA is known: `client_ca`, or the cluster's, which the API
+    /// server publishes shortly after it starts (until then the endpoint
+    /// waits; edges are served meanwhile).
     pub async fn start(
         self: Arc<Self>,
-        listener: TcpListener,
+        mut opened: tokio::sync::mpsc::UnboundedReceiver<ports::Opened>,
         serving: Serving,
         client_ca: Option<String>,
     ) {
@@ -316,16 +331,35 @@ impl Kubelet {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             },
         };
-        match tls(&serving, &client_ca) {
-            Ok(tls) => {
-                tracing::info!(listen = ?listener.local_addr().ok(), "kubelet endpoint of edge nodes");
-                self.serve(listener, tls).await
+        let tls = match tls(&serving, &client_ca) {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::error!(error = %e, "kubelet endpoint not started");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "kubelet endpoint not started"),
+        };
+        tracing::info!("kubelet endpoint of edge nodes: a port per node");
+        while let Some(o) = opened.recv().await {
+            let me = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let mut close = o.close;
+                tokio::select! {
+                    _ = me.serve(o.listener, o.node, tls) => {}
+                    _ = &mut close => {}
+                }
+            });
         }
     }
 
-    async fn serve(self: Arc<Self>, listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
+    /// Accept on one node's port.
+    async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        node: String,
+        tls: tokio_rustls::TlsAcceptor,
+    ) {
+        let node: Arc<str> = node.into();
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -337,6 +371,7 @@ impl Kubelet {
             };
             let me = self.clone();
             let tls = tls.clone();
+            let node = node.clone();
             tokio::spawn(async move {
                 let s = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -346,6 +381,7 @@ impl Kubelet {
                     }
                     Err(_) => return,
                 };
+                let _ = s.get_ref().0.set_nodelay(true);
                 let cert_user = s
                     .get_ref()
                     .1
@@ -355,7 +391,8 @@ impl Kubelet {
                 let svc = hyper::service::service_fn(move |r| {
                     let me = me.clone();
                     let cert_user = cert_user.clone();
-                    async move { Ok::<_, Infallible>(me.handle(cert_user, peer, r).await) }
+                    let node = node.clone();
+                    async move { Ok::<_, Infallible>(me.handle(cert_user, peer, &node, r).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
@@ -368,10 +405,12 @@ impl Kubelet {
         }
     }
 
+    /// A request on `node`'s port.
     async fn handle(
         &self,
         cert_user: Option<User>,
         peer: SocketAddr,
+        node: &str,
         req: Request<Incoming>,
     ) -> Response<Body> {
         let user = match cert_user {
@@ -389,16 +428,27 @@ impl Kubelet {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match parts.as_slice() {
             ["healthz"] => text(StatusCode::OK, "ok"),
+            ["stats", "summary"] | ["metrics", "resource"] => {
+                let summary = path == "/stats/summary";
+                self.stats(&user, &req, node, summary).await
+            }
             ["containerLogs", ns, pod, container] => {
                 self.logs(&user, &req, ns, pod, container).await
             }
-            ["exec", ns, pod, container] => {
+            // With or without the pod's uid before the container, as a
+            // kubelet routes them.
+            [kind @ ("exec" | "attach"), ns, pod, .., container] if parts.len() <= 5 => {
+                let attach = *kind == "attach";
                 let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
-                self.exec(&user, req, &ns, &pod, &container).await
+                self.session(&user, req, &ns, &pod, &container, attach).await
+            }
+            ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
+                let (ns, pod) = (ns.to_string(), pod.to_string());
+                self.port_forward(&user, req, &ns, &pod).await
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                format!("404 page not found: {path} (this endpoint serves /containerLogs, /exec and /healthz)\n"),
+                format!("404 page not found: {path} (this endpoint serves /containerLogs, /exec, /attach, /portForward, /stats/summary, /metrics/resource and /healthz)\n"),
             ),
         }
     }
@@ -489,80 +539,189 @@ impl Kubelet {
         r
     }
 
-    async fn exec(
+    /// exec and attach (`attach`): a WebSocket (v5) or SPDY (v4) session
+    /// with a process of the container, through an exec or attach stream
+    /// of the node's link.
+    async fn session(
         &self,
         user: &User,
         mut req: Request<Incoming>,
         ns: &str,
         pod: &str,
         container: &str,
+        attach: bool,
     ) -> Response<Body> {
         let (node, uid) = match self.place(user, req.method(), ns, pod).await {
             Ok(p) => p,
             Err(answer) => return answer,
         };
-        let mut er = match exec::exec_request(ns, pod, container, req.uri().query().unwrap_or("")) {
+        let query = req.uri().query().unwrap_or("");
+        let mut er = match exec::exec_request(ns, pod, container, query, attach) {
             Ok(r) => r,
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         };
         er.uid = uid;
-        tracing::info!(node, namespace = ns, pod, container, command = ?er.command, stdin = er.stdin, tty = er.tty, user = user.name, "exec");
-        // A refusal makes kubectl try SPDY, which this endpoint does not
-        // speak yet: say so in the answer it then prints.
-        if !exec::offers_v5(req.headers()) {
+        let what = if attach { "attach" } else { "exec" };
+        let Some(up) = Upgrade::of(req.headers()) else {
             return text(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "this kubelet endpoint takes exec as a WebSocket ({}) only: use kubectl 1.30 or newer against an API server with ExtendWebSocketsToKubelet (SPDY is not served yet)\n",
-                    exec::V5
+                    "{what} needs an upgrade to a WebSocket ({}) or SPDY/3.1 ({})\n",
+                    exec::V5,
+                    exec::V4
                 ),
             );
-        }
-        let Some(key) = req
-            .headers()
-            .get(hyper::header::SEC_WEBSOCKET_KEY)
-            .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
-        else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "a WebSocket upgrade needs Sec-WebSocket-Key\n",
-            );
         };
+        let (protocol, spdy) = match &up {
+            Upgrade::WebSocket { .. } if up.offers(exec::V5) => (exec::V5, false),
+            Upgrade::Spdy { .. } if up.offers(exec::V4) => (exec::V4, true),
+            Upgrade::WebSocket { .. } => return up.refuse(&[exec::V5]),
+            Upgrade::Spdy { .. } => return up.refuse(&[exec::V4]),
+        };
+        tracing::info!(node, namespace = ns, pod, container, command = ?er.command, stdin = er.stdin, tty = er.tty, spdy, user = user.name, "{what}");
         // The stream opens before the answer, so a node out of reach is a
-        // plain HTTP error; whether the command runs comes on channel 3.
-        let stream = match self.links.open(&node, StreamRequest::Exec(er)).await {
+        // plain HTTP error; whether the command runs comes in the session.
+        let request = if attach {
+            StreamRequest::Attach(er.clone())
+        } else {
+            StreamRequest::Exec(er.clone())
+        };
+        let stream = match self.links.open(&node, request).await {
             Ok(s) => s,
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         };
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(u) => exec::bridge(u, stream, node).await,
-                Err(e) => tracing::debug!(error = %e, "exec: the upgrade did not complete"),
+                Ok(u) if spdy => exec::over_spdy(u, stream, node, er).await,
+                Ok(u) => exec::over_websocket(u, stream, node).await,
+                Err(e) => tracing::debug!(error = %e, "{what}: the upgrade did not complete"),
             }
         });
-        let mut r = Response::new(
-            Full::new(Bytes::new())
-                .map_err(|never: Infallible| match never {})
-                .boxed(),
-        );
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = r.headers_mut();
-        h.insert(
-            hyper::header::UPGRADE,
-            hyper::header::HeaderValue::from_static("websocket"),
-        );
-        h.insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("Upgrade"),
-        );
-        h.insert(
-            hyper::header::SEC_WEBSOCKET_PROTOCOL,
-            hyper::header::HeaderValue::from_static(exec::V5),
-        );
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&key) {
-            h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+        up.accept(protocol)
+    }
+
+    /// port-forward: SPDY, raw or inside a WebSocket; each forwarded
+    /// connection a port-forward stream of the node's link.
+    async fn port_forward(
+        &self,
+        user: &User,
+        mut req: Request<Incoming>,
+        ns: &str,
+        pod: &str,
+    ) -> Response<Body> {
+        let (node, uid) = match self.place(user, req.method(), ns, pod).await {
+            Ok(p) => p,
+            Err(answer) => return answer,
+        };
+        let Some(up) = Upgrade::of(req.headers()) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "port-forward needs an upgrade to SPDY/3.1 ({}) or a WebSocket ({})\n",
+                    portforward::PROTOCOL,
+                    portforward::WS_PROTOCOL
+                ),
+            );
+        };
+        let (protocol, ws) = match &up {
+            Upgrade::WebSocket { .. } if up.offers(portforward::WS_PROTOCOL) => {
+                (portforward::WS_PROTOCOL, true)
+            }
+            Upgrade::Spdy { .. } if up.offers(portforward::PROTOCOL) => {
+                (portforward::PROTOCOL, false)
+            }
+            Upgrade::WebSocket { .. } => return up.refuse(&[portforward::WS_PROTOCOL]),
+            Upgrade::Spdy { .. } => return up.refuse(&[portforward::PROTOCOL]),
+        };
+        if !self.links.is_connected(&node) {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{}\n", crate::streams::OpenError::NotConnected(node)),
+            );
         }
+        tracing::info!(
+            node,
+            namespace = ns,
+            pod,
+            websocket = ws,
+            user = user.name,
+            "port-forward"
+        );
+        let target = portforward::Target {
+            links: self.links.clone(),
+            node,
+            namespace: ns.to_string(),
+            pod: pod.to_string(),
+            uid,
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(u) if ws => portforward::over_websocket(u, target).await,
+                Ok(u) => portforward::serve(TokioIo::new(u), target).await,
+                Err(e) => tracing::debug!(error = %e, "port-forward: the upgrade did not complete"),
+            }
+        });
+        up.accept(protocol)
+    }
+
+    /// `/stats/summary` (JSON) or `/metrics/resource` (Prometheus) of the
+    /// node whose port was called, measured on the node now.
+    async fn stats(
+        &self,
+        user: &User,
+        req: &Request<Incoming>,
+        node: &str,
+        summary: bool,
+    ) -> Response<Body> {
+        let sub = if summary { "stats" } else { "metrics" };
+        if let Some(denied) = self.authorize(user, req.method(), sub, node).await {
+            return denied;
+        }
+        let mut stream = match self.links.open(node, StreamRequest::Stats).await {
+            Ok(s) => s,
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        };
+        let got = tokio::time::timeout(OPEN_TIMEOUT, async {
+            loop {
+                match stream.recv().await {
+                    Some(StreamMsg::Stats { summary }) => return Ok(summary),
+                    Some(StreamMsg::End { error: Some(e) }) => return Err(e.message),
+                    Some(StreamMsg::End { error: None }) | None => {
+                        return Err(format!("node {node:?} sent no statistics"))
+                    }
+                    Some(_) => {}
+                }
+            }
+        })
+        .await;
+        let s = match got {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            Err(_) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "node {node:?} did not answer within {} s\n",
+                        OPEN_TIMEOUT.as_secs()
+                    ),
+                )
+            }
+        };
+        let (body, kind) = if summary {
+            (
+                serde_json::to_string(&s).unwrap_or_default(),
+                "application/json",
+            )
+        } else {
+            (stats::resource_metrics(&s), stats::PROMETHEUS_TEXT)
+        };
+        let mut r = text(StatusCode::OK, body);
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(kind),
+        );
         r
     }
 

@@ -63,6 +63,8 @@ pub enum Request {
     },
     /// The node's devices and their twins.
     Devices,
+    /// The node's and its pods' resource use (`edge-rt top`).
+    Stats,
     /// Set desired values of a device at the node (`Some`), or drop them
     /// (`None`) so the spec's hold again: `edge-rt device set|reset`.
     SetDesired {
@@ -223,6 +225,7 @@ impl Server {
             }
             Request::Status => reply(&mut w, Ok(self.status())).await,
             Request::Devices => reply(&mut w, Ok(self.devices.list())).await,
+            Request::Stats => reply(&mut w, Ok(crate::stats::summary(&self.pods).await)).await,
             Request::Logs {
                 namespace,
                 name,

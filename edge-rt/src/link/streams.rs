@@ -1,13 +1,16 @@
-//! The streams cloud-gw opens on the link (`kubectl logs` of this node's
-//! pods; see `outrigger_proto::stream`): one task per stream, sending
-//! within the credit the cloud gives back, so a reader that stalls holds
-//! one window of its own stream and nothing else.
+//! The streams cloud-gw opens on the link (`kubectl logs`, `exec`,
+//! `attach` and `port-forward` to this node's pods, and its resource
+//! statistics; see `outrigger_proto::stream`): one task per stream,
+//! sending within the credit the cloud gives back, so a reader that stalls
+//! holds one window of its own stream and nothing else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use outrigger_proto::message::Message;
-use outrigger_proto::stream::{Credit, ExecRequest, LogRequest, Request, StreamError, StreamMsg};
+use outrigger_proto::stream::{
+    Credit, ExecRequest, LogRequest, PortForwardRequest, Request, StreamError, StreamMsg,
+};
 use tokio::sync::{mpsc, Notify};
 
 use crate::pods::exec::{self, Input};
@@ -160,6 +163,7 @@ impl Streams {
             StreamMsg::Opened
             | StreamMsg::Data { .. }
             | StreamMsg::Stderr { .. }
+            | StreamMsg::Stats { .. }
             | StreamMsg::Exit { .. } => {
                 tracing::debug!(channel, "stream message the cloud does not send; ignored");
                 None
@@ -277,6 +281,9 @@ async fn serve(
     let end = match request {
         Request::Logs(req) => log(&pods, &req, &mut sink).await,
         Request::Exec(req) => run(&pods, &req, inputs, &mut sink).await,
+        Request::Attach(req) => attach(&pods, &req, inputs, &mut sink).await,
+        Request::PortForward(req) => forward(&pods, &req, inputs, &mut sink).await,
+        Request::Stats => stats(&pods, &mut sink).await,
     };
     let _ = sink.out.send(channel, StreamMsg::End { error: end }).await;
 }
@@ -316,6 +323,71 @@ async fn run(
             Some(StreamError::new(500, format!("relaying the command: {e}")))
         }
     }
+}
+
+/// The container's own process over a stream; the error it ends with if
+/// it could not attach.
+async fn attach(
+    pods: &PodManager,
+    req: &ExecRequest,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    sink: &mut LinkSink,
+) -> Option<StreamError> {
+    let rec = match pods.exec_record(
+        &req.namespace,
+        &req.pod,
+        Some(&req.uid),
+        Some(&req.container),
+    ) {
+        Ok(r) => r,
+        Err(e) => return Some(lookup(e)),
+    };
+    let streams = exec::Streams {
+        stdin: req.stdin,
+        stdout: req.stdout,
+        stderr: req.stderr && !req.tty,
+        tty: req.tty,
+    };
+    match crate::pods::attach::attach(pods, &rec, streams, inputs, sink).await {
+        Ok(()) => None,
+        Err(e) => Some(StreamError::new(
+            500,
+            format!("attaching to {}: {e}", rec.name),
+        )),
+    }
+}
+
+/// A connection to a port of the pod over a stream; the error it ends
+/// with if the port cannot be reached or the connection fails.
+async fn forward(
+    pods: &PodManager,
+    req: &PortForwardRequest,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    sink: &mut LinkSink,
+) -> Option<StreamError> {
+    let netns = match pods.netns_of(&req.namespace, &req.pod, Some(&req.uid)) {
+        Ok(n) => n,
+        Err(e) => return Some(lookup(e)),
+    };
+    match crate::pods::forward::forward(netns, req.port, inputs, sink).await {
+        Ok(()) => None,
+        Err(e) => Some(StreamError::new(500, e.to_string())),
+    }
+}
+
+/// The node's resource statistics, once.
+async fn stats(pods: &PodManager, sink: &mut LinkSink) -> Option<StreamError> {
+    let summary = crate::stats::summary(pods).await;
+    let _ = sink
+        .out
+        .send(
+            sink.channel,
+            StreamMsg::Stats {
+                summary: Box::new(summary),
+            },
+        )
+        .await;
+    None
 }
 
 fn lookup(e: LookupError) -> StreamError {

@@ -125,7 +125,7 @@ pub struct Target<'a> {
 /// namespace just to make the socket (which stays in that namespace); the
 /// connect itself is async, so the thread never waits on the network
 /// (container creation waits for threads, see `sys`).
-async fn connect(
+pub(crate) async fn connect(
     netns: Option<PathBuf>,
     addr: SocketAddr,
     timeout: Duration,

@@ -262,50 +262,75 @@ pub async fn stream(
     if !opts.follow || r.done() {
         return Ok(());
     }
-    loop {
-        let exited = rt.get(&rec.id).is_none_or(|r| r.exit.is_some());
-        let len = crate::sys::fs::metadata(&rec.log_path)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        if len < offset {
-            offset = 0; // rotated: the live file starts over
+    let mut f = Follower::new(rt, rec, offset);
+    while let Some(buf) = f.next().await? {
+        let lines = r.lines(&buf);
+        let out = r.limit(&lines);
+        if !out.is_empty() {
+            sink.write(&out).await?;
         }
-        if len > offset {
-            let want = usize::try_from(len - offset)
-                .unwrap_or(usize::MAX)
-                .min(READ_PIECE);
-            let buf = crate::sys::fs::read_at(&rec.log_path, offset, want).await?;
-            if buf.is_empty() {
-                // Shorter than its length said (rotated under us).
+        if r.done() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// What is written to a container's live log from some offset on, as it
+/// comes (a rotation starts over at the new file's start), until the
+/// container has exited and the log is drained.
+pub struct Follower<'a> {
+    rt: &'a Runtime,
+    rec: &'a ContainerRecord,
+    offset: u64,
+}
+
+impl<'a> Follower<'a> {
+    pub fn new(rt: &'a Runtime, rec: &'a ContainerRecord, offset: u64) -> Follower<'a> {
+        Follower { rt, rec, offset }
+    }
+
+    /// The next bytes, None at the end. Cancel-safe: dropped before it
+    /// returns, it has taken nothing.
+    pub async fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            let exited = self.rt.get(&self.rec.id).is_none_or(|r| r.exit.is_some());
+            let len = live_len(self.rec).await;
+            if len < self.offset {
+                self.offset = 0; // rotated: the live file starts over
+            }
+            if len > self.offset {
+                let want = usize::try_from(len - self.offset)
+                    .unwrap_or(usize::MAX)
+                    .min(READ_PIECE);
+                let buf = crate::sys::fs::read_at(&self.rec.log_path, self.offset, want).await?;
+                if buf.is_empty() {
+                    // Shorter than its length said (rotated under us).
+                    tokio::time::sleep(FOLLOW_PERIOD).await;
+                    continue;
+                }
+                self.offset += buf.len() as u64;
+                return Ok(Some(buf));
+            }
+            if exited {
+                // The log pump may still be draining the FIFO: one last look.
                 tokio::time::sleep(FOLLOW_PERIOD).await;
+                if live_len(self.rec).await == self.offset {
+                    return Ok(None);
+                }
                 continue;
             }
-            offset += buf.len() as u64;
-            let lines = r.lines(&buf);
-            let out = r.limit(&lines);
-            if !out.is_empty() {
-                sink.write(&out).await?;
-            }
-            if r.done() {
-                return Ok(());
-            }
-            continue;
-        }
-        if exited {
-            // The log pump may still be draining the FIFO: one last look.
             tokio::time::sleep(FOLLOW_PERIOD).await;
-            let len = crate::sys::fs::metadata(&rec.log_path)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            if len == offset {
-                return Ok(());
-            }
-            continue;
         }
-        tokio::time::sleep(FOLLOW_PERIOD).await;
     }
+}
+
+/// The length of `rec`'s live log file now (0 if it is not there).
+pub async fn live_len(rec: &ContainerRecord) -> u64 {
+    crate::sys::fs::metadata(&rec.log_path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

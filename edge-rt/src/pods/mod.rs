@@ -10,9 +10,11 @@
 //! containers, so one bad pod cannot disturb another.
 
 pub mod actions;
+pub mod attach;
 pub mod backoff;
 pub mod env;
 pub mod exec;
+pub mod forward;
 // Events are kept by one ring type for pods and devices.
 pub use crate::events;
 pub mod logs;

@@ -100,3 +100,106 @@ pub fn remove_pod(parent: &str, pod: &str) {
         }
     }
 }
+
+/// What a cgroup has used, as its controllers count it (None: not
+/// readable, e.g. a controller not mounted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time, all of it, in nanoseconds.
+    pub cpu_ns: Option<u64>,
+    pub memory: Option<Memory>,
+    /// Tasks in it now.
+    pub pids: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub usage: u64,
+    /// Usage less inactive file pages (what the kubelet counts).
+    pub working_set: u64,
+    pub rss: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// `key value` lines (cpu.stat, memory.stat).
+fn stat_of(p: &Path) -> Option<Vec<(String, u64)>> {
+    let s = fs::read_to_string(p).ok()?;
+    Some(
+        s.lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+fn get(stat: &[(String, u64)], key: &str) -> u64 {
+    stat.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
+}
+
+/// What `cgroup` (a path as in a container record) has used. Reads a few
+/// small files: cheap enough to do on request.
+pub fn usage(cgroup: &str) -> Usage {
+    let rel = cgroup.trim_start_matches('/');
+    let root = Path::new(ROOT);
+    if is_unified() {
+        let dir = root.join(rel);
+        let cpu_ns = stat_of(&dir.join("cpu.stat")).map(|s| get(&s, "usage_usec") * 1000);
+        let memory = read_u64(&dir.join("memory.current")).map(|usage| {
+            let s = stat_of(&dir.join("memory.stat")).unwrap_or_default();
+            Memory {
+                usage,
+                working_set: usage.saturating_sub(get(&s, "inactive_file")),
+                rss: get(&s, "anon"),
+                page_faults: get(&s, "pgfault"),
+                major_page_faults: get(&s, "pgmajfault"),
+            }
+        });
+        return Usage {
+            cpu_ns,
+            memory,
+            pids: read_u64(&dir.join("pids.current")),
+        };
+    }
+    let cpu_ns = ["cpuacct", "cpu,cpuacct"]
+        .iter()
+        .find_map(|c| read_u64(&root.join(c).join(rel).join("cpuacct.usage")));
+    let mem = root.join("memory").join(rel);
+    let memory = read_u64(&mem.join("memory.usage_in_bytes")).map(|usage| {
+        let s = stat_of(&mem.join("memory.stat")).unwrap_or_default();
+        Memory {
+            usage,
+            working_set: usage.saturating_sub(get(&s, "total_inactive_file")),
+            rss: get(&s, "total_rss"),
+            page_faults: get(&s, "total_pgfault"),
+            major_page_faults: get(&s, "total_pgmajfault"),
+        }
+    });
+    Usage {
+        cpu_ns,
+        memory,
+        pids: read_u64(&root.join("pids").join(rel).join("pids.current")),
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn stat_files_are_read_by_key() {
+        let p = std::env::temp_dir().join(format!("memory.stat.{}", std::process::id()));
+        fs::write(&p, "anon 4096\ninactive_file 100\nbogus\npgfault 7\n").unwrap();
+        let s = stat_of(&p).unwrap();
+        let _ = fs::remove_file(&p);
+        assert_eq!(get(&s, "anon"), 4096);
+        assert_eq!(get(&s, "pgfault"), 7);
+        assert_eq!(get(&s, "missing"), 0);
+    }
+}

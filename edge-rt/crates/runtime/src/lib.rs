@@ -261,6 +261,25 @@ impl Runtime {
         self.cfg.state_dir.join("containers").join(id)
     }
 
+    /// A container's writable layer: the overlay's upper directory, or the
+    /// copied root filesystem.
+    pub fn writable_layer(&self, id: &str) -> PathBuf {
+        let dir = self.dir(id);
+        let upper = dir.join("scratch").join("upper");
+        if upper.is_dir() {
+            upper
+        } else {
+            dir.join("bundle").join("rootfs")
+        }
+    }
+
+    /// The FIFO that is the stdin of a container that keeps one open
+    /// (`stdin: true`), for attaching to it; None for the others.
+    pub fn stdin_of(&self, id: &str) -> Option<PathBuf> {
+        let p = self.dir(id).join("stdin");
+        p.exists().then_some(p)
+    }
+
     /// `<log_dir>/<namespace>_<name>_<uid>`, the kubelet's layout.
     pub fn pod_log_dir(&self, pod: &PodRef) -> PathBuf {
         self.cfg
@@ -403,7 +422,26 @@ impl Runtime {
             .mode(0o600)
             .open(&exit_path)
             .map_err(io_err("creating the exit status file"))?;
-        let devnull = fs::File::open("/dev/null").map_err(io_err("/dev/null"))?;
+        // Stdin: nothing, or for a container that keeps it open a FIFO it
+        // holds read-write as it holds its output (so an edge-rt restart
+        // never ends its input), which `kubectl attach` writes to.
+        let stdin = if req.container.stdin == Some(true) {
+            let p = dir.join("stdin");
+            let _ = fs::remove_file(&p);
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
+                |e| RuntimeError::Io {
+                    what: format!("mkfifo {}", p.display()),
+                    source: e.into(),
+                },
+            )?;
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(io_err(format!("open {}", p.display())))?
+        } else {
+            fs::File::open("/dev/null").map_err(io_err("/dev/null"))?
+        };
 
         let mut record = ContainerRecord {
             id: id.to_string(),
@@ -452,7 +490,7 @@ impl Runtime {
             &self.cfg.state_dir.join("youki"),
             &bundle,
             executor,
-            OwnedFd::from(devnull),
+            OwnedFd::from(stdin),
             stdout_fd,
             stderr_fd,
         )?;
