@@ -1188,6 +1188,38 @@ async fn kubectl_logs_of_an_edge_pod_come_through_the_link() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // After a restart, --previous is the attempt before.
+    let crash = unique("crash");
+    s.apply(&busybox_pod(&crash, s.name(), "").replace(
+        "while true; do sleep 1; done",
+        "echo started $(cat /proc/uptime); sleep 1; exit 1",
+    ))?;
+    wait_for("a restart", Duration::from_secs(60), || async {
+        let n = s
+            .kc(&[
+                "get",
+                "pod",
+                &crash,
+                "-o",
+                "jsonpath={.status.containerStatuses[0].restartCount}",
+            ])
+            .ok()?;
+        (n.trim().parse::<u32>().ok()? >= 1).then_some(())
+    })
+    .await
+    .with_context(|| s.logs())?;
+    let previous = wait_for(
+        "the previous attempt's log",
+        Duration::from_secs(20),
+        || async {
+            s.kc(&["logs", &crash, "--previous"])
+                .ok()
+                .filter(|l| l.starts_with("started "))
+        },
+    )
+    .await?;
+    let now = s.kc(&["logs", &crash])?;
+    ensure!(previous != now, "--previous {previous:?}, now {now:?}");
     // Nobody else gets in: no credentials, or a token of an account the
     // cluster does not let proxy to nodes.
     let path = format!("/containerLogs/{}/{pod}/main", s.ns());
@@ -1424,6 +1456,21 @@ async fn kubectl_exec_into_an_edge_pod_through_the_link() -> Result<()> {
         String::from_utf8_lossy(&o.stderr),
         s.logs()
     );
+    // A large output comes whole.
+    let o = s.kubectl(&[
+        "exec",
+        &pod,
+        "--",
+        "sh",
+        "-c",
+        "head -c 5000000 /dev/zero | tr '\\0' x",
+    ])?;
+    ensure!(
+        o.status.success() && o.stdout.len() == 5_000_000 && o.stdout.iter().all(|b| *b == b'x'),
+        "{} bytes: {}",
+        o.stdout.len(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     // What cannot run says why.
     let o = s.kubectl(&["exec", &pod, "--", "/no/such/command"])?;
     ensure!(!o.status.success(), "a missing command succeeded");
@@ -1652,6 +1699,22 @@ async fn kubectl_attach_and_port_forward_to_edge_pods() -> Result<()> {
         "exit {:?} {:?} {}",
         o.status.code(),
         text(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A terminal over SPDY: sized through its resize stream.
+    let line = format!(
+        "stty rows 29 cols 101; KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false kubectl --kubeconfig {} -n {} exec -it {pod} -- sh -c 'stty size; tty'",
+        s.kubeconfig().display(),
+        s.ns()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let shown = text(&o);
+    ensure!(
+        shown.contains("29 101") && shown.contains("/dev/pts/"),
+        "{shown:?} {}",
         String::from_utf8_lossy(&o.stderr)
     );
 

@@ -22,7 +22,7 @@ pub const WINDOW: u32 = 256 << 10;
 
 /// The largest `Data` payload: a frame of it stays small next to the sync
 /// frames it shares the link with.
-pub const CHUNK: usize = 32 << 10;
+pub const CHUNK: usize = 64 << 10;
 
 /// One message on a stream channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,9 +48,6 @@ const STATUS: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
 
-/// A kubelet's default `--streaming-connection-idle-timeout`.
-const IDLE: Duration = Duration::from_secs(4 * 3600);
-
 /// `/exec` (`command` repeated) or `/attach` query parameters, as the API
 /// server sends them (`input`, `output`, `error`, `tty`), to a request.
 pub fn exec_request(
@@ -157,16 +154,15 @@ pub async fn relay(
     let open_by = tokio::time::sleep(super::OPEN_TIMEOUT);
     tokio::pin!(open_by);
     let mut exit = None;
-    // A session with nothing either way this long ends (a kubelet's
-    // streaming connection idle timeout).
-    let idle = tokio::time::sleep(IDLE);
+    let idle = tokio::time::sleep(super::IDLE_TIMEOUT);
     tokio::pin!(idle);
     // What the edge may take of stdin now, and what waits for that.
     let mut credit = Credit::default();
     let mut pending: Vec<u8> = Vec::new();
     let mut stdin_ended = false;
     let error = loop {
-        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + super::IDLE_TIMEOUT);
         // Stdin that waited for credit goes first.
         while !pending.is_empty() {
             let n = credit.take(pending.len());
@@ -185,7 +181,7 @@ pub async fn relay(
                 "node {node:?} did not start the session within {} s",
                 super::OPEN_TIMEOUT.as_secs()
             )),
-            _ = &mut idle => break Some(format!("no input or output for {} h: the session was idle too long", IDLE.as_secs() / 3600)),
+            _ = &mut idle => break Some(format!("no input or output for {} h: the session was idle too long", super::IDLE_TIMEOUT.as_secs() / 3600)),
             m = stream.recv() => match m {
                 Some(StreamMsg::Data { bytes }) => {
                     let n = bytes.len();

@@ -81,6 +81,10 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// creation timeout).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// An exec, attach or forwarded connection with nothing either way this
+/// long ends (a kubelet's default `--streaming-connection-idle-timeout`).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+
 /// Where a pod runs, as the caches have it.
 pub trait Pods: Send + Sync + 'static {
     /// The node and uid of a pod bound to an edge node.

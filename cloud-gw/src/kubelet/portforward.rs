@@ -167,12 +167,16 @@ async fn relay(data: &mut Incoming, t: &Target, port: u16) -> Result<(), String>
     let mut opened = false;
     let open_by = tokio::time::sleep(super::OPEN_TIMEOUT);
     tokio::pin!(open_by);
+    let idle = tokio::time::sleep(super::IDLE_TIMEOUT);
+    tokio::pin!(idle);
     let mut credit = Credit::default();
     let mut pending: Vec<u8> = Vec::new();
     // The client's half-close, to pass on once what it sent before is.
     let mut client_done = false;
     let mut end_sent = false;
     loop {
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + super::IDLE_TIMEOUT);
         while !pending.is_empty() {
             let n = credit.take(pending.len());
             if n == 0 {
@@ -186,6 +190,9 @@ async fn relay(data: &mut Incoming, t: &Target, port: u16) -> Result<(), String>
             end_sent = true;
         }
         tokio::select! {
+            _ = &mut idle => {
+                return Err(format!("nothing either way for {} h: the connection was idle too long", super::IDLE_TIMEOUT.as_secs() / 3600));
+            }
             _ = &mut open_by, if !opened => {
                 return Err(format!("node {:?} did not connect within {} s", t.node, super::OPEN_TIMEOUT.as_secs()));
             }
@@ -236,7 +243,7 @@ pub async fn over_websocket(upgraded: hyper::upgrade::Upgraded, target: Target) 
         let _ = wr.shutdown().await;
     });
     let outbound = async move {
-        let mut buf = vec![0u8; 32 << 10];
+        let mut buf = vec![0u8; 64 << 10];
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,

@@ -126,7 +126,7 @@ pub async fn forward(
         Ok::<(), std::io::Error>(())
     };
     tokio::pin!(writer);
-    let mut buf = vec![0u8; 32 << 10];
+    let mut buf = vec![0u8; 64 << 10];
     loop {
         tokio::select! {
             n = rd.read(&mut buf) => match n? {

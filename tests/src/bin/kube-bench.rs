@@ -13,10 +13,15 @@
 //! - `kubectl exec POD -- true` (the API server, cloud-gw's kubelet
 //!   endpoint, a stream of the link) beside `edge-rt exec` on the node;
 //! - `kubectl logs -f --timestamps`: from the time the runtime stamped a
-//!   line to kubectl printing it.
+//!   line to kubectl printing it;
+//! - `kubectl port-forward`: bulk throughput (an HTTP GET of a large file)
+//!   beside a connection made straight into the pod's network namespace,
+//!   with 100 idle forwarded connections open; and pushes (a ConfigMap
+//!   patched in the cluster until the node's store has it) with the link
+//!   otherwise idle and during the transfer.
 //!
 //! As root, after `cargo build --release --workspace`:
-//!   CARGO_TARGET_DIR=... target/release/kube-bench [--iterations 20]
+//!   CARGO_TARGET_DIR=... target/release/kube-bench [--iterations 20] [--only port-forward]
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -31,10 +36,25 @@ use outrigger_tests::k8s::{Cluster, Scope};
 use outrigger_tests::registry::Registry;
 use outrigger_tests::util::{find, wait_for, with_stdin, Node};
 
+#[path = "kube-bench/forward.rs"]
+mod forward;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value_t = 20)]
     iterations: usize,
+    /// One part only: start, exec, logs or port-forward.
+    #[arg(long)]
+    only: Option<String>,
+    /// Size of the file port-forward carries, in MB.
+    #[arg(long, default_value_t = 64)]
+    forward_mb: usize,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == part)
+    }
 }
 
 fn deployment(name: &str, image: &str) -> String {
@@ -106,6 +126,50 @@ async fn apply_until_running(
     anyhow::bail!("{app}: no pod Running within 60 s")
 }
 
+/// `kubectl logs -f --timestamps`: how long after the runtime stamped each
+/// of `lines` lines kubectl printed it (ms).
+async fn logs_follow(scope: &Scope, image: &str, lines: usize) -> Result<Vec<f64>> {
+    let talk = "talk";
+    let mut apply = scope.kubectl();
+    apply.args(["apply", "-f", "-"]);
+    piped(
+        apply,
+        &pod(talk, "bench-edge", image).replace(
+            "containers: [{name: web, image:",
+            "containers: [{name: web, command: [sh, -c, 'while true; do echo tick; usleep 200000; done'], image:",
+        ),
+    )?;
+    let o = scope
+        .kubectl()
+        .args(["wait", "--for=condition=Ready", "pod/talk", "--timeout=60s"])
+        .output()?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut follow = scope
+        .kubectl()
+        .args(["logs", "-f", "--timestamps", "--tail=0", talk])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let out = follow
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    let followed = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
+        use std::io::BufRead;
+        let mut lag = Vec::new();
+        for l in std::io::BufReader::new(out).lines().take(lines) {
+            let now = jiff::Timestamp::now();
+            let l = l?;
+            let stamp: jiff::Timestamp = l.split(' ').next().unwrap_or("").parse()?;
+            lag.push((now - stamp).total(jiff::Unit::Millisecond)?);
+        }
+        Ok(lag)
+    })
+    .await??;
+    let _ = follow.kill();
+    let _ = follow.wait();
+    Ok(followed)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -167,160 +231,140 @@ async fn main() -> Result<()> {
         ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         Ok(())
     };
-    let mut deployed = Vec::new();
-    for i in 0..args.iterations {
-        let name = format!("web-{i}");
-        deployed.push(apply_until_running(&scope, &pods, &deployment(&name, &image), &name).await?);
-        gone("deployment", &name)?;
-    }
-
-    let mut bound = Vec::new();
-    for i in 0..args.iterations {
-        let name = format!("bench-{i}");
-        let t = Instant::now();
-        let mut apply = scope.kubectl();
-        apply.args(["apply", "-f", "-"]);
-        piped(apply, &pod(&name, "bench-edge", &image))?;
-        let o = scope
-            .kubectl()
-            .args([
-                "wait",
-                "--for=condition=Ready",
-                &format!("pod/{name}"),
-                "--timeout=60s",
-            ])
-            .output()?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        bound.push(t.elapsed().as_secs_f64() * 1000.0);
-        gone("pod", &name)?;
-    }
-
-    let mut direct = Vec::new();
-    for i in 0..args.iterations {
-        let name = format!("direct-{i}");
-        let t = Instant::now();
-        let mut apply = Command::new(outrigger_tests::util::edge_rt_bin());
-        apply
-            .arg("--config")
-            .arg(&node.config)
-            .args(["apply", "-f", "-"]);
-        piped(apply, &pod(&name, "bench-edge", &image))?;
-        wait_for("Ready", Duration::from_secs(60), || async {
-            let pods = node.pods().ok()?;
-            find(&pods, &name).filter(|p| ready(p)).map(|_| ())
-        })
-        .await?;
-        direct.push(t.elapsed().as_secs_f64() * 1000.0);
-        let o = node.cli(&["delete", "pod", &name])?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-    // kubectl exec through the link, beside edge-rt's own on the node.
-    let warm = pods
-        .list(&kube::api::ListParams::default().labels("app=warm"))
-        .await?
-        .items
-        .into_iter()
-        .find(running)
-        .and_then(|p| p.metadata.name)
-        .ok_or_else(|| anyhow::anyhow!("the warm pod is gone"))?;
-    let mut kexec = Vec::new();
-    let mut local = Vec::new();
-    for _ in 0..args.iterations {
-        let t = Instant::now();
-        let o = scope
-            .kubectl()
-            .args(["exec", &warm, "--", "true"])
-            .output()?;
-        ensure!(
-            o.status.success(),
-            "kubectl exec: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        kexec.push(t.elapsed().as_secs_f64() * 1000.0);
-        let t = Instant::now();
-        let o = node.cli(&["exec", "-n", &scope.namespace, &warm, "--", "true"])?;
-        ensure!(
-            o.status.success(),
-            "edge-rt exec: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        local.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-
-    // kubectl logs -f: a line's runtime timestamp to kubectl printing it.
-    let talk = "talk";
-    let mut apply = scope.kubectl();
-    apply.args(["apply", "-f", "-"]);
-    piped(
-        apply,
-        &pod(talk, "bench-edge", &image).replace(
-            "containers: [{name: web, image:",
-            "containers: [{name: web, command: [sh, -c, 'while true; do echo tick; usleep 200000; done'], image:",
-        ),
-    )?;
-    let o = scope
-        .kubectl()
-        .args(["wait", "--for=condition=Ready", "pod/talk", "--timeout=60s"])
-        .output()?;
-    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut follow = scope
-        .kubectl()
-        .args(["logs", "-f", "--timestamps", "--tail=0", talk])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let out = follow
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
-    let lines = args.iterations.max(20) * 5;
-    let mut followed = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
-        use std::io::BufRead;
-        let mut lag = Vec::new();
-        for l in std::io::BufReader::new(out).lines().take(lines) {
-            let now = jiff::Timestamp::now();
-            let l = l?;
-            let stamp: jiff::Timestamp = l.split(' ').next().unwrap_or("").parse()?;
-            lag.push((now - stamp).total(jiff::Unit::Millisecond)?);
+    let mut rows = Vec::new();
+    if args.runs("start") {
+        let mut deployed = Vec::new();
+        for i in 0..args.iterations {
+            let name = format!("web-{i}");
+            deployed
+                .push(apply_until_running(&scope, &pods, &deployment(&name, &image), &name).await?);
+            gone("deployment", &name)?;
         }
-        Ok(lag)
-    })
-    .await??;
-    let _ = follow.kill();
-    let _ = follow.wait();
 
-    let rows = [
-        (
+        let mut bound = Vec::new();
+        for i in 0..args.iterations {
+            let name = format!("bench-{i}");
+            let t = Instant::now();
+            let mut apply = scope.kubectl();
+            apply.args(["apply", "-f", "-"]);
+            piped(apply, &pod(&name, "bench-edge", &image))?;
+            let o = scope
+                .kubectl()
+                .args([
+                    "wait",
+                    "--for=condition=Ready",
+                    &format!("pod/{name}"),
+                    "--timeout=60s",
+                ])
+                .output()?;
+            ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            bound.push(t.elapsed().as_secs_f64() * 1000.0);
+            gone("pod", &name)?;
+        }
+
+        let mut direct = Vec::new();
+        for i in 0..args.iterations {
+            let name = format!("direct-{i}");
+            let t = Instant::now();
+            let mut apply = Command::new(outrigger_tests::util::edge_rt_bin());
+            apply
+                .arg("--config")
+                .arg(&node.config)
+                .args(["apply", "-f", "-"]);
+            piped(apply, &pod(&name, "bench-edge", &image))?;
+            wait_for("Ready", Duration::from_secs(60), || async {
+                let pods = node.pods().ok()?;
+                find(&pods, &name).filter(|p| ready(p)).map(|_| ())
+            })
+            .await?;
+            direct.push(t.elapsed().as_secs_f64() * 1000.0);
+            let o = node.cli(&["delete", "pod", &name])?;
+            ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        rows.push((
             "kubectl apply Deployment -> pod Running (scheduler)",
             stats(&mut deployed),
-        ),
-        (
+        ));
+        rows.push((
             "kubectl apply Pod (nodeName) -> kubectl wait Ready",
             stats(&mut bound),
-        ),
-        (
+        ));
+        rows.push((
             "baseline: edge-rt apply -> Ready on the node",
             stats(&mut direct),
-        ),
-        (
+        ));
+    }
+    if args.runs("exec") {
+        // kubectl exec through the link, beside edge-rt's own on the node.
+        let warm = pods
+            .list(&kube::api::ListParams::default().labels("app=warm"))
+            .await?
+            .items
+            .into_iter()
+            .find(running)
+            .and_then(|p| p.metadata.name)
+            .ok_or_else(|| anyhow::anyhow!("the warm pod is gone"))?;
+        let mut kexec = Vec::new();
+        let mut local = Vec::new();
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            let o = scope
+                .kubectl()
+                .args(["exec", &warm, "--", "true"])
+                .output()?;
+            ensure!(
+                o.status.success(),
+                "kubectl exec: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            kexec.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let o = node.cli(&["exec", "-n", &scope.namespace, &warm, "--", "true"])?;
+            ensure!(
+                o.status.success(),
+                "edge-rt exec: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            local.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        rows.push((
             "kubectl exec POD -- true (through the link)",
             stats(&mut kexec),
-        ),
-        (
+        ));
+        rows.push((
             "baseline: edge-rt exec POD -- true on the node",
             stats(&mut local),
-        ),
-        (
+        ));
+    }
+    if args.runs("logs") {
+        let mut followed = logs_follow(&scope, &image, args.iterations.max(20) * 5).await?;
+        rows.push((
             "kubectl logs -f: line stamped -> kubectl prints it",
             stats(&mut followed),
-        ),
-    ];
-    println!(
-        "an edge node through a real control plane v1.36, image present, {} runs each (ms; kubectl and edge-rt CLI processes included)",
-        args.iterations
-    );
-    println!("{:<54} {:>8} {:>8} {:>8}", "path", "median", "p90", "max");
-    for (label, (m, p9, x)) in rows {
-        println!("{label:<54} {m:>8.0} {p9:>8.0} {x:>8.0}");
+        ));
+    }
+    if !rows.is_empty() {
+        println!(
+            "an edge node through a real control plane v1.36, image present, {} runs each (ms; kubectl and edge-rt CLI processes included)",
+            args.iterations
+        );
+        println!("{:<54} {:>8} {:>8} {:>8}", "path", "median", "p90", "max");
+        for (label, (m, p9, x)) in rows {
+            println!("{label:<54} {m:>8.0} {p9:>8.0} {x:>8.0}");
+        }
+    }
+    if args.runs("port-forward") {
+        let client = pods.clone().into_client();
+        let f = forward::bench(
+            &scope,
+            client,
+            &node,
+            &image,
+            args.forward_mb,
+            args.iterations.max(20) * 2,
+        )
+        .await?;
+        f.print(args.forward_mb);
     }
     if std::env::var_os("KUBE_BENCH_LOGS").is_some() {
         eprintln!(
