@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use outrigger_proto::message::Message;
-use outrigger_proto::stream::{Request, StreamMsg};
+use outrigger_proto::stream::{Credit, Request, StreamMsg};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::METRICS;
@@ -142,6 +142,9 @@ impl Links {
             from,
             cmds,
             ended: false,
+            credit: Credit::default(),
+            input: Vec::new(),
+            input_end: false,
         })
     }
 }
@@ -153,28 +156,88 @@ pub struct Stream {
     cmds: mpsc::UnboundedSender<Cmd>,
     /// The edge ended it: nothing to tell it.
     ended: bool,
+    /// What the edge may take of the client's input now, what waits for
+    /// that, and whether the input's end waits behind it.
+    credit: Credit,
+    input: Vec<u8>,
+    input_end: bool,
 }
 
 impl Stream {
     /// The edge's next message; None once the link is gone (an `End` comes
-    /// as a message).
+    /// as a message). The edge's credit for input is taken here (and what
+    /// waited for it sent), not returned.
     pub async fn recv(&mut self) -> Option<StreamMsg> {
-        let m = self.from.recv().await;
-        if matches!(m, Some(StreamMsg::End { .. })) {
-            self.ended = true;
+        loop {
+            let m = self.from.recv().await;
+            if !self.took(&m) {
+                return m;
+            }
         }
-        m
     }
 
     pub fn poll_recv(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<StreamMsg>> {
-        let p = self.from.poll_recv(cx);
-        if let std::task::Poll::Ready(Some(StreamMsg::End { .. })) = &p {
-            self.ended = true;
+        loop {
+            let p = self.from.poll_recv(cx);
+            match p {
+                std::task::Poll::Ready(m) if !self.took(&m) => return std::task::Poll::Ready(m),
+                std::task::Poll::Ready(_) => {}
+                std::task::Poll::Pending => return p,
+            }
         }
-        p
+    }
+
+    /// Handle what is the stream's own business: the end, and credit (true:
+    /// taken, not for the owner).
+    fn took(&mut self, m: &Option<StreamMsg>) -> bool {
+        match m {
+            Some(StreamMsg::End { .. }) => {
+                self.ended = true;
+                false
+            }
+            Some(StreamMsg::Credit { bytes }) => {
+                self.credit.give(*bytes);
+                self.pump();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The client's input (stdin, a forwarded connection's bytes), sent as
+    /// the edge's credit allows.
+    pub fn push_input(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+        self.pump();
+    }
+
+    /// The end of the client's input, passed on after what it sent before.
+    pub fn end_input(&mut self) {
+        self.input_end = true;
+        self.pump();
+    }
+
+    /// Whether input waits for the edge's credit: read no more from the
+    /// client meanwhile.
+    pub fn input_waiting(&self) -> bool {
+        !self.input.is_empty()
+    }
+
+    fn pump(&mut self) {
+        while !self.input.is_empty() {
+            let n = self.credit.take(self.input.len());
+            if n == 0 {
+                return;
+            }
+            let bytes: Vec<u8> = self.input.drain(..n).collect();
+            self.send(StreamMsg::Stdin { bytes });
+        }
+        if std::mem::take(&mut self.input_end) {
+            self.send(StreamMsg::StdinEnd);
+        }
     }
 
     /// Send the edge a message of this stream (stdin, a resize).

@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use outrigger_proto::stream::{Credit, ExecRequest, StreamMsg};
+use outrigger_proto::stream::{ExecRequest, StreamMsg};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role};
@@ -156,26 +156,9 @@ pub async fn relay(
     let mut exit = None;
     let idle = tokio::time::sleep(super::IDLE_TIMEOUT);
     tokio::pin!(idle);
-    // What the edge may take of stdin now, and what waits for that.
-    let mut credit = Credit::default();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut stdin_ended = false;
     let error = loop {
         idle.as_mut()
             .reset(tokio::time::Instant::now() + super::IDLE_TIMEOUT);
-        // Stdin that waited for credit goes first.
-        while !pending.is_empty() {
-            let n = credit.take(pending.len());
-            if n == 0 {
-                break;
-            }
-            let bytes: Vec<u8> = pending.drain(..n).collect();
-            stream.send(StreamMsg::Stdin { bytes });
-        }
-        if stdin_ended && pending.is_empty() {
-            stream.send(StreamMsg::StdinEnd);
-            stdin_ended = false;
-        }
         tokio::select! {
             _ = &mut open_by, if !opened => break Some(format!(
                 "node {node:?} did not start the session within {} s",
@@ -193,16 +176,16 @@ pub async fn relay(
                     to.send(ToClient::Stderr(bytes.into())).await.ok()?;
                     stream.credit(n);
                 }
-                Some(StreamMsg::Credit { bytes }) => credit.give(bytes),
                 Some(StreamMsg::Exit { code }) => exit = Some(code),
                 Some(StreamMsg::Opened) => opened = true,
                 Some(StreamMsg::End { error }) => break error.map(|e| e.message),
                 Some(_) => {}
                 None => break Some(format!("the link of node {node:?} was lost")),
             },
-            c = from.recv(), if pending.is_empty() && !stdin_ended => match c? {
-                FromClient::Stdin(b) => pending.extend_from_slice(&b),
-                FromClient::StdinEnd => stdin_ended = true,
+            // Input waits while the edge has no room for it.
+            c = from.recv(), if !stream.input_waiting() => match c? {
+                FromClient::Stdin(b) => stream.push_input(&b),
+                FromClient::StdinEnd => stream.end_input(),
                 FromClient::Resize { width, height } => stream.send(StreamMsg::Resize { width, height }),
             },
         }

@@ -576,12 +576,11 @@ impl Kubelet {
                 ),
             );
         };
-        let (protocol, spdy) = match &up {
-            Upgrade::WebSocket { .. } if up.offers(exec::V5) => (exec::V5, false),
-            Upgrade::Spdy { .. } if up.offers(exec::V4) => (exec::V4, true),
-            Upgrade::WebSocket { .. } => return up.refuse(&[exec::V5]),
-            Upgrade::Spdy { .. } => return up.refuse(&[exec::V4]),
+        let protocol = match up.choose(exec::V5, exec::V4) {
+            Ok(p) => p,
+            Err(refused) => return *refused,
         };
+        let spdy = !up.is_websocket();
         tracing::info!(node, namespace = ns, pod, container, command = ?er.command, stdin = er.stdin, tty = er.tty, spdy, user = user.name, "{what}");
         // The stream opens before the answer, so a node out of reach is a
         // plain HTTP error; whether the command runs comes in the session.
@@ -628,16 +627,11 @@ impl Kubelet {
                 ),
             );
         };
-        let (protocol, ws) = match &up {
-            Upgrade::WebSocket { .. } if up.offers(portforward::WS_PROTOCOL) => {
-                (portforward::WS_PROTOCOL, true)
-            }
-            Upgrade::Spdy { .. } if up.offers(portforward::PROTOCOL) => {
-                (portforward::PROTOCOL, false)
-            }
-            Upgrade::WebSocket { .. } => return up.refuse(&[portforward::WS_PROTOCOL]),
-            Upgrade::Spdy { .. } => return up.refuse(&[portforward::PROTOCOL]),
+        let protocol = match up.choose(portforward::WS_PROTOCOL, portforward::PROTOCOL) {
+            Ok(p) => p,
+            Err(refused) => return *refused,
         };
+        let ws = up.is_websocket();
         if !self.links.is_connected(&node) {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,

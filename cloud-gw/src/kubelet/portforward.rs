@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use outrigger_proto::stream::{Credit, PortForwardRequest, Request, StreamMsg};
+use outrigger_proto::stream::{PortForwardRequest, Request, StreamMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -169,26 +169,11 @@ async fn relay(data: &mut Incoming, t: &Target, port: u16) -> Result<(), String>
     tokio::pin!(open_by);
     let idle = tokio::time::sleep(super::IDLE_TIMEOUT);
     tokio::pin!(idle);
-    let mut credit = Credit::default();
-    let mut pending: Vec<u8> = Vec::new();
-    // The client's half-close, to pass on once what it sent before is.
+    // The client's half-close (its FIN, passed on as the input's end).
     let mut client_done = false;
-    let mut end_sent = false;
     loop {
         idle.as_mut()
             .reset(tokio::time::Instant::now() + super::IDLE_TIMEOUT);
-        while !pending.is_empty() {
-            let n = credit.take(pending.len());
-            if n == 0 {
-                break;
-            }
-            let bytes: Vec<u8> = pending.drain(..n).collect();
-            stream.send(StreamMsg::Stdin { bytes });
-        }
-        if client_done && pending.is_empty() && !end_sent {
-            stream.send(StreamMsg::StdinEnd);
-            end_sent = true;
-        }
         tokio::select! {
             _ = &mut idle => {
                 return Err(format!("nothing either way for {} h: the connection was idle too long", super::IDLE_TIMEOUT.as_secs() / 3600));
@@ -205,15 +190,18 @@ async fn relay(data: &mut Incoming, t: &Target, port: u16) -> Result<(), String>
                     }
                     stream.credit(n);
                 }
-                Some(StreamMsg::Credit { bytes }) => credit.give(bytes),
                 Some(StreamMsg::End { error: None }) => return Ok(()),
                 Some(StreamMsg::End { error: Some(e) }) => return Err(e.message),
                 Some(_) => {}
                 None => return Err(format!("the link of node {:?} was lost", t.node)),
             },
-            d = data.data.recv(), if pending.is_empty() && !client_done => match d {
-                Some(b) => pending.extend_from_slice(&b),
-                None => client_done = true,
+            // The client's bytes wait while the edge has no room for them.
+            d = data.data.recv(), if !client_done && !stream.input_waiting() => match d {
+                Some(b) => stream.push_input(&b),
+                None => {
+                    client_done = true;
+                    stream.end_input();
+                }
             },
             _ = tx.closed() => return Ok(()),
         }

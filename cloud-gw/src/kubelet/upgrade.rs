@@ -65,6 +65,25 @@ impl Upgrade {
         offered.iter().any(|p| p == protocol)
     }
 
+    pub fn is_websocket(&self) -> bool {
+        matches!(self, Upgrade::WebSocket { .. })
+    }
+
+    /// The protocol served for this kind of upgrade (`websocket` or
+    /// `spdy`) if it is offered; else the refusal to answer with.
+    pub fn choose(
+        &self,
+        websocket: &'static str,
+        spdy: &'static str,
+    ) -> Result<&'static str, Box<Response<Body>>> {
+        let served = if self.is_websocket() { websocket } else { spdy };
+        if self.offers(served) {
+            Ok(served)
+        } else {
+            Err(Box::new(self.refuse(&[served])))
+        }
+    }
+
     /// The 101 that takes `protocol`.
     pub fn accept(&self, protocol: &'static str) -> Response<Body> {
         let mut r = empty(StatusCode::SWITCHING_PROTOCOLS);

@@ -288,6 +288,29 @@ async fn serve(
     let _ = sink.out.send(channel, StreamMsg::End { error: end }).await;
 }
 
+/// The running container an exec or attach is for, and which of its stdio
+/// the client wants (a terminal has one output, as a kubelet's).
+fn session_of(
+    pods: &PodManager,
+    req: &ExecRequest,
+) -> Result<(crate::runtime::ContainerRecord, exec::Streams), StreamError> {
+    let rec = pods
+        .exec_record(
+            &req.namespace,
+            &req.pod,
+            Some(&req.uid),
+            Some(&req.container),
+        )
+        .map_err(lookup)?;
+    let streams = exec::Streams {
+        stdin: req.stdin,
+        stdout: req.stdout,
+        stderr: req.stderr && !req.tty,
+        tty: req.tty,
+    };
+    Ok((rec, streams))
+}
+
 /// A command in a container over a stream: its exit code as `Exit`, then
 /// the stream's end; the error it ends with if it could not run.
 async fn run(
@@ -296,21 +319,9 @@ async fn run(
     inputs: mpsc::UnboundedReceiver<Input>,
     sink: &mut LinkSink,
 ) -> Option<StreamError> {
-    let rec = match pods.exec_record(
-        &req.namespace,
-        &req.pod,
-        Some(&req.uid),
-        Some(&req.container),
-    ) {
-        Ok(r) => r,
-        Err(e) => return Some(lookup(e)),
-    };
-    let streams = exec::Streams {
-        stdin: req.stdin,
-        stdout: req.stdout,
-        // A terminal has one output (as a kubelet's).
-        stderr: req.stderr && !req.tty,
-        tty: req.tty,
+    let (rec, streams) = match session_of(pods, req) {
+        Ok(s) => s,
+        Err(e) => return Some(e),
     };
     match exec::run(pods, &rec, &req.command, streams, inputs, sink).await {
         Ok(code) => {
@@ -333,20 +344,9 @@ async fn attach(
     inputs: mpsc::UnboundedReceiver<Input>,
     sink: &mut LinkSink,
 ) -> Option<StreamError> {
-    let rec = match pods.exec_record(
-        &req.namespace,
-        &req.pod,
-        Some(&req.uid),
-        Some(&req.container),
-    ) {
-        Ok(r) => r,
-        Err(e) => return Some(lookup(e)),
-    };
-    let streams = exec::Streams {
-        stdin: req.stdin,
-        stdout: req.stdout,
-        stderr: req.stderr && !req.tty,
-        tty: req.tty,
+    let (rec, streams) = match session_of(pods, req) {
+        Ok(s) => s,
+        Err(e) => return Some(e),
     };
     match crate::pods::attach::attach(pods, &rec, streams, inputs, sink).await {
         Ok(()) => None,
