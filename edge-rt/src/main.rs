@@ -15,6 +15,9 @@ use edge_rt::image::registry::{Credentials, Progress, Puller};
 use edge_rt::image::{archive, auth, ImageStore};
 use edge_rt::runtime;
 
+/// Objects `edge-rt apply` commits per request.
+const APPLY_CHUNK: usize = 16;
+
 #[derive(Parser)]
 #[command(
     name = "edge-rt",
@@ -393,9 +396,24 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     objects.push(v);
                 }
             }
-            let (v, _) = api::call(&api::socket_path(&cfg), &Request::Apply { objects }).await?;
-            for line in v.as_array().into_iter().flatten() {
-                println!("{}", line.as_str().unwrap_or_default());
+            // Every document checked here first, so a bad one applies none.
+            for (i, v) in objects.iter().enumerate() {
+                let yaml = serde_yaml_ng::to_value(v)?;
+                if let Err(e) = edge_rt::static_pods::parse(yaml) {
+                    anyhow::bail!("{} (document {}): {e}", filename.display(), i + 1);
+                }
+            }
+            // Then a few at a time, as kubectl applies object by object:
+            // the daemon never holds a large file's worth at once.
+            let sock = api::socket_path(&cfg);
+            for chunk in objects.chunks(APPLY_CHUNK) {
+                let req = Request::Apply {
+                    objects: chunk.to_vec(),
+                };
+                let (v, _) = api::call(&sock, &req).await?;
+                for line in v.as_array().into_iter().flatten() {
+                    println!("{}", line.as_str().unwrap_or_default());
+                }
             }
             Ok(())
         }

@@ -235,3 +235,61 @@ async fn exec_returns_the_exit_code_and_relays_stdin_and_terminals() -> Result<(
     node.cleanup().await?;
     Ok(())
 }
+
+/// `edge-rt top`: the node's and its pods' CPU and memory, measured from
+/// /proc and the pods' cgroups, as `kubectl top` shows them; with no cloud.
+#[tokio::test]
+async fn top_shows_the_node_and_its_pods_as_kubectl_top_does() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let _daemon = node.start().await?;
+    // One pod spins (a core's worth of CPU), one sleeps.
+    std::fs::write(
+        node.manifests.join("pods.yaml"),
+        format!(
+            "{}---\n{}",
+            manifest("spin", "while true; do :; done", ""),
+            manifest("idle", "sleep 300", "")
+        ),
+    )?;
+    wait_pod(&node, "spin", "running", |p| phase(p) == "Running").await?;
+    wait_pod(&node, "idle", "running", |p| phase(p) == "Running").await?;
+    let o = node.cli(&["top", "pods"])?;
+    anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = text(&o);
+    // NAME CPU(cores) MEMORY(bytes)
+    let row = |pod: &str| -> Option<(u64, u64)> {
+        let l = table.lines().find(|l| l.starts_with(pod))?;
+        let mut f = l.split_whitespace().skip(1);
+        Some((
+            f.next()?.strip_suffix('m')?.parse().ok()?,
+            f.next()?.strip_suffix("Mi")?.parse().ok()?,
+        ))
+    };
+    let (spin, _) = row("spin").with_context(|| table.clone())?;
+    let (idle, _) = row("idle").with_context(|| table.clone())?;
+    // A busy loop on a 2-core machine shared with the test: far above the
+    // sleeper's, whatever else runs.
+    anyhow::ensure!(spin >= 200 && idle < spin / 4, "{table}");
+    let o = node.cli(&["top", "node"])?;
+    let node_row = text(&o);
+    anyhow::ensure!(
+        node_row.contains("CPU(%)") && node_row.lines().nth(1).is_some_and(|l| l.contains('%')),
+        "{node_row}"
+    );
+    // The summary behind it is the kubelet's shape.
+    let o = node.cli(&["top", "pods", "-o", "json"])?;
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let spin_pod = s["pods"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["podRef"]["name"] == "spin"))
+        .context("no spin pod")?;
+    anyhow::ensure!(
+        spin_pod["containers"][0]["cpu"]["usageCoreNanoSeconds"].as_u64() > Some(0)
+            && spin_pod["memory"]["workingSetBytes"].as_u64() > Some(0),
+        "{spin_pod}"
+    );
+    Ok(())
+}

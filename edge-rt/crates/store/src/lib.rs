@@ -329,9 +329,10 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
     // After a checkpoint the WAL is truncated to this, so a burst does not
     // leave a large file behind on a small flash partition.
     conn.pragma_update(None, "journal_size_limit", 4 << 20)?;
-    // A node's store is a few MB, read in full only at start and on change:
-    // 512 KiB of page cache (the default is 2 MB) keeps edge-rt small.
-    conn.pragma_update(None, "cache_size", -512)?;
+    // A node's store is a few MB, read in full only at start and on change,
+    // and the kernel caches its file: 256 KiB of page cache (the default is
+    // 2 MB) keeps edge-rt small (a hundred devices' status rows fill it).
+    conn.pragma_update(None, "cache_size", -256)?;
     Ok(())
 }
 

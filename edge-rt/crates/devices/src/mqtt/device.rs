@@ -6,8 +6,6 @@
 //! nothing for three collect cycles (at least 5 s), or says `offline` on
 //! `state/update`, is unreachable until it speaks again.
 
-use std::collections::BTreeMap;
-
 use litemap::LiteMap;
 use std::time::Duration;
 
@@ -147,13 +145,13 @@ impl Run {
         for (name, t) in &m.twin {
             let Some(p) = self.dev.properties.get(name) else {
                 return self
-                    .refuse(m.base, format!("the device has no property {name:?}"))
+                    .refuse(m.base(), format!("the device has no property {name:?}"))
                     .await;
             };
             let Some(t) = t else {
                 return self
                     .refuse(
-                        m.base,
+                        m.base(),
                         format!("{name:?}: twins of a Device are not deleted"),
                     )
                     .await;
@@ -161,7 +159,7 @@ impl Run {
             if t.expected.is_some() {
                 return self
                     .refuse(
-                        m.base,
+                        m.base(),
                         format!("{name:?}: desired values are set on the Device, not by MQTT"),
                     )
                     .await;
@@ -171,11 +169,11 @@ impl Run {
             };
             match Value::parse(p.type_, text) {
                 Ok(v) => values.push((name.clone(), text.to_string(), v)),
-                Err(e) => return self.refuse(m.base, format!("{name:?}: {e}")).await,
+                Err(e) => return self.refuse(m.base(), format!("{name:?}: {e}")).await,
             }
         }
-        let mut changed = BTreeMap::new();
-        let mut doc = BTreeMap::new();
+        let mut changed = LiteMap::new();
+        let mut doc = LiteMap::new();
         for (name, text, v) in values {
             let (cur, d) = self.twins.set_actual(&name, &text, now);
             if let Some(d) = d {
@@ -193,7 +191,7 @@ impl Run {
             }
         }
         let answer = Base {
-            event_id: m.base.event_id.clone(),
+            event_id: m.event_id.clone(),
             timestamp: now,
         };
         let _ = self

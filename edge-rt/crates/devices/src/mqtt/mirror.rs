@@ -5,8 +5,6 @@
 //! refused: its values come from its registers, and desired values from
 //! its Device.
 
-use std::collections::BTreeMap;
-
 use litemap::LiteMap;
 
 use crate::mailbox::{recv, Receiver};
@@ -54,7 +52,7 @@ pub async fn run(
                 Some(Mirror::Actual { property, value }) => {
                     let (_, doc) = twins.set_actual(&property, &value, outrigger_sys::now_ms());
                     if let Some(doc) = doc {
-                        let m = TwinDocument { base: Base::new(), twin: BTreeMap::from([(property, doc)]) };
+                        let m = TwinDocument { base: Base::new(), twin: LiteMap::from_iter([(property, doc)]) };
                         if let Ok(p) = serde_json::to_vec(&m) {
                             let _ = publish("twin/update/document", p).await;
                         }

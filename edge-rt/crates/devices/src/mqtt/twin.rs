@@ -15,8 +15,6 @@
 //! | `twin/get/result` | edge-rt | [`TwinResult`] with every twin |
 //! | `state/update` | the device | [`StateUpdate`] (`online`, `offline`, ...) |
 
-use std::collections::BTreeMap;
-
 use litemap::LiteMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -44,6 +42,16 @@ fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
         Ms::N(n) => n,
         Ms::S(s) => s.parse().unwrap_or_default(),
     })
+}
+
+/// A map as a JSON object, empty too (litemap writes an empty map as a
+/// list). The messages' maps are sorted Vecs: a BTreeMap leaf holds room
+/// for 11 twins whatever the count, and every message has one or two.
+fn object<K: Serialize, V: Serialize, S: serde::Serializer>(
+    m: &LiteMap<K, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(m.iter())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,21 +102,36 @@ pub struct MsgTwin {
     pub metadata: Option<TypeMetadata>,
 }
 
+/// What a device sends. Its base's fields are its own, not flattened:
+/// serde buffers a whole message to parse a flattened struct, and a node
+/// with a hundred devices parses a hundred of these a second.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TwinUpdate {
-    #[serde(flatten)]
-    pub base: Base,
+    #[serde(default)]
+    pub event_id: String,
+    #[serde(default, deserialize_with = "millis")]
+    pub timestamp: i64,
     /// A twin set to null is a deletion (of an optional twin) in KubeEdge;
     /// here the model says what a device has, so it is refused.
-    #[serde(default)]
-    pub twin: BTreeMap<String, Option<MsgTwin>>,
+    #[serde(default, serialize_with = "object")]
+    pub twin: LiteMap<String, Option<MsgTwin>>,
+}
+
+impl TwinUpdate {
+    pub fn base(&self) -> Base {
+        Base {
+            event_id: self.event_id.clone(),
+            timestamp: self.timestamp,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TwinResult {
     #[serde(flatten)]
     pub base: Base,
-    pub twin: BTreeMap<String, MsgTwin>,
+    #[serde(serialize_with = "object")]
+    pub twin: LiteMap<String, MsgTwin>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,8 +146,10 @@ pub struct ErrorResult {
 pub struct TwinDelta {
     #[serde(flatten)]
     pub base: Base,
-    pub twin: BTreeMap<String, MsgTwin>,
-    pub delta: BTreeMap<String, String>,
+    #[serde(serialize_with = "object")]
+    pub twin: LiteMap<String, MsgTwin>,
+    #[serde(serialize_with = "object")]
+    pub delta: LiteMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +162,8 @@ pub struct TwinDoc {
 pub struct TwinDocument {
     #[serde(flatten)]
     pub base: Base,
-    pub twin: BTreeMap<String, TwinDoc>,
+    #[serde(serialize_with = "object")]
+    pub twin: LiteMap<String, TwinDoc>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +210,7 @@ impl Twins {
     }
 
     /// Every twin, as `twin/get/result` carries them.
-    pub fn all(&self) -> BTreeMap<String, MsgTwin> {
+    pub fn all(&self) -> LiteMap<String, MsgTwin> {
         self.twins
             .iter()
             .map(|(n, t)| (n.clone(), self.msg(n, t)))
@@ -224,7 +250,7 @@ impl Twins {
     /// The desired values the device lacks, if any, with every twin that
     /// has one.
     pub fn delta(&self) -> Option<TwinDelta> {
-        let mut delta = BTreeMap::new();
+        let mut delta = LiteMap::new();
         for (n, t) in &self.twins {
             let want = t.expected.as_ref().and_then(|v| v.value.as_deref());
             let have = t.actual.as_ref().and_then(|v| v.value.as_deref());
@@ -314,16 +340,34 @@ mod tests {
             r#"{"event_id":"","timestamp":"1700000000000","twin":{"temperature":{"actual":{"value":"23.5","metadata":{"timestamp":"1700000000000"}},"metadata":{"type":"float"}}}}"#,
         )
         .unwrap();
-        assert_eq!(m.base.timestamp, 1_700_000_000_000);
-        let t = m.twin["temperature"].as_ref().unwrap();
+        assert_eq!(m.timestamp, 1_700_000_000_000);
+        let t = m.twin.get("temperature").and_then(|t| t.as_ref()).unwrap();
         assert_eq!(t.actual.as_ref().unwrap().value.as_deref(), Some("23.5"));
         // edgecore's own shape, with versions (ignored).
         let m: TwinUpdate = serde_json::from_str(
             r#"{"event_id":"e1","timestamp":1700000000000,"twin":{"switch":{"expected":{"value":"1"},"optional":true,"metadata":{"type":"int"},"expected_version":{"cloud":3,"edge":1}}}}"#,
         )
         .unwrap();
-        assert_eq!(m.base.event_id, "e1");
-        assert!(m.twin["switch"].as_ref().unwrap().expected.is_some());
+        assert_eq!(m.event_id, "e1");
+        assert!(m
+            .twin
+            .get("switch")
+            .and_then(|t| t.as_ref())
+            .unwrap()
+            .expected
+            .is_some());
+    }
+
+    #[test]
+    fn twins_are_objects_even_when_there_are_none() {
+        let r = TwinResult::default();
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["twin"],
+            serde_json::json!({})
+        );
+        let back: TwinResult =
+            serde_json::from_str(r#"{"event_id":"","timestamp":0,"twin":{}}"#).unwrap();
+        assert!(back.twin.is_empty());
     }
 
     #[test]
@@ -344,8 +388,11 @@ mod tests {
                     }),
                 },
             )]
-            .into(),
-            delta: [("switch".to_string(), "1".to_string())].into(),
+            .into_iter()
+            .collect(),
+            delta: [("switch".to_string(), "1".to_string())]
+                .into_iter()
+                .collect(),
         };
         assert_eq!(
             serde_json::to_value(&d).unwrap(),
