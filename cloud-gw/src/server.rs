@@ -397,16 +397,21 @@ impl Gateway {
                     return;
                 }
             }
+            // Changes for the node first, then what it sends, then
+            // streams: a busy stream never holds sync or status up.
             tokio::select! {
-                Some(cmd) = stream_cmds.recv() => {
-                    if let Some(m) = mux.command(cmd, &node) {
-                        if link.send(&m).await.is_err() {
-                            return;
-                        }
+                biased;
+                Ok(()) = pushed.changed() => sync.refresh(),
+                // The node pings every heartbeat and we answer: one ping
+                // and one pong a period keeps idle links at a few dozen
+                // bytes a minute each way, and both sides see silence.
+                _ = tick.tick() => {
+                    if link.idle() > silence {
+                        tracing::warn!(node, secs = silence.as_secs(), "node silent for two heartbeats; dropping the link");
+                        return;
                     }
                 }
                 _ = rescan.tick() => sync.refresh(),
-                Ok(()) = pushed.changed() => sync.refresh(),
                 m = link.recv() => match m {
                     Ok(Message::Control(Control::RenewCertificate { csr_pem })) => {
                         match self.pki.issue_node(&node, &csr_pem, self.cfg.node_cert_validity) {
@@ -448,13 +453,11 @@ impl Gateway {
                         return;
                     }
                 },
-                // The node pings every heartbeat and we answer: one ping
-                // and one pong a period keeps idle links at a few dozen
-                // bytes a minute each way, and both sides see silence.
-                _ = tick.tick() => {
-                    if link.idle() > silence {
-                        tracing::warn!(node, secs = silence.as_secs(), "node silent for two heartbeats; dropping the link");
-                        return;
+                Some(cmd) = stream_cmds.recv() => {
+                    if let Some(m) = mux.command(cmd, &node) {
+                        if link.send(&m).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }

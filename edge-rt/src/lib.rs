@@ -24,6 +24,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod check_kernel;
 pub mod cli;
 pub mod config;
 pub mod daemon;

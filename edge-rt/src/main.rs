@@ -142,6 +142,11 @@ enum Cmd {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
+    /// Which kernel options edge-rt needs are missing, by feature: of
+    /// FILE (a kernel .config or fragment, gzipped or not), else of the
+    /// running kernel (/proc/config.gz or /boot/config-RELEASE). Exits 1
+    /// if a required one is.
+    CheckKernel { file: Option<PathBuf> },
     /// A summary of the node: pods, containers, images, edge-rt itself.
     Status {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -618,6 +623,27 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     print!("{}", edge_rt::cli::top_table(&s, pods, all_namespaces))
                 }
                 o => print_as(&serde_json::to_value(&s)?, o)?,
+            }
+            Ok(())
+        }
+        Cmd::CheckKernel { file } => {
+            use edge_rt::check_kernel as ck;
+            let path = match file {
+                Some(p) => p,
+                None => ck::running_config().context(
+                    "the running kernel's configuration is not at /proc/config.gz (CONFIG_IKCONFIG_PROC) nor /boot/config-RELEASE: give a file",
+                )?,
+            };
+            let cfg = ck::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            anyhow::ensure!(
+                !cfg.is_empty(),
+                "{}: no CONFIG_ lines (not a kernel configuration)",
+                path.display()
+            );
+            let (text, ok) = ck::report(&path.display().to_string(), &ck::check(&cfg));
+            print!("{text}");
+            if !ok {
+                std::process::exit(1);
             }
             Ok(())
         }

@@ -5,7 +5,7 @@
 //!
 //! Assets (made by `.ci/vm-assets`, from Debian's packages):
 //! `$OUTRIGGER_VM_ASSETS` (default `/var/cache/outrigger/vm`) holds
-//! `vmlinuz-arm64` (linux-image-arm64) and `busybox-arm64`
+//! `vmlinuz-arm64` and `config-arm64` (linux-image-arm64) and `busybox-arm64`
 //! (busybox-static:arm64). The static edge-rt for aarch64 is
 //! `$OUTRIGGER_EDGE_RT_ARM64`, by default the release build under this
 //! target directory (`cargo build --release --target
@@ -21,6 +21,8 @@ use anyhow::{bail, Context, Result};
 
 pub struct Arm64Assets {
     pub kernel: PathBuf,
+    /// The kernel's configuration.
+    pub config: PathBuf,
     pub busybox: PathBuf,
     pub edge_rt: PathBuf,
 }
@@ -42,11 +44,13 @@ impl Arm64Assets {
         };
         let a = Arm64Assets {
             kernel: dir.join("vmlinuz-arm64"),
+            config: dir.join("config-arm64"),
             busybox: dir.join("busybox-arm64"),
             edge_rt,
         };
         for (p, how) in [
             (&a.kernel, "run .ci/vm-assets (Debian's linux-image-arm64)"),
+            (&a.config, "run .ci/vm-assets (Debian's linux-image-arm64)"),
             (
                 &a.busybox,
                 "run .ci/vm-assets (Debian's busybox-static:arm64)",

@@ -130,3 +130,45 @@ fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
     }
     Ok(())
 }
+
+/// `edge-rt check-kernel` on the VM's kernel (Debian's arm64 one, which
+/// boots edge-rt as init above): every option edge-rt needs is there;
+/// and on a configuration lacking some, it says which, by feature, and
+/// fails.
+#[test]
+fn check_kernel_reads_the_vm_kernels_configuration() -> Result<()> {
+    let assets = Arm64Assets::locate()?;
+    let o = std::process::Command::new(outrigger_tests::util::edge_rt_bin())
+        .arg("check-kernel")
+        .arg(&assets.config)
+        .output()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    anyhow::ensure!(
+        o.status.success() && out.contains("every required option is there"),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    anyhow::ensure!(out.contains("CONFIG_USB_SERIAL_CH341"), "{out}");
+    let work = tempfile::tempdir()?;
+    let cut = work.path().join("config");
+    let text = std::fs::read_to_string(&assets.config)?;
+    std::fs::write(
+        &cut,
+        text.lines()
+            .filter(|l| !l.starts_with("CONFIG_VETH=") && !l.starts_with("CONFIG_SECCOMP_FILTER="))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )?;
+    let o = std::process::Command::new(outrigger_tests::util::edge_rt_bin())
+        .arg("check-kernel")
+        .arg(&cut)
+        .output()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    anyhow::ensure!(
+        o.status.code() == Some(1)
+            && out.contains("pod network: MISSING")
+            && out.contains("seccomp: MISSING"),
+        "{out}"
+    );
+    Ok(())
+}

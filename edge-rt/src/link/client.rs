@@ -371,17 +371,11 @@ async fn session(
     // kubectl logs of this node's pods; they end with the session.
     let (mut streams, mut stream_out) = super::streams::Streams::new(pods);
     loop {
+        // What the cloud sends first (a sync batch is committed before any
+        // more stream bytes go out), then status, then streams: a busy
+        // stream never holds the node's own business up.
         tokio::select! {
-            Some(queued) = stream_out.recv() => {
-                if let Some(m) = streams.outgoing(queued) {
-                    link.send(&m).await?;
-                }
-            }
-            _ = outbox.tick(), if store.is_some() => {
-                if let Some(m) = store.and_then(|s| up.next(s)) {
-                    link.send(&m).await?;
-                }
-            }
+            biased;
             m = link.recv() => match m? {
                 Message::Sync(Sync::Changes { batch, changes, cursors }) => {
                     let Some(s) = store else { continue };
@@ -430,6 +424,16 @@ async fn session(
                     link.send(&Message::Control(Control::RenewCertificate { csr_pem })).await?;
                     pending_key = Some(key_pem);
                     tracing::info!(node = %cfg.node, "asked for a new node certificate");
+                }
+            }
+            _ = outbox.tick(), if store.is_some() => {
+                if let Some(m) = store.and_then(|s| up.next(s)) {
+                    link.send(&m).await?;
+                }
+            }
+            Some(queued) = stream_out.recv() => {
+                if let Some(m) = streams.outgoing(queued) {
+                    link.send(&m).await?;
                 }
             }
         }

@@ -361,7 +361,7 @@ async fn main() -> Result<()> {
             &node,
             &image,
             args.forward_mb,
-            args.iterations.max(20) * 2,
+            args.iterations.max(20) * 10,
         )
         .await?;
         f.print(args.forward_mb);

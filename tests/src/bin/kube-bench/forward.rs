@@ -222,15 +222,21 @@ pub async fn bench(
     // Each makes its stream once kubectl has taken it: a GET through the
     // forward shows they are through.
     get(TcpStream::connect(("127.0.0.1", port))?, mb)?;
+    let forwarded = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
+        (0..runs)
+            .map(|_| get(TcpStream::connect(("127.0.0.1", port))?, mb))
+            .collect()
+    })
+    .await??;
+    // Pushes while the transfer goes on, GET after GET.
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let stop = stop.clone();
-        std::thread::spawn(move || -> Result<Vec<f64>> {
-            let mut v = Vec::new();
-            while v.len() < runs || !stop.load(Ordering::Relaxed) {
-                v.push(get(TcpStream::connect(("127.0.0.1", port))?, mb)?);
+        std::thread::spawn(move || -> Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                get(TcpStream::connect(("127.0.0.1", port))?, mb)?;
             }
-            Ok(v)
+            Ok(())
         })
     };
     let mut loaded_pushes = Vec::new();
@@ -238,7 +244,7 @@ pub async fn bench(
         loaded_pushes.push(push(&api, &store, &ns, pushes + i).await?);
     }
     stop.store(true, Ordering::Relaxed);
-    let forwarded = tokio::task::spawn_blocking(move || load.join())
+    tokio::task::spawn_blocking(move || load.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the load thread died"))??;
     drop(idle);
