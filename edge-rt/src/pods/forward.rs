@@ -38,14 +38,7 @@ impl PodManager {
         name: &str,
         uid: Option<&str>,
     ) -> Result<Option<std::path::PathBuf>, LookupError> {
-        let pod = self
-            .find(namespace, name)
-            .filter(|p| uid.is_none_or(|u| u.is_empty() || super::uid(p) == u))
-            .ok_or_else(|| {
-                LookupError::NotFound(format!(
-                    "pods \"{name}\" not found in namespace \"{namespace}\""
-                ))
-            })?;
+        let pod = self.lookup(namespace, name, uid)?;
         let host = pod
             .spec
             .as_ref()

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use crate::runtime::{logs, ContainerRecord, Runtime};
 
+use k8s_openapi::api::core::v1::Pod;
+
 use super::PodManager;
 
 /// How much of a log file is read at a time.
@@ -55,6 +57,23 @@ impl Sink for tokio::net::unix::OwnedWriteHalf {
 }
 
 impl PodManager {
+    /// A pod of this node by name; `uid`, when given, must be its (a pod
+    /// made again under the same name is another pod).
+    pub fn lookup(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<Pod, LookupError> {
+        self.find(namespace, name)
+            .filter(|p| uid.is_none_or(|u| u.is_empty() || super::uid(p) == u))
+            .ok_or_else(|| {
+                LookupError::NotFound(format!(
+                    "pods \"{name}\" not found in namespace \"{namespace}\""
+                ))
+            })
+    }
+
     /// The record of the container whose log is asked for: the pod's only
     /// container when none is named, the attempt before the last when
     /// `previous`. `uid`, when given, must be the pod's (a pod made again
@@ -67,14 +86,7 @@ impl PodManager {
         container: Option<&str>,
         previous: bool,
     ) -> Result<ContainerRecord, LookupError> {
-        let pod = self
-            .find(namespace, name)
-            .filter(|p| uid.is_none_or(|u| u.is_empty() || super::uid(p) == u))
-            .ok_or_else(|| {
-                LookupError::NotFound(format!(
-                    "pods \"{name}\" not found in namespace \"{namespace}\""
-                ))
-            })?;
+        let pod = self.lookup(namespace, name, uid)?;
         let spec = pod.spec.clone().unwrap_or_default();
         let names: Vec<String> = spec
             .init_containers

@@ -399,20 +399,7 @@ impl Runtime {
             .join(format!("{}.log", req.attempt));
         let mut fifo_fds = Vec::new();
         for s in ["stdout", "stderr"] {
-            let p = dir.join(s);
-            let _ = fs::remove_file(&p);
-            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
-                |e| RuntimeError::Io {
-                    what: format!("mkfifo {}", p.display()),
-                    source: e.into(),
-                },
-            )?;
-            let rw = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&p)
-                .map_err(io_err(format!("open {}", p.display())))?;
-            fifo_fds.push(rw);
+            fifo_fds.push(held_fifo(&dir.join(s))?);
         }
         let exit_path = dir.join("exit");
         let exit_file = fs::OpenOptions::new()
@@ -426,19 +413,7 @@ impl Runtime {
         // holds read-write as it holds its output (so an edge-rt restart
         // never ends its input), which `kubectl attach` writes to.
         let stdin = if req.container.stdin == Some(true) {
-            let p = dir.join("stdin");
-            let _ = fs::remove_file(&p);
-            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
-                |e| RuntimeError::Io {
-                    what: format!("mkfifo {}", p.display()),
-                    source: e.into(),
-                },
-            )?;
-            fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&p)
-                .map_err(io_err(format!("open {}", p.display())))?
+            held_fifo(&dir.join("stdin"))?
         } else {
             fs::File::open("/dev/null").map_err(io_err("/dev/null"))?
         };
@@ -837,6 +812,24 @@ pub fn spawn(
         .with_detach(true)
         .build()
         .map_err(|e| create_err(&e))
+}
+
+/// A FIFO made anew at `p`, opened read-write: the container holds both
+/// ends, so neither side's open ever blocks and its writes never fail for
+/// want of a reader while edge-rt restarts.
+fn held_fifo(p: &Path) -> Result<fs::File, RuntimeError> {
+    let _ = fs::remove_file(p);
+    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
+        RuntimeError::Io {
+            what: format!("mkfifo {}", p.display()),
+            source: e.into(),
+        }
+    })?;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(io_err(format!("open {}", p.display())))
 }
 
 /// What the given container records hold: never garbage-collected.
