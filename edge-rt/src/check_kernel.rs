@@ -186,6 +186,20 @@ pub const FEATURES: &[Feature] = &[
         ],
     },
     Feature {
+        name: "gateway image",
+        required: false,
+        about: "the images' partitions: provisioning on a FAT boot partition, data on ext4",
+        needs: &[
+            one(&["EXT4_FS"], "root and data partitions"),
+            one(&["VFAT_FS"], "the boot partition (join token, store key)"),
+            one(&["NLS_CODEPAGE_437"], "FAT's default code page"),
+            one(
+                &["NLS_ISO8859_1", "NLS_ASCII"],
+                "FAT's default character set",
+            ),
+        ],
+    },
+    Feature {
         name: "serial adapters",
         required: false,
         about: "USB RS-485/RS-232 adapters for Modbus RTU devices",

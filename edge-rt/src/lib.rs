@@ -19,7 +19,7 @@
 //! - [`reporter`]: puts pod status, node status and events in the store's
 //!   outbox.
 //! - [`link`]: joining a cloud and the mutual-TLS link to cloud-gw.
-//! - [`config`]: the node configuration file.
+//! - [`config`]: the node configuration file; [`reset`]: `edge-rt reset`.
 //! - [`daemon`]: `edge-rt run`'s wiring and main loop; [`bench`]: `edge-rt bench`.
 
 pub mod api;
@@ -34,6 +34,7 @@ pub mod events;
 pub mod link;
 pub mod pods;
 pub mod reporter;
+pub mod reset;
 pub mod static_pods;
 pub mod stats;
 pub mod supervisor;

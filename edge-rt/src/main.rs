@@ -142,6 +142,17 @@ enum Cmd {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
+    /// Remove what edge-rt made here: every pod and container (killed),
+    /// the pod network, the node store, the link identity (join again
+    /// after), pods' volumes and logs. Asks first; edge-rt must be stopped.
+    Reset {
+        /// Do not ask.
+        #[arg(short, long)]
+        force: bool,
+        /// Remove the images too.
+        #[arg(long)]
+        images: bool,
+    },
     /// Which kernel options edge-rt needs are missing, by feature: of
     /// FILE (a kernel .config or fragment, gzipped or not), else of the
     /// running kernel (/proc/config.gz or /boot/config-RELEASE). Exits 1
@@ -623,6 +634,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     print!("{}", edge_rt::cli::top_table(&s, pods, all_namespaces))
                 }
                 o => print_as(&serde_json::to_value(&s)?, o)?,
+            }
+            Ok(())
+        }
+        Cmd::Reset { force, images } => {
+            if !force && !edge_rt::reset::confirm(&cfg, images)? {
+                eprintln!("nothing removed");
+                std::process::exit(1);
+            }
+            edge_rt::reset::reset(&cfg, images).await?;
+            for p in edge_rt::reset::plan(&cfg, images) {
+                println!("removed {p}");
             }
             Ok(())
         }

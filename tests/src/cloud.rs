@@ -90,11 +90,20 @@ impl Cloud {
         run_args: &[&str],
         webhook: Option<std::net::SocketAddr>,
     ) -> Result<Cloud> {
-        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", Some(kubeconfig), None, None)?;
+        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", Some(kubeconfig), None, None, &[])?;
         c.run_args = run_args.iter().map(|a| a.to_string()).collect();
         if let Some(w) = webhook {
             c.webhook = w;
         }
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// `cloud-gw run` on 127.0.0.1 whose certificate also names `sans`:
+    /// for edges that reach this host by another address (a QEMU guest
+    /// reaches it at 10.0.2.2).
+    pub async fn start_kube_for(kubeconfig: &std::path::Path, sans: &[&str]) -> Result<Cloud> {
+        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", Some(kubeconfig), None, None, sans)?;
         c.spawn().await?;
         Ok(c)
     }
@@ -134,7 +143,15 @@ impl Cloud {
         secret: Option<&str>,
         port: Option<u16>,
     ) -> Result<Cloud> {
-        let mut c = Cloud::prepare(netns, addr, node_cert_validity, kubeconfig, secret, port)?;
+        let mut c = Cloud::prepare(
+            netns,
+            addr,
+            node_cert_validity,
+            kubeconfig,
+            secret,
+            port,
+            &[],
+        )?;
         c.spawn().await?;
         Ok(c)
     }
@@ -147,11 +164,16 @@ impl Cloud {
         kubeconfig: Option<&std::path::Path>,
         secret: Option<&str>,
         port: Option<u16>,
+        sans: &[&str],
     ) -> Result<Cloud> {
         let dir = tempfile::tempdir()?;
         // A replica makes (or adopts) the CA in the Secret itself.
         if secret.is_none() {
-            Cloud::cmd(dir.path(), &["init", "--san", addr])?;
+            let mut args = vec!["init", "--san", addr];
+            for s in sans {
+                args.extend(["--san", s]);
+            }
+            Cloud::cmd(dir.path(), &args)?;
         }
         let port = match port {
             Some(p) => p,

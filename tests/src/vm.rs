@@ -1,15 +1,19 @@
-//! Virtual machines for tests: a Debian kernel under QEMU (TCG) booting an
-//! initramfs the harness writes itself, with edge-rt as init. This is how
-//! the suites reach what the host cannot give them: a pure cgroup v2 kernel,
-//! another architecture, a real boot.
+//! Virtual machines for tests: Debian's kernels under QEMU (TCG), booting
+//! either an initramfs the harness writes itself with edge-rt as init, or a
+//! gateway's disk made by `boards/qemu-common/make-disk` (BusyBox init
+//! starting edge-rt, as on a board). This is how the suites reach what the
+//! host cannot give them: a pure cgroup v2 kernel, another architecture, a
+//! real boot, a power cut.
 //!
 //! Assets (made by `.ci/vm-assets`, from Debian's packages):
-//! `$OUTRIGGER_VM_ASSETS` (default `/var/cache/outrigger/vm`) holds
-//! `vmlinuz-arm64` and `config-arm64` (linux-image-arm64) and `busybox-arm64`
-//! (busybox-static:arm64). The static edge-rt for aarch64 is
-//! `$OUTRIGGER_EDGE_RT_ARM64`, by default the release build under this
-//! target directory (`cargo build --release --target
-//! aarch64-unknown-linux-musl -p edge-rt`).
+//! `$OUTRIGGER_VM_ASSETS` (default `/var/cache/outrigger/vm`) holds, per
+//! architecture (`arm64/`, `amd64/`), the kernel (`vmlinuz`, `config`, the
+//! unpacked package with its modules), `busybox` (busybox-static) and the
+//! packages a gateway's root filesystem takes (iproute2, iptables). The
+//! static edge-rt is `$OUTRIGGER_EDGE_RT_ARM64` / `$OUTRIGGER_EDGE_RT_AMD64`,
+//! by default the release builds under this target directory (`cargo build
+//! --release --target aarch64-unknown-linux-musl -p edge-rt`, and
+//! `x86_64-unknown-linux-musl`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -19,7 +23,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub struct Arm64Assets {
+/// What a VM of one architecture boots: Debian's kernel (and its
+/// configuration), a static busybox, and the static edge-rt.
+pub struct Assets {
+    /// `arm64` or `amd64`, as Debian names them.
+    pub arch: &'static str,
+    /// `$OUTRIGGER_VM_ASSETS/<arch>`: also the packages the gateway disk
+    /// is made from (`boards/qemu-common/make-disk`).
+    pub dir: PathBuf,
     pub kernel: PathBuf,
     /// The kernel's configuration.
     pub config: PathBuf,
@@ -27,47 +38,96 @@ pub struct Arm64Assets {
     pub edge_rt: PathBuf,
 }
 
-impl Arm64Assets {
+impl Assets {
     /// Finds the assets, or says exactly how to make them.
-    pub fn locate() -> Result<Arm64Assets> {
-        let dir = PathBuf::from(
+    pub fn locate(arch: &'static str) -> Result<Assets> {
+        let root = PathBuf::from(
             std::env::var_os("OUTRIGGER_VM_ASSETS").unwrap_or("/var/cache/outrigger/vm".into()),
         );
-        let edge_rt = match std::env::var_os("OUTRIGGER_EDGE_RT_ARM64") {
+        let (triple, qemu, var) = match arch {
+            "arm64" => ("aarch64", "qemu-system-aarch64", "OUTRIGGER_EDGE_RT_ARM64"),
+            "amd64" => ("x86_64", "qemu-system-x86_64", "OUTRIGGER_EDGE_RT_AMD64"),
+            _ => bail!("no VM assets for {arch}"),
+        };
+        let edge_rt = match std::env::var_os(var) {
             Some(p) => PathBuf::from(p),
             // <target>/debug/deps/<test binary>
             None => std::env::current_exe()?
                 .ancestors()
                 .nth(3)
                 .context("no target directory above the test binary")?
-                .join("aarch64-unknown-linux-musl/release/edge-rt"),
+                .join(format!("{triple}-unknown-linux-musl/release/edge-rt")),
         };
-        let a = Arm64Assets {
-            kernel: dir.join("vmlinuz-arm64"),
-            config: dir.join("config-arm64"),
-            busybox: dir.join("busybox-arm64"),
+        let dir = root.join(arch);
+        let a = Assets {
+            arch,
+            kernel: dir.join("vmlinuz"),
+            config: dir.join("config"),
+            busybox: dir.join("busybox"),
+            dir,
             edge_rt,
         };
+        let build =
+            format!("cargo build --release --target {triple}-unknown-linux-musl -p edge-rt");
         for (p, how) in [
-            (&a.kernel, "run .ci/vm-assets (Debian's linux-image-arm64)"),
-            (&a.config, "run .ci/vm-assets (Debian's linux-image-arm64)"),
-            (
-                &a.busybox,
-                "run .ci/vm-assets (Debian's busybox-static:arm64)",
-            ),
-            (
-                &a.edge_rt,
-                "cargo build --release --target aarch64-unknown-linux-musl -p edge-rt",
-            ),
+            (&a.kernel, "run .ci/vm-assets (Debian's kernel package)"),
+            (&a.config, "run .ci/vm-assets (Debian's kernel package)"),
+            (&a.busybox, "run .ci/vm-assets (Debian's busybox-static)"),
+            (&a.edge_rt, build.as_str()),
         ] {
             if !p.exists() {
                 bail!("{} is missing: {how}", p.display());
             }
         }
-        if which("qemu-system-aarch64").is_none() {
-            bail!("qemu-system-aarch64 is missing: run .ci/vm-assets (qemu-system-arm from bookworm-backports)");
+        if which(qemu).is_none() {
+            bail!("{qemu} is missing: run .ci/vm-assets (QEMU from bookworm-backports)");
         }
         Ok(a)
+    }
+}
+
+/// A gateway's disk made by `boards/qemu-common/make-disk` (boot, root and
+/// data partitions; the kernel and its initramfs beside it).
+pub struct GatewayDisk {
+    pub dir: tempfile::TempDir,
+    /// The root filesystem's size, as make-disk counts it (without the
+    /// boot and data partitions' files).
+    pub rootfs_bytes: u64,
+}
+
+impl GatewayDisk {
+    /// `join`: the join.conf to provision; `preload`: image archives.
+    pub fn make(a: &Assets, join: Option<&Path>, preload: &[&Path]) -> Result<GatewayDisk> {
+        let dir = tempfile::tempdir()?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/qemu-common/make-disk");
+        let mut cmd = Command::new(&script);
+        cmd.args(["--arch", a.arch])
+            .arg("--edge-rt")
+            .arg(&a.edge_rt)
+            .arg("--out")
+            .arg(dir.path())
+            .arg("--assets")
+            .arg(a.dir.parent().context("assets without a parent")?);
+        if let Some(j) = join {
+            cmd.arg("--join").arg(j);
+        }
+        for p in preload {
+            cmd.arg("--preload").arg(p);
+        }
+        let o = cmd.output().context("running make-disk")?;
+        let out = String::from_utf8_lossy(&o.stdout);
+        anyhow::ensure!(
+            o.status.success(),
+            "make-disk: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let rootfs_bytes = out
+            .split("root filesystem: ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("make-disk printed no size: {out}"))?;
+        Ok(GatewayDisk { dir, rootfs_bytes })
     }
 }
 
@@ -159,7 +219,28 @@ impl Initramfs {
 pub struct Vm {
     child: Child,
     console: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// QEMU for `arch` (Debian's name), two CPUs and 1 GiB, the first serial
+/// line as its standard output, no display, off rather than rebooting.
+fn qemu(arch: &str) -> Command {
+    let mut c = match arch {
+        "amd64" => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-M", "q35", "-vga", "none"]);
+            c
+        }
+        _ => {
+            let mut c = Command::new("qemu-system-aarch64");
+            c.args(["-M", "virt", "-cpu", "cortex-a72"]);
+            c
+        }
+    };
+    c.args(["-smp", "2", "-m", "1024"])
+        .args(["-display", "none", "-monitor", "none"])
+        .args(["-serial", "stdio", "-no-reboot"]);
+    c
 }
 
 impl Vm {
@@ -168,31 +249,62 @@ impl Vm {
         let dir = tempfile::tempdir()?;
         let initrd = dir.path().join("initrd.cpio");
         std::fs::File::create(&initrd)?.write_all(&initramfs)?;
-        let mut child = Command::new("qemu-system-aarch64")
-            .args([
-                "-M",
-                "virt",
-                "-cpu",
-                "cortex-a72",
-                "-smp",
-                "2",
-                "-m",
-                "1024",
-            ])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-            // No network: the default NIC would also need iPXE's option ROM.
-            .args(["-nic", "none"])
-            .arg("-no-reboot")
+        let mut cmd = qemu("arm64");
+        // No network: the default NIC would also need iPXE's option ROM.
+        cmd.args(["-nic", "none"])
             .arg("-kernel")
             .arg(kernel)
             .arg("-initrd")
             .arg(&initrd)
-            .args(["-append", cmdline])
+            .args(["-append", cmdline]);
+        Vm::spawn(cmd, Some(dir))
+    }
+
+    /// Boot a gateway's disk as its `run-qemu` would: the disk on virtio,
+    /// QEMU's user network (the host is 10.0.2.2 to the guest) with
+    /// `forward`ed ports (host port on 127.0.0.1, guest port), and with
+    /// `offline` the guest cut from the host and everything beyond (the
+    /// forwarded ports still reach it).
+    pub fn boot_disk(
+        arch: &str,
+        disk: &GatewayDisk,
+        forward: &[(u16, u16)],
+        offline: bool,
+    ) -> Result<Vm> {
+        let d = disk.dir.path();
+        let cmdline = std::fs::read_to_string(d.join("cmdline"))?;
+        let mut net = String::from("user,id=net");
+        if offline {
+            net.push_str(",restrict=on");
+        }
+        for (host, guest) in forward {
+            net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        let mut cmd = qemu(arch);
+        cmd.arg("-kernel")
+            .arg(d.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(d.join("initrd.img"))
+            .args(["-append", cmdline.trim()])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,format=raw,id=disk",
+                d.join("disk.img").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=disk"])
+            .args(["-netdev", &net])
+            .args(["-device", "virtio-net-pci,netdev=net,romfile="])
+            .args(["-device", "virtio-rng-pci"]);
+        Vm::spawn(cmd, None)
+    }
+
+    fn spawn(mut cmd: Command, dir: Option<tempfile::TempDir>) -> Result<Vm> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting qemu-system-aarch64")?;
+            .context("starting QEMU")?;
         let console = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             child
@@ -225,6 +337,12 @@ impl Vm {
             console,
             _dir: dir,
         })
+    }
+
+    /// Pulls the plug: QEMU killed, nothing flushed that the guest had not.
+    pub fn power_cut(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Everything the console printed so far.

@@ -2785,3 +2785,132 @@ async fn a_device_cut_from_the_cloud_goes_on_and_both_sides_converge_after() -> 
     drop(line);
     s.cleanup().await
 }
+
+/// `edge-rt reset` on a joined gateway running a pod on its pod network:
+/// refused while edge-rt runs, and without a terminal or `--force`; with
+/// `--force` the container is killed and gone with its sandbox, the bridge
+/// and its iptables rules, the store and the link identity, the images
+/// kept. Provisioned again with a new token under its name, the gateway
+/// adopts its Node, and the pod bound to it runs again.
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_removes_what_edge_rt_made_and_a_new_token_adopts_the_node() -> Result<()> {
+    let mut s = Setup::ready(Opts::default()).await?;
+    let n = 200 + std::process::id() % 50;
+    let bridge = format!("ortrst{n}");
+    let cidr = format!("10.{n}.0.0/24");
+    let cfg = std::fs::read_to_string(&s.node().config)?;
+    std::fs::write(
+        &s.node().config,
+        cfg.replace(
+            "[network]\nenabled = false\n",
+            &format!("[network]\nbridge = \"{bridge}\"\npod_cidr = \"{cidr}\"\n"),
+        ),
+    )?;
+    if let Some(d) = s.edges[0].daemon.take() {
+        d.terminate()?;
+    }
+    s.edges[0].daemon = Some(s.node().start().await?);
+    let node = s.name().to_string();
+    s.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: web
+    image: busybox:latest
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && echo hi >/www/index.html && exec httpd -f -p 8080 -h /www"]
+    ports: [{{containerPort: 8080, hostPort: 18080}}]
+"#
+    ))?;
+    s.pod_ready("web").await?;
+    let first = s.node().record("web").context("no container web")?;
+    let pid = first.pid.context("no pid")?;
+    let link = s.node().dir.path().join("data/link");
+    let store = s.node().dir.path().join("data/store.db");
+    ensure!(link.exists() && store.exists());
+    ensure!(cmd_ok("ip", &["link", "show", &bridge]));
+
+    let o = s.node().cli(&["reset", "--force"])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("edge-rt is running"),
+        "{}",
+        stderr(&o)
+    );
+    if let Some(d) = s.edges[0].daemon.take() {
+        d.terminate()?;
+    }
+    let o = std::process::Command::new(edge_rt_bin())
+        .arg("--config")
+        .arg(&s.node().config)
+        .arg("reset")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    ensure!(pid_alive(pid) && store.exists(), "removed without asking");
+
+    let o = s.node().cli(&["reset", "--force"])?;
+    ensure!(o.status.success(), "reset: {}", stderr(&o));
+    wait_for("the container to die", Duration::from_secs(10), || async {
+        (!pid_alive(pid)).then_some(())
+    })
+    .await?;
+    ensure!(!cmd_ok("ip", &["link", "show", &bridge]), "bridge left");
+    let nat = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()?;
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    ensure!(
+        !nat.contains(&cidr) && !nat.contains(":18080"),
+        "rules left:\n{nat}"
+    );
+    ensure!(!link.exists() && !store.exists(), "store or link left");
+    ensure!(!s.node().state.exists() && !s.node().logs.exists());
+    ensure!(
+        s.node().dir.path().join("data/images").exists(),
+        "images gone"
+    );
+    ensure!(s.node().records().is_empty(), "{:?}", s.node().records());
+
+    // Provisioned again: a new token, the same name.
+    let o = join_with(
+        s.node(),
+        &s.cloud.server,
+        &s.cloud.token("10m")?,
+        &node,
+        &["--labels", &format!("{SCOPE_LABEL}={}", s.ns())],
+    )?;
+    ensure!(o.status.success(), "join again: {}", stderr(&o));
+    s.edges[0].daemon = Some(s.node().start().await?);
+    s.ready_node(&node).await?;
+    let again = wait_for("the pod to run again", Duration::from_secs(60), || async {
+        s.node()
+            .record("web")
+            .filter(|r| r.exit.is_none() && r.pid.is_some())
+    })
+    .await
+    .with_context(|| s.logs())?;
+    ensure!(again.id != first.id || again.pid != first.pid);
+    // And the test's own clean-up, by the same command.
+    if let Some(d) = s.edges[0].daemon.take() {
+        d.terminate()?;
+    }
+    let o = s.node().cli(&["reset", "--force", "--images"])?;
+    ensure!(o.status.success(), "reset --images: {}", stderr(&o));
+    ensure!(!s.node().dir.path().join("data/images").exists());
+    s.cleanup().await
+}
+
+fn cmd_ok(cmd: &str, args: &[&str]) -> bool {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}

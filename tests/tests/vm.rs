@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use outrigger_tests::fixtures::{self, ImageSpec};
-use outrigger_tests::vm::{Arm64Assets, Initramfs, Vm};
+use outrigger_tests::vm::{Assets, Initramfs, Vm};
 
 /// Switch to a tmpfs root first: container creation uses pivot_root, which
 /// the kernel refuses on the initramfs itself (a gateway image boots from a
@@ -76,7 +76,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
-    let assets = Arm64Assets::locate()?;
+    let assets = Assets::locate("arm64")?;
     let work = tempfile::tempdir()?;
     let layout = work.path().join("layout");
     let spec = ImageSpec::busybox_for(&assets.busybox, "arm64")?;
@@ -137,7 +137,7 @@ fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
 /// fails.
 #[test]
 fn check_kernel_reads_the_vm_kernels_configuration() -> Result<()> {
-    let assets = Arm64Assets::locate()?;
+    let assets = Assets::locate("arm64")?;
     let o = std::process::Command::new(outrigger_tests::util::edge_rt_bin())
         .arg("check-kernel")
         .arg(&assets.config)
@@ -171,4 +171,194 @@ fn check_kernel_reads_the_vm_kernels_configuration() -> Result<()> {
         "{out}"
     );
     Ok(())
+}
+
+/// A gateway's disk for `arch` (boards/qemu-common/make-disk: boot, root
+/// and data partitions, BusyBox init starting edge-rt from the image's init
+/// script) provisioned with a join token, booted under QEMU: it joins
+/// cloud-gw on the host, the real control plane's scheduler places a pod
+/// on it from `kubectl apply`, the pod serves on its hostPort; then the
+/// power is cut, cloud-gw is gone, and the disk boots again cut off from
+/// the host: the pod runs again from the store on the data partition.
+fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
+    use outrigger_tests::cloud::Cloud;
+    use outrigger_tests::k8s::{unique, Cluster, Scope};
+    use outrigger_tests::registry::free_port;
+    use outrigger_tests::vm::GatewayDisk;
+
+    let assets = Assets::locate(arch)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let cluster = Cluster::get()?;
+    let scope = Scope::new(&cluster, "gw")?;
+    let name = unique("gw");
+    scope.owns("node", &name);
+    // The guest reaches this host, and so cloud-gw on 127.0.0.1, at 10.0.2.2.
+    let cloud = rt.block_on(Cloud::start_kube_for(cluster.kubeconfig(), &["10.0.2.2"]))?;
+
+    let work = tempfile::tempdir()?;
+    let join = work.path().join("join.conf");
+    std::fs::write(
+        &join,
+        format!(
+            "SERVER=wss://10.0.2.2:{}\nTOKEN={}\nNODE_NAME={name}\nLABELS=outrigger.io/test-scope={}\n",
+            cloud.addr.port(),
+            cloud.token("30m")?,
+            scope.namespace
+        ),
+    )?;
+    let layout = work.path().join("layout");
+    let spec = ImageSpec::busybox_for(&assets.busybox, arch)?;
+    fixtures::add_to_layout(&layout, "latest", &spec)?;
+    let archive = work.path().join("busybox.tar");
+    fixtures::archive(&layout, &archive)?;
+    let disk = GatewayDisk::make(&assets, Some(&join), &[&archive])?;
+    anyhow::ensure!(
+        disk.rootfs_bytes < 24 << 20,
+        "root filesystem {} bytes",
+        disk.rootfs_bytes
+    );
+
+    let http = free_port()?;
+    let forward = [(http, 8080)];
+    let mut vm = Vm::boot_disk(arch, &disk, &forward, false)?;
+    let t = Duration::from_secs(240);
+    vm.wait_line(t, |l| l.contains("edge-rt running"))?;
+    let ready = |n: &serde_json::Value| {
+        n["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    };
+    wait(t, "the gateway's Node Ready", || {
+        let o = scope
+            .kubectl()
+            .args(["get", "node", &name, "-o", "json"])
+            .output()
+            .ok()?;
+        let n: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        ready(&n).then_some(())
+    })
+    .with_context(|| format!("console:\n{}", vm.console().join("\n")))?;
+
+    let pod = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: {name}}}
+  containers:
+  - name: web
+    image: busybox:latest
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && cat /proc/sys/kernel/random/boot_id >/www/index.html && exec httpd -f -p 8080 -h /www"]
+    ports: [{{containerPort: 8080, hostPort: 8080}}]
+"#
+    );
+    outrigger_tests::util::with_stdin(
+        {
+            let mut c = scope.kubectl();
+            c.args(["apply", "-f", "-"]);
+            c
+        },
+        &pod,
+    )?;
+    let o = scope
+        .kubectl()
+        .args(["wait", "--for=condition=Ready", "pod/web", "--timeout=180s"])
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "pod not Ready: {}\nconsole:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        vm.console().join("\n")
+    );
+    let first = wait(t, "the pod's page", || get(http))
+        .with_context(|| format!("console:\n{}", vm.console().join("\n")))?;
+
+    // The power cut, with the cloud gone for good.
+    vm.power_cut();
+    drop(cloud);
+    let mut vm = Vm::boot_disk(arch, &disk, &forward, true)?;
+    vm.wait_line(t, |l| l.contains("edge-rt running"))?;
+    let second = wait(t, "the pod's page after the power cut", || {
+        get(http).filter(|b| *b != first)
+    })
+    .with_context(|| format!("console:\n{}", vm.console().join("\n")))?;
+    anyhow::ensure!(second.len() == first.len(), "{first:?} then {second:?}");
+    vm.power_cut();
+
+    // The token was used once and is gone; the store key is on the boot
+    // partition, not beside the data it seals.
+    let boot = boot_partition_files(&disk.dir.path().join("disk.img"))?;
+    anyhow::ensure!(
+        boot.contains(&"store.key".to_string()) && !boot.contains(&"join.conf".to_string()),
+        "boot partition's outrigger/: {boot:?}"
+    );
+    Ok(())
+}
+
+/// What `f` gives, tried every 200 ms for up to `timeout`.
+fn wait<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no {what} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The body of `GET /` on 127.0.0.1:`port`, if it answers 200.
+fn get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    // busybox httpd answers HTTP/1.1 whatever was asked.
+    (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
+        .then(|| body.trim().to_string())
+        .filter(|b| !b.is_empty())
+}
+
+/// The names in `outrigger/` of the disk's first (FAT) partition, read
+/// with mtools at the partition's offset.
+fn boot_partition_files(disk: &std::path::Path) -> Result<Vec<String>> {
+    let o = std::process::Command::new("partx")
+        .args(["-g", "-o", "START", "-n", "1"])
+        .arg(disk)
+        .output()?;
+    let start: u64 = String::from_utf8_lossy(&o.stdout).trim().parse()?;
+    let o = std::process::Command::new("mdir")
+        .args(["-b", "-i"])
+        .arg(format!("{}@@{}", disk.display(), start * 512))
+        .arg("::outrigger")
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "mdir: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn an_arm64_gateway_image_joins_runs_a_pod_and_survives_a_power_cut() -> Result<()> {
+    gateway_image_survives_a_power_cut("arm64")
+}
+
+#[test]
+fn an_x86_64_gateway_image_joins_runs_a_pod_and_survives_a_power_cut() -> Result<()> {
+    gateway_image_survives_a_power_cut("amd64")
 }
