@@ -99,11 +99,11 @@ impl Cloud {
         Ok(c)
     }
 
-    /// `cloud-gw run` on 127.0.0.1 whose certificate also names `sans`:
-    /// for edges that reach this host by another address (a QEMU guest
-    /// reaches it at 10.0.2.2).
-    pub async fn start_kube_for(kubeconfig: &std::path::Path, sans: &[&str]) -> Result<Cloud> {
-        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", Some(kubeconfig), None, None, sans)?;
+    /// `cloud-gw run` (with a cluster) or `serve` on 127.0.0.1 whose
+    /// certificate also names `sans`: for edges that reach this host by
+    /// another address (a QEMU guest reaches it at 10.0.2.2).
+    pub async fn start_for(kubeconfig: Option<&std::path::Path>, sans: &[&str]) -> Result<Cloud> {
+        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", kubeconfig, None, None, sans)?;
         c.spawn().await?;
         Ok(c)
     }

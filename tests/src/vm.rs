@@ -51,12 +51,16 @@ impl Assets {
         };
         let edge_rt = match std::env::var_os(var) {
             Some(p) => PathBuf::from(p),
-            // <target>/debug/deps/<test binary>
-            None => std::env::current_exe()?
-                .ancestors()
-                .nth(3)
-                .context("no target directory above the test binary")?
-                .join(format!("{triple}-unknown-linux-musl/release/edge-rt")),
+            // The target directory above this binary (a test's is in
+            // <target>/debug/deps, a bench's in <target>/release).
+            None => {
+                let rel = format!("{triple}-unknown-linux-musl/release/edge-rt");
+                let exe = std::env::current_exe()?;
+                exe.ancestors()
+                    .map(|d| d.join(&rel))
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| PathBuf::from("target").join(&rel))
+            }
         };
         let dir = root.join(arch);
         let a = Assets {
@@ -220,6 +224,8 @@ pub struct Vm {
     child: Child,
     console: Arc<Mutex<Vec<String>>>,
     _dir: Option<tempfile::TempDir>,
+    /// When QEMU was started: what boot times count from.
+    pub started: Instant,
 }
 
 /// QEMU for `arch` (Debian's name), two CPUs and 1 GiB, the first serial
@@ -299,6 +305,7 @@ impl Vm {
     }
 
     fn spawn(mut cmd: Command, dir: Option<tempfile::TempDir>) -> Result<Vm> {
+        let started = Instant::now();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -336,6 +343,7 @@ impl Vm {
             child,
             console,
             _dir: dir,
+            started,
         })
     }
 
@@ -379,6 +387,36 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What `f` gives, tried every 200 ms for up to `timeout`.
+pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no {what} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The body of `GET /` on 127.0.0.1:`port`, if it answers 200.
+pub fn http_get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    // busybox httpd answers HTTP/1.1 whatever was asked.
+    (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
+        .then(|| body.trim().to_string())
+        .filter(|b| !b.is_empty())
 }
 
 /// Drops terminal colour sequences (edge-rt colours its logs on a tty, and

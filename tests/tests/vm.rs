@@ -184,7 +184,7 @@ fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
     use outrigger_tests::cloud::Cloud;
     use outrigger_tests::k8s::{unique, Cluster, Scope};
     use outrigger_tests::registry::free_port;
-    use outrigger_tests::vm::GatewayDisk;
+    use outrigger_tests::vm::{http_get, poll, GatewayDisk};
 
     let assets = Assets::locate(arch)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -193,7 +193,7 @@ fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
     let name = unique("gw");
     scope.owns("node", &name);
     // The guest reaches this host, and so cloud-gw on 127.0.0.1, at 10.0.2.2.
-    let cloud = rt.block_on(Cloud::start_kube_for(cluster.kubeconfig(), &["10.0.2.2"]))?;
+    let cloud = rt.block_on(Cloud::start_for(Some(cluster.kubeconfig()), &["10.0.2.2"]))?;
 
     let work = tempfile::tempdir()?;
     let join = work.path().join("join.conf");
@@ -229,7 +229,7 @@ fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
         })
     };
-    wait(t, "the gateway's Node Ready", || {
+    poll(t, "the gateway's Node Ready", || {
         let o = scope
             .kubectl()
             .args(["get", "node", &name, "-o", "json"])
@@ -273,7 +273,7 @@ spec:
         String::from_utf8_lossy(&o.stderr),
         vm.console().join("\n")
     );
-    let first = wait(t, "the pod's page", || get(http))
+    let first = poll(t, "the pod's page", || http_get(http))
         .with_context(|| format!("console:\n{}", vm.console().join("\n")))?;
 
     // The power cut, with the cloud gone for good.
@@ -281,8 +281,8 @@ spec:
     drop(cloud);
     let mut vm = Vm::boot_disk(arch, &disk, &forward, true)?;
     vm.wait_line(t, |l| l.contains("edge-rt running"))?;
-    let second = wait(t, "the pod's page after the power cut", || {
-        get(http).filter(|b| *b != first)
+    let second = poll(t, "the pod's page after the power cut", || {
+        http_get(http).filter(|b| *b != first)
     })
     .with_context(|| format!("console:\n{}", vm.console().join("\n")))?;
     anyhow::ensure!(second.len() == first.len(), "{first:?} then {second:?}");
@@ -296,36 +296,6 @@ spec:
         "boot partition's outrigger/: {boot:?}"
     );
     Ok(())
-}
-
-/// What `f` gives, tried every 200 ms for up to `timeout`.
-fn wait<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no {what} after {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The body of `GET /` on 127.0.0.1:`port`, if it answers 200.
-fn get(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let (head, body) = r.split_once("\r\n\r\n")?;
-    // busybox httpd answers HTTP/1.1 whatever was asked.
-    (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
-        .then(|| body.trim().to_string())
-        .filter(|b| !b.is_empty())
 }
 
 /// The names in `outrigger/` of the disk's first (FAT) partition, read
