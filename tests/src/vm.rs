@@ -36,6 +36,9 @@ pub struct Assets {
     pub config: PathBuf,
     pub busybox: PathBuf,
     pub edge_rt: PathBuf,
+    /// Debian with systemd, iproute2 and iptables (amd64 only), for a
+    /// gateway disk with systemd as init.
+    pub systemd_rootfs: PathBuf,
 }
 
 impl Assets {
@@ -68,6 +71,7 @@ impl Assets {
             kernel: dir.join("vmlinuz"),
             config: dir.join("config"),
             busybox: dir.join("busybox"),
+            systemd_rootfs: dir.join("debian-systemd.tar"),
             dir,
             edge_rt,
         };
@@ -100,8 +104,15 @@ pub struct GatewayDisk {
 }
 
 impl GatewayDisk {
-    /// `join`: the join.conf to provision; `preload`: image archives.
-    pub fn make(a: &Assets, join: Option<&Path>, preload: &[&Path]) -> Result<GatewayDisk> {
+    /// `join`: the join.conf to provision; `preload`: image archives;
+    /// `systemd`: a systemd root filesystem (tar) to use instead of
+    /// BusyBox init (`--init systemd`).
+    pub fn make(
+        a: &Assets,
+        join: Option<&Path>,
+        preload: &[&Path],
+        systemd: Option<&Path>,
+    ) -> Result<GatewayDisk> {
         let dir = tempfile::tempdir()?;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/qemu-common/make-disk");
         let mut cmd = Command::new(&script);
@@ -117,6 +128,9 @@ impl GatewayDisk {
         }
         for p in preload {
             cmd.arg("--preload").arg(p);
+        }
+        if let Some(r) = systemd {
+            cmd.args(["--init", "systemd", "--rootfs"]).arg(r);
         }
         let o = cmd.output().context("running make-disk")?;
         let out = String::from_utf8_lossy(&o.stdout);
@@ -417,6 +431,48 @@ pub fn http_get(port: u16) -> Option<String> {
     (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
         .then(|| body.trim().to_string())
         .filter(|b| !b.is_empty())
+}
+
+/// A pod serving the boot id of the kernel it runs on (so a test tells
+/// which boot runs it) on hostPort 8080, from the preloaded busybox image;
+/// `placement` is a line of its spec (nodeName or nodeSelector).
+pub fn boot_id_pod(placement: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  {placement}
+  containers:
+  - name: web
+    image: busybox:latest
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && cat /proc/sys/kernel/random/boot_id >/www/index.html && exec httpd -f -p 8080 -h /www"]
+    ports: [{{containerPort: 8080, hostPort: 8080}}]
+"#
+    )
+}
+
+/// The join.conf a factory writes on the boot partition, for a guest
+/// reaching `cloud` (on 127.0.0.1) at 10.0.2.2; `extra`: more lines.
+pub fn join_conf(cloud: &crate::cloud::Cloud, node: &str, extra: &str) -> Result<String> {
+    Ok(format!(
+        "SERVER=wss://10.0.2.2:{}\nTOKEN={}\nNODE_NAME={node}\n{extra}",
+        cloud.addr.port(),
+        cloud.token("30m")?
+    ))
+}
+
+/// The busybox image of `a`'s architecture as an archive in `dir`, for
+/// make-disk's --preload.
+pub fn busybox_archive(a: &Assets, dir: &Path) -> Result<PathBuf> {
+    use crate::fixtures;
+    let layout = dir.join("layout");
+    let spec = fixtures::ImageSpec::busybox_for(&a.busybox, a.arch)?;
+    fixtures::add_to_layout(&layout, "latest", &spec)?;
+    let archive = dir.join("busybox.tar");
+    fixtures::archive(&layout, &archive)?;
+    Ok(archive)
 }
 
 /// Drops terminal colour sequences (edge-rt colours its logs on a tty, and

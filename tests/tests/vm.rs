@@ -6,8 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use outrigger_tests::fixtures::{self, ImageSpec};
-use outrigger_tests::vm::{Assets, Initramfs, Vm};
+use outrigger_tests::vm::{busybox_archive, Assets, Initramfs, Vm};
 
 /// Switch to a tmpfs root first: container creation uses pivot_root, which
 /// the kernel refuses on the initramfs itself (a gateway image boots from a
@@ -78,11 +77,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
     let assets = Assets::locate("arm64")?;
     let work = tempfile::tempdir()?;
-    let layout = work.path().join("layout");
-    let spec = ImageSpec::busybox_for(&assets.busybox, "arm64")?;
-    fixtures::add_to_layout(&layout, "latest", &spec)?;
-    let archive = work.path().join("busybox.tar");
-    fixtures::archive(&layout, &archive)?;
+    let archive = busybox_archive(&assets, work.path())?;
 
     let mut initrd = Initramfs::default();
     initrd
@@ -174,17 +169,18 @@ fn check_kernel_reads_the_vm_kernels_configuration() -> Result<()> {
 }
 
 /// A gateway's disk for `arch` (boards/qemu-common/make-disk: boot, root
-/// and data partitions, BusyBox init starting edge-rt from the image's init
-/// script) provisioned with a join token, booted under QEMU: it joins
+/// and data partitions; BusyBox init starting edge-rt from the image's init
+/// script, or with `systemd` Debian's systemd starting edge-rt's units)
+/// provisioned with a join token, booted under QEMU: it joins
 /// cloud-gw on the host, the real control plane's scheduler places a pod
 /// on it from `kubectl apply`, the pod serves on its hostPort; then the
 /// power is cut, cloud-gw is gone, and the disk boots again cut off from
 /// the host: the pod runs again from the store on the data partition.
-fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
+fn gateway_image_survives_a_power_cut(arch: &'static str, systemd: bool) -> Result<()> {
     use outrigger_tests::cloud::Cloud;
     use outrigger_tests::k8s::{unique, Cluster, Scope};
     use outrigger_tests::registry::free_port;
-    use outrigger_tests::vm::{http_get, poll, GatewayDisk};
+    use outrigger_tests::vm::{boot_id_pod, http_get, join_conf, poll, GatewayDisk};
 
     let assets = Assets::locate(arch)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -197,23 +193,13 @@ fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
 
     let work = tempfile::tempdir()?;
     let join = work.path().join("join.conf");
-    std::fs::write(
-        &join,
-        format!(
-            "SERVER=wss://10.0.2.2:{}\nTOKEN={}\nNODE_NAME={name}\nLABELS=outrigger.io/test-scope={}\n",
-            cloud.addr.port(),
-            cloud.token("30m")?,
-            scope.namespace
-        ),
-    )?;
-    let layout = work.path().join("layout");
-    let spec = ImageSpec::busybox_for(&assets.busybox, arch)?;
-    fixtures::add_to_layout(&layout, "latest", &spec)?;
-    let archive = work.path().join("busybox.tar");
-    fixtures::archive(&layout, &archive)?;
-    let disk = GatewayDisk::make(&assets, Some(&join), &[&archive])?;
+    let labels = format!("LABELS=outrigger.io/test-scope={}\n", scope.namespace);
+    std::fs::write(&join, join_conf(&cloud, &name, &labels)?)?;
+    let archive = busybox_archive(&assets, work.path())?;
+    let rootfs = systemd.then_some(assets.systemd_rootfs.as_path());
+    let disk = GatewayDisk::make(&assets, Some(&join), &[&archive], rootfs)?;
     anyhow::ensure!(
-        disk.rootfs_bytes < 24 << 20,
+        systemd || disk.rootfs_bytes < 24 << 20,
         "root filesystem {} bytes",
         disk.rootfs_bytes
     );
@@ -240,21 +226,7 @@ fn gateway_image_survives_a_power_cut(arch: &'static str) -> Result<()> {
     })
     .with_context(|| format!("console:\n{}", vm.console().join("\n")))?;
 
-    let pod = format!(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata: {{name: web}}
-spec:
-  nodeSelector: {{kubernetes.io/hostname: {name}}}
-  containers:
-  - name: web
-    image: busybox:latest
-    imagePullPolicy: IfNotPresent
-    command: ["sh", "-c", "mkdir -p /www && cat /proc/sys/kernel/random/boot_id >/www/index.html && exec httpd -f -p 8080 -h /www"]
-    ports: [{{containerPort: 8080, hostPort: 8080}}]
-"#
-    );
+    let pod = boot_id_pod(&format!("nodeSelector: {{kubernetes.io/hostname: {name}}}"));
     outrigger_tests::util::with_stdin(
         {
             let mut c = scope.kubectl();
@@ -325,10 +297,17 @@ fn boot_partition_files(disk: &std::path::Path) -> Result<Vec<String>> {
 
 #[test]
 fn an_arm64_gateway_image_joins_runs_a_pod_and_survives_a_power_cut() -> Result<()> {
-    gateway_image_survives_a_power_cut("arm64")
+    gateway_image_survives_a_power_cut("arm64", false)
 }
 
 #[test]
 fn an_x86_64_gateway_image_joins_runs_a_pod_and_survives_a_power_cut() -> Result<()> {
-    gateway_image_survives_a_power_cut("amd64")
+    gateway_image_survives_a_power_cut("amd64", false)
+}
+
+/// The same with systemd as init (Debian's): edge-rt.service and
+/// edge-rt-join.service as the Yocto recipe installs them.
+#[test]
+fn an_x86_64_gateway_image_with_systemd_joins_runs_a_pod_and_survives_a_power_cut() -> Result<()> {
+    gateway_image_survives_a_power_cut("amd64", true)
 }

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use outrigger_tests::cloud::Cloud;
-use outrigger_tests::fixtures::{self, ImageSpec};
 use outrigger_tests::registry::free_port;
-use outrigger_tests::vm::{http_get, poll, Assets, GatewayDisk, Vm};
+use outrigger_tests::vm::{
+    boot_id_pod, busybox_archive, http_get, join_conf, poll, Assets, GatewayDisk, Vm,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -39,18 +40,6 @@ struct Args {
     #[arg(long)]
     debian: Option<PathBuf>,
 }
-
-const POD: &str = r#"apiVersion: v1
-kind: Pod
-metadata: {name: web}
-spec:
-  containers:
-  - name: web
-    image: busybox:latest
-    imagePullPolicy: IfNotPresent
-    command: ["sh", "-c", "mkdir -p /www && cat /proc/sys/kernel/random/boot_id >/www/index.html && exec httpd -f -p 8080 -h /www"]
-    ports: [{containerPort: 8080, hostPort: 8080}]
-"#;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -72,18 +61,11 @@ async fn one_run(a: &Assets, archive: &std::path::Path, t: &mut Times) -> Result
     let node = format!("bench-{}", std::process::id());
     let objects = cloud.dir.path().join("objects").join(&node);
     std::fs::create_dir_all(&objects)?;
-    std::fs::write(objects.join("web.yaml"), POD)?;
+    std::fs::write(objects.join("web.yaml"), boot_id_pod(""))?;
     let work = tempfile::tempdir()?;
     let join = work.path().join("join.conf");
-    std::fs::write(
-        &join,
-        format!(
-            "SERVER=wss://10.0.2.2:{}\nTOKEN={}\nNODE_NAME={node}\n",
-            cloud.addr.port(),
-            cloud.token("30m")?
-        ),
-    )?;
-    let disk = GatewayDisk::make(a, Some(&join), &[archive])?;
+    std::fs::write(&join, join_conf(&cloud, &node, "")?)?;
+    let disk = GatewayDisk::make(a, Some(&join), &[archive], None)?;
     let http = free_port()?;
     let fwd = [(http, 8080)];
 
@@ -114,7 +96,7 @@ async fn one_run(a: &Assets, archive: &std::path::Path, t: &mut Times) -> Result
 fn debian_run(a: &Assets, tar: &std::path::Path, t: &mut Times) -> Result<()> {
     let work = tempfile::tempdir()?;
     // The gateway disk gives the kernel, the initramfs and the command line.
-    let disk = GatewayDisk::make(a, None, &[])?;
+    let disk = GatewayDisk::make(a, None, &[], None)?;
     let root = work.path().join("root.ext4");
     let rootfs = work.path().join("rootfs");
     std::fs::create_dir_all(&rootfs)?;
@@ -176,14 +158,7 @@ async fn main() -> Result<()> {
     };
     let a = Assets::locate(arch)?;
     let work = tempfile::tempdir()?;
-    let layout = work.path().join("layout");
-    fixtures::add_to_layout(
-        &layout,
-        "latest",
-        &ImageSpec::busybox_for(&a.busybox, arch)?,
-    )?;
-    let archive = work.path().join("busybox.tar");
-    fixtures::archive(&layout, &archive)?;
+    let archive = busybox_archive(&a, work.path())?;
 
     let mut t = Times::default();
     let mut rootfs = 0;
