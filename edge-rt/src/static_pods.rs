@@ -393,6 +393,43 @@ fn static_uid(pod: &Pod, content: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// boards/*/devices-example.yaml, the boards' serial lines as Devices,
+    /// parse as edge-rt parses what it is given, and each Device's
+    /// properties are its model's.
+    #[test]
+    fn the_boards_device_examples_parse() {
+        let boards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards");
+        let mut seen = 0;
+        for entry in fs::read_dir(&boards).unwrap() {
+            let file = entry.unwrap().path().join("devices-example.yaml");
+            let Ok(text) = fs::read_to_string(&file) else {
+                continue;
+            };
+            let mut models = std::collections::BTreeMap::new();
+            let mut devices = Vec::new();
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let v = serde_yaml_ng::Value::deserialize(doc).unwrap();
+                match parse(v).unwrap_or_else(|e| panic!("{}: {e}", file.display())) {
+                    Object::DeviceModel(m) => {
+                        let names: Vec<String> =
+                            m.spec.properties.iter().map(|p| p.name.clone()).collect();
+                        models.insert(m.metadata.name.clone().unwrap_or_default(), names);
+                    }
+                    Object::Device(d) => devices.push(d),
+                    _ => panic!("{}: only DeviceModels and Devices", file.display()),
+                }
+            }
+            for d in devices {
+                let props = &models[&d.spec.model];
+                for p in &d.spec.properties {
+                    assert!(props.contains(&p.name), "{}: {}", file.display(), p.name);
+                }
+            }
+            seen += 1;
+        }
+        assert!(seen >= 5, "{seen} boards with examples");
+    }
+
     fn write(dir: &Path, name: &str, text: &str) {
         fs::write(dir.join(name), text).unwrap();
     }
