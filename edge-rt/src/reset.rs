@@ -81,14 +81,10 @@ pub async fn reset(cfg: &Config, images: bool) -> Result<()> {
     let records = rt.list();
     for r in records.iter().filter(|r| r.exit.is_none()) {
         // No grace: the node is being wiped, and kubelet's reset does the same.
+        // Through the pidfd the runtime opened when it re-adopted the
+        // container (a running record always has one): never a reused pid.
         if let Err(e) = rt.signal(&r.id, libc::SIGKILL) {
             tracing::warn!(id = %r.id, error = %e, "killing");
-        }
-        if let Some(pid) = r.pid {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
         }
         if tokio::time::timeout(Duration::from_secs(10), rt.wait(&r.id))
             .await
@@ -146,14 +142,16 @@ pub async fn reset(cfg: &Config, images: bool) -> Result<()> {
     Ok(())
 }
 
-/// `p` and everything below it, mounts first (pods' Secret and token
-/// volumes are tmpfs mounts).
+/// `p` and everything below it, a directory's mounts first (pods' Secret
+/// and token volumes are tmpfs mounts).
 fn remove(p: &Path) -> Result<()> {
-    crate::runtime::unmount_under(p);
     let r = match std::fs::symlink_metadata(p) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => Err(e),
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(m) if m.is_dir() => {
+            crate::runtime::unmount_under(p);
+            std::fs::remove_dir_all(p)
+        }
         Ok(_) => std::fs::remove_file(p),
     };
     r.with_context(|| format!("removing {}", p.display()))

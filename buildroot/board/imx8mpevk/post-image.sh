@@ -7,7 +7,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cfg=$BINARIES_DIR/genimage-outrigger.cfg
-tmp=$BUILD_DIR/genimage.tmp
 
 # The kernel and the device trees the defconfig builds.
 files='"Image"'
@@ -17,9 +16,4 @@ for d in $dts; do
 done
 sed "s|@FILES@|$files|" "$here/genimage.cfg.in" >"$cfg"
 
-# The partitions come from images: genimage's root path can be empty.
-root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
-rm -rf "$tmp"
-genimage --rootpath "$root" --tmppath "$tmp" \
-	--inputpath "$BINARIES_DIR" --outputpath "$BINARIES_DIR" --config "$cfg"
+"$here/../common/genimage.sh" "$cfg"

@@ -6,12 +6,7 @@
 # BINARIES_DIR and BUILD_DIR set.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-tmp=$BUILD_DIR/genimage-outrigger.tmp
-root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
-rm -rf "$tmp"
-genimage --rootpath "$root" --tmppath "$tmp" \
-	--inputpath "$BINARIES_DIR" --outputpath "$BINARIES_DIR" --config "$here/genimage.cfg"
+"$here/../common/genimage.sh" "$here/genimage.cfg"
 
 # Devices as Buildroot's own start-qemu.sh has them for the board (virtio
 # over MMIO on the arm64 virt machine, PCI on x86_64).

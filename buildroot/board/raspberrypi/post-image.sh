@@ -7,7 +7,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cfg=$BINARIES_DIR/genimage-outrigger.cfg
-tmp=$BUILD_DIR/genimage.tmp
 
 # The boot partition's files: device trees, the firmware (with the
 # config.txt BR2_PACKAGE_RPI_FIRMWARE_CONFIG_FILE gave) and the kernel
@@ -21,10 +20,4 @@ files+=("${kernel:-Image}")
 list=$(printf '\\t\\t\\t"%s",\\n' "${files[@]}")
 sed "s|#BOOT_FILES#|$list|" "$here/genimage.cfg.in" >"$cfg"
 
-# genimage copies its root path; the partitions come from images, so an
-# empty one does.
-root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
-rm -rf "$tmp"
-genimage --rootpath "$root" --tmppath "$tmp" \
-	--inputpath "$BINARIES_DIR" --outputpath "$BINARIES_DIR" --config "$cfg"
+"$here/../common/genimage.sh" "$cfg"
