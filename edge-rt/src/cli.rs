@@ -378,6 +378,9 @@ pub fn status_text(s: &NodeStatus) -> String {
         human(s.image_bytes),
         human(s.image_budget_bytes)
     );
+    for (resource, (total, held)) in &s.accelerators {
+        let _ = writeln!(out, "Accelerator: {resource}: {held} of {total} held");
+    }
     for c in &s.conditions {
         let since = c
             .last_transition_time

@@ -56,6 +56,18 @@
 //! mqtt_client_id = "edge-rt"           # default: edge-rt-<node name>
 //! mqtt_username = "edge-rt"            # with mqtt_password_file; default: none
 //! mqtt_password_file = "/etc/edge-rt/mqtt-password"
+//!
+//! [accelerators]
+//! detect = true                        # GPUs, NPUs, TPUs of the README's table
+//! dev_dir = "/dev"
+//! sys_dir = "/sys"
+//! cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]  # vendors' CDI specs; later ones win a name
+//! cdi_annotations = true               # honour cdi.k8s.io/* annotations on pods
+//! rename = {}                          # e.g. { "nxp.com/npu" = "example.com/imx-npu" }
+//! # [[accelerators.device]]            # devices named here: every node matching
+//! # resource = "example.com/camera"    # glob (under dev_dir) is one device of
+//! # glob = "video[0-9]*"               # resource, that count containers may
+//! # count = 1                          # hold at once
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -119,6 +131,7 @@ pub struct Config {
     pub network: crate::network::NetworkConfig,
     pub store: crate::store::StoreConfig,
     pub devices: DevicesSection,
+    pub accelerators: crate::accelerators::AcceleratorConfig,
 }
 
 /// How the device manager reaches field devices.

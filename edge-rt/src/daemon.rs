@@ -95,6 +95,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         tracing::info!(count = n, "imported preloaded images");
     }
     let node_store = open_store(&cfg);
+    let accelerators =
+        crate::accelerators::Accelerators::new(cfg.accelerators.clone(), node_store.clone());
     let rt = Runtime::open(cfg.runtime.clone(), store.clone())?;
     // A joined node is the Node it joined as (not its hostname): pods'
     // spec.nodeName, the downward API and its reports say so.
@@ -111,6 +113,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         objects: Arc::new(crate::pods::source::Objects::default()),
         volumes_root: cfg.node.data_dir.join("pods"),
         node: placement,
+        accelerators: accelerators.clone(),
         status_generation: Default::default(),
         status_changed: Default::default(),
         network: if cfg.network.enabled {
@@ -164,6 +167,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut manifests = ManifestWatch::new(&cfg.node.manifests_dir);
     let mut from_files = manifests.read();
     reconcile(&pods, &devices, &from_files, node_store.as_deref());
+    // Pods removed while edge-rt was down free their devices.
+    accelerators.retain(
+        &pods
+            .list()
+            .iter()
+            .map(|p| pods::uid(p).to_string())
+            .collect(),
+    );
+    tokio::spawn(accelerators.clone().watch());
 
     let socket = crate::api::socket_path(&cfg);
     let listener = crate::api::bind(&socket, cfg.api.group.as_deref())?;
@@ -226,6 +238,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             // A status change goes out at once (then at most every
             // REPORT_GAP, however busy the pods); the tick catches the rest.
             _ = ctx.status_changed.notified(), if reporter.is_some() && flush_at.is_none() => {
+                flush_at = Some(last_flush + REPORT_GAP);
+            }
+            // Accelerators came or went: the Node's capacity changed.
+            _ = accelerators.changed.notified(), if reporter.is_some() && flush_at.is_none() => {
                 flush_at = Some(last_flush + REPORT_GAP);
             }
             // A twin changed: its report is due within its report cycle.

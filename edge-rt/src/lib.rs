@@ -22,6 +22,7 @@
 //! - [`config`]: the node configuration file; [`reset`]: `edge-rt reset`.
 //! - [`daemon`]: `edge-rt run`'s wiring and main loop; [`bench`]: `edge-rt bench`.
 
+pub mod accelerators;
 pub mod api;
 pub mod bench;
 pub mod check_kernel;

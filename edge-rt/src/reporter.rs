@@ -39,8 +39,9 @@ pub struct Reporter {
     /// The last device event committed.
     device_event_seq: u64,
     failing: bool,
-    /// (status, event, link) generations at the last successful flush.
-    seen: Option<(u64, u64, u64)>,
+    /// (status, event, link, accelerator) generations at the last
+    /// successful flush.
+    seen: Option<(u64, u64, u64, u64)>,
     devices: Option<Arc<crate::devices::DeviceManager>>,
 }
 
@@ -133,6 +134,12 @@ impl Reporter {
         if let Ok(link) = self.store.link() {
             let mut node = self.facts.clone();
             node.name = self.node_name.clone();
+            // Accelerators come and go (hotplug): counted at each report.
+            for (resource, n) in self.pods.context().accelerators.capacity() {
+                let q = Quantity(n.to_string());
+                node.capacity.insert(resource.clone(), q.clone());
+                node.allocatable.insert(resource, q);
+            }
             node.conditions = node_conditions(&link);
             changed(&mut out, Report::Node(Box::new(node)));
         }
@@ -184,6 +191,7 @@ impl Reporter {
                 .load(std::sync::atomic::Ordering::Relaxed),
             ctx.events.last_seq(),
             self.store.link_generation(),
+            ctx.accelerators.generation(),
         );
         let devices = self
             .devices

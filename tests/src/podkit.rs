@@ -41,6 +41,16 @@ impl Harness {
             objects: Arc::new(edge_rt::pods::source::Objects::default()),
             volumes_root: env.dir.path().join("volumes"),
             node: edge_rt::pods::env::Placement::of_this_node(),
+            // Nothing of the host's /dev or CDI specs: the accelerator
+            // suite makes its own.
+            accelerators: edge_rt::accelerators::Accelerators::new(
+                edge_rt::accelerators::AcceleratorConfig {
+                    detect: false,
+                    cdi_spec_dirs: vec![],
+                    ..Default::default()
+                },
+                None,
+            ),
             network: match network {
                 Some(n) => Some(Arc::new(edge_rt::network::Network::new(
                     n,

@@ -141,6 +141,7 @@ pub fn request(pod: &PodRef, image: &ImageRecord, c: Container) -> ContainerRequ
         extra_env: vec![],
         mounts: vec![],
         attempt: 0,
+        edits: Default::default(),
     }
 }
 

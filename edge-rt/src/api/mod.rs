@@ -109,6 +109,9 @@ pub struct NodeStatus {
     /// The store's counts, or why there is no store.
     #[serde(default)]
     pub store: Option<Result<crate::store::Stats, String>>,
+    /// Accelerators by resource: (slots in all, slots held).
+    #[serde(default)]
+    pub accelerators: std::collections::BTreeMap<String, (u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -530,6 +533,17 @@ impl Server {
                 Some(s) => s.stats().map_err(|e| e.to_string()),
                 None => Err("no store: it could not be opened (see the daemon's log)".into()),
             }),
+            accelerators: {
+                let held = ctx.accelerators.allocations();
+                ctx.accelerators
+                    .capacity()
+                    .into_iter()
+                    .map(|(r, n)| {
+                        let used = held.iter().filter(|a| a.resource == r).count() as u32;
+                        (r, (n, used))
+                    })
+                    .collect()
+            },
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Context {
     pub volumes_root: std::path::PathBuf,
     /// This node, for the downward API.
     pub node: env::Placement,
+    /// The node's accelerators and who holds them.
+    pub accelerators: Arc<crate::accelerators::Accelerators>,
     /// Pod networking (None: pods get loopback only).
     pub network: Option<Arc<crate::network::Network>>,
     /// Bumped whenever a worker publishes a status: the reporter skips

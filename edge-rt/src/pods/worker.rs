@@ -764,6 +764,7 @@ impl Worker {
         }
         let _ = std::fs::remove_dir_all(rt.pod_log_dir(&self.pod_ref(pod)));
         self.volumes.remove();
+        self.ctx.accelerators.release(&self.uid);
         tracing::info!(pod = name(pod), "pod removed");
     }
 
@@ -782,6 +783,11 @@ impl Worker {
             start_time: self.start_time.clone(),
             terminating,
         });
+        // A pod that ran to its end holds no devices, as the kubelet's
+        // device manager counts only active pods.
+        if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) && !terminating {
+            self.ctx.accelerators.release(&self.uid);
+        }
         let mut p = pod.clone();
         p.status = Some(st);
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = p;

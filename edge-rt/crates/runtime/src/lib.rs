@@ -9,6 +9,7 @@
 //! writes (see [`init`]).
 
 pub mod cgroups;
+pub mod edits;
 pub mod exec;
 pub mod init;
 pub mod logs;
@@ -122,6 +123,8 @@ pub struct ContainerRequest {
     pub mounts: Vec<BindMount>,
     /// Restart count: part of the id and of the log file name.
     pub attempt: u32,
+    /// What the container's devices (accelerators) add to it.
+    pub edits: edits::ContainerEdits,
 }
 
 /// How a container ended.
@@ -380,6 +383,8 @@ impl Runtime {
             pids_limit: self.cfg.pids_limit,
             annotations,
         })?;
+        let mut generated = generated;
+        req.edits.apply(&mut generated.spec)?;
         let spec_bytes = serde_json::to_vec_pretty(&generated.spec)
             .map_err(|e| RuntimeError::Config(format!("spec: {e}")))?;
         fs::write(bundle.join("config.json"), spec_bytes).map_err(io_err("writing config.json"))?;

@@ -253,6 +253,19 @@ pub struct LocalDesired {
     pub set_ms: i64,
 }
 
+/// An accelerator slot given to one container of a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The resource name (`nvidia.com/gpu`).
+    pub resource: String,
+    /// The device's id within its resource.
+    pub device: String,
+    /// Which of the device's shares (0 for an exclusive device).
+    pub slot: u32,
+    pub pod_uid: String,
+    pub container: String,
+}
+
 /// The link to the cloud as the node last knew it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LinkState {
@@ -799,6 +812,59 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every accelerator slot given to a container.
+    pub fn allocations(&self) -> Result<Vec<Allocation>, StoreError> {
+        let conn = self.conn();
+        let mut q = conn.prepare_cached(
+            "SELECT resource, device, slot, pod_uid, container FROM allocations
+             ORDER BY pod_uid, container, resource, device, slot",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok(Allocation {
+                resource: r.get(0)?,
+                device: r.get(1)?,
+                slot: r.get(2)?,
+                pod_uid: r.get(3)?,
+                container: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Record slots given (all or none: a slot another container holds
+    /// fails the whole transaction) and free every slot of the pods in
+    /// `release`, in one transaction. Nothing the node runs follows from
+    /// these rows, so no reconcile is woken.
+    pub fn set_allocations(
+        &self,
+        give: &[Allocation],
+        release: &[String],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM allocations WHERE pod_uid = ?1")?;
+            for uid in release {
+                del.execute([uid])?;
+            }
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO allocations (resource, device, slot, pod_uid, container)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for a in give {
+                ins.execute(params![
+                    a.resource,
+                    a.device,
+                    a.slot,
+                    a.pod_uid,
+                    a.container
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let v: Option<String> = self
             .conn()
@@ -1143,5 +1209,29 @@ mod tests {
         let e = Store::open(&StoreConfig::default(), d.path()).unwrap_err();
         assert!(!e.is_corruption(), "{e}");
         assert!(d.path().join("store.db").exists());
+    }
+
+    #[test]
+    fn a_device_slot_has_one_holder_and_a_failed_grant_gives_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let a = |dev: &str, pod: &str| Allocation {
+            resource: "nvidia.com/gpu".into(),
+            device: dev.into(),
+            slot: 0,
+            pod_uid: pod.into(),
+            container: "c".into(),
+        };
+        s.set_allocations(&[a("0", "p1")], &[]).unwrap();
+        // p2 asks for 1 and 0: 0 is held, so 1 is not given either.
+        assert!(s
+            .set_allocations(&[a("1", "p2"), a("0", "p2")], &[])
+            .is_err());
+        assert_eq!(s.allocations().unwrap(), [a("0", "p1")]);
+        // Freeing p1 and giving its device to p2 in one step.
+        s.set_allocations(&[a("0", "p2")], &["p1".into()]).unwrap();
+        drop(s);
+        let s = open(d.path());
+        assert_eq!(s.allocations().unwrap(), [a("0", "p2")]);
     }
 }

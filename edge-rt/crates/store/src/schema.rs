@@ -68,6 +68,22 @@ pub fn migrations() -> Migrations<'static> {
         ) WITHOUT ROWID;
         "#,
         ),
+        // Accelerators given to pods' containers: a device's slot (0 for an
+        // exclusive device; below its share count for a shared one) has
+        // one holder, so no device is ever given twice.
+        M::up(
+            r#"
+        CREATE TABLE allocations (
+            resource  TEXT NOT NULL,
+            device    TEXT NOT NULL,
+            slot      INTEGER NOT NULL,
+            pod_uid   TEXT NOT NULL,
+            container TEXT NOT NULL,
+            PRIMARY KEY (resource, device, slot)
+        ) WITHOUT ROWID;
+        CREATE INDEX allocations_by_pod ON allocations (pod_uid);
+        "#,
+        ),
     ])
 }
 

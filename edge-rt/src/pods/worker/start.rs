@@ -30,12 +30,17 @@ pub(super) enum StartFailure {
     Config(String),
     /// The runtime refused it (`config`: its configuration).
     Create { config: bool, error: String },
+    /// The devices it asks for are not free (it waits for them).
+    Devices(String),
 }
 
 impl StartFailure {
     /// The pod is not set up yet: tried again soon, with no back-off.
     pub(super) fn is_setup(&self) -> bool {
-        matches!(self, StartFailure::Sandbox(_) | StartFailure::Volumes(_))
+        matches!(
+            self,
+            StartFailure::Sandbox(_) | StartFailure::Volumes(_) | StartFailure::Devices(_)
+        )
     }
 
     /// The event: (about the container, not the pod; reason; message).
@@ -56,6 +61,9 @@ impl StartFailure {
                 "FailedMount",
                 format!("MountVolume.SetUp failed: {m}"),
             ),
+            // The kubelet's admission says OutOf<resource>; a pod here
+            // waits for the device instead of failing.
+            StartFailure::Devices(m) => (false, "FailedAllocation", m.clone()),
             StartFailure::Config(m) | StartFailure::Create { error: m, .. } => {
                 (true, "Failed", format!("Error: {m}"))
             }
@@ -71,6 +79,7 @@ impl StartFailure {
             } => ("ErrImageNeverPull", error),
             StartFailure::Pull { error, .. } => ("ErrImagePull", error),
             StartFailure::Sandbox(m) | StartFailure::Volumes(m) => ("ContainerCreating", m),
+            StartFailure::Devices(m) => ("InsufficientDevices", m),
             StartFailure::Config(m)
             | StartFailure::Create {
                 config: true,
@@ -185,6 +194,16 @@ impl Worker {
             }
         };
         self.tracked(kind, i).pull_failed = false;
+        let edits = self
+            .ctx
+            .accelerators
+            .grant(pod, &spec.name, matches!(kind, Kind::Init))
+            .map_err(|e| match e {
+                crate::accelerators::GrantError::Shortage(s) => {
+                    StartFailure::Devices(s.to_string())
+                }
+                other => StartFailure::Config(other.to_string()),
+            })?;
         self.ensure_network(pod).map_err(StartFailure::Sandbox)?;
         self.volumes
             .sync(pod, &self.ctx.objects, &self.ctx.node)
@@ -208,6 +227,7 @@ impl Worker {
             extra_env,
             mounts,
             attempt,
+            edits,
         };
         let rec = self.ctx.rt.run(req).map_err(|e| StartFailure::Create {
             config: matches!(e, RuntimeError::Config(_)),
