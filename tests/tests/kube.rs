@@ -33,6 +33,8 @@ struct Edge {
 /// cloud-gw, the namespace and nodes in the cluster, the cluster.
 struct Setup {
     edges: Vec<Edge>,
+    /// TOML appended to every edge's configuration.
+    node_config: String,
     cloud: Cloud,
     scope: Scope,
     _cluster: Cluster,
@@ -47,6 +49,8 @@ struct Opts<'a> {
     webhook: bool,
     /// More arguments for `cloud-gw run`.
     cloud_args: &'a [&'a str],
+    /// TOML appended to every edge's configuration.
+    node_config: &'a str,
 }
 
 impl Setup {
@@ -64,6 +68,7 @@ impl Setup {
         let cloud = Cloud::start_kube_with(cluster.kubeconfig(), &args, webhook).await?;
         let mut s = Setup {
             edges: Vec::new(),
+            node_config: o.node_config.to_string(),
             cloud,
             scope,
             _cluster: cluster,
@@ -107,6 +112,11 @@ impl Setup {
             &["--labels", &all],
         )?;
         ensure!(o.status.success(), "join: {}", stderr(&o));
+        if !self.node_config.is_empty() {
+            let mut cfg = std::fs::read_to_string(&node.config)?;
+            cfg.push_str(&format!("\n{}\n", self.node_config));
+            std::fs::write(&node.config, cfg)?;
+        }
         let daemon = node.start().await?;
         self.edges.push(Edge {
             daemon: Some(daemon),
@@ -2913,4 +2923,190 @@ fn cmd_ok(cmd: &str, args: &[&str]) -> bool {
         .args(args)
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test]
+async fn accelerators_are_node_capacity_the_scheduler_places_pods_by() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let fake = tempfile::tempdir()?;
+    let (dev, sys) = (fake.path().join("dev"), fake.path().join("sys"));
+    std::fs::create_dir_all(&dev)?;
+    std::fs::create_dir_all(&sys)?;
+    let gpu = |n: u64| {
+        mknod(
+            &dev.join(format!("nvidia{n}")),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(195, n),
+        )
+    };
+    gpu(0)?;
+    gpu(1)?;
+    let cfg = format!("[accelerators]\ndev_dir = {dev:?}\nsys_dir = {sys:?}\ncdi_spec_dirs = []\n");
+    let s = Setup::ready(Opts {
+        node_config: &cfg,
+        ..Default::default()
+    })
+    .await?;
+    let gpus_of_node = || async {
+        let n = s.get_json(&["node", s.name()]).ok()?;
+        let st = &n["status"];
+        (st["capacity"]["nvidia.com/gpu"] == st["allocatable"]["nvidia.com/gpu"])
+            .then(|| st["capacity"]["nvidia.com/gpu"].as_str().map(String::from))
+            .flatten()
+    };
+    wait_for(
+        "2 GPUs in the Node's capacity",
+        Duration::from_secs(20),
+        || async { gpus_of_node().await.filter(|n| n == "2") },
+    )
+    .await
+    .with_context(|| s.logs())?;
+
+    // Three replicas asking for a GPU each: the real scheduler places two.
+    let d = unique("infer");
+    s.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {d}}}
+spec:
+  replicas: 3
+  selector: {{matchLabels: {{app: {d}}}}}
+  template:
+    metadata: {{labels: {{app: {d}}}}}
+    spec:
+      nodeSelector: {{{SCOPE_LABEL}: {ns}}}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: busybox:latest
+        imagePullPolicy: Never
+        command: ["sh", "-c", "echo gpu=$NVIDIA_VISIBLE_DEVICES; while true; do sleep 1; done"]
+        resources:
+          limits: {{nvidia.com/gpu: 1}}
+"#,
+        ns = s.ns()
+    ))?;
+    let pods_by_phase = || -> Result<(Vec<String>, Vec<String>)> {
+        let list = s.get_json(&["pods", "-l", &format!("app={d}")])?;
+        let mut running = Vec::new();
+        let mut pending = Vec::new();
+        for p in list["items"].as_array().into_iter().flatten() {
+            let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
+            match p["status"]["phase"].as_str() {
+                Some("Running") => running.push(name),
+                Some("Pending") => pending.push(name),
+                _ => {}
+            }
+        }
+        Ok((running, pending))
+    };
+    let (running, pending) = wait_for(
+        "two running, one pending",
+        Duration::from_secs(60),
+        || async {
+            pods_by_phase()
+                .ok()
+                .filter(|(r, p)| r.len() == 2 && p.len() == 1)
+        },
+    )
+    .await
+    .with_context(|| s.logs())?;
+    let unschedulable = s.get_json(&["pod", &pending[0]])?;
+    let cond = condition(&unschedulable, "PodScheduled")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        cond["reason"] == "Unschedulable"
+            && cond["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Insufficient nvidia.com/gpu")),
+        "{cond}"
+    );
+    let mut seen: Vec<String> = running
+        .iter()
+        .map(|p| {
+            s.exec(
+                p,
+                &[
+                    "sh",
+                    "-c",
+                    "echo $NVIDIA_VISIBLE_DEVICES; ls /dev | grep nvidia",
+                ],
+            )
+            .map(|o| o.trim().to_string())
+        })
+        .collect::<Result<_>>()?;
+    seen.sort();
+    ensure!(
+        seen == ["0\nnvidia0", "1\nnvidia1"],
+        "each pod its own GPU and only it: {seen:?}"
+    );
+
+    // A pod bound to the node by name, past the scheduler: the node keeps
+    // it Pending and says why.
+    let direct = unique("direct");
+    s.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {direct}}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: main
+    image: busybox:latest
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+    resources:
+      limits: {{nvidia.com/gpu: 1}}
+"#,
+        node = s.name()
+    ))?;
+    let why = wait_for(
+        "the direct pod waiting for a GPU",
+        Duration::from_secs(30),
+        || async {
+            let p = s.get_json(&["pod", &direct]).ok()?;
+            let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+            (w["reason"] == "InsufficientDevices")
+                .then(|| w["message"].as_str().unwrap_or("").to_string())
+        },
+    )
+    .await
+    .with_context(|| s.logs())?;
+    ensure!(
+        why.contains("insufficient nvidia.com/gpu") && why.contains("0 of 2 free"),
+        "{why}"
+    );
+    s.kc(&["delete", "pod", &direct, "--wait=false"])?;
+
+    // A GPU plugged in: the Node counts it and the pending replica runs.
+    gpu(2)?;
+    wait_for(
+        "3 GPUs in the Node's capacity",
+        Duration::from_secs(20),
+        || async { gpus_of_node().await.filter(|n| n == "3") },
+    )
+    .await
+    .with_context(|| s.logs())?;
+    wait_for(
+        "the third replica running",
+        Duration::from_secs(60),
+        || async { pods_by_phase().ok().filter(|(r, _)| r.len() == 3) },
+    )
+    .await
+    .with_context(|| s.logs())?;
+    let gpu_of_third = s.exec(&pending[0], &["sh", "-c", "echo $NVIDIA_VISIBLE_DEVICES"])?;
+    ensure!(gpu_of_third.trim() == "2", "{gpu_of_third}");
+    // Unplugged: the Node no longer offers it.
+    std::fs::remove_file(dev.join("nvidia2"))?;
+    wait_for("2 GPUs again", Duration::from_secs(20), || async {
+        gpus_of_node().await.filter(|n| n == "2")
+    })
+    .await?;
+    s.kc(&["delete", "deployment", &d, "--wait=false"])?;
+    s.cleanup().await
 }
