@@ -108,7 +108,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let ctx = Arc::new(pods::Context {
         rt: rt.clone(),
         images: store.clone(),
-        puller: std::sync::Mutex::new(Arc::new(Puller::new(&cfg.registry)?)),
+        puller: std::sync::Mutex::new(Arc::new(puller_or_default(&cfg.registry)?)),
         events: Arc::new(EventRing::default()),
         objects: Arc::new(crate::pods::source::Objects::default()),
         volumes_root: cfg.node.data_dir.join("pods"),
@@ -305,6 +305,21 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
                 None => return Ok(()),
             }
+        }
+    }
+}
+
+/// The registry client. Registry settings that cannot be used (a CA
+/// bundle gone) must not keep the node from running what it has: pulls go
+/// on without them, and the error is logged.
+fn puller_or_default(cfg: &crate::image::registry::RegistryConfig) -> Result<Puller> {
+    match Puller::new(cfg) {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            tracing::error!(error = %e, "registry settings not usable; pulling without the CA bundle");
+            let mut plain = cfg.clone();
+            plain.ca_bundle = None;
+            Ok(Puller::new(&plain)?)
         }
     }
 }

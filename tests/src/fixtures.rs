@@ -284,6 +284,12 @@ pub fn add_to_layout(dir: &Path, tag: &str, spec: &ImageSpec) -> Result<String> 
         "layers": layers,
     }))?;
     let md = put_blob(dir, &manifest)?;
+    tag_manifest(dir, tag, &md, manifest.len())?;
+    Ok(md)
+}
+
+/// Point `tag` of the layout's index at a manifest.
+fn tag_manifest(dir: &Path, tag: &str, digest: &str, size: usize) -> Result<()> {
     let index_path = dir.join("index.json");
     let mut index: serde_json::Value = fs::read(&index_path)
         .ok()
@@ -291,7 +297,7 @@ pub fn add_to_layout(dir: &Path, tag: &str, spec: &ImageSpec) -> Result<String> 
         .unwrap_or_else(|| json!({"schemaVersion": 2, "manifests": []}));
     let entry = json!({
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": md, "size": manifest.len(),
+        "digest": digest, "size": size,
         "annotations": {"org.opencontainers.image.ref.name": tag},
     });
     if let Some(list) = index["manifests"].as_array_mut() {
@@ -299,6 +305,94 @@ pub fn add_to_layout(dir: &Path, tag: &str, spec: &ImageSpec) -> Result<String> 
         list.push(entry);
     }
     fs::write(index_path, serde_json::to_vec_pretty(&index)?)?;
+    Ok(())
+}
+
+/// A layer of an OCI artifact, as ORAS pushes them.
+pub enum ArtifactPart<'a> {
+    /// One file: its bytes as the blob, its name in the title annotation
+    /// (ORAS's default media type for files says tar; it is not one).
+    File(&'a str, &'a [u8]),
+    /// One file copied from disk (large models) by streaming.
+    FileFrom(&'a str, &'a Path),
+    /// A directory of files, tarred and gzipped, with ORAS's annotation
+    /// asking for it to be unpacked (its entries under the directory name).
+    Dir(&'a str, &'a [(&'a str, &'a [u8])]),
+}
+
+/// Write an OCI artifact (an image manifest with `artifactType` and the
+/// empty config, as ORAS 1.x pushes one) into the layout `dir`, tagged
+/// `tag`. Returns the manifest digest.
+pub fn add_artifact_to_layout(
+    dir: &Path,
+    tag: &str,
+    artifact_type: &str,
+    parts: &[ArtifactPart],
+) -> Result<String> {
+    fs::create_dir_all(dir.join("blobs/sha256"))?;
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let mut layers = Vec::new();
+    for p in parts {
+        layers.push(match p {
+            ArtifactPart::File(name, bytes) => {
+                let d = put_blob(dir, bytes)?;
+                json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": bytes.len(),
+                       "annotations": {"org.opencontainers.image.title": name}})
+            }
+            ArtifactPart::FileFrom(name, path) => {
+                let mut h = Sha256::new();
+                let mut f = fs::File::open(path)?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut size = 0u64;
+                loop {
+                    let n = std::io::Read::read(&mut f, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                    size += n as u64;
+                }
+                let d = format!("sha256:{}", hex::encode(h.finalize()));
+                let dest = dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+                if fs::hard_link(path, &dest).is_err() {
+                    fs::copy(path, &dest)?;
+                }
+                json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": size,
+                       "annotations": {"org.opencontainers.image.title": name}})
+            }
+            ArtifactPart::Dir(name, files) => {
+                let mut b = tar::Builder::new(Vec::new());
+                for (f, bytes) in *files {
+                    let mut hdr = tar::Header::new_gnu();
+                    hdr.set_size(bytes.len() as u64);
+                    hdr.set_mode(0o644);
+                    hdr.set_uid(0);
+                    hdr.set_gid(0);
+                    hdr.set_mtime(0);
+                    hdr.set_cksum();
+                    b.append_data(&mut hdr, format!("{name}/{f}"), *bytes)?;
+                }
+                let tar = b.into_inner()?;
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                std::io::Write::write_all(&mut gz, &tar)?;
+                let blob = gz.finish()?;
+                let d = put_blob(dir, &blob)?;
+                json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": blob.len(),
+                       "annotations": {"org.opencontainers.image.title": name, "io.deis.oras.content.unpack": "true"}})
+            }
+        });
+    }
+    let config = b"{}";
+    let cd = put_blob(dir, config)?;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": artifact_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cd, "size": config.len()},
+        "layers": layers,
+    }))?;
+    let md = put_blob(dir, &manifest)?;
+    tag_manifest(dir, tag, &md, manifest.len())?;
     Ok(md)
 }
 

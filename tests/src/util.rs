@@ -142,6 +142,7 @@ pub fn request(pod: &PodRef, image: &ImageRecord, c: Container) -> ContainerRequ
         mounts: vec![],
         attempt: 0,
         edits: Default::default(),
+        volume_images: vec![],
     }
 }
 
@@ -325,7 +326,8 @@ impl Node {
         wait_for("the local API", Duration::from_secs(30), || async {
             self.cli(&["status"]).ok().filter(|o| o.status.success())
         })
-        .await?;
+        .await
+        .with_context(|| format!("edge-rt log:\n{}", self.daemon_log()))?;
         Ok(d)
     }
 

@@ -276,6 +276,8 @@ mod tests {
             image: "busybox:latest".into(),
             image_digest: "sha256:ab".into(),
             layers: vec![],
+            volume_images: vec![],
+            volume_layers: vec![],
             pid: Some(10),
             pid_start: None,
             created_at: "2026-12-02T00:00:00Z".into(),

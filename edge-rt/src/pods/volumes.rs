@@ -358,6 +358,47 @@ pub struct PodVolumes {
     pub root: PathBuf,
     /// Volume name -> host path.
     paths: BTreeMap<String, PathBuf>,
+    /// Image volumes: name -> the image or artifact and where its content is.
+    images: BTreeMap<String, (crate::image::ImageRecord, PathBuf)>,
+}
+
+/// Where an image volume's content is on the host: an artifact's
+/// directory, an image's only layer, or (several layers) a read-only
+/// overlay of them mounted at `dir`, the pod's own mount point. Nothing is
+/// copied: every pod naming the image shares the one unpacked copy.
+fn image_content(
+    images: &crate::image::ImageStore,
+    rec: &crate::image::ImageRecord,
+    dir: &Path,
+) -> Result<PathBuf, String> {
+    if rec.artifact.is_some() {
+        return images.artifact_dir(&rec.digest).map_err(|e| e.to_string());
+    }
+    let layers = images.layer_dirs(rec).map_err(|e| e.to_string())?;
+    match layers.as_slice() {
+        [] => Err(format!("image {} has no layers", rec.digest)),
+        [only] => Ok(only.clone()),
+        many => {
+            fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if !is_mountpoint(dir) {
+                // Without an upper directory overlayfs is read-only: the
+                // layers are never written through it.
+                let lower: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+                let opts = format!("lowerdir={}", lower.join(":"));
+                nix::mount::mount(
+                    Some("overlay"),
+                    dir,
+                    Some("overlay"),
+                    nix::mount::MsFlags::MS_RDONLY
+                        | nix::mount::MsFlags::MS_NOSUID
+                        | nix::mount::MsFlags::MS_NODEV,
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| format!("mounting image {} at {}: {e}", rec.digest, dir.display()))?;
+            }
+            Ok(dir.to_path_buf())
+        }
+    }
 }
 
 impl PodVolumes {
@@ -365,7 +406,35 @@ impl PodVolumes {
         PodVolumes {
             root,
             paths: BTreeMap::new(),
+            images: BTreeMap::new(),
         }
+    }
+
+    pub fn has_image(&self, volume: &str) -> bool {
+        self.images.contains_key(volume)
+    }
+
+    /// An image volume's image, pulled: its content made ready to mount.
+    pub fn set_image(
+        &mut self,
+        store: &crate::image::ImageStore,
+        volume: &str,
+        rec: crate::image::ImageRecord,
+    ) -> Result<(), String> {
+        let path = image_content(store, &rec, &self.root.join(volume))
+            .map_err(|e| format!("image volume {volume}: {e}"))?;
+        let _ = store.touch(&rec.digest);
+        self.images.insert(volume.to_string(), (rec, path));
+        Ok(())
+    }
+
+    /// The images a container's image volumes mount.
+    pub fn images_of(&self, c: &Container) -> Vec<crate::image::ImageRecord> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter_map(|m| self.images.get(&m.name).map(|(r, _)| r.clone()))
+            .collect()
     }
 
     /// Make (or refresh) every volume of the pod. Object volumes are
@@ -395,6 +464,11 @@ impl PodVolumes {
                 dir
             } else if let Some(h) = &v.host_path {
                 host_path(&h.path, h.type_.as_deref())?
+            } else if v.image.is_some() {
+                match self.images.get(&v.name) {
+                    Some((_, p)) => p.clone(),
+                    None => return Err(format!("image volume {}: not pulled yet", v.name)),
+                }
             } else {
                 match object_files(v, pod, objects, at, &dir)
                     .map_err(|e| format!("volume {}: {e}", v.name))?
@@ -444,11 +518,13 @@ impl PodVolumes {
                     fs::create_dir_all(&source).map_err(|e| e.to_string())?;
                 }
             }
-            // Object volumes are read-only in containers, as in Kubernetes.
+            // Object and image volumes are read-only in containers, as in
+            // Kubernetes.
             let from_object = v.config_map.is_some()
                 || v.secret.is_some()
                 || v.downward_api.is_some()
-                || v.projected.is_some();
+                || v.projected.is_some()
+                || v.image.is_some();
             out.push(BindMount {
                 source,
                 destination: m.mount_path.clone(),

@@ -205,6 +205,15 @@ fn import_oci_layout(
             cfg.digest().as_ref(),
             Some(cfg.size()),
         )?;
+        if !super::is_image_config(cfg.media_type().as_ref()) {
+            // A model or other artifact, preloaded as a pull would have it.
+            for l in manifest.layers() {
+                let d = l.digest().to_string();
+                copy_blob(store, &layout_blob(dir, &d)?, &d, Some(l.size()))?;
+            }
+            out.push(store.finish_artifact(&mdigest, &manifest, &[name])?);
+            continue;
+        }
         import_layers(store, dir, &manifest, |d| layout_blob(dir, d))?;
         out.push(store.finish_image(&mdigest, &manifest, &[name])?);
     }

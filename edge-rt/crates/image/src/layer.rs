@@ -116,6 +116,18 @@ pub fn unpack(
     })
 }
 
+/// Whether a blob is a tar archive (plain: "ustar" at offset 257) or a
+/// compressed stream that will be unpacked as one.
+pub fn looks_like_tar(blob: &Path) -> bool {
+    let Ok(mut f) = fs::File::open(blob) else {
+        return false;
+    };
+    let mut head = [0u8; 512];
+    let n = read_up_to(&mut f, &mut head).unwrap_or(0);
+    Compression::detect("", &head[..n]) != Compression::None
+        || (n >= 262 && &head[257..262] == b"ustar")
+}
+
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {

@@ -22,6 +22,7 @@ pub mod rootfs;
 use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -117,12 +118,38 @@ pub struct ImageRecord {
     /// Seconds since the epoch.
     pub added: u64,
     pub last_used: u64,
+    /// An OCI artifact (a model pushed with ORAS, a ModelPack): no layers
+    /// to stack, its files unpacked once under `artifacts/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactInfo>,
+}
+
+/// What an artifact's record says of its content.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArtifactInfo {
+    /// Bytes of its files.
+    pub size: u64,
+    /// The manifest's artifactType, or its config's media type.
+    pub artifact_type: String,
 }
 
 impl ImageRecord {
     pub fn size(&self) -> u64 {
-        self.layers.iter().map(|l| l.size).sum()
+        match &self.artifact {
+            Some(a) => a.size,
+            None => self.layers.iter().map(|l| l.size).sum(),
+        }
     }
+}
+
+/// Config media types of runnable images; any other config makes an
+/// artifact (ORAS's empty config, ModelPack's and KitOps' model configs).
+pub fn is_image_config(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.config.v1+json"
+            | "application/vnd.docker.container.image.v1+json"
+    )
 }
 
 /// An image reference split into its parts, normalised the way Docker and
@@ -562,6 +589,134 @@ impl ImageStore {
         Ok(unpacked.size)
     }
 
+    /// Where an artifact's files are.
+    pub fn artifact_dir(&self, manifest_digest: &str) -> Result<PathBuf> {
+        Ok(self
+            .root
+            .join("artifacts/sha256")
+            .join(hex_of(manifest_digest)?))
+    }
+
+    /// Complete an artifact whose manifest and blobs are in the store: its
+    /// files laid out once in [`ImageStore::artifact_dir`], then its record.
+    ///
+    /// Each layer becomes files by what its descriptor says: a blob with
+    /// `org.opencontainers.image.title` is one file of that name (ORAS's
+    /// files, whatever their media type), unless
+    /// `io.deis.oras.content.unpack` asks for it to be unpacked (ORAS's
+    /// directories); a tar (by media type or by its bytes) is unpacked
+    /// (ModelPack's and KitOps' layers); anything else is one file named by
+    /// `org.cncf.model.filepath`, or by its digest.
+    pub fn finish_artifact(
+        &self,
+        manifest_digest: &str,
+        manifest: &ImageManifest,
+        names: &[String],
+    ) -> Result<ImageRecord> {
+        let dest = self.artifact_dir(manifest_digest)?;
+        let artifact_type = manifest
+            .artifact_type()
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| manifest.config().media_type().to_string());
+        let size = match self.record(manifest_digest)? {
+            Some(r) if dest.is_dir() => r.size(),
+            _ => {
+                let work = self.tmp_dir().join(format!(
+                    "artifact-{}-{}",
+                    hex_of(manifest_digest)?,
+                    std::process::id()
+                ));
+                layer::remove_any(&work).map_err(|e| ImageError::io(&work, e))?;
+                fs::create_dir_all(&work).map_err(|e| ImageError::io(&work, e))?;
+                let laid = self.lay_out_artifact(manifest, &work);
+                if let Err(e) = laid {
+                    let _ = layer::remove_any(&work);
+                    return Err(e);
+                }
+                sync_fs(&work)?;
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
+                }
+                layer::remove_any(&dest).map_err(|e| ImageError::io(&dest, e))?;
+                fs::rename(&work, &dest).map_err(|e| ImageError::io(&dest, e))?;
+                sync_dir(dest.parent().unwrap_or(&self.root));
+                dir_size(&dest)?
+            }
+        };
+        let _lock = self.lock()?;
+        for desc in manifest.layers() {
+            if let Ok(p) = self.blob_path(desc.digest().as_ref()) {
+                let _ = fs::remove_file(p);
+            }
+        }
+        let mut record = self.record(manifest_digest)?.unwrap_or(ImageRecord {
+            digest: manifest_digest.to_string(),
+            names: vec![],
+            config_digest: manifest.config().digest().to_string(),
+            layers: vec![],
+            added: now(),
+            last_used: now(),
+            artifact: None,
+        });
+        record.artifact = Some(ArtifactInfo {
+            size,
+            artifact_type,
+        });
+        for n in names {
+            self.untag_locked(n)?;
+            if !record.names.contains(n) {
+                record.names.push(n.clone());
+            }
+        }
+        self.save_record(&record)?;
+        Ok(record)
+    }
+
+    fn lay_out_artifact(&self, manifest: &ImageManifest, work: &Path) -> Result<()> {
+        for desc in manifest.layers() {
+            let digest = desc.digest().to_string();
+            let blob = self.blob_path(&digest)?;
+            let ann = desc.annotations().clone().unwrap_or_default();
+            let media_type = desc.media_type().to_string();
+            let title = ann.get("org.opencontainers.image.title");
+            let unpack = ann
+                .get("io.deis.oras.content.unpack")
+                .is_some_and(|v| v == "true");
+            let tar_type = media_type.ends_with(".tar")
+                || media_type.contains(".tar+")
+                || media_type.ends_with("tar.gzip");
+            if unpack || (title.is_none() && (tar_type || layer::looks_like_tar(&blob))) {
+                layer::unpack(&blob, &media_type, work, &[])?;
+                continue;
+            }
+            let name = title
+                .or_else(|| ann.get("org.cncf.model.filepath"))
+                .cloned()
+                .unwrap_or_else(|| digest.replace(':', "-"));
+            let rel = Path::new(&name);
+            if name.is_empty()
+                || rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(ImageError::BadLayer {
+                    path: name.clone(),
+                    reason: "an artifact's file name must be a relative path without '..'".into(),
+                });
+            }
+            let target = work.join(rel);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
+            }
+            // Same filesystem: a link, not a copy of a model of gigabytes.
+            fs::hard_link(&blob, &target).map_err(|e| ImageError::io(&target, e))?;
+            let _ = fs::set_permissions(&target, fs::Permissions::from_mode(0o444));
+        }
+        Ok(())
+    }
+
     /// Complete an image whose manifest, config and layer blobs are in the
     /// store: unpack and verify layers, then write its record and names.
     pub fn finish_image(
@@ -608,6 +763,7 @@ impl ImageStore {
             layers,
             added: now(),
             last_used: now(),
+            artifact: None,
         });
         for n in names {
             self.untag_locked(n)?;
@@ -747,6 +903,7 @@ impl ImageStore {
     /// partial downloads).
     pub fn disk_usage(&self) -> Result<u64> {
         Ok(dir_size(&self.root.join("layers"))?
+            + dir_size(&self.root.join("artifacts"))?
             + dir_size(&self.root.join("blobs"))?
             + dir_size(&self.tmp_dir())?)
     }
@@ -803,6 +960,19 @@ impl ImageStore {
             }
         }
         let mut removed = 0;
+        // Artifacts' files go with their record (one in use keeps its
+        // record: GC never removes those).
+        let adir = self.root.join("artifacts/sha256");
+        if let Ok(rd) = fs::read_dir(&adir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let d = format!("sha256:{name}");
+                if !records.iter().any(|r| r.digest == d) && !in_use.images.contains(&d) {
+                    removed += 1;
+                    layer::remove_any(&e.path()).map_err(|err| ImageError::io(e.path(), err))?;
+                }
+            }
+        }
         let ldir = self.root.join("layers/sha256");
         for e in fs::read_dir(&ldir)
             .map_err(|e| ImageError::io(&ldir, e))?

@@ -102,6 +102,33 @@ impl Progress {
 pub struct Puller {
     cfg: RegistryConfig,
     ca_pem: Option<Vec<u8>>,
+    inflight: Inflight,
+}
+
+/// One pull per reference and one download per blob at a time: two pods
+/// naming the same new image (or model) at once share the work instead of
+/// racing on the same partial file; the second finds it done.
+#[derive(Default)]
+struct Inflight(
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+);
+
+impl Inflight {
+    async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, w| w.strong_count() > 0);
+            match map.get(key).and_then(std::sync::Weak::upgrade) {
+                Some(m) => m,
+                None => {
+                    let m = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key.to_string(), std::sync::Arc::downgrade(&m));
+                    m
+                }
+            }
+        };
+        m.lock_owned().await
+    }
 }
 
 impl Puller {
@@ -113,6 +140,7 @@ impl Puller {
         Ok(Puller {
             cfg: cfg.clone(),
             ca_pem,
+            inflight: Inflight::default(),
         })
     }
 
@@ -145,6 +173,21 @@ impl Puller {
 
     /// Pull `reference` into `store`, returning the complete image.
     pub async fn pull(
+        &self,
+        store: &ImageStore,
+        reference: &str,
+        creds: Option<&Credentials>,
+        progress: &Progress,
+    ) -> Result<ImageRecord> {
+        let _pulling = self
+            .inflight
+            .lock(&super::ImageRef::parse(reference)?.whole())
+            .await;
+        self.pull_locked(store, reference, creds, progress).await
+    }
+
+    /// [`Puller::pull`] with the reference's lock held.
+    async fn pull_locked(
         &self,
         store: &ImageStore,
         reference: &str,
@@ -228,6 +271,35 @@ impl Puller {
             reference,
         )
         .await?;
+        // An artifact (a model, not a runnable image): every blob fetched
+        // the same verified, resumable way, then its files laid out once.
+        if !super::is_image_config(cfg.media_type().as_ref()) {
+            // Laid out before (its blobs are gone then): nothing to fetch.
+            let laid_out = store.record(&digest)?.is_some_and(|r| r.artifact.is_some())
+                && store.artifact_dir(&digest)?.is_dir();
+            for l in manifest.layers().iter().filter(|_| !laid_out) {
+                self.fetch_blob(
+                    &client,
+                    store,
+                    &r,
+                    l.digest().as_ref(),
+                    l.size(),
+                    progress,
+                    reference,
+                )
+                .await?;
+            }
+            store.put_blob(&digest, &bytes)?;
+            let record = finish_blocking(store, digest, manifest, vec![name], true).await?;
+            tracing::info!(
+                artifact = reference,
+                digest = %record.digest,
+                bytes = total,
+                secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "pulled"
+            );
+            return Ok(record);
+        }
         let config: oci_spec::image::ImageConfiguration =
             serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?).map_err(|e| {
                 ImageError::BadMetadata(format!("image config of {reference}: {e}"))
@@ -252,7 +324,7 @@ impl Puller {
         }
         store.put_blob(&digest, &bytes)?;
         let names = vec![name];
-        let record = finish_blocking(store, digest, manifest, names).await?;
+        let record = finish_blocking(store, digest, manifest, names, false).await?;
         tracing::info!(
             image = reference,
             digest = %record.digest,
@@ -277,6 +349,7 @@ impl Puller {
         progress: &Progress,
         reference: &str,
     ) -> Result<()> {
+        let fetching = self.inflight.lock(digest).await;
         if store.has_blob(digest) {
             progress.done.fetch_add(size, Ordering::Relaxed);
             return Ok(());
@@ -368,6 +441,8 @@ impl Puller {
                     written.min(progress.done.load(Ordering::Relaxed)),
                     Ordering::Relaxed,
                 );
+                // The lock is not re-entrant: the retry takes it anew.
+                drop(fetching);
                 Box::pin(self.fetch_blob(client, store, r, digest, size, progress, reference)).await
             }
             other => other,
@@ -381,12 +456,18 @@ async fn finish_blocking(
     digest: String,
     manifest: ImageManifest,
     names: Vec<String>,
+    artifact: bool,
 ) -> Result<ImageRecord> {
     let root = store.root().to_path_buf();
     // Inside the fork guard, giving way at each tar entry: a container
     // creation waits for one entry, not a whole layer.
     outrigger_sys::blocking(move || {
-        ImageStore::open(root)?.finish_image(&digest, &manifest, &names)
+        let store = ImageStore::open(root)?;
+        if artifact {
+            store.finish_artifact(&digest, &manifest, &names)
+        } else {
+            store.finish_image(&digest, &manifest, &names)
+        }
     })
     .await
     .map_err(|e| ImageError::BadMetadata(format!("unpack task failed: {e}")))?
@@ -541,6 +622,18 @@ pub async fn ensure(
     match (policy, present) {
         (PullPolicy::Never, Some(r)) | (PullPolicy::IfNotPresent, Some(r)) => Ok(r),
         (PullPolicy::Never, None) => Err(ImageError::NeverPull(reference.into())),
+        (PullPolicy::IfNotPresent, None) => {
+            // Another pod may be pulling it right now: wait for that pull
+            // and take its result.
+            let _pulling = puller
+                .inflight
+                .lock(&super::ImageRef::parse(reference)?.whole())
+                .await;
+            match store.resolve(reference)? {
+                Some(r) => Ok(r),
+                None => puller.pull_locked(store, reference, creds, progress).await,
+            }
+        }
         _ => puller.pull(store, reference, creds, progress).await,
     }
 }

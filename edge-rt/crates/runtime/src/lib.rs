@@ -125,6 +125,9 @@ pub struct ContainerRequest {
     pub attempt: u32,
     /// What the container's devices (accelerators) add to it.
     pub edits: edits::ContainerEdits,
+    /// Images and artifacts its image volumes mount (kept from GC while
+    /// it exists).
+    pub volume_images: Vec<ImageRecord>,
 }
 
 /// How a container ended.
@@ -148,6 +151,11 @@ pub struct ContainerRecord {
     pub image: String,
     pub image_digest: String,
     pub layers: Vec<String>,
+    /// Images and artifacts mounted as its volumes, and their layers.
+    #[serde(default)]
+    pub volume_images: Vec<String>,
+    #[serde(default)]
+    pub volume_layers: Vec<String>,
     pub pid: Option<i32>,
     /// Start time of `pid` in clock ticks since boot: tells a reused pid apart.
     pub pid_start: Option<u64>,
@@ -338,6 +346,13 @@ impl Runtime {
         let sandbox = Sandbox::ensure(&self.sandbox_dir(&pod.uid), &pod.name, pod.host_network)
             .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
 
+        if let Some(a) = &req.image.artifact {
+            return Err(RuntimeError::Config(format!(
+                "{} is an OCI artifact ({}), not a container image: mount it as an image volume",
+                req.container.image.as_deref().unwrap_or(&req.image.digest),
+                a.artifact_type
+            )));
+        }
         // Root filesystem.
         let bundle = dir.join("bundle");
         let rootfs = bundle.join("rootfs");
@@ -431,6 +446,12 @@ impl Runtime {
             image: req.container.image.clone().unwrap_or_default(),
             image_digest: req.image.digest.clone(),
             layers: req.image.layers.iter().map(|l| l.diff_id.clone()).collect(),
+            volume_images: req.volume_images.iter().map(|i| i.digest.clone()).collect(),
+            volume_layers: req
+                .volume_images
+                .iter()
+                .flat_map(|i| i.layers.iter().map(|l| l.diff_id.clone()))
+                .collect(),
             pid: None,
             pid_start: None,
             created_at: now_rfc3339(),
@@ -843,6 +864,8 @@ pub fn in_use_by<'a>(records: impl IntoIterator<Item = &'a ContainerRecord>) -> 
     for r in records {
         u.images.insert(r.image_digest.clone());
         u.layers.extend(r.layers.iter().cloned());
+        u.images.extend(r.volume_images.iter().cloned());
+        u.layers.extend(r.volume_layers.iter().cloned());
     }
     u
 }

@@ -122,77 +122,7 @@ impl Worker {
         let spec = self.tracked(kind, i).spec.clone();
         let image_ref = spec.image.clone().unwrap_or_default();
         let policy = PullPolicy::from_k8s(spec.image_pull_policy.as_deref(), &image_ref);
-        let present = self.ctx.images.resolve(&image_ref).ok().flatten().is_some();
-        let will_pull =
-            matches!(policy, PullPolicy::Always) || (!present && policy != PullPolicy::Never);
-        if will_pull {
-            self.event(
-                pod,
-                Some(&spec.name),
-                EventType::Normal,
-                "Pulling",
-                format!("Pulling image \"{image_ref}\""),
-            );
-        }
-        let started = Instant::now();
-        let puller = self.ctx.puller();
-        let pulled = Box::pin(registry::ensure(
-            &self.ctx.images,
-            &puller,
-            &image_ref,
-            policy,
-            None,
-            &Progress::default(),
-        ))
-        .await;
-        // Offline, Always would keep a node from running what it already
-        // has (a `:latest` image after a reboot with no network). A registry
-        // that cannot be reached (not one that refuses) falls back to the
-        // image on the node, with a Warning saying so.
-        let mut from_cache = false;
-        let pulled = match pulled {
-            Err(crate::image::ImageError::Unreachable { registry, detail }) if present => {
-                match self.ctx.images.resolve(&image_ref).ok().flatten() {
-                    Some(img) => {
-                        self.event(
-                            pod,
-                            Some(&spec.name),
-                            EventType::Warning,
-                            "RegistryUnreachable",
-                            format!("registry {registry} unreachable ({detail}); running the copy of \"{image_ref}\" already on the node"),
-                        );
-                        from_cache = true;
-                        Ok(img)
-                    }
-                    None => Err(crate::image::ImageError::Unreachable { registry, detail }),
-                }
-            }
-            r => r,
-        };
-        let image = match pulled {
-            Ok(img) => {
-                if will_pull && !from_cache {
-                    self.event(
-                        pod,
-                        Some(&spec.name),
-                        EventType::Normal,
-                        "Pulled",
-                        format!(
-                            "Successfully pulled image \"{image_ref}\" in {:.3}s",
-                            started.elapsed().as_secs_f64()
-                        ),
-                    );
-                }
-                img
-            }
-            Err(e) => {
-                return Err(StartFailure::Pull {
-                    image: image_ref,
-                    never: matches!(e, crate::image::ImageError::NeverPull(_)),
-                    error: e.to_string(),
-                })
-            }
-        };
+        let image = self.pull(pod, Some(&spec.name), &image_ref, policy).await?;
         self.tracked(kind, i).pull_failed = false;
         let edits = self
             .ctx
@@ -205,6 +135,7 @@ impl Worker {
                 other => StartFailure::Config(other.to_string()),
             })?;
         self.ensure_network(pod).map_err(StartFailure::Sandbox)?;
+        self.ensure_image_volumes(pod).await?;
         self.volumes
             .sync(pod, &self.ctx.objects, &self.ctx.node)
             .map_err(StartFailure::Volumes)?;
@@ -228,6 +159,7 @@ impl Worker {
             mounts,
             attempt,
             edits,
+            volume_images: self.volumes.images_of(&spec),
         };
         let rec = self.ctx.rt.run(req).map_err(|e| StartFailure::Create {
             config: matches!(e, RuntimeError::Config(_)),
@@ -262,6 +194,118 @@ impl Worker {
         }
         self.start_probes(pod, kind, i);
         self.post_start(pod, kind, i).await;
+        Ok(())
+    }
+
+    /// An image for a container (`container`) or an image volume (None),
+    /// by its pull policy, with the kubelet's events. Offline, a registry
+    /// that cannot be reached (not one that refuses) falls back to the copy
+    /// on the node, with a Warning saying so: Always would otherwise keep
+    /// a node from running what it has (a `:latest` image after a reboot
+    /// with no network).
+    async fn pull(
+        &mut self,
+        pod: &Pod,
+        container: Option<&str>,
+        image_ref: &str,
+        policy: PullPolicy,
+    ) -> Result<crate::image::ImageRecord, StartFailure> {
+        let present = self.ctx.images.resolve(image_ref).ok().flatten().is_some();
+        let will_pull =
+            matches!(policy, PullPolicy::Always) || (!present && policy != PullPolicy::Never);
+        if will_pull {
+            self.event(
+                pod,
+                container,
+                EventType::Normal,
+                "Pulling",
+                format!("Pulling image \"{image_ref}\""),
+            );
+        }
+        let started = Instant::now();
+        let puller = self.ctx.puller();
+        let pulled = Box::pin(registry::ensure(
+            &self.ctx.images,
+            &puller,
+            image_ref,
+            policy,
+            None,
+            &Progress::default(),
+        ))
+        .await;
+        let mut from_cache = false;
+        let pulled = match pulled {
+            Err(crate::image::ImageError::Unreachable { registry, detail }) if present => {
+                match self.ctx.images.resolve(image_ref).ok().flatten() {
+                    Some(img) => {
+                        self.event(
+                            pod,
+                            container,
+                            EventType::Warning,
+                            "RegistryUnreachable",
+                            format!("registry {registry} unreachable ({detail}); running the copy of \"{image_ref}\" already on the node"),
+                        );
+                        from_cache = true;
+                        Ok(img)
+                    }
+                    None => Err(crate::image::ImageError::Unreachable { registry, detail }),
+                }
+            }
+            r => r,
+        };
+        match pulled {
+            Ok(img) => {
+                if will_pull && !from_cache {
+                    self.event(
+                        pod,
+                        container,
+                        EventType::Normal,
+                        "Pulled",
+                        format!(
+                            "Successfully pulled image \"{image_ref}\" in {:.3}s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
+                Ok(img)
+            }
+            Err(e) => Err(StartFailure::Pull {
+                image: image_ref.to_string(),
+                never: matches!(e, crate::image::ImageError::NeverPull(_)),
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// The pod's image volumes, pulled (by their own pull policy) and made
+    /// ready to mount, once per pod.
+    async fn ensure_image_volumes(&mut self, pod: &Pod) -> Result<(), StartFailure> {
+        let wanted: Vec<(String, String, Option<String>)> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter_map(|v| {
+                let i = v.image.as_ref()?;
+                Some((
+                    v.name.clone(),
+                    i.reference.clone().unwrap_or_default(),
+                    i.pull_policy.clone(),
+                ))
+            })
+            .filter(|(name, _, _)| !self.volumes.has_image(name))
+            .collect();
+        for (name, reference, pull_policy) in wanted {
+            if reference.is_empty() {
+                return Err(StartFailure::Config(format!(
+                    "image volume {name}: no reference"
+                )));
+            }
+            let policy = PullPolicy::from_k8s(pull_policy.as_deref(), &reference);
+            let record = self.pull(pod, None, &reference, policy).await?;
+            self.volumes
+                .set_image(&self.ctx.images, &name, record)
+                .map_err(StartFailure::Volumes)?;
+        }
         Ok(())
     }
 
