@@ -186,13 +186,20 @@ async fn a_model_in_an_image_volume_is_shared_read_only_kept_offline_and_collect
         .then_some(())
     })
     .await?;
-    let rm = node.cli(&["images", "rm", &model])?;
+    // GC down to nothing: the model goes, files and all; the layered
+    // image, which the running `layered` pod mounts, stays.
+    let gc = node.cli(&["images", "gc", "--budget", "0"])?;
     assert!(
-        rm.status.success(),
+        gc.status.success(),
         "{}",
-        String::from_utf8_lossy(&rm.stderr)
+        String::from_utf8_lossy(&gc.stderr)
     );
-    assert_eq!(artifacts_on(&node), 0);
+    assert_eq!(artifacts_on(&node), 0, "{}", text(&gc));
+    let left = text(&node.cli(&["images", "list"])?);
+    assert!(
+        left.contains("data/layered") && !left.contains("models/tiny"),
+        "{left}"
+    );
 
     drop(daemon);
     node.cleanup().await?;

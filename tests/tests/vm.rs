@@ -20,8 +20,13 @@ $B mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/run /newroot/tmp /n
 exec $B switch_root /newroot /bin/edge-rt run
 ";
 
-/// No pod network: the initramfs carries no iproute2 or iptables.
-const CONFIG: &str = "[runtime]\npids_limit = 16\n[network]\nenabled = false\n";
+/// No pod network: the initramfs carries no iproute2 or iptables. A
+/// stand-in accelerator: /dev/kmsg's numbers (writable without a
+/// capability, and not among a container's default devices) under a
+/// directory of its own, named by the configuration.
+const CONFIG: &str = "[runtime]\npids_limit = 16\n[network]\nenabled = false\n\
+[accelerators]\ndev_dir = \"/etc/edge-rt/fake-dev\"\ncdi_spec_dirs = []\n\
+[[accelerators.device]]\nresource = \"example.com/npu\"\nglob = \"npu*\"\n";
 
 /// Each check exits with its own code, so the exit code says which failed.
 const PODS: &str = r#"
@@ -61,6 +66,30 @@ spec:
     image: busybox:latest
     imagePullPolicy: Never
     command: ["sh", "-c", "sh -c 'i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done' 2>/dev/null; set -- /proc/[0-9]*; [ $# -le 16 ] && [ $# -ge 8 ] || exit 14"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: npu}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: given
+    image: busybox:latest
+    imagePullPolicy: Never
+    command: ["sh", "-c", "echo '<2>npu-write-from-the-pod' > /dev/npu0 || exit 15"]
+    resources:
+      limits: {example.com/npu: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: nonpu}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: denied
+    image: busybox:latest
+    imagePullPolicy: Never
+    command: ["sh", "-c", "mknod /tmp/npu c 1 11 || exit 16; if echo '<2>must-not-appear' > /tmp/npu; then exit 17; fi"]
 "#;
 
 /// The value of `key=` in a tracing log line.
@@ -88,6 +117,8 @@ fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
         .file("/bin/busybox", &std::fs::read(&assets.busybox)?, 0o755)
         .file("/bin/edge-rt", &std::fs::read(&assets.edge_rt)?, 0o755)
         .dir("/etc/edge-rt/pods")
+        .dir("/etc/edge-rt/fake-dev")
+        .char_dev("/etc/edge-rt/fake-dev/npu0", 1, 11)
         .file("/etc/edge-rt/config.toml", CONFIG.as_bytes(), 0o644)
         .file("/etc/edge-rt/pods/pods.yaml", PODS.as_bytes(), 0o644)
         .dir("/usr/share/edge-rt/images")
@@ -111,6 +142,11 @@ fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
         ("limits", "check", "0", "Completed"),
         ("oom", "hog", "137", "OOMKilled"),
         ("pids", "forker", "0", "Completed"),
+        // Given the device: its write reached the kernel (below). Not
+        // given it: a node made with mknod is refused by the cgroup v2
+        // device program.
+        ("npu", "given", "0", "Completed"),
+        ("nonpu", "denied", "0", "Completed"),
     ] {
         let suffix = format!("-{container}-0");
         let exited = vm.wait_line(t, |l| {
@@ -123,6 +159,9 @@ fn edge_rt_is_init_of_an_arm64_machine_with_cgroup_v2() -> Result<()> {
             vm.console().join("\n")
         );
     }
+    let console = vm.console().join("\n");
+    assert!(console.contains("npu-write-from-the-pod"), "{console}");
+    assert!(!console.contains("must-not-appear"), "{console}");
     Ok(())
 }
 

@@ -223,7 +223,8 @@ impl Accelerators {
         container: &str,
         init: bool,
     ) -> Result<ContainerEdits, GrantError> {
-        let uid = crate::pods::uid(pod);
+        let uid = pod.metadata.uid.as_deref().unwrap_or("");
+        let pod_name = pod.metadata.name.as_deref().unwrap_or("");
         let mut st = self.state();
         let mut wants = alloc::wants(pod, &|r| self.known(&st, r))?;
         // CDI annotations naming one of the node's accelerators: allocated
@@ -303,7 +304,7 @@ impl Accelerators {
                 s.set_allocations(&give, &[])
                     .map_err(|e| GrantError::Store(e.to_string()))?;
             }
-            tracing::info!(pod = crate::pods::name(pod), devices = ?give.iter().map(|a| format!("{}={}", a.resource, a.device)).collect::<Vec<_>>(), "accelerators allocated");
+            tracing::info!(pod = pod_name, devices = ?give.iter().map(|a| format!("{}={}", a.resource, a.device)).collect::<Vec<_>>(), "accelerators allocated");
             st.allocations.extend(give);
         }
         let mine: Vec<Allocation> = st

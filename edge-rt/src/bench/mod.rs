@@ -81,6 +81,21 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 100)]
         window: usize,
     },
+    /// What accelerator detection and allocation add to edge-rt's memory:
+    /// a node with N stand-in GPUs (device nodes made with mknod) and a
+    /// vendor CDI spec for each, N pods holding one each, beside the same
+    /// pods on a node with detection off.
+    Accelerators {
+        #[arg(long, default_value = "busybox:latest")]
+        image: String,
+        #[arg(long, default_value_t = 16)]
+        gpus: usize,
+        /// Rounds, the two nodes alternating; medians are printed.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "/var/tmp/edge-rt-bench-accel")]
+        dir: PathBuf,
+    },
     /// Reboot with no cloud: N pods in the store, a power cut (edge-rt and
     /// every container killed, state and mounts gone), then edge-rt start
     /// to all N running; the same N pods as static manifests alongside.
@@ -125,6 +140,12 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
             idle_secs,
             dir,
         } => rss(cfg, &image, containers, idle_secs, &dir).await,
+        BenchCmd::Accelerators {
+            image,
+            gpus,
+            runs,
+            dir,
+        } => accelerators(cfg, &image, gpus, runs, &dir).await,
         BenchCmd::Store {
             updates,
             batch,
@@ -568,6 +589,11 @@ struct BenchNode {
 
 impl BenchNode {
     async fn start(cfg: &Config, dir: &Path, network: bool) -> Result<BenchNode> {
+        Self::start_with(cfg, dir, network, "").await
+    }
+
+    /// The same, `extra` appended to its configuration.
+    async fn start_with(cfg: &Config, dir: &Path, network: bool, extra: &str) -> Result<BenchNode> {
         crate::runtime::unmount_under(dir);
         let _ = fs::remove_dir_all(dir);
         let manifests = dir.join("pods");
@@ -598,7 +624,7 @@ impl BenchNode {
                 net.pod_cidr,
                 dir.join("store.db"),
                 dir.join("store.key"),
-            ),
+            ) + extra,
         )?;
         let mut node = BenchNode {
             child: Command::new("true").spawn()?,
@@ -819,5 +845,110 @@ async fn rss(cfg: &Config, image: &str, n: usize, idle_secs: u64, dir: &Path) ->
     if running < n {
         bail!("only {running} of {n} pods started");
     }
+    Ok(())
+}
+
+/// Make `dir` a stand-in /dev of `gpus` NVIDIA GPUs (their real numbers;
+/// no driver is needed to count and allocate them) and a CDI spec
+/// directory beside it with a vendor spec for each, as nvidia-ctk writes.
+fn fake_gpus(dir: &Path, gpus: usize) -> Result<(PathBuf, PathBuf)> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let dev = dir.join("dev");
+    let cdi = dir.join("cdi");
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(&dev)?;
+    fs::create_dir_all(&cdi)?;
+    let node = |name: &str, minor: u64| {
+        mknod(
+            &dev.join(name),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(195, minor),
+        )
+        .with_context(|| format!("mknod {name} (run as root)"))
+    };
+    node("nvidiactl", 255)?;
+    let mut devices = String::new();
+    for i in 0..gpus {
+        node(&format!("nvidia{i}"), i as u64)?;
+        devices.push_str(&format!(
+            "- name: \"{i}\"\n  containerEdits:\n    env: [\"GPU_INDEX={i}\"]\n"
+        ));
+    }
+    fs::write(
+        cdi.join("nvidia.yaml"),
+        format!("cdiVersion: \"0.6.0\"\nkind: nvidia.com/gpu\ncontainerEdits:\n  env: [\"NVIDIA_DRIVER_CAPABILITIES=compute\"]\ndevices:\n{devices}"),
+    )?;
+    Ok((dev, cdi))
+}
+
+async fn accelerators(
+    cfg: &Config,
+    image: &str,
+    gpus: usize,
+    runs: usize,
+    dir: &Path,
+) -> Result<()> {
+    let (dev, cdi) = fake_gpus(&dir.join("fake"), gpus)?;
+    let mut samples: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
+    for (label, extra, limits) in (0..runs.max(1)).flat_map(|_| [
+        (
+            "detection off, no GPUs asked",
+            "\n[accelerators]\ndetect = false\ncdi_spec_dirs = []\n".to_string(),
+            false,
+        ),
+        (
+            "GPUs detected, each pod holds one",
+            format!("\n[accelerators]\ndev_dir = {dev:?}\nsys_dir = {:?}\ncdi_spec_dirs = [{cdi:?}]\n", dir.join("fake/sys")),
+            true,
+        ),
+    ]) {
+        let node = BenchNode::start_with(cfg, &dir.join("node"), false, &extra).await?;
+        let idle = vm_rss_kib(node.child.id()).unwrap_or(0);
+        let mut yaml = String::new();
+        for i in 0..gpus {
+            yaml.push_str("---\n");
+            yaml.push_str(&pod_yaml(&format!("gpu-{i}"), image));
+            if limits {
+                yaml.push_str("    resources:\n      limits:\n        nvidia.com/gpu: 1\n");
+            }
+        }
+        fs::write(node.manifests.join("pods.yaml"), yaml)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while node.running().len() < gpus && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let running = node.running().len();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let busy = vm_rss_kib(node.child.id()).unwrap_or(0);
+        node.finish(cfg).await?;
+        if running < gpus {
+            bail!("{label}: only {running} of {gpus} pods started");
+        }
+        let (i, b) = (idle as f64 / 1024.0, busy as f64 / 1024.0);
+        match samples.iter_mut().find(|s| s.0 == label) {
+            Some(s) => {
+                s.1.push(i);
+                s.2.push(b);
+            }
+            None => samples.push((label, vec![i], vec![b])),
+        }
+    }
+    println!(
+        "edge-rt resident memory (VmRSS, median of {runs}), {gpus} pods, {gpus} stand-in GPUs with a CDI spec each"
+    );
+    println!("{:<36} {:>10} {:>14}", "node", "idle MB", "with pods MB");
+    let mut medians = Vec::new();
+    for (label, idle, busy) in &mut samples {
+        let (i, b) = (percentile(idle, 0.5), percentile(busy, 0.5));
+        println!("{:<36} {:>10.1} {:>14.1}", label, i, b);
+        medians.push((i, b));
+    }
+    println!(
+        "{:<36} {:>10.1} {:>14.1}   (bar: 1 MB)",
+        "added by detection and allocation",
+        medians[1].0 - medians[0].0,
+        medians[1].1 - medians[0].1
+    );
     Ok(())
 }

@@ -12,14 +12,177 @@ pub enum BpfError {
     FailedToIncreaseRLimit,
 }
 
+/// The bpf(2) calls this module makes, as raw system calls: what libbpf's
+/// `bpf_prog_*` wrappers do, without linking libbpf (a C library that
+/// needs libelf and zlib, which a static musl build of the runtime does not
+/// carry). The attribute layouts are the kernel's `union bpf_attr`
+/// (include/uapi/linux/bpf.h), each command's part, zero-filled.
+#[cfg(not(test))]
+mod sys {
+    use std::os::raw::c_char;
+    use std::os::unix::io::RawFd;
+
+    pub const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+    pub const BPF_CGROUP_DEVICE: u32 = 6;
+    pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_PROG_DETACH: libc::c_long = 9;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+
+    /// One eBPF instruction (`struct bpf_insn`): 8 bytes.
+    #[repr(C)]
+    #[allow(non_camel_case_types)]
+    pub struct bpf_insn {
+        _code: u8,
+        _regs: u8,
+        _off: i16,
+        _imm: i32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        replace_bpf_fd: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct GetFdById {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> i32 {
+        // SAFETY: attr is a live, zero-initialised bpf_attr prefix of its
+        // own size, as the kernel reads and (for queries) writes it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T,
+                std::mem::size_of::<T>() as libc::c_uint,
+            ) as i32
+        }
+    }
+
+    pub unsafe fn bpf_prog_load(
+        prog_type: u32,
+        license: *const c_char,
+        insns: *const bpf_insn,
+        insn_cnt: u64,
+    ) -> RawFd {
+        let mut attr = ProgLoad {
+            prog_type,
+            insn_cnt: insn_cnt as u32,
+            insns: insns as u64,
+            license: license as u64,
+            ..Default::default()
+        };
+        bpf(BPF_PROG_LOAD, &mut attr)
+    }
+
+    pub unsafe fn bpf_prog_query(
+        target_fd: RawFd,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: *mut u32,
+        prog_ids: *mut u32,
+        prog_cnt: *mut u32,
+    ) -> i32 {
+        // SAFETY: the caller's pointers are live for the call.
+        let mut attr = Query {
+            target_fd: target_fd as u32,
+            attach_type,
+            query_flags,
+            attach_flags: 0,
+            prog_ids: prog_ids as u64,
+            prog_cnt: unsafe { *prog_cnt },
+        };
+        let ret = bpf(BPF_PROG_QUERY, &mut attr);
+        unsafe {
+            *prog_cnt = attr.prog_cnt;
+            *attach_flags = attr.attach_flags;
+        }
+        ret
+    }
+
+    pub unsafe fn bpf_prog_get_fd_by_id(id: u32) -> RawFd {
+        let mut attr = GetFdById {
+            prog_id: id,
+            ..Default::default()
+        };
+        bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)
+    }
+
+    pub unsafe fn bpf_prog_attach(prog_fd: RawFd, target_fd: RawFd, attach_type: u32, flags: u32) -> i32 {
+        let mut attr = Attach {
+            target_fd: target_fd as u32,
+            attach_bpf_fd: prog_fd as u32,
+            attach_type,
+            attach_flags: flags,
+            ..Default::default()
+        };
+        bpf(BPF_PROG_ATTACH, &mut attr)
+    }
+
+    pub unsafe fn bpf_prog_detach2(prog_fd: RawFd, target_fd: RawFd, attach_type: u32) -> i32 {
+        let mut attr = Attach {
+            target_fd: target_fd as u32,
+            attach_bpf_fd: prog_fd as u32,
+            attach_type,
+            ..Default::default()
+        };
+        bpf(BPF_PROG_DETACH, &mut attr)
+    }
+}
+
 #[cfg_attr(test, automock)]
 pub mod prog {
     use std::os::unix::io::RawFd;
+    #[cfg(test)]
     use std::ptr;
 
+    #[cfg(test)]
     use libbpf_sys::{BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI, BPF_PROG_TYPE_CGROUP_DEVICE, bpf_insn};
     #[cfg(not(test))]
-    use libbpf_sys::{
+    use super::sys::{
+        BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI, BPF_PROG_TYPE_CGROUP_DEVICE, bpf_insn,
         bpf_prog_attach, bpf_prog_detach2, bpf_prog_get_fd_by_id, bpf_prog_load, bpf_prog_query,
     };
     #[cfg(not(test))]
@@ -37,6 +200,28 @@ pub mod prog {
     #[cfg(test)]
     use crate::v2::devices::mocks::mock_libc::setrlimit;
 
+    #[cfg(not(test))]
+    pub fn load(license: &str, insns: &[u8]) -> Result<RawFd, super::BpfError> {
+        let insns_cnt = insns.len() / std::mem::size_of::<bpf_insn>();
+        let insns = insns as *const _ as *const bpf_insn;
+        // The kernel reads the licence as a C string.
+        let license = std::ffi::CString::new(license).unwrap_or_default();
+        // SAFETY: insns and license outlive the call.
+        let prog_fd = unsafe {
+            bpf_prog_load(
+                BPF_PROG_TYPE_CGROUP_DEVICE,
+                license.as_ptr(),
+                insns,
+                insns_cnt as u64,
+            )
+        };
+        if prog_fd < 0 {
+            return Err(errno::errno().into());
+        }
+        Ok(prog_fd)
+    }
+
+    #[cfg(test)]
     pub fn load(license: &str, insns: &[u8]) -> Result<RawFd, super::BpfError> {
         let insns_cnt = insns.len() / std::mem::size_of::<bpf_insn>();
         let insns = insns as *const _ as *const bpf_insn;

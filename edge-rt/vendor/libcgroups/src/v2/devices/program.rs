@@ -2,6 +2,17 @@ use oci_spec::runtime::*;
 use rbpf::disassembler::disassemble;
 use rbpf::insn_builder::{Arch as RbpfArch, *};
 
+
+/// The device cgroup's access and type bits (include/uapi/linux/bpf.h),
+/// named as libbpf-sys names them: the runtime no longer links libbpf.
+#[allow(dead_code)]
+mod libbpf_sys {
+    pub const BPF_DEVCG_ACC_MKNOD: u32 = 1 << 0;
+    pub const BPF_DEVCG_ACC_READ: u32 = 1 << 1;
+    pub const BPF_DEVCG_ACC_WRITE: u32 = 1 << 2;
+    pub const BPF_DEVCG_DEV_BLOCK: u32 = 1 << 0;
+    pub const BPF_DEVCG_DEV_CHAR: u32 = 1 << 1;
+}
 pub struct Program {
     prog: BpfCode,
 }
