@@ -3110,3 +3110,152 @@ spec:
     s.kc(&["delete", "deployment", &d, "--wait=false"])?;
     s.cleanup().await
 }
+
+/// The static edge-infer (`tests/inference`) for this machine: built by
+/// `.ci/run`, or `cargo build --release --target x86_64-unknown-linux-musl
+/// -p outrigger-inference`.
+fn edge_infer_bin() -> Result<std::path::PathBuf> {
+    let rel = format!(
+        "{}-unknown-linux-musl/release/edge-infer",
+        std::env::consts::ARCH
+    );
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .map(|d| d.join(&rel))
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!("{rel} is missing: cargo build --release --target {}-unknown-linux-musl -p outrigger-inference", std::env::consts::ARCH)
+        })
+}
+
+#[tokio::test]
+async fn the_inference_example_runs_end_to_end() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    use outrigger_tests::fixtures::{self, ArtifactPart, Compression, Entry, ImageSpec, Layer};
+    Cluster::get()?.install_device_crds()?;
+    // The program's image and the model, in a registry of the site.
+    let registry = outrigger_tests::registry::Registry::start(None)?;
+    let infer = edge_infer_bin()?;
+    let mut spec = ImageSpec::busybox()?;
+    spec.layers.push(Layer {
+        entries: vec![Entry::File(
+            "usr/bin/edge-infer".into(),
+            std::fs::read(&infer)?,
+            0o755,
+        )],
+        compression: Compression::Gzip,
+    });
+    spec.entrypoint = vec!["/usr/bin/edge-infer".into()];
+    spec.cmd = vec![];
+    let image_layout = tempfile::tempdir()?;
+    fixtures::add_to_layout(image_layout.path(), "v1", &spec)?;
+    let image = registry.push(image_layout.path(), "v1", "outrigger/edge-infer")?;
+    let work = tempfile::tempdir()?;
+    let model = work.path().join("model.onnx");
+    let made = std::process::Command::new(&infer)
+        .args(["make-model", "--out"])
+        .arg(&model)
+        .output()?;
+    ensure!(made.status.success(), "make-model: {}", stderr(&made));
+    let model_layout = tempfile::tempdir()?;
+    fixtures::add_artifact_to_layout(
+        model_layout.path(),
+        "v1",
+        "application/vnd.example.model.v1",
+        &[ArtifactPart::File("model.onnx", &std::fs::read(&model)?)],
+    )?;
+    let pushed = registry.push(model_layout.path(), "v1", "models/boiler-anomaly")?;
+    let reg = image
+        .split_once('/')
+        .map(|(r, _)| r.to_string())
+        .unwrap_or_default();
+    ensure!(pushed.starts_with(&reg));
+
+    // A gateway with a stand-in GPU, trusting the registry.
+    let fake = tempfile::tempdir()?;
+    let dev = fake.path().join("dev");
+    std::fs::create_dir_all(&dev)?;
+    nix::sys::stat::mknod(
+        &dev.join("nvidia0"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(195, 0),
+    )?;
+    let ca = fake.path().join("registry-ca.pem");
+    std::fs::copy(&registry.ca_pem, &ca)?;
+    let cfg = format!(
+        "[accelerators]\ndev_dir = {dev:?}\nsys_dir = {:?}\ncdi_spec_dirs = []\n\n[registry]\nca_bundle = {ca:?}\n",
+        fake.path().join("sys")
+    );
+    let s = Setup::ready(Opts {
+        node_config: &cfg,
+        ..Default::default()
+    })
+    .await?;
+    // The probe: a Modbus RTU slave on a PTY, 21.5 °C.
+    let line = outrigger_tests::modbus::Line::new(s.node().dir.path(), "rs485")?;
+    let mut probe = outrigger_tests::modbus::Slaves::start(&line, &[1])?;
+    probe.set(1, "ir", 0, &[215])?;
+
+    // The example, as its README applies it.
+    let yaml = include_str!("../../edge-rt/examples/inference/inference.yaml")
+        .replace("${REGISTRY}", &reg)
+        .replace("${NODE}", s.name())
+        .replace("${SERIAL_PORT}", &line.edge.display().to_string())
+        .replace("${BROKER_PORT}", &s.node().mqtt_port.to_string())
+        .replace("${NAMESPACE}", s.ns());
+    ensure!(!yaml.contains("${"), "a placeholder left: {yaml}");
+    s.apply(&yaml)?;
+    let o = s.kubectl(&[
+        "rollout",
+        "status",
+        "deployment/boiler-anomaly",
+        "--timeout=120s",
+    ])?;
+    ensure!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        s.logs()
+    );
+    // Placed by its GPU request on the gateway that has one, and given it.
+    let pods = s.get_json(&["pods", "-l", "app=boiler-anomaly"])?;
+    let pod = pods["items"][0]["metadata"]["name"]
+        .as_str()
+        .context("the pod")?
+        .to_string();
+    ensure!(pods["items"][0]["spec"]["nodeName"] == s.name(), "{pods}");
+    // The temperature climbs: the model's score goes up to near 1.
+    for t in [250u16, 300, 400, 500, 600] {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        probe.set(1, "ir", 0, &[t])?;
+    }
+    let scored = wait_for(
+        "a high score in kubectl logs",
+        Duration::from_secs(60),
+        || async {
+            let l = s.kc(&["logs", &pod]).ok()?;
+            l.lines()
+                .filter_map(|x| x.strip_prefix("score="))
+                .filter_map(|x| x.split_whitespace().next()?.parse::<f64>().ok())
+                .any(|v| v > 0.9)
+                .then_some(l)
+        },
+    )
+    .await
+    .with_context(|| s.logs())?;
+    ensure!(scored.contains("60"), "the last readings scored: {scored}");
+    // The model came from the artifact, pulled once, mounted read-only.
+    let events = s.kc(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={pod}"),
+    ])?;
+    ensure!(events.contains("models/boiler-anomaly"), "{events}");
+    drop(probe);
+    s.kc(&["delete", "deployment", "boiler-anomaly", "--wait=false"])?;
+    s.cleanup().await
+}
