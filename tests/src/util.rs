@@ -331,6 +331,33 @@ impl Node {
         Ok(d)
     }
 
+    /// `edge-rt logs POD` (empty if it fails).
+    pub fn pod_logs(&self, pod: &str) -> String {
+        self.cli(&["logs", pod])
+            .map(|o| text(&o))
+            .unwrap_or_default()
+    }
+
+    /// Wait (30 s) until pod `pod` has logged `needle`; its log.
+    pub async fn wait_log(&self, pod: &str, needle: &str) -> Result<String> {
+        wait_for(
+            &format!("{pod} logging {needle:?}"),
+            Duration::from_secs(30),
+            || async {
+                let l = self.pod_logs(pod);
+                l.contains(needle).then_some(l)
+            },
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "{pod} logs:\n{}\nedge-rt:\n{}",
+                self.pod_logs(pod),
+                self.daemon_log()
+            )
+        })
+    }
+
     /// What the daemon has logged so far.
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("edge-rt.log")).unwrap_or_default()

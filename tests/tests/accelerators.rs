@@ -81,31 +81,6 @@ fn device_pod(name: &str, limits: &[(&str, u32)], annotations: &str, script: &st
     )
 }
 
-fn logs(node: &Node, pod: &str) -> String {
-    node.cli(&["logs", pod])
-        .map(|o| text(&o))
-        .unwrap_or_default()
-}
-
-async fn wait_log(node: &Node, pod: &str, needle: &str) -> Result<String> {
-    wait_for(
-        &format!("{pod} logging {needle:?}"),
-        Duration::from_secs(30),
-        || async {
-            let l = logs(node, pod);
-            l.contains(needle).then_some(l)
-        },
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "{pod} logs:\n{}\nedge-rt:\n{}",
-            logs(node, pod),
-            node.daemon_log()
-        )
-    })
-}
-
 fn waiting_reason(p: &k8s_openapi::api::core::v1::Pod) -> Option<(String, String)> {
     let w = p
         .status
@@ -187,7 +162,7 @@ async fn accelerators_are_given_exclusively_kept_across_restarts_and_denied_to_o
             a_script,
         ),
     )?;
-    let l = wait_log(&node, "gpu-a", "done").await?;
+    let l = node.wait_log("gpu-a", "done").await?;
     assert!(l.contains("visible=0 cdi=zero"), "{l}");
     assert!(l.contains("fake driver library"), "{l}");
     assert!(l.contains("NPU-BYTES"), "the loop device's bytes: {l}");
@@ -207,7 +182,7 @@ async fn accelerators_are_given_exclusively_kept_across_restarts_and_denied_to_o
             "echo visible=$NVIDIA_VISIBLE_DEVICES; ls /dev; echo done; sleep 3600",
         ),
     )?;
-    let l = wait_log(&node, "gpu-b", "done").await?;
+    let l = node.wait_log("gpu-b", "done").await?;
     assert!(
         l.contains("visible=1") && l.contains("nvidia1") && !l.contains("nvidia0"),
         "{l}"
@@ -244,7 +219,7 @@ async fn accelerators_are_given_exclusively_kept_across_restarts_and_denied_to_o
         node.manifests.join("plain.yaml"),
         device_pod("plain", &[], "", &plain),
     )?;
-    let l = wait_log(&node, "plain", "done").await?;
+    let l = node.wait_log("plain", "done").await?;
     assert_eq!(
         l.matches("Operation not permitted").count(),
         2,
@@ -263,7 +238,7 @@ async fn accelerators_are_given_exclusively_kept_across_restarts_and_denied_to_o
             "echo led=$LED; echo on > /dev/led-red && echo wrote; echo done; sleep 3600",
         ),
     )?;
-    let l = wait_log(&node, "led", "done").await?;
+    let l = node.wait_log("led", "done").await?;
     assert!(l.contains("led=red") && l.contains("wrote"), "{l}");
     std::fs::write(
         node.manifests.join("bad-cdi.yaml"),
@@ -303,9 +278,9 @@ async fn accelerators_are_given_exclusively_kept_across_restarts_and_denied_to_o
     drop(daemon);
     node.cleanup().await?;
     let daemon = node.start().await?;
-    let l = wait_log(&node, "gpu-a", "done").await?;
+    let l = node.wait_log("gpu-a", "done").await?;
     assert!(l.contains("visible=0") && l.contains("NPU-BYTES"), "{l}");
-    let l = wait_log(&node, "gpu-b", "done").await?;
+    let l = node.wait_log("gpu-b", "done").await?;
     assert!(l.contains("visible=1"), "{l}");
     let c = wait_pod(&node, "gpu-c", "gpu-c still waiting", |p| {
         waiting_reason(p).is_some_and(|(r, _)| r == "InsufficientDevices")
@@ -315,7 +290,7 @@ async fn accelerators_are_given_exclusively_kept_across_restarts_and_denied_to_o
 
     // gpu-a removed: its GPU goes to gpu-c.
     std::fs::remove_file(node.manifests.join("gpu-a.yaml"))?;
-    let l = wait_log(&node, "gpu-c", "done").await?;
+    let l = node.wait_log("gpu-c", "done").await?;
     assert!(l.contains("visible=0"), "{l}");
 
     // Hotplug: a third GPU appears under /dev, and goes.

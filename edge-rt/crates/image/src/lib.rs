@@ -502,6 +502,42 @@ impl ImageStore {
         fs::rename(file, &dest).map_err(|e| ImageError::io(&dest, e))
     }
 
+    /// Move a downloaded file into the blob store, its size and digest
+    /// (`actual`, hashed as it was written) checked against the
+    /// descriptor's. On mismatch the file is removed.
+    pub fn commit_verified(
+        &self,
+        file: &Path,
+        digest: &str,
+        actual: &str,
+        written: u64,
+        size: u64,
+    ) -> Result<()> {
+        let check = if written != size {
+            Err(ImageError::SizeMismatch {
+                what: digest.to_string(),
+                expected: size,
+                actual: written,
+            })
+        } else if actual != digest {
+            Err(ImageError::DigestMismatch {
+                what: "blob".into(),
+                expected: digest.into(),
+                actual: actual.into(),
+            })
+        } else {
+            fs::File::open(file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ImageError::io(file, e))
+        };
+        if let Err(e) = check {
+            let _ = fs::remove_file(file);
+            return Err(e);
+        }
+        let dest = self.blob_path(digest)?;
+        fs::rename(file, &dest).map_err(|e| ImageError::io(&dest, e))
+    }
+
     pub fn layer_dir(&self, diff_id: &str) -> Result<PathBuf> {
         Ok(self.root.join("layers/sha256").join(hex_of(diff_id)?))
     }
@@ -644,33 +680,11 @@ impl ImageStore {
                 dir_size(&dest)?
             }
         };
-        let _lock = self.lock()?;
-        for desc in manifest.layers() {
-            if let Ok(p) = self.blob_path(desc.digest().as_ref()) {
-                let _ = fs::remove_file(p);
-            }
-        }
-        let mut record = self.record(manifest_digest)?.unwrap_or(ImageRecord {
-            digest: manifest_digest.to_string(),
-            names: vec![],
-            config_digest: manifest.config().digest().to_string(),
-            layers: vec![],
-            added: now(),
-            last_used: now(),
-            artifact: None,
-        });
-        record.artifact = Some(ArtifactInfo {
+        let artifact = ArtifactInfo {
             size,
             artifact_type,
-        });
-        for n in names {
-            self.untag_locked(n)?;
-            if !record.names.contains(n) {
-                record.names.push(n.clone());
-            }
-        }
-        self.save_record(&record)?;
-        Ok(record)
+        };
+        self.commit_record(manifest_digest, manifest, vec![], Some(artifact), names)
     }
 
     fn lay_out_artifact(&self, manifest: &ImageManifest, work: &Path) -> Result<()> {
@@ -748,9 +762,22 @@ impl ImageStore {
                 size,
             });
         }
+        self.commit_record(manifest_digest, manifest, layers, None, names)
+    }
+
+    /// Write the record of a complete image or artifact (keeping one
+    /// written before) with its names, which leave any other record; its
+    /// layer blobs are dropped, as the unpacked form is what pods use.
+    fn commit_record(
+        &self,
+        manifest_digest: &str,
+        manifest: &ImageManifest,
+        layers: Vec<LayerInfo>,
+        artifact: Option<ArtifactInfo>,
+        names: &[String],
+    ) -> Result<ImageRecord> {
         let _lock = self.lock()?;
-        // Compressed layer blobs are not needed once unpacked: a gateway's disk
-        // is small, and the unpacked form is what containers use.
+        // A gateway's disk is small: compressed blobs go once unpacked.
         for desc in manifest.layers() {
             if let Ok(p) = self.blob_path(desc.digest().as_ref()) {
                 let _ = fs::remove_file(p);
@@ -759,12 +786,15 @@ impl ImageStore {
         let mut record = self.record(manifest_digest)?.unwrap_or(ImageRecord {
             digest: manifest_digest.to_string(),
             names: vec![],
-            config_digest,
+            config_digest: manifest.config().digest().to_string(),
             layers,
             added: now(),
             last_used: now(),
             artifact: None,
         });
+        if artifact.is_some() {
+            record.artifact = artifact;
+        }
         for n in names {
             self.untag_locked(n)?;
             if !record.names.contains(n) {
@@ -1006,6 +1036,20 @@ impl ImageStore {
             }
         }
         Ok(removed)
+    }
+}
+
+/// The SHA-256 state after a file's bytes (a partial download's prefix).
+pub fn hash_file(path: &Path) -> Result<Sha256> {
+    let mut f = fs::File::open(path).map_err(|e| ImageError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ImageError::io(path, e))?;
+        if n == 0 {
+            return Ok(h);
+        }
+        h.update(&buf[..n]);
     }
 }
 

@@ -271,43 +271,27 @@ impl Puller {
             reference,
         )
         .await?;
-        // An artifact (a model, not a runnable image): every blob fetched
-        // the same verified, resumable way, then its files laid out once.
-        if !super::is_image_config(cfg.media_type().as_ref()) {
-            // Laid out before (its blobs are gone then): nothing to fetch.
+        // An artifact (a model, not a runnable image) has no diff_ids: its
+        // blobs are fetched the same verified, resumable way and its files
+        // laid out once (after which its blobs are gone: nothing to fetch).
+        let artifact = !super::is_image_config(cfg.media_type().as_ref());
+        let have: Vec<bool> = if artifact {
             let laid_out = store.record(&digest)?.is_some_and(|r| r.artifact.is_some())
                 && store.artifact_dir(&digest)?.is_dir();
-            for l in manifest.layers().iter().filter(|_| !laid_out) {
-                self.fetch_blob(
-                    &client,
-                    store,
-                    &r,
-                    l.digest().as_ref(),
-                    l.size(),
-                    progress,
-                    reference,
-                )
-                .await?;
-            }
-            store.put_blob(&digest, &bytes)?;
-            let record = finish_blocking(store, digest, manifest, vec![name], true).await?;
-            tracing::info!(
-                artifact = reference,
-                digest = %record.digest,
-                bytes = total,
-                secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-                "pulled"
-            );
-            return Ok(record);
-        }
-        let config: oci_spec::image::ImageConfiguration =
-            serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?).map_err(|e| {
-                ImageError::BadMetadata(format!("image config of {reference}: {e}"))
-            })?;
-        let diff_ids = config.rootfs().diff_ids();
-        for (i, l) in manifest.layers().iter().enumerate() {
+            vec![laid_out; manifest.layers().len()]
+        } else {
+            let config: oci_spec::image::ImageConfiguration =
+                serde_json::from_slice(&store.read_blob(cfg.digest().as_ref())?).map_err(|e| {
+                    ImageError::BadMetadata(format!("image config of {reference}: {e}"))
+                })?;
+            let diff_ids = config.rootfs().diff_ids();
             // A layer already unpacked for another image is not fetched again.
-            if diff_ids.get(i).is_some_and(|d| store.has_layer(d)) {
+            (0..manifest.layers().len())
+                .map(|i| diff_ids.get(i).is_some_and(|d| store.has_layer(d)))
+                .collect()
+        };
+        for (l, have) in manifest.layers().iter().zip(have) {
+            if have {
                 progress.done.fetch_add(l.size(), Ordering::Relaxed);
                 continue;
             }
@@ -323,10 +307,10 @@ impl Puller {
             .await?;
         }
         store.put_blob(&digest, &bytes)?;
-        let names = vec![name];
-        let record = finish_blocking(store, digest, manifest, names, false).await?;
+        let record = finish_blocking(store, digest, manifest, vec![name], artifact).await?;
         tracing::info!(
-            image = reference,
+            reference,
+            artifact,
             digest = %record.digest,
             bytes = total,
             secs = format!("{:.1}", started.elapsed().as_secs_f64()),
@@ -400,6 +384,16 @@ impl Puller {
             progress.done.fetch_add(have, Ordering::Relaxed);
         }
         let mut written = if append { have } else { 0 };
+        // The digest as the bytes arrive (a resumed one from what is on
+        // disk first), so a large model is not read back to be checked.
+        let mut hasher = if append {
+            let p = part.clone();
+            outrigger_sys::blocking(move || super::hash_file(&p))
+                .await
+                .map_err(|e| ImageError::BadMetadata(format!("hashing task failed: {e}")))??
+        } else {
+            sha2::Sha256::default()
+        };
         let mut last_log = Instant::now();
         let mut stream = stream.stream;
         while let Some(chunk) = stream.next().await {
@@ -418,6 +412,7 @@ impl Puller {
                 });
             }
             let n = chunk.len() as u64;
+            sha2::Digest::update(&mut hasher, &chunk);
             file.write_all(chunk)
                 .await
                 .map_err(|e| ImageError::io(&part, e))?;
@@ -429,7 +424,18 @@ impl Puller {
             }
         }
         drop(file);
-        match store.commit_blob_file(&part, digest, Some(size)) {
+        let actual = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher)));
+        let committed = {
+            let (root, part, digest) =
+                (store.root().to_path_buf(), part.clone(), digest.to_string());
+            // fsync and rename off the runtime thread.
+            outrigger_sys::blocking(move || {
+                ImageStore::open(root)?.commit_verified(&part, &digest, &actual, written, size)
+            })
+            .await
+            .map_err(|e| ImageError::BadMetadata(format!("commit task failed: {e}")))?
+        };
+        match committed {
             // A resumed download that does not verify (the partial file was
             // bad): the file is gone now; start over once from byte zero.
             Err(ImageError::DigestMismatch { .. }) if append => {
