@@ -30,8 +30,9 @@ struct Tracked {
     started: Option<Instant>,
     /// The exit of `view.current` went into the back-off already.
     exit_seen: bool,
-    /// The last start failed in the image pull.
-    pull_failed: bool,
+    /// The last start failed pulling this image (the container's, or an
+    /// image volume's).
+    pull_failed: Option<String>,
     /// The spec changed: restart whatever the policy says.
     force_restart: bool,
     /// Probe tasks of the current run.
@@ -53,7 +54,7 @@ impl Tracked {
             backoff: Backoff::default(),
             started: None,
             exit_seen: false,
-            pull_failed: false,
+            pull_failed: None,
             force_restart: false,
             probes: vec![],
             started_tx: None,
@@ -684,11 +685,11 @@ impl Worker {
     /// event.
     fn show_back_off(&mut self, pod: &Pod, kind: Kind, i: usize) {
         let t = self.tracked(kind, i);
-        let (name, image) = (t.spec.name.clone(), t.view.image.clone());
+        let name = t.spec.name.clone();
         let create_failed = t.view.waiting.as_ref().is_some_and(|(r, _)| {
             r.starts_with("CreateContainer") || r == "ContainerCreating" || r == "ErrImageNeverPull"
         });
-        if t.pull_failed {
+        if let Some(image) = t.pull_failed.clone() {
             let msg = format!("Back-off pulling image \"{image}\"");
             t.view.waiting = Some(("ImagePullBackOff".into(), msg.clone()));
             self.event(pod, Some(&name), EventType::Warning, "BackOff", msg);

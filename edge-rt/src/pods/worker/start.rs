@@ -99,8 +99,8 @@ impl Worker {
         let name = t.spec.name.clone();
         // A pull that may work later backs off as ImagePullBackOff; Never
         // is not one: its reason stays.
-        if let StartFailure::Pull { never, .. } = &f {
-            t.pull_failed = !*never;
+        if let StartFailure::Pull { never, image, .. } = &f {
+            t.pull_failed = (!*never).then(|| image.clone());
         }
         t.view.waiting = Some({
             let (w, m) = f.waiting();
@@ -123,7 +123,7 @@ impl Worker {
         let image_ref = spec.image.clone().unwrap_or_default();
         let policy = PullPolicy::from_k8s(spec.image_pull_policy.as_deref(), &image_ref);
         let image = self.pull(pod, Some(&spec.name), &image_ref, policy).await?;
-        self.tracked(kind, i).pull_failed = false;
+        self.tracked(kind, i).pull_failed = None;
         let edits = self
             .ctx
             .accelerators
