@@ -57,6 +57,11 @@
 //! mqtt_username = "edge-rt"            # with mqtt_password_file; default: none
 //! mqtt_password_file = "/etc/edge-rt/mqtt-password"
 //!
+//! [dns]                                # pods' resolv.conf, as the kubelet writes it
+//! cluster_domain = "cluster.local"
+//! cluster_dns = []                     # ClusterFirst pods' nameservers; empty: the host's
+//! resolv_conf = "/etc/resolv.conf"     # the host's, for Default (and ClusterFirst without cluster_dns)
+//!
 //! [accelerators]
 //! detect = true                        # GPUs, NPUs, TPUs of the README's table
 //! dev_dir = "/dev"
@@ -132,6 +137,7 @@ pub struct Config {
     pub store: crate::store::StoreConfig,
     pub devices: DevicesSection,
     pub accelerators: crate::accelerators::AcceleratorConfig,
+    pub dns: crate::pods::dns::ClusterDns,
 }
 
 /// How the device manager reaches field devices.

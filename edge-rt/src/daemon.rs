@@ -114,6 +114,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         volumes_root: cfg.node.data_dir.join("pods"),
         node: placement,
         accelerators: accelerators.clone(),
+        dns: cfg.dns.clone(),
         status_generation: Default::default(),
         status_changed: Default::default(),
         network: if cfg.network.enabled {

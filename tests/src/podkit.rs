@@ -41,6 +41,7 @@ impl Harness {
             objects: Arc::new(edge_rt::pods::source::Objects::default()),
             volumes_root: env.dir.path().join("volumes"),
             node: edge_rt::pods::env::Placement::of_this_node(),
+            dns: Default::default(),
             // Nothing of the host's /dev or CDI specs: the accelerator
             // suite makes its own.
             accelerators: edge_rt::accelerators::Accelerators::new(

@@ -129,6 +129,7 @@ pub fn pod(name: &str) -> PodRef {
         name: name.into(),
         namespace: "default".into(),
         host_network: false,
+        resolv_conf: None,
     }
 }
 

@@ -293,3 +293,60 @@ async fn top_shows_the_node_and_its_pods_as_kubectl_top_does() -> Result<()> {
     );
     Ok(())
 }
+
+/// Pods' /etc/resolv.conf by their DNS policy, as the kubelet writes it:
+/// ClusterFirst with the node's cluster DNS and the search list, None with
+/// only the pod's dnsConfig, hostNetwork with the host's.
+#[tokio::test]
+async fn pods_get_the_resolv_conf_their_dns_policy_says() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let host = node.dir.path().join("host-resolv.conf");
+    std::fs::write(
+        &host,
+        "search plant.example\nnameserver 192.0.2.53\noptions edns0\n",
+    )?;
+    let mut cfg = std::fs::read_to_string(&node.config)?;
+    cfg.push_str(&format!(
+        "\n[dns]\ncluster_domain = \"cluster.local\"\ncluster_dns = [\"10.96.0.10\"]\nresolv_conf = {host:?}\n"
+    ));
+    std::fs::write(&node.config, cfg)?;
+    let daemon = node.start().await?;
+    let show = "cat /etc/resolv.conf; echo done; sleep 300";
+    std::fs::write(
+        node.manifests.join("first.yaml"),
+        manifest("first", show, ""),
+    )?;
+    std::fs::write(
+        node.manifests.join("none.yaml"),
+        manifest(
+            "none",
+            show,
+            "  dnsPolicy: None\n  dnsConfig:\n    nameservers: [192.0.2.1]\n    searches: [a.example]\n    options: [{name: ndots, value: \"2\"}]\n",
+        ),
+    )?;
+    std::fs::write(
+        node.manifests.join("hostnet.yaml"),
+        manifest("hostnet", show, "  hostNetwork: true\n"),
+    )?;
+    let first = node.wait_log("first", "done").await?;
+    assert!(
+        first.contains("search default.svc.cluster.local svc.cluster.local cluster.local plant.example\nnameserver 10.96.0.10\noptions ndots:5\n"),
+        "{first}"
+    );
+    let none = node.wait_log("none", "done").await?;
+    assert!(
+        none.contains("search a.example\nnameserver 192.0.2.1\noptions ndots:2\n"),
+        "{none}"
+    );
+    let hostnet = node.wait_log("hostnet", "done").await?;
+    assert!(
+        hostnet.contains("search plant.example\nnameserver 192.0.2.53\noptions edns0\n"),
+        "{hostnet}"
+    );
+    drop(daemon);
+    node.cleanup().await?;
+    Ok(())
+}

@@ -469,7 +469,8 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
     )?;
     // Containers join a pod sandbox's network, IPC and UTS namespaces, as
     // every container of a pod does (made once, like a CRI sandbox).
-    let sandbox = crate::runtime::sandbox::Sandbox::ensure(&dir.join("sandbox"), "bench", false)?;
+    let sandbox =
+        crate::runtime::sandbox::Sandbox::ensure(&dir.join("sandbox"), "bench", false, None)?;
     let ns = sandbox.namespaces();
     let mk = |name: &str, args: &[&str], for_edge: bool| {
         bundle(

@@ -12,6 +12,7 @@
 pub mod actions;
 pub mod attach;
 pub mod backoff;
+pub mod dns;
 pub mod env;
 pub mod exec;
 pub mod forward;
@@ -60,6 +61,8 @@ pub struct Context {
     pub volumes_root: std::path::PathBuf,
     /// This node, for the downward API.
     pub node: env::Placement,
+    /// The cluster's DNS for pods (their resolv.conf).
+    pub dns: dns::ClusterDns,
     /// The node's accelerators and who holds them.
     pub accelerators: Arc<crate::accelerators::Accelerators>,
     /// Pod networking (None: pods get loopback only).

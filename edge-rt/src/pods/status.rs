@@ -271,6 +271,7 @@ mod tests {
                 name: "p".into(),
                 namespace: "default".into(),
                 host_network: false,
+                resolv_conf: None,
             },
             attempt,
             image: "busybox:latest".into(),

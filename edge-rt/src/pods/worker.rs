@@ -133,6 +133,11 @@ impl Worker {
                 .as_ref()
                 .and_then(|s| s.host_network)
                 .unwrap_or(false),
+            resolv_conf: Some(super::dns::resolv_conf(
+                pod,
+                &self.ctx.dns,
+                &std::fs::read_to_string(&self.ctx.dns.resolv_conf).unwrap_or_default(),
+            )),
         }
     }
 

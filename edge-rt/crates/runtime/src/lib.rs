@@ -109,6 +109,9 @@ pub struct PodRef {
     pub namespace: String,
     #[serde(default)]
     pub host_network: bool,
+    /// The pod's /etc/resolv.conf (by its DNS policy); None: the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }
 
 /// Everything needed to run one container.
@@ -343,8 +346,13 @@ impl Runtime {
         req: ContainerRequest,
     ) -> Result<ContainerRecord, RuntimeError> {
         let pod = &req.pod;
-        let sandbox = Sandbox::ensure(&self.sandbox_dir(&pod.uid), &pod.name, pod.host_network)
-            .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
+        let sandbox = Sandbox::ensure(
+            &self.sandbox_dir(&pod.uid),
+            &pod.name,
+            pod.host_network,
+            pod.resolv_conf.as_deref(),
+        )
+        .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
 
         if let Some(a) = &req.image.artifact {
             return Err(RuntimeError::Config(format!(
@@ -776,8 +784,13 @@ impl Runtime {
     /// and return its network namespace, so the network can be set up
     /// before any container runs.
     pub fn ensure_sandbox(&self, pod: &PodRef) -> Result<Option<PathBuf>, RuntimeError> {
-        let sb = Sandbox::ensure(&self.sandbox_dir(&pod.uid), &pod.name, pod.host_network)
-            .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
+        let sb = Sandbox::ensure(
+            &self.sandbox_dir(&pod.uid),
+            &pod.name,
+            pod.host_network,
+            pod.resolv_conf.as_deref(),
+        )
+        .map_err(io_err(format!("pod sandbox of {}", pod.name)))?;
         Ok(sb.namespaces().network)
     }
 

@@ -29,8 +29,14 @@ const NS_KINDS: &[(&str, CloneFlags)] = &[
 ];
 
 impl Sandbox {
-    /// Create (or find, after an edge-rt restart) the sandbox in `dir`.
-    pub fn ensure(dir: &Path, hostname: &str, host_network: bool) -> io::Result<Sandbox> {
+    /// Create (or find, after an edge-rt restart) the sandbox in `dir`;
+    /// `resolv_conf` is the pod's (None: the host's).
+    pub fn ensure(
+        dir: &Path,
+        hostname: &str,
+        host_network: bool,
+        resolv_conf: Option<&str>,
+    ) -> io::Result<Sandbox> {
         let sb = Sandbox {
             dir: dir.to_path_buf(),
             host_network,
@@ -75,7 +81,7 @@ impl Sandbox {
             .join()
             .map_err(|_| io::Error::other("sandbox thread panicked"))??;
         }
-        sb.write_etc_files(hostname)?;
+        sb.write_etc_files(hostname, resolv_conf)?;
         Ok(sb)
     }
 
@@ -98,7 +104,7 @@ impl Sandbox {
         }
     }
 
-    fn write_etc_files(&self, hostname: &str) -> io::Result<()> {
+    fn write_etc_files(&self, hostname: &str, resolv_conf: Option<&str>) -> io::Result<()> {
         let etc = self.dir.join("etc");
         fs::create_dir_all(&etc)?;
         let host_name = if self.host_network {
@@ -117,7 +123,10 @@ impl Sandbox {
             )
         };
         fs::write(etc.join("hosts"), hosts)?;
-        let resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let resolv = match resolv_conf {
+            Some(r) => r.to_string(),
+            None => fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        };
         fs::write(etc.join("resolv.conf"), resolv)?;
         Ok(())
     }
