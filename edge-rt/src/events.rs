@@ -102,9 +102,15 @@ impl<E: RingEvent> Default for EventRing<E> {
 
 impl<E: RingEvent> EventRing<E> {
     pub fn new(cap: usize) -> EventRing<E> {
+        // Ids (and sequence numbers) start at the time in microseconds, not
+        // at 0: an event's id keys its outbox row, and a row not yet sent
+        // when edge-rt restarts (offline) must not be replaced by a newer
+        // event that a restarted count gave the same id. No run emits an
+        // event per microsecond, so runs never overlap.
+        let start = u64::try_from(jiff::Timestamp::now().as_microsecond()).unwrap_or(0);
         EventRing {
             cap: cap.max(1),
-            ring: Mutex::new((VecDeque::new(), 0)),
+            ring: Mutex::new((VecDeque::new(), start)),
         }
     }
 
@@ -195,6 +201,7 @@ mod tests {
     #[test]
     fn bounded_and_repeats_fold() {
         let r: EventRing = EventRing::new(3);
+        let base = r.last_seq();
         r.push(ev("a", "Pulled"));
         r.push(ev("a", "BackOff"));
         r.push(ev("a", "BackOff"));
@@ -206,7 +213,19 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!(all[0].reason, "BackOff");
         // The fold moved BackOff past Pulled; b's two are newer still.
-        let since: Vec<String> = r.since(2).into_iter().map(|e| e.reason).collect();
+        let since: Vec<String> = r.since(base + 2).into_iter().map(|e| e.reason).collect();
         assert_eq!(since, ["BackOff", "Started", "Killing"]);
+    }
+
+    #[test]
+    fn a_new_run_never_reuses_the_ids_of_the_last() {
+        let first: EventRing = EventRing::new(8);
+        first.push(ev("a", "Pulled"));
+        first.push(ev("a", "Started"));
+        let last_id = first.all().iter().map(|e| e.id).max().unwrap_or(0);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second: EventRing = EventRing::new(8);
+        second.push(ev("a", "Pulled"));
+        assert!(second.all()[0].id > last_id);
     }
 }

@@ -350,3 +350,49 @@ async fn pods_get_the_resolv_conf_their_dns_policy_says() -> Result<()> {
     node.cleanup().await?;
     Ok(())
 }
+
+/// Events not yet sent when edge-rt restarts (a node offline, or never
+/// joined) stay in the outbox beside the next run's: a restarted count of
+/// event ids once gave new events the ids, and so the outbox rows, of
+/// unsent old ones.
+#[tokio::test]
+async fn unsent_events_survive_a_restart_beside_the_next_runs() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let outbox_events = || -> Option<u64> {
+        let o = node.cli(&["store", "stats", "-o", "json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["outbox_events"].as_u64()
+    };
+    let daemon = node.start().await?;
+    std::fs::write(
+        node.manifests.join("first.yaml"),
+        manifest("first", "sleep 300", ""),
+    )?;
+    wait_pod(&node, "first", "first running", |p| phase(p) == "Running").await?;
+    let before = wait_for(
+        "the first run's events in the outbox",
+        Duration::from_secs(10),
+        || async { outbox_events().filter(|n| *n >= 2) },
+    )
+    .await?;
+    daemon.terminate()?;
+    let daemon = node.start().await?;
+    std::fs::write(
+        node.manifests.join("second.yaml"),
+        manifest("second", "sleep 300", ""),
+    )?;
+    wait_pod(&node, "second", "second running", |p| phase(p) == "Running").await?;
+    wait_for(
+        "both runs' events in the outbox",
+        Duration::from_secs(10),
+        || async { outbox_events().filter(|n| *n >= before + 2) },
+    )
+    .await
+    .with_context(|| format!("outbox events: {:?} (first run: {before})", outbox_events()))?;
+    drop(daemon);
+    node.cleanup().await?;
+    Ok(())
+}
