@@ -743,8 +743,14 @@ async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
                 Output::Table => {
-                    println!("{:<56} {:<19} {:>10}", "IMAGE", "DIGEST", "SIZE");
+                    println!("{:<56} {:<19} {:>10}  KIND", "IMAGE", "DIGEST", "SIZE");
                     for i in list {
+                        // Artifacts (models) are mounted as volumes, never run.
+                        let kind = if i.artifact.is_some() {
+                            "artifact"
+                        } else {
+                            "image"
+                        };
                         let names = if i.names.is_empty() {
                             vec!["<none>".to_string()]
                         } else {
@@ -752,7 +758,7 @@ async fn images(cfg: &Config, cmd: ImagesCmd) -> Result<()> {
                         };
                         for n in names {
                             println!(
-                                "{:<56} {:<19} {:>10}",
+                                "{:<56} {:<19} {:>10}  {kind}",
                                 n,
                                 &i.digest[..19.min(i.digest.len())],
                                 human(i.size())

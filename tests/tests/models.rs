@@ -111,6 +111,12 @@ async fn a_model_in_an_image_volume_is_shared_read_only_kept_offline_and_collect
         assert!(l.contains("Read-only file system"), "{l}");
     }
     assert_eq!(artifacts_on(&node), 1, "one unpacked copy");
+    let list = text(&node.cli(&["images", "list"])?);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("models/tiny") && l.ends_with("artifact")),
+        "{list}"
+    );
     let pulls = node
         .daemon_log()
         .lines()
