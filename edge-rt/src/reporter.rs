@@ -43,6 +43,8 @@ pub struct Reporter {
     /// successful flush.
     seen: Option<(u64, u64, u64, u64)>,
     devices: Option<Arc<crate::devices::DeviceManager>>,
+    /// The link was up at the last look.
+    link_up: bool,
 }
 
 fn digest(v: &serde_json::Value) -> u64 {
@@ -105,6 +107,7 @@ impl Reporter {
             failing: false,
             seen: None,
             devices: None,
+            link_up: false,
         }
     }
 
@@ -118,6 +121,16 @@ impl Reporter {
     /// outbox row (made once), and the last event's sequence number.
     fn collect(&mut self) -> (Vec<(Report, store::Report)>, u64) {
         self.removed.extend(self.pods.take_removed());
+        // The link came up: every pod's status goes again. A cut longer
+        // than the cluster's node monitor grace period got the node's pods
+        // marked not Ready by the node lifecycle controller, and a status
+        // that did not change here would otherwise never say otherwise.
+        let link = self.store.link();
+        let up = link.as_ref().is_ok_and(|l| l.connected);
+        if up && !self.link_up {
+            self.sent.retain(|k, _| !k.starts_with("pod/"));
+        }
+        self.link_up = up;
         let mut out = Vec::new();
         let mut live = std::collections::BTreeSet::new();
         let changed = |out: &mut Vec<(Report, store::Report)>, r: Report| {
@@ -131,7 +144,7 @@ impl Reporter {
             live.insert(r.key());
             changed(&mut out, r);
         }
-        if let Ok(link) = self.store.link() {
+        if let Ok(link) = link {
             let mut node = self.facts.clone();
             node.name = self.node_name.clone();
             // Accelerators come and go (hotplug): counted at each report.

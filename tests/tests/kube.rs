@@ -728,9 +728,22 @@ async fn through_a_cut_the_lease_stops_pods_run_on_and_changes_apply_after() -> 
         let pod = find(&pods, p).with_context(|| format!("{p} gone from the edge"))?;
         ensure!(phase(pod) == "Running", "{p}: {}", phase(pod));
     }
+    // Past the node monitor grace period (20 s here) the node lifecycle
+    // controller marks the cut node's pods not Ready.
+    wait_for(
+        "the cluster to mark the pod not Ready",
+        Duration::from_secs(60),
+        || async {
+            let p = s.get_json(&["pod", &a]).ok()?;
+            (condition(&p, "Ready")?["status"] == "False").then_some(())
+        },
+    )
+    .await?;
 
     cut.restore()?;
     s.pod_ready(&added).await?;
+    // Ready again as the node says it is, with no change on the node.
+    s.pod_ready(&a).await?;
     wait_for(
         "the deleted pod stopped and removed",
         Duration::from_secs(60),
