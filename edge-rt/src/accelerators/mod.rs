@@ -237,7 +237,7 @@ impl Accelerators {
             )));
         }
         let mut pinned: Vec<(String, String)> = Vec::new();
-        let mut plain: Vec<String> = Vec::new();
+        let mut plain: Vec<ContainerEdits> = Vec::new();
         for q in &annotated {
             let (kind, name) =
                 cdi::parse_qualified(q).map_err(|e| GrantError::Config(e.to_string()))?;
@@ -247,30 +247,18 @@ impl Accelerators {
                 .any(|a| a.resource == kind && a.id == name)
             {
                 pinned.push((kind.to_string(), name.to_string()));
-            } else if st.cdi.contains(q) {
-                plain.push(q.clone());
             } else {
-                return Err(GrantError::Config(
-                    cdi::CdiError::Unknown(
-                        q.clone(),
-                        self.cfg
-                            .cdi_spec_dirs
-                            .iter()
-                            .map(|d| d.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    )
-                    .to_string(),
-                ));
+                // Any other CDI device: as its spec says (the registry names
+                // a device defined nowhere, or twice).
+                plain.push(
+                    st.cdi
+                        .edits(q)
+                        .map_err(|e| GrantError::Config(e.to_string()))?,
+                );
             }
         }
-        let mine: Vec<Allocation> = st
-            .allocations
-            .iter()
-            .filter(|a| a.pod_uid == uid)
-            .cloned()
-            .collect();
-        if mine.is_empty() && (!wants.is_empty() || !pinned.is_empty()) {
+        let holds = st.allocations.iter().any(|a| a.pod_uid == uid);
+        if !holds && (!wants.is_empty() || !pinned.is_empty()) {
             let mut give = alloc::assign(&st.inventory, &st.allocations, uid, &wants)?;
             for (resource, id) in &pinned {
                 if let Some(h) = st
@@ -365,12 +353,8 @@ impl Accelerators {
             });
         }
         if !init {
-            for q in &plain {
-                edits.merge(
-                    st.cdi
-                        .edits(q)
-                        .map_err(|e| GrantError::Config(e.to_string()))?,
-                );
+            for e in plain {
+                edits.merge(e);
             }
         }
         Ok(edits)
