@@ -105,6 +105,13 @@ enum Cmd {
         /// start (as caBundle), if it exists.
         #[arg(long, default_value = cloud_gw::manifests::WEBHOOK_CONFIG)]
         webhook_config: String,
+        /// The cluster's DNS domain, as edge nodes serve it to their pods.
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+        /// The cluster's DNS Service (namespace/name): its ClusterIP is
+        /// the cluster DNS address edge nodes answer on for their pods.
+        #[arg(long, default_value = "kube-system/kube-dns")]
+        dns_service: String,
         #[command(flatten)]
         kubelet: KubeletArgs,
     },
@@ -437,6 +444,8 @@ async fn run() -> Result<()> {
             token_max_age,
             webhook_listen,
             webhook_config,
+            cluster_domain,
+            dns_service,
             kubelet,
         } => {
             let client = client.context("a cluster client")?;
@@ -486,6 +495,13 @@ async fn run() -> Result<()> {
                 status_period,
                 token_max_age,
                 namespace: cluster.clone(),
+                cluster_dns: cloud_gw::bridge::services::ClusterDns {
+                    domain: cluster_domain,
+                    service: match dns_service.split_once('/') {
+                        Some((ns, name)) => (ns.to_string(), name.to_string()),
+                        None => ("kube-system".to_string(), dns_service),
+                    },
+                },
                 kubelet: kubelet_at.as_ref().map(|(p, _)| p.clone()),
             };
             let source = std::sync::Arc::new(cloud_gw::bridge::KubeSource::start(client, bridge));

@@ -68,7 +68,8 @@ pub fn documents(o: &Options) -> Vec<Value> {
           {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete", "patch"]},
           {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
           {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
-          {"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "list", "watch"]},
+          {"apiGroups": [""], "resources": ["configmaps", "secrets", "services"], "verbs": ["get", "list", "watch"]},
+          {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
           // Tokens for edge pods' projected serviceAccountToken volumes.
           {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
           {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},

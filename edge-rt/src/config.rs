@@ -138,6 +138,7 @@ pub struct Config {
     pub devices: DevicesSection,
     pub accelerators: crate::accelerators::AcceleratorConfig,
     pub dns: crate::pods::dns::ClusterDns,
+    pub services: crate::services::ServicesConfig,
 }
 
 /// How the device manager reaches field devices.

@@ -105,6 +105,35 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     if let Ok(Some(l)) = &link {
         placement.node_name = l.node.clone();
     }
+    // The pod CIDR the cluster gave this node (its Node's spec.podCIDR)
+    // wins over the configured one, so a site's gateways never overlap.
+    if let Some(cidr) = node_store
+        .as_deref()
+        .and_then(|s| crate::services::allocated_pod_cidr(s, &placement.node_name))
+    {
+        if cidr != cfg.network.pod_cidr {
+            tracing::info!(configured = cfg.network.pod_cidr, allocated = cidr, "pod CIDR from the cluster");
+            cfg.network.pod_cidr = cidr;
+        }
+    }
+    let network = if cfg.network.enabled {
+        Some(Arc::new(crate::network::Network::new(
+            cfg.network.clone(),
+            &cfg.runtime.state_dir,
+        )?))
+    } else {
+        None
+    };
+    // The node's DNS server on the bridge answers ClusterFirst pods unless
+    // the configuration names the cluster's DNS.
+    let serve_dns = cfg.services.dns && (network.is_some() || !cfg.services.dns_listen.is_empty());
+    if serve_dns && cfg.dns.cluster_dns.is_empty() {
+        cfg.dns.cluster_dns = match (&network, cfg.services.dns_listen.first()) {
+            (_, Some(a)) => vec![a.ip().to_string()],
+            (Some(n), None) => vec![n.gateway().to_string()],
+            (None, None) => Vec::new(),
+        };
+    }
     let ctx = Arc::new(pods::Context {
         rt: rt.clone(),
         images: store.clone(),
@@ -117,14 +146,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         dns: cfg.dns.clone(),
         status_generation: Default::default(),
         status_changed: Default::default(),
-        network: if cfg.network.enabled {
-            Some(Arc::new(crate::network::Network::new(
-                cfg.network.clone(),
-                &cfg.runtime.state_dir,
-            )?))
-        } else {
-            None
-        },
+        network: network.clone(),
     });
     let pods = Arc::new(PodManager::new(ctx.clone()));
     // The embedded MQTT broker, before anything connects to it.
@@ -199,6 +221,32 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             }
             Err(e) => tracing::error!(%addr, error = %e, "metrics listener not started"),
         }
+    }
+
+    // Services and DNS at the edge, from the store.
+    if let Some(s) = &node_store {
+        if let (Some(n), true) = (&network, serve_dns) {
+            if let Err(e) = n.ensure_bridge() {
+                tracing::warn!(error = %e, "pod bridge not ready for the DNS server");
+            }
+        }
+        let mut services = cfg.services.clone();
+        services.dns = serve_dns;
+        services.rules &= network.is_some();
+        services.routes &= network.is_some();
+        crate::services::start(
+            crate::services::Setup {
+                cfg: services,
+                node: pods.context().node.node_name.clone(),
+                domain: cfg.dns.cluster_domain.clone(),
+                pod_cidr: cfg.network.pod_cidr.clone(),
+                gateway: network.as_ref().map(|n| n.gateway()),
+                resolv_conf: cfg.dns.resolv_conf.clone(),
+            },
+            s.clone(),
+            pods.clone(),
+        )
+        .await;
     }
 
     // The cloud link, if this node joined one.

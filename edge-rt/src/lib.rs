@@ -36,6 +36,7 @@ pub mod link;
 pub mod pods;
 pub mod reporter;
 pub mod reset;
+pub mod services;
 pub mod static_pods;
 pub mod stats;
 pub mod supervisor;

@@ -22,17 +22,27 @@ pub enum Kind {
     DeviceModel,
     /// A field device the node talks to ([`crate::device::Device`]), from 1.2.
     Device,
+    /// The node's own Node and those of its site (same
+    /// `topology.kubernetes.io/zone`): pod CIDRs and addresses, from 1.4.
+    Node,
+    /// The Services of the namespaces the node's pods are in, from 1.4.
+    Service,
+    /// Those Services' EndpointSlices, from 1.4.
+    EndpointSlice,
     Pod,
 }
 
 impl Kind {
     /// Every kind, in put order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 9] = [
         Kind::ConfigMap,
         Kind::Secret,
         Kind::ServiceAccountToken,
         Kind::DeviceModel,
         Kind::Device,
+        Kind::Node,
+        Kind::Service,
+        Kind::EndpointSlice,
         Kind::Pod,
     ];
 
@@ -43,6 +53,9 @@ impl Kind {
             Kind::ServiceAccountToken => "ServiceAccountToken",
             Kind::DeviceModel => "DeviceModel",
             Kind::Device => "Device",
+            Kind::Node => "Node",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
         }
     }
@@ -53,6 +66,7 @@ impl Kind {
         match self {
             Kind::ServiceAccountToken => 1,
             Kind::DeviceModel | Kind::Device => 2,
+            Kind::Node | Kind::Service | Kind::EndpointSlice => 4,
             Kind::ConfigMap | Kind::Secret | Kind::Pod => 0,
         }
     }
@@ -221,7 +235,8 @@ mod tests {
                 Kind::Pod
             ]
         );
-        assert_eq!(kinds_for(v(2)), Kind::ALL.to_vec());
+        assert!(!kinds_for(v(3)).contains(&Kind::Service));
+        assert_eq!(kinds_for(v(4)), Kind::ALL.to_vec());
         assert_eq!(kinds_for(crate::VERSION), Kind::ALL.to_vec());
     }
 

@@ -56,8 +56,9 @@ impl std::fmt::Display for Version {
 /// ServiceAccountToken kind ([`kinds`]); 2, the DeviceModel and Device
 /// kinds and the device status report ([`device`], [`report`]); 3, streams
 /// ([`stream`]: container logs, exec, attach, port-forward, resource
-/// statistics).
-pub const VERSION: Version = Version { major: 1, minor: 3 };
+/// statistics); 4, the Node, Service and EndpointSlice kinds (Services at
+/// the edge).
+pub const VERSION: Version = Version { major: 1, minor: 4 };
 
 /// The first minor version with streams: the cloud opens none to an older
 /// edge.

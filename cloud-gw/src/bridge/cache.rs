@@ -122,6 +122,11 @@ pub struct Cache {
     devices: HashMap<Key, DeviceEntry>,
     device_keys: HashMap<String, Key>,
     devices_by_node: HashMap<String, BTreeSet<Key>>,
+    /// namespace -> node -> how many of its pods are there (which nodes a
+    /// Service of the namespace concerns).
+    namespaces: HashMap<String, HashMap<String, u32>>,
+    /// Services, EndpointSlices and edge Nodes, and who gets which.
+    pub services: super::services::Services,
 }
 
 impl Default for Cache {
@@ -137,6 +142,8 @@ impl Default for Cache {
             devices: Default::default(),
             device_keys: Default::default(),
             devices_by_node: Default::default(),
+            namespaces: Default::default(),
+            services: Default::default(),
         }
     }
 }
@@ -277,6 +284,17 @@ impl Cache {
                 self.by_node.remove(&old.node);
             }
         }
+        if let Some(nodes) = self.namespaces.get_mut(&key.0) {
+            if let Some(n) = nodes.get_mut(&old.node) {
+                *n -= 1;
+                if *n == 0 {
+                    nodes.remove(&old.node);
+                }
+            }
+            if nodes.is_empty() {
+                self.namespaces.remove(&key.0);
+            }
+        }
         for r in &old.refs {
             self.unuse(r, &old.node);
         }
@@ -414,6 +432,12 @@ impl Cache {
             .entry(node.clone())
             .or_default()
             .insert(key.clone());
+        *self
+            .namespaces
+            .entry(key.0.clone())
+            .or_default()
+            .entry(node.clone())
+            .or_default() += 1;
         self.pods.insert(
             key,
             PodEntry {
@@ -475,6 +499,36 @@ impl Cache {
             Some(_) => self.users_of(kind, key),
             None => Vec::new(),
         }
+    }
+
+    /// The nodes with pods in namespace `ns`.
+    fn nodes_in(&self, ns: &str) -> Vec<String> {
+        self.namespaces
+            .get(ns)
+            .map(|n| n.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A Service or EndpointSlice added or changed (as JSON); the nodes it
+    /// concerns.
+    pub fn put_service(&mut self, kind: Kind, v: Value) -> Vec<String> {
+        let with_pods = self.nodes_in(v["metadata"]["namespace"].as_str().unwrap_or("default"));
+        match kind {
+            Kind::Service => self.services.put_service(&self.versions, v, with_pods),
+            _ => self.services.put_slice(&self.versions, v, with_pods),
+        }
+    }
+
+    pub fn remove_service(&mut self, kind: Kind, key: &Key) -> Vec<String> {
+        let with_pods = self.nodes_in(&key.0);
+        match kind {
+            Kind::Service => self.services.remove_service(&self.versions, key, with_pods),
+            _ => self.services.remove_slice(key, with_pods),
+        }
+    }
+
+    pub fn put_node(&mut self, v: Value) -> Vec<String> {
+        self.services.put_node(&self.versions, v)
     }
 
     /// A token for one of a pod's volumes, fetched or refreshed; the
@@ -556,6 +610,25 @@ impl Cache {
                 out.get_mut(&Kind::DeviceModel),
             ) {
                 m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
+            }
+        }
+        let namespaces: BTreeSet<String> = self
+            .by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .map(|k| k.0.clone())
+            .collect();
+        let (nodes, services, slices) = self.services.for_node(node, &namespaces);
+        for (kind, objs) in [
+            (Kind::Node, nodes),
+            (Kind::Service, services),
+            (Kind::EndpointSlice, slices),
+        ] {
+            if let Some(m) = out.get_mut(&kind) {
+                for o in objs {
+                    m.insert(o.uid.clone(), (o.version.clone(), o.body.clone()));
+                }
             }
         }
         for key in self.by_node.get(node).into_iter().flatten() {

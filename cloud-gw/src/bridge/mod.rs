@@ -14,6 +14,8 @@
 //!   device status up.
 //! - [`pod_tokens`]: service account tokens for the pods of the nodes
 //!   served here, through the TokenRequest API, refreshed as a kubelet does.
+//! - [`services`]: which Services, EndpointSlices and site Nodes each edge
+//!   node gets (Services and DNS at the edge).
 //!
 //! Nothing here is kept per node beyond the caches every replica rebuilds
 //! from the API server: any replica can serve any node.
@@ -26,6 +28,7 @@ pub mod nodes;
 pub mod pod_tokens;
 pub mod report;
 pub mod secret;
+pub mod services;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -33,7 +36,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -44,7 +48,7 @@ use cache::{Cache, Key, Kind};
 
 /// The watches a node's objects come from; a node is served only once
 /// each has listed.
-const READY_WATCHES: u8 = 5;
+const READY_WATCHES: u8 = 8;
 
 /// Concurrent writes to the API server (a kubelet has QPS limits for the
 /// same reason: one cloud-gw speaks for thousands of nodes).
@@ -65,6 +69,8 @@ pub struct BridgeConfig {
     /// cloud-gw's own namespace: where it probes the cluster's default
     /// tolerations with a dry-run pod.
     pub namespace: String,
+    /// The cluster's DNS domain and DNS Service, as edge nodes are told.
+    pub cluster_dns: services::ClusterDns,
     /// The kubelet ports of the nodes whose links this replica holds, put
     /// into their status (addresses, `daemonEndpoints.kubeletEndpoint.Port`).
     /// None: no endpoint (kubectl logs, exec and top cannot reach edge
@@ -80,6 +86,7 @@ impl Default for BridgeConfig {
             status_period: Duration::from_secs(60),
             token_max_age: Duration::from_secs(24 * 3600),
             namespace: "default".into(),
+            cluster_dns: Default::default(),
             kubelet: None,
         }
     }
@@ -103,7 +110,8 @@ pub(crate) struct Inner {
     /// Nodes labelled as edge nodes (the webhook's question).
     pub edge_nodes: Mutex<HashSet<String>>,
     /// Watches that have listed everything once: pods, ConfigMaps, Secrets,
-    /// Devices, DeviceModels ([`READY_WATCHES`]).
+    /// Devices, DeviceModels, edge Nodes, Services, EndpointSlices
+    /// ([`READY_WATCHES`]).
     ready: tokio::sync::watch::Sender<u8>,
     /// Service account tokens: nodes served here, what changed, what is
     /// due when.
@@ -148,10 +156,12 @@ impl KubeSource {
     /// Start the three watches. Serve nodes only after [`KubeSource::ready`]:
     /// a node served from half a cache would be told to delete pods.
     pub fn start(client: Client, cfg: BridgeConfig) -> KubeSource {
+        let mut cache = Cache::default();
+        cache.services.dns = cfg.cluster_dns.clone();
         let inner = Arc::new(Inner {
             client: client.clone(),
             cfg,
-            cache: Mutex::new(Cache::default()),
+            cache: Mutex::new(cache),
             notify: Notifier::default(),
             finalizing: Mutex::new(HashSet::new()),
             reports: Mutex::new(BTreeMap::new()),
@@ -209,9 +219,48 @@ impl KubeSource {
             Api::<Node>::all(client.clone()),
             watcher::Config::default().labels(nodes::EDGE_ROLE),
         );
-        tokio::spawn(follow_names(inner.clone(), "nodes", nodes, |i| {
-            &i.edge_nodes
-        }));
+        let bridge = inner.clone();
+        tokio::spawn(follow(
+            inner.clone(),
+            "nodes",
+            nodes,
+            |c| c.services.node_names(),
+            move |c, e| match e {
+                Change::Put(n) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    lock(&bridge.edge_nodes).insert(name);
+                    serde_json::to_value(&n)
+                        .map(|v| c.put_node(v))
+                        .unwrap_or_default()
+                }
+                Change::Gone((_, name)) => {
+                    lock(&bridge.edge_nodes).remove(&name);
+                    c.services.remove_node(&name)
+                }
+            },
+            false,
+        ));
+        let services = watcher(Api::<Service>::all(client.clone()), Default::default());
+        tokio::spawn(follow(
+            inner.clone(),
+            "services",
+            services,
+            |c| c.services.service_keys(),
+            |c, e| service_change(c, Kind::Service, e),
+            false,
+        ));
+        let slices = watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            Default::default(),
+        );
+        tokio::spawn(follow(
+            inner.clone(),
+            "endpointslices",
+            slices,
+            |c| c.services.slice_keys(),
+            |c, e| service_change(c, Kind::EndpointSlice, e),
+            false,
+        ));
         let secrets = watcher(Api::<Secret>::all(client), Default::default());
         tokio::spawn(follow(
             inner.clone(),
@@ -249,6 +298,16 @@ where
 enum Change<K> {
     Put(K),
     Gone(Key),
+}
+
+fn service_change<K: serde::Serialize>(c: &mut Cache, kind: Kind, e: Change<K>) -> Vec<String> {
+    match e {
+        Change::Put(o) => match serde_json::to_value(&o) {
+            Ok(v) => c.put_service(kind, v),
+            Err(_) => Vec::new(),
+        },
+        Change::Gone(k) => c.remove_service(kind, &k),
+    }
 }
 
 fn config_change<K: serde::Serialize>(c: &mut Cache, kind: Kind, e: Change<K>) -> Vec<String> {

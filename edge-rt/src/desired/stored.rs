@@ -4,10 +4,10 @@
 use super::Objects;
 use crate::store::{Kind, Store};
 
-/// The store's pods, ConfigMaps, Secrets and tokens, typed. An object that does not
-/// parse is logged and skipped; the rest run.
-pub fn read(s: &Store) -> Objects {
-    fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
+/// The store's objects of one kind, typed (what does not parse is logged
+/// and skipped).
+pub fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
+    {
         let mut out = Vec::new();
         // Typed as each row is read: one JSON tree at a time.
         let r = s.each_object(kind, |o| {
@@ -30,6 +30,11 @@ pub fn read(s: &Store) -> Objects {
             }
         }
     }
+}
+
+/// The store's pods, ConfigMaps, Secrets and tokens, typed. An object that does not
+/// parse is logged and skipped; the rest run.
+pub fn read(s: &Store) -> Objects {
     Objects {
         pods: load(s, Kind::Pod),
         config_maps: load(s, Kind::ConfigMap),

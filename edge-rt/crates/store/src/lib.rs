@@ -131,6 +131,9 @@ pub fn parse_kind(s: &str) -> Result<Kind, StoreError> {
         "serviceaccounttoken" | "serviceaccounttokens" | "tokens" => Ok(Kind::ServiceAccountToken),
         "device" | "devices" | "dev" => Ok(Kind::Device),
         "devicemodel" | "devicemodels" | "devmodel" => Ok(Kind::DeviceModel),
+        "node" | "nodes" | "no" => Ok(Kind::Node),
+        "service" | "services" | "svc" => Ok(Kind::Service),
+        "endpointslice" | "endpointslices" => Ok(Kind::EndpointSlice),
         _ => Err(StoreError::UnknownKind(s.to_string())),
     }
 }

@@ -84,6 +84,8 @@ pub fn migrations() -> Migrations<'static> {
         CREATE INDEX allocations_by_pod ON allocations (pod_uid);
         "#,
         ),
+        // Services at the edge (protocol 1.4).
+        M::up("INSERT INTO kinds (name) VALUES ('Node'), ('Service'), ('EndpointSlice');"),
     ])
 }
 
