@@ -39,6 +39,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Create the link CA and the serving certificate.
     Init {

@@ -107,12 +107,17 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     // The pod CIDR the cluster gave this node (its Node's spec.podCIDR)
     // wins over the configured one, so a site's gateways never overlap.
+    let configured_gateway = crate::network::gateway_of(&cfg.network.pod_cidr);
     if let Some(cidr) = node_store
         .as_deref()
         .and_then(|s| crate::services::allocated_pod_cidr(s, &placement.node_name))
     {
         if cidr != cfg.network.pod_cidr {
-            tracing::info!(configured = cfg.network.pod_cidr, allocated = cidr, "pod CIDR from the cluster");
+            tracing::info!(
+                configured = cfg.network.pod_cidr,
+                allocated = cidr,
+                "pod CIDR from the cluster"
+            );
             cfg.network.pod_cidr = cidr;
         }
     }
@@ -239,8 +244,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 cfg: services,
                 node: pods.context().node.node_name.clone(),
                 domain: cfg.dns.cluster_domain.clone(),
-                pod_cidr: cfg.network.pod_cidr.clone(),
-                gateway: network.as_ref().map(|n| n.gateway()),
+                dns_also: configured_gateway
+                    .filter(|g| network.as_ref().is_some_and(|n| n.gateway() != *g))
+                    .into_iter()
+                    .collect(),
+                network: network.clone(),
                 resolv_conf: cfg.dns.resolv_conf.clone(),
             },
             s.clone(),

@@ -90,7 +90,18 @@ impl Cloud {
         run_args: &[&str],
         webhook: Option<std::net::SocketAddr>,
     ) -> Result<Cloud> {
-        let mut c = Cloud::prepare(None, "127.0.0.1", "90d", Some(kubeconfig), None, None, &[])?;
+        Cloud::start_kube_at(kubeconfig, "127.0.0.1", run_args, webhook).await
+    }
+
+    /// The same, listening on `addr` (edges in network namespaces reach
+    /// it there).
+    pub async fn start_kube_at(
+        kubeconfig: &std::path::Path,
+        addr: &str,
+        run_args: &[&str],
+        webhook: Option<std::net::SocketAddr>,
+    ) -> Result<Cloud> {
+        let mut c = Cloud::prepare(None, addr, "90d", Some(kubeconfig), None, None, &[])?;
         c.run_args = run_args.iter().map(|a| a.to_string()).collect();
         if let Some(w) = webhook {
             c.webhook = w;
@@ -371,6 +382,7 @@ pub async fn cloud_connected(node: &Node) -> Result<()> {
 /// (as on a dead cellular link) rather than reset; restored on drop.
 pub struct PortCut {
     port: u16,
+    iface: String,
     active: bool,
 }
 
@@ -380,7 +392,17 @@ impl PortCut {
             let port = self.port.to_string();
             let o = Command::new("iptables")
                 .args([
-                    "-w", op, "INPUT", "-i", "lo", "-p", "tcp", dir, &port, "-j", "DROP",
+                    "-w",
+                    op,
+                    "INPUT",
+                    "-i",
+                    &self.iface,
+                    "-p",
+                    "tcp",
+                    dir,
+                    &port,
+                    "-j",
+                    "DROP",
                 ])
                 .output()
                 .context("iptables")?;
@@ -394,7 +416,16 @@ impl PortCut {
     }
 
     pub fn cut(port: u16) -> Result<PortCut> {
-        let c = PortCut { port, active: true };
+        PortCut::cut_on("lo", port)
+    }
+
+    /// The same for what comes in through interface `iface`.
+    pub fn cut_on(iface: &str, port: u16) -> Result<PortCut> {
+        let c = PortCut {
+            port,
+            iface: iface.to_string(),
+            active: true,
+        };
         c.rules("-I")?;
         Ok(c)
     }

@@ -301,6 +301,13 @@ impl ControlPlane {
             .arg(flag("--cluster-signing-cert-file", &ca_crt))
             .arg(flag("--cluster-signing-key-file", &ca_key))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            // The node IPAM controller gives every Node a pod CIDR (edge
+            // nodes of a site route to each other's).
+            .args([
+                "--allocate-node-cidrs=true",
+                "--cluster-cidr=10.244.0.0/16",
+                "--node-cidr-mask-size=24",
+            ])
             .arg(format!(
                 "--node-monitor-grace-period={}",
                 secs(opts.node_monitor_grace_period)

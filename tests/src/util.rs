@@ -305,11 +305,31 @@ impl Node {
     /// Start `edge-rt run` on this node, its log going to `<dir>/edge-rt.log`,
     /// and wait until its API answers.
     pub async fn start(&self) -> Result<Daemon> {
+        self.start_in(None).await
+    }
+
+    /// The same inside network namespace `netns` (`ip netns` names it;
+    /// only the network namespace is entered: cgroups and mounts are the
+    /// host's).
+    pub async fn start_in(&self, netns: Option<&str>) -> Result<Daemon> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("edge-rt.log"))?;
         let mut cmd = self.command();
+        if let Some(ns) = netns {
+            let inner = cmd;
+            cmd = std::process::Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(inner.get_program())
+                .args(inner.get_args());
+            for (k, v) in inner.get_envs() {
+                if let Some(v) = v {
+                    cmd.env(k, v);
+                }
+            }
+        }
         // It dies with the test: a killed test leaves no edge-rt behind.
         // SAFETY: prctl only, between fork and exec.
         unsafe {

@@ -51,6 +51,10 @@ struct Opts<'a> {
     cloud_args: &'a [&'a str],
     /// TOML appended to every edge's configuration.
     node_config: &'a str,
+    /// Where cloud-gw listens (default 127.0.0.1).
+    cloud_addr: Option<&'a str>,
+    /// Network namespaces the edges run in, one per edge, in order.
+    netns: &'a [&'a str],
 }
 
 impl Setup {
@@ -65,7 +69,13 @@ impl Setup {
             webhook = Some(addr);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let cloud = Cloud::start_kube_with(cluster.kubeconfig(), &args, webhook).await?;
+        let cloud = Cloud::start_kube_at(
+            cluster.kubeconfig(),
+            o.cloud_addr.unwrap_or("127.0.0.1"),
+            &args,
+            webhook,
+        )
+        .await?;
         let mut s = Setup {
             edges: Vec::new(),
             node_config: o.node_config.to_string(),
@@ -73,8 +83,10 @@ impl Setup {
             scope,
             _cluster: cluster,
         };
-        for _ in 0..o.edges.max(1) {
-            s.add_edge(o.labels).await?;
+        for i in 0..o.edges.max(1) {
+            let server = s.cloud.server.clone();
+            s.add_edge_in(o.labels, &server, o.netns.get(i).copied())
+                .await?;
         }
         Ok(s)
     }
@@ -88,14 +100,14 @@ impl Setup {
         Ok(s)
     }
 
-    /// One more edge, joined and running, labelled as this test's.
-    async fn add_edge(&mut self, labels: &str) -> Result<()> {
-        let server = self.cloud.server.clone();
-        self.add_edge_via(labels, &server).await
+    /// One more edge, joined and running, labelled as this test's, linked
+    /// to cloud-gw at `server`.
+    async fn add_edge_via(&mut self, labels: &str, server: &str) -> Result<()> {
+        self.add_edge_in(labels, server, None).await
     }
 
-    /// The same, linked to cloud-gw at `server`.
-    async fn add_edge_via(&mut self, labels: &str, server: &str) -> Result<()> {
+    /// The same, its edge-rt in network namespace `netns`.
+    async fn add_edge_in(&mut self, labels: &str, server: &str, netns: Option<&str>) -> Result<()> {
         let name = unique("edge");
         self.scope.owns("node", &name);
         let ns = &self.scope.namespace;
@@ -114,10 +126,13 @@ impl Setup {
         ensure!(o.status.success(), "join: {}", stderr(&o));
         if !self.node_config.is_empty() {
             let mut cfg = std::fs::read_to_string(&node.config)?;
+            if self.node_config.contains("[network]") {
+                cfg = cfg.replace("[network]\nenabled = false\n", "");
+            }
             cfg.push_str(&format!("\n{}\n", self.node_config));
             std::fs::write(&node.config, cfg)?;
         }
-        let daemon = node.start().await?;
+        let daemon = node.start_in(netns).await?;
         self.edges.push(Edge {
             daemon: Some(daemon),
             node,
@@ -3272,5 +3287,286 @@ async fn the_inference_example_runs_end_to_end() -> Result<()> {
     ensure!(events.contains("models/boiler-anomaly"), "{events}");
     drop(probe);
     s.kc(&["delete", "deployment", "boiler-anomaly", "--wait=false"])?;
+    s.cleanup().await
+}
+
+/// A Deployment spread over two gateways of one site, its Service, and a
+/// client pod on the first gateway.
+fn site_app(ns: &str, first: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      nodeSelector: {{"{SCOPE_LABEL}": "{ns}"}}
+      topologySpreadConstraints:
+      - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: web}}}}}}
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: web
+        image: busybox:latest
+        imagePullPolicy: Never
+        env: [{{name: NODE, valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}}}]
+        command: ["sh", "-c", "mkdir -p /www && echo $NODE > /www/index.html && touch /www/ready && exec httpd -f -p 8080 -h /www"]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{exec: {{command: ["test", "-f", "/www/ready"]}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: {first}}}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox:latest
+    imagePullPolicy: Never
+    env: [{{name: NS, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}]
+    # The Service's address once, by name; then requests to it for ever.
+    command: ["sh", "-c", "until ip=$(nslookup web.$NS.svc.cluster.local | awk '/^Address/ {{a=$2}} END {{print a}}') && [ -n \"$ip\" ] && [ \"${{ip%:53}}\" = \"$ip\" ]; do sleep 1; done; echo at $ip; while true; do if timeout 2 wget -qO- http://$ip/ >/dev/null 2>&1; then echo ok $(date +%T); else echo FAIL $(date +%T); fi; sleep 0.2; done"]
+"#
+    )
+}
+
+/// Services at the edge: two gateways in network namespaces on one site
+/// network, pod CIDRs from the node IPAM controller, the Service's
+/// EndpointSlice from the real controller. A pod resolves the Service by
+/// name at its node's DNS server and reaches it by ClusterIP, served on
+/// its own gateway first and by the other gateway once its own endpoint is
+/// not ready; a pod on the other gateway is reachable at its own address;
+/// through a cut from the cloud all of that goes on (readiness of the
+/// node's own pods followed locally); a NodePort answers from the site
+/// network; an edge-rt restart leaves the client's requests unbroken.
+#[tokio::test]
+async fn services_resolve_and_route_across_a_sites_gateways_through_a_cut() -> Result<()> {
+    use outrigger_tests::netns::Site;
+    let site = Site::new("orsvc", "192.168.77", 2)?;
+    let netns: Vec<&str> = site.gateways.iter().map(String::as_str).collect();
+    let mut s = Setup::ready(Opts {
+        edges: 2,
+        cloud_addr: Some("192.168.77.1"),
+        netns: &netns,
+        node_config: "[network]\nenabled = true\npod_cidr = \"10.98.0.0/24\"\n",
+        ..Default::default()
+    })
+    .await?;
+    let names: Vec<String> = s.edges.iter().map(|e| e.name.clone()).collect();
+    // Each gateway takes the pod CIDR the cluster allocated it.
+    let mut cidrs = Vec::new();
+    for (i, e) in s.edges.iter().enumerate() {
+        let cidr = wait_for("a pod CIDR", Duration::from_secs(30), || async {
+            let n = s.get_json(&["node", &e.name]).ok()?;
+            n["spec"]["podCIDR"].as_str().map(String::from)
+        })
+        .await?;
+        wait_for("the pod CIDR adopted", Duration::from_secs(30), || async {
+            e.node
+                .daemon_log()
+                .contains("pod CIDR from the cluster")
+                .then_some(())
+        })
+        .await
+        .with_context(|| format!("edge {i}: {}", e.node.daemon_log()))?;
+        cidrs.push(cidr);
+    }
+    ensure!(cidrs[0] != cidrs[1], "{cidrs:?}");
+    s.apply(&site_app(s.ns(), &names[0]))?;
+    let o = s.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=web",
+        "--timeout=90s",
+    ])?;
+    ensure!(o.status.success(), "{}\n{}", stderr(&o), s.logs());
+    s.pod_ready("client").await?;
+    let pods = s.get_json(&["pods", "-l", "app=web"])?;
+    let web_on = |node: &str| -> Option<(String, String)> {
+        pods["items"].as_array()?.iter().find_map(|p| {
+            (p["spec"]["nodeName"] == node).then(|| {
+                (
+                    p["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    p["status"]["podIP"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+        })
+    };
+    let (web_a, _) = web_on(&names[0]).context("no web pod on the first gateway")?;
+    let (_, ip_b) = web_on(&names[1]).context("no web pod on the second gateway")?;
+    // The real EndpointSlice controller lists both, ready, with their zone.
+    let slices = s.get_json(&["endpointslices", "-l", "kubernetes.io/service-name=web"])?;
+    let ready = slices["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|sl| sl["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["conditions"]["ready"] == true && e["zone"] == s.ns())
+        .count();
+    ensure!(ready == 2, "{slices}");
+    let svc = s.get_json(&["service", "web"])?;
+    let cluster_ip = svc["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let node_port = svc["spec"]["ports"][0]["nodePort"].as_u64().unwrap_or(0);
+
+    let client = |cmd: &str| exec_on(&s.edges[0].node, s.ns(), "client", &["sh", "-c", cmd]);
+    let fqdn = format!("web.{}.svc.cluster.local", s.ns());
+    let found = wait_for("the Service by name", Duration::from_secs(30), || async {
+        client(&format!("nslookup {fqdn}"))
+            .ok()
+            .filter(|o| o.contains(&cluster_ip))
+    })
+    .await
+    .with_context(|| s.logs())?;
+    ensure!(found.contains(&cluster_ip), "{found}");
+    // Served on its own gateway, by name (the search list) and by ClusterIP.
+    // (Debian's busybox wget crashes on -T: timeout instead.)
+    let get = |url: &str| client(&format!("timeout 3 wget -qO- {url}"));
+    let debug = || {
+        let rules = site
+            .exec(0, "iptables-save")
+            .output()
+            .map(|o| text(&o))
+            .unwrap_or_default();
+        let routes = site
+            .exec(0, "ip")
+            .args(["route"])
+            .output()
+            .map(|o| text(&o))
+            .unwrap_or_default();
+        format!(
+            "wget: {:?}\nresolv.conf: {:?}\nrules:\n{rules}\nroutes:\n{routes}\n{}",
+            client(&format!("timeout 3 wget -O- http://web/ 2>&1; timeout 3 wget -O- http://{cluster_ip}/ 2>&1; timeout 3 wget -O- http://{ip_b}:8080/ 2>&1; echo $?")),
+            client("cat /etc/resolv.conf"),
+            s.logs()
+        )
+    };
+    let served = wait_for(
+        "the Service by its name",
+        Duration::from_secs(30),
+        || async { get("http://web/").ok().filter(|b| b.trim() == names[0]) },
+    )
+    .await
+    .with_context(debug)?;
+    ensure!(served.trim() == names[0]);
+    ensure!(get(&format!("http://{cluster_ip}/"))?.trim() == names[0]);
+    // The other gateway's pod, straight at its own address.
+    ensure!(get(&format!("http://{ip_b}:8080/"))?.trim() == names[1]);
+    // A NodePort from the site network.
+    let np = http_get(format!("{}:{node_port}", site.address(0)).parse()?, "/")?;
+    ensure!(np.contains(&names[0]) || np.contains(&names[1]), "{np}");
+
+    let set_ready = |ready: bool| {
+        let cmd = if ready {
+            "touch /www/ready"
+        } else {
+            "rm -f /www/ready"
+        };
+        exec_on(&s.edges[0].node, s.ns(), &web_a, &["sh", "-c", cmd])
+    };
+    let served_by = |who: String| {
+        let get = &get;
+        async move {
+            wait_for(
+                &format!("the Service served by {who}"),
+                Duration::from_secs(30),
+                || async { get("http://web/").ok().filter(|b| b.trim() == who) },
+            )
+            .await
+        }
+    };
+    // Its own endpoint not ready: the other gateway serves.
+    set_ready(false)?;
+    served_by(names[1].clone())
+        .await
+        .with_context(|| s.logs())?;
+
+    // Cut from the cloud: names, ClusterIP and the other gateway still
+    // work, and its own pod's readiness is followed here.
+    let port = s.cloud.addr.port();
+    let mut cut = PortCut::cut_on(&site.bridge, port)?;
+    wait_for("the link to drop", Duration::from_secs(60), || async {
+        s.edges[0]
+            .node
+            .cli(&["status"])
+            .ok()
+            .map(|o| text(&o))
+            .filter(|t| t.contains("CloudConnected=False"))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "{:?}\n{}",
+            s.edges[0].node.cli(&["status"]).map(|o| text(&o)),
+            s.logs()
+        )
+    })?;
+    set_ready(true)?;
+    served_by(names[0].clone())
+        .await
+        .with_context(|| s.logs())?;
+    set_ready(false)?;
+    served_by(names[1].clone())
+        .await
+        .with_context(|| s.logs())?;
+    ensure!(client(&format!("nslookup {fqdn}"))?.contains(&cluster_ip));
+    cut.restore()?;
+    set_ready(true)?;
+    served_by(names[0].clone()).await?;
+
+    // An edge-rt restart: the client's requests go on (the rules stay, and
+    // are rebuilt the same).
+    let client_log = |s: &Setup| {
+        s.edges[0]
+            .node
+            .cli(&["logs", "-n", s.ns(), "client"])
+            .map(|o| text(&o))
+            .unwrap_or_default()
+    };
+    let before = client_log(&s).lines().count();
+    ensure!(
+        client_log(&s).contains(&format!("at {cluster_ip}")),
+        "{}",
+        client_log(&s)
+    );
+    if let Some(d) = s.edges[0].daemon.take() {
+        d.terminate()?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.edges[0].daemon = Some(s.edges[0].node.start_in(Some(netns[0])).await?);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let logs = client_log(&s);
+    let after: Vec<&str> = logs.lines().skip(before).collect();
+    ensure!(
+        after.len() > 10,
+        "{after:?}\n{}",
+        s.edges[0].node.daemon_log()
+    );
+    ensure!(
+        after.iter().all(|l| l.starts_with("ok ")),
+        "requests failed across the restart: {after:?}\n{}",
+        s.edges[0].node.daemon_log()
+    );
     s.cleanup().await
 }

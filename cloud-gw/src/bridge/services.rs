@@ -290,7 +290,10 @@ impl Services {
                 return Vec::new();
             }
         }
-        let mut out: BTreeSet<String> = self.zone_peers(zone.as_deref(), &name).into_iter().collect();
+        let mut out: BTreeSet<String> = self
+            .zone_peers(zone.as_deref(), &name)
+            .into_iter()
+            .collect();
         if let Some(o) = old {
             out.extend(self.zone_peers(o.zone.as_deref(), &name));
         }
@@ -412,7 +415,11 @@ mod tests {
     fn a_node_gets_the_services_of_its_namespaces_and_the_annotated_ones() {
         let mut s = Services::default();
         assert_eq!(
-            s.put_service(&v(), svc("plant", "broker", "10.0.0.5", false), vec!["n1".into()]),
+            s.put_service(
+                &v(),
+                svc("plant", "broker", "10.0.0.5", false),
+                vec!["n1".into()]
+            ),
             vec!["n1"]
         );
         s.put_service(&v(), svc("office", "crm", "10.0.0.6", false), vec![]);
@@ -422,18 +429,27 @@ mod tests {
         let mut touched = s.put_service(&v(), svc("shared", "ntp", "10.0.0.7", true), vec![]);
         touched.sort();
         assert_eq!(touched, vec!["n1", "n2"]);
-        s.put_slice(&v(), slice("plant", "broker-abc", "broker", "10.244.1.5"), vec!["n1".into()]);
-        s.put_slice(&v(), slice("office", "crm-abc", "crm", "10.244.9.5"), vec![]);
+        s.put_slice(
+            &v(),
+            slice("plant", "broker-abc", "broker", "10.244.1.5"),
+            vec!["n1".into()],
+        );
+        s.put_slice(
+            &v(),
+            slice("office", "crm-abc", "crm", "10.244.9.5"),
+            vec![],
+        );
         let ns: BTreeSet<String> = ["plant".to_string()].into();
         let (_, services, slices) = s.for_node("n1", &ns);
-        assert_eq!(
-            names(&services),
-            vec!["uid-plant-broker", "uid-shared-ntp"]
-        );
+        assert_eq!(names(&services), vec!["uid-plant-broker", "uid-shared-ntp"]);
         assert_eq!(names(&slices), vec!["uid-broker-abc"]);
         // The same slice again: nothing to send.
         assert!(s
-            .put_slice(&v(), slice("plant", "broker-abc", "broker", "10.244.1.5"), vec!["n1".into()])
+            .put_slice(
+                &v(),
+                slice("plant", "broker-abc", "broker", "10.244.1.5"),
+                vec!["n1".into()]
+            )
             .is_empty());
         assert_eq!(
             s.remove_slice(&("plant".into(), "broker-abc".into()), vec!["n1".into()]),
@@ -477,9 +493,16 @@ mod tests {
             body(&s)["metadata"]["annotations"][CLUSTER_DOMAIN],
             "cluster.local"
         );
-        let touched = s.put_service(&v(), svc("kube-system", "kube-dns", "10.0.0.10", false), vec![]);
+        let touched = s.put_service(
+            &v(),
+            svc("kube-system", "kube-dns", "10.0.0.10", false),
+            vec![],
+        );
         assert_eq!(touched, vec!["a"]);
-        assert_eq!(body(&s)["metadata"]["annotations"][CLUSTER_DNS], "10.0.0.10");
+        assert_eq!(
+            body(&s)["metadata"]["annotations"][CLUSTER_DNS],
+            "10.0.0.10"
+        );
         assert!(body(&s)["status"].get("conditions").is_none());
     }
 }

@@ -57,7 +57,11 @@ fn labels(name: &Name) -> Vec<String> {
         .collect()
 }
 
-fn ip_records(name: &Name, ips: impl IntoIterator<Item = IpAddr>, qtype: RecordType) -> Vec<Record> {
+fn ip_records(
+    name: &Name,
+    ips: impl IntoIterator<Item = IpAddr>,
+    qtype: RecordType,
+) -> Vec<Record> {
     ips.into_iter()
         .filter_map(|ip| match (ip, qtype) {
             (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
@@ -175,7 +179,11 @@ fn dashed_ip(label: &str) -> Option<IpAddr> {
     if let Ok(v4) = label.replace('-', ".").parse::<Ipv4Addr>() {
         return Some(IpAddr::V4(v4));
     }
-    label.replace('-', ":").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+    label
+        .replace('-', ":")
+        .parse::<Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
 }
 
 /// The answer to one question from the table.
@@ -196,7 +204,10 @@ pub fn answer(t: &Table, q: &Query) -> Answer {
     if l.len() < domain.len() || l[l.len() - domain.len()..] != domain[..] {
         return Answer::Forward;
     }
-    let rest: Vec<&str> = l[..l.len() - domain.len()].iter().map(String::as_str).collect();
+    let rest: Vec<&str> = l[..l.len() - domain.len()]
+        .iter()
+        .map(String::as_str)
+        .collect();
     match rest.as_slice() {
         // The domain itself, `svc.<domain>`, `<ns>.svc.<domain>`, `pod.<domain>`:
         // names that exist with no records.
@@ -292,7 +303,11 @@ fn encode(resp: &Message, limit: usize) -> Option<Vec<u8>> {
 }
 
 fn servfail(req: &Message) -> Option<Vec<u8>> {
-    let mut r = Message::error_msg(req.metadata.id, req.metadata.op_code, ResponseCode::ServFail);
+    let mut r = Message::error_msg(
+        req.metadata.id,
+        req.metadata.op_code,
+        ResponseCode::ServFail,
+    );
     r.add_queries(req.queries.iter().cloned());
     r.to_vec().ok()
 }
@@ -327,7 +342,9 @@ impl Server {
             } else {
                 (Ipv6Addr::UNSPECIFIED, 0).into()
             };
-            let Ok(sock) = UdpSocket::bind(bind).await else { continue };
+            let Ok(sock) = UdpSocket::bind(bind).await else {
+                continue;
+            };
             if sock.connect(up).await.is_err() || sock.send(query).await.is_err() {
                 continue;
             }
@@ -448,8 +465,12 @@ impl Server {
                 while let Ok(Ok(req)) =
                     tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s)).await
                 {
-                    let Some(out) = me.handle(&req, false).await else { break };
-                    let Ok(len) = u16::try_from(out.len()) else { break };
+                    let Some(out) = me.handle(&req, false).await else {
+                        break;
+                    };
+                    let Ok(len) = u16::try_from(out.len()) else {
+                        break;
+                    };
                     if s.write_all(&len.to_be_bytes()).await.is_err()
                         || s.write_all(&out).await.is_err()
                     {
@@ -508,11 +529,19 @@ mod tests {
             vec!["10.244.2.7"]
         );
         assert_eq!(
-            rdata(ask(&t, "_http._tcp.web.plant.svc.cluster.local.", RecordType::SRV)),
+            rdata(ask(
+                &t,
+                "_http._tcp.web.plant.svc.cluster.local.",
+                RecordType::SRV
+            )),
             vec!["0 100 80 web.plant.svc.cluster.local."]
         );
         assert_eq!(
-            rdata(ask(&t, "_pg._tcp.db.plant.svc.cluster.local.", RecordType::SRV)),
+            rdata(ask(
+                &t,
+                "_pg._tcp.db.plant.svc.cluster.local.",
+                RecordType::SRV
+            )),
             vec!["0 100 5432 db-0.db.plant.svc.cluster.local."]
         );
         assert_eq!(
@@ -520,7 +549,11 @@ mod tests {
             vec!["example.org."]
         );
         assert_eq!(
-            rdata(ask(&t, "10-244-1-9.plant.pod.cluster.local.", RecordType::A)),
+            rdata(ask(
+                &t,
+                "10-244-1-9.plant.pod.cluster.local.",
+                RecordType::A
+            )),
             vec!["10.244.1.9"]
         );
         assert_eq!(
@@ -532,7 +565,10 @@ mod tests {
             rdata(ask(&t, "20.0.0.10.in-addr.arpa.", RecordType::PTR)),
             vec!["web.plant.svc.cluster.local."]
         );
-        assert_eq!(ask(&t, "1.1.168.192.in-addr.arpa.", RecordType::PTR), Answer::Forward);
+        assert_eq!(
+            ask(&t, "1.1.168.192.in-addr.arpa.", RecordType::PTR),
+            Answer::Forward
+        );
     }
 
     #[test]
@@ -551,7 +587,10 @@ mod tests {
         let back = Message::from_vec(&resp.to_vec().unwrap()).unwrap();
         assert_eq!(back.metadata.id, req.metadata.id);
         let mut fwd = Message::query();
-        fwd.add_query(Query::query(Name::from_ascii("example.org.").unwrap(), RecordType::A));
+        fwd.add_query(Query::query(
+            Name::from_ascii("example.org.").unwrap(),
+            RecordType::A,
+        ));
         assert!(respond(&t, &fwd).is_none());
     }
 }

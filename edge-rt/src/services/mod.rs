@@ -100,60 +100,73 @@ pub fn allocated_pod_cidr(store: &Store, node: &str) -> Option<String> {
 }
 
 /// Let bridged traffic through iptables (br_netfilter), as Service
-/// traffic between pods of one bridge needs. Whether it is on.
+/// traffic between pods of one bridge needs. Whether it is on (without
+/// it, such traffic is masqueraded instead).
 fn bridge_netfilter() -> bool {
-    let p = std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
-    if !p.exists() {
-        let _ = std::process::Command::new("modprobe")
-            .arg("br_netfilter")
-            .output();
-    }
-    std::fs::write(p, "1").is_ok()
+    std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1").is_ok()
 }
 
-fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    use std::io::Write;
-    let mut c = std::process::Command::new(cmd);
-    c.args(args)
+/// Run a command to its end; its stdout. Spawned on the runtime thread
+/// and registered with the one reaper (which would otherwise take its exit
+/// status first); its pipes are worked off the runtime thread.
+async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let what = || format!("{cmd} {}", args.join(" "));
+    let mut child = std::process::Command::new(cmd)
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .stdin(if stdin.is_some() {
             std::process::Stdio::piped()
         } else {
             std::process::Stdio::null()
-        });
-    let mut child = c.spawn().map_err(|e| format!("{cmd}: {e}"))?;
-    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(input.as_bytes())
-            .map_err(|e| format!("{cmd}: {e}"))?;
+        })
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e} (is it installed?)"))?;
+    let pid = child.id() as i32;
+    crate::sys::reaper::register(pid);
+    let input = stdin.map(String::from);
+    let (mut i, mut o, mut e) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let io = crate::sys::blocking(move || {
+        if let (Some(w), Some(text)) = (i.as_mut(), input) {
+            let _ = w.write_all(text.as_bytes());
+        }
+        drop(i);
+        let (mut out, mut err) = (String::new(), String::new());
+        if let Some(r) = o.as_mut() {
+            let _ = r.read_to_string(&mut out);
+        }
+        if let Some(r) = e.as_mut() {
+            let _ = r.read_to_string(&mut err);
+        }
+        (out, err)
+    })
+    .await;
+    let status = loop {
+        if let Some(st) = crate::sys::reaper::take(pid) {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let (out, err) = io.map_err(|e| format!("{}: {e}", what()))?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(out),
+        _ => Err(format!("{}: {}", what(), err.trim())),
     }
-    let out = child.wait_with_output().map_err(|e| format!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The jumps into our chains from the built-in ones, first in each.
-fn ensure_jumps() -> Result<(), String> {
-    // The chains exist before anything jumps to them.
-    run(
-        "iptables-restore",
-        &["--noflush"],
-        Some(&format!(
-            "*nat\n:{s} - [0:0]\n:{p} - [0:0]\nCOMMIT\n*filter\n:{s} - [0:0]\nCOMMIT\n",
-            s = rules::SERVICES,
-            p = rules::POSTROUTING
-        )),
-    )?;
+/// The jumps into our chains from the built-in ones, first in each (the
+/// chains exist: the rule set made them).
+async fn ensure_jumps() -> Result<(), String> {
     let jumps = [
         ("nat", "PREROUTING", rules::SERVICES, "outrigger services"),
         ("nat", "OUTPUT", rules::SERVICES, "outrigger services"),
-        ("nat", "POSTROUTING", rules::POSTROUTING, "outrigger services"),
+        (
+            "nat",
+            "POSTROUTING",
+            rules::POSTROUTING,
+            "outrigger services",
+        ),
         ("filter", "FORWARD", rules::SERVICES, "outrigger services"),
         ("filter", "OUTPUT", rules::SERVICES, "outrigger services"),
     ];
@@ -161,32 +174,40 @@ fn ensure_jumps() -> Result<(), String> {
         let rule = ["-m", "comment", "--comment", comment, "-j", target];
         let mut check = vec!["-t", table, "-C", chain];
         check.extend(rule);
-        if run("iptables", &check, None).is_err() {
+        if run("iptables", &check, None).await.is_err() {
             let mut add = vec!["-t", table, "-I", chain, "1"];
             add.extend(rule);
-            run("iptables", &add, None)?;
+            run("iptables", &add, None).await?;
         }
     }
     Ok(())
 }
 
-/// Rebuild the rules from the table in one `iptables-restore`.
-fn apply_rules(t: &Table, local: &rules::Local) -> Result<(), String> {
-    ensure_jumps()?;
-    let save = run("iptables-save", &["-t", "nat"], None)?;
+/// Rebuild the rules from the table in one `iptables-restore` (a chain
+/// declared there is replaced whole in the commit, never seen empty), then
+/// make sure the built-in chains jump to them.
+async fn apply_rules(t: &Table, local: &rules::Local) -> Result<(), String> {
+    let save = run("iptables-save", &["-t", "nat"], None).await?;
     let text = rules::render(t, local, &rules::ours(&save));
-    run("iptables-restore", &["--noflush"], Some(&text)).map(|_| ())
+    run("iptables-restore", &["--noflush"], Some(&text)).await?;
+    ensure_jumps().await
 }
+
+/// How long a failed rebuild waits before the next try (a change in
+/// between tries sooner).
+const RETRY: Duration = Duration::from_secs(5);
 
 /// What the task publishes and applies from.
 pub struct Setup {
     pub cfg: ServicesConfig,
     pub node: String,
     pub domain: String,
-    /// The node's own pod CIDR (the bridge's).
-    pub pod_cidr: String,
-    /// The pod bridge's address (the DNS server's default).
-    pub gateway: Option<Ipv4Addr>,
+    /// The pod network (its CIDR follows the cluster's allocation).
+    pub network: Option<Arc<crate::network::Network>>,
+    /// More addresses to serve DNS on if the bridge has them (the gateway
+    /// of the configured pod CIDR, which pods started before the cluster's
+    /// allocation use).
+    pub dns_also: Vec<Ipv4Addr>,
     pub resolv_conf: std::path::PathBuf,
 }
 
@@ -200,39 +221,65 @@ pub async fn start(
 ) -> watch::Receiver<Arc<Table>> {
     let first = read_table(&store, &setup.node, &pods, &setup.domain);
     let (tx, rx) = watch::channel(Arc::new(first));
-    if setup.cfg.dns {
-        let listen: Vec<SocketAddr> = if setup.cfg.dns_listen.is_empty() {
-            setup
-                .gateway
-                .map(|g| SocketAddr::new(IpAddr::V4(g), 53))
-                .into_iter()
-                .collect()
-        } else {
-            setup.cfg.dns_listen.clone()
-        };
-        let server = dns::Server {
+    let mut dns = Listeners {
+        server: setup.cfg.dns.then(|| dns::Server {
             table: rx.clone(),
             resolv_conf: setup.resolv_conf.clone(),
-            ours: listen.iter().map(|a| a.ip()).collect(),
-        };
-        for addr in listen {
-            match (
-                tokio::net::UdpSocket::bind(addr).await,
-                tokio::net::TcpListener::bind(addr).await,
-            ) {
-                (Ok(u), Ok(t)) => {
-                    tracing::info!(%addr, "DNS for pods");
-                    tokio::spawn(server.clone().serve_udp(u));
-                    tokio::spawn(server.clone().serve_tcp(t));
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::error!(%addr, error = %e, "the DNS server cannot listen; pods get the host's resolver")
-                }
-            }
+            ours: setup
+                .cfg
+                .dns_listen
+                .iter()
+                .map(|a| a.ip())
+                .chain(setup.network.as_ref().map(|n| IpAddr::V4(n.gateway())))
+                .chain(setup.dns_also.iter().map(|a| IpAddr::V4(*a)))
+                .collect(),
+        }),
+        bound: BTreeSet::new(),
+    };
+    if setup.cfg.dns_listen.is_empty() {
+        let gateway = setup.network.as_ref().map(|n| n.gateway());
+        for a in gateway.iter().chain(setup.dns_also.iter()) {
+            dns.listen(SocketAddr::new(IpAddr::V4(*a), 53), gateway == Some(*a))
+                .await;
+        }
+    } else {
+        for a in setup.cfg.dns_listen.clone() {
+            dns.listen(a, true).await;
         }
     }
-    tokio::spawn(follow(setup, store, pods, tx));
+    tokio::spawn(follow(setup, store, pods, tx, dns));
     rx
+}
+
+/// The DNS server's sockets, one pair per address.
+struct Listeners {
+    server: Option<dns::Server>,
+    bound: BTreeSet<SocketAddr>,
+}
+
+impl Listeners {
+    /// Serve on `addr` too (`must`: a failure is an error, not a note).
+    async fn listen(&mut self, addr: SocketAddr, must: bool) {
+        let Some(server) = &self.server else { return };
+        if self.bound.contains(&addr) {
+            return;
+        }
+        match (
+            tokio::net::UdpSocket::bind(addr).await,
+            tokio::net::TcpListener::bind(addr).await,
+        ) {
+            (Ok(u), Ok(t)) => {
+                tracing::info!(%addr, "DNS for pods");
+                tokio::spawn(server.clone().serve_udp(u));
+                tokio::spawn(server.clone().serve_tcp(t));
+                self.bound.insert(addr);
+            }
+            (Err(e), _) | (_, Err(e)) if must => {
+                tracing::error!(%addr, error = %e, "the DNS server cannot listen; pods get the host's resolver")
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::debug!(%addr, error = %e, "no DNS here"),
+        }
+    }
 }
 
 /// Rebuild on every store change and pod status change; apply what
@@ -242,46 +289,86 @@ async fn follow(
     store: Arc<Store>,
     pods: Arc<PodManager>,
     tx: watch::Sender<Arc<Table>>,
+    mut listeners: Listeners,
 ) {
-    let bridge_nf = crate::sys::blocking(bridge_netfilter)
-        .await
-        .unwrap_or(false);
+    let bridge_nf = bridge_netfilter();
     let mut changed = store.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut generation = u64::MAX;
+    // The DNS server's address (the first gateway: it stays on the bridge
+    // when the pod CIDR moves).
+    let dns: Option<IpAddr> = match (setup.cfg.dns, setup.cfg.dns_listen.first(), &setup.network) {
+        (false, _, _) => None,
+        (true, Some(a), _) => Some(a.ip()),
+        (true, None, Some(n)) => Some(IpAddr::V4(n.gateway())),
+        (true, None, None) => None,
+    };
     let mut applied: Option<(Table, rules::Local)> = None;
     let mut routed: Option<BTreeSet<(String, Ipv4Addr)>> = None;
+    let mut last_failure: Option<std::time::Instant> = None;
     loop {
         let t = read_table(&store, &setup.node, &pods, &setup.domain);
+        if let (Some(n), Some(cidr)) = (&setup.network, &t.pod_cidr) {
+            match n.set_pod_cidr(cidr) {
+                Ok(true) => {
+                    tracing::info!(
+                        cidr,
+                        "pod CIDR from the cluster: new pods get addresses from it"
+                    );
+                    // Pods of both ranges find the DNS server at their gateway.
+                    if setup.cfg.dns && setup.cfg.dns_listen.is_empty() {
+                        if let Err(e) = n.ensure_bridge() {
+                            tracing::warn!(error = %e, "pod bridge not ready for the DNS server");
+                        }
+                        listeners
+                            .listen(SocketAddr::new(IpAddr::V4(n.gateway()), 53), true)
+                            .await;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(cidr, error = %e, "the cluster's pod CIDR is not usable"),
+            }
+        }
         let local = rules::Local {
-            pod_cidr: setup.pod_cidr.clone(),
-            dns: setup.gateway.filter(|_| setup.cfg.dns).map(IpAddr::V4),
+            pod_cidr: setup
+                .network
+                .as_ref()
+                .map(|n| n.pod_cidr())
+                .unwrap_or_default(),
+            dns,
             bridge_nf,
         };
         if **tx.borrow() != t {
             tx.send_replace(Arc::new(t.clone()));
         }
-        if setup.cfg.rules && applied.as_ref() != Some(&(t.clone(), local.clone())) {
-            let (t2, l2) = (t.clone(), local.clone());
+        let due = last_failure.is_none_or(|at| at.elapsed() >= RETRY);
+        if setup.cfg.rules && due && applied.as_ref() != Some(&(t.clone(), local.clone())) {
             let started = std::time::Instant::now();
-            match crate::sys::blocking(move || apply_rules(&t2, &l2)).await {
-                Ok(Ok(())) => {
-                    tracing::info!(services = t.services.len(), ms = started.elapsed().as_millis() as u64, "service rules rebuilt");
+            match apply_rules(&t, &local).await {
+                Ok(()) => {
+                    tracing::info!(
+                        services = t.services.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "service rules rebuilt"
+                    );
                     applied = Some((t.clone(), local));
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "service rules not applied; retrying"),
-                Err(e) => tracing::error!(error = %e, "service rules not applied; retrying"),
+                Err(e) => {
+                    last_failure = Some(std::time::Instant::now());
+                    tracing::error!(error = %e, "service rules not applied; retrying");
+                }
             }
         }
-        if setup.cfg.routes {
+        if setup.cfg.routes && due {
             let want = routes::wanted(&t);
             if routed.as_ref() != Some(&want) {
-                let w = want.clone();
-                match crate::sys::blocking(move || routes::apply(&w)).await {
-                    Ok(Ok(())) => routed = Some(want),
-                    Ok(Err(e)) => tracing::error!(error = %e, "site routes not applied; retrying"),
-                    Err(e) => tracing::error!(error = %e, "site routes not applied; retrying"),
+                match routes::apply(&want).await {
+                    Ok(()) => routed = Some(want),
+                    Err(e) => {
+                        last_failure = Some(std::time::Instant::now());
+                        tracing::error!(error = %e, "site routes not applied; retrying");
+                    }
                 }
             }
         }
@@ -296,7 +383,7 @@ async fn follow(
                 }
                 _ = tick.tick() => {
                     let g = pods.context().status_generation.load(std::sync::atomic::Ordering::Relaxed);
-                    let retry = (setup.cfg.rules && applied.is_none()) || (setup.cfg.routes && routed.is_none());
+                    let retry = last_failure.is_some_and(|at| at.elapsed() >= RETRY);
                     if g != generation || retry {
                         generation = g;
                         break;

@@ -45,8 +45,8 @@ impl std::str::FromStr for Ipv4Net {
 }
 
 /// Make the routes `want`, and remove ours that are not in it.
-pub fn apply(want: &BTreeSet<(String, Ipv4Addr)>) -> Result<(), String> {
-    let have = super::run("ip", &["-4", "route", "show", "proto", PROTO], None)?;
+pub async fn apply(want: &BTreeSet<(String, Ipv4Addr)>) -> Result<(), String> {
+    let have = super::run("ip", &["-4", "route", "show", "proto", PROTO], None).await?;
     for line in have.lines() {
         let mut f = line.split_whitespace();
         let (Some(dst), Some("via"), Some(via)) = (f.next(), f.next(), f.next()) else {
@@ -56,7 +56,7 @@ pub fn apply(want: &BTreeSet<(String, Ipv4Addr)>) -> Result<(), String> {
             .parse::<Ipv4Addr>()
             .is_ok_and(|v| want.contains(&(dst.to_string(), v)));
         if !keep {
-            super::run("ip", &["route", "del", dst, "proto", PROTO], None)?;
+            super::run("ip", &["route", "del", dst, "proto", PROTO], None).await?;
         }
     }
     let mut errors = Vec::new();
@@ -66,7 +66,9 @@ pub fn apply(want: &BTreeSet<(String, Ipv4Addr)>) -> Result<(), String> {
             "ip",
             &["route", "replace", cidr, "via", &via, "proto", PROTO],
             None,
-        ) {
+        )
+        .await
+        {
             errors.push(e);
         }
     }

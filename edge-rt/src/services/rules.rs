@@ -55,7 +55,10 @@ fn chain(prefix: &str, parts: &[&str]) -> String {
         h.update([0]);
     }
     // 14 + 12 characters: under iptables' 28.
-    format!("{prefix}{}", &hex::encode(h.finalize())[..12].to_uppercase())
+    format!(
+        "{prefix}{}",
+        &hex::encode(h.finalize())[..12].to_uppercase()
+    )
 }
 
 fn port_label(s: &Service, p: &Port) -> String {
@@ -75,8 +78,10 @@ fn v4(ip: &IpAddr) -> bool {
 /// declares of ours. `existing`: chains of ours that exist now (those not
 /// wanted any more are flushed and deleted in the same commit).
 pub fn render(t: &Table, local: &Local, existing: &BTreeSet<String>) -> String {
-    let mut nat_chains: BTreeSet<String> =
-        [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ].iter().map(|s| s.to_string()).collect();
+    let mut nat_chains: BTreeSet<String> = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let mut nat = String::new();
     let mut filter = String::new();
     let _ = writeln!(nat, "-A {MARK_MASQ} -j MARK --set-xmark {MASQ_MARK}");
@@ -141,7 +146,12 @@ pub fn render(t: &Table, local: &Local, existing: &BTreeSet<String>) -> String {
                 }
                 continue;
             }
-            let key = [s.namespace.as_str(), s.name.as_str(), p.name.as_str(), proto];
+            let key = [
+                s.namespace.as_str(),
+                s.name.as_str(),
+                p.name.as_str(),
+                proto,
+            ];
             let svc = chain("OUTRIGGER-SVC-", &key);
             nat_chains.insert(svc.clone());
             for ip in &ips {
@@ -229,7 +239,10 @@ fn endpoint_chains(
     for (e, port) in targets {
         let ip = e.ip.to_string();
         let port_s = port.to_string();
-        let sep = chain("OUTRIGGER-SEP-", &[key[0], key[1], key[2], key[3], &ip, &port_s]);
+        let sep = chain(
+            "OUTRIGGER-SEP-",
+            &[key[0], key[1], key[2], key[3], &ip, &port_s],
+        );
         chains.insert(sep.clone());
         let proto = key[3];
         // A pod reaching itself through its Service (hairpin).
@@ -306,13 +319,22 @@ mod tests {
         let t = sample("a", &ready);
         let r = render(&t, &local(), &BTreeSet::new());
         assert!(r.starts_with("*nat\n") && r.ends_with("COMMIT\n"), "{r}");
-        assert!(r.contains("-d 10.0.0.20/32 -p tcp -m tcp --dport 80"), "{r}");
-        assert!(r.contains("-j DNAT --to-destination 10.244.1.5:8080"), "{r}");
+        assert!(
+            r.contains("-d 10.0.0.20/32 -p tcp -m tcp --dport 80"),
+            "{r}"
+        );
+        assert!(
+            r.contains("-j DNAT --to-destination 10.244.1.5:8080"),
+            "{r}"
+        );
         // Only the local endpoint while it is ready.
         assert!(!r.contains("10.244.2.5"), "{r}");
         assert!(r.contains("--dport 30080"), "{r}");
         assert!(r.contains("-d 10.244.2.0/24 -m comment"), "{r}");
-        assert!(r.contains("-d 10.0.0.10/32 -p udp -m udp --dport 53"), "{r}");
+        assert!(
+            r.contains("-d 10.0.0.10/32 -p udp -m udp --dport 53"),
+            "{r}"
+        );
         // Headless and ExternalName Services have no rules.
         assert!(!r.contains("plant/db"), "{r}");
         // Its endpoint not ready: the site's, and the chain of the old one
@@ -353,7 +375,10 @@ mod tests {
         }
         let r = render(&t, &local(), &BTreeSet::new());
         let filter = r.split("*filter").nth(1).unwrap();
-        assert!(filter.contains("-d 10.0.0.20/32 -p tcp -m tcp --dport 80"), "{r}");
+        assert!(
+            filter.contains("-d 10.0.0.20/32 -p tcp -m tcp --dport 80"),
+            "{r}"
+        );
         assert!(filter.contains("REJECT"), "{r}");
     }
 }

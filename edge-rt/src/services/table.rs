@@ -173,20 +173,21 @@ pub fn local_ready(pods: &[Pod]) -> LocalReady {
         .collect()
 }
 
+/// A gateway's own address. Where cloud-gw serves the node's kubelet API
+/// the InternalIP is cloud-gw's and the gateway's own is its ExternalIP
+/// (cloud-gw's `bridge::nodes::addresses`); else its InternalIP.
 fn node_address(n: &Node) -> Option<Ipv4Addr> {
     let addrs = n.status.as_ref()?.addresses.as_ref()?;
     addrs
         .iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .chain(addrs.iter().filter(|a| a.type_ == "ExternalIP"))
+        .filter(|a| a.type_ == "ExternalIP")
+        .chain(addrs.iter().filter(|a| a.type_ == "InternalIP"))
         .find_map(|a| a.address.parse().ok())
 }
 
 fn pod_cidrs(n: &Node) -> Vec<String> {
     let spec = n.spec.as_ref();
-    let mut v: Vec<String> = spec
-        .and_then(|s| s.pod_cidrs.clone())
-        .unwrap_or_default();
+    let mut v: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if v.is_empty() {
         v.extend(spec.and_then(|s| s.pod_cidr.clone()));
     }
@@ -332,7 +333,9 @@ impl Table {
                     }
                 }
                 for a in &e.addresses {
-                    let Ok(ip) = a.parse::<IpAddr>() else { continue };
+                    let Ok(ip) = a.parse::<IpAddr>() else {
+                        continue;
+                    };
                     s.endpoints.push(Endpoint {
                         ip,
                         ready,
@@ -345,8 +348,9 @@ impl Table {
             }
         }
         for s in t.services.values_mut() {
-            s.endpoints.sort_by(|a, b| a.ip.cmp(&b.ip));
-            s.endpoints.dedup_by(|a, b| a.ip == b.ip && a.ports == b.ports);
+            s.endpoints.sort_by_key(|e| e.ip);
+            s.endpoints
+                .dedup_by(|a, b| a.ip == b.ip && a.ports == b.ports);
         }
         t
     }
@@ -442,9 +446,6 @@ pub(crate) mod tests {
         assert_eq!(ips(web.chosen("a", t.zone.as_deref())), vec!["10.244.2.5"]);
         assert!(web.local("a").is_empty());
         // A node of no site: every ready endpoint.
-        assert_eq!(
-            ips(web.chosen("q", None)),
-            vec!["10.244.2.5", "10.244.9.5"]
-        );
+        assert_eq!(ips(web.chosen("q", None)), vec!["10.244.2.5", "10.244.9.5"]);
     }
 }

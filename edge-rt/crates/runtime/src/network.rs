@@ -69,8 +69,9 @@ pub struct PortMap {
 
 pub struct Network {
     cfg: NetworkConfig,
-    net: Ipv4Addr,
-    prefix: u8,
+    /// The pod CIDR (network, prefix): the configured one until the
+    /// cluster allocates the node one ([`Network::set_pod_cidr`]).
+    cidr: std::sync::RwLock<(Ipv4Addr, u8)>,
     leases: PathBuf,
     /// The bridge and rules were checked (once per edge-rt; reset on a
     /// failure so the next pod checks again).
@@ -155,6 +156,13 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), NetworkError> {
     Ok((Ipv4Addr::from(u32::from(ip) & mask), len))
 }
 
+/// The gateway (first) address of a pod CIDR.
+pub fn gateway_of(cidr: &str) -> Option<Ipv4Addr> {
+    parse_cidr(cidr)
+        .ok()
+        .map(|(net, _)| Ipv4Addr::from(u32::from(net) + 1))
+}
+
 impl Network {
     pub fn new(cfg: NetworkConfig, state_dir: &Path) -> Result<Network, NetworkError> {
         let (net, prefix) = parse_cidr(&cfg.pod_cidr)?;
@@ -162,15 +170,40 @@ impl Network {
         std::fs::create_dir_all(&leases)?;
         Ok(Network {
             cfg,
-            net,
-            prefix,
+            cidr: std::sync::RwLock::new((net, prefix)),
             leases,
             bridge_ready: Default::default(),
         })
     }
 
+    fn cidr(&self) -> (Ipv4Addr, u8) {
+        *self.cidr.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.net) + 1)
+        Ipv4Addr::from(u32::from(self.cidr().0) + 1)
+    }
+
+    /// The pod CIDR new pods get addresses from.
+    pub fn pod_cidr(&self) -> String {
+        let (net, prefix) = self.cidr();
+        format!("{net}/{prefix}")
+    }
+
+    /// Take the pod CIDR the cluster allocated: pods started from now on
+    /// get addresses from it (the bridge gets its gateway address beside
+    /// the old one); running pods keep theirs until their sandbox is made
+    /// again. Whether it changed.
+    pub fn set_pod_cidr(&self, cidr: &str) -> Result<bool, NetworkError> {
+        let new = parse_cidr(cidr)?;
+        let mut cur = self.cidr.write().unwrap_or_else(|p| p.into_inner());
+        if *cur == new {
+            return Ok(false);
+        }
+        *cur = new;
+        self.bridge_ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The rules the bridge needs: masquerading out (when configured) and
@@ -180,7 +213,7 @@ impl Network {
         let words = |s: &str| shell_words(s);
         let mut v = Vec::new();
         if self.cfg.masquerade {
-            let cidr = format!("{}/{}", self.net, self.prefix);
+            let cidr = self.pod_cidr();
             v.push((
                 "nat",
                 "POSTROUTING",
@@ -217,7 +250,7 @@ impl Network {
         if run(&["ip", "link", "show", br]).is_err() {
             run(&["ip", "link", "add", br, "type", "bridge"])?;
         }
-        let gw = format!("{}/{}", self.gateway(), self.prefix);
+        let gw = format!("{}/{}", self.gateway(), self.cidr().1);
         if !run(&["ip", "-4", "addr", "show", "dev", br])?.contains(&format!("inet {gw}")) {
             run(&["ip", "addr", "add", &gw, "dev", br])?;
         }
@@ -276,11 +309,17 @@ impl Network {
     }
 
     fn lease(&self, pod_uid: &str) -> Result<Ipv4Addr, NetworkError> {
+        let (net, prefix) = self.cidr();
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         if let Some(ip) = self.lease_of(pod_uid) {
-            return Ok(ip);
+            if u32::from(ip) & mask == u32::from(net) {
+                return Ok(ip);
+            }
+            // From a pod CIDR the node no longer has.
+            let _ = std::fs::remove_file(self.leases.join(ip.to_string()));
         }
-        let size = 1u32 << (32 - self.prefix);
-        let base = u32::from(self.net);
+        let size = 1u32 << (32 - prefix);
+        let base = u32::from(net);
         for i in 2..size - 1 {
             let ip = Ipv4Addr::from(base + i);
             let path = self.leases.join(ip.to_string());
@@ -299,7 +338,7 @@ impl Network {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(NetworkError::Exhausted(self.cfg.pod_cidr.clone()))
+        Err(NetworkError::Exhausted(self.pod_cidr()))
     }
 
     fn veth_name(pod_uid: &str) -> String {
@@ -336,7 +375,7 @@ impl Network {
                 netns,
                 &[vec![
                     format!("link add eth0 type veth peer name {peer} netns {pid}"),
-                    format!("addr add {ip}/{} dev eth0", self.prefix),
+                    format!("addr add {ip}/{} dev eth0", self.cidr().1),
                     "link set eth0 up".into(),
                     "link set lo up".into(),
                     format!("route add default via {gw}"),
