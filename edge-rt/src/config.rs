@@ -59,8 +59,15 @@
 //!
 //! [dns]                                # pods' resolv.conf, as the kubelet writes it
 //! cluster_domain = "cluster.local"
-//! cluster_dns = []                     # ClusterFirst pods' nameservers; empty: the host's
-//! resolv_conf = "/etc/resolv.conf"     # the host's, for Default (and ClusterFirst without cluster_dns)
+//! cluster_dns = []                     # ClusterFirst pods' nameservers; empty: the node's DNS server
+//!                                      # (below), or the host's without it
+//! resolv_conf = "/etc/resolv.conf"     # the host's, for Default, and the node DNS server's upstreams
+//!
+//! [services]                           # Services at the edge (README, "Services and DNS")
+//! dns = true                           # serve cluster DNS to pods
+//! dns_listen = []                      # e.g. ["10.0.0.1:53"]; empty: the pod bridge's address
+//! rules = true                         # ClusterIP and NodePort rules (iptables)
+//! routes = true                        # routes to the pod CIDRs of the site's other gateways
 //!
 //! [accelerators]
 //! detect = true                        # GPUs, NPUs, TPUs of the README's table

@@ -23,6 +23,8 @@ pub fn plan(cfg: &Config, images: bool) -> Vec<String> {
             "the pod network (bridge {}, its iptables rules, leases)",
             cfg.network.bridge
         ),
+        "the Services rules (OUTRIGGER-SERVICES and the chains under it) and the routes to the site's gateways"
+            .to_string(),
         format!("the node store ({})", store_path(cfg).display()),
         format!(
             "the node's link identity ({})",
@@ -118,6 +120,9 @@ pub async fn reset(cfg: &Config, images: bool) -> Result<()> {
     drop(rt);
     if let Some(n) = &network {
         n.remove_bridge();
+    }
+    if let Err(e) = crate::services::remove_rules() {
+        tracing::warn!("the Services rules: {e}");
     }
     let mut gone = vec![
         store_path(cfg),

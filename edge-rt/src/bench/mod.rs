@@ -11,6 +11,7 @@
 //! broker` ([`broker`]) loads the embedded MQTT broker and mosquitto alike.
 
 mod broker;
+mod services;
 
 use std::fs;
 use std::os::fd::OwnedFd;
@@ -96,6 +97,35 @@ pub enum BenchCmd {
         #[arg(long, default_value = "/var/tmp/edge-rt-bench-accel")]
         dir: PathBuf,
     },
+    /// The node's DNS server beside dnsmasq (queries per second and
+    /// latency for Service names), and what N Services add to edge-rt's
+    /// memory.
+    Dns {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Memory rounds (with and without the Services, alternating).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "/var/tmp/edge-rt-bench-dns")]
+        dir: PathBuf,
+    },
+    /// A request from a pod on one gateway to a pod on another of its site,
+    /// at the pod's address and through a ClusterIP (edge-rt's rules),
+    /// in network namespaces.
+    ClusterIp {
+        #[arg(long, default_value_t = 500)]
+        requests: usize,
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
+        /// Other Services in the rules, ahead of the one measured.
+        #[arg(long, default_value_t = 999)]
+        others: usize,
+    },
     /// Reboot with no cloud: N pods in the store, a power cut (edge-rt and
     /// every container killed, state and mounts gone), then edge-rt start
     /// to all N running; the same N pods as static manifests alongside.
@@ -146,6 +176,18 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> Result<()> {
             runs,
             dir,
         } => accelerators(cfg, &image, gpus, runs, &dir).await,
+        BenchCmd::Dns {
+            services: n,
+            clients,
+            secs,
+            runs,
+            dir,
+        } => services::run(cfg, n, clients, secs, runs, &dir).await,
+        BenchCmd::ClusterIp {
+            requests,
+            rounds,
+            others,
+        } => crate::sys::blocking(move || services::cluster_ip(requests, rounds, others)).await?,
         BenchCmd::Store {
             updates,
             batch,
@@ -570,10 +612,15 @@ fn start(cfg: &Config, image: &str, runs: usize, dir: &Path) -> Result<f64> {
 
 /// A process's resident memory, from /proc.
 pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A kB figure of /proc/PID/status (`VmRSS:`, `RssAnon:`).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -597,6 +644,16 @@ impl BenchNode {
     async fn start_with(cfg: &Config, dir: &Path, network: bool, extra: &str) -> Result<BenchNode> {
         crate::runtime::unmount_under(dir);
         let _ = fs::remove_dir_all(dir);
+        Self::start_keeping(cfg, dir, network, extra).await
+    }
+
+    /// The same on `dir` as it is (a store made beforehand stays).
+    async fn start_keeping(
+        cfg: &Config,
+        dir: &Path,
+        network: bool,
+        extra: &str,
+    ) -> Result<BenchNode> {
         let manifests = dir.join("pods");
         fs::create_dir_all(&manifests)?;
         let state = dir.join("run");
@@ -656,6 +713,13 @@ impl BenchNode {
 
     fn socket(&self) -> PathBuf {
         self.state.join("edge-rt.sock")
+    }
+
+    /// The pod bridge's address (where the node's DNS server listens).
+    fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        self.network
+            .as_ref()
+            .and_then(|n| crate::network::gateway_of(&n.pod_cidr))
     }
 
     /// What a power cut leaves: edge-rt and every container killed at

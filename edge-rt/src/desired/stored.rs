@@ -7,28 +7,28 @@ use crate::store::{Kind, Store};
 /// The store's objects of one kind, typed (what does not parse is logged
 /// and skipped).
 pub fn load<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind) -> Vec<T> {
-    {
-        let mut out = Vec::new();
-        // Typed as each row is read: one JSON tree at a time.
-        let r = s.each_object(kind, |o| {
-            let mut body = o.body;
-            // The row's identity is the truth (a body may lack it).
-            body["metadata"]["uid"] = o.uid.clone().into();
-            body["metadata"]["namespace"] = o.namespace.clone().into();
-            match serde_json::from_value::<T>(body) {
-                Ok(t) => out.push(t),
-                Err(e) => {
-                    tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
-                }
-            }
-        });
-        match r {
-            Ok(()) => out,
+    let mut out = Vec::new();
+    each(s, kind, |t| out.push(t));
+    out
+}
+
+/// Each of the store's objects of one kind, typed as its row is read (one
+/// JSON tree at a time: what is kept from a large kind is the caller's).
+pub fn each<T: serde::de::DeserializeOwned>(s: &Store, kind: Kind, mut f: impl FnMut(T)) {
+    let r = s.each_object(kind, |o| {
+        let mut body = o.body;
+        // The row's identity is the truth (a body may lack it).
+        body["metadata"]["uid"] = o.uid.clone().into();
+        body["metadata"]["namespace"] = o.namespace.clone().into();
+        match serde_json::from_value::<T>(body) {
+            Ok(t) => f(t),
             Err(e) => {
-                tracing::error!(kind = kind.as_str(), error = %e, "reading the store");
-                vec![]
+                tracing::error!(kind = kind.as_str(), namespace = %o.namespace, name = %o.name, error = %e, "stored object does not parse; skipped");
             }
         }
+    });
+    if let Err(e) = r {
+        tracing::error!(kind = kind.as_str(), error = %e, "reading the store");
     }
 }
 

@@ -59,32 +59,27 @@ impl Default for ServicesConfig {
 
 /// The table from the store now.
 pub fn read_table(store: &Store, node: &str, pods: &PodManager, domain: &str) -> Table {
-    use crate::desired::stored::load;
-    let mut t = Table::build(
-        node,
-        &load(store, Kind::Node),
-        &load(store, Kind::Service),
-        &load(store, Kind::EndpointSlice),
-        &table::local_ready(&pods.list()),
-    );
-    // No Node heard of yet: the configured domain.
-    if !store_has_domain(store, node) {
+    use crate::desired::stored::{each, load};
+    let nodes: Vec<k8s_openapi::api::core::v1::Node> = load(store, Kind::Node);
+    let mut t = Table::new(node, &nodes);
+    // No Node of ours heard of yet: the configured domain.
+    let told = nodes.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(node)
+            && n.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(table::CLUSTER_DOMAIN))
+    });
+    if !told {
         t.domain = domain.to_string();
     }
-    t
-}
-
-fn store_has_domain(store: &Store, node: &str) -> bool {
-    use crate::desired::stored::load;
-    load::<k8s_openapi::api::core::v1::Node>(store, Kind::Node)
-        .iter()
-        .any(|n| {
-            n.metadata.name.as_deref() == Some(node)
-                && n.metadata
-                    .annotations
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key(table::CLUSTER_DOMAIN))
-        })
+    drop(nodes);
+    // Row by row: the typed objects are dropped as soon as the table holds
+    // what it needs of them.
+    each(store, Kind::Service, |s| t.add_service(&s));
+    let local = table::local_ready(&pods.list());
+    each(store, Kind::EndpointSlice, |sl| t.add_slice(&sl, &local));
+    t.finish()
 }
 
 /// This node's pod CIDR as the cluster allocated it (its Node's
@@ -106,17 +101,36 @@ fn bridge_netfilter() -> bool {
     std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1").is_ok()
 }
 
-/// Run a command to its end; its stdout. Spawned on the runtime thread
-/// and registered with the one reaper (which would otherwise take its exit
-/// status first); its pipes are worked off the runtime thread.
+/// What a command is fed on stdin, written from a blocking thread.
+type Feed = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send>;
+
+/// Run a command to its end; its stdout.
 async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    use std::io::{Read, Write};
+    let feed = stdin.map(|text| {
+        let text = text.to_string();
+        Box::new(move |w: &mut dyn std::io::Write| w.write_all(text.as_bytes())) as Feed
+    });
+    run_with(cmd, args, feed, |_| true).await
+}
+
+/// Run a command to its end, fed by `feed`; the lines of its stdout that
+/// `keep` takes (read as they come: a large output is never held whole).
+/// Spawned on the runtime thread and registered with the one reaper
+/// (which would otherwise take its exit status first); its pipes are
+/// worked off the runtime thread.
+async fn run_with(
+    cmd: &str,
+    args: &[&str],
+    feed: Option<Feed>,
+    keep: fn(&str) -> bool,
+) -> Result<String, String> {
+    use std::io::{BufRead, Read};
     let what = || format!("{cmd} {}", args.join(" "));
     let mut child = std::process::Command::new(cmd)
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .stdin(if stdin.is_some() {
+        .stdin(if feed.is_some() {
             std::process::Stdio::piped()
         } else {
             std::process::Stdio::null()
@@ -125,19 +139,27 @@ async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, St
         .map_err(|e| format!("{cmd}: {e} (is it installed?)"))?;
     let pid = child.id() as i32;
     crate::sys::reaper::register(pid);
-    let input = stdin.map(String::from);
-    let (mut i, mut o, mut e) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let (i, o, e) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let io = crate::sys::blocking(move || {
-        if let (Some(w), Some(text)) = (i.as_mut(), input) {
-            let _ = w.write_all(text.as_bytes());
+        let mut fed = Ok(());
+        if let (Some(mut w), Some(feed)) = (i, feed) {
+            let mut buffered = std::io::BufWriter::new(&mut w);
+            fed = feed(&mut buffered).and_then(|()| std::io::Write::flush(&mut buffered));
         }
-        drop(i);
         let (mut out, mut err) = (String::new(), String::new());
-        if let Some(r) = o.as_mut() {
-            let _ = r.read_to_string(&mut out);
+        if let Some(r) = o {
+            for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                if keep(&line) {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
         }
-        if let Some(r) = e.as_mut() {
+        if let Some(mut r) = e {
             let _ = r.read_to_string(&mut err);
+        }
+        if let Err(e) = fed {
+            err = format!("{} (writing its input: {e})", err.trim());
         }
         (out, err)
     })
@@ -155,41 +177,119 @@ async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, St
     }
 }
 
+/// The jumps from the built-in chains: (table, chain, target, new
+/// connections only).
+pub const JUMPS: [(&str, &str, &str, bool); 5] = [
+    ("nat", "PREROUTING", rules::SERVICES, false),
+    ("nat", "OUTPUT", rules::SERVICES, false),
+    ("nat", "POSTROUTING", rules::POSTROUTING, false),
+    ("filter", "FORWARD", rules::SERVICES, true),
+    ("filter", "OUTPUT", rules::SERVICES, true),
+];
+pub const JUMP_COMMENT: &str = "outrigger services";
+
+/// A jump's rule after `-A CHAIN`/`-C CHAIN`: (table, chain, its
+/// arguments). Filter jumps take new connections only (what a Service
+/// with no endpoints rejects is a new connection; established ones keep
+/// going through a rebuild).
+fn jump_rules() -> impl Iterator<Item = (&'static str, &'static str, Vec<&'static str>)> {
+    JUMPS.into_iter().map(|(table, chain, target, new_only)| {
+        let mut rule = Vec::new();
+        if new_only {
+            rule.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+        }
+        rule.extend(["-m", "comment", "--comment", JUMP_COMMENT, "-j", target]);
+        (table, chain, rule)
+    })
+}
+
 /// The jumps into our chains from the built-in ones, first in each (the
 /// chains exist: the rule set made them).
 async fn ensure_jumps() -> Result<(), String> {
-    let jumps = [
-        ("nat", "PREROUTING", rules::SERVICES, "outrigger services"),
-        ("nat", "OUTPUT", rules::SERVICES, "outrigger services"),
-        (
-            "nat",
-            "POSTROUTING",
-            rules::POSTROUTING,
-            "outrigger services",
-        ),
-        ("filter", "FORWARD", rules::SERVICES, "outrigger services"),
-        ("filter", "OUTPUT", rules::SERVICES, "outrigger services"),
-    ];
-    for (table, chain, target, comment) in jumps {
-        let rule = ["-m", "comment", "--comment", comment, "-j", target];
+    for (table, chain, rule) in jump_rules() {
         let mut check = vec!["-t", table, "-C", chain];
-        check.extend(rule);
+        check.extend(&rule);
         if run("iptables", &check, None).await.is_err() {
             let mut add = vec!["-t", table, "-I", chain, "1"];
-            add.extend(rule);
+            add.extend(&rule);
             run("iptables", &add, None).await?;
         }
     }
     Ok(())
 }
 
+/// Remove every jump, rule and chain the Services rules made and the
+/// routes to site peers (`edge-rt reset`, the benchmarks); what is not
+/// there is skipped. Blocking: no daemon runs then, so nothing else reaps.
+/// An error names a table whose chains stayed.
+pub fn remove_rules() -> Result<(), String> {
+    use std::process::Command;
+    let iptables = |args: &[&str]| {
+        let _ = Command::new("iptables").args(args).output();
+    };
+    for (table, chain, rule) in jump_rules() {
+        let mut args = vec!["-t", table, "-D", chain];
+        args.extend(&rule);
+        iptables(&args);
+    }
+    for table in ["nat", "filter"] {
+        let save = Command::new("iptables-save")
+            .args(["-t", table])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        // One commit per table: each chain declared (so flushed: they
+        // jump to each other), then deleted.
+        let chains = rules::all_ours(&save);
+        if chains.is_empty() {
+            continue;
+        }
+        let mut text = format!("*{table}\n");
+        for c in &chains {
+            text += &format!(":{c} - [0:0]\n");
+        }
+        for c in &chains {
+            text += &format!("-X {c}\n");
+        }
+        text += "COMMIT\n";
+        let restore = Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let mut child = restore.map_err(|e| format!("iptables-restore: {e}"))?;
+        if let Some(mut w) = child.stdin.take() {
+            use std::io::Write;
+            let _ = w.write_all(text.as_bytes());
+        }
+        match child.wait() {
+            Ok(st) if st.success() => {}
+            _ => {
+                return Err(format!(
+                    "iptables-restore could not remove our {table} chains"
+                ))
+            }
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["-4", "route", "flush", "proto", routes::PROTO])
+        .output();
+    Ok(())
+}
+
 /// Rebuild the rules from the table in one `iptables-restore` (a chain
 /// declared there is replaced whole in the commit, never seen empty), then
 /// make sure the built-in chains jump to them.
-async fn apply_rules(t: &Table, local: &rules::Local) -> Result<(), String> {
-    let save = run("iptables-save", &["-t", "nat"], None).await?;
-    let text = rules::render(t, local, &rules::ours(&save));
-    run("iptables-restore", &["--noflush"], Some(&text)).await?;
+async fn apply_rules(t: &Arc<Table>, local: &rules::Local) -> Result<(), String> {
+    // Only the chain declarations of the saved table are kept.
+    let save = run_with("iptables-save", &["-t", "nat"], None, |l| {
+        l.starts_with(':')
+    })
+    .await?;
+    let existing = rules::ours(&save);
+    let (t, local) = (t.clone(), local.clone());
+    let feed: Feed = Box::new(move |w| rules::render_to(&t, &local, &existing, w));
+    run_with("iptables-restore", &["--noflush"], Some(feed), |_| true).await?;
     ensure_jumps().await
 }
 
@@ -304,11 +404,22 @@ async fn follow(
         (true, None, Some(n)) => Some(IpAddr::V4(n.gateway())),
         (true, None, None) => None,
     };
-    let mut applied: Option<(Table, rules::Local)> = None;
+    // What the rules were last built from (the table shared with the DNS
+    // server's, never a copy of it).
+    let mut applied: Option<(Arc<Table>, rules::Local)> = None;
     let mut routed: Option<BTreeSet<(String, Ipv4Addr)>> = None;
     let mut last_failure: Option<std::time::Instant> = None;
     loop {
-        let t = read_table(&store, &setup.node, &pods, &setup.domain);
+        let fresh = read_table(&store, &setup.node, &pods, &setup.domain);
+        // One table in memory: the one published, unless this one differs.
+        let t = if **tx.borrow() == fresh {
+            drop(fresh);
+            tx.borrow().clone()
+        } else {
+            let t = Arc::new(fresh);
+            tx.send_replace(t.clone());
+            t
+        };
         if let (Some(n), Some(cidr)) = (&setup.network, &t.pod_cidr) {
             match n.set_pod_cidr(cidr) {
                 Ok(true) => {
@@ -339,11 +450,11 @@ async fn follow(
             dns,
             bridge_nf,
         };
-        if **tx.borrow() != t {
-            tx.send_replace(Arc::new(t.clone()));
-        }
         let due = last_failure.is_none_or(|at| at.elapsed() >= RETRY);
-        if setup.cfg.rules && due && applied.as_ref() != Some(&(t.clone(), local.clone())) {
+        let same = applied
+            .as_ref()
+            .is_some_and(|(a, l)| (Arc::ptr_eq(a, &t) || **a == *t) && *l == local);
+        if setup.cfg.rules && due && !same {
             let started = std::time::Instant::now();
             match apply_rules(&t, &local).await {
                 Ok(()) => {

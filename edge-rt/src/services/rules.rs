@@ -74,25 +74,45 @@ fn v4(ip: &IpAddr) -> bool {
     ip.is_ipv4()
 }
 
-/// The rule text for `iptables-restore --noflush`, and the chains it
-/// declares of ours. `existing`: chains of ours that exist now (those not
-/// wanted any more are flushed and deleted in the same commit).
+/// The rule text for `iptables-restore --noflush`. `existing`: chains of
+/// ours that exist now (those not wanted any more are flushed and deleted
+/// in the same commit).
 pub fn render(t: &Table, local: &Local, existing: &BTreeSet<String>) -> String {
-    let mut nat_chains: BTreeSet<String> = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ]
+    let mut out = Vec::new();
+    // Writing to memory does not fail.
+    let _ = render_to(t, local, existing, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The same text, written as it is made (into `iptables-restore`'s stdin:
+/// the rules of 1,000 Services are a megabyte that never needs to be held
+/// whole). Each chain of ours is declared once, just before the rules
+/// that first name it: a declaration flushes the chain, and
+/// `iptables-restore` (nft and legacy) takes declarations among rules.
+pub fn render_to(
+    t: &Table,
+    local: &Local,
+    existing: &BTreeSet<String>,
+    w: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    let mut declared: BTreeSet<String> = BTreeSet::new();
+    let mut filter = String::new();
+    let mut nodeports = String::new();
+    let mut chunk = String::new();
+    let mut fresh: Vec<String> = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut nat = String::new();
-    let mut filter = String::new();
-    let _ = writeln!(nat, "-A {MARK_MASQ} -j MARK --set-xmark {MASQ_MARK}");
+    w.write_all(b"*nat\n")?;
+    let _ = writeln!(chunk, "-A {MARK_MASQ} -j MARK --set-xmark {MASQ_MARK}");
     let _ = writeln!(
-        nat,
+        chunk,
         "-A {POSTROUTING} -m mark --mark {MASQ_MARK} -m comment --comment \"outrigger service traffic\" -j MASQUERADE"
     );
     for p in &t.peers {
         for cidr in &p.pod_cidrs {
             let _ = writeln!(
-                nat,
+                chunk,
                 "-A {POSTROUTING} -s {} -d {cidr} -m comment --comment \"pods of {} keep their addresses\" -j ACCEPT",
                 local.pod_cidr, p.name
             );
@@ -103,13 +123,13 @@ pub fn render(t: &Table, local: &Local, existing: &BTreeSet<String>) -> String {
         for ip in t.cluster_dns.iter().filter(|i| v4(i)) {
             for proto in ["udp", "tcp"] {
                 let _ = writeln!(
-                    nat,
+                    chunk,
                     "-A {SERVICES} -d {ip}/32 -p {proto} -m {proto} --dport 53 -m comment --comment \"cluster DNS at the node\" -j DNAT --to-destination {dns}:53"
                 );
             }
         }
     }
-    let mut nodeports = String::new();
+    flush(w, &mut declared, &mut fresh, &mut chunk)?;
     for s in t.services.values() {
         if s.external_name.is_some() || s.headless {
             continue;
@@ -124,112 +144,153 @@ pub fn render(t: &Table, local: &Local, existing: &BTreeSet<String>) -> String {
             .filter(|e| v4(&e.ip))
             .collect();
         for p in &s.ports {
-            let proto = p.protocol.as_str();
-            let label = port_label(s, p);
-            let targets: Vec<(&Endpoint, u16)> = chosen
-                .iter()
-                .filter_map(|e| e.port_for(p).map(|port| (*e, port)))
-                .collect();
-            if targets.is_empty() {
-                for ip in &ips {
-                    let _ = writeln!(
-                        filter,
-                        "-A {SERVICES} -d {ip}/32 -p {proto} -m {proto} --dport {} -m comment --comment \"{label} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable",
-                        p.port
-                    );
-                }
-                if let Some(np) = p.node_port {
-                    let _ = writeln!(
-                        filter,
-                        "-A {SERVICES} -m addrtype --dst-type LOCAL -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable"
-                    );
-                }
-                continue;
-            }
-            let key = [
-                s.namespace.as_str(),
-                s.name.as_str(),
-                p.name.as_str(),
-                proto,
-            ];
-            let svc = chain("OUTRIGGER-SVC-", &key);
-            nat_chains.insert(svc.clone());
-            for ip in &ips {
-                let _ = writeln!(
-                    nat,
-                    "-A {SERVICES} -d {ip}/32 -p {proto} -m {proto} --dport {} -m comment --comment \"{label} cluster IP\" -j {svc}",
-                    p.port
-                );
-            }
-            let seps = endpoint_chains(&mut nat, &mut nat_chains, s, &key, &targets, local);
-            pick(&mut nat, &svc, &seps, s.affinity_secs);
-            if let Some(np) = p.node_port {
-                if s.external_local {
-                    // Only this node's endpoints; the client's address kept.
-                    let lcl = chain("OUTRIGGER-LCL-", &key);
-                    let here: Vec<String> = targets
-                        .iter()
-                        .zip(&seps)
-                        .filter(|((e, _), _)| e.node.as_deref() == Some(t.node.as_str()))
-                        .map(|(_, c)| c.clone())
-                        .collect();
-                    if here.is_empty() {
-                        let _ = writeln!(
-                            filter,
-                            "-A {SERVICES} -m addrtype --dst-type LOCAL -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} has no local endpoints\" -j DROP"
-                        );
-                        continue;
-                    }
-                    nat_chains.insert(lcl.clone());
-                    pick(&mut nat, &lcl, &here, s.affinity_secs);
-                    let _ = writeln!(
-                        nodeports,
-                        "-A {NODEPORTS} -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} node port\" -j {lcl}"
-                    );
-                } else {
-                    // The endpoint may be on another gateway: its answer
-                    // must come back through this one.
-                    let _ = writeln!(
-                        nodeports,
-                        "-A {NODEPORTS} -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} node port\" -j {MARK_MASQ}"
-                    );
-                    let _ = writeln!(
-                        nodeports,
-                        "-A {NODEPORTS} -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} node port\" -j {svc}"
-                    );
-                }
-            }
+            let mut out = Rules {
+                nat: &mut chunk,
+                chains: &mut fresh,
+                filter: &mut filter,
+                nodeports: &mut nodeports,
+            };
+            port_rules(&mut out, t, local, s, p, &ips, &chosen);
+            flush(w, &mut declared, &mut fresh, &mut chunk)?;
         }
     }
-    nat.push_str(&nodeports);
+    chunk.push_str(&nodeports);
     let _ = writeln!(
-        nat,
+        chunk,
         "-A {SERVICES} -m addrtype --dst-type LOCAL -m comment --comment \"node ports\" -j {NODEPORTS}"
     );
-
+    flush(w, &mut declared, &mut fresh, &mut chunk)?;
     let stale: Vec<&String> = existing
         .iter()
-        .filter(|c| !nat_chains.contains(*c) && PREFIXES.iter().any(|p| c.starts_with(p)))
+        .filter(|c| !declared.contains(*c) && PREFIXES.iter().any(|p| c.starts_with(p)))
         .collect();
-    let mut out = String::from("*nat\n");
-    for c in nat_chains.iter().chain(stale.iter().copied()) {
-        let _ = writeln!(out, ":{c} - [0:0]");
+    for c in &stale {
+        writeln!(w, ":{c} - [0:0]")?;
     }
-    out.push_str(&nat);
-    for c in stale {
-        let _ = writeln!(out, "-X {c}");
+    for c in &stale {
+        writeln!(w, "-X {c}")?;
     }
-    out.push_str("COMMIT\n*filter\n");
-    let _ = writeln!(out, ":{SERVICES} - [0:0]");
-    out.push_str(&filter);
-    out.push_str("COMMIT\n");
-    out
+    writeln!(w, "COMMIT\n*filter\n:{SERVICES} - [0:0]")?;
+    w.write_all(filter.as_bytes())?;
+    w.write_all(b"COMMIT\n")
+}
+
+/// The declarations of the chains first named in `chunk`, then `chunk`.
+fn flush(
+    w: &mut dyn std::io::Write,
+    declared: &mut BTreeSet<String>,
+    fresh: &mut Vec<String>,
+    chunk: &mut String,
+) -> std::io::Result<()> {
+    for c in fresh.drain(..) {
+        if !declared.contains(&c) {
+            writeln!(w, ":{c} - [0:0]")?;
+            declared.insert(c);
+        }
+    }
+    w.write_all(chunk.as_bytes())?;
+    chunk.clear();
+    Ok(())
+}
+
+/// Where a Service port's rules go: nat rules and the chains they name,
+/// filter rules, and NodePort rules (matched after every ClusterIP).
+struct Rules<'a> {
+    nat: &'a mut String,
+    chains: &'a mut Vec<String>,
+    filter: &'a mut String,
+    nodeports: &'a mut String,
+}
+
+fn port_rules(
+    out: &mut Rules,
+    t: &Table,
+    local: &Local,
+    s: &Service,
+    p: &Port,
+    ips: &[&IpAddr],
+    chosen: &[&Endpoint],
+) {
+    let proto = p.protocol.as_str();
+    let label = port_label(s, p);
+    let targets: Vec<(&Endpoint, u16)> = chosen
+        .iter()
+        .filter_map(|e| e.port_for(p).map(|port| (*e, port)))
+        .collect();
+    if targets.is_empty() {
+        for ip in ips {
+            let _ = writeln!(
+                out.filter,
+                "-A {SERVICES} -d {ip}/32 -p {proto} -m {proto} --dport {} -m comment --comment \"{label} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable",
+                p.port
+            );
+        }
+        if let Some(np) = p.node_port {
+            let _ = writeln!(
+                out.filter,
+                "-A {SERVICES} -m addrtype --dst-type LOCAL -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable"
+            );
+        }
+        return;
+    }
+    let key = [
+        s.namespace.as_str(),
+        s.name.as_str(),
+        p.name.as_str(),
+        proto,
+    ];
+    let svc = chain("OUTRIGGER-SVC-", &key);
+    out.chains.push(svc.clone());
+    for ip in ips {
+        let _ = writeln!(
+            out.nat,
+            "-A {SERVICES} -d {ip}/32 -p {proto} -m {proto} --dport {} -m comment --comment \"{label} cluster IP\" -j {svc}",
+            p.port
+        );
+    }
+    let seps = endpoint_chains(out.nat, out.chains, s, &key, &targets, local);
+    pick(out.nat, &svc, &seps, s.affinity_secs);
+    let Some(np) = p.node_port else { return };
+    if s.external_local {
+        // Only this node's endpoints; the client's address kept.
+        let lcl = chain("OUTRIGGER-LCL-", &key);
+        let here: Vec<String> = targets
+            .iter()
+            .zip(&seps)
+            .filter(|((e, _), _)| e.node.as_deref() == Some(t.node.as_str()))
+            .map(|(_, c)| c.clone())
+            .collect();
+        if here.is_empty() {
+            let _ = writeln!(
+                out.filter,
+                "-A {SERVICES} -m addrtype --dst-type LOCAL -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} has no local endpoints\" -j DROP"
+            );
+            return;
+        }
+        out.chains.push(lcl.clone());
+        pick(out.nat, &lcl, &here, s.affinity_secs);
+        let _ = writeln!(
+            out.nodeports,
+            "-A {NODEPORTS} -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} node port\" -j {lcl}"
+        );
+    } else {
+        // The endpoint may be on another gateway: its answer must come
+        // back through this one.
+        let _ = writeln!(
+            out.nodeports,
+            "-A {NODEPORTS} -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} node port\" -j {MARK_MASQ}"
+        );
+        let _ = writeln!(
+            out.nodeports,
+            "-A {NODEPORTS} -p {proto} -m {proto} --dport {np} -m comment --comment \"{label} node port\" -j {svc}"
+        );
+    }
 }
 
 /// One DNAT chain per endpoint; their names, in `targets`' order.
 fn endpoint_chains(
     nat: &mut String,
-    chains: &mut BTreeSet<String>,
+    chains: &mut Vec<String>,
     s: &Service,
     key: &[&str; 4],
     targets: &[(&Endpoint, u16)],
@@ -243,7 +304,7 @@ fn endpoint_chains(
             "OUTRIGGER-SEP-",
             &[key[0], key[1], key[2], key[3], &ip, &port_s],
         );
-        chains.insert(sep.clone());
+        chains.push(sep.clone());
         let proto = key[3];
         // A pod reaching itself through its Service (hairpin).
         let _ = writeln!(nat, "-A {sep} -s {ip}/32 -j {MARK_MASQ}");
@@ -296,6 +357,18 @@ pub fn ours(save: &str) -> BTreeSet<String> {
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| PREFIXES.iter().any(|p| c.starts_with(p)))
+        .map(String::from)
+        .collect()
+}
+
+/// Every chain of ours in an `iptables-save` text, the fixed ones too
+/// (for removing them all).
+pub fn all_ours(save: &str) -> BTreeSet<String> {
+    let fixed = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| fixed.contains(c) || PREFIXES.iter().any(|p| c.starts_with(p)))
         .map(String::from)
         .collect()
 }
@@ -380,5 +453,33 @@ mod tests {
             "{r}"
         );
         assert!(filter.contains("REJECT"), "{r}");
+    }
+
+    #[test]
+    fn every_chain_is_declared_once_before_any_rule_names_it() {
+        let ready = [(("plant".into(), "web-a".into()), true)].into();
+        let t = sample("a", &ready);
+        let stale: BTreeSet<String> = ["OUTRIGGER-SVC-000000000000".to_string()].into();
+        let r = render(&t, &local(), &stale);
+        let nat = r.split("*filter").next().unwrap();
+        let mut declared = BTreeSet::new();
+        for line in nat.lines() {
+            if let Some(c) = line.strip_prefix(':') {
+                let c = c.split_whitespace().next().unwrap();
+                assert!(declared.insert(c.to_string()), "{c} declared twice:\n{r}");
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for (i, w) in words.iter().enumerate() {
+                let names_chain = i > 0 && matches!(words[i - 1], "-A" | "-j" | "-X");
+                if names_chain && w.starts_with("OUTRIGGER-") {
+                    assert!(
+                        declared.contains(*w),
+                        "{w} used before its declaration:\n{r}"
+                    );
+                }
+            }
+        }
+        assert!(nat.contains("-X OUTRIGGER-SVC-000000000000"), "{r}");
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service as KService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -55,11 +56,12 @@ pub struct Port {
 pub struct Endpoint {
     pub ip: IpAddr,
     pub ready: bool,
-    pub node: Option<String>,
-    pub zone: Option<String>,
+    /// Shared by the endpoints of a slice (a table holds thousands).
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     pub hostname: Option<String>,
-    /// (name, protocol) -> port: the slice's ports.
-    pub ports: Vec<(String, Protocol, u16)>,
+    /// (name, protocol) -> port: the slice's ports, shared by its endpoints.
+    pub ports: Arc<[(String, Protocol, u16)]>,
 }
 
 impl Endpoint {
@@ -173,6 +175,11 @@ pub fn local_ready(pods: &[Pod]) -> LocalReady {
         .collect()
 }
 
+/// One `Arc` per distinct name.
+fn shared<'a>(names: &mut HashMap<&'a str, Arc<str>>, n: Option<&'a str>) -> Option<Arc<str>> {
+    n.map(|n| names.entry(n).or_insert_with(|| n.into()).clone())
+}
+
 /// A gateway's own address. Where cloud-gw serves the node's kubelet API
 /// the InternalIP is cloud-gw's and the gateway's own is its ExternalIP
 /// (cloud-gw's `bridge::nodes::addresses`); else its InternalIP.
@@ -205,6 +212,21 @@ impl Table {
         slices: &[EndpointSlice],
         local: &LocalReady,
     ) -> Table {
+        let mut t = Table::new(node, nodes);
+        for s in services {
+            t.add_service(s);
+        }
+        for sl in slices {
+            t.add_slice(sl, local);
+        }
+        t.finish()
+    }
+
+    /// A table of no Services yet: the node's own facts and its site's
+    /// gateways from the Nodes. Services, then their slices, are added one
+    /// at a time as the store is read (what is kept is the table's compact
+    /// form, never every object at once), then [`Table::finish`].
+    pub fn new(node: &str, nodes: &[Node]) -> Table {
         let own = nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(node));
@@ -218,7 +240,7 @@ impl Table {
             .and_then(|l| l.get(ZONE))
             .filter(|z| !z.is_empty())
             .cloned();
-        let mut t = Table {
+        Table {
             node: node.to_string(),
             zone,
             domain: annotation(CLUSTER_DOMAIN)
@@ -240,119 +262,132 @@ impl Table {
                 })
                 .collect(),
             services: BTreeMap::new(),
-        };
-        for s in services {
-            let Some(spec) = &s.spec else { continue };
-            let namespace = s.metadata.namespace.clone().unwrap_or_default();
-            let name = s.metadata.name.clone().unwrap_or_default();
-            let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
-            if ips.is_empty() {
-                ips.extend(spec.cluster_ip.clone());
-            }
-            let headless = ips.iter().any(|i| i == "None");
-            let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-            t.services.insert(
-                (namespace.clone(), name.clone()),
-                Service {
-                    namespace,
-                    name,
-                    cluster_ips: ips.iter().filter_map(|i| i.parse().ok()).collect(),
-                    headless,
-                    external_name: (kind == "ExternalName")
-                        .then(|| spec.external_name.clone())
-                        .flatten(),
-                    ports: spec
-                        .ports
-                        .iter()
-                        .flatten()
-                        .filter_map(|p| {
-                            Some(Port {
-                                name: p.name.clone().unwrap_or_default(),
-                                protocol: Protocol::parse(p.protocol.as_deref()),
-                                port: u16::try_from(p.port).ok()?,
-                                node_port: p
-                                    .node_port
-                                    .and_then(|n| u16::try_from(n).ok())
-                                    .filter(|_| matches!(kind, "NodePort" | "LoadBalancer")),
-                            })
+        }
+    }
+
+    pub fn add_service(&mut self, s: &KService) {
+        let Some(spec) = &s.spec else { return };
+        let namespace = s.metadata.namespace.clone().unwrap_or_default();
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+        if ips.is_empty() {
+            ips.extend(spec.cluster_ip.clone());
+        }
+        let headless = ips.iter().any(|i| i == "None");
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        self.services.insert(
+            (namespace.clone(), name.clone()),
+            Service {
+                namespace,
+                name,
+                cluster_ips: ips.iter().filter_map(|i| i.parse().ok()).collect(),
+                headless,
+                external_name: (kind == "ExternalName")
+                    .then(|| spec.external_name.clone())
+                    .flatten(),
+                ports: spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        Some(Port {
+                            name: p.name.clone().unwrap_or_default(),
+                            protocol: Protocol::parse(p.protocol.as_deref()),
+                            port: u16::try_from(p.port).ok()?,
+                            node_port: p
+                                .node_port
+                                .and_then(|n| u16::try_from(n).ok())
+                                .filter(|_| matches!(kind, "NodePort" | "LoadBalancer")),
                         })
-                        .collect(),
-                    affinity_secs: (spec.session_affinity.as_deref() == Some("ClientIP")).then(
-                        || {
-                            spec.session_affinity_config
-                                .as_ref()
-                                .and_then(|c| c.client_ip.as_ref())
-                                .and_then(|c| c.timeout_seconds)
-                                .and_then(|s| u32::try_from(s).ok())
-                                .unwrap_or(10800)
-                        },
-                    ),
-                    external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-                    endpoints: Vec::new(),
-                },
-            );
-        }
-        for sl in slices {
-            let Some(svc) = sl
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME))
-            else {
-                continue;
-            };
-            let ns = sl.metadata.namespace.clone().unwrap_or_default();
-            let Some(s) = t.services.get_mut(&(ns.clone(), svc.clone())) else {
-                continue;
-            };
-            let ports: Vec<(String, Protocol, u16)> = sl
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone().unwrap_or_default(),
-                        Protocol::parse(p.protocol.as_deref()),
-                        u16::try_from(p.port?).ok()?,
-                    ))
-                })
-                .collect();
-            for e in sl.endpoints.iter().flatten() {
-                let c = e.conditions.as_ref();
-                let mut ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let on_this_node = e.node_name.as_deref() == Some(node);
-                // A pod of this node: its own status says.
-                if let (true, Some(r)) = (on_this_node, e.target_ref.as_ref()) {
-                    if r.kind.as_deref() == Some("Pod") {
-                        let key = (
-                            r.namespace.clone().unwrap_or_else(|| ns.clone()),
-                            r.name.clone().unwrap_or_default(),
-                        );
-                        // Gone from the node: not ready, whatever the slice says.
-                        ready = local.get(&key).copied().unwrap_or(false);
-                    }
-                }
-                for a in &e.addresses {
-                    let Ok(ip) = a.parse::<IpAddr>() else {
-                        continue;
-                    };
-                    s.endpoints.push(Endpoint {
-                        ip,
-                        ready,
-                        node: e.node_name.clone(),
-                        zone: e.zone.clone(),
-                        hostname: e.hostname.clone(),
-                        ports: ports.clone(),
-                    });
+                    })
+                    .collect(),
+                affinity_secs: (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                    spec.session_affinity_config
+                        .as_ref()
+                        .and_then(|c| c.client_ip.as_ref())
+                        .and_then(|c| c.timeout_seconds)
+                        .and_then(|s| u32::try_from(s).ok())
+                        .unwrap_or(10800)
+                }),
+                external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                endpoints: Vec::new(),
+            },
+        );
+    }
+
+    /// A slice's endpoints onto its Service (added before: a slice of a
+    /// Service not in the table is not used).
+    pub fn add_slice(&mut self, sl: &EndpointSlice, local: &LocalReady) {
+        let Some(svc) = sl
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME))
+        else {
+            return;
+        };
+        let ns = sl.metadata.namespace.clone().unwrap_or_default();
+        let node = self.node.as_str();
+        let Some(s) = self.services.get_mut(&(ns.clone(), svc.clone())) else {
+            return;
+        };
+        let ports: Arc<[(String, Protocol, u16)]> = sl
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    Protocol::parse(p.protocol.as_deref()),
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
+        // One copy of each node and zone name per slice.
+        let mut names: HashMap<&str, Arc<str>> = HashMap::new();
+        for e in sl.endpoints.iter().flatten() {
+            let c = e.conditions.as_ref();
+            let mut ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let on_this_node = e.node_name.as_deref() == Some(node);
+            // A pod of this node: its own status says.
+            if let (true, Some(r)) = (on_this_node, e.target_ref.as_ref()) {
+                if r.kind.as_deref() == Some("Pod") {
+                    let key = (
+                        r.namespace.clone().unwrap_or_else(|| ns.clone()),
+                        r.name.clone().unwrap_or_default(),
+                    );
+                    // Gone from the node: not ready, whatever the slice says.
+                    ready = local.get(&key).copied().unwrap_or(false);
                 }
             }
+            let node_name = shared(&mut names, e.node_name.as_deref());
+            let zone = shared(&mut names, e.zone.as_deref());
+            for a in &e.addresses {
+                let Ok(ip) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                s.endpoints.push(Endpoint {
+                    ip,
+                    ready,
+                    node: node_name.clone(),
+                    zone: zone.clone(),
+                    hostname: e.hostname.clone(),
+                    ports: ports.clone(),
+                });
+            }
         }
-        for s in t.services.values_mut() {
+    }
+
+    /// Endpoints in address order, each once (a pod in two slices of a
+    /// Service while the controller moves it).
+    pub fn finish(mut self) -> Table {
+        for s in self.services.values_mut() {
             s.endpoints.sort_by_key(|e| e.ip);
             s.endpoints
                 .dedup_by(|a, b| a.ip == b.ip && a.ports == b.ports);
+            s.endpoints.shrink_to_fit();
         }
-        t
+        self
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
