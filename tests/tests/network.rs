@@ -1,6 +1,7 @@
 //! Pod networking with real namespaces: veth into a bridge, addresses from
 //! the pod CIDR, masquerading out to a network the host routes to (another
-//! namespace with no route back to pods), pod-to-pod traffic and hostPorts.
+//! namespace with no route back to pods), pod-to-pod traffic and hostPorts;
+//! edge-rt's Service rules in a router namespace (spread, affinity).
 
 use std::process::Command;
 use std::time::Duration;
@@ -228,5 +229,203 @@ async fn pods_reach_the_network_each_other_and_host_ports_reach_them() -> Result
 
     h.teardown().await;
     drop(outside);
+    Ok(())
+}
+
+/// A router between a client and two endpoints, each in a namespace of its
+/// own, loaded with the rules edge-rt renders for two Services over the
+/// same endpoints: one spreads new connections over both, the other
+/// (sessionAffinity ClientIP) keeps the client on the one it got first.
+/// The kube suite's Services test cannot see affinity: its clients always
+/// have an endpoint on their own gateway.
+#[test]
+fn service_rules_spread_connections_and_client_ip_affinity_keeps_one_endpoint() -> Result<()> {
+    use edge_rt::services::{rules, table};
+    use outrigger_tests::netns::ip;
+    if !require_root() {
+        return Ok(());
+    }
+    struct Namespaces(Vec<&'static str>);
+    impl Drop for Namespaces {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let _ = ip(&["netns", "del", ns]);
+            }
+        }
+    }
+    let nss = Namespaces(vec!["orsv-r", "orsv-c", "orsv-1", "orsv-2"]);
+    for ns in &nss.0 {
+        let _ = ip(&["netns", "del", ns]);
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    // The client at 10.247.1.5, the endpoints at 10.247.2.5 and .3.5; the
+    // router has .1 on each.
+    for (i, ns) in ["orsv-c", "orsv-1", "orsv-2"].iter().enumerate() {
+        let (dev, net) = (format!("r{i}"), i + 1);
+        ip(&[
+            "-n", "orsv-r", "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns",
+            ns,
+        ])?;
+        ip(&[
+            "-n",
+            "orsv-r",
+            "addr",
+            "add",
+            &format!("10.247.{net}.1/24"),
+            "dev",
+            &dev,
+        ])?;
+        ip(&["-n", "orsv-r", "link", "set", &dev, "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("10.247.{net}.5/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.247.{net}.1"),
+        ])?;
+    }
+    let fwd = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "orsv-r",
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .status()?;
+    anyhow::ensure!(fwd.success(), "ip_forward");
+    // Each endpoint serves its own name.
+    let www = tempfile::tempdir()?;
+    let mut servers = Vec::new();
+    for n in ["1", "2"] {
+        let dir = www.path().join(n);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("name"), format!("endpoint-{n}\n"))?;
+        servers.push(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &format!("orsv-{n}"),
+                    "busybox",
+                    "httpd",
+                    "-f",
+                    "-p",
+                    "8080",
+                    "-h",
+                ])
+                .arg(&dir)
+                .spawn()?,
+        );
+    }
+    struct Kill(Vec<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let _servers = Kill(servers);
+
+    // Both endpoints on the router's node, as the slice controller lists them.
+    let nodes: Vec<k8s_openapi::api::core::v1::Node> = serde_json::from_value(
+        json!([{"metadata": {"name": "gw"}, "spec": {"podCIDR": "10.247.0.0/16"}}]),
+    )?;
+    let service = |name: &str, ip: &str, affinity: bool| {
+        let mut spec = json!({"clusterIP": ip, "ports": [{"name": "http", "port": 80}]});
+        if affinity {
+            spec["sessionAffinity"] = json!("ClientIP");
+        }
+        json!({"metadata": {"name": name, "namespace": "t"}, "spec": spec})
+    };
+    let slice = |name: &str| {
+        json!({"metadata": {"name": format!("{name}-x"), "namespace": "t",
+                            "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+               "endpoints": [{"addresses": ["10.247.2.5"], "nodeName": "gw"},
+                             {"addresses": ["10.247.3.5"], "nodeName": "gw"}]})
+    };
+    let services: Vec<k8s_openapi::api::core::v1::Service> = serde_json::from_value(json!([
+        service("spread", "10.96.7.10", false),
+        service("sticky", "10.96.7.11", true)
+    ]))?;
+    let slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        serde_json::from_value(json!([slice("spread"), slice("sticky")]))?;
+    let t = table::Table::build("gw", &nodes, &services, &slices, &Default::default());
+    let local = rules::Local {
+        pod_cidr: "10.247.0.0/16".into(),
+        dns: None,
+        bridge_nf: false,
+    };
+    let text = rules::render(&t, &local, &Default::default());
+    let mut restore = Command::new("ip")
+        .args(["netns", "exec", "orsv-r", "iptables-restore", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut w) = restore.stdin.take() {
+        use std::io::Write;
+        w.write_all(text.as_bytes())?;
+    }
+    anyhow::ensure!(restore.wait()?.success(), "iptables-restore:\n{text}");
+    let jump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "orsv-r",
+            "iptables",
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "1",
+            "-j",
+            rules::SERVICES,
+        ])
+        .status()?;
+    anyhow::ensure!(jump.success(), "jump");
+
+    let names = |ip: &str| -> Result<Vec<String>> {
+        (0..24)
+            .map(|_| {
+                let o = Command::new("ip")
+                    .args([
+                        "netns", "exec", "orsv-c", "timeout", "5", "busybox", "wget", "-q", "-O",
+                        "-",
+                    ])
+                    .arg(format!("http://{ip}/name"))
+                    .output()?;
+                anyhow::ensure!(
+                    o.status.success(),
+                    "wget {ip}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            })
+            .collect()
+    };
+    let spread: std::collections::BTreeSet<String> = names("10.96.7.10")?.into_iter().collect();
+    assert_eq!(
+        spread.len(),
+        2,
+        "24 connections to a Service of two endpoints: {spread:?}"
+    );
+    let sticky: std::collections::BTreeSet<String> = names("10.96.7.11")?.into_iter().collect();
+    assert_eq!(sticky.len(), 1, "sessionAffinity ClientIP: {sticky:?}");
     Ok(())
 }
