@@ -129,15 +129,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     } else {
         None
     };
-    // The node's DNS server on the bridge answers ClusterFirst pods unless
-    // the configuration names the cluster's DNS.
-    let serve_dns = cfg.services.dns && (network.is_some() || !cfg.services.dns_listen.is_empty());
+    // The node's DNS server (on the bridge) answers ClusterFirst pods
+    // unless the configuration names the cluster's DNS; its sockets are
+    // bound first, so pods are never told an address nothing answers on.
+    let dns_sockets = match (&node_store, cfg.services.dns) {
+        (Some(_), true) => crate::services::bind_dns(&cfg.services, network.as_deref()),
+        _ => Vec::new(),
+    };
+    let serve_dns = !dns_sockets.is_empty();
     if serve_dns && cfg.dns.cluster_dns.is_empty() {
-        cfg.dns.cluster_dns = match (&network, cfg.services.dns_listen.first()) {
-            (_, Some(a)) => vec![a.ip().to_string()],
-            (Some(n), None) => vec![n.gateway().to_string()],
-            (None, None) => Vec::new(),
-        };
+        cfg.dns.cluster_dns = vec![dns_sockets[0].ip().to_string()];
     }
     let ctx = Arc::new(pods::Context {
         rt: rt.clone(),
@@ -230,11 +231,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
 
     // Services and DNS at the edge, from the store.
     if let Some(s) = &node_store {
-        if let (Some(n), true) = (&network, serve_dns) {
-            if let Err(e) = n.ensure_bridge() {
-                tracing::warn!(error = %e, "pod bridge not ready for the DNS server");
-            }
-        }
         let mut services = cfg.services.clone();
         services.dns = serve_dns;
         services.rules &= network.is_some();
@@ -250,6 +246,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     .collect(),
                 network: network.clone(),
                 resolv_conf: cfg.dns.resolv_conf.clone(),
+                dns_sockets,
             },
             s.clone(),
             pods.clone(),

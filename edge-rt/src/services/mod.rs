@@ -309,13 +309,65 @@ pub struct Setup {
     /// allocation use).
     pub dns_also: Vec<Ipv4Addr>,
     pub resolv_conf: std::path::PathBuf,
+    /// The DNS server's sockets, bound by [`bind_dns`] before pods were
+    /// told where their nameserver is.
+    pub dns_sockets: Vec<DnsSocket>,
+}
+
+/// One address's UDP socket and TCP listener.
+pub struct DnsSocket {
+    addr: SocketAddr,
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+}
+
+impl DnsSocket {
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+}
+
+/// Bind the DNS server's addresses (`dns_listen`, else the pod bridge's
+/// gateway, made first) before any pod's resolv.conf names them: what
+/// could not be bound is logged, and if nothing was, ClusterFirst pods get
+/// the host's resolver rather than an address no server answers on.
+pub fn bind_dns(cfg: &ServicesConfig, network: Option<&crate::network::Network>) -> Vec<DnsSocket> {
+    let addrs: Vec<SocketAddr> = if cfg.dns_listen.is_empty() {
+        let Some(n) = network else { return Vec::new() };
+        if let Err(e) = n.ensure_bridge() {
+            tracing::error!(error = %e, "pod bridge not ready for the DNS server; pods get the host's resolver");
+            return Vec::new();
+        }
+        vec![SocketAddr::new(IpAddr::V4(n.gateway()), 53)]
+    } else {
+        cfg.dns_listen.clone()
+    };
+    addrs
+        .into_iter()
+        .filter_map(|addr| match bind_pair(addr) {
+            Ok((udp, tcp)) => Some(DnsSocket { addr, udp, tcp }),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "the DNS server cannot listen here");
+                None
+            }
+        })
+        .collect()
+}
+
+fn bind_pair(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = std::net::UdpSocket::bind(addr)?;
+    let tcp = std::net::TcpListener::bind(addr)?;
+    // Handed to tokio later: non-blocking as it requires.
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    Ok((udp, tcp))
 }
 
 /// Start the DNS server and keep rules and routes following the store.
 /// Returns the table's channel (what else reads it), or None with
 /// nothing to serve from.
 pub async fn start(
-    setup: Setup,
+    mut setup: Setup,
     store: Arc<Store>,
     pods: Arc<PodManager>,
 ) -> watch::Receiver<Arc<Table>> {
@@ -336,16 +388,13 @@ pub async fn start(
         }),
         bound: BTreeSet::new(),
     };
-    if setup.cfg.dns_listen.is_empty() {
-        let gateway = setup.network.as_ref().map(|n| n.gateway());
-        for a in gateway.iter().chain(setup.dns_also.iter()) {
-            dns.listen(SocketAddr::new(IpAddr::V4(*a), 53), gateway == Some(*a))
-                .await;
-        }
-    } else {
-        for a in setup.cfg.dns_listen.clone() {
-            dns.listen(a, true).await;
-        }
+    for sock in std::mem::take(&mut setup.dns_sockets) {
+        dns.serve(sock);
+    }
+    // The configured CIDR's gateway too, where pods started before the
+    // cluster's allocation look (if the bridge still has it).
+    for a in setup.dns_also.clone() {
+        dns.listen(SocketAddr::new(IpAddr::V4(a), 53), false);
     }
     tokio::spawn(follow(setup, store, pods, tx, dns));
     rx
@@ -358,26 +407,38 @@ struct Listeners {
 }
 
 impl Listeners {
-    /// Serve on `addr` too (`must`: a failure is an error, not a note).
-    async fn listen(&mut self, addr: SocketAddr, must: bool) {
+    /// Serve on sockets bound already.
+    fn serve(&mut self, sock: DnsSocket) {
         let Some(server) = &self.server else { return };
-        if self.bound.contains(&addr) {
+        let (u, t) = match (
+            tokio::net::UdpSocket::from_std(sock.udp),
+            tokio::net::TcpListener::from_std(sock.tcp),
+        ) {
+            (Ok(u), Ok(t)) => (u, t),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(addr = %sock.addr, error = %e, "the DNS server cannot listen here");
+                return;
+            }
+        };
+        tracing::info!(addr = %sock.addr, "DNS for pods");
+        tokio::spawn(server.clone().serve_udp(u));
+        tokio::spawn(server.clone().serve_tcp(t));
+        self.bound.insert(sock.addr);
+    }
+
+    /// Bind and serve `addr` if not served yet. `must`: a failure is an
+    /// error (pods are told this address), else the address may simply not
+    /// be there.
+    fn listen(&mut self, addr: SocketAddr, must: bool) {
+        if self.server.is_none() || self.bound.contains(&addr) {
             return;
         }
-        match (
-            tokio::net::UdpSocket::bind(addr).await,
-            tokio::net::TcpListener::bind(addr).await,
-        ) {
-            (Ok(u), Ok(t)) => {
-                tracing::info!(%addr, "DNS for pods");
-                tokio::spawn(server.clone().serve_udp(u));
-                tokio::spawn(server.clone().serve_tcp(t));
-                self.bound.insert(addr);
+        match bind_pair(addr) {
+            Ok((udp, tcp)) => self.serve(DnsSocket { addr, udp, tcp }),
+            Err(e) if must => {
+                tracing::error!(%addr, error = %e, "the DNS server cannot listen here; pods that name it get no answer")
             }
-            (Err(e), _) | (_, Err(e)) if must => {
-                tracing::error!(%addr, error = %e, "the DNS server cannot listen; pods get the host's resolver")
-            }
-            (Err(e), _) | (_, Err(e)) => tracing::debug!(%addr, error = %e, "no DNS here"),
+            Err(e) => tracing::debug!(%addr, error = %e, "no DNS here"),
         }
     }
 }
@@ -432,9 +493,7 @@ async fn follow(
                         if let Err(e) = n.ensure_bridge() {
                             tracing::warn!(error = %e, "pod bridge not ready for the DNS server");
                         }
-                        listeners
-                            .listen(SocketAddr::new(IpAddr::V4(n.gateway()), 53), true)
-                            .await;
+                        listeners.listen(SocketAddr::new(IpAddr::V4(n.gateway()), 53), true);
                     }
                 }
                 Ok(false) => {}
