@@ -474,20 +474,10 @@ pub fn cluster_ip(requests_per_round: usize, rounds: usize, others: usize) -> Re
         "{:<22} {:>9} {:>9} {:>9}",
         "path", "p50 ms", "p90 ms", "p99 ms"
     );
-    println!(
-        "{:<22} {:>9.3} {:>9.3} {:>9.3}",
-        "pod IP",
-        d50,
-        percentile(&mut d, 0.9),
-        percentile(&mut d, 0.99)
-    );
-    println!(
-        "{:<22} {:>9.3} {:>9.3} {:>9.3}",
-        "ClusterIP (rules)",
-        v50,
-        percentile(&mut v, 0.9),
-        percentile(&mut v, 0.99)
-    );
+    for (path, p50, times) in [("pod IP", d50, &mut d), ("ClusterIP (rules)", v50, &mut v)] {
+        let (p90, p99) = (percentile(times, 0.9), percentile(times, 0.99));
+        println!("{path:<22} {p50:>9.3} {p90:>9.3} {p99:>9.3}");
+    }
     println!(
         "ClusterIP adds {:+.3} ms median ({} requests each)",
         v50 - d50,

@@ -179,14 +179,14 @@ async fn run_with(
 
 /// The jumps from the built-in chains: (table, chain, target, new
 /// connections only).
-pub const JUMPS: [(&str, &str, &str, bool); 5] = [
+const JUMPS: [(&str, &str, &str, bool); 5] = [
     ("nat", "PREROUTING", rules::SERVICES, false),
     ("nat", "OUTPUT", rules::SERVICES, false),
     ("nat", "POSTROUTING", rules::POSTROUTING, false),
     ("filter", "FORWARD", rules::SERVICES, true),
     ("filter", "OUTPUT", rules::SERVICES, true),
 ];
-pub const JUMP_COMMENT: &str = "outrigger services";
+const JUMP_COMMENT: &str = "outrigger services";
 
 /// A jump's rule after `-A CHAIN`/`-C CHAIN`: (table, chain, its
 /// arguments). Filter jumps take new connections only (what a Service
@@ -371,6 +371,12 @@ pub async fn start(
     store: Arc<Store>,
     pods: Arc<PodManager>,
 ) -> watch::Receiver<Arc<Table>> {
+    // The pods' status generation the first table saw (follow reads the
+    // store again only once it moves, or the store changes).
+    let generation = pods
+        .context()
+        .status_generation
+        .load(std::sync::atomic::Ordering::Relaxed);
     let first = read_table(&store, &setup.node, &pods, &setup.domain);
     let (tx, rx) = watch::channel(Arc::new(first));
     let mut dns = Listeners {
@@ -396,7 +402,7 @@ pub async fn start(
     for a in setup.dns_also.clone() {
         dns.listen(SocketAddr::new(IpAddr::V4(a), 53), false);
     }
-    tokio::spawn(follow(setup, store, pods, tx, dns));
+    tokio::spawn(follow(setup, store, pods, tx, dns, generation));
     rx
 }
 
@@ -451,12 +457,12 @@ async fn follow(
     pods: Arc<PodManager>,
     tx: watch::Sender<Arc<Table>>,
     mut listeners: Listeners,
+    mut generation: u64,
 ) {
     let bridge_nf = bridge_netfilter();
     let mut changed = store.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut generation = u64::MAX;
     // The DNS server's address (the first gateway: it stays on the bridge
     // when the pod CIDR moves).
     let dns: Option<IpAddr> = match (setup.cfg.dns, setup.cfg.dns_listen.first(), &setup.network) {
@@ -470,16 +476,23 @@ async fn follow(
     let mut applied: Option<(Arc<Table>, rules::Local)> = None;
     let mut routed: Option<BTreeSet<(String, Ipv4Addr)>> = None;
     let mut last_failure: Option<std::time::Instant> = None;
+    // The first round applies the table start() published.
+    let mut first = true;
     loop {
-        let fresh = read_table(&store, &setup.node, &pods, &setup.domain);
-        // One table in memory: the one published, unless this one differs.
-        let t = if **tx.borrow() == fresh {
-            drop(fresh);
-            tx.borrow().clone()
+        let fresh = if std::mem::take(&mut first) {
+            None
         } else {
-            let t = Arc::new(fresh);
-            tx.send_replace(t.clone());
-            t
+            Some(read_table(&store, &setup.node, &pods, &setup.domain))
+        };
+        // One table in memory: the one published, unless this one differs.
+        let t = match fresh {
+            None => tx.borrow().clone(),
+            Some(fresh) if **tx.borrow() == fresh => tx.borrow().clone(),
+            Some(fresh) => {
+                let t = Arc::new(fresh);
+                tx.send_replace(t.clone());
+                t
+            }
         };
         if let (Some(n), Some(cidr)) = (&setup.network, &t.pod_cidr) {
             match n.set_pod_cidr(cidr) {
